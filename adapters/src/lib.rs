@@ -1,0 +1,187 @@
+//! Adapters: how moorline launches and talks to each kind of coding agent.
+//!
+//! An adapter turns an instance's configuration and a session's request (working directory,
+//! environment) into a [`LaunchSpec`]: the program, its arguments and its environment. Where an
+//! agent needs it, it also says how to translate its lines. Adapters know nothing about HTTP,
+//! WebSockets or how the process is isolated; the server's runtimes take care of that.
+//!
+//! Built-in adapters:
+//! - [`echo`]: moorline's own echo agent, so a fresh install works with nothing else installed;
+//! - [`command`]: any program that speaks JSON Lines on stdin/stdout.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+pub mod command;
+pub mod echo;
+
+/// What an adapter needs to know to launch one session's agent.
+#[derive(Debug, Clone)]
+pub struct LaunchContext<'a> {
+    /// The instance the session belongs to.
+    pub instance_id: &'a str,
+    /// The session's id (12 hex characters).
+    pub session_id: &'a str,
+    /// The agent's working directory, already validated by the server.
+    pub cwd: &'a Path,
+    /// Environment asked for by the instance configuration and the session request, merged.
+    pub env: &'a BTreeMap<String, String>,
+    /// Path of the running moorline executable, for built-in agents.
+    pub moorline_exe: &'a Path,
+}
+
+/// The process an adapter wants started.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LaunchSpec {
+    /// Program to run: an absolute path, or a name looked up in `PATH`.
+    pub program: PathBuf,
+    /// Its arguments.
+    pub args: Vec<String>,
+    /// Environment variables to set on top of what the runtime provides.
+    pub env: BTreeMap<String, String>,
+}
+
+/// Errors an adapter reports.
+#[derive(Debug, thiserror::Error)]
+pub enum AdapterError {
+    /// The instance names an agent kind moorline does not know.
+    #[error("unknown agent kind '{kind}' (known: {known}); to run any JSONL program use agent = \"command\" with command = [...]")]
+    UnknownKind {
+        /// The kind that was asked for.
+        kind: String,
+        /// The kinds that exist.
+        known: String,
+    },
+    /// The configuration is incomplete or contradictory.
+    #[error("{0}")]
+    Config(String),
+}
+
+/// One kind of agent.
+pub trait Adapter: Send + Sync + fmt::Debug {
+    /// The agent's name as reported to clients (`agent` in session summaries).
+    fn name(&self) -> &str;
+
+    /// The process to start for a session.
+    fn launch(&self, ctx: &LaunchContext<'_>) -> Result<LaunchSpec, AdapterError>;
+}
+
+/// The adapter-related part of an instance's configuration.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AdapterConfig {
+    /// The agent kind (`echo`, `command`, ...), or for amarre-style entries any name.
+    pub agent: String,
+    /// Program and arguments, for the `command` kind.
+    pub command: Option<Vec<String>>,
+    /// An executable to run instead of the kind's default program (amarre's `agentPath`).
+    pub agent_path: Option<PathBuf>,
+    /// Extra arguments appended to the program's.
+    pub args: Vec<String>,
+}
+
+/// Agent kinds built into moorline.
+pub const KINDS: &[&str] = &["echo", "command"];
+
+/// Builds the adapter an instance asks for.
+pub fn build(config: &AdapterConfig) -> Result<Arc<dyn Adapter>, AdapterError> {
+    if let Some(path) = &config.agent_path {
+        // amarre's agentPath names the adapter module to load; for moorline it names an
+        // executable that speaks JSONL, run as-is under the instance's agent name.
+        let mut argv = vec![path.to_string_lossy().into_owned()];
+        argv.extend(config.args.iter().cloned());
+        return Ok(Arc::new(command::CommandAdapter::new(&config.agent, argv)?));
+    }
+    match config.agent.as_str() {
+        "echo" => Ok(Arc::new(echo::EchoAdapter)),
+        "command" => {
+            let Some(command) = &config.command else {
+                return Err(AdapterError::Config(
+                    "agent \"command\" needs command = [\"program\", \"arg\", ...]".into(),
+                ));
+            };
+            let mut argv = command.clone();
+            argv.extend(config.args.iter().cloned());
+            Ok(Arc::new(command::CommandAdapter::new("command", argv)?))
+        }
+        other => Err(AdapterError::UnknownKind {
+            kind: other.to_owned(),
+            known: KINDS.join(", "),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ctx<'a>(env: &'a BTreeMap<String, String>) -> LaunchContext<'a> {
+        LaunchContext {
+            instance_id: "i",
+            session_id: "0123456789ab",
+            cwd: Path::new("/tmp"),
+            env,
+            moorline_exe: Path::new("/usr/bin/moorline"),
+        }
+    }
+
+    #[test]
+    fn command_kind_runs_its_argv_with_the_merged_env() {
+        let env = BTreeMap::from([("A".to_owned(), "1".to_owned())]);
+        let adapter = build(&AdapterConfig {
+            agent: "command".into(),
+            command: Some(vec!["/bin/cat".into(), "-u".into()]),
+            ..Default::default()
+        })
+        .expect("build");
+        assert_eq!(adapter.name(), "command");
+        let spec = adapter.launch(&ctx(&env)).expect("launch");
+        assert_eq!(spec.program, PathBuf::from("/bin/cat"));
+        assert_eq!(spec.args, vec!["-u"]);
+        assert_eq!(spec.env, env);
+    }
+
+    #[test]
+    fn agent_path_runs_that_executable_under_the_configured_name() {
+        let env = BTreeMap::new();
+        let adapter = build(&AdapterConfig {
+            agent: "echo".into(),
+            agent_path: Some("/opt/agent.sh".into()),
+            ..Default::default()
+        })
+        .expect("build");
+        assert_eq!(adapter.name(), "echo");
+        assert_eq!(adapter.launch(&ctx(&env)).expect("launch").program, PathBuf::from("/opt/agent.sh"));
+    }
+
+    #[test]
+    fn echo_kind_runs_moorline_itself() {
+        let env = BTreeMap::new();
+        let adapter = build(&AdapterConfig {
+            agent: "echo".into(),
+            ..Default::default()
+        })
+        .expect("build");
+        let spec = adapter.launch(&ctx(&env)).expect("launch");
+        assert_eq!(spec.program, PathBuf::from("/usr/bin/moorline"));
+        assert_eq!(spec.args, vec![echo::SUBCOMMAND]);
+    }
+
+    #[test]
+    fn unknown_kinds_and_empty_commands_are_refused_with_a_hint() {
+        let err = build(&AdapterConfig {
+            agent: "nope".into(),
+            ..Default::default()
+        })
+        .expect_err("unknown");
+        assert!(err.to_string().contains("known: echo, command"));
+        let err = build(&AdapterConfig {
+            agent: "command".into(),
+            command: Some(vec![]),
+            ..Default::default()
+        })
+        .expect_err("empty");
+        assert!(err.to_string().contains("empty"));
+    }
+}

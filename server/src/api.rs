@@ -1,0 +1,338 @@
+//! The REST control plane: the route table, its handlers, and the one error type that maps
+//! every failure to amarre's status codes and bodies.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get, post};
+use axum::{Json, Router};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Limits;
+use crate::metrics::Metrics;
+use crate::security::{self, AccessPolicy};
+use crate::session::{CreateRequest, SessionError, SessionManager};
+use crate::ws;
+
+/// Shared state of every handler.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    /// The sessions.
+    pub sessions: Arc<SessionManager>,
+    /// Limits (client counts, frame sizes).
+    pub limits: Arc<Limits>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Cancelled when the server shuts down; WebSocket tasks watch it.
+    pub shutdown: CancellationToken,
+    /// Tracks WebSocket tasks, which axum's graceful shutdown does not wait for.
+    pub tracker: TaskTracker,
+}
+
+/// The whole HTTP surface.
+pub fn router(state: AppState, policy: Arc<AccessPolicy>) -> Router {
+    Router::new()
+        .route("/", any(upgrade_required))
+        .route("/healthz", get(healthz).fallback(not_found))
+        .route("/metrics", get(metrics).fallback(not_found))
+        .route("/instances", get(list_instances).fallback(not_found))
+        .route("/sessions", get(list_sessions).post(create_session).fallback(not_found))
+        .route("/sessions/{id}", any(session_route))
+        .route("/sessions/{id}/restart", post(restart_session).fallback(not_found))
+        .route("/push/tokens", any(push_disabled))
+        .route("/push/tokens/{*token}", any(push_disabled))
+        .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(policy, security::guard))
+        .with_state(state)
+}
+
+/// Every way a request can fail, with amarre's status codes and bodies.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// A session operation failed.
+    #[error(transparent)]
+    Session(#[from] SessionError),
+    /// The request body is not valid JSON.
+    #[error("request body is not valid JSON: {0}")]
+    InvalidJson(String),
+    /// A field has the wrong type or value.
+    #[error("{field}: {message}")]
+    InvalidField {
+        /// Which field.
+        field: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// The `Host` header names a host this server does not answer to.
+    #[error("host {0:?} is not allowed")]
+    ForbiddenHost(String),
+    /// The `Origin` header names an origin that is not allowed.
+    #[error("origin {0:?} is not allowed")]
+    ForbiddenOrigin(String),
+    /// A token is required and was missing or wrong.
+    #[error("missing or invalid bearer token")]
+    Unauthorized,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, body) = match &self {
+            ApiError::Session(e) => match e {
+                SessionError::NotFound => (StatusCode::NOT_FOUND, json!({"error": "not_found"})),
+                SessionError::UnknownInstance(id) => (
+                    StatusCode::NOT_FOUND,
+                    json!({"error": "unknown_instance", "instanceId": id}),
+                ),
+                SessionError::MaxSessions { limit } => (
+                    StatusCode::TOO_MANY_REQUESTS,
+                    json!({"error": "max_sessions_reached", "limit": limit}),
+                ),
+                SessionError::AlreadyRunning => {
+                    (StatusCode::CONFLICT, json!({"error": "already_running"}))
+                }
+                SessionError::InstanceGone(id) => (
+                    StatusCode::GONE,
+                    json!({"error": "instance_gone", "instanceId": id}),
+                ),
+                SessionError::InvalidCwd { path, reason } => (
+                    StatusCode::BAD_REQUEST,
+                    json!({"error": "invalid_cwd", "cwd": path, "message": reason}),
+                ),
+                SessionError::Adapter(e) => (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    json!({"error": "spawn_failed", "message": e.to_string()}),
+                ),
+                SessionError::Spawn(e) => (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    json!({"error": "spawn_failed", "message": e.to_string()}),
+                ),
+                SessionError::Io(e) => (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    json!({"error": "internal", "message": e.to_string()}),
+                ),
+            },
+            ApiError::InvalidJson(m) => (
+                StatusCode::BAD_REQUEST,
+                json!({"error": "invalid_json", "message": m}),
+            ),
+            ApiError::InvalidField { field, message } => (
+                StatusCode::BAD_REQUEST,
+                json!({"error": "invalid_request", "field": field, "message": message}),
+            ),
+            ApiError::ForbiddenHost(h) => (
+                StatusCode::FORBIDDEN,
+                json!({"error": "forbidden_host", "host": h}),
+            ),
+            ApiError::ForbiddenOrigin(o) => (
+                StatusCode::FORBIDDEN,
+                json!({"error": "forbidden_origin", "origin": o}),
+            ),
+            ApiError::Unauthorized => {
+                let mut resp = (
+                    StatusCode::UNAUTHORIZED,
+                    Json(json!({"error": "unauthorized"})),
+                )
+                    .into_response();
+                resp.headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+                return resp;
+            }
+        };
+        (status, Json(body)).into_response()
+    }
+}
+
+/// `Not found\n`, as amarre answers unknown routes.
+pub async fn not_found() -> Response {
+    text(StatusCode::NOT_FOUND, "Not found\n")
+}
+
+/// A plain-text response.
+pub fn text(status: StatusCode, body: &'static str) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, "text/plain;charset=utf-8")],
+        body,
+    )
+        .into_response()
+}
+
+async fn upgrade_required() -> Response {
+    let mut resp = text(
+        StatusCode::UPGRADE_REQUIRED,
+        "Use /sessions/<id>; see docs/PROTOCOL.md\n",
+    );
+    let headers = resp.headers_mut();
+    headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    resp
+}
+
+async fn healthz() -> Response {
+    text(StatusCode::OK, "ok\n")
+}
+
+async fn metrics(State(app): State<AppState>) -> Response {
+    for status in ["running", "exited", "crashed", "stopped"] {
+        app.metrics.sessions.get_or_create(&[("status", status)]).set(0);
+    }
+    for (status, n) in app.sessions.count_by_status() {
+        app.metrics
+            .sessions
+            .get_or_create(&[("status", status)])
+            .set(n as i64);
+    }
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        app.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn list_instances(State(app): State<AppState>) -> Json<Value> {
+    let list: Vec<Value> = app
+        .sessions
+        .instances()
+        .map(|i| {
+            json!({
+                "id": i.config.id,
+                "agent": i.adapter.name(),
+                "runtime": i.runtime.name(),
+            })
+        })
+        .collect();
+    Json(Value::Array(list))
+}
+
+async fn list_sessions(State(app): State<AppState>) -> Response {
+    Json(app.sessions.list()).into_response()
+}
+
+async fn create_session(State(app): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
+    let req = parse_create(&body)?;
+    let summary = app.sessions.create(req).await?;
+    Ok((StatusCode::CREATED, Json(summary)).into_response())
+}
+
+/// Parses a `POST /sessions` body. Any content type is accepted (`curl -d '{}'` sends a form
+/// type); an empty body means `{}`.
+fn parse_create(body: &[u8]) -> Result<CreateRequest, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(CreateRequest::default());
+    }
+    let value: Value =
+        serde_json::from_slice(body).map_err(|e| ApiError::InvalidJson(e.to_string()))?;
+    let Value::Object(obj) = value else {
+        return Err(ApiError::InvalidField {
+            field: "body".into(),
+            message: "must be a JSON object".into(),
+        });
+    };
+    let string = |key: &str| -> Result<Option<String>, ApiError> {
+        match obj.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(_) => Err(ApiError::InvalidField {
+                field: key.into(),
+                message: "must be a string".into(),
+            }),
+        }
+    };
+    let mut env = BTreeMap::new();
+    match obj.get("env") {
+        None | Some(Value::Null) => {}
+        Some(Value::Object(map)) => {
+            for (k, v) in map {
+                let Value::String(v) = v else {
+                    return Err(ApiError::InvalidField {
+                        field: format!("env.{k}"),
+                        message: "environment values must be strings".into(),
+                    });
+                };
+                env.insert(k.clone(), v.clone());
+            }
+        }
+        Some(_) => {
+            return Err(ApiError::InvalidField {
+                field: "env".into(),
+                message: "must be an object of strings".into(),
+            });
+        }
+    }
+    Ok(CreateRequest {
+        instance_id: string("instanceId")?,
+        name: string("name")?,
+        cwd: string("cwd")?.map(PathBuf::from),
+        env,
+    })
+}
+
+/// `/sessions/{id}`: summary, WebSocket, or delete. An unknown id is a JSON `not_found` for
+/// every method; a known id with another method is a plain `Not found` (amarre's behaviour).
+async fn session_route(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+    method: Method,
+    RawQuery(query): RawQuery,
+    upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+) -> Result<Response, ApiError> {
+    if let Ok(upgrade) = upgrade {
+        return Ok(ws::connect(app, id, query.as_deref(), upgrade));
+    }
+    let session = app.sessions.get(&id).ok_or(SessionError::NotFound)?;
+    match method {
+        Method::GET | Method::HEAD => Ok(Json(session.summary()).into_response()),
+        Method::DELETE => {
+            app.sessions.delete(&id).await?;
+            Ok(StatusCode::NO_CONTENT.into_response())
+        }
+        _ => Ok(not_found().await),
+    }
+}
+
+async fn restart_session(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let summary = app.sessions.restart(&id).await?;
+    Ok(Json(summary).into_response())
+}
+
+/// moorline does not send push notifications; amarre answers this when push is off.
+async fn push_disabled() -> Response {
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        Json(json!({"error": "push_disabled"})),
+    )
+        .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn create_bodies() {
+        assert!(parse_create(b"").expect("empty").instance_id.is_none());
+        assert!(parse_create(b"  \n").is_ok());
+        let r = parse_create(br#"{"instanceId":"a","name":"n","cwd":"/tmp","env":{"K":"0123"},"extra":1}"#)
+            .expect("full");
+        assert_eq!(r.instance_id.as_deref(), Some("a"));
+        assert_eq!(r.env["K"], "0123");
+        assert!(matches!(parse_create(b"{"), Err(ApiError::InvalidJson(_))));
+        assert!(matches!(parse_create(b"[]"), Err(ApiError::InvalidField { .. })));
+        assert!(matches!(parse_create(br#"{"name":5}"#), Err(ApiError::InvalidField { field, .. }) if field == "name"));
+        assert!(matches!(parse_create(br#"{"env":{"A":1}}"#), Err(ApiError::InvalidField { field, .. }) if field == "env.A"));
+    }
+}

@@ -1,0 +1,829 @@
+//! Configuration: the only module that reads the process environment.
+//!
+//! Layers, later ones winning: built-in defaults < TOML file < environment < command-line flags.
+//! Environment variables are taken as strings and only converted where the target is a number or
+//! a boolean, so `MOORLINE_TOKEN_FILE=0123` stays `"0123"`. amarre's variable names are accepted
+//! too, so an amarre deployment can switch binaries without touching its unit file.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::ffi::OsString;
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::value::{Dict, Map, Value};
+use figment::{Figment, Metadata, Profile, Provider};
+use serde::{Deserialize, Deserializer, Serialize};
+
+/// The commented example configuration, which is also the documentation of every key.
+pub const EXAMPLE_CONFIG: &str = include_str!("../moorline.example.toml");
+
+/// Exit code for configuration errors (`EX_USAGE` from sysexits.h).
+pub const EXIT_CONFIG: i32 = 64;
+
+/// Environment variables with the `MOORLINE_` prefix that are not configuration keys.
+const RESERVED_ENV: &[&str] = &["MOORLINE_CONFIG", "MOORLINE_URL"];
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Human,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
+/// Where a session's agent runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum RuntimeKind {
+    /// Pick the best runtime available on this machine.
+    #[default]
+    Auto,
+    /// A direct child process of the server, in its own process group.
+    Process,
+}
+
+/// The whole configuration. Every field has a default, so an empty file is valid.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address to listen on. Must be a loopback address unless `allow_non_loopback` is set.
+    pub host: String,
+    /// TCP port.
+    pub port: u16,
+    /// Allow listening on a non-loopback address (moorline is meant to sit behind
+    /// `tailscale serve`; exposing it directly is a deliberate choice).
+    pub allow_non_loopback: bool,
+    /// Where sessions (metadata and output journals) are stored.
+    pub state_dir: PathBuf,
+    /// File holding a bearer token that every request must carry. No file: no token.
+    pub token_file: Option<PathBuf>,
+    /// Extra names accepted in the `Host` header (loopback names, this machine's hostname and
+    /// its tailnet names are always accepted).
+    #[serde(deserialize_with = "string_list")]
+    pub allowed_hosts: Vec<String>,
+    /// Browser origins allowed to call the API (`https://app.example`). Requests without an
+    /// `Origin` header, and same-origin requests, are always allowed.
+    #[serde(deserialize_with = "string_list")]
+    pub allowed_origins: Vec<String>,
+    /// Ask `tailscale status` for this machine's tailnet names at startup.
+    pub detect_tailnet_names: bool,
+    /// Log filter, in `RUST_LOG` syntax.
+    pub log: String,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// Limits.
+    pub limits: Limits,
+    /// Named agent configurations. Empty: one built-in `echo` instance.
+    pub instances: Vec<InstanceConfig>,
+    /// The moorline executable, which built-in agents run (`echo-agent`). Not configurable in
+    /// files; defaults to the running executable.
+    #[serde(skip)]
+    pub moorline_exe: Option<PathBuf>,
+}
+
+/// Every limit moorline enforces.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Sessions whose agent is running at the same time.
+    pub max_sessions: usize,
+    /// WebSocket clients on one session.
+    pub max_clients_per_session: usize,
+    /// Largest WebSocket message a client may send; larger ones close the socket with 1009.
+    pub max_inbound_frame_bytes: usize,
+    /// Longest agent output line forwarded; longer lines are replaced by a `line_dropped` frame.
+    pub max_line_bytes: usize,
+    /// Recent output kept in memory per session for fast fan-out; older output is read back
+    /// from the session's journal on disk.
+    pub backlog_bytes: usize,
+    /// Output kept on disk per session for replay; the oldest output is deleted beyond it.
+    pub journal_max_bytes: u64,
+    /// Client lines queued for an agent's stdin before clients are slowed down.
+    pub inbound_queue: usize,
+    /// Time an agent gets to exit after SIGTERM before it is killed.
+    pub stop_grace_ms: u64,
+    /// A client that accepts no data for this long is disconnected.
+    pub client_stall_ms: u64,
+    /// After an agent exits, how long to wait for processes it left behind to close its output.
+    pub exit_drain_ms: u64,
+}
+
+impl Limits {
+    /// [`Self::stop_grace_ms`] as a duration.
+    pub fn stop_grace(&self) -> Duration {
+        Duration::from_millis(self.stop_grace_ms)
+    }
+
+    /// [`Self::client_stall_ms`] as a duration.
+    pub fn client_stall(&self) -> Duration {
+        Duration::from_millis(self.client_stall_ms)
+    }
+
+    /// [`Self::exit_drain_ms`] as a duration.
+    pub fn exit_drain(&self) -> Duration {
+        Duration::from_millis(self.exit_drain_ms)
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_sessions: 8,
+            max_clients_per_session: 32,
+            max_inbound_frame_bytes: 16 << 20,
+            max_line_bytes: 16 << 20,
+            backlog_bytes: 4 << 20,
+            journal_max_bytes: 256 << 20,
+            inbound_queue: 1024,
+            stop_grace_ms: 5_000,
+            client_stall_ms: 30_000,
+            exit_drain_ms: 500,
+        }
+    }
+}
+
+/// One named agent configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceConfig {
+    /// Name clients use in `POST /sessions {"instanceId": ...}`.
+    pub id: String,
+    /// Agent kind: `echo`, `command`, or (with `agent_path`) any name.
+    pub agent: String,
+    /// Program and arguments, for `agent = "command"`.
+    #[serde(default)]
+    pub command: Option<Vec<String>>,
+    /// An executable to run (amarre's `agentPath`).
+    #[serde(default, alias = "agentPath")]
+    pub agent_path: Option<PathBuf>,
+    /// Extra arguments for the agent.
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// Environment for every session of this instance.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Where the agent runs.
+    #[serde(default)]
+    pub runtime: RuntimeKind,
+    /// Working directory when a session does not ask for one (default: the server's).
+    #[serde(default)]
+    pub cwd: Option<PathBuf>,
+}
+
+impl InstanceConfig {
+    /// The adapter part of this instance.
+    pub fn adapter_config(&self) -> moorline_adapters::AdapterConfig {
+        moorline_adapters::AdapterConfig {
+            agent: self.agent.clone(),
+            command: self.command.clone(),
+            agent_path: self.agent_path.clone(),
+            args: self.args.clone(),
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            host: Ipv4Addr::LOCALHOST.to_string(),
+            port: 8341,
+            allow_non_loopback: false,
+            state_dir: PathBuf::from("/var/lib/moorline"),
+            token_file: None,
+            allowed_hosts: Vec::new(),
+            allowed_origins: Vec::new(),
+            detect_tailnet_names: true,
+            log: "info".into(),
+            log_format: LogFormat::Human,
+            limits: Limits::default(),
+            instances: Vec::new(),
+            moorline_exe: None,
+        }
+    }
+}
+
+/// A configuration error, with the key and where its value came from.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigError(String);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl ConfigError {
+    fn new(msg: impl Into<String>) -> Self {
+        Self(msg.into())
+    }
+}
+
+/// Values given on the command line (the top layer).
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// `--host`.
+    pub host: Option<String>,
+    /// `--port`.
+    pub port: Option<u16>,
+    /// `--state-dir`.
+    pub state_dir: Option<PathBuf>,
+    /// `--token-file`.
+    pub token_file: Option<PathBuf>,
+    /// `--log-format`.
+    pub log_format: Option<LogFormat>,
+    /// `--allow-non-loopback`.
+    pub allow_non_loopback: bool,
+}
+
+/// Everything configuration is read from, captured once so loading is a pure function.
+#[derive(Debug, Clone, Default)]
+pub struct Sources {
+    /// An explicit config file (`--config` or `MOORLINE_CONFIG`); it must exist.
+    pub file: Option<PathBuf>,
+    /// Whether to read the default config file if it exists.
+    pub default_file: bool,
+    /// Environment variables.
+    pub env: BTreeMap<String, String>,
+    /// Command-line flags.
+    pub overrides: Overrides,
+}
+
+impl Sources {
+    /// Captures the process environment.
+    pub fn from_process(file: Option<PathBuf>, overrides: Overrides) -> Self {
+        let env: BTreeMap<String, String> = std::env::vars_os()
+            .filter_map(|(k, v)| Some((k.into_string().ok()?, os_to_string(v)?)))
+            .collect();
+        let file = file.or_else(|| env.get("MOORLINE_CONFIG").map(PathBuf::from));
+        Self {
+            default_file: file.is_none(),
+            file,
+            env,
+            overrides,
+        }
+    }
+
+    /// The same sources without the environment (used by `check-config --no-env`).
+    pub fn without_env(mut self) -> Self {
+        let keep = |k: &str| matches!(k, "HOME" | "XDG_CONFIG_HOME" | "XDG_STATE_HOME");
+        self.env.retain(|k, _| keep(k));
+        self
+    }
+
+    fn default_config_path(&self) -> Option<PathBuf> {
+        let user = self
+            .env
+            .get("XDG_CONFIG_HOME")
+            .map(PathBuf::from)
+            .or_else(|| self.env.get("HOME").map(|h| Path::new(h).join(".config")))
+            .map(|d| d.join("moorline/config.toml"));
+        user.into_iter()
+            .chain([PathBuf::from("/etc/moorline/config.toml")])
+            .find(|p| p.is_file())
+    }
+
+    fn default_state_dir(&self) -> PathBuf {
+        if let Some(dir) = self.env.get("STATE_DIRECTORY") {
+            // systemd's StateDirectory= (may list several, colon-separated).
+            return PathBuf::from(dir.split(':').next().unwrap_or(dir));
+        }
+        if let Some(dir) = self.env.get("XDG_STATE_HOME") {
+            return Path::new(dir).join("moorline");
+        }
+        match self.env.get("HOME") {
+            Some(home) if home != "/" => Path::new(home).join(".local/state/moorline"),
+            _ => PathBuf::from("/var/lib/moorline"),
+        }
+    }
+}
+
+fn os_to_string(v: OsString) -> Option<String> {
+    v.into_string().ok()
+}
+
+impl Config {
+    /// Loads and validates the configuration from `sources`.
+    pub fn load(sources: &Sources) -> Result<Self, ConfigError> {
+        let defaults = Config {
+            state_dir: sources.default_state_dir(),
+            ..Config::default()
+        };
+        let mut figment = Figment::new().merge(Layer::new("defaults", to_dict(&defaults)?));
+        let file = match &sources.file {
+            Some(path) if !path.is_file() => {
+                return Err(ConfigError::new(format!(
+                    "config file {} does not exist or is not a file",
+                    path.display()
+                )));
+            }
+            Some(path) => Some(path.clone()),
+            None if sources.default_file => sources.default_config_path(),
+            None => None,
+        };
+        if let Some(path) = &file {
+            figment = figment.merge(<figment::providers::Toml as figment::providers::Format>::file_exact(path));
+        }
+        let (env_layer, env_names) = env_layer(&sources.env)?;
+        figment = figment
+            .merge(env_layer)
+            .merge(Layer::new("command-line flags", overrides_dict(&sources.overrides)));
+        let mut config: Config = figment
+            .extract_lossy()
+            .map_err(|e| describe(e, &env_names))?;
+        if config.instances.is_empty() {
+            config.instances.push(InstanceConfig {
+                id: "echo".into(),
+                agent: "echo".into(),
+                command: None,
+                agent_path: None,
+                args: Vec::new(),
+                env: BTreeMap::new(),
+                runtime: RuntimeKind::Auto,
+                cwd: None,
+            });
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks what types alone cannot: addresses, names, limits, agent kinds.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let ip = self.ip()?;
+        if !ip.is_loopback() && !self.allow_non_loopback {
+            return Err(ConfigError::new(format!(
+                "host: {ip} is not a loopback address. moorline is meant to be reached through \
+                 `tailscale serve`; set allow_non_loopback = true (or --allow-non-loopback) to \
+                 listen on it anyway"
+            )));
+        }
+        let l = &self.limits;
+        for (key, value) in [
+            ("limits.max_sessions", l.max_sessions),
+            ("limits.max_clients_per_session", l.max_clients_per_session),
+            ("limits.max_inbound_frame_bytes", l.max_inbound_frame_bytes),
+            ("limits.max_line_bytes", l.max_line_bytes),
+            ("limits.backlog_bytes", l.backlog_bytes),
+            ("limits.inbound_queue", l.inbound_queue),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::new(format!("{key}: must be at least 1")));
+            }
+        }
+        if l.journal_max_bytes < l.max_line_bytes as u64 {
+            return Err(ConfigError::new(
+                "limits.journal_max_bytes: must be at least limits.max_line_bytes, or a single \
+                 line could not be replayed",
+            ));
+        }
+        let mut ids = BTreeSet::new();
+        for (i, inst) in self.instances.iter().enumerate() {
+            let valid = !inst.id.is_empty()
+                && inst.id.len() <= 64
+                && inst
+                    .id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+            if !valid {
+                return Err(ConfigError::new(format!(
+                    "instances[{i}].id: {:?} must be 1-64 characters of letters, digits, '-', '_' or '.'",
+                    inst.id
+                )));
+            }
+            if !ids.insert(inst.id.as_str()) {
+                return Err(ConfigError::new(format!(
+                    "instances[{i}].id: duplicate instance id {:?}",
+                    inst.id
+                )));
+            }
+            moorline_adapters::build(&inst.adapter_config())
+                .map_err(|e| ConfigError::new(format!("instances[{i}] ({}): {e}", inst.id)))?;
+        }
+        Ok(())
+    }
+
+    /// The moorline executable built-in agents run.
+    pub fn moorline_exe(&self) -> Result<PathBuf, ConfigError> {
+        match &self.moorline_exe {
+            Some(p) => Ok(p.clone()),
+            None => std::env::current_exe()
+                .map_err(|e| ConfigError::new(format!("cannot find the moorline executable: {e}"))),
+        }
+    }
+
+    /// The listening address as an IP.
+    pub fn ip(&self) -> Result<IpAddr, ConfigError> {
+        if self.host == "localhost" {
+            return Ok(IpAddr::V4(Ipv4Addr::LOCALHOST));
+        }
+        self.host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse()
+            .map_err(|_| ConfigError::new(format!("host: {:?} is not an IP address", self.host)))
+    }
+
+    /// The socket address to bind.
+    pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
+        Ok(SocketAddr::new(self.ip()?, self.port))
+    }
+
+    /// Reads the bearer token, if one is configured.
+    pub fn read_token(&self) -> Result<Option<String>, ConfigError> {
+        let Some(path) = &self.token_file else {
+            return Ok(None);
+        };
+        let token = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::new(format!("token_file: cannot read {}: {e}", path.display())))?;
+        let token = token.trim();
+        if token.is_empty() {
+            return Err(ConfigError::new(format!("token_file: {} is empty", path.display())));
+        }
+        Ok(Some(token.to_owned()))
+    }
+
+    /// The names this machine answers to: its hostname and, if asked, its tailnet names.
+    pub fn machine_names(&self) -> Vec<String> {
+        let mut names = Vec::new();
+        if let Ok(host) = nix::unistd::gethostname() {
+            if let Some(h) = host.to_str() {
+                names.push(h.to_owned());
+            }
+        }
+        if self.detect_tailnet_names {
+            names.extend(tailnet_names());
+        }
+        names
+    }
+}
+
+/// Asks the local tailscaled for this machine's DNS name, if tailscale is installed.
+fn tailnet_names() -> Vec<String> {
+    let output = std::process::Command::new("tailscale")
+        .args(["status", "--json", "--peers=false"])
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .output();
+    let Ok(output) = output else {
+        return Vec::new();
+    };
+    let Ok(status) = serde_json::from_slice::<serde_json::Value>(&output.stdout) else {
+        return Vec::new();
+    };
+    let mut names = Vec::new();
+    if let Some(dns) = status["Self"]["DNSName"].as_str() {
+        let dns = dns.trim_end_matches('.');
+        if !dns.is_empty() {
+            names.push(dns.to_owned());
+            if let Some(short) = dns.split('.').next() {
+                names.push(short.to_owned());
+            }
+        }
+    }
+    names
+}
+
+/// A figment layer built from a dictionary, with a name used in error messages.
+struct Layer {
+    name: String,
+    dict: Dict,
+}
+
+impl Layer {
+    fn new(name: &str, dict: Dict) -> Self {
+        Self {
+            name: name.to_owned(),
+            dict,
+        }
+    }
+}
+
+impl Provider for Layer {
+    fn metadata(&self) -> Metadata {
+        Metadata::named(self.name.clone())
+    }
+
+    fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
+        Ok(Profile::Default.collect(self.dict.clone()))
+    }
+}
+
+fn to_dict(value: &impl Serialize) -> Result<Dict, ConfigError> {
+    match Value::serialize(value) {
+        Ok(Value::Dict(_, dict)) => Ok(dict),
+        Ok(_) => Err(ConfigError::new("internal: defaults are not a table")),
+        Err(e) => Err(ConfigError::new(format!("internal: {e}"))),
+    }
+}
+
+fn overrides_dict(o: &Overrides) -> Dict {
+    let mut d = Dict::new();
+    if let Some(h) = &o.host {
+        d.insert("host".into(), h.clone().into());
+    }
+    if let Some(p) = o.port {
+        d.insert("port".into(), p.into());
+    }
+    if let Some(s) = &o.state_dir {
+        d.insert("state_dir".into(), s.to_string_lossy().into_owned().into());
+    }
+    if let Some(t) = &o.token_file {
+        d.insert("token_file".into(), t.to_string_lossy().into_owned().into());
+    }
+    if let Some(f) = o.log_format {
+        let name = match f {
+            LogFormat::Human => "human",
+            LogFormat::Json => "json",
+        };
+        d.insert("log_format".into(), name.into());
+    }
+    if o.allow_non_loopback {
+        d.insert("allow_non_loopback".into(), true.into());
+    }
+    d
+}
+
+/// Builds the environment layer. Values stay strings; the returned map remembers which
+/// variable set which key, for error messages.
+fn env_layer(env: &BTreeMap<String, String>) -> Result<(Layer, BTreeMap<String, String>), ConfigError> {
+    let mut dict = Dict::new();
+    let mut names = BTreeMap::new();
+    let mut set = |dict: &mut Dict, path: &[&str], value: Value, var: &str| {
+        names.insert(path.join("."), var.to_owned());
+        let mut cur = dict;
+        for key in &path[..path.len() - 1] {
+            let entry = cur
+                .entry((*key).to_owned())
+                .or_insert_with(|| Value::from(Dict::new()));
+            if !matches!(entry, Value::Dict(..)) {
+                *entry = Value::from(Dict::new());
+            }
+            let Value::Dict(_, inner) = entry else {
+                unreachable!("just made a dict")
+            };
+            cur = inner;
+        }
+        cur.insert(path[path.len() - 1].to_owned(), value);
+    };
+
+    // amarre's names first, so that MOORLINE_* wins when both are set.
+    for (var, path) in [
+        ("AMARRE_HOST", &["host"][..]),
+        ("AMARRE_PORT", &["port"][..]),
+        ("AMARRE_MAX_SESSIONS", &["limits", "max_sessions"][..]),
+    ] {
+        if let Some(v) = env.get(var) {
+            set(&mut dict, path, v.clone().into(), var);
+        }
+    }
+    if let Some(json) = env.get("AMARRE_INSTANCES_JSON") {
+        let instances = amarre_instances(json)?;
+        set(&mut dict, &["instances"], instances, "AMARRE_INSTANCES_JSON");
+    } else if env.contains_key("AMARRE_AGENT") || env.contains_key("AMARRE_AGENT_PATH") {
+        // amarre's legacy single-agent variables make one instance named "default".
+        let mut inst = Dict::new();
+        inst.insert("id".into(), "default".into());
+        let agent = env.get("AMARRE_AGENT").cloned().unwrap_or_else(|| "pi".into());
+        inst.insert("agent".into(), agent.into());
+        if let Some(path) = env.get("AMARRE_AGENT_PATH") {
+            inst.insert("agent_path".into(), path.clone().into());
+        }
+        let var = if env.contains_key("AMARRE_AGENT_PATH") {
+            "AMARRE_AGENT_PATH"
+        } else {
+            "AMARRE_AGENT"
+        };
+        set(&mut dict, &["instances"], Value::from(vec![Value::from(inst)]), var);
+    }
+
+    for (var, value) in env {
+        let Some(rest) = var.strip_prefix("MOORLINE_") else {
+            continue;
+        };
+        if RESERVED_ENV.contains(&var.as_str()) {
+            continue;
+        }
+        let path: Vec<String> = rest.split("__").map(str::to_ascii_lowercase).collect();
+        if path.iter().any(String::is_empty) {
+            return Err(ConfigError::new(format!("{var}: malformed variable name")));
+        }
+        let refs: Vec<&str> = path.iter().map(String::as_str).collect();
+        set(&mut dict, &refs, value.clone().into(), var);
+    }
+    Ok((Layer::new("environment", dict), names))
+}
+
+/// Parses `AMARRE_INSTANCES_JSON` with amarre's error messages.
+fn amarre_instances(json: &str) -> Result<Value, ConfigError> {
+    let err = |m: String| ConfigError::new(format!("AMARRE_INSTANCES_JSON: {m}"));
+    let parsed: serde_json::Value =
+        serde_json::from_str(json).map_err(|e| err(format!("invalid JSON ({e})")))?;
+    let Some(items) = parsed.as_array().filter(|a| !a.is_empty()) else {
+        return Err(err("must be a non-empty array".into()));
+    };
+    for (i, item) in items.iter().enumerate() {
+        let Some(obj) = item.as_object() else {
+            return Err(err(format!("[{i}]: not an object")));
+        };
+        for key in ["id", "agent"] {
+            if !obj.get(key).is_some_and(serde_json::Value::is_string) {
+                return Err(err(format!("[{i}]: missing '{key}'")));
+            }
+        }
+    }
+    Value::serialize(&parsed).map_err(|e| err(e.to_string()))
+}
+
+/// Turns figment's error into one message per problem, naming the key and its source.
+fn describe(err: figment::Error, env_names: &BTreeMap<String, String>) -> ConfigError {
+    let lines: Vec<String> = err
+        .into_iter()
+        .map(|e| {
+            let key = e.path.join(".");
+            let from = match (&e.metadata, env_names.get(&key)) {
+                (Some(m), Some(var)) if m.name == "environment" => format!(" (from {var})"),
+                (Some(m), _) => match &m.source {
+                    Some(src) => format!(" (in {} {src})", m.name),
+                    None => format!(" (from {})", m.name),
+                },
+                (None, _) => String::new(),
+            };
+            if key.is_empty() {
+                format!("{}{from}", e.kind)
+            } else {
+                format!("{key}: {}{from}", e.kind)
+            }
+        })
+        .collect();
+    ConfigError::new(lines.join("\n"))
+}
+
+/// Accepts a list either as a sequence or as one comma-separated string (for the environment).
+fn string_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Either {
+        List(Vec<String>),
+        One(String),
+    }
+    Ok(match Either::deserialize(d)? {
+        Either::List(v) => v,
+        Either::One(s) => s
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Sources {
+        Sources {
+            env: pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            ..Sources::default()
+        }
+    }
+
+    fn load(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        Config::load(&env(pairs))
+    }
+
+    #[test]
+    fn no_configuration_gives_loopback_8341_and_an_echo_instance() {
+        let c = load(&[("HOME", "/home/u")]).expect("load");
+        assert_eq!(c.listen_addr().expect("addr"), "127.0.0.1:8341".parse().expect("addr"));
+        assert_eq!(c.instances.len(), 1);
+        assert_eq!(c.instances[0].id, "echo");
+        assert_eq!(c.state_dir, PathBuf::from("/home/u/.local/state/moorline"));
+        assert_eq!(c.limits.max_sessions, 8);
+    }
+
+    #[test]
+    fn the_example_file_documents_the_defaults() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let path = tmp.path().join("c.toml");
+        std::fs::write(&path, EXAMPLE_CONFIG).expect("write");
+        let from_file = Config::load(&Sources {
+            file: Some(path),
+            ..Sources::default()
+        })
+        .expect("example parses");
+        let defaults = load(&[]).expect("defaults");
+        assert_eq!(from_file.limits, defaults.limits);
+        assert_eq!(from_file.port, defaults.port);
+        assert_eq!(from_file.host, defaults.host);
+    }
+
+    #[test]
+    fn amarre_variables_are_honoured_and_moorline_ones_win() {
+        let c = load(&[("AMARRE_PORT", "9000"), ("AMARRE_MAX_SESSIONS", "3")]).expect("load");
+        assert_eq!((c.port, c.limits.max_sessions), (9000, 3));
+        let c = load(&[("AMARRE_PORT", "9000"), ("MOORLINE_PORT", "9001")]).expect("load");
+        assert_eq!(c.port, 9001);
+        let c = load(&[("MOORLINE_LIMITS__MAX_LINE_BYTES", "1024")]).expect("load");
+        assert_eq!(c.limits.max_line_bytes, 1024);
+    }
+
+    #[test]
+    fn environment_values_stay_strings() {
+        let c = load(&[("MOORLINE_TOKEN_FILE", "0123"), ("MOORLINE_ALLOWED_HOSTS", "a.ts.net, b")])
+            .expect("load");
+        assert_eq!(c.token_file, Some(PathBuf::from("0123")));
+        assert_eq!(c.allowed_hosts, vec!["a.ts.net", "b"]);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_name_the_key_and_variable() {
+        let e = load(&[("MOORLINE_PROT", "1")]).expect_err("unknown").to_string();
+        assert!(e.contains("prot") && e.contains("MOORLINE_PROT"), "{e}");
+        let e = load(&[("AMARRE_PORT", "eighty")]).expect_err("bad").to_string();
+        assert!(e.contains("port") && e.contains("AMARRE_PORT"), "{e}");
+        let e = load(&[("MOORLINE_LIMITS__MAX_SESSIONS", "0")]).expect_err("zero").to_string();
+        assert!(e.contains("limits.max_sessions"), "{e}");
+    }
+
+    #[test]
+    fn toml_errors_name_the_key_and_file() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let path = tmp.path().join("c.toml");
+        std::fs::write(&path, "[limits]\nmax_sesions = 3\n").expect("write");
+        let e = Config::load(&Sources {
+            file: Some(path),
+            ..Sources::default()
+        })
+        .expect_err("typo")
+        .to_string();
+        assert!(e.contains("max_sesions") && e.contains("c.toml"), "{e}");
+    }
+
+    #[test]
+    fn instances_from_amarre_json_including_command_and_agent_path() {
+        let c = load(&[(
+            "AMARRE_INSTANCES_JSON",
+            r#"[{"id":"cat","agent":"command","command":["/bin/cat"],"env":{"N":"0123"}},
+                {"id":"alpha","agent":"echo","agentPath":"/opt/echo.sh","env":{}}]"#,
+        )])
+        .expect("load");
+        assert_eq!(c.instances.len(), 2);
+        assert_eq!(c.instances[0].command, Some(vec!["/bin/cat".to_owned()]));
+        assert_eq!(c.instances[0].env["N"], "0123");
+        assert_eq!(c.instances[1].agent_path, Some(PathBuf::from("/opt/echo.sh")));
+    }
+
+    #[test]
+    fn amarre_json_errors_use_amarre_wording() {
+        for (json, want) in [
+            ("{", "invalid JSON"),
+            ("[]", "non-empty array"),
+            ("[1]", "[0]: not an object"),
+            (r#"[{"agent":"echo"}]"#, "[0]: missing 'id'"),
+            (r#"[{"id":"a"}]"#, "[0]: missing 'agent'"),
+            (r#"[{"id":"a","agent":"echo","env":{"X":1}}]"#, "instances.0.env.X"),
+        ] {
+            let e = load(&[("AMARRE_INSTANCES_JSON", json)]).expect_err(json).to_string();
+            assert!(e.contains(want), "{json}: {e}");
+        }
+    }
+
+    #[test]
+    fn legacy_agent_path_makes_a_default_instance() {
+        let c = load(&[("AMARRE_AGENT_PATH", "/opt/agent")]).expect("load");
+        assert_eq!(c.instances[0].id, "default");
+        assert_eq!(c.instances[0].agent_path, Some(PathBuf::from("/opt/agent")));
+    }
+
+    #[test]
+    fn non_loopback_needs_an_explicit_opt_in() {
+        let e = load(&[("AMARRE_HOST", "0.0.0.0")]).expect_err("refused").to_string();
+        assert!(e.contains("not a loopback"), "{e}");
+        let c = load(&[("MOORLINE_HOST", "0.0.0.0"), ("MOORLINE_ALLOW_NON_LOOPBACK", "true")])
+            .expect("allowed");
+        assert_eq!(c.host, "0.0.0.0");
+        assert!(load(&[("MOORLINE_HOST", "::1")]).is_ok());
+    }
+
+    #[test]
+    fn flags_beat_environment_and_duplicate_ids_are_refused() {
+        let mut s = env(&[("MOORLINE_PORT", "9001")]);
+        s.overrides.port = Some(9002);
+        assert_eq!(Config::load(&s).expect("load").port, 9002);
+        let e = load(&[(
+            "AMARRE_INSTANCES_JSON",
+            r#"[{"id":"a","agent":"echo"},{"id":"a","agent":"echo"}]"#,
+        )])
+        .expect_err("dup")
+        .to_string();
+        assert!(e.contains("duplicate"), "{e}");
+    }
+}

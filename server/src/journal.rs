@@ -1,0 +1,576 @@
+//! The durable, per-session output log.
+//!
+//! Line *k* of the journal (1-based, counted across segments) is the frame with sequence number
+//! *k*: exactly the bytes clients receive, one per line. That makes replay a plain read, lets a
+//! restarted server recover its position by counting newlines, and keeps the file readable with
+//! `tail -f`.
+//!
+//! The journal is split into segment files named after their first sequence number, so old output
+//! can be dropped a segment at a time once the journal exceeds its byte budget. A sparse index of
+//! checkpoints (one every [`CHECKPOINT_BYTES`]) lets a reader seek near any sequence number
+//! without holding every line's offset in memory.
+
+use std::collections::VecDeque;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+
+/// Distance in bytes between two index checkpoints.
+pub const CHECKPOINT_BYTES: u64 = 64 * 1024;
+
+const SEGMENT_SUFFIX: &str = ".jsonl";
+
+/// Size limits of one journal.
+#[derive(Debug, Clone, Copy)]
+pub struct JournalLimits {
+    /// Once the segments together exceed this, the oldest segments are deleted.
+    pub max_bytes: u64,
+    /// A segment is closed and a new one started once it reaches this size.
+    pub segment_bytes: u64,
+}
+
+impl JournalLimits {
+    /// Limits for a journal of at most `max_bytes`, kept in about eight segments.
+    pub fn with_max_bytes(max_bytes: u64) -> Self {
+        Self {
+            max_bytes,
+            segment_bytes: (max_bytes / 8).max(1024 * 1024),
+        }
+    }
+}
+
+/// One segment file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Segment {
+    /// Sequence number of its first line.
+    pub first_seq: u64,
+    /// Its size in bytes.
+    pub bytes: u64,
+}
+
+/// A known position: the line with sequence `seq` starts at `offset` in segment `segment`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Checkpoint {
+    /// Sequence number of the line that starts here.
+    pub seq: u64,
+    /// `first_seq` of the segment this position is in.
+    pub segment: u64,
+    /// Byte offset inside that segment.
+    pub offset: u64,
+}
+
+/// What readers need to find lines on disk: the live segments and the checkpoints into them.
+#[derive(Debug, Clone, Default)]
+pub struct JournalIndex {
+    segments: VecDeque<Segment>,
+    checkpoints: VecDeque<Checkpoint>,
+}
+
+impl JournalIndex {
+    /// Sequence number of the oldest line still on disk, if any segment exists.
+    pub fn first_seq(&self) -> Option<u64> {
+        self.segments.front().map(|s| s.first_seq)
+    }
+
+    /// Total size of all segments.
+    pub fn bytes(&self) -> u64 {
+        self.segments.iter().map(|s| s.bytes).sum()
+    }
+
+    /// The checkpoint to start reading from to reach `seq`.
+    pub fn checkpoint_for(&self, seq: u64) -> Option<Checkpoint> {
+        let idx = self.checkpoints.partition_point(|c| c.seq <= seq);
+        idx.checked_sub(1).map(|i| self.checkpoints[i])
+    }
+
+    /// First sequence numbers of the segments, oldest first.
+    pub fn segment_starts(&self) -> Vec<u64> {
+        self.segments.iter().map(|s| s.first_seq).collect()
+    }
+
+    fn apply(&mut self, change: &IndexChange) {
+        match change {
+            IndexChange::Checkpoint(c) => self.checkpoints.push_back(*c),
+            IndexChange::NewSegment(s) => self.segments.push_back(*s),
+            IndexChange::Grow { segment, bytes } => {
+                if let Some(s) = self.segments.iter_mut().rev().find(|s| s.first_seq == *segment) {
+                    s.bytes = *bytes;
+                }
+            }
+            IndexChange::DropSegment(first) => {
+                self.segments.retain(|s| s.first_seq != *first);
+                self.checkpoints.retain(|c| c.segment != *first);
+            }
+        }
+    }
+}
+
+/// A change the writer made that readers must learn about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IndexChange {
+    /// A new checkpoint.
+    Checkpoint(Checkpoint),
+    /// A new (empty) segment was started.
+    NewSegment(Segment),
+    /// A segment grew to `bytes`.
+    Grow {
+        /// Its first sequence number.
+        segment: u64,
+        /// Its new size.
+        bytes: u64,
+    },
+    /// A segment was deleted to stay within the byte budget.
+    DropSegment(u64),
+}
+
+impl JournalIndex {
+    /// Applies the changes the writer reported, in order.
+    pub fn apply_all(&mut self, changes: &[IndexChange]) {
+        for c in changes {
+            self.apply(c);
+        }
+    }
+}
+
+/// The single writer of a journal.
+#[derive(Debug)]
+pub struct JournalWriter {
+    dir: PathBuf,
+    limits: JournalLimits,
+    file: File,
+    /// First sequence number of the active segment, and its size.
+    active: Segment,
+    /// Older segments, oldest first (first_seq, bytes), to enforce the byte budget.
+    closed: VecDeque<Segment>,
+    next_seq: u64,
+    last_checkpoint_offset: Option<u64>,
+}
+
+impl JournalWriter {
+    /// Opens (or creates) the journal in `dir` for appending.
+    ///
+    /// A trailing partial line (the previous writer died in the middle of a write) is cut off,
+    /// so every line in the journal is whole. Returns the writer and the index describing what is
+    /// already on disk.
+    pub fn open(dir: &Path, limits: JournalLimits) -> io::Result<(Self, JournalIndex)> {
+        fs::create_dir_all(dir)?;
+        let (mut index, next_seq) = scan(dir)?;
+        let Some(mut last) = index.segments.back().copied() else {
+            let active = Segment {
+                first_seq: 1,
+                bytes: 0,
+            };
+            let file = create_segment(dir, 1)?;
+            index.apply(&IndexChange::NewSegment(active));
+            index.apply(&IndexChange::Checkpoint(Checkpoint {
+                seq: 1,
+                segment: 1,
+                offset: 0,
+            }));
+            let writer = Self {
+                dir: dir.to_owned(),
+                limits,
+                file,
+                active,
+                closed: VecDeque::new(),
+                next_seq: 1,
+                last_checkpoint_offset: Some(0),
+            };
+            return Ok((writer, index));
+        };
+        let path = segment_path(dir, last.first_seq);
+        let whole = whole_lines_len(&path)?;
+        let file = OpenOptions::new().append(true).open(&path)?;
+        if whole < last.bytes {
+            file.set_len(whole)?;
+            last.bytes = whole;
+            index.apply(&IndexChange::Grow {
+                segment: last.first_seq,
+                bytes: whole,
+            });
+        }
+        let closed: VecDeque<Segment> = index
+            .segments
+            .iter()
+            .filter(|s| s.first_seq != last.first_seq)
+            .copied()
+            .collect();
+        let last_checkpoint_offset = index
+            .checkpoints
+            .back()
+            .filter(|c| c.segment == last.first_seq)
+            .map(|c| c.offset);
+        let writer = Self {
+            dir: dir.to_owned(),
+            limits,
+            file,
+            active: last,
+            closed,
+            next_seq,
+            last_checkpoint_offset,
+        };
+        Ok((writer, index))
+    }
+
+    /// Sequence number the next appended line will get.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// Appends `lines` whole lines, already joined with (and each ending in) `\n`.
+    ///
+    /// One `write` per batch keeps the cost per line low. The returned changes must be applied
+    /// to the readers' [`JournalIndex`] before the new lines are announced.
+    pub fn append(&mut self, batch: &[u8], lines: u64) -> io::Result<Vec<IndexChange>> {
+        let mut changes = Vec::new();
+        if lines == 0 {
+            return Ok(changes);
+        }
+        if self.active.bytes >= self.limits.segment_bytes {
+            self.rotate(&mut changes)?;
+        }
+        let due = self
+            .last_checkpoint_offset
+            .is_none_or(|o| self.active.bytes - o >= CHECKPOINT_BYTES);
+        if due {
+            changes.push(IndexChange::Checkpoint(Checkpoint {
+                seq: self.next_seq,
+                segment: self.active.first_seq,
+                offset: self.active.bytes,
+            }));
+            self.last_checkpoint_offset = Some(self.active.bytes);
+        }
+        self.file.write_all(batch)?;
+        self.active.bytes += batch.len() as u64;
+        self.next_seq += lines;
+        changes.push(IndexChange::Grow {
+            segment: self.active.first_seq,
+            bytes: self.active.bytes,
+        });
+        self.enforce_budget(&mut changes);
+        Ok(changes)
+    }
+
+    /// Flushes written data to stable storage (used before reporting an exit).
+    pub fn sync(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    fn rotate(&mut self, changes: &mut Vec<IndexChange>) -> io::Result<()> {
+        let file = create_segment(&self.dir, self.next_seq)?;
+        self.closed.push_back(self.active);
+        self.file = file;
+        self.active = Segment {
+            first_seq: self.next_seq,
+            bytes: 0,
+        };
+        self.last_checkpoint_offset = None;
+        changes.push(IndexChange::NewSegment(self.active));
+        Ok(())
+    }
+
+    fn enforce_budget(&mut self, changes: &mut Vec<IndexChange>) {
+        let mut total: u64 = self.closed.iter().map(|s| s.bytes).sum::<u64>() + self.active.bytes;
+        while total > self.limits.max_bytes {
+            let Some(oldest) = self.closed.pop_front() else {
+                break;
+            };
+            // If the file cannot be removed we still stop serving it: the budget is about what
+            // clients may replay; a leftover file is logged by the caller's cleanup.
+            let _ = fs::remove_file(segment_path(&self.dir, oldest.first_seq));
+            total -= oldest.bytes;
+            changes.push(IndexChange::DropSegment(oldest.first_seq));
+        }
+    }
+}
+
+/// Why a read from disk returned fewer lines than asked for.
+#[derive(Debug, PartialEq, Eq)]
+pub enum DiskRead {
+    /// Lines starting at the requested sequence number.
+    Lines(Vec<Bytes>),
+    /// The requested line is no longer on disk (its segment was deleted).
+    Gone,
+}
+
+/// Reads whole lines with sequence numbers `from..=upto`, at most `max_bytes` (but at least one
+/// line), starting from `checkpoint`.
+///
+/// Runs blocking file I/O: call it from a blocking thread.
+pub fn read_lines(
+    dir: &Path,
+    segments: &[u64],
+    checkpoint: Checkpoint,
+    from: u64,
+    upto: u64,
+    max_bytes: usize,
+) -> io::Result<DiskRead> {
+    let mut out = Vec::new();
+    let mut taken = 0usize;
+    let mut seq = checkpoint.seq;
+    let mut segment = checkpoint.segment;
+    let mut offset = checkpoint.offset;
+    let mut line = Vec::new();
+    'segments: loop {
+        let file = match File::open(segment_path(dir, segment)) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                if out.is_empty() {
+                    return Ok(DiskRead::Gone);
+                }
+                break;
+            }
+            Err(e) => return Err(e),
+        };
+        let mut reader = BufReader::with_capacity(256 * 1024, file);
+        reader.seek(SeekFrom::Start(offset))?;
+        loop {
+            if seq > upto || (!out.is_empty() && taken >= max_bytes) {
+                break 'segments;
+            }
+            line.clear();
+            let n = reader.read_until(b'\n', &mut line)?;
+            if n == 0 || line.last() != Some(&b'\n') {
+                // End of this segment (or a line still being written): go to the next one.
+                let Some(next) = segments.iter().copied().find(|&s| s > segment) else {
+                    break 'segments;
+                };
+                if next != seq {
+                    // The index and the files disagree; stop rather than mislabel lines.
+                    break 'segments;
+                }
+                segment = next;
+                offset = 0;
+                continue 'segments;
+            }
+            if seq >= from {
+                line.pop();
+                taken += line.len();
+                out.push(Bytes::copy_from_slice(&line));
+            }
+            seq += 1;
+        }
+    }
+    Ok(DiskRead::Lines(out))
+}
+
+/// Deletes a journal directory and everything in it.
+pub fn remove(dir: &Path) -> io::Result<()> {
+    match fs::remove_dir_all(dir) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+fn segment_path(dir: &Path, first_seq: u64) -> PathBuf {
+    dir.join(format!("{first_seq:020}{SEGMENT_SUFFIX}"))
+}
+
+fn create_segment(dir: &Path, first_seq: u64) -> io::Result<File> {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(segment_path(dir, first_seq))
+}
+
+/// Rebuilds the index of the segments in `dir`; returns it and the next sequence number.
+fn scan(dir: &Path) -> io::Result<(JournalIndex, u64)> {
+    let mut starts: Vec<u64> = fs::read_dir(dir)?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name();
+            let name = name.to_str()?;
+            name.strip_suffix(SEGMENT_SUFFIX)?.parse().ok()
+        })
+        .collect();
+    starts.sort_unstable();
+    let mut index = JournalIndex::default();
+    let mut next_seq = starts.first().copied().unwrap_or(1);
+    for (i, &first) in starts.iter().enumerate() {
+        // A gap between segments means lost files: keep only the contiguous tail.
+        if i > 0 && first != next_seq {
+            index = JournalIndex::default();
+        }
+        next_seq = first;
+        let mut file = File::open(segment_path(dir, first))?;
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut offset = 0u64;
+        let mut line_start = 0u64;
+        let mut last_cp: Option<u64> = None;
+        index.segments.push_back(Segment {
+            first_seq: first,
+            bytes: 0,
+        });
+        loop {
+            let n = file.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            for pos in memchr::memchr_iter(b'\n', &buf[..n]) {
+                if last_cp.is_none_or(|c| line_start - c >= CHECKPOINT_BYTES) {
+                    index.checkpoints.push_back(Checkpoint {
+                        seq: next_seq,
+                        segment: first,
+                        offset: line_start,
+                    });
+                    last_cp = Some(line_start);
+                }
+                next_seq += 1;
+                line_start = offset + pos as u64 + 1;
+            }
+            offset += n as u64;
+        }
+        if let Some(s) = index.segments.back_mut() {
+            s.bytes = offset;
+        }
+        if last_cp.is_none() {
+            index.checkpoints.push_back(Checkpoint {
+                seq: next_seq,
+                segment: first,
+                offset: 0,
+            });
+        }
+    }
+    Ok((index, next_seq))
+}
+
+/// Length of the prefix of `path` that ends in `\n` (0 if none).
+fn whole_lines_len(path: &Path) -> io::Result<u64> {
+    let mut file = File::open(path)?;
+    let len = file.metadata()?.len();
+    let mut end = len;
+    let mut buf = vec![0u8; 64 * 1024];
+    while end > 0 {
+        let start = end.saturating_sub(buf.len() as u64);
+        let chunk = &mut buf[..(end - start) as usize];
+        file.seek(SeekFrom::Start(start))?;
+        file.read_exact(chunk)?;
+        if let Some(pos) = memchr::memrchr(b'\n', chunk) {
+            return Ok(start + pos as u64 + 1);
+        }
+        end = start;
+    }
+    Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch(lines: &[String]) -> (Vec<u8>, u64) {
+        let mut b = Vec::new();
+        for l in lines {
+            b.extend_from_slice(l.as_bytes());
+            b.push(b'\n');
+        }
+        (b, lines.len() as u64)
+    }
+
+    fn read_all(dir: &Path, index: &JournalIndex, from: u64, upto: u64) -> DiskRead {
+        let cp = index.checkpoint_for(from).expect("checkpoint");
+        read_lines(dir, &index.segment_starts(), cp, from, upto, usize::MAX).expect("read")
+    }
+
+    #[test]
+    fn lines_are_numbered_from_one_and_read_back_from_any_point() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let limits = JournalLimits {
+            max_bytes: 1 << 30,
+            segment_bytes: 4096,
+        };
+        let (mut w, mut index) = JournalWriter::open(tmp.path(), limits).expect("open");
+        let lines: Vec<String> = (1..=2000).map(|i| format!("{{\"n\":{i}}}")).collect();
+        for chunk in lines.chunks(37) {
+            let (b, n) = batch(chunk);
+            index.apply_all(&w.append(&b, n).expect("append"));
+        }
+        assert_eq!(w.next_seq(), 2001);
+        assert!(index.segment_starts().len() > 3, "rotation happened");
+        for from in [1, 2, 37, 38, 999, 1500, 2000] {
+            let DiskRead::Lines(got) = read_all(tmp.path(), &index, from, 2000) else {
+                panic!("gone")
+            };
+            assert_eq!(got.len() as u64, 2001 - from);
+            assert_eq!(got[0], Bytes::from(format!("{{\"n\":{from}}}")));
+        }
+    }
+
+    #[test]
+    fn reopening_recovers_position_and_cuts_a_torn_line() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let limits = JournalLimits::with_max_bytes(1 << 30);
+        {
+            let (mut w, _) = JournalWriter::open(tmp.path(), limits).expect("open");
+            let (b, n) = batch(&["a".into(), "b".into()]);
+            w.append(&b, n).expect("append");
+        }
+        // Simulate a writer killed in the middle of a line.
+        let seg = segment_path(tmp.path(), 1);
+        let mut f = OpenOptions::new().append(true).open(&seg).expect("seg");
+        f.write_all(b"{\"torn\":").expect("write");
+        let (mut w, mut index) = JournalWriter::open(tmp.path(), limits).expect("reopen");
+        assert_eq!(w.next_seq(), 3);
+        let (b, n) = batch(&["c".into()]);
+        index.apply_all(&w.append(&b, n).expect("append"));
+        let DiskRead::Lines(got) = read_all(tmp.path(), &index, 1, 3) else {
+            panic!("gone")
+        };
+        assert_eq!(got, vec![Bytes::from("a"), Bytes::from("b"), Bytes::from("c")]);
+    }
+
+    #[test]
+    fn budget_drops_oldest_segments_and_reads_report_gone() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let limits = JournalLimits {
+            max_bytes: 10_000,
+            segment_bytes: 2_000,
+        };
+        let (mut w, mut index) = JournalWriter::open(tmp.path(), limits).expect("open");
+        let lines: Vec<String> = (1..=1000).map(|i| format!("line-{i:05}")).collect();
+        for chunk in lines.chunks(10) {
+            let (b, n) = batch(chunk);
+            index.apply_all(&w.append(&b, n).expect("append"));
+        }
+        assert!(index.bytes() <= 10_000 + 2_000);
+        let first = index.first_seq().expect("first");
+        assert!(first > 1);
+        let cp = Checkpoint {
+            seq: 1,
+            segment: 1,
+            offset: 0,
+        };
+        let got = read_lines(tmp.path(), &index.segment_starts(), cp, 1, 1000, 1 << 20).expect("read");
+        assert_eq!(got, DiskRead::Gone);
+        let DiskRead::Lines(tail) = read_all(tmp.path(), &index, first, 1000) else {
+            panic!("gone")
+        };
+        assert_eq!(tail.len() as u64, 1001 - first);
+        let (_, reindexed) = JournalWriter::open(tmp.path(), limits).expect("reopen");
+        assert_eq!(reindexed.first_seq(), Some(first));
+    }
+
+    #[test]
+    fn reads_stop_at_the_published_sequence_and_the_byte_limit() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let (mut w, mut index) =
+            JournalWriter::open(tmp.path(), JournalLimits::with_max_bytes(1 << 30)).expect("open");
+        let lines: Vec<String> = (1..=100).map(|i| format!("{i:03}")).collect();
+        let (b, n) = batch(&lines);
+        index.apply_all(&w.append(&b, n).expect("append"));
+        let cp = index.checkpoint_for(10).expect("cp");
+        let DiskRead::Lines(got) =
+            read_lines(tmp.path(), &index.segment_starts(), cp, 10, 20, usize::MAX).expect("read")
+        else {
+            panic!("gone")
+        };
+        assert_eq!(got.len(), 11);
+        let DiskRead::Lines(got) =
+            read_lines(tmp.path(), &index.segment_starts(), cp, 10, 100, 7).expect("read")
+        else {
+            panic!("gone")
+        };
+        assert_eq!(got.len(), 3, "stops once the byte limit is reached");
+    }
+}

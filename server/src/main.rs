@@ -1,0 +1,338 @@
+//! The `moorline` command: the server (`serve`, the default), configuration helpers, and client
+//! commands for a running server. Everything of substance lives in the library.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use moorline::client::{Client, ClientError, format_table};
+use moorline::config::{Config, EXAMPLE_CONFIG, EXIT_CONFIG, LogFormat, Overrides, Sources};
+
+#[derive(Debug, Parser)]
+#[command(name = "moorline", version, about = "Drive CLI coding agents on this machine from anywhere on your tailnet")]
+#[command(args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(flatten)]
+    serve: ServeArgs,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the server (the default).
+    Serve(ServeArgs),
+    /// Load and validate the configuration, then print it.
+    CheckConfig {
+        #[command(flatten)]
+        args: ServeArgs,
+        /// Ignore the environment: validate the file alone (for build-time checks).
+        #[arg(long)]
+        no_env: bool,
+    },
+    /// Print a commented configuration file with every key and its default.
+    PrintDefaultConfig,
+    /// Manage sessions on a running server.
+    Sessions {
+        #[command(flatten)]
+        conn: ConnArgs,
+        #[command(subcommand)]
+        action: SessionsCommand,
+    },
+    /// Attach to a session: lines read on stdin are sent to the agent, frames are printed to
+    /// stdout one per line.
+    Attach {
+        #[command(flatten)]
+        conn: ConnArgs,
+        /// Session id.
+        id: String,
+        /// Replay every retained line after this sequence number first (0: everything).
+        #[arg(long)]
+        since: Option<u64>,
+        /// Ask for the amarre.hello frame first.
+        #[arg(long)]
+        hello: bool,
+        /// After stdin ends, leave once no frame has arrived for this many milliseconds
+        /// (default: stay until the server closes the connection).
+        #[arg(long, value_name = "MS")]
+        linger: Option<u64>,
+    },
+    /// moorline's built-in echo agent (used by the `echo` instance).
+    #[command(name = "echo-agent", hide = true)]
+    EchoAgent,
+}
+
+#[derive(Debug, Subcommand)]
+enum SessionsCommand {
+    /// List sessions.
+    List {
+        /// Print the JSON the server returned instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Create a session and start its agent.
+    New {
+        /// Instance to run (default: the server's default instance).
+        #[arg(long)]
+        instance: Option<String>,
+        /// Display name.
+        #[arg(long)]
+        name: Option<String>,
+        /// Working directory for the agent.
+        #[arg(long)]
+        cwd: Option<String>,
+        /// Environment variable for the agent, KEY=VALUE (repeatable).
+        #[arg(long = "env", value_name = "KEY=VALUE", value_parser = parse_env)]
+        env: Vec<(String, String)>,
+    },
+    /// Show one session.
+    Get {
+        /// Session id.
+        id: String,
+    },
+    /// Delete a session: stop its agent and remove its output.
+    Rm {
+        /// Session id.
+        id: String,
+    },
+    /// Start the agent of a session that exited or crashed.
+    Restart {
+        /// Session id.
+        id: String,
+    },
+}
+
+#[derive(Debug, Clone, Default, Args)]
+struct ServeArgs {
+    /// Configuration file (default: ~/.config/moorline/config.toml or /etc/moorline/config.toml).
+    #[arg(long, short = 'c')]
+    config: Option<PathBuf>,
+    /// Address to listen on.
+    #[arg(long)]
+    host: Option<String>,
+    /// Port to listen on.
+    #[arg(long)]
+    port: Option<u16>,
+    /// Where sessions are stored.
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// File holding the bearer token clients must send.
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// Log format.
+    #[arg(long, value_enum)]
+    log_format: Option<LogFormatArg>,
+    /// Allow listening on a non-loopback address.
+    #[arg(long)]
+    allow_non_loopback: bool,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum LogFormatArg {
+    Human,
+    Json,
+}
+
+#[derive(Debug, Clone, Args)]
+struct ConnArgs {
+    /// The server's URL.
+    #[arg(long, env = "MOORLINE_URL", default_value = "http://127.0.0.1:8341")]
+    url: String,
+    /// File holding the bearer token.
+    #[arg(long, env = "MOORLINE_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+}
+
+fn parse_env(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("expected KEY=VALUE, got {s:?}"))
+}
+
+impl ServeArgs {
+    fn sources(&self) -> Sources {
+        Sources::from_process(
+            self.config.clone(),
+            Overrides {
+                host: self.host.clone(),
+                port: self.port,
+                state_dir: self.state_dir.clone(),
+                token_file: self.token_file.clone(),
+                log_format: self.log_format.map(|f| match f {
+                    LogFormatArg::Human => LogFormat::Human,
+                    LogFormatArg::Json => LogFormat::Json,
+                }),
+                allow_non_loopback: self.allow_non_loopback,
+            },
+        )
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        None => serve(&cli.serve),
+        Some(Command::Serve(args)) => serve(&args),
+        Some(Command::CheckConfig { args, no_env }) => check_config(&args, no_env),
+        Some(Command::PrintDefaultConfig) => {
+            print!("{EXAMPLE_CONFIG}");
+            ExitCode::SUCCESS
+        }
+        Some(Command::EchoAgent) => {
+            let stdin = std::io::stdin().lock();
+            let stdout = std::io::stdout().lock();
+            match moorline_adapters::echo::run(stdin, stdout) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(_) => ExitCode::from(1),
+            }
+        }
+        Some(Command::Sessions { conn, action }) => client_command(|rt| rt.block_on(sessions(conn, action))),
+        Some(Command::Attach {
+            conn,
+            id,
+            since,
+            hello,
+            linger,
+        }) => client_command(|rt| {
+            rt.block_on(async {
+                let client = Client::new(&conn.url, conn.token_file.as_deref())?;
+                client
+                    .attach(&id, since, hello, linger.map(Duration::from_millis))
+                    .await
+            })
+        }),
+    }
+}
+
+fn load_config(sources: &Sources) -> Result<Config, ExitCode> {
+    Config::load(sources).map_err(|e| {
+        eprintln!("moorline: configuration error:\n{e}");
+        ExitCode::from(EXIT_CONFIG as u8)
+    })
+}
+
+fn check_config(args: &ServeArgs, no_env: bool) -> ExitCode {
+    let mut sources = args.sources();
+    if no_env {
+        sources = sources.without_env();
+    }
+    let config = match load_config(&sources) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    match toml::to_string_pretty(&config) {
+        Ok(text) => {
+            println!("# configuration is valid\n{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("moorline: cannot print configuration: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn serve(args: &ServeArgs) -> ExitCode {
+    let config = match load_config(&args.sources()) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    init_tracing(&config);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("moorline: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let result = runtime.block_on(async {
+        let addr = config.listen_addr()?;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
+        moorline::run(listener, config, shutdown_signal()).await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(moorline::ServerError::Config(e)) => {
+            eprintln!("moorline: configuration error:\n{e}");
+            ExitCode::from(EXIT_CONFIG as u8)
+        }
+        Err(e) => {
+            eprintln!("moorline: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        // Without signal handlers the server can only be killed; run until then.
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+fn init_tracing(config: &Config) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_new(&config.log).unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match config.log_format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn client_command(f: impl FnOnce(&tokio::runtime::Runtime) -> Result<(), ClientError>) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("moorline: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match f(&runtime) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("moorline: {e}");
+            ExitCode::from(e.exit_code() as u8)
+        }
+    }
+}
+
+async fn sessions(conn: ConnArgs, action: SessionsCommand) -> Result<(), ClientError> {
+    let client = Client::new(&conn.url, conn.token_file.as_deref())?;
+    let print = |v: &serde_json::Value| println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+    match action {
+        SessionsCommand::List { json } => {
+            let list = client.list().await?;
+            if json {
+                print(&list);
+            } else {
+                print!("{}", format_table(&list));
+            }
+        }
+        SessionsCommand::New {
+            instance,
+            name,
+            cwd,
+            env,
+        } => {
+            let env: BTreeMap<String, String> = env.into_iter().collect();
+            print(&client.create(instance, name, cwd, env).await?);
+        }
+        SessionsCommand::Get { id } => print(&client.get(&id).await?),
+        SessionsCommand::Rm { id } => client.delete(&id).await?,
+        SessionsCommand::Restart { id } => print(&client.restart(&id).await?),
+    }
+    Ok(())
+}

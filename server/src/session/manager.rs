@@ -1,0 +1,500 @@
+//! The session registry: create, list, restart, delete, and persistence across server restarts.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicUsize;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
+
+use indexmap::IndexMap;
+use moorline_adapters::{Adapter, AdapterError, LaunchContext};
+use tokio::sync::{Semaphore, mpsc, watch};
+use tokio_util::task::TaskTracker;
+
+use super::pump::{OutputPump, stderr_reader, stdin_writer};
+use super::store::{self, JOURNAL_DIR, Meta};
+use super::{Lifecycle, Session, SessionSummary, State, Status, StopReason, now_ms};
+use crate::config::{Config, InstanceConfig, Limits, RuntimeKind};
+use crate::fanout::Hub;
+use crate::journal::{JournalLimits, JournalWriter};
+use crate::metrics::Metrics;
+use crate::runtime::process::ProcessRuntime;
+use crate::runtime::{Runtime, RuntimeError, SpawnSpec};
+
+/// A configured instance, ready to start agents.
+#[derive(Debug)]
+pub struct Instance {
+    /// Its configuration.
+    pub config: InstanceConfig,
+    /// How to launch its agent.
+    pub adapter: Arc<dyn Adapter>,
+    /// Where its agents run.
+    pub runtime: Arc<dyn Runtime>,
+}
+
+/// What a client asks for in `POST /sessions`.
+#[derive(Debug, Clone, Default)]
+pub struct CreateRequest {
+    /// Instance to run; default: the instance named `default`, else the first.
+    pub instance_id: Option<String>,
+    /// Display name.
+    pub name: Option<String>,
+    /// Working directory.
+    pub cwd: Option<PathBuf>,
+    /// Environment on top of the instance's.
+    pub env: BTreeMap<String, String>,
+}
+
+/// Why a session operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// No session with that id.
+    #[error("no such session")]
+    NotFound,
+    /// No instance with that id.
+    #[error("unknown instance {0:?}")]
+    UnknownInstance(String),
+    /// `max_sessions` agents already run.
+    #[error("{limit} sessions are already running")]
+    MaxSessions {
+        /// The limit.
+        limit: usize,
+    },
+    /// Restart of a session whose agent runs.
+    #[error("the session is already running")]
+    AlreadyRunning,
+    /// Restart of a session whose instance is no longer configured.
+    #[error("instance {0:?} is no longer configured")]
+    InstanceGone(String),
+    /// The working directory is unusable.
+    #[error("cwd {path}: {reason}")]
+    InvalidCwd {
+        /// What was asked for.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The adapter refused the launch.
+    #[error(transparent)]
+    Adapter(#[from] AdapterError),
+    /// The runtime could not start the agent.
+    #[error(transparent)]
+    Spawn(#[from] RuntimeError),
+    /// The state directory is unusable.
+    #[error("state directory: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// All sessions of a server.
+#[derive(Debug)]
+pub struct SessionManager {
+    limits: Limits,
+    instances: IndexMap<String, Arc<Instance>>,
+    sessions: RwLock<IndexMap<String, Arc<Session>>>,
+    /// One permit per running agent.
+    slots: Arc<Semaphore>,
+    sessions_dir: PathBuf,
+    moorline_exe: PathBuf,
+    metrics: Arc<Metrics>,
+    tracker: TaskTracker,
+}
+
+impl SessionManager {
+    /// Builds the instances and loads the sessions a previous server left in the state dir.
+    pub fn new(
+        config: &Config,
+        moorline_exe: PathBuf,
+        metrics: Arc<Metrics>,
+        tracker: TaskTracker,
+    ) -> Result<Arc<Self>, SessionError> {
+        let process: Arc<dyn Runtime> = Arc::new(ProcessRuntime);
+        let mut instances = IndexMap::new();
+        for inst in &config.instances {
+            let adapter = moorline_adapters::build(&inst.adapter_config())?;
+            let runtime = match inst.runtime {
+                RuntimeKind::Auto | RuntimeKind::Process => process.clone(),
+            };
+            tracing::info!(instance = %inst.id, agent = adapter.name(), runtime = runtime.name(), "instance ready");
+            instances.insert(
+                inst.id.clone(),
+                Arc::new(Instance {
+                    config: inst.clone(),
+                    adapter,
+                    runtime,
+                }),
+            );
+        }
+        let sessions_dir = config.state_dir.join("sessions");
+        std::fs::create_dir_all(&sessions_dir)?;
+        let manager = Arc::new(Self {
+            limits: config.limits.clone(),
+            instances,
+            sessions: RwLock::new(IndexMap::new()),
+            slots: Arc::new(Semaphore::new(config.limits.max_sessions)),
+            sessions_dir,
+            moorline_exe,
+            metrics,
+            tracker,
+        });
+        manager.load_existing()?;
+        Ok(manager)
+    }
+
+    /// Instances in configuration order.
+    pub fn instances(&self) -> impl Iterator<Item = &Arc<Instance>> {
+        self.instances.values()
+    }
+
+    /// The session with `id`.
+    pub fn get(&self, id: &str) -> Option<Arc<Session>> {
+        self.read().get(id).cloned()
+    }
+
+    /// Summaries of every session, oldest first.
+    pub fn list(&self) -> Vec<SessionSummary> {
+        self.read().values().map(|s| s.summary()).collect()
+    }
+
+    /// Counts of sessions by status, for metrics.
+    pub fn count_by_status(&self) -> BTreeMap<&'static str, usize> {
+        let mut counts = BTreeMap::new();
+        for s in self.read().values() {
+            *counts.entry(s.status().as_str()).or_default() += 1;
+        }
+        counts
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, IndexMap<String, Arc<Session>>> {
+        self.sessions.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, IndexMap<String, Arc<Session>>> {
+        self.sessions.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn default_instance(&self) -> Option<&Arc<Instance>> {
+        self.instances
+            .get("default")
+            .or_else(|| self.instances.first().map(|(_, v)| v))
+    }
+
+    /// Creates a session and starts its agent.
+    pub async fn create(&self, req: CreateRequest) -> Result<SessionSummary, SessionError> {
+        // Like amarre, the limit is checked before anything else.
+        let permit = self.slots.clone().try_acquire_owned().map_err(|_| SessionError::MaxSessions {
+            limit: self.limits.max_sessions,
+        })?;
+        let instance = match &req.instance_id {
+            Some(id) => self
+                .instances
+                .get(id)
+                .ok_or_else(|| SessionError::UnknownInstance(id.clone()))?,
+            None => self
+                .default_instance()
+                .ok_or_else(|| SessionError::UnknownInstance("default".into()))?,
+        }
+        .clone();
+        let cwd = resolve_cwd(req.cwd.as_deref().or(instance.config.cwd.as_deref()))?;
+        let (id, dir) = self.allocate_id()?;
+        let created_at = now_ms();
+        let session = match self.open_session(
+            Meta {
+                id: id.clone(),
+                name: req.name,
+                instance_id: instance.config.id.clone(),
+                cwd,
+                env: req.env,
+                created_at,
+                spawned_at: created_at,
+                status: Status::Crashed,
+                exit_code: None,
+                signal: None,
+                pid: None,
+                pid_start: None,
+            },
+            dir.clone(),
+        ) {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(e);
+            }
+        };
+        if let Err(e) = self.start(&session, permit).await {
+            // A failed spawn leaves nothing behind: no session, no slot, no directory.
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(e);
+        }
+        self.write().insert(id, session.clone());
+        Ok(session.summary())
+    }
+
+    /// Starts the agent of a session whose agent is not running.
+    pub async fn restart(&self, id: &str) -> Result<SessionSummary, SessionError> {
+        let session = self.get(id).ok_or(SessionError::NotFound)?;
+        if session.instance.is_none() {
+            return Err(SessionError::InstanceGone(session.instance_id.clone()));
+        }
+        {
+            let state = session.lock();
+            if state.status == Status::Running || state.starting {
+                return Err(SessionError::AlreadyRunning);
+            }
+        }
+        let permit = self.slots.clone().try_acquire_owned().map_err(|_| SessionError::MaxSessions {
+            limit: self.limits.max_sessions,
+        })?;
+        self.start(&session, permit).await?;
+        Ok(session.summary())
+    }
+
+    /// Deletes a session: stops its agent (TERM, grace, KILL), closes its clients with 1000,
+    /// and removes everything it stored.
+    pub async fn delete(&self, id: &str) -> Result<(), SessionError> {
+        let session = self.write().shift_remove(id).ok_or(SessionError::NotFound)?;
+        session.lifecycle.send_replace(Lifecycle::Deleted);
+        session.stop_agent(StopReason::Delete, self.limits.stop_grace()).await;
+        {
+            let mut state = session.lock();
+            state.status = Status::Stopped;
+        }
+        if let Err(e) = std::fs::remove_dir_all(&session.dir) {
+            tracing::warn!(session = %id, error = %e, "cannot remove session directory");
+        }
+        tracing::info!(session = %id, "session deleted");
+        Ok(())
+    }
+
+    /// Stops every agent that would not survive the server (TERM, grace, KILL), recording how
+    /// each ended so the sessions are listed with that status after a restart.
+    pub async fn shutdown(&self) {
+        let sessions: Vec<Arc<Session>> = self.read().values().cloned().collect();
+        let grace = self.limits.stop_grace();
+        let stops = sessions
+            .iter()
+            .map(|s| s.stop_agent(StopReason::Shutdown, grace));
+        futures_util::future::join_all(stops).await;
+    }
+
+    fn allocate_id(&self) -> Result<(String, PathBuf), SessionError> {
+        loop {
+            let mut raw = [0u8; 6];
+            getrandom::fill(&mut raw).map_err(|e| io::Error::other(e.to_string()))?;
+            let id: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+            let dir = self.sessions_dir.join(&id);
+            // Ids are never reused, not even those of deleted sessions still on disk.
+            if self.read().contains_key(&id) {
+                continue;
+            }
+            match std::fs::create_dir(&dir) {
+                Ok(()) => return Ok((id, dir)),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    fn open_session(&self, meta: Meta, dir: PathBuf) -> Result<Arc<Session>, SessionError> {
+        let journal_dir = dir.join(JOURNAL_DIR);
+        let (writer, index) = JournalWriter::open(
+            &journal_dir,
+            JournalLimits::with_max_bytes(self.limits.journal_max_bytes),
+        )?;
+        let hub = Hub::new(journal_dir, index, writer.next_seq() - 1, self.limits.backlog_bytes);
+        let exit = match (meta.exit_code, meta.signal) {
+            (None, None) => None,
+            (code, signal) => Some(crate::runtime::ExitInfo { code, signal }),
+        };
+        let session = Arc::new(Session {
+            id: meta.id.clone(),
+            name: meta.name.clone(),
+            instance: self.instances.get(&meta.instance_id).cloned(),
+            instance_id: meta.instance_id.clone(),
+            cwd: meta.cwd.clone(),
+            env: meta.env.clone(),
+            created_at: meta.created_at,
+            dir,
+            hub,
+            writer: Arc::new(tokio::sync::Mutex::new(writer)),
+            state: Mutex::new(State {
+                status: meta.status,
+                spawned_at: meta.spawned_at,
+                exit,
+                generation: 0,
+                starting: false,
+                stopping: None,
+                stdin: None,
+                control: None,
+                permit: None,
+                pid: None,
+            }),
+            lifecycle: watch::channel(Lifecycle::Running { generation: 0 }).0,
+            finished: watch::channel(0).0,
+            clients: AtomicUsize::new(0),
+            stderr_tail: Mutex::new(VecDeque::new()),
+        });
+        Ok(session)
+    }
+
+    /// Launches the session's agent and the tasks around it.
+    async fn start(
+        &self,
+        session: &Arc<Session>,
+        permit: tokio::sync::OwnedSemaphorePermit,
+    ) -> Result<(), SessionError> {
+        let Some(instance) = session.instance.clone() else {
+            return Err(SessionError::InstanceGone(session.instance_id.clone()));
+        };
+        {
+            let mut state = session.lock();
+            if state.starting || state.status == Status::Running {
+                return Err(SessionError::AlreadyRunning);
+            }
+            state.starting = true;
+        }
+        let result = self.launch(session, &instance, permit).await;
+        session.lock().starting = false;
+        result
+    }
+
+    async fn launch(
+        &self,
+        session: &Arc<Session>,
+        instance: &Arc<Instance>,
+        permit: tokio::sync::OwnedSemaphorePermit,
+    ) -> Result<(), SessionError> {
+        let started = Instant::now();
+        let mut env = instance.config.env.clone();
+        env.extend(session.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+        let spec = instance.adapter.launch(&LaunchContext {
+            instance_id: &instance.config.id,
+            session_id: &session.id,
+            cwd: &session.cwd,
+            env: &env,
+            moorline_exe: &self.moorline_exe,
+        })?;
+        // The previous run's pump may still be publishing its last lines.
+        let writer = session.writer.clone().lock_owned().await;
+        resolve_cwd(Some(&session.cwd))?;
+        let agent = instance
+            .runtime
+            .spawn(SpawnSpec {
+                session_id: session.id.clone(),
+                program: spec.program,
+                args: spec.args,
+                env: spec.env,
+                cwd: session.cwd.clone(),
+                session_dir: session.dir.clone(),
+            })
+            .await?;
+        let (tx, rx) = mpsc::channel(self.limits.inbound_queue);
+        let generation = {
+            let mut state = session.lock();
+            state.generation += 1;
+            state.status = Status::Running;
+            state.exit = None;
+            state.stopping = None;
+            state.spawned_at = now_ms();
+            state.stdin = Some(tx);
+            state.control = Some(agent.control.clone());
+            state.permit = Some(permit);
+            state.pid = agent.pid;
+            state.generation
+        };
+        session.persist();
+        session
+            .lifecycle
+            .send_replace(Lifecycle::Running { generation });
+        self.tracker
+            .spawn(stdin_writer(session.id.clone(), rx, agent.stdin));
+        if let Some(stderr) = agent.stderr {
+            self.tracker
+                .spawn(stderr_reader(session.clone(), stderr, STDERR_FILE_CAP));
+        }
+        let pump = OutputPump {
+            session: session.clone(),
+            generation,
+            writer,
+            max_line: self.limits.max_line_bytes,
+            exit_drain: self.limits.exit_drain(),
+            metrics: self.metrics.clone(),
+        };
+        self.tracker
+            .spawn(pump.run(agent.stdout, agent.exit, agent.control));
+        self.metrics
+            .spawn_seconds
+            .observe(started.elapsed().as_secs_f64());
+        tracing::info!(session = %session.id, instance = %instance.config.id, pid = ?agent.pid, generation, "agent started");
+        Ok(())
+    }
+
+    /// Loads sessions left by a previous server. Agents of the process runtime did not survive
+    /// it; any process of theirs still alive is killed, and the session is listed as crashed.
+    fn load_existing(&self) -> Result<(), SessionError> {
+        let mut metas = Vec::new();
+        for entry in std::fs::read_dir(&self.sessions_dir)? {
+            let dir = entry?.path();
+            match store::load(&dir) {
+                Ok(meta) => metas.push((meta, dir)),
+                Err(e) => {
+                    // A directory without valid metadata is a create that never finished.
+                    tracing::warn!(dir = %dir.display(), error = %e, "removing incomplete session directory");
+                    let _ = std::fs::remove_dir_all(&dir);
+                }
+            }
+        }
+        metas.sort_by_key(|(m, _)| m.created_at);
+        for (mut meta, dir) in metas {
+            if meta.status == Status::Running || meta.status == Status::Stopped {
+                if let (Some(pid), Some(start)) = (meta.pid, meta.pid_start) {
+                    kill_orphan(pid, start);
+                }
+                meta.status = Status::Crashed;
+                meta.pid = None;
+                meta.pid_start = None;
+                store::save(&dir, &meta)?;
+            }
+            let session = self.open_session(meta, dir)?;
+            tracing::info!(session = %session.id, status = session.status().as_str(), last_seq = session.hub.last_seq(), "session loaded");
+            self.write().insert(session.id.clone(), session);
+        }
+        Ok(())
+    }
+}
+
+/// Cap on the stderr file kept per session.
+const STDERR_FILE_CAP: u64 = 8 << 20;
+
+/// Checks that `cwd` (or the server's own directory) exists and is a directory.
+fn resolve_cwd(cwd: Option<&Path>) -> Result<PathBuf, SessionError> {
+    let path = match cwd {
+        Some(p) => p.to_owned(),
+        None => std::env::current_dir()?,
+    };
+    match std::fs::metadata(&path) {
+        Ok(m) if m.is_dir() => Ok(path),
+        Ok(_) => Err(SessionError::InvalidCwd {
+            path,
+            reason: "not a directory".into(),
+        }),
+        Err(e) => Err(SessionError::InvalidCwd {
+            path,
+            reason: e.to_string(),
+        }),
+    }
+}
+
+/// Kills the process group of an agent a crashed server left behind, if it is still the same
+/// process (same start time), never a recycled pid.
+fn kill_orphan(pid: u32, start: u64) {
+    if store::process_start_time(pid) != Some(start) {
+        return;
+    }
+    let Ok(raw) = i32::try_from(pid) else {
+        return;
+    };
+    let pgid = nix::unistd::Pid::from_raw(raw);
+    tracing::warn!(pid, "killing agent left running by a previous server");
+    let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
+}

@@ -1,0 +1,358 @@
+//! Sessions: one agent, its output journal, and the clients watching it.
+//!
+//! A [`Session`] outlives the agent process it runs: after the agent exits, its output stays
+//! replayable and it can be restarted under the same id, continuing the same sequence numbers.
+//! The [`SessionManager`] owns the registry, enforces limits and persists sessions so a
+//! restarted server finds them again. Sessions know runtimes only through the
+//! [`Runtime`](crate::runtime::Runtime) trait.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{OwnedSemaphorePermit, mpsc, watch};
+
+use crate::fanout::Hub;
+use crate::journal::JournalWriter;
+use crate::runtime::{AgentControl, ExitInfo};
+
+mod manager;
+mod pump;
+pub mod store;
+
+pub use manager::{CreateRequest, Instance, SessionError, SessionManager};
+
+/// A session's status, as clients see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// The agent is running.
+    Running,
+    /// The agent exited with code 0.
+    Exited,
+    /// The agent exited with another code, was killed, or was lost.
+    Crashed,
+    /// The session is being deleted.
+    Stopped,
+}
+
+impl Status {
+    /// The lowercase name used on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Running => "running",
+            Status::Exited => "exited",
+            Status::Crashed => "crashed",
+            Status::Stopped => "stopped",
+        }
+    }
+}
+
+/// What clients of a session should know has happened. Sent on a `watch` channel: a client
+/// only needs the latest state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lifecycle {
+    /// An agent is running; `generation` counts starts.
+    Running {
+        /// Which start this is.
+        generation: u64,
+    },
+    /// The agent of `generation` exited; its last output line has sequence number `last_seq`.
+    Exited {
+        /// Which start ended.
+        generation: u64,
+        /// How it ended.
+        exit: ExitInfo,
+        /// Sequence number of its last output line.
+        last_seq: u64,
+    },
+    /// The session was deleted.
+    Deleted,
+}
+
+/// The summary clients get from the REST API. Field order and omissions follow amarre's
+/// SessionSummary exactly; moorline's additions come last.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SessionSummary {
+    /// 12 hex characters.
+    pub id: String,
+    /// Display name, if one was given.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Instance the session runs.
+    pub instance_id: String,
+    /// Current status.
+    pub status: Status,
+    /// The agent's name (`unknown` if its instance is no longer configured).
+    pub agent: String,
+    /// Last start, ms since the epoch.
+    pub spawned_at: u64,
+    /// Connected WebSocket clients.
+    pub clients: usize,
+    /// Exit code of the last run, if it exited normally.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    /// Signal that ended the last run, if any (`SIGKILL`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub signal: Option<String>,
+    /// Sequence number of the newest output line (moorline).
+    pub last_seq: u64,
+    /// Runtime the agent runs in (moorline).
+    pub runtime: &'static str,
+}
+
+/// Why an agent is being stopped, which decides what clients are told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StopReason {
+    Delete,
+    Shutdown,
+}
+
+/// Mutable state of a session.
+#[derive(Debug)]
+struct State {
+    status: Status,
+    spawned_at: u64,
+    exit: Option<ExitInfo>,
+    generation: u64,
+    /// True while a start is in progress, so concurrent restarts do not race.
+    starting: bool,
+    stopping: Option<StopReason>,
+    stdin: Option<mpsc::Sender<Bytes>>,
+    control: Option<Arc<dyn AgentControl>>,
+    /// The slot this running agent holds against `max_sessions`; dropped when it exits.
+    permit: Option<OwnedSemaphorePermit>,
+    pid: Option<u32>,
+}
+
+/// One session.
+#[derive(Debug)]
+pub struct Session {
+    id: String,
+    name: Option<String>,
+    instance_id: String,
+    /// `None` when the session's instance is no longer configured.
+    instance: Option<Arc<Instance>>,
+    cwd: PathBuf,
+    env: BTreeMap<String, String>,
+    created_at: u64,
+    dir: PathBuf,
+    hub: Arc<Hub>,
+    /// The journal's single writer, held by the output pump while an agent runs.
+    writer: Arc<tokio::sync::Mutex<JournalWriter>>,
+    state: Mutex<State>,
+    lifecycle: watch::Sender<Lifecycle>,
+    /// Generation of the last agent that finished, for whoever waits on a stop.
+    finished: watch::Sender<u64>,
+    clients: AtomicUsize,
+    /// The end of the agent's stderr, shown when it fails.
+    stderr_tail: Mutex<VecDeque<u8>>,
+}
+
+/// How much of an agent's stderr is kept in memory for error reports.
+const STDERR_TAIL_BYTES: usize = 4096;
+
+impl Session {
+    /// The session id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The output hub, for clients.
+    pub fn hub(&self) -> &Arc<Hub> {
+        &self.hub
+    }
+
+    /// The agent's name as reported to clients.
+    pub fn agent_name(&self) -> &str {
+        self.instance
+            .as_ref()
+            .map_or("unknown", |i| i.adapter.name())
+    }
+
+    /// The instance id.
+    pub fn instance_id(&self) -> &str {
+        &self.instance_id
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Current status.
+    pub fn status(&self) -> Status {
+        self.lock().status
+    }
+
+    /// Watches what happens to the session.
+    pub fn lifecycle(&self) -> watch::Receiver<Lifecycle> {
+        self.lifecycle.subscribe()
+    }
+
+    /// The sender for the running agent's stdin, if it runs.
+    pub fn stdin(&self) -> Option<mpsc::Sender<Bytes>> {
+        self.lock().stdin.clone()
+    }
+
+    /// How the last run ended, if it has.
+    pub fn last_exit(&self) -> Option<ExitInfo> {
+        self.lock().exit
+    }
+
+    /// The end of the agent's stderr, lossily decoded.
+    pub fn stderr_tail(&self) -> String {
+        let tail = self.stderr_tail.lock().unwrap_or_else(|p| p.into_inner());
+        let (a, b) = tail.as_slices();
+        String::from_utf8_lossy(&[a, b].concat()).into_owned()
+    }
+
+    /// Registers a client unless `limit` are already connected.
+    pub fn try_add_client(self: &Arc<Self>, limit: usize) -> Option<ClientGuard> {
+        self.clients
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| (n < limit).then_some(n + 1))
+            .ok()
+            .map(|_| ClientGuard {
+                session: self.clone(),
+            })
+    }
+
+    /// The REST summary.
+    pub fn summary(&self) -> SessionSummary {
+        let state = self.lock();
+        SessionSummary {
+            id: self.id.clone(),
+            name: self.name.clone(),
+            instance_id: self.instance_id.clone(),
+            status: state.status,
+            agent: self.agent_name().to_owned(),
+            spawned_at: state.spawned_at,
+            clients: self.clients.load(Ordering::SeqCst),
+            exit_code: state.exit.and_then(|e| e.code),
+            signal: state.exit.and_then(|e| e.signal_name()),
+            last_seq: self.hub.last_seq(),
+            runtime: self.instance.as_ref().map_or("none", |i| i.runtime.name()),
+        }
+    }
+
+    fn meta(&self) -> store::Meta {
+        let state = self.lock();
+        store::Meta {
+            id: self.id.clone(),
+            name: self.name.clone(),
+            instance_id: self.instance_id.clone(),
+            cwd: self.cwd.clone(),
+            env: self.env.clone(),
+            created_at: self.created_at,
+            spawned_at: state.spawned_at,
+            status: state.status,
+            exit_code: state.exit.and_then(|e| e.code),
+            signal: state.exit.and_then(|e| e.signal),
+            pid: state.pid,
+            pid_start: state.pid.and_then(store::process_start_time),
+        }
+    }
+
+    fn persist(&self) {
+        if let Err(e) = store::save(&self.dir, &self.meta()) {
+            tracing::error!(session = %self.id, error = %e, "cannot save session metadata");
+        }
+    }
+
+    /// Waits until the agent of `generation` has finished, or `limit` passes.
+    async fn wait_finished(&self, generation: u64, limit: Duration) -> bool {
+        let mut rx = self.finished.subscribe();
+        tokio::time::timeout(limit, rx.wait_for(|g| *g >= generation))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    /// Stops the running agent: SIGTERM to its group, `grace`, then SIGKILL.
+    async fn stop_agent(&self, reason: StopReason, grace: Duration) {
+        let (control, generation) = {
+            let mut state = self.lock();
+            if state.status != Status::Running {
+                return;
+            }
+            state.stopping = Some(reason);
+            (state.control.clone(), state.generation)
+        };
+        let Some(control) = control else {
+            return;
+        };
+        if let Err(e) = control.terminate() {
+            tracing::warn!(session = %self.id, error = %e, "SIGTERM failed");
+        }
+        if self.wait_finished(generation, grace).await {
+            return;
+        }
+        tracing::info!(session = %self.id, "agent ignored SIGTERM; killing it");
+        if let Err(e) = control.kill() {
+            tracing::warn!(session = %self.id, error = %e, "SIGKILL failed");
+        }
+        if !self.wait_finished(generation, Duration::from_secs(10)).await {
+            tracing::error!(session = %self.id, "agent did not exit after SIGKILL");
+        }
+    }
+
+    /// Records the end of an agent run and tells clients.
+    fn on_exit(&self, generation: u64, exit: ExitInfo) {
+        let stopping = {
+            let mut state = self.lock();
+            if state.generation != generation {
+                return;
+            }
+            state.exit = Some(exit);
+            state.stdin = None;
+            state.control = None;
+            state.permit = None;
+            state.pid = None;
+            state.status = match state.stopping {
+                Some(StopReason::Delete) => Status::Stopped,
+                _ if exit.is_success() => Status::Exited,
+                _ => Status::Crashed,
+            };
+            state.stopping
+        };
+        self.hub.release_memory();
+        if stopping != Some(StopReason::Delete) {
+            self.persist();
+            self.lifecycle.send_replace(Lifecycle::Exited {
+                generation,
+                exit,
+                last_seq: self.hub.last_seq(),
+            });
+        }
+        self.finished.send_replace(generation);
+    }
+
+    fn push_stderr(&self, chunk: &[u8]) {
+        let mut tail = self.stderr_tail.lock().unwrap_or_else(|p| p.into_inner());
+        tail.extend(chunk);
+        let excess = tail.len().saturating_sub(STDERR_TAIL_BYTES);
+        tail.drain(..excess);
+    }
+}
+
+/// Counts a connected client for as long as it lives.
+#[derive(Debug)]
+pub struct ClientGuard {
+    session: Arc<Session>,
+}
+
+impl Drop for ClientGuard {
+    fn drop(&mut self) {
+        self.session.clients.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}

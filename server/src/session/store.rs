@@ -1,0 +1,115 @@
+//! What a session keeps on disk besides its journal: `meta.json`, written atomically.
+//!
+//! The metadata lets a restarted server list every session with the same id, name and status,
+//! and restart it with the same working directory and environment.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::Status;
+
+/// File name of the metadata inside a session directory.
+pub const META_FILE: &str = "meta.json";
+/// Directory of the output journal inside a session directory.
+pub const JOURNAL_DIR: &str = "journal";
+/// The agent's stderr, kept for diagnosis.
+pub const STDERR_FILE: &str = "stderr.log";
+
+/// A session's persistent record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Meta {
+    /// Session id.
+    pub id: String,
+    /// Optional display name.
+    pub name: Option<String>,
+    /// Instance it runs.
+    pub instance_id: String,
+    /// Working directory.
+    pub cwd: PathBuf,
+    /// Environment asked for at creation (merged over the instance's at each start).
+    pub env: BTreeMap<String, String>,
+    /// Creation time, ms since the epoch (orders the session list).
+    pub created_at: u64,
+    /// Last start time, ms since the epoch.
+    pub spawned_at: u64,
+    /// Status when last written.
+    pub status: Status,
+    /// Exit code of the last run.
+    pub exit_code: Option<i32>,
+    /// Signal that ended the last run.
+    pub signal: Option<i32>,
+    /// Process id of the running agent (process runtime), to clean up after a server crash.
+    pub pid: Option<u32>,
+    /// Start time of that process (from /proc), so a recycled pid is never signalled.
+    pub pid_start: Option<u64>,
+}
+
+/// Writes `meta` atomically (temporary file, then rename), readable only by the owner because
+/// it holds the session's environment.
+pub fn save(dir: &Path, meta: &Meta) -> io::Result<()> {
+    let tmp = dir.join(format!("{META_FILE}.tmp"));
+    let mut file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    let body = serde_json::to_vec_pretty(meta).map_err(io::Error::other)?;
+    file.write_all(&body)?;
+    drop(file);
+    fs::rename(tmp, dir.join(META_FILE))
+}
+
+/// Reads a session's metadata.
+pub fn load(dir: &Path) -> io::Result<Meta> {
+    let body = fs::read(dir.join(META_FILE))?;
+    serde_json::from_slice(&body).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+/// Start time of process `pid` in clock ticks since boot, from `/proc/<pid>/stat`.
+pub fn process_start_time(pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may contain spaces and parentheses: skip past its last ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split(' ').nth(19)?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn meta_round_trips_and_is_private() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let meta = Meta {
+            id: "0123456789ab".into(),
+            name: Some("demo".into()),
+            instance_id: "echo".into(),
+            cwd: "/tmp".into(),
+            env: BTreeMap::from([("K".into(), "0123".into())]),
+            created_at: 1,
+            spawned_at: 2,
+            status: Status::Crashed,
+            exit_code: Some(7),
+            signal: None,
+            pid: None,
+            pid_start: None,
+        };
+        save(tmp.path(), &meta).expect("save");
+        assert_eq!(load(tmp.path()).expect("load"), meta);
+        use std::os::unix::fs::PermissionsExt;
+        let mode = fs::metadata(tmp.path().join(META_FILE)).expect("stat").permissions().mode();
+        assert_eq!(mode & 0o077, 0);
+    }
+
+    #[test]
+    fn start_time_of_this_process_is_readable() {
+        assert!(process_start_time(std::process::id()).is_some());
+    }
+}
