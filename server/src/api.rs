@@ -220,6 +220,8 @@ async fn list_sessions(State(app): State<AppState>) -> Response {
 }
 
 async fn create_session(State(app): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
+    // Like amarre, a full server says so before looking at the body.
+    app.sessions.check_capacity()?;
     let req = parse_create(&body)?;
     let summary = app.sessions.create(req).await?;
     Ok((StatusCode::CREATED, Json(summary)).into_response())

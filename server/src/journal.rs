@@ -36,7 +36,7 @@ impl JournalLimits {
     pub fn with_max_bytes(max_bytes: u64) -> Self {
         Self {
             max_bytes,
-            segment_bytes: (max_bytes / 8).max(1024 * 1024),
+            segment_bytes: (max_bytes / 8).max(4096),
         }
     }
 }

@@ -138,10 +138,10 @@ enum LogFormatArg {
 #[derive(Debug, Clone, Args)]
 struct ConnArgs {
     /// The server's URL.
-    #[arg(long, env = "MOORLINE_URL", default_value = "http://127.0.0.1:8341")]
+    #[arg(long, env = "MOORLINE_URL", default_value = "http://127.0.0.1:8341", global = true)]
     url: String,
     /// File holding the bearer token.
-    #[arg(long, env = "MOORLINE_TOKEN_FILE")]
+    #[arg(long, env = "MOORLINE_TOKEN_FILE", global = true)]
     token_file: Option<PathBuf>,
 }
 

@@ -179,6 +179,16 @@ impl SessionManager {
             .or_else(|| self.instances.first().map(|(_, v)| v))
     }
 
+    /// Fails with [`SessionError::MaxSessions`] if no agent could be started now.
+    pub fn check_capacity(&self) -> Result<(), SessionError> {
+        if self.slots.available_permits() == 0 {
+            return Err(SessionError::MaxSessions {
+                limit: self.limits.max_sessions,
+            });
+        }
+        Ok(())
+    }
+
     /// Creates a session and starts its agent.
     pub async fn create(&self, req: CreateRequest) -> Result<SessionSummary, SessionError> {
         // Like amarre, the limit is checked before anything else.

@@ -1,0 +1,232 @@
+//! The REST control plane, route by route, against amarre protocol v2 and moorline's fixes.
+
+mod common;
+
+use common::{TestServer, instance};
+use serde_json::{Value, json};
+
+fn keys(v: &Value) -> Vec<&str> {
+    v.as_object().expect("object").keys().map(String::as_str).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_are_listed_in_config_order() {
+    let server = TestServer::start().await;
+    let (status, body) = server.get_json("/instances").await;
+    assert_eq!(status, 200);
+    let list = body.as_array().expect("array");
+    let ids: Vec<&str> = list.iter().map(|i| i["id"].as_str().expect("id")).collect();
+    assert_eq!(ids, ["fixture", "cat", "echo"]);
+    assert_eq!(keys(&list[0])[..2], ["id", "agent"]);
+    assert_eq!(list[1]["agent"], "command");
+    assert_eq!(list[2]["agent"], "echo");
+    assert_eq!(list[0]["runtime"], "process");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_lifecycle_over_rest() {
+    let server = TestServer::start().await;
+    let (status, created) = server.post("/sessions", r#"{"name":"alpha"}"#).await;
+    assert_eq!(status, 201);
+    let id = created["id"].as_str().expect("id").to_owned();
+    assert_eq!(id.len(), 12);
+    assert!(id.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+    // amarre's SessionSummary key order; moorline's additions come last.
+    assert_eq!(
+        keys(&created),
+        ["id", "name", "instanceId", "status", "agent", "spawnedAt", "clients", "lastSeq", "runtime"]
+    );
+    assert_eq!(created["instanceId"], "fixture", "first instance is the default");
+    assert_eq!(created["status"], "running");
+    assert_eq!(created["clients"], 0);
+
+    let (_, unnamed) = server.post("/sessions", "{}").await;
+    assert!(unnamed.get("name").is_none(), "name is omitted when not given");
+
+    let (status, list) = server.get_json("/sessions").await;
+    assert_eq!(status, 200);
+    let ids: Vec<&str> = list.as_array().expect("list").iter().map(|s| s["id"].as_str().expect("id")).collect();
+    assert_eq!(ids, [id.as_str(), unnamed["id"].as_str().expect("id")], "creation order");
+
+    let (status, one) = server.get_json(&format!("/sessions/{id}")).await;
+    assert_eq!(status, 200);
+    assert_eq!(one["name"], "alpha");
+
+    let (status, body) = server.delete(&format!("/sessions/{id}")).await;
+    assert_eq!((status, body.as_str()), (204, ""));
+    assert_eq!(server.get_json(&format!("/sessions/{id}")).await, (404, json!({"error": "not_found"})));
+    assert_eq!(server.get_json("/sessions").await.1.as_array().expect("list").len(), 1);
+    assert_eq!(server.delete(&format!("/sessions/{id}")).await.0, 404);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_default_instance_named_default_wins_and_instance_ids_are_honoured() {
+    let server = TestServer::start_with(|c| {
+        let mut default = instance("default", "command");
+        default.command = Some(vec!["/bin/cat".into()]);
+        c.instances.push(default);
+    })
+    .await;
+    assert_eq!(server.post("/sessions", "").await.1["instanceId"], "default");
+    let (status, s) = server.post("/sessions", r#"{"instanceId":"cat"}"#).await;
+    assert_eq!((status, s["instanceId"].as_str()), (201, Some("cat")));
+    let listed = server.get_json("/sessions").await.1;
+    assert!(listed.as_array().expect("list").iter().any(|x| x["instanceId"] == "cat"));
+    assert_eq!(
+        server.post("/sessions", r#"{"instanceId":"ghost"}"#).await,
+        (404, json!({"error": "unknown_instance", "instanceId": "ghost"}))
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn any_content_type_and_an_empty_body_are_accepted() {
+    let server = TestServer::start().await;
+    // What `curl -X POST .../sessions -d '{}'` sends.
+    let resp = server
+        .http
+        .post(server.url("/sessions"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("{}")
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(resp.status().as_u16(), 201);
+    assert_eq!(server.post("/sessions", "").await.0, 201);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_bodies_get_400_with_a_reason_and_create_nothing() {
+    let server = TestServer::start().await;
+    let (status, body) = server.post("/sessions", "{not json").await;
+    assert_eq!((status, body["error"].as_str()), (400, Some("invalid_json")));
+    assert!(body["message"].as_str().is_some_and(|m| !m.is_empty()));
+    let (status, body) = server.post("/sessions", r#"{"name":42}"#).await;
+    assert_eq!((status, body["field"].as_str()), (400, Some("name")));
+    let (status, body) = server.post("/sessions", r#"{"env":{"A":1}}"#).await;
+    assert_eq!((status, body["field"].as_str()), (400, Some("env.A")));
+    let (status, _) = server.post("/sessions", "[1,2]").await;
+    assert_eq!(status, 400);
+    assert_eq!(server.get_json("/sessions").await.1, json!([]));
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spawn_failures_are_reported_and_hold_no_slot() {
+    let server = TestServer::start_with(|c| {
+        c.limits.max_sessions = 1;
+        let mut missing = instance("missing", "command");
+        missing.command = Some(vec!["/nonexistent/agent".into()]);
+        c.instances.push(missing);
+    })
+    .await;
+    for _ in 0..3 {
+        let (status, body) = server.post("/sessions", r#"{"instanceId":"missing"}"#).await;
+        assert_eq!(status, 500, "{body}");
+        assert_eq!(body["error"], "spawn_failed");
+        assert!(body["message"].as_str().expect("message").contains("/nonexistent/agent"), "{body}");
+    }
+    let (status, body) = server.post("/sessions", r#"{"cwd":"/does/not/exist"}"#).await;
+    assert_eq!((status, body["error"].as_str()), (400, Some("invalid_cwd")), "{body}");
+    assert_eq!(server.get_json("/sessions").await.1, json!([]), "no zombie sessions");
+    let dirs = std::fs::read_dir(server.state.path().join("sessions")).expect("dir").count();
+    assert_eq!(dirs, 0, "nothing left on disk");
+    // The single slot is still free.
+    assert_eq!(server.post("/sessions", "{}").await.0, 201);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_sessions_counts_running_agents() {
+    let server = TestServer::start_with(|c| c.limits.max_sessions = 1).await;
+    let id = server.session("fixture").await;
+    assert_eq!(
+        server.post("/sessions", "{}").await,
+        (429, json!({"error": "max_sessions_reached", "limit": 1}))
+    );
+    // When the agent exits its slot is free again, and restarting needs one.
+    let mut ws = server.ws(&id).await;
+    ws.send(r#"{"_emit":"die"}"#).await;
+    assert_eq!(ws.json().await["type"], "amarre.session_event");
+    let other = server.post("/sessions", "{}").await;
+    assert_eq!(other.0, 201);
+    assert_eq!(server.post(&format!("/sessions/{id}/restart"), "").await.0, 429);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_rules() {
+    let server = TestServer::start().await;
+    let id = server.session("fixture").await;
+    assert_eq!(
+        server.post(&format!("/sessions/{id}/restart"), "").await,
+        (409, json!({"error": "already_running"}))
+    );
+    assert_eq!(
+        server.post("/sessions/000000000000/restart", "").await,
+        (404, json!({"error": "not_found"}))
+    );
+    let mut ws = server.ws(&id).await;
+    ws.send(r#"{"_emit":"die"}"#).await;
+    ws.json().await;
+    ws.closed().await;
+    let (status, body) = server.get_json(&format!("/sessions/{id}")).await;
+    assert_eq!((status, body["status"].as_str(), body["exitCode"].as_i64()), (200, Some("crashed"), Some(7)));
+    let (status, body) = server.post(&format!("/sessions/{id}/restart"), "").await;
+    assert_eq!((status, body["status"].as_str()), (200, Some("running")));
+    assert!(body.get("exitCode").is_none(), "exit code cleared on restart");
+    let mut ws = server.ws(&id).await;
+    ws.send(r#"{"id":"2"}"#).await;
+    assert_eq!(ws.json().await["echo"]["id"], "2");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amarre_route_quirks() {
+    let server = TestServer::start().await;
+    for method in [reqwest::Method::GET, reqwest::Method::POST] {
+        let resp = server.http.request(method, server.url("/")).send().await.expect("root");
+        assert_eq!(resp.status().as_u16(), 426);
+        assert_eq!(resp.headers()["upgrade"], "websocket");
+        assert_eq!(resp.headers()["connection"], "Upgrade");
+        assert_eq!(resp.text().await.expect("body"), "Use /sessions/<id>; see docs/PROTOCOL.md\n");
+    }
+    assert_eq!(server.get("/nope").await, (404, "Not found\n".into()));
+    assert_eq!(server.get("/sessions/").await, (404, "Not found\n".into()));
+    let put = |path: String| server.http.put(server.url(&path)).send();
+    let resp = put("/sessions/unknownid".into()).await.expect("put");
+    assert_eq!(resp.status().as_u16(), 404);
+    assert_eq!(resp.text().await.expect("body"), r#"{"error":"not_found"}"#);
+    let id = server.session("fixture").await;
+    let resp = put(format!("/sessions/{id}")).await.expect("put");
+    assert_eq!((resp.status().as_u16(), resp.text().await.expect("body")), (404, "Not found\n".into()));
+    assert_eq!(server.get(&format!("/sessions/{id}/restart")).await, (404, "Not found\n".into()));
+    assert_eq!(server.get("/healthz").await, (200, "ok\n".into()));
+    assert_eq!(
+        server.post("/push/tokens", "{}").await,
+        (503, json!({"error": "push_disabled"}))
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_sessions_lines_and_spawns() {
+    let server = TestServer::start().await;
+    let id = server.session("fixture").await;
+    let mut ws = server.ws(&id).await;
+    ws.send(r#"{"_emit":"invalid_utf8"}"#).await;
+    ws.json().await;
+    ws.json().await;
+    let (status, text) = server.get("/metrics").await;
+    assert_eq!(status, 200);
+    assert!(text.contains(r#"moorline_sessions{status="running"} 1"#), "{text}");
+    assert!(text.contains("moorline_clients 1"), "{text}");
+    assert!(text.contains("moorline_lines_out_total 2"), "{text}");
+    assert!(text.contains(r#"moorline_lines_dropped_total{reason="invalid_utf8"} 1"#), "{text}");
+    assert!(text.contains("moorline_spawn_seconds_count 1"), "{text}");
+    assert!(text.contains("moorline_lines_in_total 1"), "{text}");
+    server.stop().await;
+}

@@ -1,0 +1,330 @@
+//! The per-session WebSocket: amarre's wire behaviour, and moorline's stream guarantees.
+
+mod common;
+
+use common::{TestServer, Ws};
+use futures_util::SinkExt;
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_trip_fan_out_and_framing() {
+    let server = TestServer::start().await;
+    let id = server.session("fixture").await;
+    let mut a = server.ws(&id).await;
+    let mut b = server.ws(&id).await;
+    a.send("{\"id\":\"1\",\"type\":\"prompt\",\"message\":\"hi\"}\n").await;
+    for ws in [&mut a, &mut b] {
+        let r = ws.json().await;
+        assert_eq!((r["type"].as_str(), r["success"].as_bool()), (Some("response"), Some(true)));
+        assert_eq!((r["echo"]["id"].as_str(), r["echo"]["message"].as_str()), (Some("1"), Some("hi")));
+    }
+    // Two lines in one write become two frames, for every client.
+    b.send(r#"{"_emit":"chunk"}"#).await;
+    for ws in [&mut a, &mut b] {
+        assert_eq!(ws.json().await, json!({"type": "event", "n": 1}));
+        assert_eq!(ws.json().await, json!({"type": "event", "n": 2}));
+    }
+    // A line written in two parts arrives whole.
+    a.send(r#"{"_emit":"split"}"#).await;
+    assert_eq!(a.text().await, r#"{"type":"split","part":"one"}"#);
+    // So does a character cut in half between writes.
+    a.send(r#"{"_emit":"utf8_split"}"#).await;
+    assert_eq!(a.json().await["s"], "€");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_lines_are_split_on_newline_only() {
+    let server = TestServer::start().await;
+    let id = server.session("fixture").await;
+    let mut ws = server.ws(&id).await;
+    ws.send(r#"{"_emit":"u2028"}"#).await;
+    assert_eq!(ws.json().await["s"], "a\u{2028}b", "U+2028 does not split a line");
+    ws.send(r#"{"_emit":"crlf"}"#).await;
+    assert_eq!(ws.text().await, r#"{"type":"crlf"}"#, "\\r stripped, empty lines skipped");
+    ws.send(r#"{"_emit":"invalid_utf8"}"#).await;
+    let dropped = ws.json().await;
+    assert_eq!(dropped["type"], "amarre.line_dropped");
+    assert_eq!(dropped["reason"], "invalid_utf8");
+    assert_eq!(dropped["bytes"], 23);
+    assert_eq!(ws.json().await["type"], "after_bad", "the stream goes on");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_lines_pass_up_to_the_limit_and_are_reported_beyond() {
+    let server = TestServer::start_with(|c| c.limits.max_line_bytes = 8 << 20).await;
+    let id = server.session("fixture").await;
+    let mut ws = server.ws(&id).await;
+    ws.send(&json!({"_emit": "huge", "bytes": 8 << 20}).to_string()).await;
+    let line = ws.text().await;
+    assert_eq!(line.len(), 8 << 20, "a multi-megabyte line arrives intact");
+    assert!(line.starts_with(r#"{"type":"huge""#));
+    ws.send(&json!({"_emit": "huge", "bytes": (8 << 20) + 1}).to_string()).await;
+    let dropped = ws.json().await;
+    assert_eq!((dropped["reason"].as_str(), dropped["bytes"].as_u64()), (Some("line_too_long"), Some((8 << 20) + 1)));
+    assert!(dropped["preview"].as_str().expect("preview").starts_with(r#"{"type":"huge""#));
+    ws.send(r#"{"id":"after"}"#).await;
+    assert_eq!(ws.json().await["echo"]["id"], "after");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbound_frames_follow_amarres_rules() {
+    let server = TestServer::start().await;
+    let id = server.session("fixture").await;
+    let mut ws = server.ws(&id).await;
+    // One trailing \r\n is stripped and \n appended.
+    ws.send("{\"id\":\"crlf\"}\r\n").await;
+    assert_eq!(ws.json().await["echo"]["id"], "crlf");
+    // A frame with an inner newline reaches the agent as two lines.
+    ws.send("{\"id\":\"a\"}\n{\"id\":\"b\"}").await;
+    assert_eq!(ws.json().await["echo"]["id"], "a");
+    assert_eq!(ws.json().await["echo"]["id"], "b");
+    // Binary frames carrying UTF-8 are forwarded like text.
+    ws.socket
+        .send(Message::binary(br#"{"id":"bin"}"#.to_vec()))
+        .await
+        .expect("send");
+    assert_eq!(ws.json().await["echo"]["id"], "bin");
+    // Invalid UTF-8 cannot be a JSON line: the client is told and disconnected.
+    ws.socket.send(Message::binary(vec![0xff, 0xfe])).await.expect("send");
+    assert_eq!(ws.closed().await.0, 1007);
+    // The session is unharmed.
+    let mut again = server.ws(&id).await;
+    again.send(r#"{"id":"ok"}"#).await;
+    assert_eq!(again.json().await["echo"]["id"], "ok");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_frames_close_with_1009() {
+    let server = TestServer::start_with(|c| c.limits.max_inbound_frame_bytes = 1024).await;
+    let id = server.session("fixture").await;
+    let mut ws = server.ws(&id).await;
+    ws.send(&"x".repeat(1000)).await;
+    assert_eq!(ws.json().await["echo"].as_str().map(str::len), Some(1000));
+    ws.send(&"x".repeat(2000)).await;
+    let (code, reason) = ws.closed().await;
+    assert_eq!(code, 1009, "{reason}");
+    assert!(reason.contains("1024"), "{reason}");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_refusals_before_the_upgrade() {
+    let server = TestServer::start_with(|c| c.limits.max_clients_per_session = 2).await;
+    let refused = Ws::try_connect(&server.ws_url("/sessions/does-not-exist"), &[]).await.err();
+    assert_eq!(refused, Some((404, "Session not found\n".into())));
+    let id = server.session("fixture").await;
+    let _a = server.ws(&id).await;
+    let _b = server.ws(&id).await;
+    let refused = Ws::try_connect(&server.ws_url(&format!("/sessions/{id}")), &[]).await.err();
+    let (status, body) = refused.expect("third client refused");
+    assert_eq!(status, 429);
+    assert_eq!(serde_json::from_str::<Value>(&body).expect("json"), json!({"error": "max_clients_reached", "limit": 2}));
+    let refused = Ws::try_connect(&server.ws_url(&format!("/sessions/{id}?since=abc")), &[]).await.err();
+    assert_eq!(refused.map(|r| r.0), Some(400));
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_is_an_event_then_1011_and_other_sessions_live_on() {
+    let server = TestServer::start().await;
+    let a = server.session("fixture").await;
+    let b = server.session("fixture").await;
+    let mut wa = server.ws(&a).await;
+    let mut wb = server.ws(&b).await;
+    wa.send(r#"{"_emit":"die"}"#).await;
+    assert_eq!(
+        wa.text().await,
+        r#"{"type":"amarre.session_event","event":"crashed","exitCode":7,"signal":null}"#
+    );
+    assert_eq!(wa.closed().await, (1011, "agent crashed".into()));
+    let (_, summary) = server.get_json(&format!("/sessions/{a}")).await;
+    assert_eq!((summary["status"].as_str(), summary["exitCode"].as_i64()), (Some("crashed"), Some(7)));
+    let refused = Ws::try_connect(&server.ws_url(&format!("/sessions/{a}")), &[]).await.err();
+    assert_eq!(refused, Some((409, "Session crashed; restart it first\n".into())));
+    // B never saw A's traffic: its next frame is its own answer.
+    wb.send(r#"{"id":"b"}"#).await;
+    assert_eq!(wb.json().await["echo"]["id"], "b");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clean_exit_is_reported_as_an_exit() {
+    let server = TestServer::start().await;
+    let id = server.session("fixture").await;
+    let mut ws = server.ws(&id).await;
+    ws.send(r#"{"_emit":"partial_exit"}"#).await;
+    assert_eq!(ws.text().await, r#"{"partial":true}"#, "an unterminated last line is delivered");
+    assert_eq!(
+        ws.text().await,
+        r#"{"type":"amarre.session_event","event":"exited","exitCode":0,"signal":null}"#
+    );
+    assert_eq!(ws.closed().await, (1000, "agent exited".into()));
+    let (_, summary) = server.get_json(&format!("/sessions/{id}")).await;
+    assert_eq!((summary["status"].as_str(), summary["exitCode"].as_i64()), (Some("exited"), Some(0)));
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_line_comes_before_the_exit_event() {
+    let server = TestServer::start().await;
+    let id = server.session("cat").await;
+    let mut ws = server.ws(&id).await;
+    let mut lines = String::new();
+    for i in 1..=2000 {
+        lines.push_str(&format!("{{\"i\":{i}}}\n"));
+    }
+    ws.send(&lines).await;
+    for i in 1..=2000 {
+        assert_eq!(ws.json().await["i"], i);
+    }
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_closes_clients_with_1000() {
+    let server = TestServer::start().await;
+    let id = server.session("fixture").await;
+    let mut ws = server.ws(&id).await;
+    assert_eq!(server.delete(&format!("/sessions/{id}")).await.0, 204);
+    assert_eq!(ws.closed().await, (1000, "session deleted".into()));
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_without_clients_is_kept_and_replayed_with_sequence_numbers() {
+    let server = TestServer::start().await;
+    let id = server.session("fixture").await;
+    {
+        // Ask for output, then leave before it is produced.
+        let mut ws = server.ws(&id).await;
+        ws.send(r#"{"_emit":"flood","n":300}"#).await;
+    }
+    common::eventually("300 lines", || async {
+        server.get_json(&format!("/sessions/{id}")).await.1["lastSeq"] == 300
+    })
+    .await;
+    let mut ws = server.ws_query(&id, "?since=0").await;
+    let hello = ws.json().await;
+    assert_eq!(hello["type"], "amarre.hello");
+    assert_eq!((hello["seq"].as_u64(), hello["replayFrom"].as_u64(), hello["missed"].as_u64()), (Some(300), Some(1), Some(0)));
+    assert!(hello["capabilities"].as_array().expect("caps").contains(&json!("replay")));
+    for i in 1..=300 {
+        assert_eq!(ws.json().await["i"], i);
+    }
+    // Then live lines follow, without a gap or a duplicate.
+    ws.send(r#"{"id":"live"}"#).await;
+    assert_eq!(ws.json().await["echo"]["id"], "live");
+
+    let mut tail = server.ws_query(&id, "?since=250").await;
+    assert_eq!(tail.json().await["replayFrom"], 251);
+    assert_eq!(tail.json().await["i"], 251);
+    // A plain amarre client gets only what is produced after it connects.
+    let mut plain = server.ws(&id).await;
+    plain.send(r#"{"id":"new"}"#).await;
+    assert_eq!(plain.json().await["echo"]["id"], "new");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hello_is_opt_in() {
+    let server = TestServer::start().await;
+    let id = server.session("fixture").await;
+    let mut ws = server.ws_query(&id, "?hello=1").await;
+    let hello = ws.json().await;
+    assert_eq!((hello["type"].as_str(), hello["sessionId"].as_str()), (Some("amarre.hello"), Some(id.as_str())));
+    assert_eq!(hello["agent"]["name"], "fixture");
+    assert_eq!(hello["replayFrom"], 1);
+    ws.send(r#"{"id":"x"}"#).await;
+    assert_eq!(ws.json().await["echo"]["id"], "x");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lines_no_longer_retained_are_reported_in_the_hello() {
+    let server = TestServer::start_with(|c| {
+        c.limits.journal_max_bytes = 64 * 1024;
+        c.limits.max_line_bytes = 16 * 1024;
+        c.limits.backlog_bytes = 8 * 1024;
+    })
+    .await;
+    let id = server.session("fixture").await;
+    {
+        let mut ws = server.ws(&id).await;
+        ws.send(r#"{"_emit":"flood","n":5000,"size":100}"#).await;
+    }
+    common::eventually("5000 lines", || async {
+        server.get_json(&format!("/sessions/{id}")).await.1["lastSeq"] == 5000
+    })
+    .await;
+    let mut late = server.ws_query(&id, "?since=0").await;
+    let hello = late.json().await;
+    let from = hello["replayFrom"].as_u64().expect("replayFrom");
+    assert!(from > 1, "old lines were dropped: {hello}");
+    assert_eq!(hello["missed"].as_u64(), Some(from - 1));
+    assert_eq!(late.json().await["i"], from, "replay starts at the oldest retained line");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_client_is_caught_up_from_disk_and_loses_nothing() {
+    let server = TestServer::start_with(|c| c.limits.backlog_bytes = 64 * 1024).await;
+    let id = server.session("fixture").await;
+    let mut fast = server.ws(&id).await;
+    let mut slow = server.ws(&id).await;
+    let n = 20_000u64;
+    fast.send(&json!({"_emit": "flood", "n": n, "size": 1024}).to_string()).await;
+    // The fast client reads everything while the slow one reads nothing.
+    for i in 1..=n {
+        assert_eq!(fast.json().await["i"], i);
+    }
+    // 20 MB went by; the slow client now gets every line, in order.
+    for i in 1..=n {
+        assert_eq!(slow.json().await["i"], i, "no gap for the slow client");
+    }
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_behind_the_journal_is_closed_with_its_last_sequence() {
+    let server = TestServer::start_with(|c| {
+        c.limits.journal_max_bytes = 2 << 20;
+        c.limits.max_line_bytes = 64 * 1024;
+        c.limits.backlog_bytes = 64 * 1024;
+    })
+    .await;
+    let id = server.session("fixture").await;
+    let mut slow = server.ws(&id).await;
+    let n = 40_000u64;
+    slow.send(&json!({"_emit": "flood", "n": n, "size": 1024}).to_string()).await;
+    common::eventually("the flood", || async {
+        server.get_json(&format!("/sessions/{id}")).await.1["lastSeq"] == n
+    })
+    .await;
+    // The slow client reads what it can, then is told exactly where it stopped.
+    let mut next = 1u64;
+    let (code, reason) = loop {
+        match tokio::time::timeout(common::WAIT, futures_util::StreamExt::next(&mut slow.socket))
+            .await
+            .expect("frame")
+            .expect("open")
+            .expect("frame")
+        {
+            Message::Text(t) => {
+                let v: Value = serde_json::from_str(&t).expect("json");
+                assert_eq!(v["i"], next, "lines arrive in order until the close");
+                next += 1;
+            }
+            Message::Close(Some(f)) => break (u16::from(f.code), f.reason.to_string()),
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    assert_eq!(code, 1013);
+    assert!(reason.contains(&format!("last_seq={}", next - 1)), "{reason}");
+    assert!(next - 1 < n);
+    server.stop().await;
+}
