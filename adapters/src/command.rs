@@ -16,10 +16,9 @@ impl CommandAdapter {
     /// An adapter named `name` that runs `argv`.
     pub fn new(name: &str, argv: Vec<String>) -> Result<Self, AdapterError> {
         let mut argv = argv.into_iter();
-        let program = argv
-            .next()
-            .filter(|p| !p.is_empty())
-            .ok_or_else(|| AdapterError::Config("command is empty: give at least the program".into()))?;
+        let program = argv.next().filter(|p| !p.is_empty()).ok_or_else(|| {
+            AdapterError::Config("command is empty: give at least the program".into())
+        })?;
         Ok(Self {
             name: name.to_owned(),
             program: PathBuf::from(program),

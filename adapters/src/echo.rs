@@ -64,7 +64,11 @@ mod tests {
     #[test]
     fn echoes_json_and_text_lines() {
         let mut out = Vec::new();
-        super::run(&b"{\"id\":\"1\",\"type\":\"prompt\"}\n\nnot json\r\n"[..], &mut out).expect("run");
+        super::run(
+            &b"{\"id\":\"1\",\"type\":\"prompt\"}\n\nnot json\r\n"[..],
+            &mut out,
+        )
+        .expect("run");
         let lines: Vec<serde_json::Value> = out
             .split(|&b| b == b'\n')
             .filter(|l| !l.is_empty())

@@ -47,7 +47,9 @@ pub struct LaunchSpec {
 #[derive(Debug, thiserror::Error)]
 pub enum AdapterError {
     /// The instance names an agent kind moorline does not know.
-    #[error("unknown agent kind '{kind}' (known: {known}); to run any JSONL program use agent = \"command\" with command = [...]")]
+    #[error(
+        "unknown agent kind '{kind}' (known: {known}); to run any JSONL program use agent = \"command\" with command = [...]"
+    )]
     UnknownKind {
         /// The kind that was asked for.
         kind: String,
@@ -152,7 +154,10 @@ mod tests {
         })
         .expect("build");
         assert_eq!(adapter.name(), "echo");
-        assert_eq!(adapter.launch(&ctx(&env)).expect("launch").program, PathBuf::from("/opt/agent.sh"));
+        assert_eq!(
+            adapter.launch(&ctx(&env)).expect("launch").program,
+            PathBuf::from("/opt/agent.sh")
+        );
     }
 
     #[test]

@@ -44,13 +44,22 @@ pub fn router(state: AppState, policy: Arc<AccessPolicy>) -> Router {
         .route("/healthz", get(healthz).fallback(not_found))
         .route("/metrics", get(metrics).fallback(not_found))
         .route("/instances", get(list_instances).fallback(not_found))
-        .route("/sessions", get(list_sessions).post(create_session).fallback(not_found))
+        .route(
+            "/sessions",
+            get(list_sessions).post(create_session).fallback(not_found),
+        )
         .route("/sessions/{id}", any(session_route))
-        .route("/sessions/{id}/restart", post(restart_session).fallback(not_found))
+        .route(
+            "/sessions/{id}/restart",
+            post(restart_session).fallback(not_found),
+        )
         .route("/push/tokens", any(push_disabled))
         .route("/push/tokens/{*token}", any(push_disabled))
         .fallback(not_found)
-        .layer(axum::middleware::from_fn_with_state(policy, security::guard))
+        .layer(axum::middleware::from_fn_with_state(
+            policy,
+            security::guard,
+        ))
         .with_state(state)
 }
 
@@ -182,7 +191,10 @@ async fn healthz() -> Response {
 
 async fn metrics(State(app): State<AppState>) -> Response {
     for status in ["running", "exited", "crashed", "stopped"] {
-        app.metrics.sessions.get_or_create(&[("status", status)]).set(0);
+        app.metrics
+            .sessions
+            .get_or_create(&[("status", status)])
+            .set(0);
     }
     for (status, n) in app.sessions.count_by_status() {
         app.metrics
@@ -328,13 +340,22 @@ mod tests {
     fn create_bodies() {
         assert!(parse_create(b"").expect("empty").instance_id.is_none());
         assert!(parse_create(b"  \n").is_ok());
-        let r = parse_create(br#"{"instanceId":"a","name":"n","cwd":"/tmp","env":{"K":"0123"},"extra":1}"#)
-            .expect("full");
+        let r = parse_create(
+            br#"{"instanceId":"a","name":"n","cwd":"/tmp","env":{"K":"0123"},"extra":1}"#,
+        )
+        .expect("full");
         assert_eq!(r.instance_id.as_deref(), Some("a"));
         assert_eq!(r.env["K"], "0123");
         assert!(matches!(parse_create(b"{"), Err(ApiError::InvalidJson(_))));
-        assert!(matches!(parse_create(b"[]"), Err(ApiError::InvalidField { .. })));
-        assert!(matches!(parse_create(br#"{"name":5}"#), Err(ApiError::InvalidField { field, .. }) if field == "name"));
-        assert!(matches!(parse_create(br#"{"env":{"A":1}}"#), Err(ApiError::InvalidField { field, .. }) if field == "env.A"));
+        assert!(matches!(
+            parse_create(b"[]"),
+            Err(ApiError::InvalidField { .. })
+        ));
+        assert!(
+            matches!(parse_create(br#"{"name":5}"#), Err(ApiError::InvalidField { field, .. }) if field == "name")
+        );
+        assert!(
+            matches!(parse_create(br#"{"env":{"A":1}}"#), Err(ApiError::InvalidField { field, .. }) if field == "env.A")
+        );
     }
 }

@@ -83,7 +83,12 @@ impl Client {
         })
     }
 
-    async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Result<Option<Value>, ClientError> {
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<Option<Value>, ClientError> {
         let url = format!("{}{path}", self.base);
         let mut req = self.http.request(method, &url);
         if let Some(t) = &self.token {
@@ -97,7 +102,10 @@ impl Client {
             reason: error_chain(&e),
         })?;
         let status = resp.status();
-        let text = resp.text().await.map_err(|e| ClientError::Other(e.to_string()))?;
+        let text = resp
+            .text()
+            .await
+            .map_err(|e| ClientError::Other(e.to_string()))?;
         if !status.is_success() {
             return Err(ClientError::Http {
                 status: status.as_u16(),
@@ -114,7 +122,10 @@ impl Client {
 
     /// `GET /sessions`.
     pub async fn list(&self) -> Result<Value, ClientError> {
-        Ok(self.call(reqwest::Method::GET, "/sessions", None).await?.unwrap_or(Value::Null))
+        Ok(self
+            .call(reqwest::Method::GET, "/sessions", None)
+            .await?
+            .unwrap_or(Value::Null))
     }
 
     /// `POST /sessions`.
@@ -139,7 +150,11 @@ impl Client {
             body.insert("env".into(), serde_json::to_value(env).unwrap_or_default());
         }
         Ok(self
-            .call(reqwest::Method::POST, "/sessions", Some(Value::Object(body)))
+            .call(
+                reqwest::Method::POST,
+                "/sessions",
+                Some(Value::Object(body)),
+            )
             .await?
             .unwrap_or(Value::Null))
     }
@@ -154,14 +169,19 @@ impl Client {
 
     /// `DELETE /sessions/{id}`.
     pub async fn delete(&self, id: &str) -> Result<(), ClientError> {
-        self.call(reqwest::Method::DELETE, &format!("/sessions/{id}"), None).await?;
+        self.call(reqwest::Method::DELETE, &format!("/sessions/{id}"), None)
+            .await?;
         Ok(())
     }
 
     /// `POST /sessions/{id}/restart`.
     pub async fn restart(&self, id: &str) -> Result<Value, ClientError> {
         Ok(self
-            .call(reqwest::Method::POST, &format!("/sessions/{id}/restart"), None)
+            .call(
+                reqwest::Method::POST,
+                &format!("/sessions/{id}/restart"),
+                None,
+            )
             .await?
             .unwrap_or(Value::Null))
     }
@@ -169,7 +189,13 @@ impl Client {
     /// Connects to a session's WebSocket and pipes stdin lines to it and its frames to stdout,
     /// one per line, until the server closes the connection (or, with `linger`, until no frame
     /// arrived for that long after stdin ended).
-    pub async fn attach(&self, id: &str, since: Option<u64>, hello: bool, linger: Option<Duration>) -> Result<(), ClientError> {
+    pub async fn attach(
+        &self,
+        id: &str,
+        since: Option<u64>,
+        hello: bool,
+        linger: Option<Duration>,
+    ) -> Result<(), ClientError> {
         let ws_base = self
             .base
             .replacen("http://", "ws://", 1)
@@ -195,23 +221,26 @@ impl Client {
                 .map_err(|_| ClientError::Other("token is not a valid header value".into()))?;
             request.headers_mut().insert("authorization", value);
         }
-        let config = WebSocketConfig::default().max_message_size(None).max_frame_size(None);
-        let (socket, _) = tokio_tungstenite::connect_async_with_config(request, Some(config), false)
-            .await
-            .map_err(|e| match e {
-                tungstenite::Error::Http(resp) => ClientError::Http {
-                    status: resp.status().as_u16(),
-                    body: resp
-                        .body()
-                        .as_ref()
-                        .map(|b| String::from_utf8_lossy(b).trim_end().to_owned())
-                        .unwrap_or_default(),
-                },
-                other => ClientError::Unreachable {
-                    url: self.base.clone(),
-                    reason: other.to_string(),
-                },
-            })?;
+        let config = WebSocketConfig::default()
+            .max_message_size(None)
+            .max_frame_size(None);
+        let (socket, _) =
+            tokio_tungstenite::connect_async_with_config(request, Some(config), false)
+                .await
+                .map_err(|e| match e {
+                    tungstenite::Error::Http(resp) => ClientError::Http {
+                        status: resp.status().as_u16(),
+                        body: resp
+                            .body()
+                            .as_ref()
+                            .map(|b| String::from_utf8_lossy(b).trim_end().to_owned())
+                            .unwrap_or_default(),
+                    },
+                    other => ClientError::Unreachable {
+                        url: self.base.clone(),
+                        reason: other.to_string(),
+                    },
+                })?;
         let (mut sink, mut stream) = socket.split();
         let mut stdin = BufReader::new(tokio::io::stdin()).lines();
         let mut stdout = tokio::io::stdout();
@@ -269,7 +298,9 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 
 /// Renders the session list as a table.
 pub fn format_table(list: &Value) -> String {
-    let mut out = String::from("ID            NAME              INSTANCE      STATUS    AGENT         CLIENTS  SEQ\n");
+    let mut out = String::from(
+        "ID            NAME              INSTANCE      STATUS    AGENT         CLIENTS  SEQ\n",
+    );
     for s in list.as_array().into_iter().flatten() {
         let field = |k: &str| match &s[k] {
             Value::String(v) => v.clone(),

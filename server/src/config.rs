@@ -326,12 +326,14 @@ impl Config {
             None => None,
         };
         if let Some(path) = &file {
-            figment = figment.merge(<figment::providers::Toml as figment::providers::Format>::file_exact(path));
+            figment = figment
+                .merge(<figment::providers::Toml as figment::providers::Format>::file_exact(path));
         }
         let (env_layer, env_names) = env_layer(&sources.env)?;
-        figment = figment
-            .merge(env_layer)
-            .merge(Layer::new("command-line flags", overrides_dict(&sources.overrides)));
+        figment = figment.merge(env_layer).merge(Layer::new(
+            "command-line flags",
+            overrides_dict(&sources.overrides),
+        ));
         let mut config: Config = figment
             .extract_lossy()
             .map_err(|e| describe(e, &env_names))?;
@@ -437,11 +439,15 @@ impl Config {
         let Some(path) = &self.token_file else {
             return Ok(None);
         };
-        let token = std::fs::read_to_string(path)
-            .map_err(|e| ConfigError::new(format!("token_file: cannot read {}: {e}", path.display())))?;
+        let token = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError::new(format!("token_file: cannot read {}: {e}", path.display()))
+        })?;
         let token = token.trim();
         if token.is_empty() {
-            return Err(ConfigError::new(format!("token_file: {} is empty", path.display())));
+            return Err(ConfigError::new(format!(
+                "token_file: {} is empty",
+                path.display()
+            )));
         }
         Ok(Some(token.to_owned()))
     }
@@ -449,10 +455,10 @@ impl Config {
     /// The names this machine answers to: its hostname and, if asked, its tailnet names.
     pub fn machine_names(&self) -> Vec<String> {
         let mut names = Vec::new();
-        if let Ok(host) = nix::unistd::gethostname() {
-            if let Some(h) = host.to_str() {
-                names.push(h.to_owned());
-            }
+        if let Ok(host) = nix::unistd::gethostname()
+            && let Some(h) = host.to_str()
+        {
+            names.push(h.to_owned());
         }
         if self.detect_tailnet_names {
             names.extend(tailnet_names());
@@ -549,7 +555,9 @@ fn overrides_dict(o: &Overrides) -> Dict {
 
 /// Builds the environment layer. Values stay strings; the returned map remembers which
 /// variable set which key, for error messages.
-fn env_layer(env: &BTreeMap<String, String>) -> Result<(Layer, BTreeMap<String, String>), ConfigError> {
+fn env_layer(
+    env: &BTreeMap<String, String>,
+) -> Result<(Layer, BTreeMap<String, String>), ConfigError> {
     let mut dict = Dict::new();
     let mut names = BTreeMap::new();
     let mut set = |dict: &mut Dict, path: &[&str], value: Value, var: &str| {
@@ -582,12 +590,20 @@ fn env_layer(env: &BTreeMap<String, String>) -> Result<(Layer, BTreeMap<String, 
     }
     if let Some(json) = env.get("AMARRE_INSTANCES_JSON") {
         let instances = amarre_instances(json)?;
-        set(&mut dict, &["instances"], instances, "AMARRE_INSTANCES_JSON");
+        set(
+            &mut dict,
+            &["instances"],
+            instances,
+            "AMARRE_INSTANCES_JSON",
+        );
     } else if env.contains_key("AMARRE_AGENT") || env.contains_key("AMARRE_AGENT_PATH") {
         // amarre's legacy single-agent variables make one instance named "default".
         let mut inst = Dict::new();
         inst.insert("id".into(), "default".into());
-        let agent = env.get("AMARRE_AGENT").cloned().unwrap_or_else(|| "pi".into());
+        let agent = env
+            .get("AMARRE_AGENT")
+            .cloned()
+            .unwrap_or_else(|| "pi".into());
         inst.insert("agent".into(), agent.into());
         if let Some(path) = env.get("AMARRE_AGENT_PATH") {
             inst.insert("agent_path".into(), path.clone().into());
@@ -597,7 +613,12 @@ fn env_layer(env: &BTreeMap<String, String>) -> Result<(Layer, BTreeMap<String, 
         } else {
             "AMARRE_AGENT"
         };
-        set(&mut dict, &["instances"], Value::from(vec![Value::from(inst)]), var);
+        set(
+            &mut dict,
+            &["instances"],
+            Value::from(vec![Value::from(inst)]),
+            var,
+        );
     }
 
     for (var, value) in env {
@@ -702,7 +723,10 @@ mod tests {
     #[test]
     fn no_configuration_gives_loopback_8341_and_an_echo_instance() {
         let c = load(&[("HOME", "/home/u")]).expect("load");
-        assert_eq!(c.listen_addr().expect("addr"), "127.0.0.1:8341".parse().expect("addr"));
+        assert_eq!(
+            c.listen_addr().expect("addr"),
+            "127.0.0.1:8341".parse().expect("addr")
+        );
         assert_eq!(c.instances.len(), 1);
         assert_eq!(c.instances[0].id, "echo");
         assert_eq!(c.state_dir, PathBuf::from("/home/u/.local/state/moorline"));
@@ -737,19 +761,28 @@ mod tests {
 
     #[test]
     fn environment_values_stay_strings() {
-        let c = load(&[("MOORLINE_TOKEN_FILE", "0123"), ("MOORLINE_ALLOWED_HOSTS", "a.ts.net, b")])
-            .expect("load");
+        let c = load(&[
+            ("MOORLINE_TOKEN_FILE", "0123"),
+            ("MOORLINE_ALLOWED_HOSTS", "a.ts.net, b"),
+        ])
+        .expect("load");
         assert_eq!(c.token_file, Some(PathBuf::from("0123")));
         assert_eq!(c.allowed_hosts, vec!["a.ts.net", "b"]);
     }
 
     #[test]
     fn unknown_keys_and_bad_values_name_the_key_and_variable() {
-        let e = load(&[("MOORLINE_PROT", "1")]).expect_err("unknown").to_string();
+        let e = load(&[("MOORLINE_PROT", "1")])
+            .expect_err("unknown")
+            .to_string();
         assert!(e.contains("prot") && e.contains("MOORLINE_PROT"), "{e}");
-        let e = load(&[("AMARRE_PORT", "eighty")]).expect_err("bad").to_string();
+        let e = load(&[("AMARRE_PORT", "eighty")])
+            .expect_err("bad")
+            .to_string();
         assert!(e.contains("port") && e.contains("AMARRE_PORT"), "{e}");
-        let e = load(&[("MOORLINE_LIMITS__MAX_SESSIONS", "0")]).expect_err("zero").to_string();
+        let e = load(&[("MOORLINE_LIMITS__MAX_SESSIONS", "0")])
+            .expect_err("zero")
+            .to_string();
         assert!(e.contains("limits.max_sessions"), "{e}");
     }
 
@@ -778,7 +811,10 @@ mod tests {
         assert_eq!(c.instances.len(), 2);
         assert_eq!(c.instances[0].command, Some(vec!["/bin/cat".to_owned()]));
         assert_eq!(c.instances[0].env["N"], "0123");
-        assert_eq!(c.instances[1].agent_path, Some(PathBuf::from("/opt/echo.sh")));
+        assert_eq!(
+            c.instances[1].agent_path,
+            Some(PathBuf::from("/opt/echo.sh"))
+        );
     }
 
     #[test]
@@ -789,9 +825,14 @@ mod tests {
             ("[1]", "[0]: not an object"),
             (r#"[{"agent":"echo"}]"#, "[0]: missing 'id'"),
             (r#"[{"id":"a"}]"#, "[0]: missing 'agent'"),
-            (r#"[{"id":"a","agent":"echo","env":{"X":1}}]"#, "instances.0.env.X"),
+            (
+                r#"[{"id":"a","agent":"echo","env":{"X":1}}]"#,
+                "instances.0.env.X",
+            ),
         ] {
-            let e = load(&[("AMARRE_INSTANCES_JSON", json)]).expect_err(json).to_string();
+            let e = load(&[("AMARRE_INSTANCES_JSON", json)])
+                .expect_err(json)
+                .to_string();
             assert!(e.contains(want), "{json}: {e}");
         }
     }
@@ -805,10 +846,15 @@ mod tests {
 
     #[test]
     fn non_loopback_needs_an_explicit_opt_in() {
-        let e = load(&[("AMARRE_HOST", "0.0.0.0")]).expect_err("refused").to_string();
+        let e = load(&[("AMARRE_HOST", "0.0.0.0")])
+            .expect_err("refused")
+            .to_string();
         assert!(e.contains("not a loopback"), "{e}");
-        let c = load(&[("MOORLINE_HOST", "0.0.0.0"), ("MOORLINE_ALLOW_NON_LOOPBACK", "true")])
-            .expect("allowed");
+        let c = load(&[
+            ("MOORLINE_HOST", "0.0.0.0"),
+            ("MOORLINE_ALLOW_NON_LOOPBACK", "true"),
+        ])
+        .expect("allowed");
         assert_eq!(c.host, "0.0.0.0");
         assert!(load(&[("MOORLINE_HOST", "::1")]).is_ok());
     }

@@ -238,12 +238,15 @@ mod tests {
     impl Fixture {
         fn emit(&mut self, range: std::ops::RangeInclusive<u64>) {
             let mut batch = Vec::new();
-            let lines: Vec<Bytes> = range.clone().map(|i| Bytes::from(format!("L{i}"))).collect();
+            let lines: Vec<Bytes> = range.map(|i| Bytes::from(format!("L{i}"))).collect();
             for l in &lines {
                 batch.extend_from_slice(l);
                 batch.push(b'\n');
             }
-            let changes = self.writer.append(&batch, lines.len() as u64).expect("append");
+            let changes = self
+                .writer
+                .append(&batch, lines.len() as u64)
+                .expect("append");
             self.hub.publish(lines, &changes);
         }
 
@@ -251,7 +254,13 @@ mod tests {
         fn drain(&self, mut from: u64) -> Result<Vec<String>, u64> {
             let mut got = Vec::new();
             loop {
-                let lines = match self.hub.read(from, ReadLimit { lines: 7, bytes: 64 }) {
+                let lines = match self.hub.read(
+                    from,
+                    ReadLimit {
+                        lines: 7,
+                        bytes: 64,
+                    },
+                ) {
                     Read::UpToDate => return Ok(got),
                     Read::Lines(l) => l,
                     Read::Disk(plan) => match plan.read().expect("disk") {
@@ -262,7 +271,11 @@ mod tests {
                 };
                 assert!(!lines.is_empty());
                 from += lines.len() as u64;
-                got.extend(lines.into_iter().map(|b| String::from_utf8(b.to_vec()).expect("utf8")));
+                got.extend(
+                    lines
+                        .into_iter()
+                        .map(|b| String::from_utf8(b.to_vec()).expect("utf8")),
+                );
             }
         }
     }

@@ -247,10 +247,7 @@ mod tests {
 
     #[test]
     fn splits_on_newline_only_and_skips_empty_lines() {
-        let out = run(
-            1024,
-            &[b"{\"a\":\"x\xe2\x80\xa8y\"}\n\n\r\n{\"b\":1}\r\n"],
-        );
+        let out = run(1024, &[b"{\"a\":\"x\xe2\x80\xa8y\"}\n\n\r\n{\"b\":1}\r\n"]);
         assert_eq!(out, vec![line("{\"a\":\"x\u{2028}y\"}"), line("{\"b\":1}")]);
     }
 
@@ -265,7 +262,9 @@ mod tests {
     fn invalid_utf8_becomes_a_drop_and_the_stream_continues() {
         let out = run(1024, &[b"ok\nbad \xff\xfe line\nafter\n"]);
         assert_eq!(out[0], line("ok"));
-        assert!(matches!(&out[1], Owned::Dropped(DropReason::InvalidUtf8, 11, p) if p.starts_with(b"bad")));
+        assert!(
+            matches!(&out[1], Owned::Dropped(DropReason::InvalidUtf8, 11, p) if p.starts_with(b"bad"))
+        );
         assert_eq!(out[2], line("after"));
     }
 
@@ -275,23 +274,37 @@ mod tests {
         let mut out = Vec::new();
         let mut emit = |f: Frame<'_>| out.push(format!("{f:?}"));
         framer.feed(b"0123456789abc", &mut emit);
-        assert_eq!(framer.buffered(), 0, "an over-long line must not stay in memory");
+        assert_eq!(
+            framer.buffered(),
+            0,
+            "an over-long line must not stay in memory"
+        );
         framer.feed(&[b'x'; 5000], &mut emit);
         framer.feed(b"\nshort\n", &mut emit);
         assert_eq!(out.len(), 2);
-        assert!(out[0].contains("TooLong") && out[0].contains("bytes: 5013"), "{}", out[0]);
+        assert!(
+            out[0].contains("TooLong") && out[0].contains("bytes: 5013"),
+            "{}",
+            out[0]
+        );
         assert!(out[1].contains("short"));
     }
 
     #[test]
     fn line_of_exactly_max_bytes_passes_even_with_crlf() {
         assert_eq!(run(3, &[b"abc\r", b"\n"]), vec![line("abc")]);
-        assert!(matches!(run(3, &[b"abcd\n"])[0], Owned::Dropped(DropReason::TooLong, 4, _)));
+        assert!(matches!(
+            run(3, &[b"abcd\n"])[0],
+            Owned::Dropped(DropReason::TooLong, 4, _)
+        ));
     }
 
     #[test]
     fn unterminated_last_line_is_delivered_at_finish() {
-        assert_eq!(run(100, &[b"a\n{\"partial\":tr", b"ue}"]), vec![line("a"), line("{\"partial\":true}")]);
+        assert_eq!(
+            run(100, &[b"a\n{\"partial\":tr", b"ue}"]),
+            vec![line("a"), line("{\"partial\":true}")]
+        );
     }
 
     #[test]

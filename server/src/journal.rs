@@ -95,7 +95,12 @@ impl JournalIndex {
             IndexChange::Checkpoint(c) => self.checkpoints.push_back(*c),
             IndexChange::NewSegment(s) => self.segments.push_back(*s),
             IndexChange::Grow { segment, bytes } => {
-                if let Some(s) = self.segments.iter_mut().rev().find(|s| s.first_seq == *segment) {
+                if let Some(s) = self
+                    .segments
+                    .iter_mut()
+                    .rev()
+                    .find(|s| s.first_seq == *segment)
+                {
                     s.bytes = *bytes;
                 }
             }
@@ -517,7 +522,10 @@ mod tests {
         let DiskRead::Lines(got) = read_all(tmp.path(), &index, 1, 3) else {
             panic!("gone")
         };
-        assert_eq!(got, vec![Bytes::from("a"), Bytes::from("b"), Bytes::from("c")]);
+        assert_eq!(
+            got,
+            vec![Bytes::from("a"), Bytes::from("b"), Bytes::from("c")]
+        );
     }
 
     #[test]
@@ -541,7 +549,8 @@ mod tests {
             segment: 1,
             offset: 0,
         };
-        let got = read_lines(tmp.path(), &index.segment_starts(), cp, 1, 1000, 1 << 20).expect("read");
+        let got =
+            read_lines(tmp.path(), &index.segment_starts(), cp, 1, 1000, 1 << 20).expect("read");
         assert_eq!(got, DiskRead::Gone);
         let DiskRead::Lines(tail) = read_all(tmp.path(), &index, first, 1000) else {
             panic!("gone")

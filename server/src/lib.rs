@@ -76,7 +76,14 @@ pub async fn run(
     let metrics = Arc::new(metrics::Metrics::default());
     let tracker = TaskTracker::new();
     let moorline_exe = config.moorline_exe()?;
-    let sessions = session::SessionManager::new(&config, moorline_exe, metrics.clone(), tracker.clone())?;
+    let runtimes = runtime::Runtimes::new(&config);
+    let sessions = session::SessionManager::new(
+        &config,
+        moorline_exe,
+        metrics.clone(),
+        tracker.clone(),
+        &|inst| runtimes.for_instance(inst),
+    )?;
     let cancel = CancellationToken::new();
     let state = api::AppState {
         sessions: sessions.clone(),
@@ -103,7 +110,10 @@ pub async fn run(
     sessions.shutdown().await;
     tracker.close();
     let deadline = config.limits.stop_grace() + Duration::from_secs(10);
-    if tokio::time::timeout(deadline, tracker.wait()).await.is_err() {
+    if tokio::time::timeout(deadline, tracker.wait())
+        .await
+        .is_err()
+    {
         tracing::warn!("some tasks did not finish before the shutdown deadline");
     }
     Ok(())

@@ -11,7 +11,11 @@ use moorline::client::{Client, ClientError, format_table};
 use moorline::config::{Config, EXAMPLE_CONFIG, EXIT_CONFIG, LogFormat, Overrides, Sources};
 
 #[derive(Debug, Parser)]
-#[command(name = "moorline", version, about = "Drive CLI coding agents on this machine from anywhere on your tailnet")]
+#[command(
+    name = "moorline",
+    version,
+    about = "Drive CLI coding agents on this machine from anywhere on your tailnet"
+)]
 #[command(args_conflicts_with_subcommands = true)]
 struct Cli {
     #[command(flatten)]
@@ -138,7 +142,12 @@ enum LogFormatArg {
 #[derive(Debug, Clone, Args)]
 struct ConnArgs {
     /// The server's URL.
-    #[arg(long, env = "MOORLINE_URL", default_value = "http://127.0.0.1:8341", global = true)]
+    #[arg(
+        long,
+        env = "MOORLINE_URL",
+        default_value = "http://127.0.0.1:8341",
+        global = true
+    )]
     url: String,
     /// File holding the bearer token.
     #[arg(long, env = "MOORLINE_TOKEN_FILE", global = true)]
@@ -188,7 +197,9 @@ fn main() -> ExitCode {
                 Err(_) => ExitCode::from(1),
             }
         }
-        Some(Command::Sessions { conn, action }) => client_command(|rt| rt.block_on(sessions(conn, action))),
+        Some(Command::Sessions { conn, action }) => {
+            client_command(|rt| rt.block_on(sessions(conn, action)))
+        }
         Some(Command::Attach {
             conn,
             id,
@@ -240,7 +251,10 @@ fn serve(args: &ServeArgs) -> ExitCode {
         Err(code) => return code,
     };
     init_tracing(&config);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("moorline: cannot start the async runtime: {e}");
@@ -270,7 +284,10 @@ fn serve(args: &ServeArgs) -> ExitCode {
 /// Resolves on SIGTERM or SIGINT.
 async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         // Without signal handlers the server can only be killed; run until then.
         return std::future::pending().await;
     };
@@ -283,8 +300,10 @@ async fn shutdown_signal() {
 fn init_tracing(config: &Config) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_new(&config.log).unwrap_or_else(|_| EnvFilter::new("info"));
+    use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match config.log_format {
         LogFormat::Human => builder.init(),
@@ -293,7 +312,10 @@ fn init_tracing(config: &Config) {
 }
 
 fn client_command(f: impl FnOnce(&tokio::runtime::Runtime) -> Result<(), ClientError>) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("moorline: cannot start the async runtime: {e}");
@@ -311,7 +333,8 @@ fn client_command(f: impl FnOnce(&tokio::runtime::Runtime) -> Result<(), ClientE
 
 async fn sessions(conn: ConnArgs, action: SessionsCommand) -> Result<(), ClientError> {
     let client = Client::new(&conn.url, conn.token_file.as_deref())?;
-    let print = |v: &serde_json::Value| println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+    let print =
+        |v: &serde_json::Value| println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
     match action {
         SessionsCommand::List { json } => {
             let list = client.list().await?;

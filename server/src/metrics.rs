@@ -56,11 +56,23 @@ impl Default for Metrics {
         let spawn_seconds = Histogram::new(exponential_buckets(0.0001, 2.0, 18));
         registry.register("sessions", "Sessions by status", sessions.clone());
         registry.register("clients", "Connected WebSocket clients", clients.clone());
-        registry.register("lines_in", "Lines sent by clients to agents", lines_in.clone());
-        registry.register("bytes_in", "Bytes sent by clients to agents", bytes_in.clone());
+        registry.register(
+            "lines_in",
+            "Lines sent by clients to agents",
+            lines_in.clone(),
+        );
+        registry.register(
+            "bytes_in",
+            "Bytes sent by clients to agents",
+            bytes_in.clone(),
+        );
         registry.register("lines_out", "Lines written by agents", lines_out.clone());
         registry.register("bytes_out", "Bytes written by agents", bytes_out.clone());
-        registry.register("deliveries", "Frames delivered to clients", deliveries.clone());
+        registry.register(
+            "deliveries",
+            "Frames delivered to clients",
+            deliveries.clone(),
+        );
         registry.register(
             "lines_dropped",
             "Agent lines not forwarded (invalid UTF-8 or too long)",

@@ -29,7 +29,12 @@ pub struct AccessPolicy {
 impl AccessPolicy {
     /// Rules from the configuration. `bound` is the address actually listened on; `names` are
     /// this machine's names (hostname, tailnet names).
-    pub fn new(config: &Config, token: Option<String>, bound: SocketAddr, names: Vec<String>) -> Self {
+    pub fn new(
+        config: &Config,
+        token: Option<String>,
+        bound: SocketAddr,
+        names: Vec<String>,
+    ) -> Self {
         let mut hosts: HashSet<String> = ["localhost".to_owned()].into_iter().collect();
         hosts.insert(bound.ip().to_string());
         hosts.extend(names.into_iter().map(|n| normalize_host(&n)));
@@ -85,10 +90,10 @@ impl AccessPolicy {
 
     fn host_allowed(&self, host_header: &str) -> bool {
         let host = normalize_host(strip_port(host_header));
-        if let Ok(ip) = host.parse::<IpAddr>() {
-            if ip.is_loopback() {
-                return true;
-            }
+        if let Ok(ip) = host.parse::<IpAddr>()
+            && ip.is_loopback()
+        {
+            return true;
         }
         self.hosts.contains(&host)
     }
@@ -126,7 +131,11 @@ fn strip_port(host: &str) -> &str {
 }
 
 /// Middleware applying the policy to every request.
-pub async fn guard(State(policy): State<std::sync::Arc<AccessPolicy>>, req: Request, next: Next) -> Response {
+pub async fn guard(
+    State(policy): State<std::sync::Arc<AccessPolicy>>,
+    req: Request,
+    next: Next,
+) -> Response {
     if let Err(e) = policy.check(req.uri().path(), req.headers()) {
         tracing::warn!(path = %req.uri().path(), reason = %e, "request refused");
         return e.into_response();
@@ -164,11 +173,24 @@ mod tests {
     #[test]
     fn hosts() {
         let p = policy(None);
-        for ok in ["127.0.0.1:8341", "localhost", "[::1]:8341", "127.1.2.3", "box.tail1234.ts.net", "MYHOST:80"] {
-            assert!(p.check("/sessions", &headers(&[("host", ok)])).is_ok(), "{ok}");
+        for ok in [
+            "127.0.0.1:8341",
+            "localhost",
+            "[::1]:8341",
+            "127.1.2.3",
+            "box.tail1234.ts.net",
+            "MYHOST:80",
+        ] {
+            assert!(
+                p.check("/sessions", &headers(&[("host", ok)])).is_ok(),
+                "{ok}"
+            );
         }
         for bad in ["evil.example", "evil.example:8341", "10.0.0.1", ""] {
-            assert!(p.check("/sessions", &headers(&[("host", bad)])).is_err(), "{bad}");
+            assert!(
+                p.check("/sessions", &headers(&[("host", bad)])).is_err(),
+                "{bad}"
+            );
         }
         assert!(p.check("/sessions", &HeaderMap::new()).is_err());
     }
@@ -176,13 +198,25 @@ mod tests {
     #[test]
     fn origins() {
         let p = policy(None);
-        let check = |origin: &str, host: &str| p.check("/", &headers(&[("host", host), ("origin", origin)])).is_ok();
+        let check = |origin: &str, host: &str| {
+            p.check("/", &headers(&[("host", host), ("origin", origin)]))
+                .is_ok()
+        };
         assert!(check("https://app.example", "127.0.0.1:8341"));
-        assert!(check("http://127.0.0.1:8341", "127.0.0.1:8341"), "same origin");
-        assert!(check("https://box.tail1234.ts.net", "box.tail1234.ts.net"), "same origin via tailscale serve");
+        assert!(
+            check("http://127.0.0.1:8341", "127.0.0.1:8341"),
+            "same origin"
+        );
+        assert!(
+            check("https://box.tail1234.ts.net", "box.tail1234.ts.net"),
+            "same origin via tailscale serve"
+        );
         assert!(!check("http://evil.example", "127.0.0.1:8341"));
         assert!(!check("null", "127.0.0.1:8341"));
-        assert!(!check("http://127.0.0.1:9999", "127.0.0.1:8341"), "other port is another origin");
+        assert!(
+            !check("http://127.0.0.1:9999", "127.0.0.1:8341"),
+            "other port is another origin"
+        );
     }
 
     #[test]
@@ -192,7 +226,13 @@ mod tests {
         assert!(p.check("/sessions", &h("Bearer s3cret")).is_ok());
         assert!(p.check("/sessions", &h("Bearer nope")).is_err());
         assert!(p.check("/sessions", &h("s3cret")).is_err());
-        assert!(p.check("/sessions", &headers(&[("host", "localhost")])).is_err());
-        assert!(p.check("/healthz", &headers(&[("host", "localhost")])).is_ok());
+        assert!(
+            p.check("/sessions", &headers(&[("host", "localhost")]))
+                .is_err()
+        );
+        assert!(
+            p.check("/healthz", &headers(&[("host", "localhost")]))
+                .is_ok()
+        );
     }
 }

@@ -48,7 +48,11 @@ fn parse_query(query: Option<&str>) -> Result<Options, &'static str> {
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
         match key {
             "since" => {
-                opts.since = Some(value.parse().map_err(|_| "since must be a sequence number\n")?);
+                opts.since = Some(
+                    value
+                        .parse()
+                        .map_err(|_| "since must be a sequence number\n")?,
+                );
                 opts.hello = true;
             }
             "hello" => opts.hello = !matches!(value, "0" | "false"),
@@ -59,7 +63,12 @@ fn parse_query(query: Option<&str>) -> Result<Options, &'static str> {
 }
 
 /// Checks everything that can be refused with a plain HTTP answer, then upgrades.
-pub fn connect(app: AppState, id: String, query: Option<&str>, upgrade: WebSocketUpgrade) -> Response {
+pub fn connect(
+    app: AppState,
+    id: String,
+    query: Option<&str>,
+    upgrade: WebSocketUpgrade,
+) -> Response {
     let opts = match parse_query(query) {
         Ok(o) => o,
         Err(msg) => return text(StatusCode::BAD_REQUEST, msg),
@@ -71,7 +80,12 @@ pub fn connect(app: AppState, id: String, query: Option<&str>, upgrade: WebSocke
     // A session that is not running can still be replayed by a client that asks for it.
     if status != Status::Running && opts.since.is_none() {
         let body = format!("Session {}; restart it first\n", status.as_str());
-        return (StatusCode::CONFLICT, [("content-type", "text/plain;charset=utf-8")], body).into_response();
+        return (
+            StatusCode::CONFLICT,
+            [("content-type", "text/plain;charset=utf-8")],
+            body,
+        )
+            .into_response();
     }
     let limit = app.limits.max_clients_per_session;
     let Some(guard) = session.try_add_client(limit) else {
@@ -145,7 +159,11 @@ impl Client {
                 reason: Utf8Bytes::from(reason),
             };
             // The client may already be gone; nothing else to do then.
-            let _ = tokio::time::timeout(Duration::from_secs(5), sink.send(Message::Close(Some(frame)))).await;
+            let _ = tokio::time::timeout(
+                Duration::from_secs(5),
+                sink.send(Message::Close(Some(frame))),
+            )
+            .await;
         }
         self.app.metrics.clients.dec();
     }
@@ -164,7 +182,10 @@ impl Client {
             let missed = first.saturating_sub(cursor);
             cursor = cursor.max(first).min(newest + 1);
             let hello = self.hello_frame(newest, first, cursor, missed);
-            if send_batch(sink, vec![Message::Text(hello.into())], stall).await.is_err() {
+            if send_batch(sink, vec![Message::Text(hello.into())], stall)
+                .await
+                .is_err()
+            {
                 return self.stalled();
             }
         }
@@ -187,15 +208,22 @@ impl Client {
                 let lines = match hub.read(cursor, limit) {
                     Read::UpToDate => break,
                     Read::Lines(lines) => lines,
-                    Read::Disk(plan) => match tokio::task::spawn_blocking(move || plan.read()).await {
-                        Ok(Ok(DiskRead::Lines(lines))) if !lines.is_empty() => lines,
-                        Ok(Ok(_)) => return self.lagged(cursor, hub.first_retained()),
-                        Ok(Err(e)) => {
-                            tracing::error!(session = %self.session.id(), error = %e, "cannot read journal");
-                            return End::Close(close_code::ERROR, "cannot read session output".into());
+                    Read::Disk(plan) => {
+                        match tokio::task::spawn_blocking(move || plan.read()).await {
+                            Ok(Ok(DiskRead::Lines(lines))) if !lines.is_empty() => lines,
+                            Ok(Ok(_)) => return self.lagged(cursor, hub.first_retained()),
+                            Ok(Err(e)) => {
+                                tracing::error!(session = %self.session.id(), error = %e, "cannot read journal");
+                                return End::Close(
+                                    close_code::ERROR,
+                                    "cannot read session output".into(),
+                                );
+                            }
+                            Err(_) => {
+                                return End::Close(close_code::ERROR, "internal error".into());
+                            }
                         }
-                        Err(_) => return End::Close(close_code::ERROR, "internal error".into()),
-                    },
+                    }
                     Read::Gone { first_retained } => return self.lagged(cursor, first_retained),
                 };
                 let n = lines.len() as u64;
@@ -216,10 +244,10 @@ impl Client {
                 self.app.metrics.deliveries.inc_by(n);
                 cursor += n;
             }
-            if let Some((exit, last_seq)) = exited {
-                if cursor > last_seq {
-                    return self.exit_event(sink, exit, stall).await;
-                }
+            if let Some((exit, last_seq)) = exited
+                && cursor > last_seq
+            {
+                return self.exit_event(sink, exit, stall).await;
             }
             tokio::select! {
                 changed = seq_rx.changed() => {
@@ -263,8 +291,17 @@ impl Client {
         .to_string()
     }
 
-    async fn exit_event(&self, sink: &mut SplitSink<WebSocket, Message>, exit: ExitInfo, stall: Duration) -> End {
-        let event = if exit.is_success() { "exited" } else { "crashed" };
+    async fn exit_event(
+        &self,
+        sink: &mut SplitSink<WebSocket, Message>,
+        exit: ExitInfo,
+        stall: Duration,
+    ) -> End {
+        let event = if exit.is_success() {
+            "exited"
+        } else {
+            "crashed"
+        };
         let frame = json!({
             "type": "amarre.session_event",
             "event": event,
@@ -272,7 +309,10 @@ impl Client {
             "signal": exit.signal_name(),
         })
         .to_string();
-        if send_batch(sink, vec![Message::Text(frame.into())], stall).await.is_err() {
+        if send_batch(sink, vec![Message::Text(frame.into())], stall)
+            .await
+            .is_err()
+        {
             return self.stalled();
         }
         if exit.is_success() {
@@ -290,7 +330,10 @@ impl Client {
             .clients_dropped
             .get_or_create(&[("reason", "lagged")])
             .inc();
-        End::Close(CLOSE_LAGGED, format!("lagged: last_seq={last} first_retained={first_retained}"))
+        End::Close(
+            CLOSE_LAGGED,
+            format!("lagged: last_seq={last} first_retained={first_retained}"),
+        )
     }
 
     fn stalled(&self) -> End {
@@ -337,7 +380,10 @@ async fn read_client(client: &Client, mut stream: SplitStream<WebSocket>) -> End
             // amarre forwards binary frames as text; only valid UTF-8 can be a JSON line.
             Message::Binary(bin) => {
                 if std::str::from_utf8(&bin).is_err() {
-                    return End::Close(close_code::INVALID, "binary frame is not valid UTF-8".into());
+                    return End::Close(
+                        close_code::INVALID,
+                        "binary frame is not valid UTF-8".into(),
+                    );
                 }
                 bin
             }
@@ -370,7 +416,9 @@ fn read_error(client: &Client, err: axum::Error) -> End {
                 format!("message of {size} bytes exceeds the limit of {max_size}"),
             )
         }
-        Some(WsError::Utf8(_)) => End::Close(close_code::INVALID, "text frame is not valid UTF-8".into()),
+        Some(WsError::Utf8(_)) => {
+            End::Close(close_code::INVALID, "text frame is not valid UTF-8".into())
+        }
         _ => End::Gone,
     }
 }

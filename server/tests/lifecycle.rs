@@ -25,7 +25,10 @@ async fn delete_stops_the_whole_process_group() {
     // DELETE returns once the agent is reaped and its group signalled.
     assert!(process_gone(agent), "agent reaped");
     eventually("grandchild gone", || async { process_gone(grandchild) }).await;
-    assert!(!server.state.path().join("sessions").join(&id).exists(), "nothing left on disk");
+    assert!(
+        !server.state.path().join("sessions").join(&id).exists(),
+        "nothing left on disk"
+    );
     server.stop().await;
 }
 
@@ -39,7 +42,10 @@ async fn an_agent_ignoring_sigterm_is_killed_after_the_grace() {
     assert_eq!(ws.json().await["ignoring"], "SIGTERM");
     let started = std::time::Instant::now();
     assert_eq!(server.delete(&format!("/sessions/{id}")).await.0, 204);
-    assert!(started.elapsed() >= std::time::Duration::from_millis(200), "grace was given");
+    assert!(
+        started.elapsed() >= std::time::Duration::from_millis(200),
+        "grace was given"
+    );
     assert!(process_gone(agent));
     // The freed slot is usable at once.
     assert_eq!(server.post("/sessions", "{}").await.0, 201);
@@ -55,9 +61,15 @@ async fn an_agent_whose_tools_hold_its_output_is_still_seen_to_exit() {
     let grandchild = ws.json().await["pid"].as_u64().expect("pid");
     ws.send(r#"{"_emit":"die","code":3}"#).await;
     let event = ws.json().await;
-    assert_eq!((event["event"].as_str(), event["exitCode"].as_i64()), (Some("crashed"), Some(3)));
+    assert_eq!(
+        (event["event"].as_str(), event["exitCode"].as_i64()),
+        (Some("crashed"), Some(3))
+    );
     assert_eq!(ws.closed().await.0, 1011);
-    eventually("leftover tool killed", || async { process_gone(grandchild) }).await;
+    eventually("leftover tool killed", || async {
+        process_gone(grandchild)
+    })
+    .await;
     server.stop().await;
 }
 
@@ -71,7 +83,11 @@ async fn writes_racing_an_agent_exit_never_take_the_server_down() {
     let big = "x".repeat(1 << 20);
     for _ in 0..64 {
         // The agent is exiting or gone: these hit a closed pipe (EPIPE).
-        let _ = futures_util::SinkExt::send(&mut ws.socket, tokio_tungstenite::tungstenite::Message::text(big.clone())).await;
+        let _ = futures_util::SinkExt::send(
+            &mut ws.socket,
+            tokio_tungstenite::tungstenite::Message::text(big.clone()),
+        )
+        .await;
     }
     assert_eq!(server.get("/healthz").await.0, 200);
     let mut ow = server.ws(&other).await;
@@ -92,7 +108,10 @@ async fn shutdown_closes_clients_with_1001_and_stops_agents() {
         assert_eq!(client.closed().await, (1001, "server shutting down".into()));
     }
     let _state = stopping.await.expect("stopped");
-    assert!(process_gone(agent), "agents of the process runtime end with the server");
+    assert!(
+        process_gone(agent),
+        "agents of the process runtime end with the server"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -111,7 +130,10 @@ async fn sessions_and_their_output_survive_a_server_restart() {
     let server = TestServer::start_in(state, config).await;
     let (status, summary) = server.get_json(&format!("/sessions/{id}")).await;
     assert_eq!(status, 200);
-    assert_eq!(summary["status"], "crashed", "its agent did not survive: {summary}");
+    assert_eq!(
+        summary["status"], "crashed",
+        "its agent did not survive: {summary}"
+    );
     assert_eq!(summary["lastSeq"], 50);
     // The output is still there for replay.
     let mut replay = server.ws_query(&id, "?since=45").await;
@@ -121,12 +143,18 @@ async fn sessions_and_their_output_survive_a_server_restart() {
     }
     assert_eq!(replay.json().await["type"], "amarre.session_event");
     // Restarting continues the sequence.
-    assert_eq!(server.post(&format!("/sessions/{id}/restart"), "").await.0, 200);
+    assert_eq!(
+        server.post(&format!("/sessions/{id}/restart"), "").await.0,
+        200
+    );
     let mut ws = server.ws_query(&id, "?since=50").await;
     assert_eq!(ws.json().await["replayFrom"], 51);
     ws.send(r#"{"id":"again"}"#).await;
     assert_eq!(ws.json().await["echo"]["id"], "again");
-    assert_eq!(server.get_json(&format!("/sessions/{id}")).await.1["lastSeq"], 51);
+    assert_eq!(
+        server.get_json(&format!("/sessions/{id}")).await.1["lastSeq"],
+        51
+    );
     server.stop().await;
 }
 
@@ -138,7 +166,10 @@ async fn the_builtin_echo_instance_needs_nothing_installed() {
     ws.send("{\"id\":\"1\",\"type\":\"get_state\"}\n").await;
     let reply: Value = ws.json().await;
     assert_eq!(reply["echo"], json!({"id": "1", "type": "get_state"}));
-    assert_eq!((reply["id"].as_str(), reply["success"].as_bool()), (Some("1"), Some(true)));
+    assert_eq!(
+        (reply["id"].as_str(), reply["success"].as_bool()),
+        (Some("1"), Some(true))
+    );
     server.stop().await;
 }
 
@@ -146,7 +177,9 @@ async fn the_builtin_echo_instance_needs_nothing_installed() {
 async fn session_environment_and_cwd_reach_the_agent() {
     let dir = tempfile::tempdir().expect("dir");
     let server = TestServer::start_with(|c| {
-        c.instances[0].env.insert("FROM_INSTANCE".into(), "i".into());
+        c.instances[0]
+            .env
+            .insert("FROM_INSTANCE".into(), "i".into());
     })
     .await;
     let body = json!({"cwd": dir.path(), "env": {"FROM_SESSION": "0123"}}).to_string();
@@ -154,7 +187,8 @@ async fn session_environment_and_cwd_reach_the_agent() {
     assert_eq!(status, 201);
     let mut ws = server.ws(created["id"].as_str().expect("id")).await;
     for (key, want) in [("FROM_INSTANCE", "i"), ("FROM_SESSION", "0123")] {
-        ws.send(&json!({"_emit": "env", "key": key}).to_string()).await;
+        ws.send(&json!({"_emit": "env", "key": key}).to_string())
+            .await;
         assert_eq!(ws.json().await["value"], want);
     }
     ws.send(r#"{"_emit":"cwd"}"#).await;

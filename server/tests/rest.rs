@@ -6,7 +6,11 @@ use common::{TestServer, instance};
 use serde_json::{Value, json};
 
 fn keys(v: &Value) -> Vec<&str> {
-    v.as_object().expect("object").keys().map(String::as_str).collect()
+    v.as_object()
+        .expect("object")
+        .keys()
+        .map(String::as_str)
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -31,23 +35,51 @@ async fn session_lifecycle_over_rest() {
     assert_eq!(status, 201);
     let id = created["id"].as_str().expect("id").to_owned();
     assert_eq!(id.len(), 12);
-    assert!(id.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+    assert!(
+        id.bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+    );
     // amarre's SessionSummary key order; moorline's additions come last.
     assert_eq!(
         keys(&created),
-        ["id", "name", "instanceId", "status", "agent", "spawnedAt", "clients", "lastSeq", "runtime"]
+        [
+            "id",
+            "name",
+            "instanceId",
+            "status",
+            "agent",
+            "spawnedAt",
+            "clients",
+            "lastSeq",
+            "runtime"
+        ]
     );
-    assert_eq!(created["instanceId"], "fixture", "first instance is the default");
+    assert_eq!(
+        created["instanceId"], "fixture",
+        "first instance is the default"
+    );
     assert_eq!(created["status"], "running");
     assert_eq!(created["clients"], 0);
 
     let (_, unnamed) = server.post("/sessions", "{}").await;
-    assert!(unnamed.get("name").is_none(), "name is omitted when not given");
+    assert!(
+        unnamed.get("name").is_none(),
+        "name is omitted when not given"
+    );
 
     let (status, list) = server.get_json("/sessions").await;
     assert_eq!(status, 200);
-    let ids: Vec<&str> = list.as_array().expect("list").iter().map(|s| s["id"].as_str().expect("id")).collect();
-    assert_eq!(ids, [id.as_str(), unnamed["id"].as_str().expect("id")], "creation order");
+    let ids: Vec<&str> = list
+        .as_array()
+        .expect("list")
+        .iter()
+        .map(|s| s["id"].as_str().expect("id"))
+        .collect();
+    assert_eq!(
+        ids,
+        [id.as_str(), unnamed["id"].as_str().expect("id")],
+        "creation order"
+    );
 
     let (status, one) = server.get_json(&format!("/sessions/{id}")).await;
     assert_eq!(status, 200);
@@ -55,8 +87,20 @@ async fn session_lifecycle_over_rest() {
 
     let (status, body) = server.delete(&format!("/sessions/{id}")).await;
     assert_eq!((status, body.as_str()), (204, ""));
-    assert_eq!(server.get_json(&format!("/sessions/{id}")).await, (404, json!({"error": "not_found"})));
-    assert_eq!(server.get_json("/sessions").await.1.as_array().expect("list").len(), 1);
+    assert_eq!(
+        server.get_json(&format!("/sessions/{id}")).await,
+        (404, json!({"error": "not_found"}))
+    );
+    assert_eq!(
+        server
+            .get_json("/sessions")
+            .await
+            .1
+            .as_array()
+            .expect("list")
+            .len(),
+        1
+    );
     assert_eq!(server.delete(&format!("/sessions/{id}")).await.0, 404);
     server.stop().await;
 }
@@ -69,14 +113,26 @@ async fn a_default_instance_named_default_wins_and_instance_ids_are_honoured() {
         c.instances.push(default);
     })
     .await;
-    assert_eq!(server.post("/sessions", "").await.1["instanceId"], "default");
+    assert_eq!(
+        server.post("/sessions", "").await.1["instanceId"],
+        "default"
+    );
     let (status, s) = server.post("/sessions", r#"{"instanceId":"cat"}"#).await;
     assert_eq!((status, s["instanceId"].as_str()), (201, Some("cat")));
     let listed = server.get_json("/sessions").await.1;
-    assert!(listed.as_array().expect("list").iter().any(|x| x["instanceId"] == "cat"));
+    assert!(
+        listed
+            .as_array()
+            .expect("list")
+            .iter()
+            .any(|x| x["instanceId"] == "cat")
+    );
     assert_eq!(
         server.post("/sessions", r#"{"instanceId":"ghost"}"#).await,
-        (404, json!({"error": "unknown_instance", "instanceId": "ghost"}))
+        (
+            404,
+            json!({"error": "unknown_instance", "instanceId": "ghost"})
+        )
     );
     server.stop().await;
 }
@@ -102,7 +158,10 @@ async fn any_content_type_and_an_empty_body_are_accepted() {
 async fn malformed_bodies_get_400_with_a_reason_and_create_nothing() {
     let server = TestServer::start().await;
     let (status, body) = server.post("/sessions", "{not json").await;
-    assert_eq!((status, body["error"].as_str()), (400, Some("invalid_json")));
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("invalid_json"))
+    );
     assert!(body["message"].as_str().is_some_and(|m| !m.is_empty()));
     let (status, body) = server.post("/sessions", r#"{"name":42}"#).await;
     assert_eq!((status, body["field"].as_str()), (400, Some("name")));
@@ -124,15 +183,35 @@ async fn spawn_failures_are_reported_and_hold_no_slot() {
     })
     .await;
     for _ in 0..3 {
-        let (status, body) = server.post("/sessions", r#"{"instanceId":"missing"}"#).await;
+        let (status, body) = server
+            .post("/sessions", r#"{"instanceId":"missing"}"#)
+            .await;
         assert_eq!(status, 500, "{body}");
         assert_eq!(body["error"], "spawn_failed");
-        assert!(body["message"].as_str().expect("message").contains("/nonexistent/agent"), "{body}");
+        assert!(
+            body["message"]
+                .as_str()
+                .expect("message")
+                .contains("/nonexistent/agent"),
+            "{body}"
+        );
     }
-    let (status, body) = server.post("/sessions", r#"{"cwd":"/does/not/exist"}"#).await;
-    assert_eq!((status, body["error"].as_str()), (400, Some("invalid_cwd")), "{body}");
-    assert_eq!(server.get_json("/sessions").await.1, json!([]), "no zombie sessions");
-    let dirs = std::fs::read_dir(server.state.path().join("sessions")).expect("dir").count();
+    let (status, body) = server
+        .post("/sessions", r#"{"cwd":"/does/not/exist"}"#)
+        .await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("invalid_cwd")),
+        "{body}"
+    );
+    assert_eq!(
+        server.get_json("/sessions").await.1,
+        json!([]),
+        "no zombie sessions"
+    );
+    let dirs = std::fs::read_dir(server.state.path().join("sessions"))
+        .expect("dir")
+        .count();
     assert_eq!(dirs, 0, "nothing left on disk");
     // The single slot is still free.
     assert_eq!(server.post("/sessions", "{}").await.0, 201);
@@ -153,7 +232,10 @@ async fn max_sessions_counts_running_agents() {
     assert_eq!(ws.json().await["type"], "amarre.session_event");
     let other = server.post("/sessions", "{}").await;
     assert_eq!(other.0, 201);
-    assert_eq!(server.post(&format!("/sessions/{id}/restart"), "").await.0, 429);
+    assert_eq!(
+        server.post(&format!("/sessions/{id}/restart"), "").await.0,
+        429
+    );
     server.stop().await;
 }
 
@@ -174,10 +256,16 @@ async fn restart_rules() {
     ws.json().await;
     ws.closed().await;
     let (status, body) = server.get_json(&format!("/sessions/{id}")).await;
-    assert_eq!((status, body["status"].as_str(), body["exitCode"].as_i64()), (200, Some("crashed"), Some(7)));
+    assert_eq!(
+        (status, body["status"].as_str(), body["exitCode"].as_i64()),
+        (200, Some("crashed"), Some(7))
+    );
     let (status, body) = server.post(&format!("/sessions/{id}/restart"), "").await;
     assert_eq!((status, body["status"].as_str()), (200, Some("running")));
-    assert!(body.get("exitCode").is_none(), "exit code cleared on restart");
+    assert!(
+        body.get("exitCode").is_none(),
+        "exit code cleared on restart"
+    );
     let mut ws = server.ws(&id).await;
     ws.send(r#"{"id":"2"}"#).await;
     assert_eq!(ws.json().await["echo"]["id"], "2");
@@ -188,11 +276,19 @@ async fn restart_rules() {
 async fn amarre_route_quirks() {
     let server = TestServer::start().await;
     for method in [reqwest::Method::GET, reqwest::Method::POST] {
-        let resp = server.http.request(method, server.url("/")).send().await.expect("root");
+        let resp = server
+            .http
+            .request(method, server.url("/"))
+            .send()
+            .await
+            .expect("root");
         assert_eq!(resp.status().as_u16(), 426);
         assert_eq!(resp.headers()["upgrade"], "websocket");
         assert_eq!(resp.headers()["connection"], "Upgrade");
-        assert_eq!(resp.text().await.expect("body"), "Use /sessions/<id>; see docs/PROTOCOL.md\n");
+        assert_eq!(
+            resp.text().await.expect("body"),
+            "Use /sessions/<id>; see docs/PROTOCOL.md\n"
+        );
     }
     assert_eq!(server.get("/nope").await, (404, "Not found\n".into()));
     assert_eq!(server.get("/sessions/").await, (404, "Not found\n".into()));
@@ -202,8 +298,14 @@ async fn amarre_route_quirks() {
     assert_eq!(resp.text().await.expect("body"), r#"{"error":"not_found"}"#);
     let id = server.session("fixture").await;
     let resp = put(format!("/sessions/{id}")).await.expect("put");
-    assert_eq!((resp.status().as_u16(), resp.text().await.expect("body")), (404, "Not found\n".into()));
-    assert_eq!(server.get(&format!("/sessions/{id}/restart")).await, (404, "Not found\n".into()));
+    assert_eq!(
+        (resp.status().as_u16(), resp.text().await.expect("body")),
+        (404, "Not found\n".into())
+    );
+    assert_eq!(
+        server.get(&format!("/sessions/{id}/restart")).await,
+        (404, "Not found\n".into())
+    );
     assert_eq!(server.get("/healthz").await, (200, "ok\n".into()));
     assert_eq!(
         server.post("/push/tokens", "{}").await,
@@ -222,10 +324,16 @@ async fn metrics_count_sessions_lines_and_spawns() {
     ws.json().await;
     let (status, text) = server.get("/metrics").await;
     assert_eq!(status, 200);
-    assert!(text.contains(r#"moorline_sessions{status="running"} 1"#), "{text}");
+    assert!(
+        text.contains(r#"moorline_sessions{status="running"} 1"#),
+        "{text}"
+    );
     assert!(text.contains("moorline_clients 1"), "{text}");
     assert!(text.contains("moorline_lines_out_total 2"), "{text}");
-    assert!(text.contains(r#"moorline_lines_dropped_total{reason="invalid_utf8"} 1"#), "{text}");
+    assert!(
+        text.contains(r#"moorline_lines_dropped_total{reason="invalid_utf8"} 1"#),
+        "{text}"
+    );
     assert!(text.contains("moorline_spawn_seconds_count 1"), "{text}");
     assert!(text.contains("moorline_lines_in_total 1"), "{text}");
     server.stop().await;

@@ -13,11 +13,18 @@ async fn round_trip_fan_out_and_framing() {
     let id = server.session("fixture").await;
     let mut a = server.ws(&id).await;
     let mut b = server.ws(&id).await;
-    a.send("{\"id\":\"1\",\"type\":\"prompt\",\"message\":\"hi\"}\n").await;
+    a.send("{\"id\":\"1\",\"type\":\"prompt\",\"message\":\"hi\"}\n")
+        .await;
     for ws in [&mut a, &mut b] {
         let r = ws.json().await;
-        assert_eq!((r["type"].as_str(), r["success"].as_bool()), (Some("response"), Some(true)));
-        assert_eq!((r["echo"]["id"].as_str(), r["echo"]["message"].as_str()), (Some("1"), Some("hi")));
+        assert_eq!(
+            (r["type"].as_str(), r["success"].as_bool()),
+            (Some("response"), Some(true))
+        );
+        assert_eq!(
+            (r["echo"]["id"].as_str(), r["echo"]["message"].as_str()),
+            (Some("1"), Some("hi"))
+        );
     }
     // Two lines in one write become two frames, for every client.
     b.send(r#"{"_emit":"chunk"}"#).await;
@@ -40,9 +47,17 @@ async fn output_lines_are_split_on_newline_only() {
     let id = server.session("fixture").await;
     let mut ws = server.ws(&id).await;
     ws.send(r#"{"_emit":"u2028"}"#).await;
-    assert_eq!(ws.json().await["s"], "a\u{2028}b", "U+2028 does not split a line");
+    assert_eq!(
+        ws.json().await["s"],
+        "a\u{2028}b",
+        "U+2028 does not split a line"
+    );
     ws.send(r#"{"_emit":"crlf"}"#).await;
-    assert_eq!(ws.text().await, r#"{"type":"crlf"}"#, "\\r stripped, empty lines skipped");
+    assert_eq!(
+        ws.text().await,
+        r#"{"type":"crlf"}"#,
+        "\\r stripped, empty lines skipped"
+    );
     ws.send(r#"{"_emit":"invalid_utf8"}"#).await;
     let dropped = ws.json().await;
     assert_eq!(dropped["type"], "amarre.line_dropped");
@@ -57,14 +72,24 @@ async fn long_lines_pass_up_to_the_limit_and_are_reported_beyond() {
     let server = TestServer::start_with(|c| c.limits.max_line_bytes = 8 << 20).await;
     let id = server.session("fixture").await;
     let mut ws = server.ws(&id).await;
-    ws.send(&json!({"_emit": "huge", "bytes": 8 << 20}).to_string()).await;
+    ws.send(&json!({"_emit": "huge", "bytes": 8 << 20}).to_string())
+        .await;
     let line = ws.text().await;
     assert_eq!(line.len(), 8 << 20, "a multi-megabyte line arrives intact");
     assert!(line.starts_with(r#"{"type":"huge""#));
-    ws.send(&json!({"_emit": "huge", "bytes": (8 << 20) + 1}).to_string()).await;
+    ws.send(&json!({"_emit": "huge", "bytes": (8 << 20) + 1}).to_string())
+        .await;
     let dropped = ws.json().await;
-    assert_eq!((dropped["reason"].as_str(), dropped["bytes"].as_u64()), (Some("line_too_long"), Some((8 << 20) + 1)));
-    assert!(dropped["preview"].as_str().expect("preview").starts_with(r#"{"type":"huge""#));
+    assert_eq!(
+        (dropped["reason"].as_str(), dropped["bytes"].as_u64()),
+        (Some("line_too_long"), Some((8 << 20) + 1))
+    );
+    assert!(
+        dropped["preview"]
+            .as_str()
+            .expect("preview")
+            .starts_with(r#"{"type":"huge""#)
+    );
     ws.send(r#"{"id":"after"}"#).await;
     assert_eq!(ws.json().await["echo"]["id"], "after");
     server.stop().await;
@@ -89,7 +114,10 @@ async fn inbound_frames_follow_amarres_rules() {
         .expect("send");
     assert_eq!(ws.json().await["echo"]["id"], "bin");
     // Invalid UTF-8 cannot be a JSON line: the client is told and disconnected.
-    ws.socket.send(Message::binary(vec![0xff, 0xfe])).await.expect("send");
+    ws.socket
+        .send(Message::binary(vec![0xff, 0xfe]))
+        .await
+        .expect("send");
     assert_eq!(ws.closed().await.0, 1007);
     // The session is unharmed.
     let mut again = server.ws(&id).await;
@@ -115,16 +143,25 @@ async fn oversized_frames_close_with_1009() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_refusals_before_the_upgrade() {
     let server = TestServer::start_with(|c| c.limits.max_clients_per_session = 2).await;
-    let refused = Ws::try_connect(&server.ws_url("/sessions/does-not-exist"), &[]).await.err();
+    let refused = Ws::try_connect(&server.ws_url("/sessions/does-not-exist"), &[])
+        .await
+        .err();
     assert_eq!(refused, Some((404, "Session not found\n".into())));
     let id = server.session("fixture").await;
     let _a = server.ws(&id).await;
     let _b = server.ws(&id).await;
-    let refused = Ws::try_connect(&server.ws_url(&format!("/sessions/{id}")), &[]).await.err();
+    let refused = Ws::try_connect(&server.ws_url(&format!("/sessions/{id}")), &[])
+        .await
+        .err();
     let (status, body) = refused.expect("third client refused");
     assert_eq!(status, 429);
-    assert_eq!(serde_json::from_str::<Value>(&body).expect("json"), json!({"error": "max_clients_reached", "limit": 2}));
-    let refused = Ws::try_connect(&server.ws_url(&format!("/sessions/{id}?since=abc")), &[]).await.err();
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).expect("json"),
+        json!({"error": "max_clients_reached", "limit": 2})
+    );
+    let refused = Ws::try_connect(&server.ws_url(&format!("/sessions/{id}?since=abc")), &[])
+        .await
+        .err();
     assert_eq!(refused.map(|r| r.0), Some(400));
     server.stop().await;
 }
@@ -143,9 +180,17 @@ async fn a_crash_is_an_event_then_1011_and_other_sessions_live_on() {
     );
     assert_eq!(wa.closed().await, (1011, "agent crashed".into()));
     let (_, summary) = server.get_json(&format!("/sessions/{a}")).await;
-    assert_eq!((summary["status"].as_str(), summary["exitCode"].as_i64()), (Some("crashed"), Some(7)));
-    let refused = Ws::try_connect(&server.ws_url(&format!("/sessions/{a}")), &[]).await.err();
-    assert_eq!(refused, Some((409, "Session crashed; restart it first\n".into())));
+    assert_eq!(
+        (summary["status"].as_str(), summary["exitCode"].as_i64()),
+        (Some("crashed"), Some(7))
+    );
+    let refused = Ws::try_connect(&server.ws_url(&format!("/sessions/{a}")), &[])
+        .await
+        .err();
+    assert_eq!(
+        refused,
+        Some((409, "Session crashed; restart it first\n".into()))
+    );
     // B never saw A's traffic: its next frame is its own answer.
     wb.send(r#"{"id":"b"}"#).await;
     assert_eq!(wb.json().await["echo"]["id"], "b");
@@ -158,14 +203,21 @@ async fn a_clean_exit_is_reported_as_an_exit() {
     let id = server.session("fixture").await;
     let mut ws = server.ws(&id).await;
     ws.send(r#"{"_emit":"partial_exit"}"#).await;
-    assert_eq!(ws.text().await, r#"{"partial":true}"#, "an unterminated last line is delivered");
+    assert_eq!(
+        ws.text().await,
+        r#"{"partial":true}"#,
+        "an unterminated last line is delivered"
+    );
     assert_eq!(
         ws.text().await,
         r#"{"type":"amarre.session_event","event":"exited","exitCode":0,"signal":null}"#
     );
     assert_eq!(ws.closed().await, (1000, "agent exited".into()));
     let (_, summary) = server.get_json(&format!("/sessions/{id}")).await;
-    assert_eq!((summary["status"].as_str(), summary["exitCode"].as_i64()), (Some("exited"), Some(0)));
+    assert_eq!(
+        (summary["status"].as_str(), summary["exitCode"].as_i64()),
+        (Some("exited"), Some(0))
+    );
     server.stop().await;
 }
 
@@ -211,8 +263,20 @@ async fn output_without_clients_is_kept_and_replayed_with_sequence_numbers() {
     let mut ws = server.ws_query(&id, "?since=0").await;
     let hello = ws.json().await;
     assert_eq!(hello["type"], "amarre.hello");
-    assert_eq!((hello["seq"].as_u64(), hello["replayFrom"].as_u64(), hello["missed"].as_u64()), (Some(300), Some(1), Some(0)));
-    assert!(hello["capabilities"].as_array().expect("caps").contains(&json!("replay")));
+    assert_eq!(
+        (
+            hello["seq"].as_u64(),
+            hello["replayFrom"].as_u64(),
+            hello["missed"].as_u64()
+        ),
+        (Some(300), Some(1), Some(0))
+    );
+    assert!(
+        hello["capabilities"]
+            .as_array()
+            .expect("caps")
+            .contains(&json!("replay"))
+    );
     for i in 1..=300 {
         assert_eq!(ws.json().await["i"], i);
     }
@@ -236,7 +300,10 @@ async fn hello_is_opt_in() {
     let id = server.session("fixture").await;
     let mut ws = server.ws_query(&id, "?hello=1").await;
     let hello = ws.json().await;
-    assert_eq!((hello["type"].as_str(), hello["sessionId"].as_str()), (Some("amarre.hello"), Some(id.as_str())));
+    assert_eq!(
+        (hello["type"].as_str(), hello["sessionId"].as_str()),
+        (Some("amarre.hello"), Some(id.as_str()))
+    );
     assert_eq!(hello["agent"]["name"], "fixture");
     assert_eq!(hello["replayFrom"], 1);
     ws.send(r#"{"id":"x"}"#).await;
@@ -266,7 +333,11 @@ async fn lines_no_longer_retained_are_reported_in_the_hello() {
     let from = hello["replayFrom"].as_u64().expect("replayFrom");
     assert!(from > 1, "old lines were dropped: {hello}");
     assert_eq!(hello["missed"].as_u64(), Some(from - 1));
-    assert_eq!(late.json().await["i"], from, "replay starts at the oldest retained line");
+    assert_eq!(
+        late.json().await["i"],
+        from,
+        "replay starts at the oldest retained line"
+    );
     server.stop().await;
 }
 
@@ -277,7 +348,8 @@ async fn a_slow_client_is_caught_up_from_disk_and_loses_nothing() {
     let mut fast = server.ws(&id).await;
     let mut slow = server.ws(&id).await;
     let n = 20_000u64;
-    fast.send(&json!({"_emit": "flood", "n": n, "size": 1024}).to_string()).await;
+    fast.send(&json!({"_emit": "flood", "n": n, "size": 1024}).to_string())
+        .await;
     // The fast client reads everything while the slow one reads nothing.
     for i in 1..=n {
         assert_eq!(fast.json().await["i"], i);
@@ -300,7 +372,8 @@ async fn a_client_behind_the_journal_is_closed_with_its_last_sequence() {
     let id = server.session("fixture").await;
     let mut slow = server.ws(&id).await;
     let n = 40_000u64;
-    slow.send(&json!({"_emit": "flood", "n": n, "size": 1024}).to_string()).await;
+    slow.send(&json!({"_emit": "flood", "n": n, "size": 1024}).to_string())
+        .await;
     common::eventually("the flood", || async {
         server.get_json(&format!("/sessions/{id}")).await.1["lastSeq"] == n
     })
@@ -308,11 +381,14 @@ async fn a_client_behind_the_journal_is_closed_with_its_last_sequence() {
     // The slow client reads what it can, then is told exactly where it stopped.
     let mut next = 1u64;
     let (code, reason) = loop {
-        match tokio::time::timeout(common::WAIT, futures_util::StreamExt::next(&mut slow.socket))
-            .await
-            .expect("frame")
-            .expect("open")
-            .expect("frame")
+        match tokio::time::timeout(
+            common::WAIT,
+            futures_util::StreamExt::next(&mut slow.socket),
+        )
+        .await
+        .expect("frame")
+        .expect("open")
+        .expect("frame")
         {
             Message::Text(t) => {
                 let v: Value = serde_json::from_str(&t).expect("json");
@@ -324,7 +400,10 @@ async fn a_client_behind_the_journal_is_closed_with_its_last_sequence() {
         }
     };
     assert_eq!(code, 1013);
-    assert!(reason.contains(&format!("last_seq={}", next - 1)), "{reason}");
+    assert!(
+        reason.contains(&format!("last_seq={}", next - 1)),
+        "{reason}"
+    );
     assert!(next - 1 < n);
     server.stop().await;
 }

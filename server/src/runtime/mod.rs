@@ -18,6 +18,30 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 pub mod process;
 
+use crate::config::{Config, InstanceConfig, RuntimeKind};
+
+/// The runtimes available on this machine, and which one each instance gets.
+#[derive(Debug)]
+pub struct Runtimes {
+    process: Arc<dyn Runtime>,
+}
+
+impl Runtimes {
+    /// Sets up the runtimes the configuration can use.
+    pub fn new(_config: &Config) -> Self {
+        Self {
+            process: Arc::new(process::ProcessRuntime),
+        }
+    }
+
+    /// The runtime for one instance.
+    pub fn for_instance(&self, instance: &InstanceConfig) -> Arc<dyn Runtime> {
+        match instance.runtime {
+            RuntimeKind::Auto | RuntimeKind::Process => self.process.clone(),
+        }
+    }
+}
+
 /// Everything a runtime needs to start one agent.
 #[derive(Debug, Clone)]
 pub struct SpawnSpec {

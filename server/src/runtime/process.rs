@@ -98,10 +98,10 @@ impl GroupControl {
     fn leader_exited(&self) {
         // Other members (the agent's tools) may still run; the group id stays reserved while
         // they do. If none are left, killpg fails with ESRCH, which we treat as "gone".
-        if let Some(pgid) = self.pgid {
-            if killpg(pgid, None).is_err() {
-                self.gone.store(true, Ordering::SeqCst);
-            }
+        if let Some(pgid) = self.pgid
+            && killpg(pgid, None).is_err()
+        {
+            self.gone.store(true, Ordering::SeqCst);
         }
     }
 

@@ -15,11 +15,10 @@ use tokio_util::task::TaskTracker;
 use super::pump::{OutputPump, stderr_reader, stdin_writer};
 use super::store::{self, JOURNAL_DIR, Meta};
 use super::{Lifecycle, Session, SessionSummary, State, Status, StopReason, now_ms};
-use crate::config::{Config, InstanceConfig, Limits, RuntimeKind};
+use crate::config::{Config, InstanceConfig, Limits};
 use crate::fanout::Hub;
 use crate::journal::{JournalLimits, JournalWriter};
 use crate::metrics::Metrics;
-use crate::runtime::process::ProcessRuntime;
 use crate::runtime::{Runtime, RuntimeError, SpawnSpec};
 
 /// A configured instance, ready to start agents.
@@ -102,19 +101,20 @@ pub struct SessionManager {
 
 impl SessionManager {
     /// Builds the instances and loads the sessions a previous server left in the state dir.
+    ///
+    /// `runtime_for` picks the runtime of each instance; session logic never looks behind the
+    /// [`Runtime`] trait.
     pub fn new(
         config: &Config,
         moorline_exe: PathBuf,
         metrics: Arc<Metrics>,
         tracker: TaskTracker,
+        runtime_for: &dyn Fn(&InstanceConfig) -> Arc<dyn Runtime>,
     ) -> Result<Arc<Self>, SessionError> {
-        let process: Arc<dyn Runtime> = Arc::new(ProcessRuntime);
         let mut instances = IndexMap::new();
         for inst in &config.instances {
             let adapter = moorline_adapters::build(&inst.adapter_config())?;
-            let runtime = match inst.runtime {
-                RuntimeKind::Auto | RuntimeKind::Process => process.clone(),
-            };
+            let runtime = runtime_for(inst);
             tracing::info!(instance = %inst.id, agent = adapter.name(), runtime = runtime.name(), "instance ready");
             instances.insert(
                 inst.id.clone(),
@@ -192,9 +192,13 @@ impl SessionManager {
     /// Creates a session and starts its agent.
     pub async fn create(&self, req: CreateRequest) -> Result<SessionSummary, SessionError> {
         // Like amarre, the limit is checked before anything else.
-        let permit = self.slots.clone().try_acquire_owned().map_err(|_| SessionError::MaxSessions {
-            limit: self.limits.max_sessions,
-        })?;
+        let permit =
+            self.slots
+                .clone()
+                .try_acquire_owned()
+                .map_err(|_| SessionError::MaxSessions {
+                    limit: self.limits.max_sessions,
+                })?;
         let instance = match &req.instance_id {
             Some(id) => self
                 .instances
@@ -252,9 +256,13 @@ impl SessionManager {
                 return Err(SessionError::AlreadyRunning);
             }
         }
-        let permit = self.slots.clone().try_acquire_owned().map_err(|_| SessionError::MaxSessions {
-            limit: self.limits.max_sessions,
-        })?;
+        let permit =
+            self.slots
+                .clone()
+                .try_acquire_owned()
+                .map_err(|_| SessionError::MaxSessions {
+                    limit: self.limits.max_sessions,
+                })?;
         self.start(&session, permit).await?;
         Ok(session.summary())
     }
@@ -262,9 +270,14 @@ impl SessionManager {
     /// Deletes a session: stops its agent (TERM, grace, KILL), closes its clients with 1000,
     /// and removes everything it stored.
     pub async fn delete(&self, id: &str) -> Result<(), SessionError> {
-        let session = self.write().shift_remove(id).ok_or(SessionError::NotFound)?;
+        let session = self
+            .write()
+            .shift_remove(id)
+            .ok_or(SessionError::NotFound)?;
         session.lifecycle.send_replace(Lifecycle::Deleted);
-        session.stop_agent(StopReason::Delete, self.limits.stop_grace()).await;
+        session
+            .stop_agent(StopReason::Delete, self.limits.stop_grace())
+            .await;
         {
             let mut state = session.lock();
             state.status = Status::Stopped;
@@ -311,7 +324,12 @@ impl SessionManager {
             &journal_dir,
             JournalLimits::with_max_bytes(self.limits.journal_max_bytes),
         )?;
-        let hub = Hub::new(journal_dir, index, writer.next_seq() - 1, self.limits.backlog_bytes);
+        let hub = Hub::new(
+            journal_dir,
+            index,
+            writer.next_seq() - 1,
+            self.limits.backlog_bytes,
+        );
         let exit = match (meta.exit_code, meta.signal) {
             (None, None) => None,
             (code, signal) => Some(crate::runtime::ExitInfo { code, signal }),

@@ -23,6 +23,8 @@ use crate::runtime::{AgentControl, ExitInfo};
 mod manager;
 mod pump;
 pub mod store;
+#[cfg(test)]
+mod tests;
 
 pub use manager::{CreateRequest, Instance, SessionError, SessionManager};
 
@@ -214,7 +216,9 @@ impl Session {
     /// Registers a client unless `limit` are already connected.
     pub fn try_add_client(self: &Arc<Self>, limit: usize) -> Option<ClientGuard> {
         self.clients
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| (n < limit).then_some(n + 1))
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < limit).then_some(n + 1)
+            })
             .ok()
             .map(|_| ClientGuard {
                 session: self.clone(),
@@ -294,7 +298,10 @@ impl Session {
         if let Err(e) = control.kill() {
             tracing::warn!(session = %self.id, error = %e, "SIGKILL failed");
         }
-        if !self.wait_finished(generation, Duration::from_secs(10)).await {
+        if !self
+            .wait_finished(generation, Duration::from_secs(10))
+            .await
+        {
             tracing::error!(session = %self.id, "agent did not exit after SIGKILL");
         }
     }

@@ -39,7 +39,12 @@ impl OutputPump {
     /// Exit and end-of-output are awaited separately: a tool the agent started may keep stdout
     /// open after the agent exits. Such leftovers get `exit_drain` to finish, then the agent's
     /// process group is killed, then output is given up on after another `exit_drain`.
-    pub(super) async fn run(mut self, mut stdout: Reader, mut exit: ExitFuture, control: Arc<dyn AgentControl>) {
+    pub(super) async fn run(
+        mut self,
+        mut stdout: Reader,
+        mut exit: ExitFuture,
+        control: Arc<dyn AgentControl>,
+    ) {
         let mut framer = LineFramer::new(self.max_line);
         let mut buf = BytesMut::with_capacity(READ_CHUNK);
         let mut stdout_open = true;
@@ -90,8 +95,15 @@ impl OutputPump {
             code: None,
             signal: None,
         });
-        let kind = if exit.is_success() { "exited" } else { "crashed" };
-        self.metrics.agent_exits.get_or_create(&[("kind", kind)]).inc();
+        let kind = if exit.is_success() {
+            "exited"
+        } else {
+            "crashed"
+        };
+        self.metrics
+            .agent_exits
+            .get_or_create(&[("kind", kind)])
+            .inc();
         tracing::info!(session = %self.session.id, %exit, last_seq = self.session.hub.last_seq(), "agent finished");
         let generation = self.generation;
         let session = self.session.clone();
@@ -102,7 +114,9 @@ impl OutputPump {
     fn process(&mut self, framer: &mut LineFramer, chunk: &[u8]) {
         let mut batch = BytesMut::with_capacity(chunk.len() + framer.buffered() + 1);
         let mut ends = Vec::new();
-        framer.feed(chunk, &mut |f| push_frame(&mut batch, &mut ends, &self.metrics, f));
+        framer.feed(chunk, &mut |f| {
+            push_frame(&mut batch, &mut ends, &self.metrics, f)
+        });
         self.commit(batch, &ends);
     }
 
@@ -128,7 +142,12 @@ impl OutputPump {
     }
 }
 
-fn push_frame(batch: &mut BytesMut, ends: &mut Vec<(usize, usize)>, metrics: &Metrics, frame: Frame<'_>) {
+fn push_frame(
+    batch: &mut BytesMut,
+    ends: &mut Vec<(usize, usize)>,
+    metrics: &Metrics,
+    frame: Frame<'_>,
+) {
     let start = batch.len();
     match frame {
         Frame::Line(text) => batch.extend_from_slice(text.as_bytes()),
@@ -159,7 +178,11 @@ async fn sleep_until(deadline: Option<Instant>) {
 ///
 /// A write error (the agent exited: EPIPE) ends the writer; lines still queued are dropped and
 /// senders see a closed channel. It never takes anything else down.
-pub(super) async fn stdin_writer(session: String, mut rx: mpsc::Receiver<Bytes>, mut stdin: Writer) {
+pub(super) async fn stdin_writer(
+    session: String,
+    mut rx: mpsc::Receiver<Bytes>,
+    mut stdin: Writer,
+) {
     let mut buf = Vec::with_capacity(64 * 1024);
     while let Some(first) = rx.recv().await {
         buf.clear();
@@ -190,7 +213,11 @@ pub(super) async fn stdin_writer(session: String, mut rx: mpsc::Receiver<Bytes>,
 pub(super) async fn stderr_reader(session: Arc<Session>, mut stderr: Reader, file_cap: u64) {
     use std::io::Write;
     let path = session.dir.join(super::store::STDERR_FILE);
-    let mut file = std::fs::OpenOptions::new().create(true).append(true).open(&path).ok();
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .ok();
     let mut written = file
         .as_ref()
         .and_then(|f| f.metadata().ok())
@@ -204,14 +231,14 @@ pub(super) async fn stderr_reader(session: Arc<Session>, mut stderr: Reader, fil
         let chunk = &buf[..n];
         session.push_stderr(chunk);
         tracing::debug!(session = %session.id, stderr = %String::from_utf8_lossy(chunk).trim_end(), "agent stderr");
-        if let Some(f) = file.as_mut() {
-            if written < file_cap {
-                let take = chunk.len().min((file_cap - written) as usize);
-                if f.write_all(&chunk[..take]).is_err() {
-                    file = None;
-                }
-                written += take as u64;
+        if let Some(f) = file.as_mut()
+            && written < file_cap
+        {
+            let take = chunk.len().min((file_cap - written) as usize);
+            if f.write_all(&chunk[..take]).is_err() {
+                file = None;
             }
+            written += take as u64;
         }
     }
 }

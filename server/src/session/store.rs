@@ -104,7 +104,10 @@ mod tests {
         save(tmp.path(), &meta).expect("save");
         assert_eq!(load(tmp.path()).expect("load"), meta);
         use std::os::unix::fs::PermissionsExt;
-        let mode = fs::metadata(tmp.path().join(META_FILE)).expect("stat").permissions().mode();
+        let mode = fs::metadata(tmp.path().join(META_FILE))
+            .expect("stat")
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o077, 0);
     }
 

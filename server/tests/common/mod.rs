@@ -91,7 +91,9 @@ impl TestServer {
     /// Starts a server over an existing state directory (to test restarts).
     pub async fn start_in(state: tempfile::TempDir, config: Config) -> Self {
         config.validate().expect("valid test config");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
         let addr = listener.local_addr().expect("addr");
         let (tx, rx) = oneshot::channel::<()>();
         let handle = tokio::spawn(moorline::run(listener, config, async move {
@@ -121,7 +123,10 @@ impl TestServer {
 
     pub async fn get_json(&self, path: &str) -> (u16, Value) {
         let (status, body) = self.get(path).await;
-        (status, serde_json::from_str(&body).unwrap_or(Value::String(body)))
+        (
+            status,
+            serde_json::from_str(&body).unwrap_or(Value::String(body)),
+        )
     }
 
     pub async fn post(&self, path: &str, body: &str) -> (u16, Value) {
@@ -134,11 +139,19 @@ impl TestServer {
             .expect("POST");
         let status = resp.status().as_u16();
         let text = resp.text().await.expect("body");
-        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
     }
 
     pub async fn delete(&self, path: &str) -> (u16, String) {
-        let resp = self.http.delete(self.url(path)).send().await.expect("DELETE");
+        let resp = self
+            .http
+            .delete(self.url(path))
+            .send()
+            .await
+            .expect("DELETE");
         (resp.status().as_u16(), resp.text().await.expect("body"))
     }
 
@@ -180,8 +193,8 @@ impl TestServer {
     /// Stops the server and hands back its state directory.
     pub async fn stop_keep_state(mut self) -> tempfile::TempDir {
         self.stop_in_place().await;
-        let state = std::mem::replace(&mut self.state, tempfile::tempdir().expect("tmp"));
-        state
+
+        std::mem::replace(&mut self.state, tempfile::tempdir().expect("tmp"))
     }
 }
 
@@ -191,11 +204,16 @@ pub struct Ws {
 
 impl Ws {
     pub async fn connect(url: &str) -> Self {
-        Self::try_connect(url, &[]).await.expect("websocket connects")
+        Self::try_connect(url, &[])
+            .await
+            .expect("websocket connects")
     }
 
     /// Connects with extra headers; returns the HTTP status and body on refusal.
-    pub async fn try_connect(url: &str, headers: &[(&'static str, &str)]) -> Result<Self, (u16, String)> {
+    pub async fn try_connect(
+        url: &str,
+        headers: &[(&'static str, &str)],
+    ) -> Result<Self, (u16, String)> {
         let mut request = url.into_client_request().expect("request");
         for (k, v) in headers {
             request.headers_mut().insert(*k, v.parse().expect("header"));
@@ -248,10 +266,16 @@ impl Ws {
     /// Waits for the close frame and returns its code and reason; panics on data frames.
     pub async fn closed(&mut self) -> (u16, String) {
         loop {
-            let msg = tokio::time::timeout(WAIT, self.socket.next()).await.expect("close in time");
+            let msg = tokio::time::timeout(WAIT, self.socket.next())
+                .await
+                .expect("close in time");
             match msg {
-                Some(Ok(Message::Close(Some(frame)))) => return (u16::from(frame.code), frame.reason.to_string()),
-                Some(Ok(Message::Close(None))) => return (u16::from(CloseCode::Status), String::new()),
+                Some(Ok(Message::Close(Some(frame)))) => {
+                    return (u16::from(frame.code), frame.reason.to_string());
+                }
+                Some(Ok(Message::Close(None))) => {
+                    return (u16::from(CloseCode::Status), String::new());
+                }
                 Some(Ok(Message::Text(t))) => panic!("expected close, got frame {t}"),
                 Some(Ok(_)) => {}
                 Some(Err(e)) => panic!("connection broke instead of closing: {e}"),
@@ -270,7 +294,10 @@ where
 {
     let deadline = tokio::time::Instant::now() + WAIT;
     while !check().await {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
