@@ -2,7 +2,7 @@
 //!
 //! Clients *pull*: each one keeps a cursor (the next sequence number it wants) and reads from a
 //! shared, bounded in-memory window of recent lines; whatever has left the window is read back
-//! from the session's [`journal`](crate::journal). A single `watch` channel announces the newest
+//! from the session's [`crate::journal`]. A single `watch` channel announces the newest
 //! sequence number. So a slow client never slows the agent or other clients, costs no memory of
 //! its own beyond the batch it is sending, and is never silently skipped over: it is either caught
 //! up from disk or, if the journal no longer holds what it needs, told so and closed.
