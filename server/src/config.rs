@@ -45,6 +45,121 @@ pub enum RuntimeKind {
     Auto,
     /// A direct child process of the server, in its own process group.
     Process,
+    /// A keeper process in a tmux session: survives server restarts; no isolation.
+    Tmux,
+    /// A runc container started by a keeper in a tmux session: isolated and durable.
+    Runc,
+}
+
+impl RuntimeKind {
+    /// The name used in configuration.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RuntimeKind::Auto => "auto",
+            RuntimeKind::Process => "process",
+            RuntimeKind::Tmux => "tmux",
+            RuntimeKind::Runc => "runc",
+        }
+    }
+}
+
+/// Network of a container.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum NetworkMode {
+    /// The host's network: agents reach their model API (and the host's loopback).
+    #[default]
+    Host,
+    /// A network namespace with only loopback: no network at all.
+    None,
+}
+
+/// Settings shared by the tmux and runc runtimes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RuntimeConfig {
+    /// The tmux program.
+    pub tmux: PathBuf,
+    /// Name of moorline's own tmux server (`tmux -L <name>`), never the user's default one.
+    pub tmux_socket: String,
+    /// The runc program.
+    pub runc: PathBuf,
+    /// runc's state directory. Default: `/run/moorline/runc` as root, else
+    /// `$XDG_RUNTIME_DIR/moorline/runc`, else `<state_dir>/runc`.
+    pub runc_root: Option<PathBuf>,
+    /// The init process run as PID 1 in containers (it reaps zombies and forwards signals).
+    pub tini: PathBuf,
+    /// Host directories bind-mounted read-only into containers (missing ones are skipped;
+    /// symlinks, as on merged-/usr systems, are recreated as symlinks).
+    #[serde(deserialize_with = "string_list_paths")]
+    pub system_dirs: Vec<PathBuf>,
+    /// Variables passed from the server's environment into containers, when set. Nothing
+    /// else of the server's environment reaches a container.
+    #[serde(deserialize_with = "string_list")]
+    pub pass_env: Vec<String>,
+    /// Values of `pass_env` found in the environment (filled in when loading).
+    #[serde(skip)]
+    pub passed_env: BTreeMap<String, String>,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        Self {
+            tmux: "tmux".into(),
+            tmux_socket: "moorline".into(),
+            runc: "runc".into(),
+            runc_root: None,
+            tini: "tini".into(),
+            system_dirs: [
+                "/usr",
+                "/bin",
+                "/sbin",
+                "/lib",
+                "/lib32",
+                "/lib64",
+                "/libx32",
+                "/etc",
+                "/opt",
+                "/nix/store",
+                "/run/current-system",
+            ]
+            .into_iter()
+            .map(PathBuf::from)
+            .collect(),
+            pass_env: [
+                "PATH",
+                "HOME",
+                "USER",
+                "LOGNAME",
+                "LANG",
+                "TZ",
+                "NODE_EXTRA_CA_CERTS",
+                "SSL_CERT_FILE",
+                "SSL_CERT_DIR",
+                "HTTPS_PROXY",
+                "HTTP_PROXY",
+                "NO_PROXY",
+                "https_proxy",
+                "http_proxy",
+                "no_proxy",
+            ]
+            .into_iter()
+            .map(str::to_owned)
+            .collect(),
+            passed_env: BTreeMap::new(),
+        }
+    }
+}
+
+/// The runtime settings of one instance, handed to runtimes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct InstanceRuntime {
+    /// Container network.
+    pub network: NetworkMode,
+    /// Maximum number of processes in the container.
+    pub pids_limit: Option<i64>,
+    /// Maximum memory of the container, in bytes.
+    pub memory_limit: Option<i64>,
 }
 
 /// The whole configuration. Every field has a default, so an empty file is valid.
@@ -78,6 +193,8 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Limits.
     pub limits: Limits,
+    /// Settings of the tmux and runc runtimes.
+    pub runtime: RuntimeConfig,
     /// Named agent configurations. Empty: one built-in `echo` instance.
     pub instances: Vec<InstanceConfig>,
     /// The moorline executable, which built-in agents run (`echo-agent`). Not configurable in
@@ -173,9 +290,44 @@ pub struct InstanceConfig {
     /// Working directory when a session does not ask for one (default: the server's).
     #[serde(default)]
     pub cwd: Option<PathBuf>,
+    /// Container network (`runc` runtime): `host` or `none`.
+    #[serde(default)]
+    pub network: NetworkMode,
+    /// Maximum number of processes in the container (`runc` runtime).
+    #[serde(default)]
+    pub pids_limit: Option<i64>,
+    /// Maximum memory of the container in bytes (`runc` runtime).
+    #[serde(default)]
+    pub memory_limit: Option<i64>,
 }
 
 impl InstanceConfig {
+    /// A minimal instance: an id and an agent kind, everything else default.
+    pub fn new(id: &str, agent: &str) -> Self {
+        Self {
+            id: id.to_owned(),
+            agent: agent.to_owned(),
+            command: None,
+            agent_path: None,
+            args: Vec::new(),
+            env: BTreeMap::new(),
+            runtime: RuntimeKind::Auto,
+            cwd: None,
+            network: NetworkMode::Host,
+            pids_limit: None,
+            memory_limit: None,
+        }
+    }
+
+    /// The runtime part of this instance.
+    pub fn runtime_options(&self) -> InstanceRuntime {
+        InstanceRuntime {
+            network: self.network,
+            pids_limit: self.pids_limit,
+            memory_limit: self.memory_limit,
+        }
+    }
+
     /// The adapter part of this instance.
     pub fn adapter_config(&self) -> moorline_adapters::AdapterConfig {
         moorline_adapters::AdapterConfig {
@@ -201,6 +353,7 @@ impl Default for Config {
             log: "info".into(),
             log_format: LogFormat::Human,
             limits: Limits::default(),
+            runtime: RuntimeConfig::default(),
             instances: Vec::new(),
             moorline_exe: None,
         }
@@ -302,6 +455,17 @@ impl Sources {
     }
 }
 
+/// runc's state belongs on a tmpfs (gone after a reboot, like the containers it describes).
+fn default_runc_root(sources: &Sources, state_dir: &Path) -> PathBuf {
+    if nix::unistd::getuid().is_root() {
+        return PathBuf::from("/run/moorline/runc");
+    }
+    match sources.env.get("XDG_RUNTIME_DIR") {
+        Some(dir) if !dir.is_empty() => Path::new(dir).join("moorline/runc"),
+        _ => state_dir.join("runc"),
+    }
+}
+
 fn os_to_string(v: OsString) -> Option<String> {
     v.into_string().ok()
 }
@@ -338,17 +502,17 @@ impl Config {
             .extract_lossy()
             .map_err(|e| describe(e, &env_names))?;
         if config.instances.is_empty() {
-            config.instances.push(InstanceConfig {
-                id: "echo".into(),
-                agent: "echo".into(),
-                command: None,
-                agent_path: None,
-                args: Vec::new(),
-                env: BTreeMap::new(),
-                runtime: RuntimeKind::Auto,
-                cwd: None,
-            });
+            config.instances.push(InstanceConfig::new("echo", "echo"));
         }
+        if config.runtime.runc_root.is_none() {
+            config.runtime.runc_root = Some(default_runc_root(sources, &config.state_dir));
+        }
+        config.runtime.passed_env = config
+            .runtime
+            .pass_env
+            .iter()
+            .filter_map(|k| Some((k.clone(), sources.env.get(k)?.clone())))
+            .collect();
         config.validate()?;
         Ok(config)
     }
@@ -404,6 +568,16 @@ impl Config {
             }
             moorline_adapters::build(&inst.adapter_config())
                 .map_err(|e| ConfigError::new(format!("instances[{i}] ({}): {e}", inst.id)))?;
+            for (key, value) in [
+                ("pids_limit", inst.pids_limit),
+                ("memory_limit", inst.memory_limit),
+            ] {
+                if value.is_some_and(|v| v <= 0) {
+                    return Err(ConfigError::new(format!(
+                        "instances[{i}].{key}: must be positive (leave it out for no limit)"
+                    )));
+                }
+            }
         }
         Ok(())
     }
@@ -681,6 +855,11 @@ fn describe(err: figment::Error, env_names: &BTreeMap<String, String>) -> Config
         })
         .collect();
     ConfigError::new(lines.join("\n"))
+}
+
+/// [`string_list`] for paths.
+fn string_list_paths<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<PathBuf>, D::Error> {
+    Ok(string_list(d)?.into_iter().map(PathBuf::from).collect())
 }
 
 /// Accepts a list either as a sequence or as one comma-separated string (for the environment).

@@ -167,6 +167,17 @@ impl Hub {
         self.last_seq.send_replace(last);
     }
 
+    /// A copy of the journal index and the next sequence number, to start following the journal.
+    pub fn index_snapshot(&self) -> (JournalIndex, u64) {
+        let inner = self.lock();
+        (inner.index.clone(), inner.last_seq + 1)
+    }
+
+    /// Replaces the journal index (a writer reopened the journal and rebuilt it).
+    pub fn replace_index(&self, index: JournalIndex) {
+        self.lock().index = index;
+    }
+
     /// Drops the in-memory window (the session ended; replay is served from disk).
     pub fn release_memory(&self) {
         let mut inner = self.lock();

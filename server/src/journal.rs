@@ -162,7 +162,7 @@ impl JournalWriter {
     pub fn open(dir: &Path, limits: JournalLimits) -> io::Result<(Self, JournalIndex)> {
         fs::create_dir_all(dir)?;
         let (mut index, next_seq) = scan(dir)?;
-        let Some(mut last) = index.segments.back().copied() else {
+        let Some(last) = index.segments.back().copied() else {
             let active = Segment {
                 first_seq: 1,
                 bytes: 0,
@@ -186,15 +186,9 @@ impl JournalWriter {
             return Ok((writer, index));
         };
         let path = segment_path(dir, last.first_seq);
-        let whole = whole_lines_len(&path)?;
         let file = OpenOptions::new().append(true).open(&path)?;
-        if whole < last.bytes {
-            file.set_len(whole)?;
-            last.bytes = whole;
-            index.apply(&IndexChange::Grow {
-                segment: last.first_seq,
-                bytes: whole,
-            });
+        if file.metadata()?.len() > last.bytes {
+            file.set_len(last.bytes)?;
         }
         let closed: VecDeque<Segment> = index
             .segments
@@ -361,6 +355,170 @@ pub fn read_lines(
     Ok(DiskRead::Lines(out))
 }
 
+/// Follows a journal that another process (a session keeper) writes.
+///
+/// Each [`JournalTail::poll`] returns the whole lines appended since the last one, and the index
+/// changes a writer would have reported for them, so the hub's view stays identical to the
+/// writer's. A line still being written is left for the next poll.
+#[derive(Debug)]
+pub struct JournalTail {
+    dir: PathBuf,
+    segment: u64,
+    offset: u64,
+    next_seq: u64,
+    /// Offset of the newest checkpoint in the current segment, if it has one.
+    last_checkpoint: Option<u64>,
+    file: Option<File>,
+    known: VecDeque<u64>,
+}
+
+impl JournalTail {
+    /// A tail positioned after the last whole line described by `index`.
+    pub fn new(dir: &Path, index: &JournalIndex, next_seq: u64) -> Self {
+        let (segment, offset) = index
+            .segments
+            .back()
+            .map_or((next_seq, 0), |s| (s.first_seq, s.bytes));
+        let last_checkpoint = index
+            .checkpoints
+            .back()
+            .filter(|c| c.segment == segment)
+            .map(|c| c.offset);
+        Self {
+            dir: dir.to_owned(),
+            segment,
+            offset,
+            next_seq,
+            last_checkpoint,
+            file: None,
+            known: index.segments.iter().map(|s| s.first_seq).collect(),
+        }
+    }
+
+    /// Sequence number of the next line to be read.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// Reads whole lines appended since the last call: about `max_bytes` of them, but always
+    /// whole lines. Blocking I/O.
+    pub fn poll(&mut self, max_bytes: usize) -> io::Result<(Vec<Bytes>, Vec<IndexChange>)> {
+        let mut lines = Vec::new();
+        let mut changes = Vec::new();
+        loop {
+            let read = self.read_segment(max_bytes, &mut lines, &mut changes)?;
+            if read || !self.advance_segment(&mut changes)? {
+                break;
+            }
+        }
+        Ok((lines, changes))
+    }
+
+    /// Reads whole lines from the current segment; true if any were read.
+    fn read_segment(
+        &mut self,
+        max_bytes: usize,
+        lines: &mut Vec<Bytes>,
+        changes: &mut Vec<IndexChange>,
+    ) -> io::Result<bool> {
+        if self.file.is_none() {
+            match File::open(segment_path(&self.dir, self.segment)) {
+                Ok(f) => self.file = Some(f),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+                Err(e) => return Err(e),
+            }
+            if !self.known.contains(&self.segment) {
+                self.known.push_back(self.segment);
+                changes.push(IndexChange::NewSegment(Segment {
+                    first_seq: self.segment,
+                    bytes: 0,
+                }));
+            }
+        }
+        let Some(file) = self.file.as_mut() else {
+            return Ok(false);
+        };
+        let len = file.metadata()?.len();
+        if len <= self.offset {
+            return Ok(false);
+        }
+        // Read what is there (at least up to the end of one line, however long).
+        let mut want = (len - self.offset).min(max_bytes.max(64 * 1024) as u64) as usize;
+        let mut buf = Vec::new();
+        let end = loop {
+            buf.resize(want, 0);
+            file.seek(SeekFrom::Start(self.offset))?;
+            let n = read_full(file, &mut buf)?;
+            buf.truncate(n);
+            if let Some(pos) = memchr::memrchr(b'\n', &buf) {
+                break pos + 1;
+            }
+            if self.offset + (n as u64) >= len {
+                // Only a line still being written.
+                return Ok(false);
+            }
+            want = (want * 2).min((len - self.offset) as usize);
+        };
+        buf.truncate(end);
+        let bytes = Bytes::from(buf);
+        let mut start = 0usize;
+        for pos in memchr::memchr_iter(b'\n', &bytes) {
+            let line_offset = self.offset + start as u64;
+            if self
+                .last_checkpoint
+                .is_none_or(|c| line_offset - c >= CHECKPOINT_BYTES)
+            {
+                changes.push(IndexChange::Checkpoint(Checkpoint {
+                    seq: self.next_seq,
+                    segment: self.segment,
+                    offset: line_offset,
+                }));
+                self.last_checkpoint = Some(line_offset);
+            }
+            lines.push(bytes.slice(start..pos));
+            self.next_seq += 1;
+            start = pos + 1;
+        }
+        self.offset += end as u64;
+        changes.push(IndexChange::Grow {
+            segment: self.segment,
+            bytes: self.offset,
+        });
+        Ok(true)
+    }
+
+    /// Moves to the next segment if the writer started one; reports deleted segments.
+    fn advance_segment(&mut self, changes: &mut Vec<IndexChange>) -> io::Result<bool> {
+        if !segment_path(&self.dir, self.next_seq).exists() || self.next_seq == self.segment {
+            return Ok(false);
+        }
+        self.segment = self.next_seq;
+        self.offset = 0;
+        self.last_checkpoint = None;
+        self.file = None;
+        // The writer deletes old segments when it starts a new one.
+        while let Some(&oldest) = self.known.front() {
+            if segment_path(&self.dir, oldest).exists() {
+                break;
+            }
+            self.known.pop_front();
+            changes.push(IndexChange::DropSegment(oldest));
+        }
+        Ok(true)
+    }
+}
+
+fn read_full(file: &mut File, buf: &mut [u8]) -> io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match file.read(&mut buf[filled..])? {
+            0 => break,
+            n => filled += n,
+        }
+    }
+    Ok(filled)
+}
+
 /// Deletes a journal directory and everything in it.
 pub fn remove(dir: &Path) -> io::Result<()> {
     match fs::remove_dir_all(dir) {
@@ -378,6 +536,13 @@ fn create_segment(dir: &Path, first_seq: u64) -> io::Result<File> {
         .create(true)
         .append(true)
         .open(segment_path(dir, first_seq))
+}
+
+/// Reads the index of the journal in `dir` without changing anything, for a reader while
+/// another process may be writing. Returns it and the next sequence number.
+pub fn scan_index(dir: &Path) -> io::Result<(JournalIndex, u64)> {
+    fs::create_dir_all(dir)?;
+    scan(dir)
 }
 
 /// Rebuilds the index of the segments in `dir`; returns it and the next sequence number.
@@ -427,8 +592,9 @@ fn scan(dir: &Path) -> io::Result<(JournalIndex, u64)> {
             }
             offset += n as u64;
         }
+        // A torn last line (its writer died mid-write, or is still writing) is not counted.
         if let Some(s) = index.segments.back_mut() {
-            s.bytes = offset;
+            s.bytes = line_start;
         }
         if last_cp.is_none() {
             index.checkpoints.push_back(Checkpoint {
@@ -439,25 +605,6 @@ fn scan(dir: &Path) -> io::Result<(JournalIndex, u64)> {
         }
     }
     Ok((index, next_seq))
-}
-
-/// Length of the prefix of `path` that ends in `\n` (0 if none).
-fn whole_lines_len(path: &Path) -> io::Result<u64> {
-    let mut file = File::open(path)?;
-    let len = file.metadata()?.len();
-    let mut end = len;
-    let mut buf = vec![0u8; 64 * 1024];
-    while end > 0 {
-        let start = end.saturating_sub(buf.len() as u64);
-        let chunk = &mut buf[..(end - start) as usize];
-        file.seek(SeekFrom::Start(start))?;
-        file.read_exact(chunk)?;
-        if let Some(pos) = memchr::memrchr(b'\n', chunk) {
-            return Ok(start + pos as u64 + 1);
-        }
-        end = start;
-    }
-    Ok(0)
 }
 
 #[cfg(test)]
@@ -558,6 +705,66 @@ mod tests {
         assert_eq!(tail.len() as u64, 1001 - first);
         let (_, reindexed) = JournalWriter::open(tmp.path(), limits).expect("reopen");
         assert_eq!(reindexed.first_seq(), Some(first));
+    }
+
+    #[test]
+    fn a_tail_sees_what_another_writer_appends_across_rotations_and_deletions() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let limits = JournalLimits {
+            max_bytes: 3_000,
+            segment_bytes: 1_000,
+        };
+        let (index, next) = scan_index(tmp.path()).expect("scan");
+        let mut tail = JournalTail::new(tmp.path(), &index, next);
+        let mut mirror = index;
+        assert!(
+            tail.poll(1 << 20).expect("poll").0.is_empty(),
+            "nothing yet"
+        );
+        let (mut w, _) = JournalWriter::open(tmp.path(), limits).expect("open");
+        let mut seen = Vec::new();
+        for chunk in (1..=600).collect::<Vec<u32>>().chunks(13) {
+            let lines: Vec<String> = chunk.iter().map(|i| format!("line-{i:04}")).collect();
+            let (b, n) = batch(&lines);
+            w.append(&b, n).expect("append");
+            // A torn line in progress must not be read.
+            let (got, changes) = tail.poll(1 << 20).expect("poll");
+            mirror.apply_all(&changes);
+            seen.extend(
+                got.into_iter()
+                    .map(|b| String::from_utf8(b.to_vec()).expect("utf8")),
+            );
+        }
+        let want: Vec<String> = (1..=600).map(|i| format!("line-{i:04}")).collect();
+        assert_eq!(seen, want);
+        assert_eq!(tail.next_seq(), 601);
+        // The mirrored index can serve reads exactly like the writer's own.
+        let first = mirror.first_seq().expect("first");
+        assert!(first > 1, "old segments were dropped and noticed");
+        let DiskRead::Lines(got) = read_all(tmp.path(), &mirror, first, 600) else {
+            panic!("gone")
+        };
+        assert_eq!(got.len() as u64, 601 - first);
+        assert_eq!(got[0], Bytes::from(format!("line-{first:04}")));
+    }
+
+    #[test]
+    fn a_tail_waits_for_a_line_being_written() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let (mut w, index) =
+            JournalWriter::open(tmp.path(), JournalLimits::with_max_bytes(1 << 20)).expect("open");
+        let mut tail = JournalTail::new(tmp.path(), &index, 1);
+        w.append(b"one\n", 1).expect("append");
+        let mut f = OpenOptions::new()
+            .append(true)
+            .open(segment_path(tmp.path(), 1))
+            .expect("seg");
+        f.write_all(b"{\"half").expect("write");
+        let (got, _) = tail.poll(1 << 20).expect("poll");
+        assert_eq!(got, vec![Bytes::from("one")]);
+        f.write_all(b"\":1}\n").expect("write");
+        let (got, _) = tail.poll(1 << 20).expect("poll");
+        assert_eq!(got, vec![Bytes::from("{\"half\":1}")]);
     }
 
     #[test]

@@ -76,15 +76,17 @@ pub async fn run(
     let metrics = Arc::new(metrics::Metrics::default());
     let tracker = TaskTracker::new();
     let moorline_exe = config.moorline_exe()?;
-    let runtimes = runtime::Runtimes::new(&config);
+    let cancel = CancellationToken::new();
+    let runtimes = runtime::Runtimes::new(&config, moorline_exe.clone()).await;
     let sessions = session::SessionManager::new(
         &config,
         moorline_exe,
         metrics.clone(),
         tracker.clone(),
+        cancel.clone(),
         &|inst| runtimes.for_instance(inst),
-    )?;
-    let cancel = CancellationToken::new();
+    )
+    .await?;
     let state = api::AppState {
         sessions: sessions.clone(),
         limits: Arc::new(config.limits.clone()),

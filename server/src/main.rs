@@ -66,6 +66,18 @@ enum Command {
     /// moorline's built-in echo agent (used by the `echo` instance).
     #[command(name = "echo-agent", hide = true)]
     EchoAgent,
+    /// Keeps one agent of a durable session (started by `keeper-pane`).
+    #[command(hide = true)]
+    Keeper {
+        /// The session's run directory.
+        run_dir: PathBuf,
+    },
+    /// What a session's tmux pane runs: starts the keeper, shows the agent's stderr.
+    #[command(name = "keeper-pane", hide = true)]
+    KeeperPane {
+        /// The session's run directory.
+        run_dir: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -197,6 +209,14 @@ fn main() -> ExitCode {
                 Err(_) => ExitCode::from(1),
             }
         }
+        Some(Command::Keeper { run_dir }) => moorline::runtime::keeper::keeper_main(&run_dir),
+        Some(Command::KeeperPane { run_dir }) => match std::env::current_exe() {
+            Ok(exe) => moorline::runtime::keeper::pane_main(&run_dir, &exe),
+            Err(e) => {
+                eprintln!("moorline: cannot find my own executable: {e}");
+                ExitCode::from(1)
+            }
+        },
         Some(Command::Sessions { conn, action }) => {
             client_command(|rt| rt.block_on(sessions(conn, action)))
         }

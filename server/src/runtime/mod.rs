@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::io;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -16,29 +16,205 @@ use async_trait::async_trait;
 use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncWrite};
 
+pub mod durable;
+pub mod keeper;
 pub mod process;
+pub mod runc;
+pub mod tmux;
 
-use crate::config::{Config, InstanceConfig, RuntimeKind};
+use crate::config::{Config, InstanceConfig, InstanceRuntime, RuntimeKind};
+use crate::journal::JournalLimits;
 
 /// The runtimes available on this machine, and which one each instance gets.
 #[derive(Debug)]
 pub struct Runtimes {
     process: Arc<dyn Runtime>,
+    tmux: Option<Arc<dyn Runtime>>,
+    runc: Option<Arc<dyn Runtime>>,
+    /// What `auto` means here.
+    auto: Arc<dyn Runtime>,
 }
 
 impl Runtimes {
-    /// Sets up the runtimes the configuration can use.
-    pub fn new(_config: &Config) -> Self {
+    /// Finds out which runtimes work on this machine. `auto` becomes runc-in-tmux when runc,
+    /// tmux and tini are usable (checked by starting a real container), else tmux alone when
+    /// tmux is, else plain processes; the choice and its reasons are logged.
+    pub async fn new(config: &Config, moorline_exe: PathBuf) -> Self {
+        let process: Arc<dyn Runtime> = Arc::new(process::ProcessRuntime);
+        let wanted = |kind: RuntimeKind| {
+            config
+                .instances
+                .iter()
+                .any(|i| i.runtime == kind || i.runtime == RuntimeKind::Auto)
+        };
+        let rc = &config.runtime;
+        let tmux = tmux::Tmux::new(rc.tmux.clone(), rc.tmux_socket.clone());
+        let tmux_ok =
+            (wanted(RuntimeKind::Tmux) || wanted(RuntimeKind::Runc)) && tmux.usable().await;
+        let tmux_rt: Option<Arc<dyn Runtime>> = tmux_ok.then(|| {
+            Arc::new(durable::DurableRuntime::new(
+                tmux.clone(),
+                None,
+                moorline_exe.clone(),
+                rc.clone(),
+            )) as Arc<dyn Runtime>
+        });
+        let mut runc_rt: Option<Arc<dyn Runtime>> = None;
+        let mut runc_works = false;
+        if wanted(RuntimeKind::Runc) {
+            match container_host(config).await {
+                Ok(host) => {
+                    if !tmux_ok {
+                        tracing::warn!("runc runtime unavailable: tmux is not usable");
+                    } else {
+                        runc_works = match probe(&host, config).await {
+                            Ok(()) => true,
+                            Err(e) => {
+                                tracing::warn!(error = %e, "runc cannot start containers here");
+                                false
+                            }
+                        };
+                        if host.rootless.is_some() {
+                            tracing::warn!(
+                                "rootless mode: containers map only this user (no other ids), and pids/memory \
+                                 limits are not applied without cgroup delegation"
+                            );
+                        }
+                        runc_rt = Some(Arc::new(durable::DurableRuntime::new(
+                            tmux.clone(),
+                            Some(host),
+                            moorline_exe.clone(),
+                            rc.clone(),
+                        )));
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "runc runtime unavailable"),
+            }
+        }
+        let auto = match (&runc_rt, &tmux_rt) {
+            (Some(r), _) if runc_works => r.clone(),
+            (_, Some(t)) => t.clone(),
+            _ => process.clone(),
+        };
         Self {
-            process: Arc::new(process::ProcessRuntime),
+            process,
+            tmux: tmux_rt,
+            runc: runc_rt,
+            auto,
         }
     }
 
-    /// The runtime for one instance.
+    /// The runtime for one instance. An instance that asks for a runtime this machine lacks
+    /// still gets it, so its sessions fail with a clear error instead of running elsewhere.
     pub fn for_instance(&self, instance: &InstanceConfig) -> Arc<dyn Runtime> {
         match instance.runtime {
-            RuntimeKind::Auto | RuntimeKind::Process => self.process.clone(),
+            RuntimeKind::Auto => self.auto.clone(),
+            RuntimeKind::Process => self.process.clone(),
+            RuntimeKind::Tmux => self
+                .tmux
+                .clone()
+                .unwrap_or_else(|| Arc::new(Unavailable("tmux"))),
+            RuntimeKind::Runc => self
+                .runc
+                .clone()
+                .unwrap_or_else(|| Arc::new(Unavailable("runc"))),
         }
+    }
+}
+
+/// The machine side of containers: runc, tini, and whether we run rootless.
+async fn container_host(config: &Config) -> Result<durable::ContainerHost, String> {
+    let rc = &config.runtime;
+    let path = rc.passed_env.get("PATH").map(String::as_str);
+    let runc_bin = durable::resolve(&rc.runc, path)
+        .ok_or_else(|| format!("{} not found", rc.runc.display()))?;
+    let tini = durable::resolve(&rc.tini, path)
+        .ok_or_else(|| format!("{} not found", rc.tini.display()))?;
+    let root = rc
+        .runc_root
+        .clone()
+        .unwrap_or_else(|| config.state_dir.join("runc"));
+    std::fs::create_dir_all(&root).map_err(|e| format!("runc root {}: {e}", root.display()))?;
+    let runc = runc::Runc::new(runc_bin, root);
+    runc.version().await.map_err(|e| format!("runc: {e}"))?;
+    let uid = nix::unistd::getuid();
+    let rootless = (!uid.is_root()).then(|| (uid.as_raw(), nix::unistd::getgid().as_raw()));
+    Ok(durable::ContainerHost {
+        runc,
+        tini,
+        limits_allowed: rootless.is_none(),
+        rootless,
+    })
+}
+
+/// Starts a throwaway container running `tini --version`, to know runc really works here.
+async fn probe(host: &durable::ContainerHost, config: &Config) -> Result<(), String> {
+    let dir = config.state_dir.join("probe");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("home")).map_err(|e| e.to_string())?;
+    let mut raw = [0u8; 3];
+    let _ = getrandom::fill(&mut raw);
+    let id = format!("moorline-probe-{:02x}{:02x}{:02x}", raw[0], raw[1], raw[2]);
+    let bundle = dir.join("bundle");
+    runc::write_bundle(
+        &bundle,
+        &runc::BundleSpec {
+            container_id: id.clone(),
+            session_id: "probe".into(),
+            instance_id: "probe".into(),
+            generation: 0,
+            program: host.tini.clone(),
+            args: vec!["--version".into()],
+            env: BTreeMap::new(),
+            cwd: dir.clone(),
+            home: dir.join("home"),
+            tini: host.tini.clone(),
+            system_dirs: config.runtime.system_dirs.clone(),
+            network: crate::config::NetworkMode::Host,
+            pids_limit: None,
+            memory_limit: None,
+            rootless: host.rootless,
+            limits_allowed: false,
+        },
+    )
+    .map_err(|e| e.to_string())?;
+    let out = tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        tokio::process::Command::new(host.runc.program())
+            .args(host.runc.run_args(&bundle, &id))
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await;
+    host.runc.delete(&id).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    match out {
+        Ok(Ok(o)) if o.status.success() => Ok(()),
+        Ok(Ok(o)) => Err(String::from_utf8_lossy(&o.stderr).trim().to_owned()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("runc run did not finish in 20 s".into()),
+    }
+}
+
+/// Stands in for a runtime an instance asked for but this machine cannot provide.
+#[derive(Debug)]
+struct Unavailable(&'static str);
+
+#[async_trait]
+impl Runtime for Unavailable {
+    fn name(&self) -> &'static str {
+        self.0
+    }
+
+    async fn spawn(&self, spec: SpawnSpec) -> Result<Agent, RuntimeError> {
+        Err(RuntimeError::Spawn {
+            program: spec.program.display().to_string(),
+            source: io::Error::other(format!(
+                "the {} runtime is not usable on this machine (see the server log)",
+                self.0
+            )),
+        })
     }
 }
 
@@ -47,6 +223,8 @@ impl Runtimes {
 pub struct SpawnSpec {
     /// The session the agent belongs to.
     pub session_id: String,
+    /// Counts the starts of this session (1 for the first).
+    pub generation: u64,
     /// Program to run (absolute, or looked up in `PATH`).
     pub program: PathBuf,
     /// Its arguments.
@@ -57,6 +235,16 @@ pub struct SpawnSpec {
     pub cwd: PathBuf,
     /// The session's private directory (state, logs).
     pub session_dir: PathBuf,
+    /// Where the session's output journal lives, for runtimes that write it themselves.
+    pub journal_dir: PathBuf,
+    /// The journal's size limits.
+    pub journal: JournalLimits,
+    /// Longest output line forwarded.
+    pub max_line: usize,
+    /// After the agent exits, how long its leftovers get to close its output.
+    pub exit_drain: std::time::Duration,
+    /// Container and resource settings of the instance.
+    pub options: InstanceRuntime,
 }
 
 /// How an agent ended.
@@ -111,6 +299,26 @@ pub type Writer = Box<dyn AsyncWrite + Send + Unpin>;
 /// Resolves once the agent's main process has exited.
 pub type ExitFuture = Pin<Box<dyn Future<Output = ExitInfo> + Send>>;
 
+/// Where an agent's output comes from.
+pub enum Output {
+    /// The agent's stdout: the server frames it and writes the session's journal.
+    Pipe(Reader),
+    /// The runtime writes the session's journal itself (from a keeper process that outlives
+    /// the server); a message on this channel means new lines may have been appended.
+    Journal(tokio::sync::mpsc::Receiver<()>),
+}
+
+/// How a session's agent looked to a server that starts up and finds it.
+#[derive(Debug)]
+pub enum Adoption {
+    /// Still running: here it is again.
+    Running(Agent),
+    /// It ended while no server was watching.
+    Exited(ExitInfo),
+    /// Nothing is left of it, and nothing says how it ended.
+    Lost,
+}
+
 /// A started agent.
 pub struct Agent {
     /// Its process id, where it has one the server can see.
@@ -118,7 +326,7 @@ pub struct Agent {
     /// Lines for the agent.
     pub stdin: Writer,
     /// The agent's JSONL output.
-    pub stdout: Reader,
+    pub output: Output,
     /// Its diagnostics, if the runtime passes them on.
     pub stderr: Option<Reader>,
     /// Resolves when it exits.
@@ -127,10 +335,20 @@ pub struct Agent {
     pub control: Arc<dyn AgentControl>,
 }
 
+impl fmt::Debug for Output {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Output::Pipe(_) => "Pipe",
+            Output::Journal(_) => "Journal",
+        })
+    }
+}
+
 impl fmt::Debug for Agent {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Agent")
             .field("pid", &self.pid)
+            .field("output", &self.output)
             .field("control", &self.control)
             .finish_non_exhaustive()
     }
@@ -160,9 +378,26 @@ pub enum RuntimeError {
 /// A place agents run.
 #[async_trait]
 pub trait Runtime: Send + Sync + fmt::Debug {
-    /// Short name reported to users (`process`, ...).
+    /// Short name reported to users (`process`, `tmux`, `runc`).
     fn name(&self) -> &'static str;
+
+    /// Whether agents keep running when the server stops (and can be adopted again).
+    fn durable(&self) -> bool {
+        false
+    }
 
     /// Starts an agent.
     async fn spawn(&self, spec: SpawnSpec) -> Result<Agent, RuntimeError>;
+
+    /// Finds the agent a previous server started for this session.
+    async fn adopt(&self, _session_id: &str, _session_dir: &Path) -> Adoption {
+        Adoption::Lost
+    }
+
+    /// Removes whatever the runtime keeps for a session whose agent has ended (containers,
+    /// terminal sessions, cgroups). Called on delete and after an exit.
+    async fn cleanup(&self, _session_id: &str, _session_dir: &Path) {}
+
+    /// At startup, removes what the runtime finds of sessions not in `live`.
+    async fn reconcile(&self, _live: &[String]) {}
 }

@@ -78,7 +78,7 @@ impl Runtime for ProcessRuntime {
         Ok(Agent {
             pid,
             stdin: Box::new(stdin),
-            stdout: Box::new(stdout),
+            output: super::Output::Pipe(Box::new(stdout)),
             stderr: stderr.map(|s| Box::new(s) as super::Reader),
             exit,
             control,

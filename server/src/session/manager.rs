@@ -1,6 +1,6 @@
 //! The session registry: create, list, restart, delete, and persistence across server restarts.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicUsize;
@@ -9,7 +9,8 @@ use std::time::Instant;
 
 use indexmap::IndexMap;
 use moorline_adapters::{Adapter, AdapterError, LaunchContext};
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::sync::{OwnedMutexGuard, OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::pump::{OutputPump, stderr_reader, stdin_writer};
@@ -17,9 +18,9 @@ use super::store::{self, JOURNAL_DIR, Meta};
 use super::{Lifecycle, Session, SessionSummary, State, Status, StopReason, now_ms};
 use crate::config::{Config, InstanceConfig, Limits};
 use crate::fanout::Hub;
-use crate::journal::{JournalLimits, JournalWriter};
+use crate::journal::{self, JournalLimits, JournalTail, JournalWriter};
 use crate::metrics::Metrics;
-use crate::runtime::{Runtime, RuntimeError, SpawnSpec};
+use crate::runtime::{Adoption, Agent, Output, Runtime, RuntimeError, SpawnSpec};
 
 /// A configured instance, ready to start agents.
 #[derive(Debug)]
@@ -97,6 +98,8 @@ pub struct SessionManager {
     moorline_exe: PathBuf,
     metrics: Arc<Metrics>,
     tracker: TaskTracker,
+    /// Cancelled when the server shuts down.
+    cancel: CancellationToken,
 }
 
 impl SessionManager {
@@ -104,12 +107,13 @@ impl SessionManager {
     ///
     /// `runtime_for` picks the runtime of each instance; session logic never looks behind the
     /// [`Runtime`] trait.
-    pub fn new(
+    pub async fn new(
         config: &Config,
         moorline_exe: PathBuf,
         metrics: Arc<Metrics>,
         tracker: TaskTracker,
-        runtime_for: &dyn Fn(&InstanceConfig) -> Arc<dyn Runtime>,
+        cancel: CancellationToken,
+        runtime_for: &(dyn Fn(&InstanceConfig) -> Arc<dyn Runtime> + Sync),
     ) -> Result<Arc<Self>, SessionError> {
         let mut instances = IndexMap::new();
         for inst in &config.instances {
@@ -136,8 +140,9 @@ impl SessionManager {
             moorline_exe,
             metrics,
             tracker,
+            cancel,
         });
-        manager.load_existing()?;
+        manager.load_existing().await?;
         Ok(manager)
     }
 
@@ -282,6 +287,9 @@ impl SessionManager {
             let mut state = session.lock();
             state.status = Status::Stopped;
         }
+        if let Some(instance) = &session.instance {
+            instance.runtime.cleanup(id, &session.dir).await;
+        }
         if let Err(e) = std::fs::remove_dir_all(&session.dir) {
             tracing::warn!(session = %id, error = %e, "cannot remove session directory");
         }
@@ -290,9 +298,15 @@ impl SessionManager {
     }
 
     /// Stops every agent that would not survive the server (TERM, grace, KILL), recording how
-    /// each ended so the sessions are listed with that status after a restart.
+    /// each ended so the sessions are listed with that status after a restart. Agents of
+    /// durable runtimes keep running, to be adopted by the next server.
     pub async fn shutdown(&self) {
-        let sessions: Vec<Arc<Session>> = self.read().values().cloned().collect();
+        let sessions: Vec<Arc<Session>> = self
+            .read()
+            .values()
+            .filter(|s| s.instance.as_ref().is_some_and(|i| !i.runtime.durable()))
+            .cloned()
+            .collect();
         let grace = self.limits.stop_grace();
         let stops = sessions
             .iter()
@@ -318,18 +332,15 @@ impl SessionManager {
         }
     }
 
+    fn journal_limits(&self) -> JournalLimits {
+        JournalLimits::with_max_bytes(self.limits.journal_max_bytes)
+    }
+
     fn open_session(&self, meta: Meta, dir: PathBuf) -> Result<Arc<Session>, SessionError> {
         let journal_dir = dir.join(JOURNAL_DIR);
-        let (writer, index) = JournalWriter::open(
-            &journal_dir,
-            JournalLimits::with_max_bytes(self.limits.journal_max_bytes),
-        )?;
-        let hub = Hub::new(
-            journal_dir,
-            index,
-            writer.next_seq() - 1,
-            self.limits.backlog_bytes,
-        );
+        // Only read the journal here: a keeper may be appending to it right now.
+        let (index, next_seq) = journal::scan_index(&journal_dir)?;
+        let hub = Hub::new(journal_dir, index, next_seq - 1, self.limits.backlog_bytes);
         let exit = match (meta.exit_code, meta.signal) {
             (None, None) => None,
             (code, signal) => Some(crate::runtime::ExitInfo { code, signal }),
@@ -344,7 +355,7 @@ impl SessionManager {
             created_at: meta.created_at,
             dir,
             hub,
-            writer: Arc::new(tokio::sync::Mutex::new(writer)),
+            writer: Arc::new(tokio::sync::Mutex::new(None)),
             state: Mutex::new(State {
                 status: meta.status,
                 spawned_at: meta.spawned_at,
@@ -356,11 +367,11 @@ impl SessionManager {
                 control: None,
                 permit: None,
                 pid: None,
+                error: None,
             }),
             lifecycle: watch::channel(Lifecycle::Running { generation: 0 }).0,
             finished: watch::channel(0).0,
             clients: AtomicUsize::new(0),
-            stderr_tail: Mutex::new(VecDeque::new()),
         });
         Ok(session)
     }
@@ -369,7 +380,7 @@ impl SessionManager {
     async fn start(
         &self,
         session: &Arc<Session>,
-        permit: tokio::sync::OwnedSemaphorePermit,
+        permit: OwnedSemaphorePermit,
     ) -> Result<(), SessionError> {
         let Some(instance) = session.instance.clone() else {
             return Err(SessionError::InstanceGone(session.instance_id.clone()));
@@ -390,7 +401,7 @@ impl SessionManager {
         &self,
         session: &Arc<Session>,
         instance: &Arc<Instance>,
-        permit: tokio::sync::OwnedSemaphorePermit,
+        permit: OwnedSemaphorePermit,
     ) -> Result<(), SessionError> {
         let started = Instant::now();
         let mut env = instance.config.env.clone();
@@ -403,30 +414,64 @@ impl SessionManager {
             moorline_exe: &self.moorline_exe,
         })?;
         // The previous run's pump may still be publishing its last lines.
-        let writer = session.writer.clone().lock_owned().await;
+        let mut writer = session.writer.clone().lock_owned().await;
         resolve_cwd(Some(&session.cwd))?;
+        let journal_dir = session.dir.join(JOURNAL_DIR);
+        if !instance.runtime.durable() && writer.is_none() {
+            // The server writes this journal; opening it also cuts a torn last line.
+            let (w, index) = JournalWriter::open(&journal_dir, self.journal_limits())?;
+            session.hub.replace_index(index);
+            *writer = Some(w);
+        }
+        let generation = session.lock().generation + 1;
         let agent = instance
             .runtime
             .spawn(SpawnSpec {
                 session_id: session.id.clone(),
+                generation,
                 program: spec.program,
                 args: spec.args,
                 env: spec.env,
                 cwd: session.cwd.clone(),
                 session_dir: session.dir.clone(),
+                journal_dir,
+                journal: self.journal_limits(),
+                max_line: self.limits.max_line_bytes,
+                exit_drain: self.limits.exit_drain(),
+                options: instance.config.runtime_options(),
             })
             .await?;
+        self.run_agent(session, instance, agent, Some(permit), writer, true);
+        self.metrics
+            .spawn_seconds
+            .observe(started.elapsed().as_secs_f64());
+        Ok(())
+    }
+
+    /// Wires a started (or adopted) agent to its session.
+    fn run_agent(
+        &self,
+        session: &Arc<Session>,
+        instance: &Arc<Instance>,
+        agent: Agent,
+        permit: Option<OwnedSemaphorePermit>,
+        writer: OwnedMutexGuard<Option<JournalWriter>>,
+        fresh: bool,
+    ) {
         let (tx, rx) = mpsc::channel(self.limits.inbound_queue);
         let generation = {
             let mut state = session.lock();
             state.generation += 1;
             state.status = Status::Running;
             state.exit = None;
+            state.error = None;
             state.stopping = None;
-            state.spawned_at = now_ms();
+            if fresh {
+                state.spawned_at = now_ms();
+            }
             state.stdin = Some(tx);
             state.control = Some(agent.control.clone());
-            state.permit = Some(permit);
+            state.permit = permit;
             state.pid = agent.pid;
             state.generation
         };
@@ -434,8 +479,12 @@ impl SessionManager {
         session
             .lifecycle
             .send_replace(Lifecycle::Running { generation });
-        self.tracker
-            .spawn(stdin_writer(session.id.clone(), rx, agent.stdin));
+        self.tracker.spawn(stdin_writer(
+            session.id.clone(),
+            rx,
+            agent.stdin,
+            self.cancel.clone(),
+        ));
         if let Some(stderr) = agent.stderr {
             self.tracker
                 .spawn(stderr_reader(session.clone(), stderr, STDERR_FILE_CAP));
@@ -447,19 +496,27 @@ impl SessionManager {
             max_line: self.limits.max_line_bytes,
             exit_drain: self.limits.exit_drain(),
             metrics: self.metrics.clone(),
+            cancel: self.cancel.clone(),
+            lines: 0,
         };
-        self.tracker
-            .spawn(pump.run(agent.stdout, agent.exit, agent.control));
-        self.metrics
-            .spawn_seconds
-            .observe(started.elapsed().as_secs_f64());
-        tracing::info!(session = %session.id, instance = %instance.config.id, pid = ?agent.pid, generation, "agent started");
-        Ok(())
+        match agent.output {
+            Output::Pipe(stdout) => {
+                self.tracker
+                    .spawn(pump.pipe(stdout, agent.exit, agent.control));
+            }
+            Output::Journal(doorbell) => {
+                let (index, next) = session.hub.index_snapshot();
+                let tail = JournalTail::new(&session.dir.join(JOURNAL_DIR), &index, next);
+                self.tracker.spawn(pump.follow(doorbell, agent.exit, tail));
+            }
+        }
+        tracing::info!(session = %session.id, instance = %instance.config.id, runtime = instance.runtime.name(), pid = ?agent.pid, generation, adopted = !fresh, "agent running");
     }
 
-    /// Loads sessions left by a previous server. Agents of the process runtime did not survive
-    /// it; any process of theirs still alive is killed, and the session is listed as crashed.
-    fn load_existing(&self) -> Result<(), SessionError> {
+    /// Loads sessions left by a previous server. Agents of durable runtimes are adopted again
+    /// if they still run; agents of the process runtime did not survive it: any process of
+    /// theirs still alive is killed, and the session is listed as crashed.
+    async fn load_existing(&self) -> Result<(), SessionError> {
         let mut metas = Vec::new();
         for entry in std::fs::read_dir(&self.sessions_dir)? {
             let dir = entry?.path();
@@ -473,19 +530,68 @@ impl SessionManager {
             }
         }
         metas.sort_by_key(|(m, _)| m.created_at);
+        let mut live = Vec::new();
         for (mut meta, dir) in metas {
-            if meta.status == Status::Running || meta.status == Status::Stopped {
-                if let (Some(pid), Some(start)) = (meta.pid, meta.pid_start) {
-                    kill_orphan(pid, start);
+            let instance = self.instances.get(&meta.instance_id).cloned();
+            let was_running = matches!(meta.status, Status::Running | Status::Stopped);
+            let mut adopted = None;
+            match &instance {
+                Some(inst) if inst.runtime.durable() => {
+                    if was_running {
+                        match inst.runtime.adopt(&meta.id, &dir).await {
+                            Adoption::Running(agent) => adopted = Some(agent),
+                            Adoption::Exited(exit) => {
+                                meta.status = if exit.is_success() {
+                                    Status::Exited
+                                } else {
+                                    Status::Crashed
+                                };
+                                meta.exit_code = exit.code;
+                                meta.signal = exit.signal;
+                            }
+                            Adoption::Lost => {
+                                meta.status = Status::Crashed;
+                                meta.exit_code = None;
+                                meta.signal = None;
+                            }
+                        }
+                        if adopted.is_none() {
+                            inst.runtime.cleanup(&meta.id, &dir).await;
+                        }
+                    }
                 }
-                meta.status = Status::Crashed;
+                _ if was_running => {
+                    if let (Some(pid), Some(start)) = (meta.pid, meta.pid_start) {
+                        kill_orphan(pid, start);
+                    }
+                    meta.status = Status::Crashed;
+                }
+                _ => {}
+            }
+            if adopted.is_none() && was_running {
                 meta.pid = None;
                 meta.pid_start = None;
                 store::save(&dir, &meta)?;
             }
             let session = self.open_session(meta, dir)?;
+            if let (Some(agent), Some(inst)) = (adopted, &instance) {
+                let permit = self.slots.clone().try_acquire_owned().ok();
+                if permit.is_none() {
+                    tracing::warn!(session = %session.id, "adopted beyond max_sessions");
+                }
+                let writer = session.writer.clone().lock_owned().await;
+                self.run_agent(&session, inst, agent, permit, writer, false);
+            }
             tracing::info!(session = %session.id, status = session.status().as_str(), last_seq = session.hub.last_seq(), "session loaded");
+            live.push(session.id.clone());
             self.write().insert(session.id.clone(), session);
+        }
+        // Containers, terminal sessions and cgroups of sessions that no longer exist.
+        let mut seen = std::collections::BTreeSet::new();
+        for inst in self.instances.values() {
+            if inst.runtime.durable() && seen.insert(inst.runtime.name()) {
+                inst.runtime.reconcile(&live).await;
+            }
         }
         Ok(())
     }

@@ -6,7 +6,7 @@
 //! restarted server finds them again. Sessions know runtimes only through the
 //! [`Runtime`](crate::runtime::Runtime) trait.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -106,6 +106,9 @@ pub struct SessionSummary {
     pub last_seq: u64,
     /// Runtime the agent runs in (moorline).
     pub runtime: &'static str,
+    /// Why the last run failed to start, with the end of its stderr (moorline).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// Why an agent is being stopped, which decides what clients are told.
@@ -130,6 +133,8 @@ struct State {
     /// The slot this running agent holds against `max_sessions`; dropped when it exits.
     permit: Option<OwnedSemaphorePermit>,
     pid: Option<u32>,
+    /// Set when the last run ended without writing a line: a start failure.
+    error: Option<String>,
 }
 
 /// One session.
@@ -145,19 +150,18 @@ pub struct Session {
     created_at: u64,
     dir: PathBuf,
     hub: Arc<Hub>,
-    /// The journal's single writer, held by the output pump while an agent runs.
-    writer: Arc<tokio::sync::Mutex<JournalWriter>>,
+    /// The journal's writer when the server writes it (`None` until needed, and while a
+    /// runtime's keeper writes it). Held by the output pump while an agent runs.
+    writer: Arc<tokio::sync::Mutex<Option<JournalWriter>>>,
     state: Mutex<State>,
     lifecycle: watch::Sender<Lifecycle>,
     /// Generation of the last agent that finished, for whoever waits on a stop.
     finished: watch::Sender<u64>,
     clients: AtomicUsize,
-    /// The end of the agent's stderr, shown when it fails.
-    stderr_tail: Mutex<VecDeque<u8>>,
 }
 
-/// How much of an agent's stderr is kept in memory for error reports.
-const STDERR_TAIL_BYTES: usize = 4096;
+/// How much of an agent's stderr is quoted when it fails to start.
+const STDERR_TAIL_BYTES: u64 = 2048;
 
 impl Session {
     /// The session id.
@@ -206,11 +210,22 @@ impl Session {
         self.lock().exit
     }
 
-    /// The end of the agent's stderr, lossily decoded.
-    pub fn stderr_tail(&self) -> String {
-        let tail = self.stderr_tail.lock().unwrap_or_else(|p| p.into_inner());
-        let (a, b) = tail.as_slices();
-        String::from_utf8_lossy(&[a, b].concat()).into_owned()
+    /// Why the last run failed to start, if it did.
+    pub fn last_error(&self) -> Option<String> {
+        self.lock().error.clone()
+    }
+
+    /// The end of the agent's stderr file, lossily decoded.
+    fn stderr_tail(&self) -> String {
+        use std::io::{Read, Seek, SeekFrom};
+        let Ok(mut file) = std::fs::File::open(self.dir.join(store::STDERR_FILE)) else {
+            return String::new();
+        };
+        let len = file.metadata().map_or(0, |m| m.len());
+        let _ = file.seek(SeekFrom::Start(len.saturating_sub(STDERR_TAIL_BYTES)));
+        let mut tail = Vec::new();
+        let _ = file.read_to_end(&mut tail);
+        String::from_utf8_lossy(&tail).trim().to_owned()
     }
 
     /// Registers a client unless `limit` are already connected.
@@ -240,6 +255,7 @@ impl Session {
             signal: state.exit.and_then(|e| e.signal_name()),
             last_seq: self.hub.last_seq(),
             runtime: self.instance.as_ref().map_or("none", |i| i.runtime.name()),
+            error: state.error.clone(),
         }
     }
 
@@ -306,8 +322,20 @@ impl Session {
         }
     }
 
-    /// Records the end of an agent run and tells clients.
-    fn on_exit(&self, generation: u64, exit: ExitInfo) {
+    /// Records the end of an agent run and tells clients. `silent` means it never wrote a line:
+    /// if it did not exit cleanly, that is a start failure, reported with its stderr.
+    async fn on_exit(&self, generation: u64, exit: ExitInfo, silent: bool) {
+        let error = (silent && !exit.is_success()).then(|| {
+            let tail = self.stderr_tail();
+            if tail.is_empty() {
+                format!("the agent exited before writing anything ({exit}) and wrote nothing to stderr")
+            } else {
+                format!("the agent exited before writing anything ({exit}); its stderr ends with:\n{tail}")
+            }
+        });
+        if let Some(e) = &error {
+            tracing::warn!(session = %self.id, error = %e, "agent failed to start");
+        }
         let stopping = {
             let mut state = self.lock();
             if state.generation != generation {
@@ -318,6 +346,7 @@ impl Session {
             state.control = None;
             state.permit = None;
             state.pid = None;
+            state.error = error;
             state.status = match state.stopping {
                 Some(StopReason::Delete) => Status::Stopped,
                 _ if exit.is_success() => Status::Exited,
@@ -326,6 +355,9 @@ impl Session {
             state.stopping
         };
         self.hub.release_memory();
+        if let Some(instance) = &self.instance {
+            instance.runtime.cleanup(&self.id, &self.dir).await;
+        }
         if stopping != Some(StopReason::Delete) {
             self.persist();
             self.lifecycle.send_replace(Lifecycle::Exited {
@@ -335,13 +367,6 @@ impl Session {
             });
         }
         self.finished.send_replace(generation);
-    }
-
-    fn push_stderr(&self, chunk: &[u8]) {
-        let mut tail = self.stderr_tail.lock().unwrap_or_else(|p| p.into_inner());
-        tail.extend(chunk);
-        let excess = tail.len().saturating_sub(STDERR_TAIL_BYTES);
-        tail.drain(..excess);
     }
 }
 

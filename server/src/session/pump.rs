@@ -12,9 +12,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{OwnedMutexGuard, mpsc};
 use tokio::time::Instant;
 
+use tokio_util::sync::CancellationToken;
+
 use super::Session;
 use crate::framing::{Frame, LineFramer, dropped_frame};
-use crate::journal::JournalWriter;
+use crate::journal::{JournalTail, JournalWriter};
 use crate::metrics::Metrics;
 use crate::runtime::{AgentControl, ExitFuture, ExitInfo, Reader, Writer};
 
@@ -27,19 +29,95 @@ const STDIN_BATCH: usize = 256 * 1024;
 pub(super) struct OutputPump {
     pub(super) session: Arc<Session>,
     pub(super) generation: u64,
-    pub(super) writer: OwnedMutexGuard<JournalWriter>,
+    /// The session's journal writer (`Some` when the server writes the journal itself). Held for
+    /// the whole run, so two runs of a session never write at once.
+    pub(super) writer: OwnedMutexGuard<Option<JournalWriter>>,
     pub(super) max_line: usize,
     pub(super) exit_drain: Duration,
     pub(super) metrics: Arc<Metrics>,
+    /// Cancelled when the server shuts down: a durable agent is left running.
+    pub(super) cancel: CancellationToken,
+    /// Lines published during this run, to tell a start failure from a crash.
+    pub(super) lines: u64,
 }
 
+/// Most bytes one poll of a followed journal publishes at once.
+const FOLLOW_BATCH: usize = 1 << 20;
+
 impl OutputPump {
+    /// Follows a journal that the runtime's keeper writes, until the agent exits (or the server
+    /// shuts down, leaving the agent running).
+    pub(super) async fn follow(
+        mut self,
+        mut doorbell: mpsc::Receiver<()>,
+        mut exit: ExitFuture,
+        mut tail: JournalTail,
+    ) {
+        let mut exit_info = None;
+        let mut open = true;
+        loop {
+            tail = match self.drain_tail(tail).await {
+                Some(t) => t,
+                None => break,
+            };
+            if let Some(info) = exit_info {
+                self.finish(info).await;
+                return;
+            }
+            tokio::select! {
+                ring = doorbell.recv(), if open => open = ring.is_some(),
+                info = &mut exit => exit_info = Some(info),
+                () = self.cancel.cancelled() => {
+                    tracing::debug!(session = %self.session.id, "server stopping; the agent keeps running");
+                    return;
+                }
+            }
+        }
+        // Reading the journal failed: the session can no longer be followed.
+        let info = exit.await;
+        self.finish(info).await;
+    }
+
+    /// Publishes everything the keeper has appended. `None` if the journal cannot be read.
+    async fn drain_tail(&mut self, mut tail: JournalTail) -> Option<JournalTail> {
+        loop {
+            let polled = tokio::task::spawn_blocking(move || {
+                let r = tail.poll(FOLLOW_BATCH);
+                (tail, r)
+            })
+            .await;
+            let (t, result) = match polled {
+                Ok(v) => v,
+                Err(_) => return None,
+            };
+            tail = t;
+            match result {
+                Ok((lines, changes)) => {
+                    if lines.is_empty() && changes.is_empty() {
+                        return Some(tail);
+                    }
+                    let n = lines.len() as u64;
+                    self.lines += n;
+                    self.metrics.lines_out.inc_by(n);
+                    self.metrics
+                        .bytes_out
+                        .inc_by(lines.iter().map(|l| l.len() as u64 + 1).sum());
+                    self.session.hub.publish(lines, &changes);
+                }
+                Err(e) => {
+                    tracing::error!(session = %self.session.id, error = %e, "cannot read the session journal");
+                    return None;
+                }
+            }
+        }
+    }
+
     /// Runs until the agent has exited and its output is fully published.
     ///
     /// Exit and end-of-output are awaited separately: a tool the agent started may keep stdout
     /// open after the agent exits. Such leftovers get `exit_drain` to finish, then the agent's
     /// process group is killed, then output is given up on after another `exit_drain`.
-    pub(super) async fn run(
+    pub(super) async fn pipe(
         mut self,
         mut stdout: Reader,
         mut exit: ExitFuture,
@@ -95,6 +173,11 @@ impl OutputPump {
             code: None,
             signal: None,
         });
+        self.finish(exit).await;
+    }
+
+    /// Reports the end of the run.
+    async fn finish(self, exit: ExitInfo) {
         let kind = if exit.is_success() {
             "exited"
         } else {
@@ -107,8 +190,9 @@ impl OutputPump {
         tracing::info!(session = %self.session.id, %exit, last_seq = self.session.hub.last_seq(), "agent finished");
         let generation = self.generation;
         let session = self.session.clone();
+        let silent = self.lines == 0;
         drop(self);
-        session.on_exit(generation, exit);
+        session.on_exit(generation, exit, silent).await;
     }
 
     fn process(&mut self, framer: &mut LineFramer, chunk: &[u8]) {
@@ -125,7 +209,12 @@ impl OutputPump {
         if ends.is_empty() {
             return;
         }
-        let changes = match self.writer.append(&batch, ends.len() as u64) {
+        let written = match self.writer.as_mut() {
+            Some(w) => w.append(&batch, ends.len() as u64),
+            None => Ok(Vec::new()),
+        };
+        self.lines += ends.len() as u64;
+        let changes = match written {
             Ok(changes) => changes,
             Err(e) => {
                 // Live clients still get the lines; replay of them will be incomplete.
@@ -182,9 +271,18 @@ pub(super) async fn stdin_writer(
     session: String,
     mut rx: mpsc::Receiver<Bytes>,
     mut stdin: Writer,
+    cancel: CancellationToken,
 ) {
     let mut buf = Vec::with_capacity(64 * 1024);
-    while let Some(first) = rx.recv().await {
+    loop {
+        let first = tokio::select! {
+            line = rx.recv() => match line {
+                Some(line) => line,
+                None => break,
+            },
+            // The server is stopping; a durable agent keeps running without us.
+            () = cancel.cancelled() => return,
+        };
         buf.clear();
         buf.extend_from_slice(&first);
         buf.push(b'\n');
@@ -209,7 +307,7 @@ pub(super) async fn stdin_writer(
     let _ = stdin.shutdown().await;
 }
 
-/// Keeps the agent's stderr: a tail in memory, a capped file on disk, and debug logs.
+/// Keeps the agent's stderr: a capped file on disk (read back for error reports) and debug logs.
 pub(super) async fn stderr_reader(session: Arc<Session>, mut stderr: Reader, file_cap: u64) {
     use std::io::Write;
     let path = session.dir.join(super::store::STDERR_FILE);
@@ -229,7 +327,6 @@ pub(super) async fn stderr_reader(session: Arc<Session>, mut stderr: Reader, fil
             Ok(n) => n,
         };
         let chunk = &buf[..n];
-        session.push_stderr(chunk);
         tracing::debug!(session = %session.id, stderr = %String::from_utf8_lossy(chunk).trim_end(), "agent stderr");
         if let Some(f) = file.as_mut()
             && written < file_cap

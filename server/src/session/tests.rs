@@ -9,7 +9,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::task::TaskTracker;
 
 use super::{CreateRequest, Lifecycle, SessionManager, Status};
-use crate::config::{Config, InstanceConfig, RuntimeKind};
+use crate::config::{Config, InstanceConfig};
 use crate::metrics::Metrics;
 use crate::runtime::{Agent, AgentControl, ExitInfo, Runtime, RuntimeError, SpawnSpec};
 
@@ -112,7 +112,7 @@ impl Runtime for FakeRuntime {
         Ok(Agent {
             pid: None,
             stdin: Box::new(server_stdin),
-            stdout: Box::new(server_stdout),
+            output: crate::runtime::Output::Pipe(Box::new(server_stdout)),
             stderr: None,
             exit: Box::pin(async move {
                 exit_rx.await.unwrap_or(ExitInfo {
@@ -131,20 +131,14 @@ struct Harness {
     agents: mpsc::UnboundedReceiver<FakeAgentParts>,
 }
 
-fn harness(obeys_term: bool, tweak: impl FnOnce(&mut Config)) -> Harness {
+async fn harness(obeys_term: bool, tweak: impl FnOnce(&mut Config)) -> Harness {
     let state = tempfile::tempdir().expect("tmp");
     let mut config = Config {
         state_dir: state.path().to_owned(),
         detect_tailnet_names: false,
         instances: vec![InstanceConfig {
-            id: "fake".into(),
-            agent: "command".into(),
             command: Some(vec!["fake-agent".into()]),
-            agent_path: None,
-            args: Vec::new(),
-            env: Default::default(),
-            runtime: RuntimeKind::Auto,
-            cwd: None,
+            ..InstanceConfig::new("fake", "command")
         }],
         ..Config::default()
     };
@@ -159,8 +153,10 @@ fn harness(obeys_term: bool, tweak: impl FnOnce(&mut Config)) -> Harness {
         "/moorline".into(),
         Arc::new(Metrics::default()),
         TaskTracker::new(),
+        tokio_util::sync::CancellationToken::new(),
         &|_| runtime.clone(),
     )
+    .await
     .expect("manager");
     Harness {
         _state: state,
@@ -183,7 +179,7 @@ impl Harness {
 
 #[tokio::test]
 async fn lines_are_numbered_and_the_exit_follows_the_last_one() {
-    let mut h = harness(true, |_| {});
+    let mut h = harness(true, |_| {}).await;
     let (id, mut agent) = h.create().await;
     let session = h.manager.get(&id).expect("session");
     let mut lifecycle = session.lifecycle();
@@ -212,7 +208,7 @@ async fn lines_are_numbered_and_the_exit_follows_the_last_one() {
 
 #[tokio::test]
 async fn client_lines_reach_stdin_with_one_newline_each() {
-    let mut h = harness(true, |_| {});
+    let mut h = harness(true, |_| {}).await;
     let (id, mut agent) = h.create().await;
     let stdin = h
         .manager
@@ -230,7 +226,7 @@ async fn client_lines_reach_stdin_with_one_newline_each() {
 
 #[tokio::test(start_paused = true)]
 async fn delete_escalates_from_term_to_kill_after_the_grace() {
-    let mut h = harness(false, |c| c.limits.stop_grace_ms = 5_000);
+    let mut h = harness(false, |c| c.limits.stop_grace_ms = 5_000).await;
     let (id, agent) = h.create().await;
     let started = tokio::time::Instant::now();
     h.manager.delete(&id).await.expect("delete");
@@ -241,7 +237,7 @@ async fn delete_escalates_from_term_to_kill_after_the_grace() {
     );
     assert!(h.manager.get(&id).is_none());
 
-    let mut h = harness(true, |c| c.limits.stop_grace_ms = 5_000);
+    let mut h = harness(true, |c| c.limits.stop_grace_ms = 5_000).await;
     let (id, agent) = h.create().await;
     let started = tokio::time::Instant::now();
     h.manager.delete(&id).await.expect("delete");
@@ -254,7 +250,7 @@ async fn delete_escalates_from_term_to_kill_after_the_grace() {
 
 #[tokio::test(start_paused = true)]
 async fn output_held_open_after_exit_does_not_hide_the_exit() {
-    let mut h = harness(true, |c| c.limits.exit_drain_ms = 300);
+    let mut h = harness(true, |c| c.limits.exit_drain_ms = 300).await;
     let (id, mut agent) = h.create().await;
     let session = h.manager.get(&id).expect("session");
     let mut lifecycle = session.lifecycle();
@@ -280,7 +276,7 @@ async fn output_held_open_after_exit_does_not_hide_the_exit() {
 
 #[tokio::test]
 async fn max_sessions_counts_running_agents_only() {
-    let mut h = harness(true, |c| c.limits.max_sessions = 1);
+    let mut h = harness(true, |c| c.limits.max_sessions = 1).await;
     let (id, mut agent) = h.create().await;
     assert!(matches!(
         h.manager.create(CreateRequest::default()).await,

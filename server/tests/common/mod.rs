@@ -39,16 +39,9 @@ pub fn moorline_exe() -> PathBuf {
 }
 
 pub fn instance(id: &str, agent: &str) -> InstanceConfig {
-    InstanceConfig {
-        id: id.into(),
-        agent: agent.into(),
-        command: None,
-        agent_path: None,
-        args: Vec::new(),
-        env: Default::default(),
-        runtime: RuntimeKind::Process,
-        cwd: None,
-    }
+    let mut inst = InstanceConfig::new(id, agent);
+    inst.runtime = RuntimeKind::Process;
+    inst
 }
 
 /// A config with the fixture agent (`fixture`, the default), `cat`, and the built-in `echo`.

@@ -1,0 +1,505 @@
+//! The session keeper: a small process that owns one agent and outlives the server.
+//!
+//! Durable runtimes (`tmux`, `runc`) do not run agents as children of the server. Each agent run
+//! gets a keeper (`moorline keeper RUN_DIR`), started from a tmux pane but detached into a
+//! session of its own, so neither a server restart, nor Ctrl-C, Ctrl-Z, `tmux kill-session` or
+//! `tmux kill-server` in the pane reaches it. The keeper:
+//!
+//! - starts the agent (or `runc run`, which runs the agent in a container) with piped stdio;
+//! - listens on `RUN_DIR/stdin.sock` and forwards to the agent's stdin only **complete** lines,
+//!   so a server killed in the middle of sending a line never hands the agent half of it;
+//! - frames the agent's stdout and appends it to the session's journal (the same code the
+//!   server uses), ringing a "doorbell" byte on the socket so the server reads it at once;
+//! - appends the agent's stderr to the session's `stderr.log`;
+//! - when the agent exits, writes `RUN_DIR/exit` atomically and leaves.
+//!
+//! The pane itself runs `moorline keeper-pane RUN_DIR`: it starts the keeper and shows the
+//! agent's stderr to whoever attaches with `tmux attach`.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::process::{ExitCode, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{BufMut, BytesMut};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixListener;
+use tokio::net::unix::OwnedReadHalf;
+use tokio::sync::{Notify, mpsc};
+
+use super::ExitInfo;
+use crate::framing::{Frame, LineFramer, dropped_frame};
+use crate::journal::{JournalLimits, JournalWriter};
+
+/// The instructions file a keeper reads from its run directory.
+pub const SPEC_FILE: &str = "keeper.json";
+/// The socket the server connects to.
+pub const SOCKET_FILE: &str = "stdin.sock";
+/// Written atomically when the agent has exited.
+pub const EXIT_FILE: &str = "exit";
+/// The keeper's process id.
+pub const KEEPER_PID_FILE: &str = "keeper.pid";
+/// The agent's process id (the group leader of everything it starts), for the `tmux` runtime.
+pub const AGENT_PID_FILE: &str = "agent.pid";
+
+/// What a keeper runs and where it writes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeeperSpec {
+    /// The session's id, for messages.
+    pub session_id: String,
+    /// Program to start (the agent, or `runc`).
+    pub program: PathBuf,
+    /// Its arguments.
+    pub args: Vec<String>,
+    /// Its complete environment (nothing else is inherited).
+    pub env: BTreeMap<String, String>,
+    /// Its working directory.
+    pub cwd: PathBuf,
+    /// The session journal.
+    pub journal_dir: PathBuf,
+    /// The journal's byte budget.
+    pub journal_max_bytes: u64,
+    /// The journal's segment size.
+    pub journal_segment_bytes: u64,
+    /// Longest output line forwarded.
+    pub max_line: usize,
+    /// Longest input line accepted from the server.
+    pub max_input_line: usize,
+    /// The session's stderr log.
+    pub stderr_file: PathBuf,
+    /// After the agent exits, how long its leftovers get to close its stdout (ms).
+    pub exit_drain_ms: u64,
+}
+
+/// Where a file of the run directory is.
+pub fn path(run_dir: &Path, file: &str) -> PathBuf {
+    run_dir.join(file)
+}
+
+/// Reads the exit file, if the agent's end was recorded.
+pub fn read_exit(run_dir: &Path) -> Option<ExitInfo> {
+    let body = std::fs::read(path(run_dir, EXIT_FILE)).ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&body).ok()?;
+    let int = |k: &str| {
+        v.get(k)
+            .and_then(serde_json::Value::as_i64)
+            .map(|n| n as i32)
+    };
+    Some(ExitInfo {
+        code: int("code"),
+        signal: int("signal"),
+    })
+}
+
+/// `moorline keeper RUN_DIR`: runs the keeper until its agent has exited.
+pub fn keeper_main(run_dir: &Path) -> ExitCode {
+    // Leave the pane's session: hang-ups and terminal signals in tmux must not reach us.
+    let _ = nix::unistd::setsid();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("moorline keeper: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(keep(run_dir)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("moorline keeper: {e}");
+            // Whatever happened, say how the agent ended, or that it never started.
+            let _ = write_exit(
+                run_dir,
+                ExitInfo {
+                    code: Some(127),
+                    signal: None,
+                },
+            );
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn log(stderr: &mut std::fs::File, msg: &str) {
+    use std::io::Write;
+    let _ = writeln!(stderr, "[moorline keeper] {msg}");
+}
+
+async fn keep(run_dir: &Path) -> io::Result<()> {
+    let spec: KeeperSpec = serde_json::from_slice(&std::fs::read(path(run_dir, SPEC_FILE))?)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    let mut stderr = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&spec.stderr_file)?;
+    let limits = JournalLimits {
+        max_bytes: spec.journal_max_bytes,
+        segment_bytes: spec.journal_segment_bytes,
+    };
+    let (writer, _) = JournalWriter::open(&spec.journal_dir, limits)?;
+
+    let socket = path(run_dir, SOCKET_FILE);
+    let _ = std::fs::remove_file(&socket);
+    let listener = UnixListener::bind(&socket)?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))?;
+    }
+    std::fs::write(
+        path(run_dir, KEEPER_PID_FILE),
+        std::process::id().to_string(),
+    )?;
+
+    let mut child = tokio::process::Command::new(&spec.program)
+        .args(&spec.args)
+        .env_clear()
+        .envs(&spec.env)
+        .current_dir(&spec.cwd)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(stderr.try_clone()?))
+        .process_group(0)
+        .spawn()
+        .map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("cannot start {}: {e}", spec.program.display()),
+            )
+        })?;
+    let agent_pid = child.id();
+    if let Some(pid) = agent_pid {
+        std::fs::write(path(run_dir, AGENT_PID_FILE), pid.to_string())?;
+    }
+    log(
+        &mut stderr,
+        &format!(
+            "started {} (pid {})",
+            spec.program.display(),
+            agent_pid.unwrap_or(0)
+        ),
+    );
+    let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
+        return Err(io::Error::other("agent has no stdio pipes"));
+    };
+
+    // Terminal signals are ignored; SIGTERM is passed on to the agent's process group.
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut term = signal(SignalKind::terminate())?;
+
+    let doorbell = Arc::new(Notify::new());
+    let (lines_tx, lines_rx) = mpsc::channel::<BytesMut>(64);
+    let stdin_task = tokio::spawn(write_stdin(stdin, lines_rx));
+    let output = tokio::spawn(pump_output(stdout, writer, spec.max_line, doorbell.clone()));
+    let mut output = Some(output);
+    let mut connection: Option<tokio::task::JoinHandle<()>> = None;
+    let mut exit: Option<ExitInfo> = None;
+    let drain = Duration::from_millis(spec.exit_drain_ms);
+    // Once the agent has exited: when to kill what it left holding stdout, then when to give up.
+    let mut deadline: Option<tokio::time::Instant> = None;
+    let mut killed_leftovers = false;
+    let group = agent_pid
+        .and_then(|p| i32::try_from(p).ok())
+        .map(nix::unistd::Pid::from_raw);
+    let signal_group = |sig| {
+        if let Some(pgid) = group {
+            let _ = nix::sys::signal::killpg(pgid, sig);
+        }
+    };
+
+    loop {
+        tokio::select! {
+            accepted = listener.accept(), if exit.is_none() => {
+                let (stream, _) = accepted?;
+                if let Some(old) = connection.take() {
+                    old.abort();
+                }
+                let (read, write) = stream.into_split();
+                let bell = doorbell.clone();
+                let lines = lines_tx.clone();
+                let mut log_file = stderr.try_clone()?;
+                let max = spec.max_input_line;
+                connection = Some(tokio::spawn(async move {
+                    let ring = ring_doorbell(write, bell);
+                    let read = forward_lines(read, lines, max, &mut log_file);
+                    tokio::select! {
+                        () = ring => {}
+                        () = read => {}
+                    }
+                }));
+            }
+            status = child.wait(), if exit.is_none() => {
+                exit = Some(status.map(ExitInfo::from).unwrap_or(ExitInfo { code: None, signal: None }));
+                deadline = Some(tokio::time::Instant::now() + drain);
+            }
+            _ = async {
+                match output.as_mut() {
+                    Some(task) => task.await,
+                    None => std::future::pending().await,
+                }
+            }, if exit.is_some() => break,
+            () = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d).await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                if killed_leftovers {
+                    log(&mut stderr, "agent output still open after its processes were killed; giving up on it");
+                    if let Some(task) = output.take() {
+                        task.abort();
+                    }
+                    break;
+                }
+                // The agent left processes holding its stdout: they end with it.
+                signal_group(nix::sys::signal::Signal::SIGKILL);
+                killed_leftovers = true;
+                deadline = Some(tokio::time::Instant::now() + drain);
+            }
+            _ = hup.recv() => {}
+            _ = int.recv() => {}
+            _ = term.recv() => signal_group(nix::sys::signal::Signal::SIGTERM),
+        }
+    }
+    signal_group(nix::sys::signal::Signal::SIGKILL);
+    stdin_task.abort();
+    let exit = exit.unwrap_or(ExitInfo {
+        code: None,
+        signal: None,
+    });
+    write_exit(run_dir, exit)?;
+    log(&mut stderr, &format!("agent finished: {exit}"));
+    let _ = std::fs::remove_file(&socket);
+    // The server learns of the exit when this connection closes, after the exit file exists.
+    if let Some(conn) = connection {
+        conn.abort();
+    }
+    Ok(())
+}
+
+/// Writes the exit file atomically.
+fn write_exit(run_dir: &Path, exit: ExitInfo) -> io::Result<()> {
+    let tmp = path(run_dir, "exit.tmp");
+    let body = serde_json::to_vec(&exit).map_err(io::Error::other)?;
+    std::fs::write(&tmp, body)?;
+    std::fs::rename(tmp, path(run_dir, EXIT_FILE))
+}
+
+/// Frames the agent's stdout into the journal and rings the doorbell after each append.
+async fn pump_output(
+    mut stdout: tokio::process::ChildStdout,
+    mut writer: JournalWriter,
+    max_line: usize,
+    doorbell: Arc<Notify>,
+) {
+    let mut framer = LineFramer::new(max_line);
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    let mut batch = BytesMut::new();
+    loop {
+        buf.clear();
+        match stdout.read_buf(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+        let mut lines = 0u64;
+        framer.feed(&buf, &mut |f| {
+            push(&mut batch, f);
+            lines += 1;
+        });
+        append(&mut writer, &mut batch, lines, &doorbell);
+    }
+    let mut lines = 0u64;
+    framer.finish(&mut |f| {
+        push(&mut batch, f);
+        lines += 1;
+    });
+    append(&mut writer, &mut batch, lines, &doorbell);
+    let _ = writer.sync();
+}
+
+fn push(batch: &mut BytesMut, frame: Frame<'_>) {
+    match frame {
+        Frame::Line(text) => batch.extend_from_slice(text.as_bytes()),
+        Frame::Dropped {
+            reason,
+            bytes,
+            preview,
+        } => batch.extend_from_slice(dropped_frame(reason, bytes, preview).as_bytes()),
+    }
+    batch.put_u8(b'\n');
+}
+
+fn append(writer: &mut JournalWriter, batch: &mut BytesMut, lines: u64, doorbell: &Notify) {
+    if lines == 0 {
+        return;
+    }
+    if let Err(e) = writer.append(batch, lines) {
+        eprintln!("moorline keeper: cannot write the journal: {e}");
+    }
+    batch.clear();
+    doorbell.notify_one();
+}
+
+/// Tells the connected server, with one byte, that the journal has grown.
+async fn ring_doorbell(mut write: tokio::net::unix::OwnedWriteHalf, bell: Arc<Notify>) {
+    loop {
+        bell.notified().await;
+        if write.write_all(&[1]).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Reads the server's lines and passes on only complete ones. A partial line left when the
+/// server goes away is dropped, never forwarded.
+async fn forward_lines(
+    mut read: OwnedReadHalf,
+    lines: mpsc::Sender<BytesMut>,
+    max: usize,
+    log_file: &mut std::fs::File,
+) {
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    let mut skipping = false;
+    let mut forwarded = 0u64;
+    loop {
+        let n = match read.read_buf(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let _ = n;
+        if skipping {
+            match memchr::memchr(b'\n', &buf) {
+                Some(i) => {
+                    let _ = buf.split_to(i + 1);
+                    skipping = false;
+                }
+                None => {
+                    buf.clear();
+                    continue;
+                }
+            }
+        }
+        if let Some(last) = memchr::memrchr(b'\n', &buf) {
+            let complete = buf.split_to(last + 1);
+            forwarded += memchr::memchr_iter(b'\n', &complete).count() as u64;
+            if lines.send(complete).await.is_err() {
+                return;
+            }
+        }
+        if buf.len() > max {
+            log(
+                log_file,
+                &format!("dropping an input line longer than {max} bytes"),
+            );
+            buf.clear();
+            skipping = true;
+        }
+        if buf.capacity() - buf.len() < 16 * 1024 {
+            buf.reserve(64 * 1024);
+        }
+    }
+    log(
+        log_file,
+        &format!(
+            "server disconnected; forwarded {forwarded} lines, dropped a partial line of {} bytes",
+            buf.len()
+        ),
+    );
+}
+
+/// Writes complete lines to the agent's stdin, in order.
+async fn write_stdin(mut stdin: tokio::process::ChildStdin, mut lines: mpsc::Receiver<BytesMut>) {
+    while let Some(chunk) = lines.recv().await {
+        if stdin.write_all(&chunk).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// `moorline keeper-pane RUN_DIR`: what a tmux pane shows. Starts the keeper detached, then
+/// shows the agent's stderr until the keeper exits. Ctrl-C and Ctrl-Z are ignored here; the
+/// agent never sees them.
+pub fn pane_main(run_dir: &Path, moorline_exe: &Path) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("moorline: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(pane(run_dir, moorline_exe)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("moorline: {e}");
+            // Keep the message readable for a moment if someone is attached.
+            std::thread::sleep(Duration::from_secs(2));
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn pane(run_dir: &Path, moorline_exe: &Path) -> io::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut tstp = signal(SignalKind::from_raw(
+        nix::sys::signal::Signal::SIGTSTP as i32,
+    ))?;
+    let mut quit = signal(SignalKind::quit())?;
+    let spec: KeeperSpec = serde_json::from_slice(&std::fs::read(path(run_dir, SPEC_FILE))?)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&spec.stderr_file)?;
+    let start = log.metadata()?.len();
+    let mut keeper = tokio::process::Command::new(moorline_exe)
+        .arg("keeper")
+        .arg(run_dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(log.try_clone()?))
+        .stderr(Stdio::from(log))
+        .spawn()?;
+    println!(
+        "moorline session {}: the agent's stderr follows.\r\nCtrl-C does not stop the agent; detach with C-b d.\r",
+        spec.session_id
+    );
+    let mut file = tokio::fs::File::open(&spec.stderr_file).await?;
+    {
+        use tokio::io::AsyncSeekExt;
+        file.seek(std::io::SeekFrom::Start(start)).await?;
+    }
+    let mut out = tokio::io::stdout();
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut done = false;
+    loop {
+        loop {
+            let n = file.read(&mut buf).await?;
+            if n == 0 {
+                break;
+            }
+            // The pane is a terminal: turn bare newlines into CRLF.
+            let text = String::from_utf8_lossy(&buf[..n]).replace('\n', "\r\n");
+            out.write_all(text.as_bytes()).await?;
+            out.flush().await?;
+        }
+        if done {
+            return Ok(());
+        }
+        tokio::select! {
+            _ = keeper.wait() => done = true,
+            () = tokio::time::sleep(Duration::from_millis(200)) => {}
+            _ = int.recv() => { out.write_all(b"\r\n(Ctrl-C ignored: the agent keeps running; detach with C-b d)\r\n").await?; }
+            _ = tstp.recv() => {}
+            _ = quit.recv() => {}
+        }
+    }
+}

@@ -1,0 +1,517 @@
+//! runc: the OCI bundle of a session's container, and the `runc` commands moorline uses.
+//!
+//! The container is built from nothing: an empty, read-only root filesystem with read-only
+//! binds of the host's system directories (so agents find their interpreters and libraries),
+//! the session's workspace read-write at the same path as on the host, a per-session home, a
+//! private `/tmp`, `tini` as PID 1 (it reaps zombies left by tools and forwards signals), no new
+//! privileges, no capabilities, its own pid/ipc/uts/mount namespaces, and optional pids and
+//! memory limits. Only an explicit environment reaches it.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use oci_spec::runtime::{
+    LinuxBuilder, LinuxCapabilities, LinuxIdMappingBuilder, LinuxMemoryBuilder,
+    LinuxNamespaceBuilder, LinuxNamespaceType, LinuxPidsBuilder, LinuxResourcesBuilder, Mount,
+    MountBuilder, ProcessBuilder, RootBuilder, Spec, UserBuilder,
+};
+use tokio::process::Command;
+
+use crate::config::NetworkMode;
+
+/// Prefix of every container id moorline creates, so its own are easy to find.
+pub const ID_PREFIX: &str = "moorline-";
+
+/// Where the agent's home directory appears inside the container.
+pub const CONTAINER_HOME: &str = "/home/moorline";
+
+/// The `runc` command with moorline's state directory.
+#[derive(Debug, Clone)]
+pub struct Runc {
+    program: PathBuf,
+    root: PathBuf,
+}
+
+impl Runc {
+    /// runc with its state in `root` (moorline's own, never the system's).
+    pub fn new(program: PathBuf, root: PathBuf) -> Self {
+        Self { program, root }
+    }
+
+    /// The program.
+    pub fn program(&self) -> &Path {
+        &self.program
+    }
+
+    /// Arguments of `runc run` for a bundle (the keeper runs it).
+    pub fn run_args(&self, bundle: &Path, id: &str) -> Vec<String> {
+        vec![
+            "--root".into(),
+            self.root.display().to_string(),
+            "run".into(),
+            "--bundle".into(),
+            bundle.display().to_string(),
+            id.into(),
+        ]
+    }
+
+    fn command(&self) -> Command {
+        let mut cmd = Command::new(&self.program);
+        cmd.arg("--root")
+            .arg(&self.root)
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        cmd
+    }
+
+    /// Whether runc runs at all.
+    pub async fn version(&self) -> io::Result<String> {
+        let out = Command::new(&self.program)
+            .arg("--version")
+            .stdin(Stdio::null())
+            .output()
+            .await?;
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .next()
+            .unwrap_or("")
+            .to_owned())
+    }
+
+    /// Sends `signal` (`TERM`, `KILL`) to the container's init, which passes it on.
+    pub async fn kill(&self, id: &str, signal: &str) -> io::Result<()> {
+        let out = self.command().args(["kill", id, signal]).output().await?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(io::Error::other(
+                String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+            ))
+        }
+    }
+
+    /// Removes a container, running or not, and its cgroups.
+    pub async fn delete(&self, id: &str) {
+        let _ = self
+            .command()
+            .args(["delete", "--force", id])
+            .output()
+            .await;
+        remove_cgroups(id);
+    }
+
+    /// Ids of every container in moorline's state directory, including half-created ones that
+    /// `runc list` does not show (a state directory without `state.json`).
+    pub async fn container_ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = std::fs::read_dir(&self.root)
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.path().is_dir())
+            .filter_map(|e| e.file_name().into_string().ok())
+            .collect();
+        if let Ok(out) = self.command().args(["list", "--quiet"]).output().await {
+            for id in String::from_utf8_lossy(&out.stdout).lines() {
+                if !ids.iter().any(|i| i == id) {
+                    ids.push(id.to_owned());
+                }
+            }
+        }
+        ids
+    }
+}
+
+/// The session id a container id belongs to, if it is one of moorline's.
+pub fn session_of(container_id: &str) -> Option<&str> {
+    let rest = container_id.strip_prefix(ID_PREFIX)?;
+    let id = rest.split('-').next()?;
+    (id.len() == 12 && id.bytes().all(|b| b.is_ascii_hexdigit())).then_some(id)
+}
+
+/// Removes the cgroup directories runc leaves behind for half-created containers, under the
+/// `moorline` parent of every hierarchy (cgroup v1) or of the unified tree (v2).
+pub fn remove_cgroups(id: &str) {
+    let root = Path::new("/sys/fs/cgroup");
+    let mut candidates = vec![root.join("moorline").join(id)];
+    for entry in std::fs::read_dir(root).into_iter().flatten().flatten() {
+        candidates.push(entry.path().join("moorline").join(id));
+    }
+    for dir in candidates {
+        if dir.is_dir() {
+            // Children first (v1 cpuset and friends may hold nested dirs).
+            for sub in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                if sub.path().is_dir() {
+                    let _ = std::fs::remove_dir(sub.path());
+                }
+            }
+            let _ = std::fs::remove_dir(&dir);
+        }
+    }
+}
+
+/// Everything that goes into one container.
+#[derive(Debug, Clone)]
+pub struct BundleSpec {
+    /// The container id (unique, never reused).
+    pub container_id: String,
+    /// Session, instance and start number, written as annotations.
+    pub session_id: String,
+    /// The instance.
+    pub instance_id: String,
+    /// The start number.
+    pub generation: u64,
+    /// The agent program (absolute path on the host).
+    pub program: PathBuf,
+    /// Its arguments.
+    pub args: Vec<String>,
+    /// Its complete environment.
+    pub env: BTreeMap<String, String>,
+    /// The workspace, mounted read-write at the same path.
+    pub cwd: PathBuf,
+    /// The host directory mounted as the agent's home.
+    pub home: PathBuf,
+    /// The init program (absolute path on the host).
+    pub tini: PathBuf,
+    /// Host directories bound read-only.
+    pub system_dirs: Vec<PathBuf>,
+    /// Network mode.
+    pub network: NetworkMode,
+    /// Process limit.
+    pub pids_limit: Option<i64>,
+    /// Memory limit in bytes.
+    pub memory_limit: Option<i64>,
+    /// `Some((uid, gid))` when running rootless: container root maps to this host user.
+    pub rootless: Option<(u32, u32)>,
+    /// Whether resource limits can be applied (root, or delegated cgroups).
+    pub limits_allowed: bool,
+}
+
+fn oci(e: oci_spec::OciSpecError) -> io::Error {
+    io::Error::other(e.to_string())
+}
+
+fn bind(source: &Path, destination: &Path, writable: bool) -> io::Result<Mount> {
+    let mode = if writable { "rw" } else { "ro" };
+    MountBuilder::default()
+        .destination(destination)
+        .typ("bind")
+        .source(source)
+        .options(vec![
+            "rbind".into(),
+            mode.into(),
+            "nosuid".into(),
+            "nodev".into(),
+        ])
+        .build()
+        .map_err(oci)
+}
+
+/// Whether `path` lies under one of `dirs` (so it is already visible in the container).
+fn covered(path: &Path, dirs: &[PathBuf]) -> bool {
+    dirs.iter().any(|d| path.starts_with(d))
+}
+
+/// Writes `bundle/config.json` and a fresh `bundle/rootfs`.
+pub fn write_bundle(bundle: &Path, spec: &BundleSpec) -> io::Result<()> {
+    let _ = std::fs::remove_dir_all(bundle);
+    let rootfs = bundle.join("rootfs");
+    std::fs::create_dir_all(&rootfs)?;
+    // runc gives a tmpfs the mode of an existing mount point, so /tmp must already be 1777
+    // (otherwise agents that need a writable /tmp, like Claude Code, exit silently).
+    let tmp = rootfs.join("tmp");
+    std::fs::create_dir(&tmp)?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o1777))?;
+
+    let mut base = match spec.rootless {
+        Some((uid, gid)) => Spec::rootless(uid, gid),
+        None => Spec::default(),
+    };
+    let mut mounts: Vec<Mount> = base.mounts().clone().unwrap_or_default();
+    if spec.rootless.is_some() {
+        // Without its own network namespace a rootless container cannot mount sysfs; the
+        // rootless defaults bind it instead. mqueue needs privileges too.
+        mounts.retain(|m| m.destination() != Path::new("/dev/mqueue"));
+    }
+    let mut visible = Vec::new();
+    for dir in &spec.system_dirs {
+        let Ok(meta) = std::fs::symlink_metadata(dir) else {
+            continue;
+        };
+        let relative = dir.strip_prefix("/").unwrap_or(dir);
+        if meta.file_type().is_symlink() {
+            // Merged-/usr systems: /bin -> usr/bin. Recreate the link inside.
+            let target = std::fs::read_link(dir)?;
+            if let Some(parent) = rootfs.join(relative).parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            std::os::unix::fs::symlink(target, rootfs.join(relative))?;
+        } else if meta.is_dir() {
+            mounts.push(bind(dir, dir, false)?);
+            visible.push(dir.clone());
+        }
+    }
+    mounts.push(
+        MountBuilder::default()
+            .destination("/tmp")
+            .typ("tmpfs")
+            .source("tmpfs")
+            .options(vec!["nosuid".into(), "nodev".into(), "mode=1777".into()])
+            .build()
+            .map_err(oci)?,
+    );
+    mounts.push(bind(&spec.home, Path::new(CONTAINER_HOME), true)?);
+    if spec.cwd != Path::new("/") {
+        mounts.push(bind(&spec.cwd, &spec.cwd, true)?);
+    }
+    for file in [&spec.program, &spec.tini] {
+        if !covered(file, &visible) {
+            mounts.push(bind(file, file, false)?);
+        }
+    }
+    base.set_mounts(Some(mounts));
+
+    let (uid, gid) = match spec.rootless {
+        // Container root is the only mapped id.
+        Some(_) => (0, 0),
+        // As root, the agent acts as the owner of its workspace, without any capability.
+        None => {
+            let meta = std::fs::metadata(&spec.cwd)?;
+            (meta.uid(), meta.gid())
+        }
+    };
+    if spec.rootless.is_none() {
+        std::os::unix::fs::chown(&spec.home, Some(uid), Some(gid))?;
+    }
+    let mut args = vec![
+        spec.tini.display().to_string(),
+        "-g".into(),
+        "--".into(),
+        spec.program.display().to_string(),
+    ];
+    args.extend(spec.args.iter().cloned());
+    let env: Vec<String> = spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let empty = LinuxCapabilities::default();
+    let no_caps = {
+        let mut c = empty;
+        c.set_bounding(Some(Default::default()));
+        c.set_effective(Some(Default::default()));
+        c.set_inheritable(Some(Default::default()));
+        c.set_permitted(Some(Default::default()));
+        c.set_ambient(Some(Default::default()));
+        c
+    };
+    let process = ProcessBuilder::default()
+        .terminal(false)
+        .user(
+            UserBuilder::default()
+                .uid(uid)
+                .gid(gid)
+                .build()
+                .map_err(oci)?,
+        )
+        .args(args)
+        .env(env)
+        .cwd(&spec.cwd)
+        .no_new_privileges(true)
+        .capabilities(no_caps)
+        .build()
+        .map_err(oci)?;
+    base.set_process(Some(process));
+    base.set_root(Some(
+        RootBuilder::default()
+            .path("rootfs")
+            .readonly(true)
+            .build()
+            .map_err(oci)?,
+    ));
+    base.set_hostname(Some(format!("moorline-{}", spec.session_id)));
+    base.set_version("1.0.2".into());
+    base.set_annotations(Some(
+        [
+            ("org.moorline.session", spec.session_id.clone()),
+            ("org.moorline.instance", spec.instance_id.clone()),
+            ("org.moorline.generation", spec.generation.to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect(),
+    ));
+
+    let mut kinds = vec![
+        LinuxNamespaceType::Pid,
+        LinuxNamespaceType::Ipc,
+        LinuxNamespaceType::Uts,
+        LinuxNamespaceType::Mount,
+    ];
+    if spec.network == NetworkMode::None {
+        kinds.push(LinuxNamespaceType::Network);
+    }
+    if spec.rootless.is_some() {
+        kinds.push(LinuxNamespaceType::User);
+    }
+    let namespaces = kinds
+        .into_iter()
+        .map(|typ| {
+            LinuxNamespaceBuilder::default()
+                .typ(typ)
+                .build()
+                .map_err(oci)
+        })
+        .collect::<io::Result<Vec<_>>>()?;
+    let defaults = base.linux().clone().unwrap_or_default();
+    let mut linux = LinuxBuilder::default()
+        .namespaces(namespaces)
+        .masked_paths(defaults.masked_paths().clone().unwrap_or_default())
+        .readonly_paths(defaults.readonly_paths().clone().unwrap_or_default());
+    if let Some((uid, gid)) = spec.rootless {
+        linux = linux
+            .uid_mappings(vec![
+                LinuxIdMappingBuilder::default()
+                    .container_id(0u32)
+                    .host_id(uid)
+                    .size(1u32)
+                    .build()
+                    .map_err(oci)?,
+            ])
+            .gid_mappings(vec![
+                LinuxIdMappingBuilder::default()
+                    .container_id(0u32)
+                    .host_id(gid)
+                    .size(1u32)
+                    .build()
+                    .map_err(oci)?,
+            ]);
+    }
+    if spec.limits_allowed {
+        let mut resources = LinuxResourcesBuilder::default();
+        if let Some(limit) = spec.pids_limit {
+            resources = resources.pids(
+                LinuxPidsBuilder::default()
+                    .limit(limit)
+                    .build()
+                    .map_err(oci)?,
+            );
+        }
+        if let Some(limit) = spec.memory_limit {
+            resources = resources.memory(
+                LinuxMemoryBuilder::default()
+                    .limit(limit)
+                    // Same as the limit: no swap on top of it.
+                    .swap(limit)
+                    .build()
+                    .map_err(oci)?,
+            );
+        }
+        linux = linux
+            .resources(resources.build().map_err(oci)?)
+            .cgroups_path(PathBuf::from(format!("/moorline/{}", spec.container_id)));
+    }
+    base.set_linux(Some(linux.build().map_err(oci)?));
+    base.save(bundle.join("config.json")).map_err(oci)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(dir: &Path) -> BundleSpec {
+        BundleSpec {
+            container_id: "moorline-0123456789ab-1-cafe".into(),
+            session_id: "0123456789ab".into(),
+            instance_id: "i".into(),
+            generation: 1,
+            program: "/opt/agents/bin/agent".into(),
+            args: vec!["--rpc".into()],
+            env: BTreeMap::from([("HOME".into(), CONTAINER_HOME.into())]),
+            cwd: dir.to_owned(),
+            home: dir.join("home"),
+            tini: "/usr/bin/tini".into(),
+            system_dirs: vec!["/usr".into(), "/bin".into(), "/nonexistent".into()],
+            network: NetworkMode::None,
+            pids_limit: Some(64),
+            memory_limit: Some(64 << 20),
+            rootless: None,
+            limits_allowed: true,
+        }
+    }
+
+    #[test]
+    fn the_bundle_says_what_the_container_gets() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        std::fs::create_dir(tmp.path().join("home")).expect("home");
+        let bundle = tmp.path().join("bundle");
+        write_bundle(&bundle, &spec(tmp.path())).expect("bundle");
+        let config: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(bundle.join("config.json")).expect("read"))
+                .expect("json");
+        let p = &config["process"];
+        assert_eq!(p["args"][0], "/usr/bin/tini");
+        assert_eq!(p["args"][3], "/opt/agents/bin/agent");
+        assert_eq!(p["env"], serde_json::json!(["HOME=/home/moorline"]));
+        assert_eq!(p["noNewPrivileges"], true);
+        assert_eq!(p["capabilities"]["bounding"], serde_json::json!([]));
+        assert_eq!(config["root"]["readonly"], true);
+        let mounts = config["mounts"].as_array().expect("mounts");
+        let find = |dest: &str| mounts.iter().find(|m| m["destination"] == dest).cloned();
+        assert!(
+            find("/usr").expect("usr")["options"]
+                .as_array()
+                .expect("opts")
+                .contains(&"ro".into())
+        );
+        assert!(
+            find("/nonexistent").is_none(),
+            "missing system dirs are skipped"
+        );
+        assert_eq!(
+            find("/opt/agents/bin/agent").expect("program bound")["options"][1],
+            "ro"
+        );
+        assert!(
+            find("/usr/bin/tini").is_none(),
+            "tini is already visible under /usr"
+        );
+        let cwd = tmp.path().display().to_string();
+        assert_eq!(find(&cwd).expect("workspace")["options"][1], "rw");
+        let linux = &config["linux"];
+        assert_eq!(linux["resources"]["pids"]["limit"], 64);
+        assert_eq!(linux["resources"]["memory"]["limit"], 64 << 20);
+        let ns: Vec<&str> = linux["namespaces"]
+            .as_array()
+            .expect("ns")
+            .iter()
+            .map(|n| n["type"].as_str().expect("t"))
+            .collect();
+        assert_eq!(ns, ["pid", "ipc", "uts", "mount", "network"]);
+        assert_eq!(
+            config["annotations"]["org.moorline.session"],
+            "0123456789ab"
+        );
+        let tmp_mode = std::fs::metadata(bundle.join("rootfs/tmp"))
+            .expect("tmp")
+            .permissions()
+            .mode();
+        assert_eq!(tmp_mode & 0o7777, 0o1777);
+        if std::fs::symlink_metadata("/bin").is_ok_and(|m| m.file_type().is_symlink()) {
+            assert!(
+                std::fs::symlink_metadata(bundle.join("rootfs/bin"))
+                    .expect("link")
+                    .file_type()
+                    .is_symlink()
+            );
+        }
+    }
+
+    #[test]
+    fn container_ids_name_their_session() {
+        assert_eq!(
+            session_of("moorline-0123456789ab-3-ffee"),
+            Some("0123456789ab")
+        );
+        assert_eq!(session_of("other-0123456789ab"), None);
+        assert_eq!(session_of("moorline-xyz"), None);
+    }
+}

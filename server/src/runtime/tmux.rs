@@ -1,0 +1,95 @@
+//! A thin wrapper around the `tmux` command.
+//!
+//! moorline always talks to its own tmux server (`-L <socket>`), never the user's default one,
+//! and ignores user configuration (`-f /dev/null`), so its sessions are predictable and a user's
+//! `tmux kill-server` of their own server does not touch them.
+
+use std::io;
+use std::path::PathBuf;
+use std::process::Stdio;
+
+use tokio::process::Command;
+
+/// moorline's tmux server.
+#[derive(Debug, Clone)]
+pub struct Tmux {
+    program: PathBuf,
+    socket: String,
+}
+
+impl Tmux {
+    /// A handle on the tmux server named `socket`.
+    pub fn new(program: PathBuf, socket: String) -> Self {
+        Self { program, socket }
+    }
+
+    /// The name of moorline's tmux server, for `tmux -L <name> attach -t <session>`.
+    pub fn socket(&self) -> &str {
+        &self.socket
+    }
+
+    fn command(&self) -> Command {
+        let mut cmd = Command::new(&self.program);
+        cmd.arg("-L")
+            .arg(&self.socket)
+            .arg("-f")
+            .arg("/dev/null")
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        cmd
+    }
+
+    async fn run(&self, args: &[&str]) -> io::Result<String> {
+        let out = self.command().args(args).output().await?;
+        if !out.status.success() {
+            return Err(io::Error::other(format!(
+                "tmux {}: {}",
+                args.first().copied().unwrap_or(""),
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Whether tmux can be run at all.
+    pub async fn usable(&self) -> bool {
+        Command::new(&self.program)
+            .arg("-V")
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .is_ok_and(|o| o.status.success())
+    }
+
+    /// Starts a detached session named `name` running `argv` (no shell involved).
+    pub async fn new_session(&self, name: &str, argv: &[String]) -> io::Result<()> {
+        let mut args = vec![
+            "new-session",
+            "-d",
+            "-s",
+            name,
+            "-x",
+            "200",
+            "-y",
+            "50",
+            "--",
+        ];
+        args.extend(argv.iter().map(String::as_str));
+        self.run(&args).await.map(|_| ())
+    }
+
+    /// Ends the session named `name`, if it exists.
+    pub async fn kill_session(&self, name: &str) {
+        // `=name` matches exactly, never a prefix of another session's name.
+        let _ = self.run(&["kill-session", "-t", &format!("={name}")]).await;
+    }
+
+    /// Names of the sessions on moorline's tmux server.
+    pub async fn list_sessions(&self) -> Vec<String> {
+        match self.run(&["list-sessions", "-F", "#{session_name}"]).await {
+            Ok(out) => out.lines().map(str::to_owned).collect(),
+            // No server running means no sessions.
+            Err(_) => Vec::new(),
+        }
+    }
+}
