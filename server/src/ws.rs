@@ -99,7 +99,8 @@ pub fn connect(
     upgrade
         .max_message_size(max)
         .max_frame_size(max)
-        .read_buffer_size(64 * 1024)
+        // tungstenite zeroes its read buffer before every read: keep it small.
+        .read_buffer_size(16 * 1024)
         .write_buffer_size(256 * 1024)
         .max_write_buffer_size(app.limits.max_line_bytes + (4 << 20))
         .on_upgrade(move |socket| {

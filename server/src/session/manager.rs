@@ -498,6 +498,7 @@ impl SessionManager {
             metrics: self.metrics.clone(),
             cancel: self.cancel.clone(),
             lines: 0,
+            arena: bytes::BytesMut::new(),
         };
         match agent.output {
             Output::Pipe(stdout) => {

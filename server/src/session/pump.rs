@@ -21,7 +21,10 @@ use crate::metrics::Metrics;
 use crate::runtime::{AgentControl, ExitFuture, ExitInfo, Reader, Writer};
 
 /// Size of one read from an agent's stdout.
-const READ_CHUNK: usize = 64 * 1024;
+const READ_CHUNK: usize = 256 * 1024;
+/// Batches of framed lines are carved out of blocks this large, so a busy session does not
+/// allocate (and page-fault) a fresh buffer for every read.
+const ARENA_BLOCK: usize = 1 << 20;
 /// Upper bound on one batched write to an agent's stdin.
 const STDIN_BATCH: usize = 256 * 1024;
 
@@ -39,6 +42,8 @@ pub(super) struct OutputPump {
     pub(super) cancel: CancellationToken,
     /// Lines published during this run, to tell a start failure from a crash.
     pub(super) lines: u64,
+    /// Where batches are built; each batch is split off and shared with the hub.
+    pub(super) arena: BytesMut,
 }
 
 /// Most bytes one poll of a followed journal publishes at once.
@@ -196,11 +201,18 @@ impl OutputPump {
     }
 
     fn process(&mut self, framer: &mut LineFramer, chunk: &[u8]) {
-        let mut batch = BytesMut::with_capacity(chunk.len() + framer.buffered() + 1);
+        let need = chunk.len() + framer.buffered() + 1;
+        if self.arena.capacity() - self.arena.len() < need {
+            // The old block stays alive only as long as the window still holds its lines.
+            self.arena = BytesMut::with_capacity(need.max(ARENA_BLOCK));
+        }
+        let mut batch = std::mem::take(&mut self.arena);
         let mut ends = Vec::new();
         framer.feed(chunk, &mut |f| {
             push_frame(&mut batch, &mut ends, &self.metrics, f)
         });
+        let rest = batch.split_off(batch.len());
+        self.arena = rest;
         self.commit(batch, &ends);
     }
 
