@@ -376,7 +376,8 @@ mod tests {
                 match f {
                     Owned::Line(s) => {
                         prop_assert!(!s.is_empty() && s.len() <= max);
-                        prop_assert!(!s.contains('\n') && !s.ends_with('\r'));
+                        // Only one \r before the \n is removed, so a line may still end in \r.
+                        prop_assert!(!s.contains('\n'));
                     }
                     Owned::Dropped(_, bytes, preview) => {
                         prop_assert!(bytes > 0 && preview.len() <= PREVIEW_BYTES);

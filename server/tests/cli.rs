@@ -111,13 +111,20 @@ struct Served {
     child: Child,
     url: String,
     _home: tempfile::TempDir,
+    /// With no configuration the echo instance may run in runc and tmux, which outlive the
+    /// server: keep them in a sandbox that is cleaned up.
+    _sandbox: common::Sandbox,
 }
 
 /// `moorline serve` with no configuration at all, on a free port.
 async fn serve() -> Served {
     let home = tempfile::tempdir().expect("home");
+    let sandbox = common::Sandbox::new();
     let mut cmd = moorline(home.path());
-    cmd.args(["serve", "--port", "0"]).stderr(Stdio::piped());
+    cmd.args(["serve", "--port", "0"])
+        .env("MOORLINE_RUNTIME__TMUX_SOCKET", &sandbox.tmux_socket)
+        .env("MOORLINE_RUNTIME__RUNC_ROOT", sandbox.runc_root.path())
+        .stderr(Stdio::piped());
     let mut child = cmd.spawn().expect("serve");
     let stderr = child.stderr.take().expect("stderr");
     let mut lines = BufReader::new(stderr).lines();
@@ -137,6 +144,7 @@ async fn serve() -> Served {
         child,
         url: format!("http://{addr}"),
         _home: home,
+        _sandbox: sandbox,
     }
 }
 

@@ -537,30 +537,29 @@ impl SessionManager {
             let was_running = matches!(meta.status, Status::Running | Status::Stopped);
             let mut adopted = None;
             match &instance {
-                Some(inst) if inst.runtime.durable() => {
-                    if was_running {
-                        match inst.runtime.adopt(&meta.id, &dir).await {
-                            Adoption::Running(agent) => adopted = Some(agent),
-                            Adoption::Exited(exit) => {
-                                meta.status = if exit.is_success() {
-                                    Status::Exited
-                                } else {
-                                    Status::Crashed
-                                };
-                                meta.exit_code = exit.code;
-                                meta.signal = exit.signal;
-                            }
-                            Adoption::Lost => {
-                                meta.status = Status::Crashed;
-                                meta.exit_code = None;
-                                meta.signal = None;
-                            }
+                Some(inst) if inst.runtime.durable() && was_running => {
+                    match inst.runtime.adopt(&meta.id, &dir).await {
+                        Adoption::Running(agent) => adopted = Some(agent),
+                        Adoption::Exited(exit) => {
+                            meta.status = if exit.is_success() {
+                                Status::Exited
+                            } else {
+                                Status::Crashed
+                            };
+                            meta.exit_code = exit.code;
+                            meta.signal = exit.signal;
                         }
-                        if adopted.is_none() {
-                            inst.runtime.cleanup(&meta.id, &dir).await;
+                        Adoption::Lost => {
+                            meta.status = Status::Crashed;
+                            meta.exit_code = None;
+                            meta.signal = None;
                         }
                     }
+                    if adopted.is_none() {
+                        inst.runtime.cleanup(&meta.id, &dir).await;
+                    }
                 }
+                Some(inst) if inst.runtime.durable() => {}
                 _ if was_running => {
                     if let (Some(pid), Some(start)) = (meta.pid, meta.pid_start) {
                         kill_orphan(pid, start);

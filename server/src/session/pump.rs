@@ -91,9 +91,8 @@ impl OutputPump {
                 (tail, r)
             })
             .await;
-            let (t, result) = match polled {
-                Ok(v) => v,
-                Err(_) => return None,
+            let Ok((t, result)) = polled else {
+                return None;
             };
             tail = t;
             match result {

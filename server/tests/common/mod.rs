@@ -304,3 +304,122 @@ pub fn process_gone(pid: u64) -> bool {
             .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
     }
 }
+
+/// Why the runc/tmux tests cannot run here, if they cannot.
+pub fn durable_unavailable() -> Option<String> {
+    if !nix::unistd::getuid().is_root() {
+        return Some("not running as root".into());
+    }
+    for tool in ["runc", "tmux", "tini"] {
+        let found = std::env::var("PATH")
+            .unwrap_or_default()
+            .split(':')
+            .any(|d| std::path::Path::new(d).join(tool).is_file());
+        if !found {
+            return Some(format!("{tool} is not installed"));
+        }
+    }
+    None
+}
+
+/// Skips a test (with the reason printed) when runc, tmux and tini cannot be used as root.
+#[macro_export]
+macro_rules! require_durable {
+    () => {
+        if let Some(why) = common::durable_unavailable() {
+            eprintln!("SKIPPED: this test needs root, runc, tmux and tini: {why}");
+            return;
+        }
+    };
+}
+
+/// A private tmux server and runc state directory for one test, cleaned up when dropped:
+/// durable agents outlive servers by design, so tests must remove them explicitly.
+pub struct Sandbox {
+    pub tmux_socket: String,
+    pub runc_root: tempfile::TempDir,
+}
+
+impl Sandbox {
+    pub fn new() -> Self {
+        let mut raw = [0u8; 4];
+        getrandom::fill(&mut raw).expect("random");
+        Self {
+            tmux_socket: format!(
+                "moorline-test-{:02x}{:02x}{:02x}{:02x}",
+                raw[0], raw[1], raw[2], raw[3]
+            ),
+            runc_root: tempfile::tempdir().expect("runc root"),
+        }
+    }
+
+    /// Points a configuration at this sandbox.
+    pub fn apply(&self, config: &mut Config) {
+        config.runtime.tmux_socket = self.tmux_socket.clone();
+        config.runtime.runc_root = Some(self.runc_root.path().to_owned());
+        config
+            .runtime
+            .passed_env
+            .insert("PATH".into(), std::env::var("PATH").unwrap_or_default());
+    }
+
+    /// Container ids in the runc state directory.
+    pub fn containers(&self) -> Vec<String> {
+        std::fs::read_dir(self.runc_root.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().into_string().ok())
+            .collect()
+    }
+
+    /// Session names on the sandbox's tmux server.
+    pub fn tmux_sessions(&self) -> Vec<String> {
+        std::process::Command::new("tmux")
+            .args([
+                "-L",
+                &self.tmux_socket,
+                "list-sessions",
+                "-F",
+                "#{session_name}",
+            ])
+            .output()
+            .map(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    pub fn tmux(&self, args: &[&str]) -> std::process::Output {
+        std::process::Command::new("tmux")
+            .args(["-L", &self.tmux_socket])
+            .args(args)
+            .output()
+            .expect("tmux")
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        let root = self.runc_root.path().to_owned();
+        for id in self.containers() {
+            for args in [
+                vec!["kill", id.as_str(), "KILL"],
+                vec!["delete", "--force", id.as_str()],
+            ] {
+                let _ = std::process::Command::new("runc")
+                    .arg("--root")
+                    .arg(&root)
+                    .args(&args)
+                    .output();
+            }
+            moorline::runtime::runc::remove_cgroups(&id);
+        }
+        let _ = std::process::Command::new("tmux")
+            .args(["-L", &self.tmux_socket, "kill-server"])
+            .output();
+    }
+}
