@@ -479,11 +479,19 @@ impl SessionManager {
         session
             .lifecycle
             .send_replace(Lifecycle::Running { generation });
+        // A durable agent's writer lets go on shutdown (the agent keeps running); a process
+        // agent's keeps its stdin open until the agent is stopped, so shutdown is a SIGTERM,
+        // not an end-of-input the agent might mistake for a normal end.
+        let stdin_cancel = if instance.runtime.durable() {
+            self.cancel.clone()
+        } else {
+            CancellationToken::new()
+        };
         self.tracker.spawn(stdin_writer(
             session.id.clone(),
             rx,
             agent.stdin,
-            self.cancel.clone(),
+            stdin_cancel,
         ));
         if let Some(stderr) = agent.stderr {
             self.tracker
