@@ -26,6 +26,10 @@
 //! - `spawn`: `--spawn-count` times (default 200), one after the other, `POST /sessions` then
 //!   `DELETE /sessions/{id}`. Reports p50/p99 of the POST latency (the time to spawn an agent
 //!   and answer, body included) in ms, and the DELETE latency for information.
+//! - `first-line`: `--first-line-count` times (default 50): `POST /sessions`, open its
+//!   WebSocket, send one 64-byte line and wait for its echo, the agent's first output line;
+//!   then delete the session. Reports p50/p99 in ms of create → first line: what a user waits
+//!   for, container start included when the instance runs in runc.
 //! - `rtt`: one session, one client; `--rtt-warmup` (default 200) unmeasured round trips, then
 //!   `--rtt-count` (default 5000) measured ones. A round trip sends one 64-byte frame and waits
 //!   for its echo, which must be byte-for-byte the frame sent. Reports p50/p99 in µs.
@@ -133,14 +137,16 @@ fn chain(error: &dyn Error) -> String {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Workload {
     Spawn,
+    FirstLine,
     Rtt,
     Pipelined,
     Large,
     Fanout,
 }
 
-const ALL_WORKLOADS: [Workload; 5] = [
+const ALL_WORKLOADS: [Workload; 6] = [
     Workload::Spawn,
+    Workload::FirstLine,
     Workload::Rtt,
     Workload::Pipelined,
     Workload::Large,
@@ -178,6 +184,9 @@ struct Args {
     /// spawn: sessions created and deleted, one after the other.
     #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..=100_000))]
     spawn_count: u64,
+    /// first-line: sessions created, each until its first output line, then deleted.
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    first_line_count: u64,
     /// rtt: measured round trips of a 64-byte frame.
     #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
     rtt_count: u64,
@@ -336,6 +345,7 @@ async fn run_workloads(
 async fn run_workload(target: &Target, args: &Args, workload: Workload) -> Result<Measurement> {
     match workload {
         Workload::Spawn => spawn(target, args.spawn_count).await,
+        Workload::FirstLine => first_line(target, args.first_line_count).await,
         Workload::Rtt => {
             let id = target.create_session().await?.0;
             let result = rtt(target, &id, args.rtt_warmup, args.rtt_count).await;
@@ -418,6 +428,54 @@ async fn spawn(target: &Target, count: u64) -> Result<Measurement> {
             ms(&post, 1.0),
             ms(&delete, 0.5),
             ms(&delete, 0.99)
+        ),
+    })
+}
+
+/// `first-line`: what a user waits for: from `POST /sessions` to the agent's first output line
+/// (the echo of a line sent as soon as the WebSocket is open), then delete. For container
+/// runtimes this includes starting the container.
+async fn first_line(target: &Target, count: u64) -> Result<Measurement> {
+    let mut hist = histogram()?;
+    let maker = FrameMaker::new(SMALL);
+    for seq in 0..count {
+        let start = Instant::now();
+        let (id, _) = target.create_session().await?;
+        let result = async {
+            let mut ws = target.connect(&id).await?;
+            let frame = maker.frame(seq);
+            tokio::time::timeout(target.wait, ws.send(Message::Text(frame.clone())))
+                .await
+                .map_err(|_| "first-line: sending did not complete".to_owned())?
+                .map_err(|e| format!("first-line: sending: {e}"))?;
+            let echo = next_text(&mut ws, target.wait)
+                .await
+                .map_err(|e| format!("first-line: waiting for the first line: {e}"))?;
+            let elapsed = start.elapsed();
+            if echo.as_str() != frame.as_str() {
+                return fail(format!(
+                    "first-line: expected the echo, got {}",
+                    preview(&echo)
+                ));
+            }
+            close(ws).await;
+            Ok(elapsed)
+        }
+        .await;
+        // `finish` deletes the session whatever happened.
+        let elapsed = target.finish(&id, result).await?;
+        hist.saturating_record(nanos(elapsed));
+    }
+    let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1e6;
+    Ok(Measurement {
+        label: "first_line".into(),
+        figures: vec![
+            Figure::new("p50", ms(0.5), "ms", 2),
+            Figure::new("p99", ms(0.99), "ms", 2),
+        ],
+        detail: format!(
+            "{count} x POST /sessions until the first output line; max {:.2} ms",
+            ms(1.0)
         ),
     })
 }

@@ -303,13 +303,17 @@ impl Client {
         } else {
             "crashed"
         };
-        let frame = json!({
+        let mut frame = json!({
             "type": "amarre.session_event",
             "event": event,
             "exitCode": exit.code,
             "signal": exit.signal_name(),
-        })
-        .to_string();
+        });
+        // A start failure says why, after amarre's keys.
+        if let Some(error) = self.session.last_error() {
+            frame["error"] = error.into();
+        }
+        let frame = frame.to_string();
         if send_batch(sink, vec![Message::Text(frame.into())], stall)
             .await
             .is_err()

@@ -1,6 +1,6 @@
 //! The durable runtimes, `tmux` and `runc`: agents that outlive the server.
 //!
-//! Both start a [keeper](super::keeper) from a pane of moorline's own tmux server; with `runc`
+//! Both start a keeper ([`super::keeper`]) from a pane of moorline's own tmux server; with `runc`
 //! the keeper runs the agent in a container. The server talks to the keeper over a Unix socket
 //! in the session's run directory and follows the journal the keeper writes, so a restarted
 //! server adopts running agents by reconnecting, without losing or duplicating a line.
