@@ -402,6 +402,7 @@ async fn read_client(client: &Client, mut stream: SplitStream<WebSocket>) -> End
         let line = data.slice_ref(inbound_line(&data));
         metrics.lines_in.inc();
         metrics.bytes_in.inc_by(line.len() as u64 + 1);
+        client.session.count_input();
         if tx.send(line).await.is_err() {
             // The agent exited; the writer half reports it.
             continue;

@@ -372,6 +372,7 @@ impl SessionManager {
             lifecycle: watch::channel(Lifecycle::Running { generation: 0 }).0,
             finished: watch::channel(0).0,
             clients: AtomicUsize::new(0),
+            inputs: std::sync::atomic::AtomicU64::new(0),
         });
         Ok(session)
     }
@@ -459,6 +460,7 @@ impl SessionManager {
         fresh: bool,
     ) {
         let (tx, rx) = mpsc::channel(self.limits.inbound_queue);
+        session.inputs.store(0, std::sync::atomic::Ordering::Relaxed);
         let generation = {
             let mut state = session.lock();
             state.generation += 1;

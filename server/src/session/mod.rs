@@ -158,6 +158,8 @@ pub struct Session {
     /// Generation of the last agent that finished, for whoever waits on a stop.
     finished: watch::Sender<u64>,
     clients: AtomicUsize,
+    /// Client lines sent to the current run; with no output either, an exit is a start failure.
+    inputs: std::sync::atomic::AtomicU64,
 }
 
 /// How much of an agent's stderr is quoted when it fails to start.
@@ -203,6 +205,11 @@ impl Session {
     /// The sender for the running agent's stdin, if it runs.
     pub fn stdin(&self) -> Option<mpsc::Sender<Bytes>> {
         self.lock().stdin.clone()
+    }
+
+    /// Counts a client line sent to the agent.
+    pub fn count_input(&self) {
+        self.inputs.fetch_add(1, Ordering::Relaxed);
     }
 
     /// How the last run ended, if it has.
@@ -325,7 +332,9 @@ impl Session {
     /// Records the end of an agent run and tells clients. `silent` means it never wrote a line:
     /// if it did not exit cleanly, that is a start failure, reported with its stderr.
     async fn on_exit(&self, generation: u64, exit: ExitInfo, silent: bool) {
-        let error = (silent && !exit.is_success()).then(|| {
+        // Exiting without ever writing, before anyone asked anything, is failing to start.
+        let untouched = self.inputs.load(Ordering::Relaxed) == 0;
+        let error = (silent && untouched && !exit.is_success()).then(|| {
             let tail = self.stderr_tail();
             if tail.is_empty() {
                 format!("the agent exited before writing anything ({exit}) and wrote nothing to stderr")

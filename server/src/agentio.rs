@@ -1,0 +1,305 @@
+//! The loop that owns an agent's stdio: the one place where bytes become client lines and
+//! client lines become agent input.
+//!
+//! It runs in the server for the `process` runtime and in the session keeper for the durable
+//! runtimes, so both behave the same. One task does everything, without ever blocking one
+//! direction on the other: stdout is read while stdin is written (an agent that stops reading
+//! must not stop its own output), client lines are only taken in while the agent's input
+//! backlog is small (backpressure to clients), and approval timeouts fire on time.
+//!
+//! Output goes through the framer, then the adapter's [`Pipeline`], then to an [`OutputSink`]
+//! (journal and fan-out) in batches: one journal write per read of stdout.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use moorline_adapters::pipeline::{Outputs, Pipeline};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::framing::{Frame, LineFramer, dropped_frame};
+use crate::runtime::{AgentControl, ExitFuture, ExitInfo, Reader, Writer};
+
+/// Size of one read from an agent's stdout.
+const READ_CHUNK: usize = 256 * 1024;
+/// Batches are carved out of blocks this large, so a busy session does not allocate (and
+/// page-fault) a fresh buffer for every read.
+const ARENA_BLOCK: usize = 1 << 20;
+/// Stop taking client lines while this much input waits for the agent.
+const INPUT_BACKLOG: usize = 1 << 20;
+
+/// Where framed output goes.
+pub trait OutputSink: Send {
+    /// Takes a batch of whole lines (each followed by `\n` in `batch`); `ends` are the
+    /// `(start, end)` offsets of each line without its `\n`.
+    fn commit(&mut self, batch: BytesMut, ends: &[(usize, usize)]);
+
+    /// The set of pending approval requests changed.
+    fn pending_changed(&mut self, _pending: &[serde_json::Value]) {}
+}
+
+/// Counts what an agent run produced.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Totals {
+    /// Lines committed.
+    pub lines: u64,
+    /// Lines dropped by the framer (invalid UTF-8, too long).
+    pub dropped: u64,
+}
+
+/// An agent's stdio loop.
+pub struct AgentIo {
+    framer: LineFramer,
+    pipeline: Pipeline,
+    exit_drain: Duration,
+    arena: BytesMut,
+    batch_ends: Vec<(usize, usize)>,
+    totals: Totals,
+}
+
+impl std::fmt::Debug for AgentIo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentIo").field("pipeline", &self.pipeline).finish_non_exhaustive()
+    }
+}
+
+impl AgentIo {
+    /// A loop framing lines up to `max_line` bytes through `pipeline`.
+    pub fn new(max_line: usize, pipeline: Pipeline, exit_drain: Duration) -> Self {
+        Self {
+            framer: LineFramer::new(max_line),
+            pipeline,
+            exit_drain,
+            arena: BytesMut::new(),
+            batch_ends: Vec::new(),
+            totals: Totals::default(),
+        }
+    }
+
+    /// Runs until the agent has exited and its output is fully committed.
+    ///
+    /// Exit and end-of-output are awaited separately: a tool the agent started may keep stdout
+    /// open after the agent exits. Such leftovers get `exit_drain` to finish, then the agent's
+    /// process group is killed, then output is given up on after another `exit_drain`.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn run(
+        mut self,
+        mut stdout: Reader,
+        mut input: mpsc::Receiver<Bytes>,
+        mut stdin: Writer,
+        mut exit: ExitFuture,
+        control: Arc<dyn AgentControl>,
+        sink: &mut dyn OutputSink,
+    ) -> (ExitInfo, Totals) {
+        let mut buf = BytesMut::with_capacity(READ_CHUNK);
+        let mut to_agent = BytesMut::new();
+        let mut stdout_open = true;
+        let mut stdin_open = true;
+        let mut input_open = true;
+        let mut exit_info: Option<ExitInfo> = None;
+        let mut drain_deadline: Option<Instant> = None;
+        let mut killed_leftovers = false;
+        while stdout_open || exit_info.is_none() {
+            let approval_deadline = self.pipeline.next_deadline().map(Instant::from_std);
+            tokio::select! {
+                biased;
+                read = stdout.read_buf(&mut buf), if stdout_open => match read {
+                    Ok(0) => stdout_open = false,
+                    Ok(_) => {
+                        self.output(&buf, &mut to_agent, sink);
+                        buf.clear();
+                        if buf.capacity() < READ_CHUNK {
+                            buf.reserve(READ_CHUNK);
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "reading agent output failed");
+                        stdout_open = false;
+                    }
+                },
+                written = stdin.write(&to_agent), if stdin_open && !to_agent.is_empty() => match written {
+                    Ok(0) | Err(_) => {
+                        // The agent closed its stdin or exited (EPIPE): drop what it cannot take.
+                        tracing::debug!("agent stdin closed");
+                        stdin_open = false;
+                        to_agent.clear();
+                    }
+                    Ok(n) => {
+                        let _ = to_agent.split_to(n);
+                    }
+                },
+                line = input.recv(), if input_open && to_agent.len() < INPUT_BACKLOG => match line {
+                    Some(line) => self.input(&line, stdin_open, &mut to_agent, sink),
+                    None => input_open = false,
+                },
+                () = sleep_until(approval_deadline), if approval_deadline.is_some() => {
+                    let mut outs = Outputs::default();
+                    self.pipeline.expire(std::time::Instant::now(), &mut outs);
+                    self.route(outs, stdin_open, &mut to_agent, sink);
+                }
+                info = &mut exit, if exit_info.is_none() => {
+                    exit_info = Some(info);
+                    drain_deadline = Some(Instant::now() + self.exit_drain);
+                }
+                () = sleep_until(drain_deadline), if stdout_open && drain_deadline.is_some() => {
+                    if killed_leftovers {
+                        tracing::warn!("agent output still open after its process group was killed; giving up on it");
+                        stdout_open = false;
+                    } else {
+                        tracing::info!("agent exited but left processes holding its output; killing them");
+                        let _ = control.kill();
+                        killed_leftovers = true;
+                        drain_deadline = Some(Instant::now() + self.exit_drain);
+                    }
+                }
+            }
+        }
+        // An unterminated last line is still a line.
+        self.frame(None, &mut to_agent, sink);
+        let _ = stdin.shutdown().await;
+        let exit = exit_info.unwrap_or(ExitInfo {
+            code: None,
+            signal: None,
+        });
+        (exit, self.totals)
+    }
+
+    fn take_arena(&mut self, need: usize) -> BytesMut {
+        if self.arena.capacity() - self.arena.len() < need {
+            // The old block lives on only while the window still holds its lines.
+            self.arena = BytesMut::with_capacity(need.max(ARENA_BLOCK));
+        }
+        std::mem::take(&mut self.arena)
+    }
+
+    /// Frames and translates a read of stdout (or, with `None`, what is left at the end),
+    /// and commits the resulting lines.
+    fn output(&mut self, chunk: &[u8], to_agent: &mut BytesMut, sink: &mut dyn OutputSink) {
+        self.frame(Some(chunk), to_agent, sink);
+    }
+
+    fn frame(&mut self, chunk: Option<&[u8]>, to_agent: &mut BytesMut, sink: &mut dyn OutputSink) {
+        let len = chunk.map_or(0, <[u8]>::len);
+        let mut batch = self.take_arena(len + self.framer.buffered() + 1);
+        let mut ends = std::mem::take(&mut self.batch_ends);
+        ends.clear();
+        let now = std::time::Instant::now();
+        let pipeline = &mut self.pipeline;
+        let mut dropped = 0u64;
+        let mut outs = Outputs::default();
+        let mut handle = |f: Frame<'_>| match f {
+            Frame::Line(text) => {
+                if pipeline.passes_through_agent_line(text) {
+                    push(&mut batch, &mut ends, text.as_bytes());
+                } else {
+                    pipeline.agent_line(text, now, &mut outs);
+                    for line in outs.to_clients.drain(..) {
+                        push(&mut batch, &mut ends, &line);
+                    }
+                    for line in outs.to_agent.drain(..) {
+                        to_agent.extend_from_slice(&line);
+                        to_agent.put_u8(b'\n');
+                    }
+                }
+            }
+            Frame::Dropped {
+                reason,
+                bytes,
+                preview,
+            } => {
+                dropped += 1;
+                push(
+                    &mut batch,
+                    &mut ends,
+                    dropped_frame(reason, bytes, preview).as_bytes(),
+                );
+            }
+        };
+        match chunk {
+            Some(chunk) => self.framer.feed(chunk, &mut handle),
+            None => self.framer.finish(&mut handle),
+        }
+        self.totals.dropped += dropped;
+        self.totals.lines += ends.len() as u64;
+        let rest = batch.split_off(batch.len());
+        self.arena = rest;
+        if !ends.is_empty() {
+            sink.commit(batch, &ends);
+        }
+        self.batch_ends = ends;
+        if self.pipeline.take_changed() {
+            sink.pending_changed(&self.pipeline.pending());
+        }
+    }
+
+    /// A client line: through the pipeline to the agent (and maybe to clients).
+    fn input(&mut self, line: &[u8], stdin_open: bool, to_agent: &mut BytesMut, sink: &mut dyn OutputSink) {
+        if self.pipeline.passes_through_client_line(line) {
+            if stdin_open {
+                to_agent.extend_from_slice(line);
+                to_agent.put_u8(b'\n');
+            }
+            return;
+        }
+        let mut outs = Outputs::default();
+        self.pipeline.client_line(line, &mut outs);
+        self.route(outs, stdin_open, to_agent, sink);
+    }
+
+    fn route(&mut self, outs: Outputs, stdin_open: bool, to_agent: &mut BytesMut, sink: &mut dyn OutputSink) {
+        if stdin_open {
+            for line in outs.to_agent {
+                to_agent.extend_from_slice(&line);
+                to_agent.put_u8(b'\n');
+            }
+        }
+        if !outs.to_clients.is_empty() {
+            let need: usize = outs.to_clients.iter().map(|l| l.len() + 1).sum();
+            let mut batch = self.take_arena(need);
+            let mut ends = Vec::with_capacity(outs.to_clients.len());
+            for line in &outs.to_clients {
+                push(&mut batch, &mut ends, line);
+            }
+            self.arena = batch.split_off(batch.len());
+            self.totals.lines += ends.len() as u64;
+            sink.commit(batch, &ends);
+        }
+        if self.pipeline.take_changed() {
+            sink.pending_changed(&self.pipeline.pending());
+        }
+    }
+}
+
+fn push(batch: &mut BytesMut, ends: &mut Vec<(usize, usize)>, line: &[u8]) {
+    let start = batch.len();
+    batch.extend_from_slice(line);
+    ends.push((start, batch.len()));
+    batch.put_u8(b'\n');
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Writes the pending approval requests where the server can read them (atomically).
+pub fn write_pending(path: &PathBuf, pending: &[serde_json::Value]) {
+    let tmp = path.with_extension("tmp");
+    let body = serde_json::to_vec(pending).unwrap_or_default();
+    if std::fs::write(&tmp, body).is_ok() {
+        let _ = std::fs::rename(tmp, path);
+    }
+}
+
+/// Reads the pending approval requests of a session.
+pub fn read_pending(path: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read(path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
+}
