@@ -37,6 +37,7 @@ impl Adapter for CommandAdapter {
             program: self.program.clone(),
             args: self.args.clone(),
             env: ctx.env.clone(),
+            files: Vec::new(),
         })
     }
 }

@@ -26,6 +26,7 @@ impl Adapter for EchoAdapter {
             program: ctx.moorline_exe.to_owned(),
             args: vec![SUBCOMMAND.to_owned()],
             env: ctx.env.clone(),
+            files: Vec::new(),
         })
     }
 }

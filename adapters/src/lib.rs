@@ -1,21 +1,33 @@
 //! Adapters: how moorline launches and talks to each kind of coding agent.
 //!
 //! An adapter turns an instance's configuration and a session's request (working directory,
-//! environment) into a [`LaunchSpec`]: the program, its arguments and its environment. Where an
-//! agent needs it, it also says how to translate its lines. Adapters know nothing about HTTP,
-//! WebSockets or how the process is isolated; the server's runtimes take care of that.
+//! environment) into a [`LaunchSpec`]: the program, its arguments, its environment and the
+//! files it needs. Where an agent's wire format differs from what clients speak, the adapter
+//! also provides a [`Translator`](pipeline::Translator); the [`pipeline`] adds approval rules on
+//! top. Adapters know nothing about HTTP, WebSockets or how the process is isolated.
 //!
 //! Built-in adapters:
 //! - [`echo`]: moorline's own echo agent, so a fresh install works with nothing else installed;
-//! - [`command`]: any program that speaks JSON Lines on stdin/stdout.
+//! - [`command`]: any program that speaks JSON Lines on stdin/stdout;
+//! - [`pi`]: pi's RPC mode, with a permission gate moorline ships;
+//! - [`claude`]: Claude Code's stream-json mode, with permission prompts over the control
+//!   protocol, spoken natively or translated to pi's RPC dialect.
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
+
+pub mod claude;
+pub mod codex;
 pub mod command;
 pub mod echo;
+pub mod pi;
+pub mod pipeline;
+
+use pipeline::{Dialect, Passthrough, Translator};
 
 /// What an adapter needs to know to launch one session's agent.
 #[derive(Debug, Clone)]
@@ -30,10 +42,13 @@ pub struct LaunchContext<'a> {
     pub env: &'a BTreeMap<String, String>,
     /// Path of the running moorline executable, for built-in agents.
     pub moorline_exe: &'a Path,
+    /// A private directory of the session, visible to the agent at this same path (read-only
+    /// inside containers), where [`LaunchSpec::files`] are written.
+    pub data_dir: &'a Path,
 }
 
 /// The process an adapter wants started.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct LaunchSpec {
     /// Program to run: an absolute path, or a name looked up in `PATH`.
     pub program: PathBuf,
@@ -41,6 +56,8 @@ pub struct LaunchSpec {
     pub args: Vec<String>,
     /// Environment variables to set on top of what the runtime provides.
     pub env: BTreeMap<String, String>,
+    /// Files to write before starting, relative to [`LaunchContext::data_dir`].
+    pub files: Vec<(PathBuf, Vec<u8>)>,
 }
 
 /// Errors an adapter reports.
@@ -68,12 +85,30 @@ pub trait Adapter: Send + Sync + fmt::Debug {
 
     /// The process to start for a session.
     fn launch(&self, ctx: &LaunchContext<'_>) -> Result<LaunchSpec, AdapterError>;
+
+    /// The dialect clients speak to this agent (decides how approvals look).
+    fn dialect(&self) -> Dialect {
+        Dialect::PiRpc
+    }
+
+    /// A fresh translator for one run of the agent.
+    fn translator(&self) -> Box<dyn Translator> {
+        Box::new(Passthrough)
+    }
+
+    /// Environment variables a client may never set for this agent, whatever the instance
+    /// allows, because they would switch off its permission gate or redirect it. Entries
+    /// ending in `*` are prefixes.
+    fn protected_env(&self) -> &'static [&'static str] {
+        &[]
+    }
 }
 
 /// The adapter-related part of an instance's configuration.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AdapterConfig {
-    /// The agent kind (`echo`, `command`, ...), or for amarre-style entries any name.
+    /// The agent kind (`echo`, `command`, `pi`, `claude-code`, `codex`), or for amarre-style
+    /// entries with `agent_path` any name.
     pub agent: String,
     /// Program and arguments, for the `command` kind.
     pub command: Option<Vec<String>>,
@@ -81,14 +116,23 @@ pub struct AdapterConfig {
     pub agent_path: Option<PathBuf>,
     /// Extra arguments appended to the program's.
     pub args: Vec<String>,
+    /// Model to ask for.
+    pub model: Option<String>,
+    /// Base URL of the model API (a proxy, a local gateway, or a test mock).
+    pub base_url: Option<String>,
+    /// The client dialect, for agents that offer several (`native`, `pi-rpc`).
+    pub dialect: Option<String>,
+    /// The model provider, for agents that support several (pi).
+    pub provider: Option<String>,
 }
 
 /// Agent kinds built into moorline.
-pub const KINDS: &[&str] = &["echo", "command"];
+pub const KINDS: &[&str] = &["echo", "command", "pi", "claude-code", "codex"];
 
 /// Builds the adapter an instance asks for.
 pub fn build(config: &AdapterConfig) -> Result<Arc<dyn Adapter>, AdapterError> {
-    if let Some(path) = &config.agent_path {
+    let known = matches!(config.agent.as_str(), "pi" | "claude-code" | "codex");
+    if let (Some(path), false) = (&config.agent_path, known) {
         // amarre's agentPath names the adapter module to load; for moorline it names an
         // executable that speaks JSONL, run as-is under the instance's agent name.
         let mut argv = vec![path.to_string_lossy().into_owned()];
@@ -107,11 +151,25 @@ pub fn build(config: &AdapterConfig) -> Result<Arc<dyn Adapter>, AdapterError> {
             argv.extend(config.args.iter().cloned());
             Ok(Arc::new(command::CommandAdapter::new("command", argv)?))
         }
+        "pi" => Ok(Arc::new(pi::PiAdapter::new(config))),
+        "claude-code" => Ok(Arc::new(claude::ClaudeAdapter::new(config)?)),
+        "codex" => Ok(Arc::new(codex::CodexAdapter::new(config))),
         other => Err(AdapterError::UnknownKind {
             kind: other.to_owned(),
             known: KINDS.join(", "),
         }),
     }
+}
+
+/// Whether `key` matches one of `patterns` (exact, or a prefix when the pattern ends in `*`).
+pub fn env_matches(key: &str, patterns: &[impl AsRef<str>]) -> bool {
+    patterns.iter().any(|p| {
+        let p = p.as_ref();
+        match p.strip_suffix('*') {
+            Some(prefix) => key.starts_with(prefix),
+            None => key == p,
+        }
+    })
 }
 
 #[cfg(test)]
@@ -125,6 +183,7 @@ mod tests {
             cwd: Path::new("/tmp"),
             env,
             moorline_exe: Path::new("/usr/bin/moorline"),
+            data_dir: Path::new("/state/sessions/0123456789ab/data"),
         }
     }
 
@@ -188,5 +247,12 @@ mod tests {
         })
         .expect_err("empty");
         assert!(err.to_string().contains("empty"));
+    }
+
+    #[test]
+    fn env_patterns() {
+        assert!(env_matches("CLAUDE_CODE_X", &["CLAUDE_CODE_*"]));
+        assert!(env_matches("HOME", &["HOME"]));
+        assert!(!env_matches("HOMEX", &["HOME"]));
     }
 }

@@ -150,8 +150,12 @@ impl Dialect {
     /// Cheap test before parsing: could this line be an approval request?
     fn may_be_request(self, line: &str) -> bool {
         match self {
-            Dialect::PiRpc => memchr::memmem::find(line.as_bytes(), b"extension_ui_request").is_some(),
-            Dialect::ClaudeNative => memchr::memmem::find(line.as_bytes(), b"can_use_tool").is_some(),
+            Dialect::PiRpc => {
+                memchr::memmem::find(line.as_bytes(), b"extension_ui_request").is_some()
+            }
+            Dialect::ClaudeNative => {
+                memchr::memmem::find(line.as_bytes(), b"can_use_tool").is_some()
+            }
         }
     }
 
@@ -242,7 +246,9 @@ impl Dialect {
             }),
             Dialect::ClaudeNative => {
                 let response = match decision {
-                    Decision::Allow => json!({"behavior": "allow", "updatedInput": request["request"]["input"]}),
+                    Decision::Allow => {
+                        json!({"behavior": "allow", "updatedInput": request["request"]["input"]})
+                    }
                     Decision::Deny => json!({"behavior": "deny", "message": reason}),
                 };
                 json!({
@@ -318,17 +324,16 @@ impl Pipeline {
 
     /// A line from a client.
     pub fn client_line(&mut self, line: &[u8], out: &mut Outputs) {
-        if self.dialect.may_be_response(line) {
-            if let Ok(v) = serde_json::from_slice::<Value>(line) {
-                if let Some((id, decision)) = self.dialect.response(&v) {
-                    if self.pending.remove(&id).is_none() {
-                        // Already answered (or never asked): the first answer stands.
-                        return;
-                    }
-                    self.settle(id.clone());
-                    out.client_json(&resolved_frame(&id, decision, "client"));
-                }
+        if self.dialect.may_be_response(line)
+            && let Ok(v) = serde_json::from_slice::<Value>(line)
+            && let Some((id, decision)) = self.dialect.response(&v)
+        {
+            if self.pending.remove(&id).is_none() {
+                // Already answered (or never asked): the first answer stands.
+                return;
             }
+            self.settle(id.clone());
+            out.client_json(&resolved_frame(&id, decision, "client"));
         }
         self.translator.client_line(line, out);
     }
@@ -345,7 +350,11 @@ impl Pipeline {
             if let Some(p) = self.pending.remove(&id) {
                 self.settle(id.clone());
                 self.answer(&p.request, self.policy.default, "no answer in time", out);
-                out.client_json(&resolved_frame(&id, self.policy.default.as_str(), "timeout"));
+                out.client_json(&resolved_frame(
+                    &id,
+                    self.policy.default.as_str(),
+                    "timeout",
+                ));
             }
         }
     }
@@ -377,7 +386,8 @@ impl Pipeline {
     fn answer(&mut self, request: &Value, decision: Decision, reason: &str, out: &mut Outputs) {
         let reply = self.dialect.answer(request, decision, reason);
         let mut via = Outputs::default();
-        self.translator.client_line(reply.to_string().as_bytes(), &mut via);
+        self.translator
+            .client_line(reply.to_string().as_bytes(), &mut via);
         out.to_agent.append(&mut via.to_agent);
     }
 
@@ -400,7 +410,7 @@ impl Pipeline {
         if req.yes_no && !self.policy.needs_approval(req.tool.as_deref()) {
             self.answer(&v, Decision::Allow, "allowed by policy", out);
             let mut frame = resolved_frame(&req.id, "allow", "policy");
-            frame["tool"] = req.tool.clone().into();
+            frame["tool"] = req.tool.into();
             out.client_json(&frame);
             return;
         }
@@ -426,7 +436,11 @@ mod tests {
     use super::*;
 
     fn pi() -> Pipeline {
-        Pipeline::new(Box::new(Passthrough), Dialect::PiRpc, ApprovalPolicy::default())
+        Pipeline::new(
+            Box::new(Passthrough),
+            Dialect::PiRpc,
+            ApprovalPolicy::default(),
+        )
     }
 
     fn confirm(id: &str, tool: &str) -> String {
@@ -434,7 +448,9 @@ mod tests {
     }
 
     fn lines(v: &[Vec<u8>]) -> Vec<Value> {
-        v.iter().map(|l| serde_json::from_slice(l).expect("json")).collect()
+        v.iter()
+            .map(|l| serde_json::from_slice(l).expect("json"))
+            .collect()
     }
 
     #[test]
@@ -448,14 +464,22 @@ mod tests {
         assert!(p.take_changed());
 
         let mut first = Outputs::default();
-        p.client_line(br#"{"type":"extension_ui_response","id":"r1","confirmed":true}"#, &mut first);
+        p.client_line(
+            br#"{"type":"extension_ui_response","id":"r1","confirmed":true}"#,
+            &mut first,
+        );
         assert_eq!(first.to_agent.len(), 1, "forwarded to the agent");
         assert_eq!(
             lines(&first.to_clients),
-            vec![json!({"type":"amarre.approval_resolved","id":"r1","decision":"allow","by":"client"})]
+            vec![
+                json!({"type":"amarre.approval_resolved","id":"r1","decision":"allow","by":"client"})
+            ]
         );
         let mut second = Outputs::default();
-        p.client_line(br#"{"type":"extension_ui_response","id":"r1","confirmed":false}"#, &mut second);
+        p.client_line(
+            br#"{"type":"extension_ui_response","id":"r1","confirmed":false}"#,
+            &mut second,
+        );
         assert_eq!(second, Outputs::default(), "a late answer goes nowhere");
         assert!(p.pending().is_empty());
     }
@@ -464,7 +488,11 @@ mod tests {
     fn fire_and_forget_requests_are_not_tracked() {
         let mut p = pi();
         let mut out = Outputs::default();
-        p.agent_line(r#"{"type":"extension_ui_request","id":"n","method":"notify","message":"hi"}"#, Instant::now(), &mut out);
+        p.agent_line(
+            r#"{"type":"extension_ui_request","id":"n","method":"notify","message":"hi"}"#,
+            Instant::now(),
+            &mut out,
+        );
         assert!(p.pending().is_empty());
         assert_eq!(out.to_clients.len(), 1);
     }
@@ -520,7 +548,11 @@ mod tests {
 
     #[test]
     fn claude_native_answers_are_matched_by_request_id() {
-        let mut p = Pipeline::new(Box::new(Passthrough), Dialect::ClaudeNative, ApprovalPolicy::default());
+        let mut p = Pipeline::new(
+            Box::new(Passthrough),
+            Dialect::ClaudeNative,
+            ApprovalPolicy::default(),
+        );
         let req = json!({"type":"control_request","request_id":"c1","request":{"subtype":"can_use_tool","tool_name":"Bash","input":{}}});
         p.agent_line(&req.to_string(), Instant::now(), &mut Outputs::default());
         let mut out = Outputs::default();

@@ -20,7 +20,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::framing::{Frame, LineFramer, dropped_frame};
+use crate::framing::{DropReason, Frame, LineFramer, dropped_frame};
 use crate::runtime::{AgentControl, ExitFuture, ExitInfo, Reader, Writer};
 
 /// Size of one read from an agent's stdout.
@@ -39,6 +39,9 @@ pub trait OutputSink: Send {
 
     /// The set of pending approval requests changed.
     fn pending_changed(&mut self, _pending: &[serde_json::Value]) {}
+
+    /// An output line could not be forwarded (it was replaced by a `line_dropped` frame).
+    fn line_dropped(&mut self, _reason: DropReason) {}
 }
 
 /// Counts what an agent run produced.
@@ -62,7 +65,9 @@ pub struct AgentIo {
 
 impl std::fmt::Debug for AgentIo {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AgentIo").field("pipeline", &self.pipeline).finish_non_exhaustive()
+        f.debug_struct("AgentIo")
+            .field("pipeline", &self.pipeline)
+            .finish_non_exhaustive()
     }
 }
 
@@ -188,7 +193,7 @@ impl AgentIo {
         ends.clear();
         let now = std::time::Instant::now();
         let pipeline = &mut self.pipeline;
-        let mut dropped = 0u64;
+        let mut dropped = Vec::new();
         let mut outs = Outputs::default();
         let mut handle = |f: Frame<'_>| match f {
             Frame::Line(text) => {
@@ -210,7 +215,7 @@ impl AgentIo {
                 bytes,
                 preview,
             } => {
-                dropped += 1;
+                dropped.push(reason);
                 push(
                     &mut batch,
                     &mut ends,
@@ -222,7 +227,10 @@ impl AgentIo {
             Some(chunk) => self.framer.feed(chunk, &mut handle),
             None => self.framer.finish(&mut handle),
         }
-        self.totals.dropped += dropped;
+        self.totals.dropped += dropped.len() as u64;
+        for reason in dropped {
+            sink.line_dropped(reason);
+        }
         self.totals.lines += ends.len() as u64;
         let rest = batch.split_off(batch.len());
         self.arena = rest;
@@ -236,7 +244,13 @@ impl AgentIo {
     }
 
     /// A client line: through the pipeline to the agent (and maybe to clients).
-    fn input(&mut self, line: &[u8], stdin_open: bool, to_agent: &mut BytesMut, sink: &mut dyn OutputSink) {
+    fn input(
+        &mut self,
+        line: &[u8],
+        stdin_open: bool,
+        to_agent: &mut BytesMut,
+        sink: &mut dyn OutputSink,
+    ) {
         if self.pipeline.passes_through_client_line(line) {
             if stdin_open {
                 to_agent.extend_from_slice(line);
@@ -249,7 +263,13 @@ impl AgentIo {
         self.route(outs, stdin_open, to_agent, sink);
     }
 
-    fn route(&mut self, outs: Outputs, stdin_open: bool, to_agent: &mut BytesMut, sink: &mut dyn OutputSink) {
+    fn route(
+        &mut self,
+        outs: Outputs,
+        stdin_open: bool,
+        to_agent: &mut BytesMut,
+        sink: &mut dyn OutputSink,
+    ) {
         if stdin_open {
             for line in outs.to_agent {
                 to_agent.extend_from_slice(&line);

@@ -111,6 +111,10 @@ impl IntoResponse for ApiError {
                     StatusCode::GONE,
                     json!({"error": "instance_gone", "instanceId": id}),
                 ),
+                SessionError::EnvNotAllowed { key, reason } => (
+                    StatusCode::BAD_REQUEST,
+                    json!({"error": "env_not_allowed", "key": key, "message": reason}),
+                ),
                 SessionError::InvalidCwd { path, reason } => (
                     StatusCode::BAD_REQUEST,
                     json!({"error": "invalid_cwd", "cwd": path, "message": reason}),

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use figment::value::{Dict, Map, Value};
 use figment::{Figment, Metadata, Profile, Provider};
+use moorline_adapters::pipeline::{ApprovalPolicy, Decision};
 use serde::{Deserialize, Deserializer, Serialize};
 
 /// The commented example configuration, which is also the documentation of every key.
@@ -265,40 +266,62 @@ impl Default for Limits {
 }
 
 /// One named agent configuration.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
 pub struct InstanceConfig {
     /// Name clients use in `POST /sessions {"instanceId": ...}`.
     pub id: String,
-    /// Agent kind: `echo`, `command`, or (with `agent_path`) any name.
+    /// Agent kind: `echo`, `command`, `pi`, `claude-code`, `codex`, or (with `agent_path`) any
+    /// name.
     pub agent: String,
     /// Program and arguments, for `agent = "command"`.
-    #[serde(default)]
     pub command: Option<Vec<String>>,
-    /// An executable to run (amarre's `agentPath`).
-    #[serde(default, alias = "agentPath")]
+    /// The agent's executable (amarre's `agentPath`); for built-in kinds, instead of looking
+    /// up `pi`, `claude` or `codex` in `PATH`.
+    #[serde(alias = "agentPath")]
     pub agent_path: Option<PathBuf>,
     /// Extra arguments for the agent.
-    #[serde(default)]
     pub args: Vec<String>,
     /// Environment for every session of this instance.
-    #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// A file of `KEY=VALUE` lines (API keys and other secrets) added to the agent's
+    /// environment at each start; read by the server, never shown or logged.
+    pub credentials_file: Option<PathBuf>,
+    /// Environment variables clients may set in `POST /sessions` (`NAME`, or `PREFIX_*`).
+    /// Anything else is refused. Variables that would switch off the agent's permission gate
+    /// are refused whatever this says.
+    #[serde(deserialize_with = "string_list")]
+    pub allowed_env: Vec<String>,
     /// Where the agent runs.
-    #[serde(default)]
     pub runtime: RuntimeKind,
     /// Working directory when a session does not ask for one (default: the server's).
-    #[serde(default)]
     pub cwd: Option<PathBuf>,
+    /// Directories a session's `cwd` may be in. Empty: clients may not choose a `cwd`.
+    #[serde(deserialize_with = "string_list_paths")]
+    pub workspace_roots: Vec<PathBuf>,
+    /// Create a requested `cwd` (inside the workspace roots) if it does not exist.
+    pub create_cwd: bool,
     /// Container network (`runc` runtime): `host` or `none`.
-    #[serde(default)]
     pub network: NetworkMode,
     /// Maximum number of processes in the container (`runc` runtime).
-    #[serde(default)]
     pub pids_limit: Option<i64>,
     /// Maximum memory of the container in bytes (`runc` runtime).
-    #[serde(default)]
     pub memory_limit: Option<i64>,
+    /// Model to ask for (pi, claude-code, codex).
+    pub model: Option<String>,
+    /// Base URL of the model API (pi, claude-code, codex): a gateway, proxy or test mock.
+    pub base_url: Option<String>,
+    /// Client dialect (claude-code, codex): `pi-rpc` (default) or `native`.
+    pub dialect: Option<String>,
+    /// Model provider (pi).
+    pub provider: Option<String>,
+    /// Tools that always need a person's approval. Unset: every tool. Others are allowed at
+    /// once (`["*"]` also means every tool).
+    pub approval_tools: Option<Vec<String>>,
+    /// An approval request unanswered this long gets `approval_default`. Unset: it waits.
+    pub approval_timeout_ms: Option<u64>,
+    /// The answer given when an approval times out: `deny` (default) or `allow`.
+    pub approval_default: Decision,
 }
 
 impl InstanceConfig {
@@ -307,15 +330,7 @@ impl InstanceConfig {
         Self {
             id: id.to_owned(),
             agent: agent.to_owned(),
-            command: None,
-            agent_path: None,
-            args: Vec::new(),
-            env: BTreeMap::new(),
-            runtime: RuntimeKind::Auto,
-            cwd: None,
-            network: NetworkMode::Host,
-            pids_limit: None,
-            memory_limit: None,
+            ..Self::default()
         }
     }
 
@@ -335,6 +350,19 @@ impl InstanceConfig {
             command: self.command.clone(),
             agent_path: self.agent_path.clone(),
             args: self.args.clone(),
+            model: self.model.clone(),
+            base_url: self.base_url.clone(),
+            dialect: self.dialect.clone(),
+            provider: self.provider.clone(),
+        }
+    }
+
+    /// The approval rules of this instance.
+    pub fn approval_policy(&self) -> ApprovalPolicy {
+        ApprovalPolicy {
+            tools: self.approval_tools.clone(),
+            timeout: self.approval_timeout_ms.map(Duration::from_millis),
+            default: self.approval_default,
         }
     }
 }

@@ -12,6 +12,7 @@
 //! - [`security`]: Host/Origin checks and the bearer token.
 //! - [`session`]: the session registry and lifecycle; talks to agents only through runtimes.
 //! - [`runtime`]: where agents run, behind the [`runtime::Runtime`] trait.
+//! - [`agentio`]: the loop owning an agent's stdio: framing, translation and approvals.
 //! - [`framing`]: JSONL framing of agent output and client input.
 //! - [`journal`]: the durable per-session output log.
 //! - [`fanout`]: delivery of output to clients, with replay.
@@ -21,6 +22,7 @@
 //! [`run`] takes an already-bound listener and a shutdown future, so tests and the binary
 //! start servers the same way.
 
+pub mod agentio;
 pub mod api;
 pub mod client;
 pub mod config;

@@ -16,6 +16,7 @@ fn runc_instance(id: &str) -> moorline::config::InstanceConfig {
     let mut inst = instance(id, "fixture");
     inst.agent_path = Some(fixture_agent());
     inst.runtime = RuntimeKind::Runc;
+    inst.workspace_roots = vec![std::env::temp_dir()];
     inst
 }
 
@@ -218,6 +219,7 @@ async fn an_agent_that_exits_before_writing_is_a_start_failure_with_its_stderr()
         let mut missing = instance("missing", "command");
         missing.command = Some(vec!["no-such-agent-binary".into()]);
         missing.runtime = RuntimeKind::Runc;
+        missing.workspace_roots = vec![std::env::temp_dir()];
         c.instances.push(missing);
     })
     .await;
@@ -293,6 +295,7 @@ async fn leftovers_of_a_crash_mid_create_are_removed_at_startup() {
                 home: work.path().join("home"),
                 tini: tini.clone(),
                 system_dirs: Config::default().runtime.system_dirs,
+                extra_ro: Vec::new(),
                 network: moorline::config::NetworkMode::Host,
                 pids_limit: Some(100),
                 memory_limit: None,
@@ -418,11 +421,13 @@ async fn sessions_survive_a_killed_server_without_losing_or_duplicating_a_line()
         &config,
         format!(
             "state_dir = {state:?}\n[runtime]\ntmux_socket = {sock:?}\nrunc_root = {root:?}\n\n\
-             [[instances]]\nid = \"box\"\nagent = \"fixture\"\nagent_path = {agent:?}\nruntime = \"runc\"\n",
+             [[instances]]\nid = \"box\"\nagent = \"fixture\"\nagent_path = {agent:?}\nruntime = \"runc\"\n\
+             workspace_roots = [{tmp:?}]\n",
             state = state.path().join("data"),
             sock = sandbox.tmux_socket,
             root = sandbox.runc_root.path(),
             agent = fixture_agent(),
+            tmp = std::env::temp_dir(),
         ),
     )
     .expect("config");
@@ -626,7 +631,7 @@ async fn rootless_mode_runs_containers_as_a_plain_user() {
         .env("MOORLINE_DETECT_TAILNET_NAMES", "false")
         .env(
             "AMARRE_INSTANCES_JSON",
-            json!([{"id": "box", "agent": "fixture", "agentPath": agent, "runtime": "runc"}])
+            json!([{"id": "box", "agent": "fixture", "agentPath": agent, "runtime": "runc", "workspace_roots": [base.path()]}])
                 .to_string(),
         )
         .uid(uid)

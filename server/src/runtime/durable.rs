@@ -144,6 +144,7 @@ impl DurableRuntime {
                             home,
                             tini: host.tini.clone(),
                             system_dirs: self.config.system_dirs.clone(),
+                            extra_ro: vec![spec.data_dir.clone()],
                             network: spec.options.network,
                             pids_limit: spec.options.pids_limit,
                             memory_limit: spec.options.memory_limit,
@@ -176,10 +177,14 @@ impl DurableRuntime {
             max_input_line: spec.max_line.max(16 << 20),
             stderr_file,
             exit_drain_ms: spec.exit_drain.as_millis() as u64,
+            adapter: spec.adapter.clone(),
+            approvals: spec.approvals.clone(),
+            pending_file: spec.session_dir.join(crate::session::store::PENDING_FILE),
         };
-        std::fs::write(
-            run_dir.join(keeper::SPEC_FILE),
-            serde_json::to_vec_pretty(&keeper_spec).map_err(io::Error::other)?,
+        // It holds the agent's environment (API keys): owner only.
+        write_private(
+            &run_dir.join(keeper::SPEC_FILE),
+            &serde_json::to_vec_pretty(&keeper_spec).map_err(io::Error::other)?,
         )?;
         // A previous run's pane may linger for a moment; the name must be free.
         self.tmux.kill_session(&spec.session_id).await;
@@ -334,6 +339,19 @@ impl Runtime for DurableRuntime {
             }
         }
     }
+}
+
+/// Writes a file readable only by its owner.
+fn write_private(path: &Path, body: &[u8]) -> io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(body)
 }
 
 /// A fresh container id: never reused, even for the same session and start number.

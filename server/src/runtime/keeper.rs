@@ -23,15 +23,16 @@ use std::process::{ExitCode, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{BufMut, BytesMut};
+use bytes::{Bytes, BytesMut};
+use moorline_adapters::pipeline::{ApprovalPolicy, Pipeline};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixListener;
 use tokio::net::unix::OwnedReadHalf;
 use tokio::sync::{Notify, mpsc};
 
-use super::ExitInfo;
-use crate::framing::{Frame, LineFramer, dropped_frame};
+use super::{AgentControl, ExitInfo};
+use crate::agentio::{AgentIo, OutputSink, write_pending};
 use crate::journal::{JournalLimits, JournalWriter};
 
 /// The instructions file a keeper reads from its run directory.
@@ -72,6 +73,12 @@ pub struct KeeperSpec {
     pub stderr_file: PathBuf,
     /// After the agent exits, how long its leftovers get to close its stdout (ms).
     pub exit_drain_ms: u64,
+    /// The adapter, which decides how lines are translated.
+    pub adapter: moorline_adapters::AdapterConfig,
+    /// The approval rules.
+    pub approvals: ApprovalPolicy,
+    /// Where pending approval requests are written for the server.
+    pub pending_file: PathBuf,
 }
 
 /// Where a file of the run directory is.
@@ -142,6 +149,12 @@ async fn keep(run_dir: &Path) -> io::Result<()> {
         segment_bytes: spec.journal_segment_bytes,
     };
     let (writer, _) = JournalWriter::open(&spec.journal_dir, limits)?;
+    let adapter = moorline_adapters::build(&spec.adapter).map_err(io::Error::other)?;
+    let pipeline = Pipeline::new(
+        adapter.translator(),
+        adapter.dialect(),
+        spec.approvals.clone(),
+    );
 
     let socket = path(run_dir, SOCKET_FILE);
     let _ = std::fs::remove_file(&socket);
@@ -186,6 +199,16 @@ async fn keep(run_dir: &Path) -> io::Result<()> {
     let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
         return Err(io::Error::other("agent has no stdio pipes"));
     };
+    let control = Arc::new(super::process::GroupControl::new(agent_pid));
+    let exit_control = control.clone();
+    let exit = Box::pin(async move {
+        let info = child.wait().await.map(ExitInfo::from).unwrap_or(ExitInfo {
+            code: None,
+            signal: None,
+        });
+        exit_control.leader_exited();
+        info
+    });
 
     // Terminal signals are ignored; SIGTERM is passed on to the agent's process group.
     use tokio::signal::unix::{SignalKind, signal};
@@ -194,28 +217,30 @@ async fn keep(run_dir: &Path) -> io::Result<()> {
     let mut term = signal(SignalKind::terminate())?;
 
     let doorbell = Arc::new(Notify::new());
-    let (lines_tx, lines_rx) = mpsc::channel::<BytesMut>(64);
-    let stdin_task = tokio::spawn(write_stdin(stdin, lines_rx));
-    let output = tokio::spawn(pump_output(stdout, writer, spec.max_line, doorbell.clone()));
-    let mut output = Some(output);
-    let mut connection: Option<tokio::task::JoinHandle<()>> = None;
-    let mut exit: Option<ExitInfo> = None;
-    let drain = Duration::from_millis(spec.exit_drain_ms);
-    // Once the agent has exited: when to kill what it left holding stdout, then when to give up.
-    let mut deadline: Option<tokio::time::Instant> = None;
-    let mut killed_leftovers = false;
-    let group = agent_pid
-        .and_then(|p| i32::try_from(p).ok())
-        .map(nix::unistd::Pid::from_raw);
-    let signal_group = |sig| {
-        if let Some(pgid) = group {
-            let _ = nix::sys::signal::killpg(pgid, sig);
-        }
+    let (lines_tx, lines_rx) = mpsc::channel::<Bytes>(1024);
+    let mut sink = KeeperSink {
+        writer,
+        doorbell: doorbell.clone(),
+        pending_file: spec.pending_file.clone(),
     };
-
-    loop {
+    let io = AgentIo::new(
+        spec.max_line,
+        pipeline,
+        Duration::from_millis(spec.exit_drain_ms),
+    );
+    let mut connection: Option<tokio::task::JoinHandle<()>> = None;
+    let mut run = Box::pin(io.run(
+        Box::new(stdout),
+        lines_rx,
+        Box::new(stdin),
+        exit,
+        control.clone(),
+        &mut sink,
+    ));
+    let (exit, _) = loop {
         tokio::select! {
-            accepted = listener.accept(), if exit.is_none() => {
+            done = &mut run => break done,
+            accepted = listener.accept() => {
                 let (stream, _) = accepted?;
                 if let Some(old) = connection.take() {
                     old.abort();
@@ -234,45 +259,14 @@ async fn keep(run_dir: &Path) -> io::Result<()> {
                     }
                 }));
             }
-            status = child.wait(), if exit.is_none() => {
-                exit = Some(status.map(ExitInfo::from).unwrap_or(ExitInfo { code: None, signal: None }));
-                deadline = Some(tokio::time::Instant::now() + drain);
-            }
-            _ = async {
-                match output.as_mut() {
-                    Some(task) => task.await,
-                    None => std::future::pending().await,
-                }
-            }, if exit.is_some() => break,
-            () = async {
-                match deadline {
-                    Some(d) => tokio::time::sleep_until(d).await,
-                    None => std::future::pending().await,
-                }
-            } => {
-                if killed_leftovers {
-                    log(&mut stderr, "agent output still open after its processes were killed; giving up on it");
-                    if let Some(task) = output.take() {
-                        task.abort();
-                    }
-                    break;
-                }
-                // The agent left processes holding its stdout: they end with it.
-                signal_group(nix::sys::signal::Signal::SIGKILL);
-                killed_leftovers = true;
-                deadline = Some(tokio::time::Instant::now() + drain);
-            }
             _ = hup.recv() => {}
             _ = int.recv() => {}
-            _ = term.recv() => signal_group(nix::sys::signal::Signal::SIGTERM),
+            _ = term.recv() => { let _ = control.terminate(); }
         }
-    }
-    signal_group(nix::sys::signal::Signal::SIGKILL);
-    stdin_task.abort();
-    let exit = exit.unwrap_or(ExitInfo {
-        code: None,
-        signal: None,
-    });
+    };
+    drop(run);
+    let _ = control.kill();
+    drop(sink);
     write_exit(run_dir, exit)?;
     log(&mut stderr, &format!("agent finished: {exit}"));
     let _ = std::fs::remove_file(&socket);
@@ -283,67 +277,38 @@ async fn keep(run_dir: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// The keeper's end of an [`AgentIo`]: the session journal, then a ring of the doorbell.
+struct KeeperSink {
+    writer: JournalWriter,
+    doorbell: Arc<Notify>,
+    pending_file: PathBuf,
+}
+
+impl OutputSink for KeeperSink {
+    fn commit(&mut self, batch: BytesMut, ends: &[(usize, usize)]) {
+        if let Err(e) = self.writer.append(&batch, ends.len() as u64) {
+            eprintln!("moorline keeper: cannot write the journal: {e}");
+        }
+        self.doorbell.notify_one();
+    }
+
+    fn pending_changed(&mut self, pending: &[serde_json::Value]) {
+        write_pending(&self.pending_file, pending);
+    }
+}
+
+impl Drop for KeeperSink {
+    fn drop(&mut self) {
+        let _ = self.writer.sync();
+    }
+}
+
 /// Writes the exit file atomically.
 fn write_exit(run_dir: &Path, exit: ExitInfo) -> io::Result<()> {
     let tmp = path(run_dir, "exit.tmp");
     let body = serde_json::to_vec(&exit).map_err(io::Error::other)?;
     std::fs::write(&tmp, body)?;
     std::fs::rename(tmp, path(run_dir, EXIT_FILE))
-}
-
-/// Frames the agent's stdout into the journal and rings the doorbell after each append.
-async fn pump_output(
-    mut stdout: tokio::process::ChildStdout,
-    mut writer: JournalWriter,
-    max_line: usize,
-    doorbell: Arc<Notify>,
-) {
-    let mut framer = LineFramer::new(max_line);
-    let mut buf = BytesMut::with_capacity(64 * 1024);
-    let mut batch = BytesMut::new();
-    loop {
-        buf.clear();
-        match stdout.read_buf(&mut buf).await {
-            Ok(0) | Err(_) => break,
-            Ok(_) => {}
-        }
-        let mut lines = 0u64;
-        framer.feed(&buf, &mut |f| {
-            push(&mut batch, f);
-            lines += 1;
-        });
-        append(&mut writer, &mut batch, lines, &doorbell);
-    }
-    let mut lines = 0u64;
-    framer.finish(&mut |f| {
-        push(&mut batch, f);
-        lines += 1;
-    });
-    append(&mut writer, &mut batch, lines, &doorbell);
-    let _ = writer.sync();
-}
-
-fn push(batch: &mut BytesMut, frame: Frame<'_>) {
-    match frame {
-        Frame::Line(text) => batch.extend_from_slice(text.as_bytes()),
-        Frame::Dropped {
-            reason,
-            bytes,
-            preview,
-        } => batch.extend_from_slice(dropped_frame(reason, bytes, preview).as_bytes()),
-    }
-    batch.put_u8(b'\n');
-}
-
-fn append(writer: &mut JournalWriter, batch: &mut BytesMut, lines: u64, doorbell: &Notify) {
-    if lines == 0 {
-        return;
-    }
-    if let Err(e) = writer.append(batch, lines) {
-        eprintln!("moorline keeper: cannot write the journal: {e}");
-    }
-    batch.clear();
-    doorbell.notify_one();
 }
 
 /// Tells the connected server, with one byte, that the journal has grown.
@@ -360,7 +325,7 @@ async fn ring_doorbell(mut write: tokio::net::unix::OwnedWriteHalf, bell: Arc<No
 /// server goes away is dropped, never forwarded.
 async fn forward_lines(
     mut read: OwnedReadHalf,
-    lines: mpsc::Sender<BytesMut>,
+    lines: mpsc::Sender<Bytes>,
     max: usize,
     log_file: &mut std::fs::File,
 ) {
@@ -386,10 +351,14 @@ async fn forward_lines(
             }
         }
         if let Some(last) = memchr::memrchr(b'\n', &buf) {
-            let complete = buf.split_to(last + 1);
-            forwarded += memchr::memchr_iter(b'\n', &complete).count() as u64;
-            if lines.send(complete).await.is_err() {
-                return;
+            let complete = buf.split_to(last + 1).freeze();
+            let mut start = 0;
+            for end in memchr::memchr_iter(b'\n', &complete) {
+                forwarded += 1;
+                if lines.send(complete.slice(start..end)).await.is_err() {
+                    return;
+                }
+                start = end + 1;
             }
         }
         if buf.len() > max {
@@ -411,15 +380,6 @@ async fn forward_lines(
             buf.len()
         ),
     );
-}
-
-/// Writes complete lines to the agent's stdin, in order.
-async fn write_stdin(mut stdin: tokio::process::ChildStdin, mut lines: mpsc::Receiver<BytesMut>) {
-    while let Some(chunk) = lines.recv().await {
-        if stdin.write_all(&chunk).await.is_err() {
-            return;
-        }
-    }
 }
 
 /// `moorline keeper-pane RUN_DIR`: what a tmux pane shows. Starts the keeper detached, then

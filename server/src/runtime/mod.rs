@@ -170,6 +170,7 @@ async fn probe(host: &durable::ContainerHost, config: &Config) -> Result<(), Str
             home: dir.join("home"),
             tini: host.tini.clone(),
             system_dirs: config.runtime.system_dirs.clone(),
+            extra_ro: Vec::new(),
             network: crate::config::NetworkMode::Host,
             pids_limit: None,
             memory_limit: None,
@@ -245,6 +246,12 @@ pub struct SpawnSpec {
     pub exit_drain: std::time::Duration,
     /// Container and resource settings of the instance.
     pub options: InstanceRuntime,
+    /// The session's data directory (adapter files), visible to the agent at the same path.
+    pub data_dir: PathBuf,
+    /// The adapter, for runtimes whose keeper talks to the agent itself.
+    pub adapter: moorline_adapters::AdapterConfig,
+    /// The approval rules, likewise.
+    pub approvals: moorline_adapters::pipeline::ApprovalPolicy,
 }
 
 /// How an agent ended.

@@ -58,10 +58,7 @@ impl Runtime for ProcessRuntime {
                 source: io::Error::other("child has no stdio pipes"),
             });
         };
-        let control = Arc::new(GroupControl {
-            pgid: pid.and_then(|p| i32::try_from(p).ok()).map(Pid::from_raw),
-            gone: AtomicBool::new(false),
-        });
+        let control = Arc::new(GroupControl::new(pid));
         let exit_control = control.clone();
         let exit = Box::pin(async move {
             let info = match child.wait().await {
@@ -88,14 +85,23 @@ impl Runtime for ProcessRuntime {
 
 /// Signals a process group.
 #[derive(Debug)]
-struct GroupControl {
+pub(crate) struct GroupControl {
     pgid: Option<Pid>,
     /// Set once the group is known to be empty, so a recycled id is never signalled.
     gone: AtomicBool,
 }
 
 impl GroupControl {
-    fn leader_exited(&self) {
+    /// Control of the group led by `pid`.
+    pub(crate) fn new(pid: Option<u32>) -> Self {
+        Self {
+            pgid: pid.and_then(|p| i32::try_from(p).ok()).map(Pid::from_raw),
+            gone: AtomicBool::new(false),
+        }
+    }
+
+    /// Call once the leader is reaped.
+    pub(crate) fn leader_exited(&self) {
         // Other members (the agent's tools) may still run; the group id stays reserved while
         // they do. If none are left, killpg fails with ESRCH, which we treat as "gone".
         if let Some(pgid) = self.pgid

@@ -177,6 +177,8 @@ pub struct BundleSpec {
     pub tini: PathBuf,
     /// Host directories bound read-only.
     pub system_dirs: Vec<PathBuf>,
+    /// More host directories bound read-only at the same path (the session's data directory).
+    pub extra_ro: Vec<PathBuf>,
     /// Network mode.
     pub network: NetworkMode,
     /// Process limit.
@@ -265,6 +267,11 @@ pub fn write_bundle(bundle: &Path, spec: &BundleSpec) -> io::Result<()> {
     mounts.push(bind(&spec.home, Path::new(CONTAINER_HOME), true)?);
     if spec.cwd != Path::new("/") {
         mounts.push(bind(&spec.cwd, &spec.cwd, true)?);
+    }
+    for dir in &spec.extra_ro {
+        if dir.is_dir() && !covered(dir, &visible) {
+            mounts.push(bind(dir, dir, false)?);
+        }
     }
     for file in [&spec.program, &spec.tini] {
         if !covered(file, &visible) {
@@ -410,7 +417,10 @@ pub fn write_bundle(bundle: &Path, spec: &BundleSpec) -> io::Result<()> {
             .cgroups_path(PathBuf::from(format!("/moorline/{}", spec.container_id)));
     }
     base.set_linux(Some(linux.build().map_err(oci)?));
-    base.save(bundle.join("config.json")).map_err(oci)
+    // The spec holds the agent's environment (API keys): readable by its owner only.
+    let path = bundle.join("config.json");
+    base.save(&path).map_err(oci)?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
 }
 
 #[cfg(test)]
@@ -430,6 +440,7 @@ mod tests {
             home: dir.join("home"),
             tini: "/usr/bin/tini".into(),
             system_dirs: vec!["/usr".into(), "/bin".into(), "/nonexistent".into()],
+            extra_ro: Vec::new(),
             network: NetworkMode::None,
             pids_limit: Some(64),
             memory_limit: Some(64 << 20),

@@ -16,11 +16,13 @@ use tokio_util::task::TaskTracker;
 use super::pump::{OutputPump, stderr_reader, stdin_writer};
 use super::store::{self, JOURNAL_DIR, Meta};
 use super::{Lifecycle, Session, SessionSummary, State, Status, StopReason, now_ms};
+use crate::agentio::AgentIo;
 use crate::config::{Config, InstanceConfig, Limits};
 use crate::fanout::Hub;
 use crate::journal::{self, JournalLimits, JournalTail, JournalWriter};
 use crate::metrics::Metrics;
 use crate::runtime::{Adoption, Agent, Output, Runtime, RuntimeError, SpawnSpec};
+use moorline_adapters::pipeline::Pipeline;
 
 /// A configured instance, ready to start agents.
 #[derive(Debug)]
@@ -67,6 +69,14 @@ pub enum SessionError {
     /// Restart of a session whose instance is no longer configured.
     #[error("instance {0:?} is no longer configured")]
     InstanceGone(String),
+    /// A client asked for an environment variable it may not set.
+    #[error("env {key}: {reason}")]
+    EnvNotAllowed {
+        /// The variable.
+        key: String,
+        /// Why not.
+        reason: String,
+    },
     /// The working directory is unusable.
     #[error("cwd {path}: {reason}")]
     InvalidCwd {
@@ -214,7 +224,11 @@ impl SessionManager {
                 .ok_or_else(|| SessionError::UnknownInstance("default".into()))?,
         }
         .clone();
-        let cwd = resolve_cwd(req.cwd.as_deref().or(instance.config.cwd.as_deref()))?;
+        check_env(&instance, &req.env)?;
+        let cwd = match &req.cwd {
+            Some(asked) => workspace_cwd(&instance.config, asked)?,
+            None => resolve_cwd(instance.config.cwd.as_deref())?,
+        };
         let (id, dir) = self.allocate_id()?;
         let created_at = now_ms();
         let session = match self.open_session(
@@ -407,13 +421,27 @@ impl SessionManager {
         let started = Instant::now();
         let mut env = instance.config.env.clone();
         env.extend(session.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+        if let Some(file) = &instance.config.credentials_file {
+            // Server-side secrets win over anything a client asked for.
+            env.extend(read_credentials(file)?);
+        }
+        let data_dir = session.dir.join(DATA_DIR);
         let spec = instance.adapter.launch(&LaunchContext {
             instance_id: &instance.config.id,
             session_id: &session.id,
             cwd: &session.cwd,
             env: &env,
             moorline_exe: &self.moorline_exe,
+            data_dir: &data_dir,
         })?;
+        std::fs::create_dir_all(&data_dir)?;
+        for (relative, contents) in &spec.files {
+            let path = data_dir.join(relative);
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            std::fs::write(&path, contents)?;
+        }
         // The previous run's pump may still be publishing its last lines.
         let mut writer = session.writer.clone().lock_owned().await;
         resolve_cwd(Some(&session.cwd))?;
@@ -440,6 +468,9 @@ impl SessionManager {
                 max_line: self.limits.max_line_bytes,
                 exit_drain: self.limits.exit_drain(),
                 options: instance.config.runtime_options(),
+                data_dir,
+                adapter: instance.config.adapter_config(),
+                approvals: instance.config.approval_policy(),
             })
             .await?;
         self.run_agent(session, instance, agent, Some(permit), writer, true);
@@ -460,7 +491,9 @@ impl SessionManager {
         fresh: bool,
     ) {
         let (tx, rx) = mpsc::channel(self.limits.inbound_queue);
-        session.inputs.store(0, std::sync::atomic::Ordering::Relaxed);
+        session
+            .inputs
+            .store(0, std::sync::atomic::Ordering::Relaxed);
         let generation = {
             let mut state = session.lock();
             state.generation += 1;
@@ -481,20 +514,6 @@ impl SessionManager {
         session
             .lifecycle
             .send_replace(Lifecycle::Running { generation });
-        // A durable agent's writer lets go on shutdown (the agent keeps running); a process
-        // agent's keeps its stdin open until the agent is stopped, so shutdown is a SIGTERM,
-        // not an end-of-input the agent might mistake for a normal end.
-        let stdin_cancel = if instance.runtime.durable() {
-            self.cancel.clone()
-        } else {
-            CancellationToken::new()
-        };
-        self.tracker.spawn(stdin_writer(
-            session.id.clone(),
-            rx,
-            agent.stdin,
-            stdin_cancel,
-        ));
         if let Some(stderr) = agent.stderr {
             self.tracker
                 .spawn(stderr_reader(session.clone(), stderr, STDERR_FILE_CAP));
@@ -503,19 +522,43 @@ impl SessionManager {
             session: session.clone(),
             generation,
             writer,
-            max_line: self.limits.max_line_bytes,
-            exit_drain: self.limits.exit_drain(),
             metrics: self.metrics.clone(),
             cancel: self.cancel.clone(),
             lines: 0,
-            arena: bytes::BytesMut::new(),
         };
         match agent.output {
             Output::Pipe(stdout) => {
-                self.tracker
-                    .spawn(pump.pipe(stdout, agent.exit, agent.control));
+                // The server owns this agent's stdio: its pipeline runs here. Its stdin stays
+                // open until the agent is stopped, so a shutdown is a SIGTERM, never an
+                // end-of-input the agent might take for a normal end.
+                let pipeline = Pipeline::new(
+                    instance.adapter.translator(),
+                    instance.adapter.dialect(),
+                    instance.config.approval_policy(),
+                );
+                let io = AgentIo::new(
+                    self.limits.max_line_bytes,
+                    pipeline,
+                    self.limits.exit_drain(),
+                );
+                self.tracker.spawn(pump.pipe(
+                    io,
+                    stdout,
+                    rx,
+                    agent.stdin,
+                    agent.exit,
+                    agent.control,
+                ));
             }
             Output::Journal(doorbell) => {
+                // A keeper runs this agent's stdio; client lines go to it over its socket, and
+                // the writer lets go on shutdown (the agent keeps running).
+                self.tracker.spawn(stdin_writer(
+                    session.id.clone(),
+                    rx,
+                    agent.stdin,
+                    self.cancel.clone(),
+                ));
                 let (index, next) = session.hub.index_snapshot();
                 let tail = JournalTail::new(&session.dir.join(JOURNAL_DIR), &index, next);
                 self.tracker.spawn(pump.follow(doorbell, agent.exit, tail));
@@ -605,6 +648,124 @@ impl SessionManager {
         }
         Ok(())
     }
+}
+
+/// Session-private files adapters ask for (visible to the agent, read-only in containers).
+const DATA_DIR: &str = "data";
+
+/// Variables no client may set for any agent: they change what code runs or where it looks.
+const PROTECTED_ENV: &[&str] = &[
+    "LD_*",
+    "NODE_OPTIONS",
+    "NODE_PATH",
+    "PATH",
+    "HOME",
+    "PYTHON*",
+    "BASH_ENV",
+    "ENV",
+    "SHELL",
+];
+
+/// Refuses client environment the instance does not allow, or that would weaken the agent.
+fn check_env(instance: &Instance, env: &BTreeMap<String, String>) -> Result<(), SessionError> {
+    for key in env.keys() {
+        if moorline_adapters::env_matches(key, PROTECTED_ENV)
+            || moorline_adapters::env_matches(key, instance.adapter.protected_env())
+        {
+            return Err(SessionError::EnvNotAllowed {
+                key: key.clone(),
+                reason: format!(
+                    "{key} would change how the agent runs or switch off its permission gate; it is never accepted from clients"
+                ),
+            });
+        }
+        if !moorline_adapters::env_matches(key, &instance.config.allowed_env) {
+            return Err(SessionError::EnvNotAllowed {
+                key: key.clone(),
+                reason: format!(
+                    "instance {:?} does not let clients set {key} (see allowed_env)",
+                    instance.config.id
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// A working directory a client asked for: inside one of the instance's workspace roots
+/// (after resolving `..` and symlinks), existing, or created when the instance says so.
+fn workspace_cwd(instance: &InstanceConfig, asked: &Path) -> Result<PathBuf, SessionError> {
+    let refuse = |reason: String| SessionError::InvalidCwd {
+        path: asked.to_owned(),
+        reason,
+    };
+    if instance.workspace_roots.is_empty() {
+        return Err(refuse(format!(
+            "instance {:?} does not let clients choose a working directory (set workspace_roots)",
+            instance.id
+        )));
+    }
+    if !asked.is_absolute() {
+        return Err(refuse("must be an absolute path".into()));
+    }
+    let roots: Vec<PathBuf> = instance
+        .workspace_roots
+        .iter()
+        .filter_map(|r| std::fs::canonicalize(r).ok())
+        .collect();
+    // Resolve the longest existing ancestor, so `..` and symlinks cannot escape a root.
+    let mut existing = asked.to_owned();
+    let mut missing = Vec::new();
+    while !existing.exists() {
+        match (existing.file_name(), existing.parent()) {
+            (Some(name), Some(parent)) => {
+                missing.push(name.to_owned());
+                existing = parent.to_owned();
+            }
+            _ => return Err(refuse("no part of it exists".into())),
+        }
+    }
+    let mut resolved = std::fs::canonicalize(&existing).map_err(|e| refuse(e.to_string()))?;
+    for name in missing.iter().rev() {
+        if name == ".." || name == "." {
+            return Err(refuse(
+                "must not contain . or .. in a part that does not exist".into(),
+            ));
+        }
+        resolved.push(name);
+    }
+    if !roots.iter().any(|root| resolved.starts_with(root)) {
+        return Err(refuse(format!(
+            "outside the workspace roots of instance {:?}",
+            instance.id
+        )));
+    }
+    if !missing.is_empty() {
+        if !instance.create_cwd {
+            return Err(refuse(
+                "does not exist (the instance does not create_cwd)".into(),
+            ));
+        }
+        std::fs::create_dir_all(&resolved).map_err(|e| refuse(e.to_string()))?;
+    }
+    resolve_cwd(Some(&resolved))
+}
+
+/// Reads a `KEY=VALUE` credentials file (blank lines and `#` comments ignored).
+fn read_credentials(path: &Path) -> Result<BTreeMap<String, String>, SessionError> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        SessionError::Io(io::Error::new(
+            e.kind(),
+            format!("credentials file {}: {e}", path.display()),
+        ))
+    })?;
+    Ok(text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().trim_matches('"').to_owned()))
+        .collect())
 }
 
 /// Cap on the stderr file kept per session.

@@ -5,26 +5,19 @@
 //! - the stderr reader keeps the agent's diagnostics for humans.
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{OwnedMutexGuard, mpsc};
-use tokio::time::Instant;
 
 use tokio_util::sync::CancellationToken;
 
 use super::Session;
-use crate::framing::{Frame, LineFramer, dropped_frame};
+use crate::agentio::{AgentIo, OutputSink, write_pending};
 use crate::journal::{JournalTail, JournalWriter};
 use crate::metrics::Metrics;
 use crate::runtime::{AgentControl, ExitFuture, ExitInfo, Reader, Writer};
 
-/// Size of one read from an agent's stdout.
-const READ_CHUNK: usize = 256 * 1024;
-/// Batches of framed lines are carved out of blocks this large, so a busy session does not
-/// allocate (and page-fault) a fresh buffer for every read.
-const ARENA_BLOCK: usize = 1 << 20;
 /// Upper bound on one batched write to an agent's stdin.
 const STDIN_BATCH: usize = 256 * 1024;
 
@@ -35,15 +28,11 @@ pub(super) struct OutputPump {
     /// The session's journal writer (`Some` when the server writes the journal itself). Held for
     /// the whole run, so two runs of a session never write at once.
     pub(super) writer: OwnedMutexGuard<Option<JournalWriter>>,
-    pub(super) max_line: usize,
-    pub(super) exit_drain: Duration,
     pub(super) metrics: Arc<Metrics>,
     /// Cancelled when the server shuts down: a durable agent is left running.
     pub(super) cancel: CancellationToken,
     /// Lines published during this run, to tell a start failure from a crash.
     pub(super) lines: u64,
-    /// Where batches are built; each batch is split off and shared with the hub.
-    pub(super) arena: BytesMut,
 }
 
 /// Most bytes one poll of a followed journal publishes at once.
@@ -116,67 +105,33 @@ impl OutputPump {
         }
     }
 
-    /// Runs until the agent has exited and its output is fully published.
-    ///
-    /// Exit and end-of-output are awaited separately: a tool the agent started may keep stdout
-    /// open after the agent exits. Such leftovers get `exit_drain` to finish, then the agent's
-    /// process group is killed, then output is given up on after another `exit_drain`.
+    /// Runs the agent's stdio through its pipeline until it has exited (the `process`
+    /// runtime: the server owns the pipes).
+    #[allow(clippy::too_many_arguments)]
     pub(super) async fn pipe(
         mut self,
-        mut stdout: Reader,
-        mut exit: ExitFuture,
+        io: AgentIo,
+        stdout: Reader,
+        input: mpsc::Receiver<Bytes>,
+        stdin: Writer,
+        exit: ExitFuture,
         control: Arc<dyn AgentControl>,
     ) {
-        let mut framer = LineFramer::new(self.max_line);
-        let mut buf = BytesMut::with_capacity(READ_CHUNK);
-        let mut stdout_open = true;
-        let mut exit_info: Option<ExitInfo> = None;
-        let mut deadline: Option<Instant> = None;
-        let mut killed_leftovers = false;
-        while stdout_open || exit_info.is_none() {
-            tokio::select! {
-                biased;
-                read = stdout.read_buf(&mut buf), if stdout_open => match read {
-                    Ok(0) => stdout_open = false,
-                    Ok(_) => {
-                        self.process(&mut framer, &buf);
-                        buf.clear();
-                        if buf.capacity() < READ_CHUNK {
-                            buf.reserve(READ_CHUNK);
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!(session = %self.session.id, error = %e, "reading agent output failed");
-                        stdout_open = false;
-                    }
-                },
-                info = &mut exit, if exit_info.is_none() => {
-                    exit_info = Some(info);
-                    deadline = Some(Instant::now() + self.exit_drain);
-                }
-                () = sleep_until(deadline), if stdout_open && deadline.is_some() => {
-                    if killed_leftovers {
-                        tracing::warn!(session = %self.session.id, "agent output still open after its process group was killed; giving up on it");
-                        stdout_open = false;
-                    } else {
-                        tracing::info!(session = %self.session.id, "agent exited but left processes holding its output; killing them");
-                        let _ = control.kill();
-                        killed_leftovers = true;
-                        deadline = Some(Instant::now() + self.exit_drain);
-                    }
-                }
-            }
-        }
-        // Processes the agent left running in its group must not outlive the session.
+        let mut sink = ServerSink {
+            session: self.session.clone(),
+            writer: &mut self.writer,
+            metrics: self.metrics.clone(),
+            lines: 0,
+        };
+        let (exit, totals) = io
+            .run(stdout, input, stdin, exit, control.clone(), &mut sink)
+            .await;
+        self.lines += sink.lines;
+        // Processes the agent left running in its group must not outlive the run.
         let _ = control.kill();
-        let mut last = BytesMut::new();
-        let mut ends = Vec::new();
-        framer.finish(&mut |f| push_frame(&mut last, &mut ends, &self.metrics, f));
-        self.commit(last, &ends);
-        let exit = exit_info.unwrap_or(ExitInfo {
-            code: None,
-            signal: None,
-        });
+        if totals.dropped > 0 {
+            tracing::debug!(session = %self.session.id, dropped = totals.dropped, "lines dropped");
+        }
         self.finish(exit).await;
     }
 
@@ -198,33 +153,22 @@ impl OutputPump {
         drop(self);
         session.on_exit(generation, exit, silent).await;
     }
+}
 
-    fn process(&mut self, framer: &mut LineFramer, chunk: &[u8]) {
-        let need = chunk.len() + framer.buffered() + 1;
-        if self.arena.capacity() - self.arena.len() < need {
-            // The old block stays alive only as long as the window still holds its lines.
-            self.arena = BytesMut::with_capacity(need.max(ARENA_BLOCK));
-        }
-        let mut batch = std::mem::take(&mut self.arena);
-        let mut ends = Vec::new();
-        framer.feed(chunk, &mut |f| {
-            push_frame(&mut batch, &mut ends, &self.metrics, f)
-        });
-        let rest = batch.split_off(batch.len());
-        self.arena = rest;
-        self.commit(batch, &ends);
-    }
+/// The server's end of an [`AgentIo`]: the journal, then the hub.
+struct ServerSink<'a> {
+    session: Arc<Session>,
+    writer: &'a mut OwnedMutexGuard<Option<JournalWriter>>,
+    metrics: Arc<Metrics>,
+    lines: u64,
+}
 
-    /// Writes a batch of whole lines to the journal, then publishes it.
+impl OutputSink for ServerSink<'_> {
     fn commit(&mut self, batch: BytesMut, ends: &[(usize, usize)]) {
-        if ends.is_empty() {
-            return;
-        }
         let written = match self.writer.as_mut() {
             Some(w) => w.append(&batch, ends.len() as u64),
             None => Ok(Vec::new()),
         };
-        self.lines += ends.len() as u64;
         let changes = match written {
             Ok(changes) => changes,
             Err(e) => {
@@ -233,6 +177,7 @@ impl OutputPump {
                 Vec::new()
             }
         };
+        self.lines += ends.len() as u64;
         self.metrics.lines_out.inc_by(ends.len() as u64);
         self.metrics.bytes_out.inc_by(batch.len() as u64);
         let bytes = batch.freeze();
@@ -240,37 +185,16 @@ impl OutputPump {
             .hub
             .publish(ends.iter().map(|&(s, e)| bytes.slice(s..e)), &changes);
     }
-}
 
-fn push_frame(
-    batch: &mut BytesMut,
-    ends: &mut Vec<(usize, usize)>,
-    metrics: &Metrics,
-    frame: Frame<'_>,
-) {
-    let start = batch.len();
-    match frame {
-        Frame::Line(text) => batch.extend_from_slice(text.as_bytes()),
-        Frame::Dropped {
-            reason,
-            bytes,
-            preview,
-        } => {
-            metrics
-                .lines_dropped
-                .get_or_create(&[("reason", reason.as_str())])
-                .inc();
-            batch.extend_from_slice(dropped_frame(reason, bytes, preview).as_bytes());
-        }
+    fn pending_changed(&mut self, pending: &[serde_json::Value]) {
+        write_pending(&self.session.dir.join(super::store::PENDING_FILE), pending);
     }
-    ends.push((start, batch.len()));
-    batch.put_u8(b'\n');
-}
 
-async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
-        None => std::future::pending().await,
+    fn line_dropped(&mut self, reason: crate::framing::DropReason) {
+        self.metrics
+            .lines_dropped
+            .get_or_create(&[("reason", reason.as_str())])
+            .inc();
     }
 }
 

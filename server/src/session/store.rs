@@ -19,6 +19,8 @@ pub const META_FILE: &str = "meta.json";
 pub const JOURNAL_DIR: &str = "journal";
 /// The agent's stderr, kept for diagnosis.
 pub const STDERR_FILE: &str = "stderr.log";
+/// Approval requests waiting for an answer, kept up to date by whoever runs the agent's stdio.
+pub const PENDING_FILE: &str = "pending.json";
 
 /// A session's persistent record.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

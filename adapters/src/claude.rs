@@ -1,0 +1,684 @@
+//! Claude Code (`@anthropic-ai/claude-code`) in stream-json mode.
+//!
+//! Launched as `claude -p --input-format stream-json --output-format stream-json --verbose
+//! --include-partial-messages --permission-prompt-tool stdio --setting-sources ""`: every
+//! permission prompt becomes a `control_request` (`can_use_tool`) on stdout, answered with a
+//! `control_response` on stdin, instead of `--dangerously-skip-permissions`. No settings file
+//! (user, project or local) is read, so a repository cannot pre-approve tools for itself.
+//!
+//! Two client dialects:
+//! - `native`: Claude's own stream-json, unchanged; approvals are `control_request` /
+//!   `control_response`;
+//! - `pi-rpc`: translated both ways by [`PiRpcTranslator`], so the clients that drive pi (amarre's
+//!   Expo app among them) drive Claude alike.
+//!
+//! Claude exits on the first malformed stdin line: in both dialects a line that is not a JSON
+//! object never reaches it; the client gets an error instead.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::path::PathBuf;
+
+use serde_json::{Value, json};
+
+use crate::pipeline::{Dialect, Outputs, Translator};
+use crate::{Adapter, AdapterConfig, AdapterError, LaunchContext, LaunchSpec};
+
+/// Launches Claude Code.
+#[derive(Debug, Clone)]
+pub struct ClaudeAdapter {
+    program: PathBuf,
+    args: Vec<String>,
+    model: Option<String>,
+    base_url: Option<String>,
+    pi_rpc: bool,
+}
+
+impl ClaudeAdapter {
+    /// A Claude Code adapter for an instance (`dialect`: `pi-rpc`, the default, or `native`).
+    pub fn new(config: &AdapterConfig) -> Result<Self, AdapterError> {
+        let pi_rpc = match config.dialect.as_deref() {
+            None | Some("pi-rpc") => true,
+            Some("native") => false,
+            Some(other) => {
+                return Err(AdapterError::Config(format!(
+                    "claude-code dialect {other:?}: use \"native\" or \"pi-rpc\""
+                )));
+            }
+        };
+        Ok(Self {
+            program: config
+                .agent_path
+                .clone()
+                .unwrap_or_else(|| PathBuf::from("claude")),
+            args: config.args.clone(),
+            model: config.model.clone(),
+            base_url: config.base_url.clone(),
+            pi_rpc,
+        })
+    }
+}
+
+impl Adapter for ClaudeAdapter {
+    fn name(&self) -> &str {
+        "claude-code"
+    }
+
+    fn launch(&self, ctx: &LaunchContext<'_>) -> Result<LaunchSpec, AdapterError> {
+        let mut args: Vec<String> = [
+            "-p",
+            "--input-format",
+            "stream-json",
+            "--output-format",
+            "stream-json",
+            "--verbose",
+            "--include-partial-messages",
+            "--permission-prompt-tool",
+            "stdio",
+            "--setting-sources",
+            "",
+        ]
+        .into_iter()
+        .map(str::to_owned)
+        .collect();
+        if let Some(m) = &self.model {
+            args.extend(["--model".into(), m.clone()]);
+        }
+        args.extend(self.args.iter().cloned());
+        let mut env = ctx.env.clone();
+        for (k, v) in [
+            ("DISABLE_TELEMETRY", "1"),
+            ("DISABLE_AUTOUPDATER", "1"),
+            ("DISABLE_ERROR_REPORTING", "1"),
+            ("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "1"),
+        ] {
+            env.insert(k.into(), v.into());
+        }
+        if let Some(url) = &self.base_url {
+            env.insert("ANTHROPIC_BASE_URL".into(), url.clone());
+        }
+        Ok(LaunchSpec {
+            program: self.program.clone(),
+            args,
+            env,
+            files: Vec::new(),
+        })
+    }
+
+    fn dialect(&self) -> Dialect {
+        if self.pi_rpc {
+            Dialect::PiRpc
+        } else {
+            Dialect::ClaudeNative
+        }
+    }
+
+    fn translator(&self) -> Box<dyn Translator> {
+        if self.pi_rpc {
+            Box::new(PiRpcTranslator::new(self.model.clone()))
+        } else {
+            Box::new(NativeGuard)
+        }
+    }
+
+    fn protected_env(&self) -> &'static [&'static str] {
+        // Another API endpoint, key or configuration directory, or permission settings.
+        &["ANTHROPIC_*", "CLAUDE_*", "DISABLE_*"]
+    }
+}
+
+fn parse_error(line: &[u8], e: &serde_json::Error) -> String {
+    let preview: String = String::from_utf8_lossy(line).chars().take(80).collect();
+    format!("Failed to parse command: {e} (in {preview:?})")
+}
+
+/// The `native` dialect: lines pass through, but a client line that is not a JSON object is
+/// answered with `amarre.input_rejected` instead of killing Claude.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NativeGuard;
+
+impl Translator for NativeGuard {
+    fn agent_line(&mut self, line: &str, out: &mut Outputs) {
+        out.to_clients.push(line.as_bytes().to_vec());
+    }
+
+    fn client_line(&mut self, line: &[u8], out: &mut Outputs) {
+        if line.iter().all(u8::is_ascii_whitespace) {
+            return;
+        }
+        match serde_json::from_slice::<Value>(line) {
+            Ok(Value::Object(_)) => out.to_agent.push(line.to_vec()),
+            Ok(_) => out.client_json(
+                &json!({"type": "amarre.input_rejected", "reason": "not_an_object",
+                "error": "Claude Code accepts only JSON objects"}),
+            ),
+            Err(e) => out.client_json(
+                &json!({"type": "amarre.input_rejected", "reason": "invalid_json",
+                "error": parse_error(line, &e)}),
+            ),
+        }
+    }
+}
+
+/// Translates between pi's RPC protocol (clients) and Claude's stream-json (agent).
+#[derive(Debug, Default)]
+pub struct PiRpcTranslator {
+    model: Option<String>,
+    session_id: Option<String>,
+    /// A turn is in flight (between Claude's `init` and its `result`).
+    streaming: bool,
+    /// Prompts sent while a turn runs, sent when it ends.
+    queue: VecDeque<Value>,
+    /// Conversation so far, in pi's message shape (for `get_messages`).
+    history: Vec<Value>,
+    /// Messages of the current turn (for `agent_end`).
+    turn: Vec<Value>,
+    /// Inputs of pending permission requests, by request id (`updatedInput` on allow).
+    pending_inputs: BTreeMap<String, Value>,
+    /// Tool names by tool-use id, to label results.
+    tool_names: BTreeMap<String, String>,
+    /// Client ids of `abort` commands waiting for Claude's answer, by control request id.
+    control_ids: BTreeMap<String, (Option<Value>, &'static str)>,
+    next_control: u64,
+}
+
+impl PiRpcTranslator {
+    /// A translator; `model` is reported by `get_state`.
+    pub fn new(model: Option<String>) -> Self {
+        Self {
+            model,
+            ..Self::default()
+        }
+    }
+
+    fn respond(
+        out: &mut Outputs,
+        id: &Value,
+        command: &str,
+        success: bool,
+        data: Option<Value>,
+        error: Option<String>,
+    ) {
+        let mut r = json!({"type": "response", "command": command, "success": success});
+        if !id.is_null() {
+            r["id"] = id.clone();
+        }
+        if let Some(d) = data {
+            r["data"] = d;
+        }
+        if let Some(e) = error {
+            r["error"] = e.into();
+        }
+        out.client_json(&r);
+    }
+
+    fn user_message(cmd: &Value) -> Value {
+        let mut content =
+            vec![json!({"type": "text", "text": cmd["message"].as_str().unwrap_or("")})];
+        for img in cmd["images"].as_array().into_iter().flatten() {
+            content.push(json!({"type": "image", "source": {"type": "base64",
+                "media_type": img["mimeType"].as_str().unwrap_or("image/png"), "data": img["data"]}}));
+        }
+        json!({"type": "user", "message": {"role": "user", "content": content}})
+    }
+
+    fn send_prompt(&mut self, cmd: &Value, out: &mut Outputs) {
+        let msg = Self::user_message(cmd);
+        let record = json!({"role": "user", "content": msg["message"]["content"]});
+        self.history.push(record.clone());
+        self.turn.push(record);
+        out.agent_json(&msg);
+        self.streaming = true;
+    }
+
+    fn control(
+        &mut self,
+        request: Value,
+        client_id: Option<Value>,
+        command: &'static str,
+        out: &mut Outputs,
+    ) {
+        self.next_control += 1;
+        let rid = format!("moorline-{}", self.next_control);
+        self.control_ids.insert(rid.clone(), (client_id, command));
+        out.agent_json(&json!({"type": "control_request", "request_id": rid, "request": request}));
+    }
+
+    fn stream_event(&mut self, ev: &Value, out: &mut Outputs) {
+        let index = ev["index"].clone();
+        let update = |event: Value| json!({"type": "message_update", "message": {"role": "assistant"}, "assistantMessageEvent": event});
+        match ev["type"].as_str() {
+            Some("message_start") => out.client_json(
+                &json!({"type": "message_start", "message": {"role": "assistant", "content": []}}),
+            ),
+            Some("content_block_start") => {
+                let block = &ev["content_block"];
+                let event = match block["type"].as_str() {
+                    Some("text") => json!({"type": "text_start", "contentIndex": index}),
+                    Some("thinking") => json!({"type": "thinking_start", "contentIndex": index}),
+                    Some("tool_use") => json!({"type": "toolcall_start", "contentIndex": index,
+                        "toolCall": {"id": block["id"], "name": block["name"]}}),
+                    _ => return,
+                };
+                out.client_json(&update(event));
+            }
+            Some("content_block_delta") => {
+                let d = &ev["delta"];
+                let event = match d["type"].as_str() {
+                    Some("text_delta") => {
+                        json!({"type": "text_delta", "contentIndex": index, "delta": d["text"]})
+                    }
+                    Some("thinking_delta") => {
+                        json!({"type": "thinking_delta", "contentIndex": index, "delta": d["thinking"]})
+                    }
+                    Some("input_json_delta") => {
+                        json!({"type": "toolcall_delta", "contentIndex": index, "delta": d["partial_json"]})
+                    }
+                    _ => return,
+                };
+                out.client_json(&update(event));
+            }
+            Some("content_block_stop") => {
+                out.client_json(&update(json!({"type": "block_end", "contentIndex": index})))
+            }
+            _ => {}
+        }
+    }
+
+    fn assistant(&mut self, msg: &Value, out: &mut Outputs) {
+        let mut content = Vec::new();
+        let mut tools = Vec::new();
+        for block in msg["content"].as_array().into_iter().flatten() {
+            match block["type"].as_str() {
+                Some("text") => content.push(json!({"type": "text", "text": block["text"]})),
+                Some("thinking") => {
+                    content.push(json!({"type": "thinking", "thinking": block["thinking"]}))
+                }
+                Some("tool_use") => {
+                    let id = block["id"].as_str().unwrap_or("").to_owned();
+                    let name = block["name"].as_str().unwrap_or("").to_owned();
+                    self.tool_names.insert(id.clone(), name.clone());
+                    content.push(json!({"type": "toolCall", "id": id, "name": name, "arguments": block["input"]}));
+                    tools.push(json!({"type": "tool_execution_start", "toolCallId": id, "toolName": name, "args": block["input"]}));
+                }
+                _ => {}
+            }
+        }
+        let message = json!({"role": "assistant", "content": content, "model": msg["model"]});
+        out.client_json(&json!({"type": "message_end", "message": message}));
+        self.history.push(message.clone());
+        self.turn.push(message);
+        for t in tools {
+            out.client_json(&t);
+        }
+    }
+
+    fn tool_results(&mut self, msg: &Value, out: &mut Outputs) {
+        for block in msg["content"].as_array().into_iter().flatten() {
+            if block["type"] != "tool_result" {
+                continue;
+            }
+            let id = block["tool_use_id"].as_str().unwrap_or("").to_owned();
+            let name = self.tool_names.get(&id).cloned().unwrap_or_default();
+            let text = match &block["content"] {
+                Value::String(s) => s.clone(),
+                Value::Array(parts) => parts
+                    .iter()
+                    .filter_map(|p| p["text"].as_str())
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+                _ => String::new(),
+            };
+            let is_error = block["is_error"] == true;
+            let result = json!({"content": [{"type": "text", "text": text}]});
+            out.client_json(&json!({"type": "tool_execution_end", "toolCallId": id, "toolName": name, "result": result, "isError": is_error}));
+            let record = json!({"role": "toolResult", "toolCallId": id, "toolName": name, "content": result["content"], "isError": is_error});
+            self.history.push(record.clone());
+            self.turn.push(record);
+        }
+    }
+
+    fn end_turn(&mut self, result: &Value, out: &mut Outputs) {
+        self.streaming = false;
+        out.client_json(&json!({"type": "turn_end", "message": self.turn.last().cloned().unwrap_or(Value::Null)}));
+        let mut end = json!({"type": "agent_end", "messages": std::mem::take(&mut self.turn)});
+        if result["is_error"] == true {
+            end["error"] = result["result"].clone();
+        }
+        out.client_json(&end);
+        if let Some(next) = self.queue.pop_front() {
+            self.send_prompt(&next, out);
+        }
+    }
+}
+
+impl Translator for PiRpcTranslator {
+    fn agent_line(&mut self, line: &str, out: &mut Outputs) {
+        let Ok(v) = serde_json::from_str::<Value>(line) else {
+            return;
+        };
+        match v["type"].as_str() {
+            Some("system") if v["subtype"] == "init" => {
+                if let Some(s) = v["session_id"].as_str() {
+                    self.session_id = Some(s.to_owned());
+                }
+                if self.model.is_none() {
+                    self.model = v["model"].as_str().map(str::to_owned);
+                }
+                out.client_json(&json!({"type": "agent_start"}));
+                out.client_json(&json!({"type": "turn_start"}));
+            }
+            Some("stream_event") => self.stream_event(&v["event"], out),
+            Some("assistant") => self.assistant(&v["message"], out),
+            Some("user") => self.tool_results(&v["message"], out),
+            Some("result") => self.end_turn(&v, out),
+            Some("control_request") if v["request"]["subtype"] == "can_use_tool" => {
+                let id = v["request_id"].as_str().unwrap_or("").to_owned();
+                let tool = v["request"]["tool_name"].as_str().unwrap_or("tool");
+                let input = v["request"]["input"].clone();
+                let mut message = input.to_string();
+                if message.chars().count() > 400 {
+                    message = message.chars().take(399).collect::<String>() + "…";
+                }
+                self.pending_inputs.insert(id.clone(), input);
+                out.client_json(
+                    &json!({"type": "extension_ui_request", "id": id, "method": "confirm",
+                    "title": format!("Run {tool}?"), "message": message}),
+                );
+            }
+            Some("control_response") => {
+                let rid = v["response"]["request_id"].as_str().unwrap_or("");
+                if let Some((client_id, command)) = self.control_ids.remove(rid) {
+                    let ok = v["response"]["subtype"] == "success";
+                    let error = (!ok).then(|| {
+                        v["response"]["error"]
+                            .as_str()
+                            .unwrap_or("failed")
+                            .to_owned()
+                    });
+                    Self::respond(
+                        out,
+                        &client_id.unwrap_or(Value::Null),
+                        command,
+                        ok,
+                        None,
+                        error,
+                    );
+                }
+            }
+            // Status notes, hooks and the like have no pi counterpart.
+            _ => {}
+        }
+    }
+
+    fn client_line(&mut self, line: &[u8], out: &mut Outputs) {
+        if line.iter().all(u8::is_ascii_whitespace) {
+            return;
+        }
+        let cmd: Value = match serde_json::from_slice(line) {
+            Ok(v @ Value::Object(_)) => v,
+            Ok(_) => {
+                Self::respond(
+                    out,
+                    &Value::Null,
+                    "parse",
+                    false,
+                    None,
+                    Some("Failed to parse command: not a JSON object".into()),
+                );
+                return;
+            }
+            Err(e) => {
+                Self::respond(
+                    out,
+                    &Value::Null,
+                    "parse",
+                    false,
+                    None,
+                    Some(parse_error(line, &e)),
+                );
+                return;
+            }
+        };
+        let id = cmd["id"].clone();
+        let kind = cmd["type"].as_str().unwrap_or("").to_owned();
+        match kind.as_str() {
+            "prompt" | "steer" | "follow_up" => {
+                Self::respond(out, &id, &kind, true, None, None);
+                if self.streaming {
+                    self.queue.push_back(cmd);
+                } else {
+                    self.send_prompt(&cmd, out);
+                }
+            }
+            "abort" => {
+                self.queue.clear();
+                if self.streaming {
+                    self.control(json!({"subtype": "interrupt"}), Some(id), "abort", out);
+                } else {
+                    Self::respond(out, &id, "abort", true, None, None);
+                }
+            }
+            "set_model" => match cmd["model"].as_str().or_else(|| cmd["modelId"].as_str()) {
+                Some(model) => {
+                    self.model = Some(model.to_owned());
+                    self.control(
+                        json!({"subtype": "set_model", "model": model}),
+                        Some(id),
+                        "set_model",
+                        out,
+                    );
+                }
+                None => Self::respond(
+                    out,
+                    &id,
+                    "set_model",
+                    false,
+                    None,
+                    Some("missing 'model' field".into()),
+                ),
+            },
+            "get_state" => {
+                let data = json!({
+                    "model": {"id": self.model, "provider": "anthropic"},
+                    "thinkingLevel": "off",
+                    "isStreaming": self.streaming,
+                    "isCompacting": false,
+                    "sessionId": self.session_id,
+                    "messageCount": self.history.len(),
+                    "pendingMessageCount": self.queue.len(),
+                });
+                Self::respond(out, &id, "get_state", true, Some(data), None);
+            }
+            "get_messages" => Self::respond(
+                out,
+                &id,
+                "get_messages",
+                true,
+                Some(json!({"messages": self.history})),
+                None,
+            ),
+            "get_last_assistant_text" => {
+                let text = self
+                    .history
+                    .iter()
+                    .rev()
+                    .find(|m| m["role"] == "assistant")
+                    .map(|m| {
+                        m["content"]
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .filter_map(|b| b["text"].as_str())
+                            .collect::<Vec<_>>()
+                            .join("")
+                    });
+                Self::respond(
+                    out,
+                    &id,
+                    "get_last_assistant_text",
+                    true,
+                    Some(json!({"text": text})),
+                    None,
+                );
+            }
+            "extension_ui_response" => {
+                let rid = cmd["id"].as_str().unwrap_or("").to_owned();
+                let Some(input) = self.pending_inputs.remove(&rid) else {
+                    return;
+                };
+                let response = if cmd["confirmed"] == true {
+                    json!({"behavior": "allow", "updatedInput": input})
+                } else {
+                    json!({"behavior": "deny", "message": "denied by remote user"})
+                };
+                out.agent_json(&json!({"type": "control_response",
+                    "response": {"subtype": "success", "request_id": rid, "response": response}}));
+            }
+            other => {
+                let error = format!("claude-code (pi-rpc dialect) does not support '{other}'");
+                Self::respond(out, &id, other, false, None, Some(error));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Replays a recorded Claude Code session (fixtures/transcripts/claude-code.jsonl) through
+    /// the translator, in order, and checks what clients would have seen.
+    #[test]
+    fn a_recorded_session_translates_to_pi_events() {
+        let transcript = include_str!("../../fixtures/transcripts/claude-code.jsonl");
+        let mut t = PiRpcTranslator::new(None);
+        let mut seen: Vec<Value> = Vec::new();
+        for line in transcript.lines() {
+            let entry: Value = serde_json::from_str(line).expect("transcript entry");
+            let text = entry["line"].as_str().expect("line");
+            let mut out = Outputs::default();
+            if entry["dir"] == "out" {
+                t.agent_line(text, &mut out);
+            }
+            seen.extend(
+                out.to_clients
+                    .iter()
+                    .map(|l| serde_json::from_slice::<Value>(l).expect("json")),
+            );
+        }
+        let types: Vec<&str> = seen.iter().filter_map(|v| v["type"].as_str()).collect();
+        assert!(
+            types.starts_with(&["agent_start", "turn_start", "message_start"]),
+            "{types:?}"
+        );
+        let text: String = seen
+            .iter()
+            .filter(|v| v["assistantMessageEvent"]["type"] == "text_delta")
+            .filter_map(|v| v["assistantMessageEvent"]["delta"].as_str())
+            .collect();
+        assert!(text.starts_with("MOCK reply to: hello there"), "{text}");
+        let asks: Vec<&Value> = seen
+            .iter()
+            .filter(|v| v["type"] == "extension_ui_request")
+            .collect();
+        assert_eq!(asks.len(), 2, "one approval request per RUNBASH turn");
+        assert_eq!(asks[0]["title"], "Run Bash?");
+        assert!(
+            asks[0]["message"]
+                .as_str()
+                .expect("message")
+                .contains("touch approved.txt")
+        );
+        let ends: Vec<&Value> = seen
+            .iter()
+            .filter(|v| v["type"] == "tool_execution_end")
+            .collect();
+        assert_eq!(ends[0]["isError"], false);
+        assert_eq!(ends[1]["isError"], true, "the denied call");
+        assert_eq!(types.iter().filter(|t| **t == "agent_end").count(), 3);
+    }
+
+    #[test]
+    fn client_commands_become_claude_input_or_local_answers() {
+        let mut t = PiRpcTranslator::new(Some("claude-x".into()));
+        let mut out = Outputs::default();
+        t.client_line(br#"{"id":"1","type":"prompt","message":"hi"}"#, &mut out);
+        let sent: Value = serde_json::from_slice(&out.to_agent[0]).expect("json");
+        assert_eq!(sent["message"]["content"][0]["text"], "hi");
+        let reply: Value = serde_json::from_slice(&out.to_clients[0]).expect("json");
+        assert_eq!(
+            (reply["id"].as_str(), reply["success"].as_bool()),
+            (Some("1"), Some(true))
+        );
+
+        // While the turn runs, further prompts wait.
+        let mut out = Outputs::default();
+        t.client_line(br#"{"id":"2","type":"prompt","message":"next"}"#, &mut out);
+        assert!(out.to_agent.is_empty());
+        let mut out = Outputs::default();
+        t.client_line(br#"{"id":"3","type":"get_state"}"#, &mut out);
+        let state: Value = serde_json::from_slice(&out.to_clients[0]).expect("json");
+        assert_eq!(state["data"]["isStreaming"], true);
+        assert_eq!(state["data"]["pendingMessageCount"], 1);
+        let mut out = Outputs::default();
+        t.agent_line(
+            r#"{"type":"result","subtype":"success","is_error":false,"result":"ok"}"#,
+            &mut out,
+        );
+        assert_eq!(
+            out.to_agent.len(),
+            1,
+            "the queued prompt goes out when the turn ends"
+        );
+
+        // Never forward garbage: Claude would exit.
+        let mut out = Outputs::default();
+        t.client_line(b"this is not json", &mut out);
+        assert!(out.to_agent.is_empty());
+        let err: Value = serde_json::from_slice(&out.to_clients[0]).expect("json");
+        assert_eq!(
+            (err["command"].as_str(), err["success"].as_bool()),
+            (Some("parse"), Some(false))
+        );
+    }
+
+    #[test]
+    fn approvals_become_control_responses_with_the_original_input() {
+        let mut t = PiRpcTranslator::new(None);
+        let mut out = Outputs::default();
+        t.agent_line(
+            r#"{"type":"control_request","request_id":"r1","request":{"subtype":"can_use_tool","tool_name":"Bash","input":{"command":"ls"}}}"#,
+            &mut out,
+        );
+        let ask: Value = serde_json::from_slice(&out.to_clients[0]).expect("json");
+        assert_eq!(
+            (ask["method"].as_str(), ask["id"].as_str()),
+            (Some("confirm"), Some("r1"))
+        );
+        let mut out = Outputs::default();
+        t.client_line(
+            br#"{"type":"extension_ui_response","id":"r1","confirmed":true}"#,
+            &mut out,
+        );
+        let answer: Value = serde_json::from_slice(&out.to_agent[0]).expect("json");
+        assert_eq!(answer["response"]["response"]["behavior"], "allow");
+        assert_eq!(
+            answer["response"]["response"]["updatedInput"]["command"],
+            "ls"
+        );
+    }
+
+    #[test]
+    fn the_native_guard_rejects_what_claude_would_die_on() {
+        let mut g = NativeGuard;
+        let mut out = Outputs::default();
+        g.client_line(b"{\"type\":\"user\"", &mut out);
+        g.client_line(b"[1]", &mut out);
+        g.client_line(
+            br#"{"type":"user","message":{"role":"user","content":"x"}}"#,
+            &mut out,
+        );
+        assert_eq!(out.to_agent.len(), 1);
+        assert_eq!(out.to_clients.len(), 2);
+    }
+}

@@ -1,0 +1,154 @@
+//! pi (`@mariozechner/pi-coding-agent`) in RPC mode.
+//!
+//! pi already speaks the dialect moorline's clients speak (amarre was built on it), so lines
+//! pass through. What the adapter adds is safety: pi runs with `--no-extensions` and only
+//! moorline's permission gate (shipped as a data file, written into the session's data
+//! directory), so every tool call becomes an `extension_ui_request` confirm that clients
+//! answer. Telemetry, update checks and other startup network calls are off.
+
+use std::path::PathBuf;
+
+use crate::{Adapter, AdapterConfig, AdapterError, LaunchContext, LaunchSpec};
+
+/// The permission gate extension.
+pub const GATE: &str = include_str!("../data/pi-permission-gate.ts");
+/// Where the gate is written, relative to the session's data directory.
+pub const GATE_FILE: &str = "pi/permission-gate.ts";
+
+/// Launches `pi --mode rpc` with moorline's gate.
+#[derive(Debug, Clone)]
+pub struct PiAdapter {
+    program: PathBuf,
+    args: Vec<String>,
+    model: Option<String>,
+    provider: Option<String>,
+    base_url: Option<String>,
+}
+
+impl PiAdapter {
+    /// A pi adapter for an instance.
+    pub fn new(config: &AdapterConfig) -> Self {
+        Self {
+            program: config
+                .agent_path
+                .clone()
+                .unwrap_or_else(|| PathBuf::from("pi")),
+            args: config.args.clone(),
+            model: config.model.clone(),
+            provider: config.provider.clone(),
+            base_url: config.base_url.clone(),
+        }
+    }
+}
+
+impl Adapter for PiAdapter {
+    fn name(&self) -> &str {
+        "pi"
+    }
+
+    fn launch(&self, ctx: &LaunchContext<'_>) -> Result<LaunchSpec, AdapterError> {
+        let gate = ctx.data_dir.join(GATE_FILE);
+        let mut args: Vec<String> = vec![
+            "--mode".into(),
+            "rpc".into(),
+            // Only moorline's gate: no extension found on disk can act before it or around it.
+            "--no-extensions".into(),
+            "-e".into(),
+            gate.display().to_string(),
+        ];
+        if let Some(p) = &self.provider {
+            args.extend(["--provider".into(), p.clone()]);
+        }
+        if let Some(m) = &self.model {
+            args.extend(["--model".into(), m.clone()]);
+        }
+        args.extend(self.args.iter().cloned());
+        let mut env = ctx.env.clone();
+        for (k, v) in [
+            ("PI_OFFLINE", "1"),
+            ("PI_TELEMETRY", "0"),
+            ("PI_SKIP_VERSION_CHECK", "1"),
+        ] {
+            env.insert(k.into(), v.into());
+        }
+        let mut files = vec![(PathBuf::from(GATE_FILE), GATE.as_bytes().to_vec())];
+        if let Some(url) = &self.base_url {
+            // A custom API endpoint lives in pi's models.json; give this session its own
+            // configuration directory holding one.
+            let provider = self.provider.clone().unwrap_or_else(|| "anthropic".into());
+            let models = serde_json::json!({"providers": {provider: {"baseUrl": url}}});
+            files.push((
+                PathBuf::from("pi/agent/models.json"),
+                models.to_string().into_bytes(),
+            ));
+            env.insert(
+                "PI_CODING_AGENT_DIR".into(),
+                ctx.data_dir.join("pi/agent").display().to_string(),
+            );
+        }
+        Ok(LaunchSpec {
+            program: self.program.clone(),
+            args,
+            env,
+            files,
+        })
+    }
+
+    fn protected_env(&self) -> &'static [&'static str] {
+        // Another configuration directory or package directory could load other extensions.
+        &["PI_CODING_AGENT_DIR", "PI_PACKAGE_DIR", "PI_*"]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+    use std::path::Path;
+
+    #[test]
+    fn launches_rpc_mode_with_only_the_gate() {
+        let adapter = PiAdapter::new(&AdapterConfig {
+            agent: "pi".into(),
+            base_url: Some("http://127.0.0.1:9/".into()),
+            model: Some("m".into()),
+            ..Default::default()
+        });
+        let env = BTreeMap::new();
+        let spec = adapter
+            .launch(&LaunchContext {
+                instance_id: "i",
+                session_id: "s",
+                cwd: Path::new("/w"),
+                env: &env,
+                moorline_exe: Path::new("/m"),
+                data_dir: Path::new("/d"),
+            })
+            .expect("launch");
+        assert_eq!(spec.program, PathBuf::from("pi"));
+        assert_eq!(
+            &spec.args[..5],
+            [
+                "--mode",
+                "rpc",
+                "--no-extensions",
+                "-e",
+                "/d/pi/permission-gate.ts"
+            ]
+        );
+        assert!(spec.args.windows(2).any(|w| w == ["--model", "m"]));
+        assert_eq!(spec.env["PI_OFFLINE"], "1");
+        assert_eq!(spec.env["PI_CODING_AGENT_DIR"], "/d/pi/agent");
+        assert!(
+            spec.files
+                .iter()
+                .any(|(p, c)| p == Path::new(GATE_FILE) && c.starts_with(b"// moorline"))
+        );
+        let models = spec
+            .files
+            .iter()
+            .find(|(p, _)| p.ends_with("models.json"))
+            .expect("models");
+        assert!(String::from_utf8_lossy(&models.1).contains("127.0.0.1:9"));
+    }
+}
