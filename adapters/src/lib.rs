@@ -3,7 +3,7 @@
 //! An adapter turns an instance's configuration and a session's request (working directory,
 //! environment) into a [`LaunchSpec`]: the program, its arguments, its environment and the
 //! files it needs. Where an agent's wire format differs from what clients speak, the adapter
-//! also provides a [`Translator`](pipeline::Translator); the [`pipeline`] adds approval rules on
+//! also provides a [`pipeline::Translator`]; the [`pipeline`] adds approval rules on
 //! top. Adapters know nothing about HTTP, WebSockets or how the process is isolated.
 //!
 //! Built-in adapters:

@@ -1,0 +1,676 @@
+# NixOS module: services.moorline.
+#
+# A plain module on purpose (it does not take the flake's `self`): `package` is a
+# `mkPackageOption` on `pkgs.moorline`, so this file works unchanged in nixpkgs or with the
+# flake's overlay, and the flake's `nixosModules.default` imports it and sets the package to the
+# flake's own build with `mkDefault`. Nothing here touches `pkgs` until an option is read.
+#
+# How moorline runs here (docs/DEPLOY.md has the long version):
+# - as `user`, a real login user: agents find that user's logins (~/.claude, ~/.codex, ...) and
+#   tools, and runc runs rootless (one uid mapped, no capabilities needed);
+# - `moorline serve` starts `tmux -L moorline new-session -d ...` as a child; the tmux server it
+#   spawns runs one keeper per session, and the keeper runs the agent or `runc run`. All of that
+#   stays in this unit's cgroup, so KillMode=process (below) is what lets sessions outlive
+#   `systemctl restart moorline`, `nixos-rebuild switch` and upgrades.
+{
+  config,
+  lib,
+  pkgs,
+  ...
+}:
+let
+  cfg = config.services.moorline;
+  inherit (lib) mkOption types;
+
+  settingsFormat = pkgs.formats.toml { };
+
+  # A file path that must stay out of the Nix store (a secret): a string, never a Nix path
+  # literal that would be copied into the world-readable store.
+  secretPath = types.pathWith {
+    inStore = false;
+    absolute = true;
+  };
+
+  userCfg = config.users.users.${cfg.user};
+
+  isLoopback =
+    host:
+    host == "localhost"
+    || host == "::1"
+    || host == "[::1]"
+    || builtins.match "127\\.[0-9]{1,3}\\.[0-9]{1,3}\\.[0-9]{1,3}" host != null;
+
+  # How the host appears in a URL (IPv6 addresses need brackets).
+  urlHost =
+    if lib.hasInfix ":" cfg.host && !lib.hasPrefix "[" cfg.host then "[${cfg.host}]" else cfg.host;
+
+  # TOML has no null: options left at null mean "moorline's default" and are dropped.
+  dropNulls =
+    value:
+    if builtins.isAttrs value then
+      lib.mapAttrs (_: dropNulls) (lib.filterAttrs (_: v: v != null) value)
+    else if builtins.isList value then
+      map dropNulls (builtins.filter (v: v != null) value)
+    else
+      value;
+
+  generatedConfig = settingsFormat.generate "moorline.toml" (dropNulls cfg.settings);
+
+  # Validated at build time with moorline itself: an unknown key or a bad value fails the
+  # build instead of the service. Skipped when cross-compiling (the binary cannot run here).
+  configFile =
+    if pkgs.stdenv.buildPlatform.canExecute pkgs.stdenv.hostPlatform then
+      pkgs.runCommand "moorline-config-checked.toml" { preferLocalBuild = true; } ''
+        ${lib.getExe cfg.package} check-config --no-env --config ${generatedConfig} > /dev/null
+        cp ${generatedConfig} "$out"
+      ''
+    else
+      generatedConfig;
+
+  instancePackages = lib.concatMap (instance: instance.packages) (lib.attrValues cfg.instances);
+
+  instanceModule =
+    { name, ... }:
+    {
+      # Keys are moorline's own (snake_case), as in its TOML `[[instances]]`; keys not declared
+      # here pass through unchanged, and `moorline check-config` refuses unknown ones at build
+      # time. `packages` is the only key that is not moorline's: it never reaches the TOML.
+      freeformType = settingsFormat.type;
+      options = {
+        id = mkOption {
+          type = types.strMatching "[A-Za-z0-9._-]{1,64}";
+          default = name;
+          defaultText = lib.literalExpression "<name>";
+          description = ''
+            Name clients pick the instance by (`{"instanceId": ...}`). The instance named
+            `default`, else the first in alphabetical order, is used when a client names none.
+          '';
+        };
+        agent = mkOption {
+          type = types.str;
+          example = "command";
+          description = ''
+            Adapter: `echo` (built in, needs nothing), `command` (any program that speaks JSON
+            Lines, given in `command`), or any name when `agent_path` names the executable.
+          '';
+        };
+        command = mkOption {
+          type = types.nullOr (types.listOf types.str);
+          default = null;
+          example = [
+            "claude"
+            "-p"
+            "--input-format"
+            "stream-json"
+            "--output-format"
+            "stream-json"
+            "--verbose"
+          ];
+          description = ''
+            Program and arguments for `agent = "command"`. A bare program name is looked up in
+            the service's `PATH`, which holds `packages`.
+          '';
+        };
+        agent_path = mkOption {
+          type = types.nullOr types.str;
+          default = null;
+          description = "An executable to run as the agent (amarre's `agentPath`).";
+        };
+        args = mkOption {
+          type = types.listOf types.str;
+          default = [ ];
+          description = "Extra arguments for the agent.";
+        };
+        env = mkOption {
+          type = types.attrsOf types.str;
+          default = { };
+          description = ''
+            Environment for every session of this instance. It is written to the Nix store:
+            never put a secret here (see `services.moorline.environmentFile`).
+          '';
+        };
+        runtime = mkOption {
+          type = types.enum [
+            "auto"
+            "runc"
+            "tmux"
+            "process"
+          ];
+          default = "auto";
+          description = ''
+            Where agents run: `runc` (a rootless container in tmux), `tmux` (durable, no
+            isolation), `process` (a child of the server: ends with it), or `auto` (the best
+            one that works here, as logged at startup).
+          '';
+        };
+        cwd = mkOption {
+          type = types.nullOr types.str;
+          default = null;
+          description = "Working directory of sessions that do not ask for one (default: the user's home).";
+        };
+        network = mkOption {
+          type = types.enum [
+            "host"
+            "none"
+          ];
+          default = "host";
+          description = "Container network (`runc`): the host's, or none at all (loopback only).";
+        };
+        pids_limit = mkOption {
+          type = types.nullOr types.ints.positive;
+          default = null;
+          description = "Maximum number of processes in a container (`runc`; see the note on limits in docs/DEPLOY.md).";
+        };
+        memory_limit = mkOption {
+          type = types.nullOr types.ints.positive;
+          default = null;
+          example = 2147483648;
+          description = "Maximum memory of a container in bytes (`runc`; see the note on limits in docs/DEPLOY.md).";
+        };
+        packages = mkOption {
+          type = types.listOf types.package;
+          default = [ ];
+          example = lib.literalExpression "[ pkgs.claude-code ]";
+          description = ''
+            Packages this instance's agent needs, put on the service's `PATH` (and so on every
+            agent's). Not a moorline key: it never reaches the TOML.
+          '';
+        };
+      };
+    };
+in
+{
+  options.services.moorline = {
+    enable = lib.mkEnableOption "moorline, which drives the CLI coding agents of this machine from the tailnet";
+
+    package = lib.mkPackageOption pkgs "moorline" { };
+
+    user = mkOption {
+      type = types.str;
+      example = "alice";
+      description = ''
+        The login user the server and its agents run as (required). Agents find this user's
+        logins and tools; runc containers run rootless, mapped to this user. Its home and group
+        are taken from `users.users.<user>`, which must declare it. The home stays writable
+        to the agents; the rest of the system is read-only to them.
+      '';
+    };
+
+    host = mkOption {
+      type = types.str;
+      default = "127.0.0.1";
+      description = ''
+        Address to listen on. moorline is reached through `tailscale serve`, so only loopback
+        addresses are accepted unless `allowNonLoopback` is set.
+      '';
+    };
+
+    allowNonLoopback = mkOption {
+      type = types.bool;
+      default = false;
+      description = ''
+        Escape hatch: allow a non-loopback `host`. This exposes every agent of `user` to
+        whoever reaches that address, with at most a bearer token in the way; moorline refuses
+        it too unless its `allow_non_loopback` is set, which this option also sets. No firewall
+        port is opened.
+      '';
+    };
+
+    port = mkOption {
+      type = types.port;
+      default = 8341;
+      description = "TCP port to listen on.";
+    };
+
+    maxSessions = mkOption {
+      type = types.ints.positive;
+      default = 8;
+      description = "Sessions whose agent runs at the same time (`limits.max_sessions`).";
+    };
+
+    tokenFile = mkOption {
+      type = types.nullOr secretPath;
+      default = null;
+      example = "/run/secrets/moorline-token";
+      description = ''
+        A file holding the bearer token every REST and WebSocket request must carry. systemd
+        reads it as root and hands it to the service with `LoadCredential=` (it never enters
+        the Nix store or the environment), so it may be readable by root only. `null`: no token,
+        anyone who reaches the server may use it.
+      '';
+    };
+
+    environmentFile = mkOption {
+      type = types.nullOr secretPath;
+      default = null;
+      example = "/run/secrets/moorline.env";
+      description = ''
+        An `EnvironmentFile=` for the server, for secrets such as model API keys
+        (`ANTHROPIC_API_KEY=...`). Agents get only the variables listed in
+        `settings.runtime.pass_env`, so list them there too (the list replaces moorline's
+        default one). Durable sessions write their environment into their state directory
+        (mode 0600).
+      '';
+    };
+
+    runtimePackages = mkOption {
+      type = types.listOf types.package;
+      default = [
+        pkgs.tmux
+        pkgs.runc
+        pkgs.tini
+      ];
+      defaultText = lib.literalExpression "[ pkgs.tmux pkgs.runc pkgs.tini ]";
+      description = ''
+        tmux, runc and tini, found by name on the service's `PATH` (moorline's `runtime.tmux`,
+        `runtime.runc` and `runtime.tini` default to the bare names). Without runc or tini,
+        `runtime = "auto"` falls back to tmux; without tmux, to plain processes.
+      '';
+    };
+
+    extraPackages = mkOption {
+      type = types.listOf types.package;
+      default = [ ];
+      example = lib.literalExpression "[ pkgs.git pkgs.nodejs ]";
+      description = ''
+        Packages on the `PATH` of the server and of every agent. After these come the user's
+        profiles (`/etc/profiles/per-user/<user>`, `~/.nix-profile`) and the system's, so
+        agents also find the tools the user has.
+      '';
+    };
+
+    writablePaths = mkOption {
+      type = types.listOf secretPath;
+      default = [ ];
+      example = [ "/srv/projects" ];
+      description = ''
+        Directories the server and agents may write to besides the user's home, the state
+        directory, `/tmp` and `/var/tmp`; everything else is read-only to them
+        (`ProtectSystem=strict`). Workspaces outside the home go here. Each must exist.
+      '';
+    };
+
+    settings = mkOption {
+      type = types.submodule {
+        freeformType = settingsFormat.type;
+        options = {
+          allowed_hosts = mkOption {
+            type = types.listOf types.str;
+            default = [ ];
+            description = ''
+              Names accepted in the `Host` header besides loopback names, this machine's hostname
+              and its tailnet names (detected with `tailscale status`). Anything else is refused,
+              which stops DNS rebinding.
+            '';
+          };
+          allowed_origins = mkOption {
+            type = types.listOf types.str;
+            default = [ ];
+            example = [ "https://app.example" ];
+            description = ''
+              Browser origins allowed to call the API. Requests without an `Origin` header
+              (native apps, curl, websocat) and same-origin requests are always allowed.
+            '';
+          };
+          detect_tailnet_names = mkOption {
+            type = types.bool;
+            default = true;
+            description = "Ask `tailscale status` for this machine's tailnet names at startup.";
+          };
+          log = mkOption {
+            type = types.str;
+            default = "info";
+            example = "moorline=debug,info";
+            description = "Log filter, in `RUST_LOG` syntax.";
+          };
+          log_format = mkOption {
+            type = types.enum [
+              "human"
+              "json"
+            ];
+            default = "human";
+            description = "Log format.";
+          };
+          runtime = mkOption {
+            default = { };
+            description = "Settings of the tmux and runc runtimes.";
+            type = types.submodule {
+              freeformType = settingsFormat.type;
+              options = {
+                runc_root = mkOption {
+                  type = types.str;
+                  default = "/run/moorline/runc";
+                  description = ''
+                    runc's state directory. The default is in the unit's `RuntimeDirectory`,
+                    which is kept across restarts (containers outlive the server) and is gone
+                    after a reboot, like the containers it describes.
+                  '';
+                };
+                system_dirs = mkOption {
+                  type = types.nullOr (types.listOf types.str);
+                  default = null;
+                  description = ''
+                    Host directories bound read-only into containers. `null`: moorline's default
+                    (which includes `/nix/store`, `/etc` and `/run/current-system`).
+                  '';
+                };
+                pass_env = mkOption {
+                  type = types.nullOr (types.listOf types.str);
+                  default = null;
+                  example = [
+                    "PATH"
+                    "HOME"
+                    "USER"
+                    "LOGNAME"
+                    "LANG"
+                    "TZ"
+                    "SSL_CERT_FILE"
+                    "ANTHROPIC_API_KEY"
+                  ];
+                  description = ''
+                    Variables of the server's environment passed to agents. `null`: moorline's
+                    default (`PATH`, `HOME`, `USER`, `LOGNAME`, `LANG`, `TZ`, CA-certificate and
+                    proxy variables). A list replaces that default.
+                  '';
+                };
+              };
+            };
+          };
+        };
+      };
+      default = { };
+      example = {
+        limits = {
+          backlog_bytes = 8388608;
+          stop_grace_ms = 10000;
+        };
+        allowed_origins = [ "https://app.example" ];
+      };
+      description = ''
+        moorline's configuration (TOML; `moorline print-default-config` lists every key). The
+        generated file is checked with `moorline check-config` at build time. `host`, `port`,
+        `allow_non_loopback`, `limits.max_sessions` and `instances` come from the options of the
+        same names above; `state_dir` is the unit's `StateDirectory` (/var/lib/moorline) and the
+        token comes from `tokenFile`.
+      '';
+    };
+
+    instances = mkOption {
+      type = types.attrsOf (types.submodule instanceModule);
+      default = { };
+      example = lib.literalExpression ''
+        {
+          claude = {
+            agent = "command";
+            command = [ "claude" "-p" "--input-format" "stream-json" "--output-format" "stream-json" "--verbose" ];
+            runtime = "runc";
+            packages = [ pkgs.claude-code ];
+          };
+        }
+      '';
+      description = ''
+        Named agent configurations (`[[instances]]`). None: moorline's built-in `echo`
+        instance, which needs nothing installed.
+      '';
+    };
+
+    tailscaleServe = {
+      enable = lib.mkEnableOption "a unit that runs `tailscale serve` for moorline, so it is reachable over HTTPS from the tailnet only";
+
+      httpsPort = mkOption {
+        type = types.port;
+        default = 443;
+        description = "HTTPS port on the machine's tailnet name.";
+      };
+
+      path = mkOption {
+        type = types.strMatching "/.*";
+        default = "/";
+        description = ''
+          URL path moorline is served under (`--set-path`). Clients that expect the API at the
+          root (amarre's app) need `/`.
+        '';
+      };
+    };
+
+    configFile = mkOption {
+      type = types.package;
+      readOnly = true;
+      default = configFile;
+      defaultText = lib.literalMD "the TOML generated from `settings`, checked with `moorline check-config`";
+      description = "The configuration file the service runs with (read-only; for inspection).";
+    };
+  };
+
+  config = lib.mkIf cfg.enable {
+    assertions = [
+      {
+        assertion = config.users.users ? ${cfg.user};
+        message = "services.moorline.user: the user \"${cfg.user}\" must be declared in users.users (moorline takes its home and group from there).";
+      }
+      {
+        assertion = cfg.user != "root";
+        message = "services.moorline.user: moorline runs agents as a login user, not root (its unit grants no capabilities; runc runs rootless).";
+      }
+      {
+        assertion = isLoopback cfg.host || cfg.allowNonLoopback;
+        message = "services.moorline.host: \"${cfg.host}\" is not a loopback address. moorline is meant to be reached through `tailscale serve` (services.moorline.tailscaleServe.enable); set services.moorline.allowNonLoopback = true to listen on it anyway.";
+      }
+      {
+        assertion = cfg.tailscaleServe.enable -> config.services.tailscale.enable;
+        message = "services.moorline.tailscaleServe.enable needs services.tailscale.enable.";
+      }
+    ];
+
+    warnings =
+      lib.optional (cfg.tailscaleServe.enable && cfg.tokenFile == null) ''
+        services.moorline: tailscaleServe is on and tokenFile is null: every tailnet device
+        allowed to reach this machine can start agents as ${cfg.user}. Set
+        services.moorline.tokenFile, or restrict access with tailnet ACLs.''
+      ++ lib.optional
+        (lib.any (i: i.pids_limit != null || i.memory_limit != null) (lib.attrValues cfg.instances))
+        ''
+          services.moorline: pids_limit/memory_limit are not applied: moorline runs rootless as
+          ${cfg.user} and does not use delegated cgroups yet (see docs/DEPLOY.md, "Limits").'';
+
+    services.moorline.settings = {
+      inherit (cfg) host port;
+      allow_non_loopback = cfg.allowNonLoopback;
+      limits.max_sessions = cfg.maxSessions;
+      instances = lib.mkIf (cfg.instances != { }) (
+        lib.mapAttrsToList (_: instance: removeAttrs instance [ "packages" ]) cfg.instances
+      );
+    };
+
+    environment.systemPackages = [ cfg.package ];
+
+    systemd.services.moorline = {
+      description = "moorline: CLI coding agents over the tailnet";
+      documentation = [ "https://github.com/moorline/moorline/blob/main/docs/DEPLOY.md" ];
+      wantedBy = [ "multi-user.target" ];
+      after = [ "network.target" ] ++ lib.optional config.services.tailscale.enable "tailscaled.service";
+      startLimitIntervalSec = 60;
+      startLimitBurst = 5;
+      # Agents look programs up in this PATH (moorline passes PATH on to them), and moorline
+      # finds tmux, runc, tini and tailscale in it: no store path is baked into the binary.
+      path =
+        cfg.runtimePackages
+        ++ instancePackages
+        ++ cfg.extraPackages
+        ++ lib.optional config.services.tailscale.enable config.services.tailscale.package
+        ++ [
+          "/etc/profiles/per-user/${cfg.user}"
+          "${userCfg.home}/.nix-profile"
+          "/run/current-system/sw"
+        ];
+      # A restart does not end sessions (KillMode=process), so switching configurations may
+      # restart the server freely.
+      restartIfChanged = true;
+
+      serviceConfig = {
+        Type = "exec";
+        User = cfg.user;
+        Group = lib.mkIf (userCfg.group != "") userCfg.group;
+        ExecStart =
+          "${lib.getExe cfg.package} serve --config ${cfg.configFile}"
+          + lib.optionalString (cfg.tokenFile != null) " --token-file %d/token";
+        LoadCredential = lib.optional (cfg.tokenFile != null) "token:${cfg.tokenFile}";
+        EnvironmentFile = lib.optional (cfg.environmentFile != null) cfg.environmentFile;
+        # Sessions without a cwd start in the user's home, as from a login shell.
+        WorkingDirectory = "~";
+
+        # Sessions live in $STATE_DIRECTORY (moorline's default state_dir under systemd).
+        StateDirectory = "moorline";
+        StateDirectoryMode = "0700";
+        # /run/moorline holds runc's state (settings.runtime.runc_root). Preserved: running
+        # containers outlive a stop of the unit, and runc must still find them afterwards.
+        RuntimeDirectory = "moorline";
+        RuntimeDirectoryMode = "0700";
+        RuntimeDirectoryPreserve = true;
+
+        Restart = "on-failure";
+        RestartSec = "2s";
+        # 64: a configuration error; restarting would not fix it.
+        RestartPreventExitStatus = 64;
+        TimeoutStopSec = "30s";
+
+        # Sessions survive restarts: only the server process is signalled on stop. tmux, the
+        # keepers and `runc run` are in this unit's cgroup (moorline starts tmux as a child), and
+        # the default KillMode=control-group would kill every agent on `systemctl restart`.
+        # moorline stops the agents it owns itself (the `process` runtime) when it exits.
+        # systemd logs "left-over process" lines for them on the next start; that is expected.
+        KillMode = "process";
+        # An agent killed by the kernel OOM killer is the agent's problem (moorline reports it
+        # as crashed); it must not stop the server.
+        OOMPolicy = "continue";
+        # cgroup v2: hands this unit's subtree (pids, memory) to the user, so rootless runc can
+        # give containers cgroups of their own inside it. pids_limit/memory_limit also need
+        # moorline to use this subtree, which it does not do yet (docs/DEPLOY.md, "Limits").
+        Delegate = "pids memory";
+
+        # --- hardening: as strict as runc (rootless), tmux and Node-based agents allow. Every
+        # setting is inherited by the agents, so each relaxation below names what needs it.
+        NoNewPrivileges = true;
+        CapabilityBoundingSet = "";
+        ProtectSystem = "strict";
+        # Other users' homes are hidden; the user's own is bound back read-write (agents keep
+        # their logins, caches and projects there).
+        ProtectHome = "tmpfs";
+        BindPaths = [ userCfg.home ] ++ cfg.writablePaths;
+        # /tmp is shared, not private: tmux's socket (/tmp/tmux-<uid>/moorline) must outlive the
+        # unit's stop and be reachable by `tmux -L moorline attach` from the user's shell, and a
+        # private /tmp is wiped on stop under the tmux-runtime agents that keep running.
+        PrivateTmp = false;
+        ReadWritePaths = [
+          "/tmp"
+          "/var/tmp"
+        ];
+        PrivateDevices = true;
+        PrivateIPC = true;
+        PrivateMounts = true;
+        ProtectClock = true;
+        ProtectKernelModules = true;
+        # No ProtectKernelTunables= and no ProtectKernelLogs=: they put read-only mounts over
+        # /proc/sys and /proc/kmsg, and the kernel then refuses the fresh /proc a rootless runc
+        # container mounts (EPERM; "mount_too_revealing"). Measured with unshare.
+        ProtectKernelTunables = false;
+        ProtectKernelLogs = false;
+        # No ProtectControlGroups=: it makes the delegated cgroup subtree read-only as well.
+        ProtectControlGroups = false;
+        ProtectProc = "invisible";
+        # ProcSubset=pid would hide /proc/cpuinfo, /proc/meminfo and /proc/stat from the tmux
+        # runtime's agents (Node's os.cpus() returns nothing without them).
+        ProcSubset = "all";
+        # ProtectHostname=yes forbids sethostname() to every descendant, and runc sets each
+        # container's hostname; systemd 258's "private" allows it in the unit's own namespace.
+        ProtectHostname =
+          if lib.versionAtLeast config.systemd.package.version "258" then "private" else false;
+        # PrivateUsers= would nest runc's user namespace in one of systemd's and show every
+        # other uid as nobody to the agents; the unit holds no capability to take away anyway.
+        PrivateUsers = false;
+        # Agents need the network (their model APIs): no PrivateNetwork= or IPAddressDeny=.
+        # AF_NETLINK: runc sets up loopback in containers with network = "none", and agents
+        # list interfaces (getifaddrs).
+        RestrictAddressFamilies = "AF_UNIX AF_INET AF_INET6 AF_NETLINK";
+        # runc creates user, mount, pid, ipc and uts namespaces (net for network = "none").
+        RestrictNamespaces = "user mnt pid ipc uts net";
+        # No MemoryDenyWriteExecute=: V8 (Node-based agents such as Claude Code) and other JITs
+        # need writable executable memory.
+        MemoryDenyWriteExecute = false;
+        LockPersonality = true;
+        RestrictRealtime = true;
+        RestrictSUIDSGID = true;
+        # The user is a login user: removing its IPC objects on stop would hit its own desktop
+        # session and the agents that keep running.
+        RemoveIPC = false;
+        SystemCallArchitectures = "native";
+        # A deny list, not @system-service: runc needs @mount and @privileged (pivot_root,
+        # setgroups, sethostname), agents' tools need @debug (strace, gdb) and @resources
+        # (setrlimit, sched_setaffinity). What no agent needs is refused.
+        SystemCallFilter = [ "~@clock @cpu-emulation @module @obsolete @raw-io @reboot @swap" ];
+        # Journals, metadata and agents' new files are private to the user.
+        UMask = "0077";
+      };
+    };
+
+    systemd.services.moorline-tailscale-serve = lib.mkIf cfg.tailscaleServe.enable (
+      let
+        tailscale = lib.getExe config.services.tailscale.package;
+        where = "--https=${toString cfg.tailscaleServe.httpsPort} --set-path=${cfg.tailscaleServe.path}";
+        waitForTailscale = pkgs.writeShellScript "moorline-wait-for-tailscale" ''
+          for _ in $(seq 120); do
+            ${tailscale} status --peers=false > /dev/null 2>&1 && exit 0
+            sleep 1
+          done
+          echo "tailscale is not up (logged in and running) after 120 s" >&2
+          exit 1
+        '';
+      in
+      {
+        description = "Serve moorline on the tailnet (tailscale serve, HTTPS)";
+        wantedBy = [ "multi-user.target" ];
+        wants = [ "tailscaled.service" ];
+        after = [
+          "tailscaled.service"
+          "moorline.service"
+        ];
+        serviceConfig = {
+          Type = "oneshot";
+          RemainAfterExit = true;
+          ExecStartPre = waitForTailscale;
+          # HTTPS on the machine's tailnet name, tailnet only (this is `serve`, not `funnel`);
+          # tailscaled keeps the setting (--bg) until ExecStop removes it.
+          ExecStart = "${tailscale} serve --bg ${where} http://${urlHost}:${toString cfg.port}";
+          ExecStop = "${tailscale} serve ${where} off";
+          Restart = "on-failure";
+          RestartSec = "10s";
+          # It only talks to tailscaled's socket (as root, which tailscaled requires to change
+          # serve settings); nothing else.
+          NoNewPrivileges = true;
+          CapabilityBoundingSet = "";
+          ProtectSystem = "strict";
+          ProtectHome = true;
+          PrivateTmp = true;
+          PrivateDevices = true;
+          ProtectKernelTunables = true;
+          ProtectKernelModules = true;
+          ProtectKernelLogs = true;
+          ProtectControlGroups = true;
+          ProtectClock = true;
+          ProtectHostname = true;
+          RestrictAddressFamilies = "AF_UNIX AF_INET AF_INET6 AF_NETLINK";
+          RestrictNamespaces = true;
+          LockPersonality = true;
+          MemoryDenyWriteExecute = true;
+          RestrictRealtime = true;
+          RestrictSUIDSGID = true;
+          SystemCallArchitectures = "native";
+          SystemCallFilter = [
+            "@system-service"
+            "~@privileged"
+          ];
+        };
+      }
+    );
+  };
+}
