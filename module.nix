@@ -478,7 +478,7 @@ in
       allow_non_loopback = cfg.allowNonLoopback;
       limits.max_sessions = cfg.maxSessions;
       instances = lib.mkIf (cfg.instances != { }) (
-        lib.mapAttrsToList (_: instance: removeAttrs instance [ "packages" ]) cfg.instances
+        lib.mapAttrsToList (_: instance: dropNulls (removeAttrs instance [ "packages" ])) cfg.instances
       );
     };
 
@@ -615,7 +615,7 @@ in
 
     systemd.services.moorline-tailscale-serve = lib.mkIf cfg.tailscaleServe.enable (
       let
-        tailscale = lib.getExe config.services.tailscale.package;
+        tailscale = lib.getExe' config.services.tailscale.package "tailscale";
         where = "--https=${toString cfg.tailscaleServe.httpsPort} --set-path=${cfg.tailscaleServe.path}";
         waitForTailscale = pkgs.writeShellScript "moorline-wait-for-tailscale" ''
           for _ in $(seq 120); do

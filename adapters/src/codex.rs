@@ -1,7 +1,24 @@
-//! OpenAI Codex (`@openai/codex`): placeholder until the app-server integration lands.
+//! OpenAI Codex (`@openai/codex`) through `codex app-server`: JSON-RPC over stdio, many turns
+//! on one thread, and command approvals sent to the client as requests.
+//!
+//! Codex is started with its plugin sync off (it would otherwise call github.com and
+//! chatgpt.com at every thread start) and, when a base URL is configured, a model provider
+//! pointing at it. Every thread asks before **every** command (`approvalPolicy: "untrusted"`)
+//! and runs exactly what was approved (`sandbox: "danger-full-access"`; moorline's container is
+//! the sandbox), which is what makes remote approval meaningful.
+//!
+//! Two client dialects:
+//! - `native`: app-server JSON-RPC, unchanged (clients do the handshake themselves);
+//!   approvals are `item/commandExecution/requestApproval` requests and their results;
+//! - `pi-rpc` (default): [`PiRpcTranslator`] does the handshake and turns pi commands and
+//!   events into Codex's and back, approvals becoming `extension_ui_request` confirms.
 
+use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
 
+use serde_json::{Value, json};
+
+use crate::pipeline::{Dialect, Outputs, Translator};
 use crate::{Adapter, AdapterConfig, AdapterError, LaunchContext, LaunchSpec};
 
 /// Launches `codex app-server`.
@@ -9,19 +26,39 @@ use crate::{Adapter, AdapterConfig, AdapterError, LaunchContext, LaunchSpec};
 pub struct CodexAdapter {
     program: PathBuf,
     args: Vec<String>,
+    model: Option<String>,
+    base_url: Option<String>,
+    pi_rpc: bool,
 }
 
 impl CodexAdapter {
-    /// A Codex adapter for an instance.
-    pub fn new(config: &AdapterConfig) -> Self {
-        Self {
+    /// A Codex adapter for an instance (`dialect`: `pi-rpc`, the default, or `native`).
+    pub fn new(config: &AdapterConfig) -> Result<Self, AdapterError> {
+        let pi_rpc = match config.dialect.as_deref() {
+            None | Some("pi-rpc") => true,
+            Some("native") => false,
+            Some(other) => {
+                return Err(AdapterError::Config(format!(
+                    "codex dialect {other:?}: use \"native\" or \"pi-rpc\""
+                )));
+            }
+        };
+        Ok(Self {
             program: config
                 .agent_path
                 .clone()
                 .unwrap_or_else(|| PathBuf::from("codex")),
             args: config.args.clone(),
-        }
+            model: config.model.clone(),
+            base_url: config.base_url.clone(),
+            pi_rpc,
+        })
     }
+}
+
+/// A TOML string literal (JSON's escaping is valid TOML for basic strings).
+fn toml_str(s: &str) -> String {
+    Value::String(s.to_owned()).to_string()
 }
 
 impl Adapter for CodexAdapter {
@@ -30,7 +67,30 @@ impl Adapter for CodexAdapter {
     }
 
     fn launch(&self, ctx: &LaunchContext<'_>) -> Result<LaunchSpec, AdapterError> {
-        let mut args = vec!["app-server".to_owned()];
+        let mut args: Vec<String> = vec![
+            "app-server".into(),
+            "-c".into(),
+            "features.plugins=false".into(),
+        ];
+        if let Some(url) = &self.base_url {
+            let key = if ctx.env.contains_key("OPENAI_API_KEY") {
+                ", env_key = \"OPENAI_API_KEY\""
+            } else {
+                ""
+            };
+            args.extend([
+                "-c".into(),
+                "model_provider=\"moorline\"".into(),
+                "-c".into(),
+                format!(
+                    "model_providers.moorline={{name = \"moorline\", base_url = {}, wire_api = \"responses\"{key}}}",
+                    toml_str(url)
+                ),
+            ]);
+        }
+        if let Some(m) = &self.model {
+            args.extend(["-c".into(), format!("model={}", toml_str(m))]);
+        }
         args.extend(self.args.iter().cloned());
         Ok(LaunchSpec {
             program: self.program.clone(),
@@ -38,5 +98,425 @@ impl Adapter for CodexAdapter {
             env: ctx.env.clone(),
             files: Vec::new(),
         })
+    }
+
+    fn dialect(&self) -> Dialect {
+        if self.pi_rpc {
+            Dialect::PiRpc
+        } else {
+            Dialect::CodexNative
+        }
+    }
+
+    fn translator(&self) -> Box<dyn Translator> {
+        if self.pi_rpc {
+            Box::new(PiRpcTranslator::default())
+        } else {
+            Box::new(crate::pipeline::Passthrough)
+        }
+    }
+
+    fn protected_env(&self) -> &'static [&'static str] {
+        // Another Codex home holds another configuration (approval policy, providers).
+        &["CODEX_*", "OPENAI_*"]
+    }
+}
+
+/// Ids moorline uses for its own requests to Codex (Codex numbers its requests from 0, so
+/// string ids never collide with them).
+const INIT: &str = "moorline-init";
+const THREAD: &str = "moorline-thread";
+
+/// Translates between pi's RPC protocol (clients) and Codex's app-server JSON-RPC (agent).
+#[derive(Debug, Default)]
+pub struct PiRpcTranslator {
+    thread: Option<String>,
+    turn: Option<String>,
+    /// Prompts waiting for the thread to exist or the running turn to end.
+    queue: VecDeque<Value>,
+    history: Vec<Value>,
+    turn_messages: Vec<Value>,
+    /// Text of agent messages being streamed, by item id.
+    streaming_text: BTreeMap<String, String>,
+    /// Codex's approval request ids, by the id clients see.
+    approvals: BTreeMap<String, Value>,
+    /// Client ids (and command names) of requests moorline made for them, by request id.
+    requests: BTreeMap<String, (Value, String)>,
+    next: u64,
+    model: Option<String>,
+}
+
+impl PiRpcTranslator {
+    fn respond(
+        out: &mut Outputs,
+        id: &Value,
+        command: &str,
+        success: bool,
+        data: Option<Value>,
+        error: Option<String>,
+    ) {
+        let mut r = json!({"type": "response", "command": command, "success": success});
+        if !id.is_null() {
+            r["id"] = id.clone();
+        }
+        if let Some(d) = data {
+            r["data"] = d;
+        }
+        if let Some(e) = error {
+            r["error"] = e.into();
+        }
+        out.client_json(&r);
+    }
+
+    fn request(
+        &mut self,
+        method: &str,
+        params: Value,
+        client: Option<(Value, &str)>,
+        out: &mut Outputs,
+    ) {
+        self.next += 1;
+        let id = format!("moorline-{}", self.next);
+        if let Some((cid, command)) = client {
+            self.requests.insert(id.clone(), (cid, command.to_owned()));
+        }
+        out.agent_json(&json!({"id": id, "method": method, "params": params}));
+    }
+
+    fn start_turn(&mut self, cmd: &Value, out: &mut Outputs) {
+        let Some(thread) = self.thread.clone() else {
+            self.queue.push_back(cmd.clone());
+            return;
+        };
+        let text = cmd["message"].as_str().unwrap_or("").to_owned();
+        let record = json!({"role": "user", "content": [{"type": "text", "text": text}]});
+        self.history.push(record.clone());
+        self.turn_messages.push(record);
+        self.turn = Some(String::new());
+        self.request(
+            "turn/start",
+            json!({"threadId": thread, "input": [{"type": "text", "text": text}]}),
+            None,
+            out,
+        );
+    }
+
+    fn notification(&mut self, method: &str, params: &Value, out: &mut Outputs) {
+        let item = &params["item"];
+        match method {
+            "turn/started" => {
+                self.turn = params["turn"]["id"].as_str().map(str::to_owned);
+                out.client_json(&json!({"type": "agent_start"}));
+                out.client_json(&json!({"type": "turn_start"}));
+            }
+            "item/started" if item["type"] == "agentMessage" => {
+                let id = item["id"].as_str().unwrap_or("").to_owned();
+                self.streaming_text.insert(id, String::new());
+                out.client_json(&json!({"type": "message_start", "message": {"role": "assistant", "content": []}}));
+            }
+            "item/agentMessage/delta" => {
+                let delta = params["delta"].as_str().unwrap_or("");
+                if let Some(text) = params["itemId"]
+                    .as_str()
+                    .and_then(|id| self.streaming_text.get_mut(id))
+                {
+                    text.push_str(delta);
+                }
+                out.client_json(&json!({"type": "message_update", "message": {"role": "assistant"},
+                    "assistantMessageEvent": {"type": "text_delta", "contentIndex": 0, "delta": delta}}));
+            }
+            "item/completed" if item["type"] == "agentMessage" => {
+                let id = item["id"].as_str().unwrap_or("");
+                let text = item["text"]
+                    .as_str()
+                    .map(str::to_owned)
+                    .or_else(|| self.streaming_text.remove(id))
+                    .unwrap_or_default();
+                let message = json!({"role": "assistant", "content": [{"type": "text", "text": text}], "model": self.model});
+                out.client_json(&json!({"type": "message_end", "message": message}));
+                self.history.push(message.clone());
+                self.turn_messages.push(message);
+            }
+            "item/started" if item["type"] == "commandExecution" => {
+                out.client_json(&json!({"type": "tool_execution_start", "toolCallId": item["id"], "toolName": "bash",
+                    "args": {"command": item["command"]}}));
+            }
+            "item/completed" if item["type"] == "commandExecution" => {
+                let status = item["status"].as_str().unwrap_or("");
+                let output = item["aggregatedOutput"]
+                    .as_str()
+                    .map(str::to_owned)
+                    .unwrap_or_else(|| format!("({status})"));
+                let is_error =
+                    status != "completed" || item["exitCode"].as_i64().is_some_and(|c| c != 0);
+                let result = json!({"content": [{"type": "text", "text": output}]});
+                out.client_json(&json!({"type": "tool_execution_end", "toolCallId": item["id"], "toolName": "bash",
+                    "result": result, "isError": is_error}));
+                let record = json!({"role": "toolResult", "toolCallId": item["id"], "toolName": "bash",
+                    "content": result["content"], "isError": is_error});
+                self.history.push(record.clone());
+                self.turn_messages.push(record);
+            }
+            "turn/completed" => {
+                self.turn = None;
+                let turn = &params["turn"];
+                out.client_json(&json!({"type": "turn_end", "message": self.turn_messages.last().cloned().unwrap_or(Value::Null)}));
+                let mut end = json!({"type": "agent_end", "messages": std::mem::take(&mut self.turn_messages)});
+                if turn["status"] == "failed" {
+                    end["error"] = turn["error"]["message"].clone();
+                }
+                out.client_json(&end);
+                if let Some(next) = self.queue.pop_front() {
+                    self.start_turn(&next, out);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+impl Translator for PiRpcTranslator {
+    fn start(&mut self, out: &mut Outputs) {
+        out.agent_json(&json!({"id": INIT, "method": "initialize",
+            "params": {"clientInfo": {"name": "moorline", "title": "moorline", "version": env!("CARGO_PKG_VERSION")}, "capabilities": null}}));
+        out.agent_json(&json!({"method": "initialized"}));
+        out.agent_json(&json!({"id": THREAD, "method": "thread/start",
+            "params": {"approvalPolicy": "untrusted", "sandbox": "danger-full-access"}}));
+    }
+
+    fn agent_line(&mut self, line: &str, out: &mut Outputs) {
+        let Ok(v) = serde_json::from_str::<Value>(line) else {
+            return;
+        };
+        let method = v["method"].as_str();
+        match (method, v.get("id")) {
+            // A request from Codex: an approval.
+            (Some(m), Some(id)) if m.ends_with("/requestApproval") => {
+                let p = &v["params"];
+                let client_id = format!("codex-{id}");
+                self.approvals.insert(client_id.clone(), id.clone());
+                let (tool, detail) = match m {
+                    "item/commandExecution/requestApproval" => {
+                        ("bash", json!({"command": p["command"], "cwd": p["cwd"]}))
+                    }
+                    "item/fileChange/requestApproval" => (
+                        "apply_patch",
+                        json!({"changes": p["changes"], "reason": p["reason"]}),
+                    ),
+                    _ => ("permissions", p.clone()),
+                };
+                let mut message = detail.to_string();
+                if message.chars().count() > 400 {
+                    message = message.chars().take(399).collect::<String>() + "…";
+                }
+                out.client_json(
+                    &json!({"type": "extension_ui_request", "id": client_id, "method": "confirm",
+                    "title": format!("Run {tool}?"), "message": message}),
+                );
+            }
+            // Any other request from Codex gets a clear refusal rather than silence.
+            (Some(m), Some(id)) => {
+                out.agent_json(&json!({"id": id, "error": {"code": -32601, "message": format!("moorline does not handle {m}")}}));
+            }
+            (Some(m), None) => self.notification(m, &v["params"], out),
+            // A response to one of moorline's requests.
+            (None, Some(id)) => {
+                let id = id.as_str().unwrap_or("").to_owned();
+                if id == THREAD {
+                    self.thread = v["result"]["thread"]["id"].as_str().map(str::to_owned);
+                    self.model = v["result"]["model"].as_str().map(str::to_owned);
+                    if let Some(next) = self.queue.pop_front() {
+                        self.start_turn(&next, out);
+                    }
+                    return;
+                }
+                if let Some((cid, command)) = self.requests.remove(&id) {
+                    let ok = v.get("error").is_none();
+                    let error = (!ok).then(|| {
+                        v["error"]["message"]
+                            .as_str()
+                            .unwrap_or("failed")
+                            .to_owned()
+                    });
+                    Self::respond(out, &cid, &command, ok, None, error);
+                } else if let Some(err) = v.get("error") {
+                    // turn/start and the handshake have no client waiting; say what failed.
+                    out.client_json(
+                        &json!({"type": "agent_end", "messages": [], "error": err["message"]}),
+                    );
+                }
+            }
+            (None, None) => {}
+        }
+    }
+
+    fn client_line(&mut self, line: &[u8], out: &mut Outputs) {
+        if line.iter().all(u8::is_ascii_whitespace) {
+            return;
+        }
+        let cmd: Value = match serde_json::from_slice(line) {
+            Ok(v @ Value::Object(_)) => v,
+            _ => {
+                let preview: String = String::from_utf8_lossy(line).chars().take(80).collect();
+                Self::respond(
+                    out,
+                    &Value::Null,
+                    "parse",
+                    false,
+                    None,
+                    Some(format!("Failed to parse command: {preview:?}")),
+                );
+                return;
+            }
+        };
+        let id = cmd["id"].clone();
+        let kind = cmd["type"].as_str().unwrap_or("").to_owned();
+        match kind.as_str() {
+            "prompt" | "follow_up" | "steer" => {
+                Self::respond(out, &id, &kind, true, None, None);
+                match (&self.turn, kind.as_str()) {
+                    // Codex folds a turn/start during a running turn into it: that is a steer.
+                    (Some(turn), "steer") if !turn.is_empty() => {
+                        let params = json!({"threadId": self.thread, "input": [{"type": "text", "text": cmd["message"]}]});
+                        self.request("turn/start", params, None, out);
+                    }
+                    (Some(_), _) => self.queue.push_back(cmd),
+                    (None, _) => self.start_turn(&cmd, out),
+                }
+            }
+            "abort" => {
+                self.queue.clear();
+                match (&self.thread, &self.turn) {
+                    (Some(thread), Some(turn)) if !turn.is_empty() => {
+                        let params = json!({"threadId": thread, "turnId": turn});
+                        self.request("turn/interrupt", params, Some((id, "abort")), out);
+                    }
+                    _ => Self::respond(out, &id, "abort", true, None, None),
+                }
+            }
+            "get_state" => {
+                let data = json!({"model": {"id": self.model, "provider": "openai"}, "thinkingLevel": "off",
+                    "isStreaming": self.turn.is_some(), "isCompacting": false, "sessionId": self.thread,
+                    "messageCount": self.history.len(), "pendingMessageCount": self.queue.len()});
+                Self::respond(out, &id, "get_state", true, Some(data), None);
+            }
+            "get_messages" => Self::respond(
+                out,
+                &id,
+                "get_messages",
+                true,
+                Some(json!({"messages": self.history})),
+                None,
+            ),
+            "extension_ui_response" => {
+                let Some(codex_id) = cmd["id"].as_str().and_then(|i| self.approvals.remove(i))
+                else {
+                    return;
+                };
+                let decision = if cmd["confirmed"] == true {
+                    "accept"
+                } else {
+                    "decline"
+                };
+                out.agent_json(&json!({"id": codex_id, "result": {"decision": decision}}));
+            }
+            other => {
+                let error = format!("codex (pi-rpc dialect) does not support '{other}'");
+                Self::respond(out, &id, other, false, None, Some(error));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Replays a recorded Codex session (fixtures/transcripts/codex.jsonl) through the
+    /// translator and checks what clients would have seen.
+    #[test]
+    fn a_recorded_session_translates_to_pi_events() {
+        let transcript = include_str!("../../fixtures/transcripts/codex.jsonl");
+        let mut t = PiRpcTranslator::default();
+        let mut seen: Vec<Value> = Vec::new();
+        for line in transcript.lines() {
+            let entry: Value = serde_json::from_str(line).expect("transcript entry");
+            if entry["dir"] != "s2c" {
+                continue;
+            }
+            let mut out = Outputs::default();
+            t.agent_line(&entry["msg"].to_string(), &mut out);
+            seen.extend(
+                out.to_clients
+                    .iter()
+                    .map(|l| serde_json::from_slice::<Value>(l).expect("json")),
+            );
+        }
+        let types: Vec<&str> = seen.iter().filter_map(|v| v["type"].as_str()).collect();
+        assert_eq!(
+            types.iter().filter(|t| **t == "agent_end").count(),
+            3,
+            "{types:?}"
+        );
+        let text: String = seen
+            .iter()
+            .filter(|v| v["assistantMessageEvent"]["type"] == "text_delta")
+            .filter_map(|v| v["assistantMessageEvent"]["delta"].as_str())
+            .collect();
+        assert!(text.starts_with("MOCK reply to: hello codex"), "{text}");
+        let asks: Vec<&Value> = seen
+            .iter()
+            .filter(|v| v["type"] == "extension_ui_request")
+            .collect();
+        assert_eq!(asks.len(), 2);
+        assert_eq!(asks[0]["title"], "Run bash?");
+        assert!(
+            asks[0]["message"]
+                .as_str()
+                .expect("message")
+                .contains("touch approved.txt")
+        );
+        let ends: Vec<&Value> = seen
+            .iter()
+            .filter(|v| v["type"] == "tool_execution_end")
+            .collect();
+        assert_eq!(
+            (ends[0]["isError"].as_bool(), ends[1]["isError"].as_bool()),
+            (Some(false), Some(true))
+        );
+    }
+
+    #[test]
+    fn the_handshake_and_prompts() {
+        let mut t = PiRpcTranslator::default();
+        let mut out = Outputs::default();
+        t.start(&mut out);
+        assert_eq!(out.to_agent.len(), 3);
+        // A prompt before the thread exists waits for it.
+        let mut out = Outputs::default();
+        t.client_line(br#"{"id":"p1","type":"prompt","message":"hi"}"#, &mut out);
+        assert!(out.to_agent.is_empty());
+        let mut out = Outputs::default();
+        t.agent_line(
+            r#"{"id":"moorline-thread","result":{"thread":{"id":"T1"},"model":"m"}}"#,
+            &mut out,
+        );
+        let sent: Value = serde_json::from_slice(&out.to_agent[0]).expect("json");
+        assert_eq!(
+            (sent["method"].as_str(), sent["params"]["threadId"].as_str()),
+            (Some("turn/start"), Some("T1"))
+        );
+        // Approvals: the client's answer becomes Codex's decision, by Codex's own request id.
+        let mut out = Outputs::default();
+        t.agent_line(r#"{"method":"item/commandExecution/requestApproval","id":0,"params":{"command":"ls","cwd":"/w"}}"#, &mut out);
+        let ask: Value = serde_json::from_slice(&out.to_clients[0]).expect("json");
+        assert_eq!(ask["id"], "codex-0");
+        let mut out = Outputs::default();
+        t.client_line(
+            br#"{"type":"extension_ui_response","id":"codex-0","confirmed":false}"#,
+            &mut out,
+        );
+        let answer: Value = serde_json::from_slice(&out.to_agent[0]).expect("json");
+        assert_eq!(answer, json!({"id": 0, "result": {"decision": "decline"}}));
     }
 }

@@ -11,7 +11,9 @@
 //! - [`command`]: any program that speaks JSON Lines on stdin/stdout;
 //! - [`pi`]: pi's RPC mode, with a permission gate moorline ships;
 //! - [`claude`]: Claude Code's stream-json mode, with permission prompts over the control
-//!   protocol, spoken natively or translated to pi's RPC dialect.
+//!   protocol, spoken natively or translated to pi's RPC dialect;
+//! - [`codex`]: Codex's app-server JSON-RPC, with command approvals, spoken natively or
+//!   translated to pi's RPC dialect.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -42,8 +44,8 @@ pub struct LaunchContext<'a> {
     pub env: &'a BTreeMap<String, String>,
     /// Path of the running moorline executable, for built-in agents.
     pub moorline_exe: &'a Path,
-    /// A private directory of the session, visible to the agent at this same path (read-only
-    /// inside containers), where [`LaunchSpec::files`] are written.
+    /// A private directory of the session, visible to the agent at this same path, where
+    /// [`LaunchSpec::files`] are written (again at every start).
     pub data_dir: &'a Path,
 }
 
@@ -153,7 +155,7 @@ pub fn build(config: &AdapterConfig) -> Result<Arc<dyn Adapter>, AdapterError> {
         }
         "pi" => Ok(Arc::new(pi::PiAdapter::new(config))),
         "claude-code" => Ok(Arc::new(claude::ClaudeAdapter::new(config)?)),
-        "codex" => Ok(Arc::new(codex::CodexAdapter::new(config))),
+        "codex" => Ok(Arc::new(codex::CodexAdapter::new(config)?)),
         other => Err(AdapterError::UnknownKind {
             kind: other.to_owned(),
             known: KINDS.join(", "),

@@ -51,6 +51,9 @@ pub trait Translator: Send {
     /// on it).
     fn client_line(&mut self, line: &[u8], out: &mut Outputs);
 
+    /// Lines to send the agent as soon as it starts (a handshake), and lines for clients.
+    fn start(&mut self, _out: &mut Outputs) {}
+
     /// True if this translator leaves every line unchanged (enables a fast path).
     fn passes_through(&self) -> bool {
         false
@@ -85,6 +88,8 @@ pub enum Dialect {
     PiRpc,
     /// Claude Code's stream-json: `control_request` `can_use_tool` / `control_response`.
     ClaudeNative,
+    /// Codex's app-server JSON-RPC: `…/requestApproval` requests and their results.
+    CodexNative,
 }
 
 /// An answer to an approval request.
@@ -156,6 +161,9 @@ impl Dialect {
             Dialect::ClaudeNative => {
                 memchr::memmem::find(line.as_bytes(), b"can_use_tool").is_some()
             }
+            Dialect::CodexNative => {
+                memchr::memmem::find(line.as_bytes(), b"requestApproval").is_some()
+            }
         }
     }
 
@@ -163,6 +171,7 @@ impl Dialect {
         let marker: &[u8] = match self {
             Dialect::PiRpc => b"extension_ui_response",
             Dialect::ClaudeNative => b"control_response",
+            Dialect::CodexNative => b"decision",
         };
         memchr::memmem::find(line, marker).is_some()
     }
@@ -201,6 +210,22 @@ impl Dialect {
                     yes_no: true,
                 })
             }
+            Dialect::CodexNative => {
+                let method = v["method"].as_str()?;
+                if !method.ends_with("/requestApproval") {
+                    return None;
+                }
+                let tool = match method {
+                    "item/commandExecution/requestApproval" => "bash",
+                    "item/fileChange/requestApproval" => "apply_patch",
+                    _ => "permissions",
+                };
+                Some(Request {
+                    id: v.get("id")?.to_string(),
+                    tool: Some(tool.to_owned()),
+                    yes_no: true,
+                })
+            }
         }
     }
 
@@ -233,6 +258,18 @@ impl Dialect {
                 };
                 Some((id, decision))
             }
+            Dialect::CodexNative => {
+                // A response has an id and a result, and no method.
+                if v.get("method").is_some() {
+                    return None;
+                }
+                let id = v.get("id")?.to_string();
+                let decision = match v["result"]["decision"].as_str() {
+                    Some("accept" | "acceptForSession") => "allow",
+                    _ => "deny",
+                };
+                Some((id, decision))
+            }
         }
     }
 
@@ -255,6 +292,13 @@ impl Dialect {
                     "type": "control_response",
                     "response": {"subtype": "success", "request_id": request["request_id"], "response": response},
                 })
+            }
+            Dialect::CodexNative => {
+                let decision = match decision {
+                    Decision::Allow => "accept",
+                    Decision::Deny => "decline",
+                };
+                json!({"id": request["id"], "result": {"decision": decision}})
             }
         }
     }
@@ -299,6 +343,11 @@ impl Pipeline {
             settled: std::collections::VecDeque::new(),
             changed: false,
         }
+    }
+
+    /// Starts a run: the translator's handshake, if it has one.
+    pub fn start(&mut self, out: &mut Outputs) {
+        self.translator.start(out);
     }
 
     /// True if `line` would reach clients unchanged and cannot be an approval request, so the

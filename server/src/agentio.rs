@@ -107,6 +107,9 @@ impl AgentIo {
         let mut exit_info: Option<ExitInfo> = None;
         let mut drain_deadline: Option<Instant> = None;
         let mut killed_leftovers = false;
+        let mut hello = Outputs::default();
+        self.pipeline.start(&mut hello);
+        self.route(hello, stdin_open, &mut to_agent, sink);
         while stdout_open || exit_info.is_none() {
             let approval_deadline = self.pipeline.next_deadline().map(Instant::from_std);
             tokio::select! {

@@ -30,7 +30,14 @@ use crate::session::{ClientGuard, Lifecycle, Session, Status};
 pub const PROTOCOL_VERSION: &str = "2.3.0";
 
 /// Capabilities announced in `amarre.hello`.
-pub const CAPABILITIES: &[&str] = &["hello", "replay", "line_dropped", "exit_event", "lag_close"];
+pub const CAPABILITIES: &[&str] = &[
+    "hello",
+    "replay",
+    "line_dropped",
+    "exit_event",
+    "lag_close",
+    "approvals",
+];
 
 /// Close code for a client that fell behind further than the journal reaches.
 pub const CLOSE_LAGGED: u16 = close_code::AGAIN;
@@ -288,6 +295,7 @@ impl Client {
             "replayFrom": replay_from,
             "missed": missed,
             "capabilities": CAPABILITIES,
+            "pendingApprovals": summary.pending_approvals,
         })
         .to_string()
     }

@@ -295,7 +295,7 @@ async fn leftovers_of_a_crash_mid_create_are_removed_at_startup() {
                 home: work.path().join("home"),
                 tini: tini.clone(),
                 system_dirs: Config::default().runtime.system_dirs,
-                extra_ro: Vec::new(),
+                extra_rw: Vec::new(),
                 network: moorline::config::NetworkMode::Host,
                 pids_limit: Some(100),
                 memory_limit: None,

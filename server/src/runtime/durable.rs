@@ -144,7 +144,7 @@ impl DurableRuntime {
                             home,
                             tini: host.tini.clone(),
                             system_dirs: self.config.system_dirs.clone(),
-                            extra_ro: vec![spec.data_dir.clone()],
+                            extra_rw: vec![spec.data_dir.clone()],
                             network: spec.options.network,
                             pids_limit: spec.options.pids_limit,
                             memory_limit: spec.options.memory_limit,

@@ -170,7 +170,7 @@ async fn probe(host: &durable::ContainerHost, config: &Config) -> Result<(), Str
             home: dir.join("home"),
             tini: host.tini.clone(),
             system_dirs: config.runtime.system_dirs.clone(),
-            extra_ro: Vec::new(),
+            extra_rw: Vec::new(),
             network: crate::config::NetworkMode::Host,
             pids_limit: None,
             memory_limit: None,

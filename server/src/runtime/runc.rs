@@ -177,8 +177,10 @@ pub struct BundleSpec {
     pub tini: PathBuf,
     /// Host directories bound read-only.
     pub system_dirs: Vec<PathBuf>,
-    /// More host directories bound read-only at the same path (the session's data directory).
-    pub extra_ro: Vec<PathBuf>,
+    /// More host directories bound read-write at the same path: the session's data
+    /// directory, where adapters keep agent configuration (rewritten at every start, so an
+    /// agent cannot change its own next launch).
+    pub extra_rw: Vec<PathBuf>,
     /// Network mode.
     pub network: NetworkMode,
     /// Process limit.
@@ -268,9 +270,9 @@ pub fn write_bundle(bundle: &Path, spec: &BundleSpec) -> io::Result<()> {
     if spec.cwd != Path::new("/") {
         mounts.push(bind(&spec.cwd, &spec.cwd, true)?);
     }
-    for dir in &spec.extra_ro {
-        if dir.is_dir() && !covered(dir, &visible) {
-            mounts.push(bind(dir, dir, false)?);
+    for dir in &spec.extra_rw {
+        if dir.is_dir() {
+            mounts.push(bind(dir, dir, true)?);
         }
     }
     for file in [&spec.program, &spec.tini] {
@@ -440,7 +442,7 @@ mod tests {
             home: dir.join("home"),
             tini: "/usr/bin/tini".into(),
             system_dirs: vec!["/usr".into(), "/bin".into(), "/nonexistent".into()],
-            extra_ro: Vec::new(),
+            extra_rw: Vec::new(),
             network: NetworkMode::None,
             pids_limit: Some(64),
             memory_limit: Some(64 << 20),

@@ -109,6 +109,9 @@ pub struct SessionSummary {
     /// Why the last run failed to start, with the end of its stderr (moorline).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Approval requests waiting for an answer, as clients saw them (moorline).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub pending_approvals: Vec<serde_json::Value>,
 }
 
 /// Why an agent is being stopped, which decides what clients are told.
@@ -217,6 +220,11 @@ impl Session {
         self.lock().exit
     }
 
+    /// Approval requests of the running agent that wait for an answer.
+    pub fn pending_approvals(&self) -> Vec<serde_json::Value> {
+        crate::agentio::read_pending(&self.dir.join(store::PENDING_FILE))
+    }
+
     /// Why the last run failed to start, if it did.
     pub fn last_error(&self) -> Option<String> {
         self.lock().error.clone()
@@ -263,6 +271,11 @@ impl Session {
             last_seq: self.hub.last_seq(),
             runtime: self.instance.as_ref().map_or("none", |i| i.runtime.name()),
             error: state.error.clone(),
+            pending_approvals: if state.status == Status::Running {
+                self.pending_approvals()
+            } else {
+                Vec::new()
+            },
         }
     }
 

@@ -1,0 +1,339 @@
+//! The real agents (pi, Claude Code, Codex) driven through moorline against a scripted model
+//! API on loopback (`fixtures`' mock-model-api): streaming to two clients, approvals (allow,
+//! deny, first answer wins), and malformed client lines. They run in runc containers when the
+//! machine allows it (root with runc, tmux and tini), else as plain processes. When an agent is
+//! not installed, its test prints `SKIPPED:` and why.
+
+mod common;
+
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+
+use common::{Sandbox, TestServer, Ws, instance};
+use moorline::config::{InstanceConfig, RuntimeKind};
+use serde_json::{Value, json};
+
+/// The scripted model API, killed when dropped.
+struct Mock {
+    child: Child,
+    addr: String,
+}
+
+impl Mock {
+    fn start() -> Self {
+        let exe = common::fixture_agent().with_file_name("mock-model-api");
+        let mut child = std::process::Command::new(exe)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("mock-model-api");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("listening line");
+        let addr = line
+            .trim()
+            .strip_prefix("listening ")
+            .expect("address")
+            .to_owned();
+        Self { child, addr }
+    }
+}
+
+impl Drop for Mock {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn find(program: &str) -> Option<PathBuf> {
+    std::env::var("PATH")
+        .unwrap_or_default()
+        .split(':')
+        .map(|d| Path::new(d).join(program))
+        .find(|p| p.is_file())
+}
+
+/// The agent's instance, in a container when possible.
+fn agent_instance(kind: &str, mock: &Mock, sandbox: Option<&Sandbox>) -> InstanceConfig {
+    let mut inst = instance(kind, kind);
+    inst.runtime = if sandbox.is_some() {
+        RuntimeKind::Runc
+    } else {
+        RuntimeKind::Process
+    };
+    inst.workspace_roots = vec![std::env::temp_dir()];
+    match kind {
+        "pi" => {
+            inst.base_url = Some(format!("http://{}", mock.addr));
+            inst.provider = Some("anthropic".into());
+            inst.env
+                .insert("ANTHROPIC_API_KEY".into(), "sk-ant-fake".into());
+        }
+        "claude-code" => {
+            inst.base_url = Some(format!("http://{}", mock.addr));
+            inst.env
+                .insert("ANTHROPIC_API_KEY".into(), "sk-ant-fake".into());
+        }
+        "codex" => {
+            inst.base_url = Some(format!("http://{}/v1", mock.addr));
+            inst.model = Some("mock-model".into());
+        }
+        _ => {}
+    }
+    inst
+}
+
+/// Why the agent tests cannot run: the agent's program is not installed.
+fn missing(program: &str) -> Option<String> {
+    find(program)
+        .is_none()
+        .then(|| format!("{program} is not installed (see .ci/run for the pinned npm packages)"))
+}
+
+async fn start(
+    kind: &str,
+    program: &str,
+) -> Option<(TestServer, Mock, Option<Sandbox>, tempfile::TempDir)> {
+    if let Some(why) = missing(program) {
+        eprintln!("SKIPPED: {why}");
+        return None;
+    }
+    let mock = Mock::start();
+    let sandbox = common::durable_unavailable().is_none().then(Sandbox::new);
+    if sandbox.is_none() {
+        eprintln!("note: runc is not usable here; running {kind} as a plain process");
+    }
+    let inst = agent_instance(kind, &mock, sandbox.as_ref());
+    let server = TestServer::start_with(|c| {
+        if let Some(s) = &sandbox {
+            s.apply(c);
+        }
+        c.instances.push(inst);
+    })
+    .await;
+    let work = tempfile::tempdir().expect("workspace");
+    Some((server, mock, sandbox, work))
+}
+
+async fn create(server: &TestServer, kind: &str, work: &Path) -> String {
+    let (status, body) = server
+        .post(
+            "/sessions",
+            &json!({"instanceId": kind, "cwd": work}).to_string(),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    body["id"].as_str().expect("id").to_owned()
+}
+
+/// Reads frames until one satisfies `pred`, returning it (and failing on a session end).
+async fn until(ws: &mut Ws, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    loop {
+        let v = ws.json().await;
+        assert_ne!(
+            v["type"], "amarre.session_event",
+            "the agent ended while waiting for {what}: {v}"
+        );
+        if pred(&v) {
+            return v;
+        }
+    }
+}
+
+/// Collects the streamed text of one turn, up to its `agent_end`.
+async fn turn_text(ws: &mut Ws) -> String {
+    let mut text = String::new();
+    loop {
+        let v = ws.json().await;
+        assert_ne!(
+            v["type"], "amarre.session_event",
+            "the agent ended mid-turn: {v}"
+        );
+        if v["assistantMessageEvent"]["type"] == "text_delta" {
+            text.push_str(v["assistantMessageEvent"]["delta"].as_str().unwrap_or(""));
+        }
+        if v["type"] == "agent_end" {
+            return text;
+        }
+    }
+}
+
+fn prompt(id: &str, message: &str) -> Value {
+    json!({"id": id, "type": "prompt", "message": message})
+}
+
+/// The scenario every adapter must pass, in the pi-rpc dialect clients share.
+async fn drive(kind: &str, program: &str) {
+    let Some((server, _mock, _sandbox, work)) = start(kind, program).await else {
+        return;
+    };
+    let id = create(&server, kind, work.path()).await;
+    let mut a = server.ws(&id).await;
+    let mut b = server.ws(&id).await;
+
+    // A prompt streams a reply to both clients.
+    a.send_json(&prompt("p1", "hello agent")).await;
+    for ws in [&mut a, &mut b] {
+        let text = turn_text(ws).await;
+        assert!(
+            text.contains("MOCK reply to: hello agent"),
+            "{kind}: {text}"
+        );
+    }
+
+    // A malformed line never kills the agent: it answers the next prompt.
+    a.send("this is not json {").await;
+    let err = until(&mut a, "the parse error", |v| {
+        v["type"] == "response" && v["command"] == "parse"
+    })
+    .await;
+    assert_eq!(err["success"], false, "{kind}: {err}");
+
+    // A tool call needs approval; allowed, it runs in the workspace.
+    a.send_json(&prompt("p2", "RUNBASH: touch approved.txt"))
+        .await;
+    let ask = until(&mut a, "an approval request", |v| {
+        v["type"] == "extension_ui_request" && v["method"] == "confirm"
+    })
+    .await;
+    let ask_b = until(&mut b, "the same request", |v| {
+        v["type"] == "extension_ui_request"
+    })
+    .await;
+    assert_eq!(
+        ask["id"], ask_b["id"],
+        "{kind}: both clients see the request"
+    );
+    assert!(
+        ask["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("approved.txt"),
+        "{kind}: {ask}"
+    );
+    // Both clients answer at once; the first answer wins, the other is dropped.
+    a.send_json(&json!({"type": "extension_ui_response", "id": ask["id"], "confirmed": true}))
+        .await;
+    b.send_json(&json!({"type": "extension_ui_response", "id": ask["id"], "confirmed": false}))
+        .await;
+    for ws in [&mut a, &mut b] {
+        let resolved = until(ws, "the resolution", |v| {
+            v["type"] == "amarre.approval_resolved"
+        })
+        .await;
+        assert_eq!(
+            (resolved["decision"].as_str(), resolved["by"].as_str()),
+            (Some("allow"), Some("client")),
+            "{kind}"
+        );
+    }
+    let text = turn_text(&mut a).await;
+    assert!(text.contains("MOCK saw tool_result"), "{kind}: {text}");
+    assert!(
+        work.path().join("approved.txt").exists(),
+        "{kind}: the approved command ran in the workspace"
+    );
+    turn_text(&mut b).await;
+
+    // Denied, it does not run, and the model is told.
+    a.send_json(&prompt("p3", "RUNBASH: touch denied.txt"))
+        .await;
+    let ask = until(&mut a, "an approval request", |v| {
+        v["type"] == "extension_ui_request" && v["method"] == "confirm"
+    })
+    .await;
+    b.send_json(&json!({"type": "extension_ui_response", "id": ask["id"], "confirmed": false}))
+        .await;
+    let resolved = until(&mut a, "the resolution", |v| {
+        v["type"] == "amarre.approval_resolved"
+    })
+    .await;
+    assert_eq!(resolved["decision"], "deny");
+    let text = turn_text(&mut a).await;
+    assert!(text.contains("MOCK saw tool_result"), "{kind}: {text}");
+    assert!(
+        !work.path().join("denied.txt").exists(),
+        "{kind}: the denied command did not run"
+    );
+    let end = until(&mut b, "the tool result", |v| {
+        v["type"] == "tool_execution_end"
+    })
+    .await;
+    assert_eq!(
+        end["isError"], true,
+        "{kind}: the refusal is an error result: {end}"
+    );
+
+    // Still alive after all that.
+    let (_, summary) = server.get_json(&format!("/sessions/{id}")).await;
+    assert_eq!(summary["status"], "running", "{kind}: {summary}");
+    assert_eq!(server.delete(&format!("/sessions/{id}")).await.0, 204);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pi_streams_asks_and_obeys() {
+    drive("pi", "pi").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claude_code_streams_asks_and_obeys() {
+    drive("claude-code", "claude").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn codex_streams_asks_and_obeys() {
+    drive("codex", "codex").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claude_code_native_dialect_keeps_claudes_protocol_and_survives_garbage() {
+    let Some(mock_check) = missing("claude") else {
+        let mock = Mock::start();
+        let mut inst = agent_instance("claude-code", &mock, None);
+        inst.id = "native".into();
+        inst.dialect = Some("native".into());
+        let server = TestServer::start_with(|c| c.instances.push(inst)).await;
+        let work = tempfile::tempdir().expect("workspace");
+        let id = create(&server, "native", work.path()).await;
+        let mut ws = server.ws(&id).await;
+        ws.send("{\"type\":\"user\"").await;
+        let rejected = ws.json().await;
+        assert_eq!(rejected["type"], "amarre.input_rejected", "{rejected}");
+        ws.send_json(&json!({"type": "user", "message": {"role": "user", "content": "RUNBASH: touch native.txt"}}))
+            .await;
+        let ask = until(&mut ws, "a control request", |v| {
+            v["type"] == "control_request"
+        })
+        .await;
+        let answer = json!({"type": "control_response", "response": {"subtype": "success", "request_id": ask["request_id"],
+            "response": {"behavior": "allow", "updatedInput": ask["request"]["input"]}}});
+        ws.send_json(&answer).await;
+        until(&mut ws, "the result", |v| v["type"] == "result").await;
+        assert!(work.path().join("native.txt").exists());
+        // Pending approvals are listed for clients that connect later.
+        ws.send_json(&json!({"type": "user", "message": {"role": "user", "content": "RUNBASH: touch later.txt"}}))
+            .await;
+        let ask = until(&mut ws, "a control request", |v| {
+            v["type"] == "control_request"
+        })
+        .await;
+        let (_, summary) = server.get_json(&format!("/sessions/{id}")).await;
+        let pending = summary["pendingApprovals"]
+            .as_array()
+            .expect("pending approvals listed");
+        assert_eq!(pending[0]["request_id"], ask["request_id"]);
+        let mut late = server.ws_query(&id, "?hello=1").await;
+        let hello = late.json().await;
+        assert_eq!(
+            hello["pendingApprovals"][0]["request_id"],
+            ask["request_id"]
+        );
+        server.stop().await;
+        return;
+    };
+    eprintln!("SKIPPED: {mock_check}");
+}
