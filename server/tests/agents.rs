@@ -161,6 +161,35 @@ async fn turn_text(ws: &mut Ws) -> String {
     }
 }
 
+fn is_confirm(v: &Value) -> bool {
+    v["type"] == "extension_ui_request" && v["method"] == "confirm"
+}
+
+fn is_resolution(v: &Value) -> bool {
+    v["type"] == "amarre.approval_resolved"
+}
+
+fn answer(ask: &Value, yes: bool) -> Value {
+    json!({"type": "extension_ui_response", "id": ask["id"], "confirmed": yes})
+}
+
+/// The frames of the rest of a turn, up to its `agent_end`.
+async fn turn_text_frames(ws: &mut Ws) -> Vec<Value> {
+    let mut frames = Vec::new();
+    loop {
+        let v = ws.json().await;
+        assert_ne!(
+            v["type"], "amarre.session_event",
+            "the agent ended mid-turn: {v}"
+        );
+        let end = v["type"] == "agent_end";
+        frames.push(v);
+        if end {
+            return frames;
+        }
+    }
+}
+
 fn prompt(id: &str, message: &str) -> Value {
     json!({"id": id, "type": "prompt", "message": message})
 }
@@ -192,17 +221,12 @@ async fn drive(kind: &str, program: &str) {
     .await;
     assert_eq!(err["success"], false, "{kind}: {err}");
 
-    // A tool call needs approval; allowed, it runs in the workspace.
+    // A tool call needs approval; allowed, it runs in the workspace. A late answer from the
+    // other client changes nothing.
     a.send_json(&prompt("p2", "RUNBASH: touch approved.txt"))
         .await;
-    let ask = until(&mut a, "an approval request", |v| {
-        v["type"] == "extension_ui_request" && v["method"] == "confirm"
-    })
-    .await;
-    let ask_b = until(&mut b, "the same request", |v| {
-        v["type"] == "extension_ui_request"
-    })
-    .await;
+    let ask = until(&mut a, "an approval request", is_confirm).await;
+    let ask_b = until(&mut b, "the same request", is_confirm).await;
     assert_eq!(
         ask["id"], ask_b["id"],
         "{kind}: both clients see the request"
@@ -214,22 +238,16 @@ async fn drive(kind: &str, program: &str) {
             .contains("approved.txt"),
         "{kind}: {ask}"
     );
-    // Both clients answer at once; the first answer wins, the other is dropped.
-    a.send_json(&json!({"type": "extension_ui_response", "id": ask["id"], "confirmed": true}))
-        .await;
-    b.send_json(&json!({"type": "extension_ui_response", "id": ask["id"], "confirmed": false}))
-        .await;
+    a.send_json(&answer(&ask, true)).await;
     for ws in [&mut a, &mut b] {
-        let resolved = until(ws, "the resolution", |v| {
-            v["type"] == "amarre.approval_resolved"
-        })
-        .await;
+        let resolved = until(ws, "the resolution", is_resolution).await;
         assert_eq!(
             (resolved["decision"].as_str(), resolved["by"].as_str()),
             (Some("allow"), Some("client")),
             "{kind}"
         );
     }
+    b.send_json(&answer(&ask, false)).await;
     let text = turn_text(&mut a).await;
     assert!(text.contains("MOCK saw tool_result"), "{kind}: {text}");
     assert!(
@@ -241,17 +259,13 @@ async fn drive(kind: &str, program: &str) {
     // Denied, it does not run, and the model is told.
     a.send_json(&prompt("p3", "RUNBASH: touch denied.txt"))
         .await;
-    let ask = until(&mut a, "an approval request", |v| {
-        v["type"] == "extension_ui_request" && v["method"] == "confirm"
-    })
-    .await;
-    b.send_json(&json!({"type": "extension_ui_response", "id": ask["id"], "confirmed": false}))
-        .await;
-    let resolved = until(&mut a, "the resolution", |v| {
-        v["type"] == "amarre.approval_resolved"
-    })
-    .await;
-    assert_eq!(resolved["decision"], "deny");
+    let ask = until(&mut a, "an approval request", is_confirm).await;
+    b.send_json(&answer(&ask, false)).await;
+    let resolved = until(&mut a, "the resolution", is_resolution).await;
+    assert_eq!(
+        resolved["decision"], "deny",
+        "{kind}: a late answer was not taken for a new one"
+    );
     let text = turn_text(&mut a).await;
     assert!(text.contains("MOCK saw tool_result"), "{kind}: {text}");
     assert!(
@@ -265,6 +279,34 @@ async fn drive(kind: &str, program: &str) {
     assert_eq!(
         end["isError"], true,
         "{kind}: the refusal is an error result: {end}"
+    );
+    turn_text(&mut b).await;
+
+    // Both clients answer at once: whichever arrives first wins, for everyone, and the agent
+    // does exactly that.
+    a.send_json(&prompt("p4", "RUNBASH: touch raced.txt")).await;
+    let ask = until(&mut a, "an approval request", is_confirm).await;
+    until(&mut b, "the same request", is_confirm).await;
+    let (yes, no) = (answer(&ask, true), answer(&ask, false));
+    tokio::join!(a.send_json(&yes), b.send_json(&no));
+    let first = until(&mut a, "the resolution", is_resolution).await;
+    let second = until(&mut b, "the resolution", is_resolution).await;
+    assert_eq!(
+        first, second,
+        "{kind}: one resolution, the same for every client"
+    );
+    turn_text(&mut a).await;
+    let allowed = first["decision"] == "allow";
+    assert_eq!(
+        work.path().join("raced.txt").exists(),
+        allowed,
+        "{kind}: the agent did what was resolved"
+    );
+    // Exactly one resolution reached each client for that request.
+    let rest = turn_text_frames(&mut b).await;
+    assert!(
+        !rest.iter().any(is_resolution),
+        "{kind}: a second resolution: {rest:?}"
     );
 
     // Still alive after all that.
