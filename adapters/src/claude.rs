@@ -137,6 +137,11 @@ fn parse_error(line: &[u8], e: &serde_json::Error) -> String {
 pub struct NativeGuard;
 
 impl Translator for NativeGuard {
+    fn start(&mut self, out: &mut Outputs) {
+        // Claude prints nothing before its first message: it is ready once it runs.
+        out.client_json(&crate::pipeline::ready_frame());
+    }
+
     fn agent_line(&mut self, line: &str, out: &mut Outputs) {
         out.to_clients.push(line.as_bytes().to_vec());
     }
@@ -352,6 +357,11 @@ impl PiRpcTranslator {
 }
 
 impl Translator for PiRpcTranslator {
+    fn start(&mut self, out: &mut Outputs) {
+        // Claude prints nothing before its first message: it is ready once it runs.
+        out.client_json(&crate::pipeline::ready_frame());
+    }
+
     fn agent_line(&mut self, line: &str, out: &mut Outputs) {
         let Ok(v) = serde_json::from_str::<Value>(line) else {
             return;

@@ -325,6 +325,9 @@ impl Translator for PiRpcTranslator {
                 if id == THREAD {
                     self.thread = v["result"]["thread"]["id"].as_str().map(str::to_owned);
                     self.model = v["result"]["model"].as_str().map(str::to_owned);
+                    let mut ready = crate::pipeline::ready_frame();
+                    ready["model"] = json!({"id": self.model});
+                    out.client_json(&ready);
                     if let Some(next) = self.queue.pop_front() {
                         self.start_turn(&next, out);
                     }

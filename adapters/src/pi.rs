@@ -8,6 +8,9 @@
 
 use std::path::PathBuf;
 
+use serde_json::{Value, json};
+
+use crate::pipeline::{Outputs, Translator, ready_frame};
 use crate::{Adapter, AdapterConfig, AdapterError, LaunchContext, LaunchSpec};
 
 /// The permission gate extension.
@@ -98,6 +101,49 @@ impl Adapter for PiAdapter {
         // Another configuration directory or package directory could load other extensions.
         &["PI_CODING_AGENT_DIR", "PI_PACKAGE_DIR", "PI_*"]
     }
+
+    fn translator(&self) -> Box<dyn Translator> {
+        Box::new(ReadyProbe::default())
+    }
+}
+
+/// Id of the `get_state` moorline sends to learn that pi is ready.
+const PROBE_ID: &str = "moorline-ready";
+
+/// pi prints nothing until asked: moorline asks `get_state` at start, keeps the answer to
+/// itself, and tells clients `amarre.agent_ready`. After that, lines pass through untouched.
+#[derive(Debug, Default)]
+pub struct ReadyProbe {
+    ready: bool,
+}
+
+impl Translator for ReadyProbe {
+    fn start(&mut self, out: &mut Outputs) {
+        out.agent_json(&json!({"id": PROBE_ID, "type": "get_state"}));
+    }
+
+    fn agent_line(&mut self, line: &str, out: &mut Outputs) {
+        if !self.ready && line.contains(PROBE_ID) {
+            if let Ok(v) = serde_json::from_str::<Value>(line) {
+                if v["id"] == PROBE_ID && v["type"] == "response" {
+                    self.ready = true;
+                    let mut ready = ready_frame();
+                    ready["model"] = v["data"]["model"].clone();
+                    out.client_json(&ready);
+                    return;
+                }
+            }
+        }
+        out.to_clients.push(line.as_bytes().to_vec());
+    }
+
+    fn client_line(&mut self, line: &[u8], out: &mut Outputs) {
+        out.to_agent.push(line.to_vec());
+    }
+
+    fn passes_through(&self) -> bool {
+        self.ready
+    }
 }
 
 #[cfg(test)]
@@ -150,5 +196,25 @@ mod tests {
             .find(|(p, _)| p.ends_with("models.json"))
             .expect("models");
         assert!(String::from_utf8_lossy(&models.1).contains("127.0.0.1:9"));
+    }
+
+    #[test]
+    fn readiness_is_asked_for_and_the_answer_kept_from_clients() {
+        let mut t = ReadyProbe::default();
+        let mut out = Outputs::default();
+        t.start(&mut out);
+        assert!(String::from_utf8_lossy(&out.to_agent[0]).contains("get_state"));
+        assert!(!t.passes_through());
+        let mut out = Outputs::default();
+        t.agent_line(r#"{"id":"moorline-ready","type":"response","command":"get_state","success":true,"data":{"model":{"id":"m"}}}"#, &mut out);
+        let frame: Value = serde_json::from_slice(&out.to_clients[0]).expect("json");
+        assert_eq!(
+            (frame["type"].as_str(), frame["model"]["id"].as_str()),
+            (Some("amarre.agent_ready"), Some("m"))
+        );
+        assert!(
+            t.passes_through(),
+            "then everything passes through untouched"
+        );
     }
 }

@@ -304,6 +304,11 @@ impl Dialect {
     }
 }
 
+/// The frame that tells clients the agent is ready for its first command.
+pub fn ready_frame() -> Value {
+    json!({"type": "amarre.agent_ready"})
+}
+
 /// The frame every client gets when an approval request is settled.
 pub fn resolved_frame(id: &str, decision: &str, by: &str) -> Value {
     json!({"type": "amarre.approval_resolved", "id": id, "decision": decision, "by": by})

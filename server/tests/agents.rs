@@ -343,7 +343,10 @@ async fn claude_code_native_dialect_keeps_claudes_protocol_and_survives_garbage(
         let id = create(&server, "native", work.path()).await;
         let mut ws = server.ws(&id).await;
         ws.send("{\"type\":\"user\"").await;
-        let rejected = ws.json().await;
+        let rejected = until(&mut ws, "the rejection", |v| {
+            v["type"] == "amarre.input_rejected"
+        })
+        .await;
         assert_eq!(rejected["type"], "amarre.input_rejected", "{rejected}");
         ws.send_json(&json!({"type": "user", "message": {"role": "user", "content": "RUNBASH: touch native.txt"}}))
             .await;

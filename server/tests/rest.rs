@@ -338,3 +338,138 @@ async fn metrics_count_sessions_lines_and_spawns() {
     assert!(text.contains("moorline_lines_in_total 1"), "{text}");
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_environment_is_limited_to_the_allow_list_and_never_weakens_the_agent() {
+    let server = TestServer::start_with(|c| {
+        c.instances[0].allowed_env = vec!["FROM_*".into(), "LD_PRELOAD".into()];
+        let mut pi = instance("pi", "pi");
+        pi.allowed_env = vec!["*".into()];
+        c.instances.push(pi);
+    })
+    .await;
+    let (status, body) = server.post("/sessions", r#"{"env":{"OTHER":"1"}}"#).await;
+    assert_eq!(
+        (status, body["error"].as_str(), body["key"].as_str()),
+        (400, Some("env_not_allowed"), Some("OTHER")),
+        "{body}"
+    );
+    // Allowed by the instance, still refused: it would change what code runs.
+    let (status, body) = server
+        .post("/sessions", r#"{"env":{"LD_PRELOAD":"/x.so"}}"#)
+        .await;
+    assert_eq!(
+        (status, body["key"].as_str()),
+        (400, Some("LD_PRELOAD")),
+        "{body}"
+    );
+    // An adapter's own switches (here pi's configuration directory, which could load other
+    // extensions than its permission gate) are refused even when everything is allowed.
+    let (status, body) = server
+        .post(
+            "/sessions",
+            r#"{"instanceId":"pi","env":{"PI_CODING_AGENT_DIR":"/tmp/x"}}"#,
+        )
+        .await;
+    assert_eq!(
+        (status, body["key"].as_str()),
+        (400, Some("PI_CODING_AGENT_DIR")),
+        "{body}"
+    );
+    assert_eq!(
+        server
+            .post("/sessions", r#"{"env":{"FROM_CLIENT":"1"}}"#)
+            .await
+            .0,
+        201
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_working_directory_must_lie_in_a_workspace_root() {
+    let root = tempfile::tempdir().expect("root");
+    let outside = tempfile::tempdir().expect("outside");
+    std::fs::create_dir(root.path().join("proj")).expect("proj");
+    std::os::unix::fs::symlink(outside.path(), root.path().join("escape")).expect("symlink");
+    let r = root.path().to_owned();
+    let server = TestServer::start_with(move |c| {
+        c.instances[0].workspace_roots = vec![r];
+        let mut strict = instance("strict", "command");
+        strict.command = Some(vec!["/bin/cat".into()]);
+        c.instances.push(strict);
+    })
+    .await;
+    let post = |cwd: std::path::PathBuf| {
+        let body = json!({"cwd": cwd}).to_string();
+        let server = &server;
+        async move { server.post("/sessions", &body).await }
+    };
+    assert_eq!(post(root.path().join("proj")).await.0, 201);
+    for bad in [
+        outside.path().to_owned(),
+        root.path().join("proj/../../"),
+        root.path().join("escape"),
+        root.path().join("missing"),
+    ] {
+        let (status, body) = post(bad.clone()).await;
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (400, Some("invalid_cwd")),
+            "{}: {body}",
+            bad.display()
+        );
+    }
+    // Without workspace roots, clients cannot choose at all.
+    let body = json!({"instanceId": "strict", "cwd": root.path()}).to_string();
+    let (status, body) = server.post("/sessions", &body).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .expect("message")
+            .contains("workspace_roots"),
+        "{body}"
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_working_directories_are_created_when_the_instance_says_so_and_secrets_stay_server_side()
+ {
+    let root = tempfile::tempdir().expect("root");
+    let secrets = tempfile::tempdir().expect("secrets");
+    let creds = secrets.path().join("agent.env");
+    std::fs::write(&creds, "# API keys\nFROM_SECRET=s3cr3t-0123\n").expect("write");
+    let (r, c2) = (root.path().to_owned(), creds.clone());
+    let server = TestServer::start_with(move |c| {
+        c.instances[0].workspace_roots = vec![r];
+        c.instances[0].create_cwd = true;
+        c.instances[0].credentials_file = Some(c2);
+    })
+    .await;
+    let cwd = root.path().join("new/project");
+    // A client cannot override a server-side secret.
+    let body = json!({"cwd": cwd, "env": {"FROM_SECRET": "client"}}).to_string();
+    let (status, created) = server.post("/sessions", &body).await;
+    assert_eq!(status, 201, "{created}");
+    assert!(cwd.is_dir(), "created inside the root");
+    let id = created["id"].as_str().expect("id");
+    let mut ws = server.ws(id).await;
+    ws.send(r#"{"_emit":"env","key":"FROM_SECRET"}"#).await;
+    assert_eq!(ws.json().await["value"], "s3cr3t-0123");
+    // The secret is in no summary and not in the session's stored metadata.
+    let listed = server.get("/sessions").await.1;
+    assert!(!listed.contains("s3cr3t"));
+    let meta = std::fs::read_to_string(
+        server
+            .state
+            .path()
+            .join("sessions")
+            .join(id)
+            .join("meta.json"),
+    )
+    .expect("meta");
+    assert!(!meta.contains("s3cr3t"), "{meta}");
+    server.stop().await;
+}

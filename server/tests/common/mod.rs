@@ -48,7 +48,7 @@ pub fn instance(id: &str, agent: &str) -> InstanceConfig {
 pub fn test_config(state_dir: PathBuf) -> Config {
     let mut fixture = instance("fixture", "fixture");
     fixture.agent_path = Some(fixture_agent());
-    // Tests choose working directories under /tmp and set variables named TEST_*.
+    // Tests choose working directories under /tmp and set variables named FROM_*.
     fixture.workspace_roots = vec![std::env::temp_dir()];
     fixture.allowed_env = vec!["FROM_*".into()];
     let mut cat = instance("cat", "command");
