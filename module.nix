@@ -6,8 +6,8 @@
 # flake's own build with `mkDefault`. Nothing here touches `pkgs` until an option is read.
 #
 # How moorline runs here (docs/DEPLOY.md has the long version):
-# - as `user`, a real login user: agents find that user's logins (~/.claude, ~/.codex, ...) and
-#   tools, and runc runs rootless (one uid mapped, no capabilities needed);
+# - as `user`, a real login user: agents find that user's tools, and logins (~/.claude, ...) with
+#   the tmux runtime; runc runs rootless (one uid mapped, no capabilities needed);
 # - `moorline serve` starts `tmux -L moorline new-session -d ...` as a child; the tmux server it
 #   spawns runs one keeper per session, and the keeper runs the agent or `runc run`. All of that
 #   stays in this unit's cgroup, so KillMode=process (below) is what lets sessions outlive
@@ -189,10 +189,11 @@ in
       type = types.str;
       example = "alice";
       description = ''
-        The login user the server and its agents run as (required). Agents find this user's
-        logins and tools; runc containers run rootless, mapped to this user. Its home and group
-        are taken from `users.users.<user>`, which must declare it. The home stays writable
-        to the agents; the rest of the system is read-only to them.
+        The login user the server and its agents run as (required). Agents of the `tmux`
+        runtime find this user's logins and tools in its home; `runc` containers run rootless,
+        mapped to this user, with a home of their own per session. Its home and group are taken
+        from `users.users.<user>`, which must declare it. The home stays writable to the
+        agents; the rest of the system is read-only to them.
       '';
     };
 

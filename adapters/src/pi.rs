@@ -123,16 +123,17 @@ impl Translator for ReadyProbe {
     }
 
     fn agent_line(&mut self, line: &str, out: &mut Outputs) {
-        if !self.ready && line.contains(PROBE_ID) {
-            if let Ok(v) = serde_json::from_str::<Value>(line) {
-                if v["id"] == PROBE_ID && v["type"] == "response" {
-                    self.ready = true;
-                    let mut ready = ready_frame();
-                    ready["model"] = v["data"]["model"].clone();
-                    out.client_json(&ready);
-                    return;
-                }
-            }
+        if !self.ready
+            && line.contains(PROBE_ID)
+            && let Ok(v) = serde_json::from_str::<Value>(line)
+            && v["id"] == PROBE_ID
+            && v["type"] == "response"
+        {
+            self.ready = true;
+            let mut ready = ready_frame();
+            ready["model"] = v["data"]["model"].clone();
+            out.client_json(&ready);
+            return;
         }
         out.to_clients.push(line.as_bytes().to_vec());
     }
