@@ -69,12 +69,26 @@ let
 
   instancePackages = lib.concatMap (instance: instance.packages) (lib.attrValues cfg.instances);
 
+  # Where systemd puts this unit's LoadCredential= files (its $CREDENTIALS_DIRECTORY).
+  credentialsDir = "/run/credentials/moorline.service";
+  instanceCredentials = lib.concatMap (
+    instance:
+    lib.optional (
+      instance.credentials_file != null
+    ) "instance-${instance.id}:${instance.credentials_file}"
+  ) (lib.attrValues cfg.instances);
+  workspaceRoots = lib.unique (
+    lib.concatMap (instance: instance.workspace_roots) (lib.attrValues cfg.instances)
+  );
+
   instanceModule =
     { name, ... }:
     {
       # Keys are moorline's own (snake_case), as in its TOML `[[instances]]`; keys not declared
-      # here pass through unchanged, and `moorline check-config` refuses unknown ones at build
-      # time. `packages` is the only key that is not moorline's: it never reaches the TOML.
+      # here (model, base_url, dialect, provider, approval_tools, approval_timeout_ms,
+      # approval_default, ...) pass through unchanged, and `moorline check-config` refuses
+      # unknown ones at build time. `packages` is not moorline's and never reaches the TOML;
+      # `credentials_file` reaches it as the path of its systemd credential.
       freeformType = settingsFormat.type;
       options = {
         id = mkOption {
@@ -88,33 +102,30 @@ let
         };
         agent = mkOption {
           type = types.str;
-          example = "command";
+          example = "claude-code";
           description = ''
-            Adapter: `echo` (built in, needs nothing), `command` (any program that speaks JSON
-            Lines, given in `command`), or any name when `agent_path` names the executable.
+            Adapter: `echo` (built in, needs nothing), `pi`, `claude-code`, `codex` (found as
+            `pi`, `claude`, `codex` on the service's `PATH`, which holds `packages`), `command`
+            (any program that speaks JSON Lines, given in `command`), or any name when
+            `agent_path` names the executable.
           '';
         };
         command = mkOption {
           type = types.nullOr (types.listOf types.str);
           default = null;
-          example = [
-            "claude"
-            "-p"
-            "--input-format"
-            "stream-json"
-            "--output-format"
-            "stream-json"
-            "--verbose"
-          ];
+          example = [ "my-agent" "--jsonl" ];
           description = ''
             Program and arguments for `agent = "command"`. A bare program name is looked up in
-            the service's `PATH`, which holds `packages`.
+            the service's `PATH`.
           '';
         };
         agent_path = mkOption {
           type = types.nullOr types.str;
           default = null;
-          description = "An executable to run as the agent (amarre's `agentPath`).";
+          description = ''
+            The agent's executable (amarre's `agentPath`); for `pi`, `claude-code` and `codex`,
+            instead of looking it up in `PATH`.
+          '';
         };
         args = mkOption {
           type = types.listOf types.str;
@@ -126,7 +137,7 @@ let
           default = { };
           description = ''
             Environment for every session of this instance. It is written to the Nix store:
-            never put a secret here (see `services.moorline.environmentFile`).
+            never put a secret here (use `credentials_file`).
           '';
         };
         runtime = mkOption {
@@ -143,10 +154,48 @@ let
             one that works here, as logged at startup).
           '';
         };
+        credentials_file = mkOption {
+          type = types.nullOr secretPath;
+          default = null;
+          example = "/run/secrets/anthropic.env";
+          description = ''
+            A file of `KEY=VALUE` lines (API keys) added to the agent's environment at each
+            start. systemd reads it as root and hands it to the service with `LoadCredential=`
+            (as `instance-<id>`), so it may be readable by root only and never enters the Nix
+            store; the TOML names the copy in `/run/credentials/moorline.service/`.
+          '';
+        };
+        allowed_env = mkOption {
+          type = types.listOf types.str;
+          default = [ ];
+          example = [
+            "GIT_AUTHOR_*"
+            "TZ"
+          ];
+          description = ''
+            Variables clients may set when they create a session (`NAME`, or `PREFIX_*`);
+            anything else is refused.
+          '';
+        };
         cwd = mkOption {
           type = types.nullOr types.str;
           default = null;
           description = "Working directory of sessions that do not ask for one (default: the user's home).";
+        };
+        workspace_roots = mkOption {
+          type = types.listOf secretPath;
+          default = [ ];
+          example = [ "/home/alice/src" ];
+          description = ''
+            Directories a session's `cwd` may be in (none: clients may not choose a `cwd`). They
+            are also made writable to the service (`BindPaths=`, skipped if missing), like
+            `services.moorline.writablePaths`.
+          '';
+        };
+        create_cwd = mkOption {
+          type = types.bool;
+          default = false;
+          description = "Create a requested `cwd` inside `workspace_roots` if it does not exist.";
         };
         network = mkOption {
           type = types.enum [
@@ -246,11 +295,10 @@ in
       default = null;
       example = "/run/secrets/moorline.env";
       description = ''
-        An `EnvironmentFile=` for the server, for secrets such as model API keys
-        (`ANTHROPIC_API_KEY=...`). Agents get only the variables listed in
-        `settings.runtime.pass_env`, so list them there too (the list replaces moorline's
-        default one). Durable sessions write their environment into their state directory
-        (mode 0600).
+        An `EnvironmentFile=` for the server (read by systemd, kept out of the store), for
+        variables such as `HTTPS_PROXY`. Agents get only the variables listed in
+        `settings.runtime.pass_env`. API keys for agents belong in
+        `instances.<name>.credentials_file`.
       '';
     };
 
@@ -479,7 +527,15 @@ in
       allow_non_loopback = cfg.allowNonLoopback;
       limits.max_sessions = cfg.maxSessions;
       instances = lib.mkIf (cfg.instances != { }) (
-        lib.mapAttrsToList (_: instance: dropNulls (removeAttrs instance [ "packages" ])) cfg.instances
+        lib.mapAttrsToList (
+          _: instance:
+          dropNulls (
+            removeAttrs instance [ "packages" ]
+            // lib.optionalAttrs (instance.credentials_file != null) {
+              credentials_file = "${credentialsDir}/instance-${instance.id}";
+            }
+          )
+        ) cfg.instances
       );
     };
 
@@ -515,7 +571,8 @@ in
         ExecStart =
           "${lib.getExe cfg.package} serve --config ${cfg.configFile}"
           + lib.optionalString (cfg.tokenFile != null) " --token-file %d/token";
-        LoadCredential = lib.optional (cfg.tokenFile != null) "token:${cfg.tokenFile}";
+        LoadCredential =
+          lib.optional (cfg.tokenFile != null) "token:${cfg.tokenFile}" ++ instanceCredentials;
         EnvironmentFile = lib.optional (cfg.environmentFile != null) cfg.environmentFile;
         # Sessions without a cwd start in the user's home, as from a login shell.
         WorkingDirectory = "~";
@@ -557,7 +614,8 @@ in
         # Other users' homes are hidden; the user's own is bound back read-write (agents keep
         # their logins, caches and projects there).
         ProtectHome = "tmpfs";
-        BindPaths = [ userCfg.home ] ++ cfg.writablePaths;
+        # Workspace roots are skipped ("-") when missing: moorline refuses sessions there anyway.
+        BindPaths = [ userCfg.home ] ++ cfg.writablePaths ++ map (root: "-${root}") workspaceRoots;
         # /tmp is shared, not private: tmux's socket (/tmp/tmux-<uid>/moorline) must outlive the
         # unit's stop and be reachable by `tmux -L moorline attach` from the user's shell, and a
         # private /tmp is wiped on stop under the tmux-runtime agents that keep running.

@@ -277,19 +277,19 @@ let
         };
         instances = {
           claude = {
-            agent = "command";
-            command = [
-              "claude"
-              "-p"
-              "--input-format"
-              "stream-json"
-              "--output-format"
-              "stream-json"
-              "--verbose"
-            ];
+            agent = "claude-code";
             runtime = "runc";
-            env.IS_SANDBOX = "1";
+            credentials_file = "/run/secrets/anthropic.env";
+            allowed_env = [ "GIT_AUTHOR_*" ];
+            workspace_roots = [
+              "/home/alice/src"
+              "/srv/work"
+            ];
+            create_cwd = true;
             memory_limit = 2147483648;
+            # Keys the module does not declare pass through to moorline.
+            model = "claude-sonnet-4-5";
+            approval_default = "deny";
             packages = [ pkgs.claude-code ];
           };
           default = {
@@ -459,16 +459,22 @@ let
     "minimal: ExecStart runs the package with the generated config" =
       (moorlineUnit minimal).ExecStart == "${moorlineOut}/bin/moorline serve --config @CONFIG@";
     "full: the token goes through LoadCredential, never the store or the environment" =
-      (moorlineUnit full).LoadCredential == [ "token:/run/secrets/moorline-token" ]
+      lib.elem "token:/run/secrets/moorline-token" (moorlineUnit full).LoadCredential
       && lib.hasSuffix " --token-file %d/token" (moorlineUnit full).ExecStart
       && !(lib.hasInfix "moorline-token" (toml full));
+    "full: an instance's credentials_file goes through LoadCredential too" =
+      lib.elem "instance-claude:/run/secrets/anthropic.env" (moorlineUnit full).LoadCredential
+      && lib.hasInfix "\"credentials_file\" = \"/run/credentials/moorline.service/instance-claude\"" (toml full)
+      && !(lib.hasInfix "anthropic.env" (toml full));
     "full: instance packages and extraPackages on PATH" =
       lib.elem pkgs.claude-code full.systemd.services.moorline.path
       && lib.any (p: (p.name or "") == "git") full.systemd.services.moorline.path;
-    "full: writablePaths bound after the home" =
+    "full: writablePaths and (optional) workspace roots bound after the home" =
       (moorlineUnit full).BindPaths == [
         "/home/alice"
         "/srv/projects"
+        "-/home/alice/src"
+        "-/srv/work"
       ];
     "systemd 258: ProtectHostname=private (runc may still set container hostnames)" =
       (moorlineUnit systemd258).ProtectHostname == "private";
