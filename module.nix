@@ -24,9 +24,9 @@ let
 
   settingsFormat = pkgs.formats.toml { };
 
-  # A file path that must stay out of the Nix store (a secret): a string, never a Nix path
-  # literal that would be copied into the world-readable store.
-  secretPath = types.pathWith {
+  # A path on the machine, outside the Nix store: a string, never a Nix path literal (that would
+  # copy the file, a secret perhaps, into the world-readable store).
+  externalPath = types.pathWith {
     inStore = false;
     absolute = true;
   };
@@ -155,7 +155,7 @@ let
           '';
         };
         credentials_file = mkOption {
-          type = types.nullOr secretPath;
+          type = types.nullOr externalPath;
           default = null;
           example = "/run/secrets/anthropic.env";
           description = ''
@@ -183,7 +183,7 @@ let
           description = "Working directory of sessions that do not ask for one (default: the user's home).";
         };
         workspace_roots = mkOption {
-          type = types.listOf secretPath;
+          type = types.listOf externalPath;
           default = [ ];
           example = [ "/home/alice/src" ];
           description = ''
@@ -279,7 +279,7 @@ in
     };
 
     tokenFile = mkOption {
-      type = types.nullOr secretPath;
+      type = types.nullOr externalPath;
       default = null;
       example = "/run/secrets/moorline-token";
       description = ''
@@ -291,7 +291,7 @@ in
     };
 
     environmentFile = mkOption {
-      type = types.nullOr secretPath;
+      type = types.nullOr externalPath;
       default = null;
       example = "/run/secrets/moorline.env";
       description = ''
@@ -329,7 +329,7 @@ in
     };
 
     writablePaths = mkOption {
-      type = types.listOf secretPath;
+      type = types.listOf externalPath;
       default = [ ];
       example = [ "/srv/projects" ];
       description = ''
@@ -414,7 +414,7 @@ in
                     "LANG"
                     "TZ"
                     "SSL_CERT_FILE"
-                    "ANTHROPIC_API_KEY"
+                    "HTTPS_PROXY"
                   ];
                   description = ''
                     Variables of the server's environment passed to agents. `null`: moorline's
@@ -450,9 +450,10 @@ in
       example = lib.literalExpression ''
         {
           claude = {
-            agent = "command";
-            command = [ "claude" "-p" "--input-format" "stream-json" "--output-format" "stream-json" "--verbose" ];
+            agent = "claude-code";
             runtime = "runc";
+            credentials_file = "/run/secrets/anthropic.env";
+            workspace_roots = [ "/home/alice/src" ];
             packages = [ pkgs.claude-code ];
           };
         }
