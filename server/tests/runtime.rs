@@ -622,7 +622,10 @@ async fn rootless_mode_runs_containers_as_a_plain_user() {
     let exe = base.path().join("moorline");
     std::fs::copy(moorline_exe(), &exe).expect("copy moorline");
     let port = free_port();
-    let mut child = tokio::process::Command::new(&exe)
+    // Another test may fork while the copy is still open for writing, which makes exec fail
+    // with ETXTBSY for a moment: try again.
+    let spawn = || {
+        tokio::process::Command::new(&exe)
         .args(["serve", "--port", &port.to_string(), "--state-dir"])
         .arg(base.path().join("state"))
         .env_clear()
@@ -641,7 +644,16 @@ async fn rootless_mode_runs_containers_as_a_plain_user() {
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
-        .expect("serve as the user");
+    };
+    let mut child = loop {
+        match spawn() {
+            Ok(c) => break c,
+            Err(e) if e.raw_os_error() == Some(nix::libc::ETXTBSY) => {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("serve as the user: {e}"),
+        }
+    };
     let url = format!("http://127.0.0.1:{port}");
     let http = reqwest::Client::new();
     eventually("the rootless server listens", || {

@@ -186,14 +186,21 @@ impl DurableRuntime {
             &run_dir.join(keeper::SPEC_FILE),
             &serde_json::to_vec_pretty(&keeper_spec).map_err(io::Error::other)?,
         )?;
-        // A previous run's pane may linger for a moment; the name must be free.
-        self.tmux.kill_session(&spec.session_id).await;
         let argv = vec![
             self.moorline_exe.display().to_string(),
             "keeper-pane".into(),
             run_dir.display().to_string(),
         ];
-        self.tmux.new_session(&spec.session_id, &argv).await?;
+        if self
+            .tmux
+            .new_session(&spec.session_id, &argv)
+            .await
+            .is_err()
+        {
+            // A previous run's pane may linger for a moment: free the name and try again.
+            self.tmux.kill_session(&spec.session_id).await;
+            self.tmux.new_session(&spec.session_id, &argv).await?;
+        }
         Ok((run_dir, control))
     }
 
@@ -395,12 +402,23 @@ struct ContainerControl {
 }
 
 impl ContainerControl {
+    /// Sends `signal` through runc. A container may still be starting (a session deleted right
+    /// after it was created): runc refuses to signal it until it runs, so keep trying for a
+    /// while.
     fn send(&self, signal: &'static str) {
         let runc = self.runc.clone();
         let id = self.id.trim().to_owned();
         tokio::spawn(async move {
-            if let Err(e) = runc.kill(&id, signal).await {
-                tracing::debug!(container = %id, signal, error = %e, "runc kill");
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+            loop {
+                match runc.kill(&id, signal).await {
+                    Ok(()) => return,
+                    Err(e) if tokio::time::Instant::now() >= deadline => {
+                        tracing::debug!(container = %id, signal, error = %e, "runc kill");
+                        return;
+                    }
+                    Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+                }
             }
         });
     }

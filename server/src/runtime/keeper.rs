@@ -156,18 +156,6 @@ async fn keep(run_dir: &Path) -> io::Result<()> {
         spec.approvals.clone(),
     );
 
-    let socket = path(run_dir, SOCKET_FILE);
-    let _ = std::fs::remove_file(&socket);
-    let listener = UnixListener::bind(&socket)?;
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))?;
-    }
-    std::fs::write(
-        path(run_dir, KEEPER_PID_FILE),
-        std::process::id().to_string(),
-    )?;
-
     let mut child = tokio::process::Command::new(&spec.program)
         .args(&spec.args)
         .env_clear()
@@ -199,6 +187,19 @@ async fn keep(run_dir: &Path) -> io::Result<()> {
     let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
         return Err(io::Error::other("agent has no stdio pipes"));
     };
+    // The socket appears only now, with the agent's pid on disk: the server may signal the
+    // agent as soon as it can connect.
+    let socket = path(run_dir, SOCKET_FILE);
+    let _ = std::fs::remove_file(&socket);
+    let listener = UnixListener::bind(&socket)?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))?;
+    }
+    std::fs::write(
+        path(run_dir, KEEPER_PID_FILE),
+        std::process::id().to_string(),
+    )?;
     let control = Arc::new(super::process::GroupControl::new(agent_pid));
     let exit_control = control.clone();
     let exit = Box::pin(async move {

@@ -51,6 +51,9 @@ impl Runtimes {
         let tmux = tmux::Tmux::new(rc.tmux.clone(), rc.tmux_socket.clone());
         let tmux_ok =
             (wanted(RuntimeKind::Tmux) || wanted(RuntimeKind::Runc)) && tmux.usable().await;
+        if tmux_ok {
+            tmux.keep_server().await;
+        }
         let tmux_rt: Option<Arc<dyn Runtime>> = tmux_ok.then(|| {
             Arc::new(durable::DurableRuntime::new(
                 tmux.clone(),

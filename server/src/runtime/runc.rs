@@ -234,11 +234,12 @@ pub fn write_bundle(bundle: &Path, spec: &BundleSpec) -> io::Result<()> {
         None => Spec::default(),
     };
     let mut mounts: Vec<Mount> = base.mounts().clone().unwrap_or_default();
-    if spec.rootless.is_some() {
-        // Without its own network namespace a rootless container cannot mount sysfs; the
-        // rootless defaults bind it instead. mqueue needs privileges too.
-        mounts.retain(|m| m.destination() != Path::new("/dev/mqueue"));
-    }
+    // Agents need neither POSIX message queues nor a view of the cgroup tree; leaving them out
+    // also makes a container start a few milliseconds sooner.
+    mounts.retain(|m| {
+        m.destination() != Path::new("/dev/mqueue")
+            && m.destination() != Path::new("/sys/fs/cgroup")
+    });
     let mut visible = Vec::new();
     for dir in &spec.system_dirs {
         let Ok(meta) = std::fs::symlink_metadata(dir) else {

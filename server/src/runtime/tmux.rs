@@ -61,6 +61,17 @@ impl Tmux {
             .is_ok_and(|o| o.status.success())
     }
 
+    /// Starts moorline's tmux server and keeps it running while it has no sessions, so a new
+    /// session never pays for starting a server (about 10 ms).
+    pub async fn keep_server(&self) {
+        if let Err(e) = self
+            .run(&["start-server", ";", "set-option", "-g", "exit-empty", "off"])
+            .await
+        {
+            tracing::debug!(error = %e, "cannot keep the tmux server running");
+        }
+    }
+
     /// Starts a detached session named `name` running `argv` (no shell involved).
     pub async fn new_session(&self, name: &str, argv: &[String]) -> io::Result<()> {
         let mut args = vec![

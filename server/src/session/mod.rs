@@ -327,7 +327,14 @@ impl Session {
         if let Err(e) = control.terminate() {
             tracing::warn!(session = %self.id, error = %e, "SIGTERM failed");
         }
-        if self.wait_finished(generation, grace).await {
+        // An agent that is still starting may lose the first SIGTERM (a container's init
+        // ignores signals until it has set up its handlers): ask once more shortly after.
+        let first = grace.min(Duration::from_millis(250));
+        if self.wait_finished(generation, first).await {
+            return;
+        }
+        let _ = control.terminate();
+        if self.wait_finished(generation, grace - first).await {
             return;
         }
         tracing::info!(session = %self.id, "agent ignored SIGTERM; killing it");
@@ -345,8 +352,9 @@ impl Session {
     /// Records the end of an agent run and tells clients. `silent` means it never wrote a line:
     /// if it did not exit cleanly, that is a start failure, reported with its stderr.
     async fn on_exit(&self, generation: u64, exit: ExitInfo, silent: bool) {
-        // Exiting without ever writing, before anyone asked anything, is failing to start.
-        let untouched = self.inputs.load(Ordering::Relaxed) == 0;
+        // Exiting without ever writing, before anyone asked anything (or asked it to stop), is
+        // failing to start.
+        let untouched = self.inputs.load(Ordering::Relaxed) == 0 && self.lock().stopping.is_none();
         let error = (silent && untouched && !exit.is_success()).then(|| {
             let tail = self.stderr_tail();
             if tail.is_empty() {
