@@ -15,8 +15,10 @@
 //! frame saying how the request was settled; later answers to the same request are dropped.
 
 use std::collections::BTreeMap;
+use std::sync::LazyLock;
 use std::time::{Duration, Instant};
 
+use memchr::memmem;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
@@ -151,29 +153,45 @@ struct Request {
     yes_no: bool,
 }
 
+/// Substrings that every approval request or answer of a dialect contains: a line without one
+/// is passed on without being parsed. Built once, since building a searcher costs more than
+/// searching one line.
+struct Markers {
+    pi_request: memmem::Finder<'static>,
+    pi_response: memmem::Finder<'static>,
+    claude_request: memmem::Finder<'static>,
+    claude_response: memmem::Finder<'static>,
+    codex_request: memmem::Finder<'static>,
+    codex_response: memmem::Finder<'static>,
+}
+
+static MARKERS: LazyLock<Markers> = LazyLock::new(|| Markers {
+    pi_request: memmem::Finder::new(b"extension_ui_request"),
+    pi_response: memmem::Finder::new(b"extension_ui_response"),
+    claude_request: memmem::Finder::new(b"can_use_tool"),
+    claude_response: memmem::Finder::new(b"control_response"),
+    codex_request: memmem::Finder::new(b"requestApproval"),
+    codex_response: memmem::Finder::new(b"decision"),
+});
+
 impl Dialect {
     /// Cheap test before parsing: could this line be an approval request?
     fn may_be_request(self, line: &str) -> bool {
-        match self {
-            Dialect::PiRpc => {
-                memchr::memmem::find(line.as_bytes(), b"extension_ui_request").is_some()
-            }
-            Dialect::ClaudeNative => {
-                memchr::memmem::find(line.as_bytes(), b"can_use_tool").is_some()
-            }
-            Dialect::CodexNative => {
-                memchr::memmem::find(line.as_bytes(), b"requestApproval").is_some()
-            }
-        }
+        let finder = match self {
+            Dialect::PiRpc => &MARKERS.pi_request,
+            Dialect::ClaudeNative => &MARKERS.claude_request,
+            Dialect::CodexNative => &MARKERS.codex_request,
+        };
+        finder.find(line.as_bytes()).is_some()
     }
 
     fn may_be_response(self, line: &[u8]) -> bool {
-        let marker: &[u8] = match self {
-            Dialect::PiRpc => b"extension_ui_response",
-            Dialect::ClaudeNative => b"control_response",
-            Dialect::CodexNative => b"decision",
+        let finder = match self {
+            Dialect::PiRpc => &MARKERS.pi_response,
+            Dialect::ClaudeNative => &MARKERS.claude_response,
+            Dialect::CodexNative => &MARKERS.codex_response,
         };
-        memchr::memmem::find(line, marker).is_some()
+        finder.find(line).is_some()
     }
 
     fn request(self, v: &Value) -> Option<Request> {

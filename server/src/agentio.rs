@@ -140,7 +140,16 @@ impl AgentIo {
                     }
                 },
                 line = input.recv(), if input_open && to_agent.len() < INPUT_BACKLOG => match line {
-                    Some(line) => self.input(&line, stdin_open, &mut to_agent, sink),
+                    Some(line) => {
+                        self.input(&line, stdin_open, &mut to_agent, sink);
+                        // Take whatever else has queued, so a burst becomes one write.
+                        while to_agent.len() < INPUT_BACKLOG {
+                            match input.try_recv() {
+                                Ok(line) => self.input(&line, stdin_open, &mut to_agent, sink),
+                                Err(_) => break,
+                            }
+                        }
+                    }
                     None => input_open = false,
                 },
                 () = sleep_until(approval_deadline), if approval_deadline.is_some() => {
