@@ -274,56 +274,61 @@ async fn leftovers_of_a_crash_mid_create_are_removed_at_startup() {
     require_durable!();
     let sandbox = Sandbox::new();
     let state = tempfile::tempdir().expect("state");
-    // Interrupt real `runc run`s at random points of their start, as a crashing server would.
-    let tini = which("tini");
+    let sessions = state.path().join("sessions");
+    std::fs::create_dir(&sessions).expect("sessions");
+    let sessions = std::fs::canonicalize(&sessions).expect("canonical");
     let work = tempfile::tempdir().expect("work");
     std::fs::create_dir(work.path().join("home")).expect("home");
+    // Interrupt real `runc run`s at random points of their start, as a crashing server would:
+    // their session directories exist, their metadata was never written.
     for i in 0..12u64 {
-        let id = format!("moorline-{:012x}-1-{i:02x}", 0xdead_0000_0000u64 + i);
-        let bundle = work.path().join(&id);
-        moorline::runtime::runc::write_bundle(
-            &bundle,
-            &moorline::runtime::runc::BundleSpec {
-                container_id: id.clone(),
-                session_id: format!("{:012x}", 0xdead_0000_0000u64 + i),
-                instance_id: "ghost".into(),
-                generation: 1,
-                program: which("sleep"),
-                args: vec!["100".into()],
-                env: Default::default(),
-                cwd: work.path().to_owned(),
-                home: work.path().join("home"),
-                tini: tini.clone(),
-                system_dirs: Config::default().runtime.system_dirs,
-                extra_rw: Vec::new(),
-                network: moorline::config::NetworkMode::Host,
-                pids_limit: Some(100),
-                memory_limit: None,
-                rootless: None,
-                limits_allowed: true,
-            },
-        )
-        .expect("bundle");
-        let mut child = std::process::Command::new("runc")
-            .arg("--root")
-            .arg(sandbox.runc_root.path())
-            .args(["run", "--bundle"])
-            .arg(&bundle)
-            .arg(&id)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("runc");
+        let session = format!("{:012x}", 0xdead_0000_0000u64 + i);
+        let id = format!("moorline-{session}-1-{i:02x}");
+        let bundle = sessions.join(&session).join("run/bundle");
+        let mut child = start_container(&sandbox, &bundle, &id, work.path(), false);
         std::thread::sleep(Duration::from_millis(i * 2));
         let _ = child.kill();
         let _ = child.wait();
     }
-    sandbox.tmux(&["new-session", "-d", "-s", "feedfacecafe", "sleep", "100"]);
+    sandbox.tmux(&[
+        "new-session",
+        "-d",
+        "-s",
+        "feedfacecafe",
+        "sleep",
+        "100",
+        ";",
+        "set-option",
+        "@moorline-sessions-dir",
+        &sessions.display().to_string(),
+    ]);
     assert!(
         !sandbox.containers().is_empty(),
         "the crashes left state behind"
     );
+    // What another moorline server on this machine runs, sharing the tmux server and the runc
+    // state directory: not ours to remove.
+    let foreign = "moorline-f0f0f0f0f0f0-1-aaaaaa";
+    let mut runc_run = start_container(
+        &sandbox,
+        &work.path().join("foreign-bundle"),
+        foreign,
+        work.path(),
+        true,
+    );
+    assert!(runc_run.wait().expect("runc run -d").success());
+    sandbox.tmux(&[
+        "new-session",
+        "-d",
+        "-s",
+        "0f0f0f0f0f0f",
+        "sleep",
+        "100",
+        ";",
+        "set-option",
+        "@moorline-sessions-dir",
+        "/elsewhere/sessions",
+    ]);
     // A session whose keeper and container vanished (as after a reboot).
     let lost = state.path().join("sessions/0123456789ab");
     std::fs::create_dir_all(lost.join("run")).expect("dir");
@@ -343,12 +348,14 @@ async fn leftovers_of_a_crash_mid_create_are_removed_at_startup() {
     config.instances.push(runc_instance("box"));
     let server = TestServer::start_in(state, config).await;
     server.get("/healthz").await;
+    assert_eq!(sandbox.containers(), vec![foreign.to_owned()]);
+    assert_eq!(sandbox.tmux_sessions(), vec!["0f0f0f0f0f0f".to_owned()]);
     assert!(
-        sandbox.containers().is_empty(),
-        "left: {:?}",
-        sandbox.containers()
+        !sessions
+            .join(format!("{:012x}", 0xdead_0000_0000u64))
+            .exists(),
+        "an incomplete session directory is removed"
     );
-    assert!(!sandbox.tmux_sessions().contains(&"feedfacecafe".to_owned()));
     for i in 0..12u64 {
         let id = format!("moorline-{:012x}-1-{i:02x}", 0xdead_0000_0000u64 + i);
         for hierarchy in ["pids", "memory", "cpu", "devices"] {
@@ -362,6 +369,52 @@ async fn leftovers_of_a_crash_mid_create_are_removed_at_startup() {
     let summary = server.get_json("/sessions/0123456789ab").await.1;
     assert_eq!(summary["status"], "crashed", "{summary}");
     server.stop().await;
+}
+
+/// Writes a bundle running `sleep 100` and starts it with `runc run` (`-d`: detached).
+fn start_container(
+    sandbox: &Sandbox,
+    bundle: &Path,
+    id: &str,
+    work: &Path,
+    detached: bool,
+) -> std::process::Child {
+    moorline::runtime::runc::write_bundle(
+        bundle,
+        &moorline::runtime::runc::BundleSpec {
+            container_id: id.to_owned(),
+            session_id: id.split('-').nth(1).unwrap_or_default().to_owned(),
+            instance_id: "ghost".into(),
+            generation: 1,
+            program: which("sleep"),
+            args: vec!["100".into()],
+            env: Default::default(),
+            cwd: work.to_owned(),
+            home: work.join("home"),
+            tini: which("tini"),
+            system_dirs: Config::default().runtime.system_dirs,
+            extra_rw: Vec::new(),
+            network: moorline::config::NetworkMode::Host,
+            pids_limit: Some(100),
+            memory_limit: None,
+            rootless: None,
+            limits_allowed: true,
+        },
+    )
+    .expect("bundle");
+    let mut runc = std::process::Command::new("runc");
+    runc.arg("--root").arg(sandbox.runc_root.path()).arg("run");
+    if detached {
+        runc.arg("-d");
+    }
+    runc.arg("--bundle")
+        .arg(bundle)
+        .arg(id)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("runc")
 }
 
 fn which(name: &str) -> std::path::PathBuf {

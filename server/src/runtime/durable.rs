@@ -191,15 +191,18 @@ impl DurableRuntime {
             "keeper-pane".into(),
             run_dir.display().to_string(),
         ];
+        let owner = owner(spec.session_dir.parent().unwrap_or(&spec.session_dir));
         if self
             .tmux
-            .new_session(&spec.session_id, &argv)
+            .new_session(&spec.session_id, &owner, &argv)
             .await
             .is_err()
         {
             // A previous run's pane may linger for a moment: free the name and try again.
             self.tmux.kill_session(&spec.session_id).await;
-            self.tmux.new_session(&spec.session_id, &argv).await?;
+            self.tmux
+                .new_session(&spec.session_id, &owner, &argv)
+                .await?;
         }
         Ok((run_dir, control))
     }
@@ -326,8 +329,8 @@ impl Runtime for DurableRuntime {
         self.tmux.kill_session(session_id).await;
     }
 
-    async fn reconcile(&self, live: &[String]) {
-        for name in self.tmux.list_sessions().await {
+    async fn reconcile(&self, sessions_dir: &Path, live: &[String]) {
+        for name in self.tmux.list_sessions(&owner(sessions_dir)).await {
             if !live.contains(&name) {
                 tracing::info!(tmux_session = %name, "removing a tmux session of no known session");
                 self.tmux.kill_session(&name).await;
@@ -336,7 +339,7 @@ impl Runtime for DurableRuntime {
         let Some(host) = &self.container else {
             return;
         };
-        for id in host.runc.container_ids().await {
+        for id in host.runc.container_ids(sessions_dir).await {
             let Some(session) = runc::session_of(&id) else {
                 continue;
             };
@@ -346,6 +349,11 @@ impl Runtime for DurableRuntime {
             }
         }
     }
+}
+
+/// How tmux sessions name the server they belong to: its sessions directory.
+fn owner(sessions_dir: &Path) -> String {
+    sessions_dir.display().to_string()
 }
 
 /// Writes a file readable only by its owner.

@@ -408,6 +408,8 @@ pub trait Runtime: Send + Sync + fmt::Debug {
     /// terminal sessions, cgroups). Called on delete and after an exit.
     async fn cleanup(&self, _session_id: &str, _session_dir: &Path) {}
 
-    /// At startup, removes what the runtime finds of sessions not in `live`.
-    async fn reconcile(&self, _live: &[String]) {}
+    /// At startup, removes what the runtime finds of sessions not in `live` that belong to
+    /// this server (whose session directories are in `sessions_dir`): other servers on the
+    /// same machine may share the runtime's state.
+    async fn reconcile(&self, _sessions_dir: &Path, _live: &[String]) {}
 }

@@ -103,21 +103,44 @@ impl Runc {
         remove_cgroups(id);
     }
 
-    /// Ids of every container in moorline's state directory, including half-created ones that
-    /// `runc list` does not show (a state directory without `state.json`).
-    pub async fn container_ids(&self) -> Vec<String> {
-        let mut ids: Vec<String> = std::fs::read_dir(&self.root)
+    /// Ids of the containers in moorline's state directory that belong to the server whose
+    /// session directories are in `sessions_dir`: those whose bundle lies there, and
+    /// half-created ones (a state directory that `runc list` does not show) of a session
+    /// that has a directory there. Other servers' containers are left alone.
+    pub async fn container_ids(&self, sessions_dir: &Path) -> Vec<String> {
+        #[derive(serde::Deserialize)]
+        struct Listed {
+            id: String,
+            bundle: PathBuf,
+        }
+        let listed: Vec<Listed> = match self
+            .command()
+            .args(["list", "--format", "json"])
+            .output()
+            .await
+        {
+            // runc prints `null` when there are no containers.
+            Ok(out) => serde_json::from_slice::<Option<Vec<Listed>>>(&out.stdout)
+                .ok()
+                .flatten()
+                .unwrap_or_default(),
+            Err(_) => Vec::new(),
+        };
+        let mut ids: Vec<String> = listed
+            .iter()
+            .filter(|c| c.bundle.starts_with(sessions_dir))
+            .map(|c| c.id.clone())
+            .collect();
+        let half_created = std::fs::read_dir(&self.root)
             .into_iter()
             .flatten()
             .filter_map(|e| e.ok())
             .filter(|e| e.path().is_dir())
             .filter_map(|e| e.file_name().into_string().ok())
-            .collect();
-        if let Ok(out) = self.command().args(["list", "--quiet"]).output().await {
-            for id in String::from_utf8_lossy(&out.stdout).lines() {
-                if !ids.iter().any(|i| i == id) {
-                    ids.push(id.to_owned());
-                }
+            .filter(|id| !listed.iter().any(|c| &c.id == id));
+        for id in half_created {
+            if session_of(&id).is_some_and(|s| sessions_dir.join(s).is_dir()) {
+                ids.push(id);
             }
         }
         ids

@@ -72,8 +72,10 @@ impl Tmux {
         }
     }
 
-    /// Starts a detached session named `name` running `argv` (no shell involved).
-    pub async fn new_session(&self, name: &str, argv: &[String]) -> io::Result<()> {
+    /// Starts a detached session named `name` running `argv` (no shell involved), marked as
+    /// belonging to `owner` (the server's sessions directory), so that a server only ever
+    /// cleans up its own sessions when several share the tmux server.
+    pub async fn new_session(&self, name: &str, owner: &str, argv: &[String]) -> io::Result<()> {
         let mut args = vec![
             "new-session",
             "-d",
@@ -86,6 +88,8 @@ impl Tmux {
             "--",
         ];
         args.extend(argv.iter().map(String::as_str));
+        // In the same tmux command, so no session ever exists unmarked.
+        args.extend([";", "set-option", OWNER_OPTION, owner]);
         self.run(&args).await.map(|_| ())
     }
 
@@ -95,12 +99,21 @@ impl Tmux {
         let _ = self.run(&["kill-session", "-t", &format!("={name}")]).await;
     }
 
-    /// Names of the sessions on moorline's tmux server.
-    pub async fn list_sessions(&self) -> Vec<String> {
-        match self.run(&["list-sessions", "-F", "#{session_name}"]).await {
-            Ok(out) => out.lines().map(str::to_owned).collect(),
+    /// The sessions on moorline's tmux server that belong to `owner`.
+    pub async fn list_sessions(&self, owner: &str) -> Vec<String> {
+        let format = format!("#{{session_name}}\t#{{{OWNER_OPTION}}}");
+        match self.run(&["list-sessions", "-F", &format]).await {
+            Ok(out) => out
+                .lines()
+                .filter_map(|l| l.split_once('\t'))
+                .filter(|(_, o)| *o == owner)
+                .map(|(name, _)| name.to_owned())
+                .collect(),
             // No server running means no sessions.
             Err(_) => Vec::new(),
         }
     }
 }
+
+/// The tmux user option naming the sessions directory a session belongs to.
+const OWNER_OPTION: &str = "@moorline-sessions-dir";

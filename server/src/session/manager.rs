@@ -141,6 +141,8 @@ impl SessionManager {
         }
         let sessions_dir = config.state_dir.join("sessions");
         std::fs::create_dir_all(&sessions_dir)?;
+        // Runtimes mark what they start with this path: one spelling for it, whatever the cwd.
+        let sessions_dir = std::fs::canonicalize(&sessions_dir)?;
         let manager = Arc::new(Self {
             limits: config.limits.clone(),
             instances,
@@ -572,6 +574,7 @@ impl SessionManager {
     /// theirs still alive is killed, and the session is listed as crashed.
     async fn load_existing(&self) -> Result<(), SessionError> {
         let mut metas = Vec::new();
+        let mut incomplete = Vec::new();
         for entry in std::fs::read_dir(&self.sessions_dir)? {
             let dir = entry?.path();
             match store::load(&dir) {
@@ -579,7 +582,7 @@ impl SessionManager {
                 Err(e) => {
                     // A directory without valid metadata is a create that never finished.
                     tracing::warn!(dir = %dir.display(), error = %e, "removing incomplete session directory");
-                    let _ = std::fs::remove_dir_all(&dir);
+                    incomplete.push(dir);
                 }
             }
         }
@@ -643,8 +646,12 @@ impl SessionManager {
         let mut seen = std::collections::BTreeSet::new();
         for inst in self.instances.values() {
             if inst.runtime.durable() && seen.insert(inst.runtime.name()) {
-                inst.runtime.reconcile(&live).await;
+                inst.runtime.reconcile(&self.sessions_dir, &live).await;
             }
+        }
+        // Only now: reconciliation knows a container as ours by its session's directory.
+        for dir in incomplete {
+            let _ = std::fs::remove_dir_all(&dir);
         }
         Ok(())
     }
