@@ -127,7 +127,7 @@ impl IntoResponse for ApiError {
                     StatusCode::INTERNAL_SERVER_ERROR,
                     json!({"error": "spawn_failed", "message": e.to_string()}),
                 ),
-                SessionError::Io(e) => (
+                SessionError::Io(_) | SessionError::StateDirInUse(_) => (
                     StatusCode::INTERNAL_SERVER_ERROR,
                     json!({"error": "internal", "message": e.to_string()}),
                 ),

@@ -115,6 +115,31 @@ async fn shutdown_closes_clients_with_1001_and_stops_agents() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_server_on_the_same_state_directory_refuses_to_start() {
+    let server = TestServer::start().await;
+    let id = server.session("cat").await;
+    let config = test_config(server.state.path().to_owned());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let err = moorline::run(listener, config, std::future::pending())
+        .await
+        .expect_err("a second server must not start");
+    assert!(err.to_string().contains("another moorline server"), "{err}");
+    // The first one did not notice.
+    let mut ws = server.ws(&id).await;
+    ws.send(r#"{"still":"here"}"#).await;
+    assert_eq!(ws.json().await["still"], "here");
+    drop(ws);
+    // Once it has stopped, the directory is free again.
+    let state = server.stop_keep_state().await;
+    let config = test_config(state.path().to_owned());
+    let server = TestServer::start_in(state, config).await;
+    assert_eq!(server.get_json(&format!("/sessions/{id}")).await.0, 200);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_and_their_output_survive_a_server_restart() {
     let server = TestServer::start().await;
     let id = server.session("fixture").await;

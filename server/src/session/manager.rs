@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use indexmap::IndexMap;
 use moorline_adapters::{Adapter, AdapterError, LaunchContext};
+use nix::fcntl::{Flock, FlockArg};
 use tokio::sync::{OwnedMutexGuard, OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -91,6 +92,11 @@ pub enum SessionError {
     /// The runtime could not start the agent.
     #[error(transparent)]
     Spawn(#[from] RuntimeError),
+    /// Another server runs on the same state directory.
+    #[error(
+        "another moorline server is using the state directory {0} (two servers on one state directory would corrupt each other's sessions)"
+    )]
+    StateDirInUse(PathBuf),
     /// The state directory is unusable.
     #[error("state directory: {0}")]
     Io(#[from] io::Error),
@@ -105,6 +111,8 @@ pub struct SessionManager {
     /// One permit per running agent.
     slots: Arc<Semaphore>,
     sessions_dir: PathBuf,
+    /// Held for the manager's lifetime: one server per state directory.
+    _lock: Flock<std::fs::File>,
     moorline_exe: PathBuf,
     metrics: Arc<Metrics>,
     tracker: TaskTracker,
@@ -141,6 +149,7 @@ impl SessionManager {
         }
         let sessions_dir = config.state_dir.join("sessions");
         std::fs::create_dir_all(&sessions_dir)?;
+        let lock = lock_state_dir(&config.state_dir)?;
         // Runtimes mark what they start with this path: one spelling for it, whatever the cwd.
         let sessions_dir = std::fs::canonicalize(&sessions_dir)?;
         let manager = Arc::new(Self {
@@ -149,6 +158,7 @@ impl SessionManager {
             sessions: RwLock::new(IndexMap::new()),
             slots: Arc::new(Semaphore::new(config.limits.max_sessions)),
             sessions_dir,
+            _lock: lock,
             moorline_exe,
             metrics,
             tracker,
@@ -656,6 +666,27 @@ impl SessionManager {
         Ok(())
     }
 }
+
+/// Takes the state directory's lock file. The lock goes with the process (never inherited:
+/// the file is close-on-exec), so a killed server never blocks the next one.
+fn lock_state_dir(state_dir: &Path) -> Result<Flock<std::fs::File>, SessionError> {
+    let path = state_dir.join(LOCK_FILE);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)?;
+    Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| {
+        if errno == nix::errno::Errno::EWOULDBLOCK {
+            SessionError::StateDirInUse(state_dir.to_owned())
+        } else {
+            SessionError::Io(errno.into())
+        }
+    })
+}
+
+/// The state directory's lock file.
+const LOCK_FILE: &str = "lock";
 
 /// Session-private files adapters ask for (visible to the agent, read-only in containers).
 const DATA_DIR: &str = "data";
