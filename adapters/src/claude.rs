@@ -16,44 +16,24 @@
 //! object never reaches it; the client gets an error instead.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::path::PathBuf;
 
 use serde_json::{Value, json};
 
 use crate::pipeline::{Dialect, Outputs, Translator};
+use crate::pirpc::{self, AgentSettings, Conversation};
 use crate::{Adapter, AdapterConfig, AdapterError, LaunchContext, LaunchSpec};
 
 /// Launches Claude Code.
 #[derive(Debug, Clone)]
 pub struct ClaudeAdapter {
-    program: PathBuf,
-    args: Vec<String>,
-    model: Option<String>,
-    base_url: Option<String>,
-    pi_rpc: bool,
+    settings: AgentSettings,
 }
 
 impl ClaudeAdapter {
     /// A Claude Code adapter for an instance (`dialect`: `pi-rpc`, the default, or `native`).
     pub fn new(config: &AdapterConfig) -> Result<Self, AdapterError> {
-        let pi_rpc = match config.dialect.as_deref() {
-            None | Some("pi-rpc") => true,
-            Some("native") => false,
-            Some(other) => {
-                return Err(AdapterError::Config(format!(
-                    "claude-code dialect {other:?}: use \"native\" or \"pi-rpc\""
-                )));
-            }
-        };
         Ok(Self {
-            program: config
-                .agent_path
-                .clone()
-                .unwrap_or_else(|| PathBuf::from("claude")),
-            args: config.args.clone(),
-            model: config.model.clone(),
-            base_url: config.base_url.clone(),
-            pi_rpc,
+            settings: AgentSettings::new(config, "claude-code", "claude")?,
         })
     }
 }
@@ -80,10 +60,10 @@ impl Adapter for ClaudeAdapter {
         .into_iter()
         .map(str::to_owned)
         .collect();
-        if let Some(m) = &self.model {
+        if let Some(m) = &self.settings.model {
             args.extend(["--model".into(), m.clone()]);
         }
-        args.extend(self.args.iter().cloned());
+        args.extend(self.settings.args.iter().cloned());
         let mut env = ctx.env.clone();
         for (k, v) in [
             ("DISABLE_TELEMETRY", "1"),
@@ -93,11 +73,11 @@ impl Adapter for ClaudeAdapter {
         ] {
             env.insert(k.into(), v.into());
         }
-        if let Some(url) = &self.base_url {
+        if let Some(url) = &self.settings.base_url {
             env.insert("ANTHROPIC_BASE_URL".into(), url.clone());
         }
         Ok(LaunchSpec {
-            program: self.program.clone(),
+            program: self.settings.program.clone(),
             args,
             env,
             files: Vec::new(),
@@ -105,7 +85,7 @@ impl Adapter for ClaudeAdapter {
     }
 
     fn dialect(&self) -> Dialect {
-        if self.pi_rpc {
+        if self.settings.pi_rpc {
             Dialect::PiRpc
         } else {
             Dialect::ClaudeNative
@@ -113,8 +93,8 @@ impl Adapter for ClaudeAdapter {
     }
 
     fn translator(&self) -> Box<dyn Translator> {
-        if self.pi_rpc {
-            Box::new(PiRpcTranslator::new(self.model.clone()))
+        if self.settings.pi_rpc {
+            Box::new(PiRpcTranslator::new(self.settings.model.clone()))
         } else {
             Box::new(NativeGuard)
         }
@@ -124,11 +104,6 @@ impl Adapter for ClaudeAdapter {
         // Another API endpoint, key or configuration directory, or permission settings.
         &["ANTHROPIC_*", "CLAUDE_*", "DISABLE_*"]
     }
-}
-
-fn parse_error(line: &[u8], e: &serde_json::Error) -> String {
-    let preview: String = String::from_utf8_lossy(line).chars().take(80).collect();
-    format!("Failed to parse command: {e} (in {preview:?})")
 }
 
 /// The `native` dialect: lines pass through, but a client line that is not a JSON object is
@@ -158,7 +133,7 @@ impl Translator for NativeGuard {
             ),
             Err(e) => out.client_json(
                 &json!({"type": "amarre.input_rejected", "reason": "invalid_json",
-                "error": parse_error(line, &e)}),
+                "error": pirpc::parse_error(line, &e)}),
             ),
         }
     }
@@ -173,10 +148,7 @@ pub struct PiRpcTranslator {
     streaming: bool,
     /// Prompts sent while a turn runs, sent when it ends.
     queue: VecDeque<Value>,
-    /// Conversation so far, in pi's message shape (for `get_messages`).
-    history: Vec<Value>,
-    /// Messages of the current turn (for `agent_end`).
-    turn: Vec<Value>,
+    conversation: Conversation,
     /// Inputs of pending permission requests, by request id (`updatedInput` on allow).
     pending_inputs: BTreeMap<String, Value>,
     /// Tool names by tool-use id, to label results.
@@ -195,27 +167,6 @@ impl PiRpcTranslator {
         }
     }
 
-    fn respond(
-        out: &mut Outputs,
-        id: &Value,
-        command: &str,
-        success: bool,
-        data: Option<Value>,
-        error: Option<String>,
-    ) {
-        let mut r = json!({"type": "response", "command": command, "success": success});
-        if !id.is_null() {
-            r["id"] = id.clone();
-        }
-        if let Some(d) = data {
-            r["data"] = d;
-        }
-        if let Some(e) = error {
-            r["error"] = e.into();
-        }
-        out.client_json(&r);
-    }
-
     fn user_message(cmd: &Value) -> Value {
         let mut content =
             vec![json!({"type": "text", "text": cmd["message"].as_str().unwrap_or("")})];
@@ -228,9 +179,7 @@ impl PiRpcTranslator {
 
     fn send_prompt(&mut self, cmd: &Value, out: &mut Outputs) {
         let msg = Self::user_message(cmd);
-        let record = json!({"role": "user", "content": msg["message"]["content"]});
-        self.history.push(record.clone());
-        self.turn.push(record);
+        self.conversation.user(msg["message"]["content"].clone());
         out.agent_json(&msg);
         self.streaming = true;
     }
@@ -250,25 +199,24 @@ impl PiRpcTranslator {
 
     fn stream_event(&mut self, ev: &Value, out: &mut Outputs) {
         let index = ev["index"].clone();
-        let update = |event: Value| json!({"type": "message_update", "message": {"role": "assistant"}, "assistantMessageEvent": event});
-        match ev["type"].as_str() {
-            Some("message_start") => out.client_json(
-                &json!({"type": "message_start", "message": {"role": "assistant", "content": []}}),
-            ),
+        let event = match ev["type"].as_str() {
+            Some("message_start") => {
+                self.conversation.message_started(out);
+                return;
+            }
             Some("content_block_start") => {
                 let block = &ev["content_block"];
-                let event = match block["type"].as_str() {
+                match block["type"].as_str() {
                     Some("text") => json!({"type": "text_start", "contentIndex": index}),
                     Some("thinking") => json!({"type": "thinking_start", "contentIndex": index}),
                     Some("tool_use") => json!({"type": "toolcall_start", "contentIndex": index,
                         "toolCall": {"id": block["id"], "name": block["name"]}}),
                     _ => return,
-                };
-                out.client_json(&update(event));
+                }
             }
             Some("content_block_delta") => {
                 let d = &ev["delta"];
-                let event = match d["type"].as_str() {
+                match d["type"].as_str() {
                     Some("text_delta") => {
                         json!({"type": "text_delta", "contentIndex": index, "delta": d["text"]})
                     }
@@ -279,14 +227,12 @@ impl PiRpcTranslator {
                         json!({"type": "toolcall_delta", "contentIndex": index, "delta": d["partial_json"]})
                     }
                     _ => return,
-                };
-                out.client_json(&update(event));
+                }
             }
-            Some("content_block_stop") => {
-                out.client_json(&update(json!({"type": "block_end", "contentIndex": index})))
-            }
-            _ => {}
-        }
+            Some("content_block_stop") => json!({"type": "block_end", "contentIndex": index}),
+            _ => return,
+        };
+        self.conversation.message_update(out, event);
     }
 
     fn assistant(&mut self, msg: &Value, out: &mut Outputs) {
@@ -303,17 +249,16 @@ impl PiRpcTranslator {
                     let name = block["name"].as_str().unwrap_or("").to_owned();
                     self.tool_names.insert(id.clone(), name.clone());
                     content.push(json!({"type": "toolCall", "id": id, "name": name, "arguments": block["input"]}));
-                    tools.push(json!({"type": "tool_execution_start", "toolCallId": id, "toolName": name, "args": block["input"]}));
+                    tools.push((id, name, block["input"].clone()));
                 }
                 _ => {}
             }
         }
         let message = json!({"role": "assistant", "content": content, "model": msg["model"]});
-        out.client_json(&json!({"type": "message_end", "message": message}));
-        self.history.push(message.clone());
-        self.turn.push(message);
-        for t in tools {
-            out.client_json(&t);
+        self.conversation.message_ended(out, message);
+        for (id, name, args) in tools {
+            self.conversation
+                .tool_started(out, &Value::String(id), &name, &args);
         }
     }
 
@@ -334,22 +279,15 @@ impl PiRpcTranslator {
                 _ => String::new(),
             };
             let is_error = block["is_error"] == true;
-            let result = json!({"content": [{"type": "text", "text": text}]});
-            out.client_json(&json!({"type": "tool_execution_end", "toolCallId": id, "toolName": name, "result": result, "isError": is_error}));
-            let record = json!({"role": "toolResult", "toolCallId": id, "toolName": name, "content": result["content"], "isError": is_error});
-            self.history.push(record.clone());
-            self.turn.push(record);
+            self.conversation
+                .tool_ended(out, &Value::String(id), &name, &text, is_error);
         }
     }
 
     fn end_turn(&mut self, result: &Value, out: &mut Outputs) {
         self.streaming = false;
-        out.client_json(&json!({"type": "turn_end", "message": self.turn.last().cloned().unwrap_or(Value::Null)}));
-        let mut end = json!({"type": "agent_end", "messages": std::mem::take(&mut self.turn)});
-        if result["is_error"] == true {
-            end["error"] = result["result"].clone();
-        }
-        out.client_json(&end);
+        let error = (result["is_error"] == true).then(|| result["result"].clone());
+        self.conversation.turn_ended(out, error);
         if let Some(next) = self.queue.pop_front() {
             self.send_prompt(&next, out);
         }
@@ -374,8 +312,7 @@ impl Translator for PiRpcTranslator {
                 if self.model.is_none() {
                     self.model = v["model"].as_str().map(str::to_owned);
                 }
-                out.client_json(&json!({"type": "agent_start"}));
-                out.client_json(&json!({"type": "turn_start"}));
+                self.conversation.turn_started(out);
             }
             Some("stream_event") => self.stream_event(&v["event"], out),
             Some("assistant") => self.assistant(&v["message"], out),
@@ -385,34 +322,21 @@ impl Translator for PiRpcTranslator {
                 let id = v["request_id"].as_str().unwrap_or("").to_owned();
                 let tool = v["request"]["tool_name"].as_str().unwrap_or("tool");
                 let input = v["request"]["input"].clone();
-                let mut message = input.to_string();
-                if message.chars().count() > 400 {
-                    message = message.chars().take(399).collect::<String>() + "…";
-                }
-                self.pending_inputs.insert(id.clone(), input);
-                out.client_json(
-                    &json!({"type": "extension_ui_request", "id": id, "method": "confirm",
-                    "title": format!("Run {tool}?"), "message": message}),
-                );
+                pirpc::confirm_request(out, &id, tool, &input);
+                self.pending_inputs.insert(id, input);
             }
             Some("control_response") => {
                 let rid = v["response"]["request_id"].as_str().unwrap_or("");
                 if let Some((client_id, command)) = self.control_ids.remove(rid) {
-                    let ok = v["response"]["subtype"] == "success";
-                    let error = (!ok).then(|| {
-                        v["response"]["error"]
+                    let result = if v["response"]["subtype"] == "success" {
+                        Ok(None)
+                    } else {
+                        Err(v["response"]["error"]
                             .as_str()
                             .unwrap_or("failed")
-                            .to_owned()
-                    });
-                    Self::respond(
-                        out,
-                        &client_id.unwrap_or(Value::Null),
-                        command,
-                        ok,
-                        None,
-                        error,
-                    );
+                            .to_owned())
+                    };
+                    pirpc::respond(out, &client_id.unwrap_or(Value::Null), command, result);
                 }
             }
             // Status notes, hooks and the like have no pi counterpart.
@@ -421,39 +345,17 @@ impl Translator for PiRpcTranslator {
     }
 
     fn client_line(&mut self, line: &[u8], out: &mut Outputs) {
-        if line.iter().all(u8::is_ascii_whitespace) {
+        let Some(cmd) = pirpc::parse_command(line, out) else {
             return;
-        }
-        let cmd: Value = match serde_json::from_slice(line) {
-            Ok(v @ Value::Object(_)) => v,
-            Ok(_) => {
-                Self::respond(
-                    out,
-                    &Value::Null,
-                    "parse",
-                    false,
-                    None,
-                    Some("Failed to parse command: not a JSON object".into()),
-                );
-                return;
-            }
-            Err(e) => {
-                Self::respond(
-                    out,
-                    &Value::Null,
-                    "parse",
-                    false,
-                    None,
-                    Some(parse_error(line, &e)),
-                );
-                return;
-            }
         };
         let id = cmd["id"].clone();
         let kind = cmd["type"].as_str().unwrap_or("").to_owned();
+        if self.conversation.answer(out, &id, &kind) {
+            return;
+        }
         match kind.as_str() {
             "prompt" | "steer" | "follow_up" => {
-                Self::respond(out, &id, &kind, true, None, None);
+                pirpc::respond(out, &id, &kind, Ok(None));
                 if self.streaming {
                     self.queue.push_back(cmd);
                 } else {
@@ -465,7 +367,7 @@ impl Translator for PiRpcTranslator {
                 if self.streaming {
                     self.control(json!({"subtype": "interrupt"}), Some(id), "abort", out);
                 } else {
-                    Self::respond(out, &id, "abort", true, None, None);
+                    pirpc::respond(out, &id, "abort", Ok(None));
                 }
             }
             "set_model" => match cmd["model"].as_str().or_else(|| cmd["modelId"].as_str()) {
@@ -478,14 +380,7 @@ impl Translator for PiRpcTranslator {
                         out,
                     );
                 }
-                None => Self::respond(
-                    out,
-                    &id,
-                    "set_model",
-                    false,
-                    None,
-                    Some("missing 'model' field".into()),
-                ),
+                None => pirpc::respond(out, &id, "set_model", Err("missing 'model' field".into())),
             },
             "get_state" => {
                 let data = json!({
@@ -494,42 +389,10 @@ impl Translator for PiRpcTranslator {
                     "isStreaming": self.streaming,
                     "isCompacting": false,
                     "sessionId": self.session_id,
-                    "messageCount": self.history.len(),
+                    "messageCount": self.conversation.len(),
                     "pendingMessageCount": self.queue.len(),
                 });
-                Self::respond(out, &id, "get_state", true, Some(data), None);
-            }
-            "get_messages" => Self::respond(
-                out,
-                &id,
-                "get_messages",
-                true,
-                Some(json!({"messages": self.history})),
-                None,
-            ),
-            "get_last_assistant_text" => {
-                let text = self
-                    .history
-                    .iter()
-                    .rev()
-                    .find(|m| m["role"] == "assistant")
-                    .map(|m| {
-                        m["content"]
-                            .as_array()
-                            .into_iter()
-                            .flatten()
-                            .filter_map(|b| b["text"].as_str())
-                            .collect::<Vec<_>>()
-                            .join("")
-                    });
-                Self::respond(
-                    out,
-                    &id,
-                    "get_last_assistant_text",
-                    true,
-                    Some(json!({"text": text})),
-                    None,
-                );
+                pirpc::respond(out, &id, "get_state", Ok(Some(data)));
             }
             "extension_ui_response" => {
                 let rid = cmd["id"].as_str().unwrap_or("").to_owned();
@@ -544,10 +407,7 @@ impl Translator for PiRpcTranslator {
                 out.agent_json(&json!({"type": "control_response",
                     "response": {"subtype": "success", "request_id": rid, "response": response}}));
             }
-            other => {
-                let error = format!("claude-code (pi-rpc dialect) does not support '{other}'");
-                Self::respond(out, &id, other, false, None, Some(error));
-            }
+            other => pirpc::unsupported(out, &id, "claude-code", other),
         }
     }
 }

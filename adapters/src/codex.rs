@@ -14,44 +14,24 @@
 //!   events into Codex's and back, approvals becoming `extension_ui_request` confirms.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::path::PathBuf;
 
 use serde_json::{Value, json};
 
 use crate::pipeline::{Dialect, Outputs, Translator};
+use crate::pirpc::{self, AgentSettings, Conversation};
 use crate::{Adapter, AdapterConfig, AdapterError, LaunchContext, LaunchSpec};
 
 /// Launches `codex app-server`.
 #[derive(Debug, Clone)]
 pub struct CodexAdapter {
-    program: PathBuf,
-    args: Vec<String>,
-    model: Option<String>,
-    base_url: Option<String>,
-    pi_rpc: bool,
+    settings: AgentSettings,
 }
 
 impl CodexAdapter {
     /// A Codex adapter for an instance (`dialect`: `pi-rpc`, the default, or `native`).
     pub fn new(config: &AdapterConfig) -> Result<Self, AdapterError> {
-        let pi_rpc = match config.dialect.as_deref() {
-            None | Some("pi-rpc") => true,
-            Some("native") => false,
-            Some(other) => {
-                return Err(AdapterError::Config(format!(
-                    "codex dialect {other:?}: use \"native\" or \"pi-rpc\""
-                )));
-            }
-        };
         Ok(Self {
-            program: config
-                .agent_path
-                .clone()
-                .unwrap_or_else(|| PathBuf::from("codex")),
-            args: config.args.clone(),
-            model: config.model.clone(),
-            base_url: config.base_url.clone(),
-            pi_rpc,
+            settings: AgentSettings::new(config, "codex", "codex")?,
         })
     }
 }
@@ -72,7 +52,7 @@ impl Adapter for CodexAdapter {
             "-c".into(),
             "features.plugins=false".into(),
         ];
-        if let Some(url) = &self.base_url {
+        if let Some(url) = &self.settings.base_url {
             let key = if ctx.env.contains_key("OPENAI_API_KEY") {
                 ", env_key = \"OPENAI_API_KEY\""
             } else {
@@ -88,12 +68,12 @@ impl Adapter for CodexAdapter {
                 ),
             ]);
         }
-        if let Some(m) = &self.model {
+        if let Some(m) = &self.settings.model {
             args.extend(["-c".into(), format!("model={}", toml_str(m))]);
         }
-        args.extend(self.args.iter().cloned());
+        args.extend(self.settings.args.iter().cloned());
         Ok(LaunchSpec {
-            program: self.program.clone(),
+            program: self.settings.program.clone(),
             args,
             env: ctx.env.clone(),
             files: Vec::new(),
@@ -101,7 +81,7 @@ impl Adapter for CodexAdapter {
     }
 
     fn dialect(&self) -> Dialect {
-        if self.pi_rpc {
+        if self.settings.pi_rpc {
             Dialect::PiRpc
         } else {
             Dialect::CodexNative
@@ -109,7 +89,7 @@ impl Adapter for CodexAdapter {
     }
 
     fn translator(&self) -> Box<dyn Translator> {
-        if self.pi_rpc {
+        if self.settings.pi_rpc {
             Box::new(PiRpcTranslator::default())
         } else {
             Box::new(crate::pipeline::Passthrough)
@@ -134,8 +114,7 @@ pub struct PiRpcTranslator {
     turn: Option<String>,
     /// Prompts waiting for the thread to exist or the running turn to end.
     queue: VecDeque<Value>,
-    history: Vec<Value>,
-    turn_messages: Vec<Value>,
+    conversation: Conversation,
     /// Text of agent messages being streamed, by item id.
     streaming_text: BTreeMap<String, String>,
     /// Codex's approval request ids, by the id clients see.
@@ -147,27 +126,6 @@ pub struct PiRpcTranslator {
 }
 
 impl PiRpcTranslator {
-    fn respond(
-        out: &mut Outputs,
-        id: &Value,
-        command: &str,
-        success: bool,
-        data: Option<Value>,
-        error: Option<String>,
-    ) {
-        let mut r = json!({"type": "response", "command": command, "success": success});
-        if !id.is_null() {
-            r["id"] = id.clone();
-        }
-        if let Some(d) = data {
-            r["data"] = d;
-        }
-        if let Some(e) = error {
-            r["error"] = e.into();
-        }
-        out.client_json(&r);
-    }
-
     fn request(
         &mut self,
         method: &str,
@@ -189,9 +147,8 @@ impl PiRpcTranslator {
             return;
         };
         let text = cmd["message"].as_str().unwrap_or("").to_owned();
-        let record = json!({"role": "user", "content": [{"type": "text", "text": text}]});
-        self.history.push(record.clone());
-        self.turn_messages.push(record);
+        self.conversation
+            .user(json!([{"type": "text", "text": text}]));
         self.turn = Some(String::new());
         self.request(
             "turn/start",
@@ -206,13 +163,12 @@ impl PiRpcTranslator {
         match method {
             "turn/started" => {
                 self.turn = params["turn"]["id"].as_str().map(str::to_owned);
-                out.client_json(&json!({"type": "agent_start"}));
-                out.client_json(&json!({"type": "turn_start"}));
+                self.conversation.turn_started(out);
             }
             "item/started" if item["type"] == "agentMessage" => {
                 let id = item["id"].as_str().unwrap_or("").to_owned();
                 self.streaming_text.insert(id, String::new());
-                out.client_json(&json!({"type": "message_start", "message": {"role": "assistant", "content": []}}));
+                self.conversation.message_started(out);
             }
             "item/agentMessage/delta" => {
                 let delta = params["delta"].as_str().unwrap_or("");
@@ -222,8 +178,10 @@ impl PiRpcTranslator {
                 {
                     text.push_str(delta);
                 }
-                out.client_json(&json!({"type": "message_update", "message": {"role": "assistant"},
-                    "assistantMessageEvent": {"type": "text_delta", "contentIndex": 0, "delta": delta}}));
+                self.conversation.message_update(
+                    out,
+                    json!({"type": "text_delta", "contentIndex": 0, "delta": delta}),
+                );
             }
             "item/completed" if item["type"] == "agentMessage" => {
                 let id = item["id"].as_str().unwrap_or("");
@@ -233,13 +191,12 @@ impl PiRpcTranslator {
                     .or_else(|| self.streaming_text.remove(id))
                     .unwrap_or_default();
                 let message = json!({"role": "assistant", "content": [{"type": "text", "text": text}], "model": self.model});
-                out.client_json(&json!({"type": "message_end", "message": message}));
-                self.history.push(message.clone());
-                self.turn_messages.push(message);
+                self.conversation.message_ended(out, message);
             }
             "item/started" if item["type"] == "commandExecution" => {
-                out.client_json(&json!({"type": "tool_execution_start", "toolCallId": item["id"], "toolName": "bash",
-                    "args": {"command": item["command"]}}));
+                let args = json!({"command": item["command"]});
+                self.conversation
+                    .tool_started(out, &item["id"], "bash", &args);
             }
             "item/completed" if item["type"] == "commandExecution" => {
                 let status = item["status"].as_str().unwrap_or("");
@@ -249,23 +206,14 @@ impl PiRpcTranslator {
                     .unwrap_or_else(|| format!("({status})"));
                 let is_error =
                     status != "completed" || item["exitCode"].as_i64().is_some_and(|c| c != 0);
-                let result = json!({"content": [{"type": "text", "text": output}]});
-                out.client_json(&json!({"type": "tool_execution_end", "toolCallId": item["id"], "toolName": "bash",
-                    "result": result, "isError": is_error}));
-                let record = json!({"role": "toolResult", "toolCallId": item["id"], "toolName": "bash",
-                    "content": result["content"], "isError": is_error});
-                self.history.push(record.clone());
-                self.turn_messages.push(record);
+                self.conversation
+                    .tool_ended(out, &item["id"], "bash", &output, is_error);
             }
             "turn/completed" => {
                 self.turn = None;
                 let turn = &params["turn"];
-                out.client_json(&json!({"type": "turn_end", "message": self.turn_messages.last().cloned().unwrap_or(Value::Null)}));
-                let mut end = json!({"type": "agent_end", "messages": std::mem::take(&mut self.turn_messages)});
-                if turn["status"] == "failed" {
-                    end["error"] = turn["error"]["message"].clone();
-                }
-                out.client_json(&end);
+                let error = (turn["status"] == "failed").then(|| turn["error"]["message"].clone());
+                self.conversation.turn_ended(out, error);
                 if let Some(next) = self.queue.pop_front() {
                     self.start_turn(&next, out);
                 }
@@ -305,14 +253,7 @@ impl Translator for PiRpcTranslator {
                     ),
                     _ => ("permissions", p.clone()),
                 };
-                let mut message = detail.to_string();
-                if message.chars().count() > 400 {
-                    message = message.chars().take(399).collect::<String>() + "…";
-                }
-                out.client_json(
-                    &json!({"type": "extension_ui_request", "id": client_id, "method": "confirm",
-                    "title": format!("Run {tool}?"), "message": message}),
-                );
+                pirpc::confirm_request(out, &client_id, tool, &detail);
             }
             // Any other request from Codex gets a clear refusal rather than silence.
             (Some(m), Some(id)) => {
@@ -334,14 +275,11 @@ impl Translator for PiRpcTranslator {
                     return;
                 }
                 if let Some((cid, command)) = self.requests.remove(&id) {
-                    let ok = v.get("error").is_none();
-                    let error = (!ok).then(|| {
-                        v["error"]["message"]
-                            .as_str()
-                            .unwrap_or("failed")
-                            .to_owned()
-                    });
-                    Self::respond(out, &cid, &command, ok, None, error);
+                    let result = match v.get("error") {
+                        None => Ok(None),
+                        Some(e) => Err(e["message"].as_str().unwrap_or("failed").to_owned()),
+                    };
+                    pirpc::respond(out, &cid, &command, result);
                 } else if let Some(err) = v.get("error") {
                     // turn/start and the handshake have no client waiting; say what failed.
                     out.client_json(
@@ -354,29 +292,17 @@ impl Translator for PiRpcTranslator {
     }
 
     fn client_line(&mut self, line: &[u8], out: &mut Outputs) {
-        if line.iter().all(u8::is_ascii_whitespace) {
+        let Some(cmd) = pirpc::parse_command(line, out) else {
             return;
-        }
-        let cmd: Value = match serde_json::from_slice(line) {
-            Ok(v @ Value::Object(_)) => v,
-            _ => {
-                let preview: String = String::from_utf8_lossy(line).chars().take(80).collect();
-                Self::respond(
-                    out,
-                    &Value::Null,
-                    "parse",
-                    false,
-                    None,
-                    Some(format!("Failed to parse command: {preview:?}")),
-                );
-                return;
-            }
         };
         let id = cmd["id"].clone();
         let kind = cmd["type"].as_str().unwrap_or("").to_owned();
+        if self.conversation.answer(out, &id, &kind) {
+            return;
+        }
         match kind.as_str() {
             "prompt" | "follow_up" | "steer" => {
-                Self::respond(out, &id, &kind, true, None, None);
+                pirpc::respond(out, &id, &kind, Ok(None));
                 match (&self.turn, kind.as_str()) {
                     // Codex folds a turn/start during a running turn into it: that is a steer.
                     (Some(turn), "steer") if !turn.is_empty() => {
@@ -394,23 +320,21 @@ impl Translator for PiRpcTranslator {
                         let params = json!({"threadId": thread, "turnId": turn});
                         self.request("turn/interrupt", params, Some((id, "abort")), out);
                     }
-                    _ => Self::respond(out, &id, "abort", true, None, None),
+                    _ => pirpc::respond(out, &id, "abort", Ok(None)),
                 }
             }
             "get_state" => {
-                let data = json!({"model": {"id": self.model, "provider": "openai"}, "thinkingLevel": "off",
-                    "isStreaming": self.turn.is_some(), "isCompacting": false, "sessionId": self.thread,
-                    "messageCount": self.history.len(), "pendingMessageCount": self.queue.len()});
-                Self::respond(out, &id, "get_state", true, Some(data), None);
+                let data = json!({
+                    "model": {"id": self.model, "provider": "openai"},
+                    "thinkingLevel": "off",
+                    "isStreaming": self.turn.is_some(),
+                    "isCompacting": false,
+                    "sessionId": self.thread,
+                    "messageCount": self.conversation.len(),
+                    "pendingMessageCount": self.queue.len(),
+                });
+                pirpc::respond(out, &id, "get_state", Ok(Some(data)));
             }
-            "get_messages" => Self::respond(
-                out,
-                &id,
-                "get_messages",
-                true,
-                Some(json!({"messages": self.history})),
-                None,
-            ),
             "extension_ui_response" => {
                 let Some(codex_id) = cmd["id"].as_str().and_then(|i| self.approvals.remove(i))
                 else {
@@ -423,10 +347,7 @@ impl Translator for PiRpcTranslator {
                 };
                 out.agent_json(&json!({"id": codex_id, "result": {"decision": decision}}));
             }
-            other => {
-                let error = format!("codex (pi-rpc dialect) does not support '{other}'");
-                Self::respond(out, &id, other, false, None, Some(error));
-            }
+            other => pirpc::unsupported(out, &id, "codex", other),
         }
     }
 }

@@ -28,6 +28,7 @@ pub mod command;
 pub mod echo;
 pub mod pi;
 pub mod pipeline;
+pub mod pirpc;
 
 use pipeline::{Dialect, Passthrough, Translator};
 
