@@ -177,10 +177,7 @@ impl AgentIo {
         // An unterminated last line is still a line.
         self.frame(None, &mut to_agent, sink);
         let _ = stdin.shutdown().await;
-        let exit = exit_info.unwrap_or(ExitInfo {
-            code: None,
-            signal: None,
-        });
+        let exit = exit_info.unwrap_or(ExitInfo::UNKNOWN);
         (exit, self.totals)
     }
 

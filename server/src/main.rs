@@ -271,15 +271,9 @@ fn serve(args: &ServeArgs) -> ExitCode {
         Err(code) => return code,
     };
     init_tracing(&config);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match async_runtime(tokio::runtime::Builder::new_multi_thread()) {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("moorline: cannot start the async runtime: {e}");
-            return ExitCode::from(1);
-        }
+        Err(code) => return code,
     };
     let result = runtime.block_on(async {
         let addr = config.listen_addr()?;
@@ -331,16 +325,20 @@ fn init_tracing(config: &Config) {
     }
 }
 
+/// Builds the tokio runtime, or says why it cannot.
+fn async_runtime(
+    mut builder: tokio::runtime::Builder,
+) -> Result<tokio::runtime::Runtime, ExitCode> {
+    builder.enable_all().build().map_err(|e| {
+        eprintln!("moorline: cannot start the async runtime: {e}");
+        ExitCode::from(1)
+    })
+}
+
 fn client_command(f: impl FnOnce(&tokio::runtime::Runtime) -> Result<(), ClientError>) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match async_runtime(tokio::runtime::Builder::new_current_thread()) {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("moorline: cannot start the async runtime: {e}");
-            return ExitCode::from(1);
-        }
+        Err(code) => return code,
     };
     match f(&runtime) {
         Ok(()) => ExitCode::SUCCESS,

@@ -202,10 +202,7 @@ impl Client {
             Lifecycle::Exited { exit, last_seq, .. } => Some((exit, last_seq)),
             // Replaying a session that ended before this client (or this server) started.
             _ if self.session.status() != Status::Running => Some((
-                self.session.last_exit().unwrap_or(ExitInfo {
-                    code: None,
-                    signal: None,
-                }),
+                self.session.last_exit().unwrap_or(ExitInfo::UNKNOWN),
                 hub.last_seq(),
             )),
             _ => None,

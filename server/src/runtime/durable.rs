@@ -225,10 +225,7 @@ impl DurableRuntime {
                 }
             }
             // The keeper closes the connection after writing the exit file, or it died.
-            let _ = exit_tx.send(keeper::read_exit(&dir).unwrap_or(ExitInfo {
-                code: None,
-                signal: None,
-            }));
+            let _ = exit_tx.send(keeper::read_exit(&dir).unwrap_or(ExitInfo::UNKNOWN));
         });
         let pid = std::fs::read_to_string(run_dir.join(keeper::KEEPER_PID_FILE))
             .ok()
@@ -238,12 +235,7 @@ impl DurableRuntime {
             stdin: Box::new(write),
             output: Output::Journal(bell_rx),
             stderr: None,
-            exit: Box::pin(async move {
-                exit_rx.await.unwrap_or(ExitInfo {
-                    code: None,
-                    signal: None,
-                })
-            }),
+            exit: Box::pin(async move { exit_rx.await.unwrap_or(ExitInfo::UNKNOWN) }),
             control,
         }
     }

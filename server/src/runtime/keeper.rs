@@ -203,10 +203,11 @@ async fn keep(run_dir: &Path) -> io::Result<()> {
     let control = Arc::new(super::process::GroupControl::new(agent_pid));
     let exit_control = control.clone();
     let exit = Box::pin(async move {
-        let info = child.wait().await.map(ExitInfo::from).unwrap_or(ExitInfo {
-            code: None,
-            signal: None,
-        });
+        let info = child
+            .wait()
+            .await
+            .map(ExitInfo::from)
+            .unwrap_or(ExitInfo::UNKNOWN);
         exit_control.leader_exited();
         info
     });

@@ -267,6 +267,12 @@ pub struct ExitInfo {
 }
 
 impl ExitInfo {
+    /// How an agent ended when nobody could see it end (its exit status was lost).
+    pub const UNKNOWN: ExitInfo = ExitInfo {
+        code: None,
+        signal: None,
+    };
+
     /// A clean exit: code 0.
     pub fn is_success(&self) -> bool {
         self.code == Some(0)

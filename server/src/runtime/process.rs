@@ -63,10 +63,7 @@ impl Runtime for ProcessRuntime {
         let exit = Box::pin(async move {
             let info = match child.wait().await {
                 Ok(status) => ExitInfo::from(status),
-                Err(_) => ExitInfo {
-                    code: None,
-                    signal: None,
-                },
+                Err(_) => ExitInfo::UNKNOWN,
             };
             // The leader is reaped; only signal the group while it may still have members.
             exit_control.leader_exited();

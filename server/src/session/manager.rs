@@ -219,13 +219,7 @@ impl SessionManager {
     /// Creates a session and starts its agent.
     pub async fn create(&self, req: CreateRequest) -> Result<SessionSummary, SessionError> {
         // Like amarre, the limit is checked before anything else.
-        let permit =
-            self.slots
-                .clone()
-                .try_acquire_owned()
-                .map_err(|_| SessionError::MaxSessions {
-                    limit: self.limits.max_sessions,
-                })?;
+        let permit = self.take_slot()?;
         let instance = match &req.instance_id {
             Some(id) => self
                 .instances
@@ -287,13 +281,7 @@ impl SessionManager {
                 return Err(SessionError::AlreadyRunning);
             }
         }
-        let permit =
-            self.slots
-                .clone()
-                .try_acquire_owned()
-                .map_err(|_| SessionError::MaxSessions {
-                    limit: self.limits.max_sessions,
-                })?;
+        let permit = self.take_slot()?;
         self.start(&session, permit).await?;
         Ok(session.summary())
     }
@@ -338,6 +326,16 @@ impl SessionManager {
             .iter()
             .map(|s| s.stop_agent(StopReason::Shutdown, grace));
         futures_util::future::join_all(stops).await;
+    }
+
+    /// A running-agent slot, or the `max_sessions` error.
+    fn take_slot(&self) -> Result<OwnedSemaphorePermit, SessionError> {
+        self.slots
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| SessionError::MaxSessions {
+                limit: self.limits.max_sessions,
+            })
     }
 
     fn allocate_id(&self) -> Result<(String, PathBuf), SessionError> {

@@ -114,12 +114,7 @@ impl Runtime for FakeRuntime {
             stdin: Box::new(server_stdin),
             output: crate::runtime::Output::Pipe(Box::new(server_stdout)),
             stderr: None,
-            exit: Box::pin(async move {
-                exit_rx.await.unwrap_or(ExitInfo {
-                    code: None,
-                    signal: None,
-                })
-            }),
+            exit: Box::pin(async move { exit_rx.await.unwrap_or(ExitInfo::UNKNOWN) }),
             control,
         })
     }
