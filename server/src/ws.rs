@@ -102,6 +102,9 @@ pub fn connect(
         )
             .into_response();
     };
+    // Where live delivery starts: taken before the client can send anything, so the answer to
+    // a line sent right after the handshake is never mistaken for older output.
+    let newest = session.hub().last_seq();
     let max = app.limits.max_inbound_frame_bytes;
     upgrade
         .max_message_size(max)
@@ -115,7 +118,7 @@ pub fn connect(
             async move {
                 // Tracked so shutdown can wait for the close frames to go out.
                 tracker
-                    .spawn(Client::new(app, session, guard, opts).run(socket))
+                    .spawn(Client::new(app, session, guard, opts, newest).run(socket))
                     .await
                     .ok();
             }
@@ -136,15 +139,24 @@ struct Client {
     session: Arc<Session>,
     _guard: ClientGuard,
     opts: Options,
+    /// The session's newest sequence number when the client connected.
+    newest: u64,
 }
 
 impl Client {
-    fn new(app: AppState, session: Arc<Session>, guard: ClientGuard, opts: Options) -> Self {
+    fn new(
+        app: AppState,
+        session: Arc<Session>,
+        guard: ClientGuard,
+        opts: Options,
+        newest: u64,
+    ) -> Self {
         Self {
             app,
             session,
             _guard: guard,
             opts,
+            newest,
         }
     }
 
@@ -183,7 +195,7 @@ impl Client {
         let mut lifecycle = self.session.lifecycle();
         let limit = ReadLimit::default();
         let stall = self.app.limits.client_stall();
-        let newest = hub.last_seq();
+        let newest = self.newest;
         let mut cursor = self.opts.since.map_or(newest + 1, |s| s.saturating_add(1));
         if self.opts.hello {
             let first = hub.first_retained();

@@ -407,3 +407,19 @@ async fn a_client_behind_the_journal_is_closed_with_its_last_sequence() {
     assert!(next - 1 < n);
     server.stop().await;
 }
+
+/// A client that sends as soon as the handshake completes gets the answer, however quickly the
+/// agent replies: delivery starts from the output as it was at the upgrade, not from whenever
+/// the server gets round to the client's sending half. (Once, a busy server could skip it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_to_a_line_sent_at_once_is_never_skipped() {
+    let server = TestServer::start().await;
+    let id = server.session("cat").await;
+    for i in 0..200 {
+        let mut ws = server.ws(&id).await;
+        let line = format!(r#"{{"n":{i}}}"#);
+        ws.send(&line).await;
+        assert_eq!(ws.text().await, line);
+    }
+    server.stop().await;
+}

@@ -115,6 +115,11 @@ impl GroupControl {
         if self.gone.load(Ordering::SeqCst) {
             return Ok(());
         }
+        tracing::debug!(
+            pgid = pgid.as_raw(),
+            signal = sig.as_str(),
+            "signalling the agent's process group"
+        );
         match killpg(pgid, sig) {
             Ok(()) => Ok(()),
             Err(nix::errno::Errno::ESRCH) => {

@@ -86,6 +86,17 @@ impl TestServer {
 
     /// Starts a server over an existing state directory (to test restarts).
     pub async fn start_in(state: tempfile::TempDir, config: Config) -> Self {
+        static LOG: std::sync::Once = std::sync::Once::new();
+        LOG.call_once(|| {
+            if let Some(path) = std::env::var_os("DEBUG_TEST_LOG") {
+                let file = std::fs::File::create(path).expect("log file");
+                let _ = tracing_subscriber::fmt()
+                    .with_env_filter("moorline=trace")
+                    .with_ansi(false)
+                    .with_writer(std::sync::Mutex::new(file))
+                    .try_init();
+            }
+        });
         config.validate().expect("valid test config");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
