@@ -105,6 +105,9 @@ pub fn connect(
     // Where live delivery starts: taken before the client can send anything, so the answer to
     // a line sent right after the handshake is never mistaken for older output.
     let newest = session.hub().last_seq();
+    // Counted from before the upgrade completes: a server stopping right after the handshake
+    // still closes this client with 1001 instead of dropping the connection.
+    let in_flight = app.tracker.token();
     let max = app.limits.max_inbound_frame_bytes;
     upgrade
         .max_message_size(max)
@@ -113,15 +116,12 @@ pub fn connect(
         .read_buffer_size(16 * 1024)
         .write_buffer_size(256 * 1024)
         .max_write_buffer_size(app.limits.max_line_bytes + (4 << 20))
-        .on_upgrade(move |socket| {
-            let tracker = app.tracker.clone();
-            async move {
-                // Tracked so shutdown can wait for the close frames to go out.
-                tracker
-                    .spawn(Client::new(app, session, guard, opts, newest).run(socket))
-                    .await
-                    .ok();
-            }
+        .on_upgrade(move |socket| async move {
+            Client::new(app, session, guard, opts, newest)
+                .run(socket)
+                .await;
+            // Held until the client is closed, so shutdown waits for its close frame.
+            drop(in_flight);
         })
 }
 
