@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
@@ -58,6 +59,20 @@ pub struct Client {
     base: String,
     token: Option<String>,
     http: reqwest::Client,
+    tls: Arc<rustls::ClientConfig>,
+}
+
+/// TLS for `https://` URLs, such as a server on another machine behind `tailscale serve`:
+/// certificates are checked against the system's trusted roots (`SSL_CERT_FILE` and
+/// `SSL_CERT_DIR` are honoured).
+fn tls_config() -> Result<rustls::ClientConfig, ClientError> {
+    use rustls_platform_verifier::BuilderVerifierExt;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .and_then(|b| b.with_platform_verifier())
+        .map(|b| b.with_no_client_auth())
+        .map_err(|e| ClientError::Other(format!("cannot set up TLS: {e}")))
 }
 
 impl Client {
@@ -73,13 +88,16 @@ impl Client {
             }
             None => None,
         };
+        let tls = tls_config()?;
         let http = reqwest::Client::builder()
+            .tls_backend_preconfigured(tls.clone())
             .build()
             .map_err(|e| ClientError::Other(e.to_string()))?;
         Ok(Self {
             base: base.trim_end_matches('/').to_owned(),
             token,
             http,
+            tls: Arc::new(tls),
         })
     }
 
@@ -224,23 +242,27 @@ impl Client {
         let config = WebSocketConfig::default()
             .max_message_size(None)
             .max_frame_size(None);
-        let (socket, _) =
-            tokio_tungstenite::connect_async_with_config(request, Some(config), false)
-                .await
-                .map_err(|e| match e {
-                    tungstenite::Error::Http(resp) => ClientError::Http {
-                        status: resp.status().as_u16(),
-                        body: resp
-                            .body()
-                            .as_ref()
-                            .map(|b| String::from_utf8_lossy(b).trim_end().to_owned())
-                            .unwrap_or_default(),
-                    },
-                    other => ClientError::Unreachable {
-                        url: self.base.clone(),
-                        reason: other.to_string(),
-                    },
-                })?;
+        let (socket, _) = tokio_tungstenite::connect_async_tls_with_config(
+            request,
+            Some(config),
+            false,
+            Some(tokio_tungstenite::Connector::Rustls(self.tls.clone())),
+        )
+        .await
+        .map_err(|e| match e {
+            tungstenite::Error::Http(resp) => ClientError::Http {
+                status: resp.status().as_u16(),
+                body: resp
+                    .body()
+                    .as_ref()
+                    .map(|b| String::from_utf8_lossy(b).trim_end().to_owned())
+                    .unwrap_or_default(),
+            },
+            other => ClientError::Unreachable {
+                url: self.base.clone(),
+                reason: other.to_string(),
+            },
+        })?;
         let (mut sink, mut stream) = socket.split();
         let mut stdin = BufReader::new(tokio::io::stdin()).lines();
         let mut stdout = tokio::io::stdout();

@@ -260,3 +260,116 @@ async fn client_errors_are_clear() {
     assert!(err.contains("Session not found"), "{err}");
     let _ = served.child.start_kill();
 }
+
+/// A TLS-terminating proxy in front of `backend`, as `tailscale serve` puts moorline on the
+/// tailnet: its certificate for `localhost` is issued by a fresh CA, written to `ca_file`.
+async fn https_proxy(backend: String, ca_file: &Path) -> u16 {
+    use std::sync::Arc;
+    let ca_key = rcgen::KeyPair::generate().expect("CA key");
+    let mut ca_params = rcgen::CertificateParams::new(Vec::new()).expect("CA params");
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).expect("CA");
+    std::fs::write(ca_file, ca.pem()).expect("CA file");
+    let key = rcgen::KeyPair::generate().expect("key");
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+        .expect("params")
+        .signed_by(&key, &ca)
+        .expect("certificate");
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+        .expect("server config");
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            let backend = backend.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let Ok(mut plain) = tokio::net::TcpStream::connect(&backend).await else {
+                    return;
+                };
+                let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
+            });
+        }
+    });
+    port
+}
+
+/// The client commands reach a server on another machine through HTTPS (REST) and WSS
+/// (attach), checking the certificate against the trusted roots; an untrusted certificate is
+/// refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_commands_work_over_https_and_check_the_certificate() {
+    let served = serve().await;
+    let home = tempfile::tempdir().expect("home");
+    let ca_file = home.path().join("ca.pem");
+    let backend = served.url.trim_start_matches("http://").to_owned();
+    let port = https_proxy(backend, &ca_file).await;
+    let url = format!("https://localhost:{port}");
+    let trusting = |args: &[&str]| {
+        let mut cmd = moorline(home.path());
+        cmd.args(args)
+            .env("MOORLINE_URL", &url)
+            .env("SSL_CERT_FILE", &ca_file);
+        cmd
+    };
+
+    let (code, out, err) = output(trusting(&["sessions", "new"])).await;
+    assert_eq!(code, 0, "{err}");
+    let id = serde_json::from_str::<Value>(&out).expect("json")["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+
+    let mut attach = trusting(&["attach", &id, "--linger", "300"]);
+    attach.stdin(Stdio::piped()).stdout(Stdio::piped());
+    let mut attach = attach.spawn().expect("attach");
+    let mut stdin = attach.stdin.take().expect("stdin");
+    stdin
+        .write_all(b"{\"id\":\"tls\",\"type\":\"get_state\"}\n")
+        .await
+        .expect("write");
+    drop(stdin);
+    let out = tokio::time::timeout(WAIT, attach.wait_with_output())
+        .await
+        .expect("in time")
+        .expect("attach");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let reply: Value =
+        serde_json::from_slice(out.stdout.split(|&b| b == b'\n').next().expect("line"))
+            .expect("json");
+    assert_eq!(reply["echo"]["id"], "tls");
+
+    // Without the CA among the trusted roots, neither command goes through.
+    let elsewhere = tempfile::tempdir().expect("other roots");
+    let other_ca = elsewhere.path().join("other-ca.pem");
+    https_proxy(String::new(), &other_ca).await;
+    for args in [vec!["sessions", "list"], vec!["attach", id.as_str()]] {
+        let mut cmd = trusting(&args);
+        cmd.env("SSL_CERT_FILE", &other_ca)
+            .env("SSL_CERT_DIR", elsewhere.path());
+        let (code, _, err) = output(cmd).await;
+        assert_eq!(code, 69, "{args:?}: {err}");
+        assert!(
+            err.contains("cannot reach moorline") && err.contains("invalid peer certificate"),
+            "{err}"
+        );
+    }
+}
