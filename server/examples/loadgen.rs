@@ -243,6 +243,7 @@ async fn run(args: Args) -> Result<()> {
         }
     };
     let wait = Duration::from_secs(args.wait_timeout_secs);
+    moorline::client::install_tls_provider();
     let http = reqwest::Client::builder()
         .no_proxy()
         .tcp_nodelay(true)

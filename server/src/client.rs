@@ -62,6 +62,14 @@ pub struct Client {
     tls: Arc<rustls::ClientConfig>,
 }
 
+/// Makes ring the process's default TLS crypto provider (once; later calls do nothing), for
+/// HTTP clients built without an explicit TLS configuration (reqwest refuses to build one
+/// otherwise, even for `http://` use).
+pub fn install_tls_provider() {
+    // An error only means a provider is already installed, which is just as good.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 /// TLS for `https://` URLs, such as a server on another machine behind `tailscale serve`:
 /// certificates are checked against the system's trusted roots (`SSL_CERT_FILE` and
 /// `SSL_CERT_DIR` are honoured).

@@ -444,7 +444,7 @@ async fn serve(config_file: &Path, port: u16) -> Served {
         .spawn()
         .expect("serve");
     let url = format!("http://127.0.0.1:{port}");
-    let http = reqwest::Client::new();
+    let http = common::http();
     eventually("the server listens", || {
         let http = http.clone();
         let url = url.clone();
@@ -486,7 +486,7 @@ async fn sessions_survive_a_killed_server_without_losing_or_duplicating_a_line()
     .expect("config");
     let port = free_port();
     let mut server = serve(&config, port).await;
-    let http = reqwest::Client::new();
+    let http = common::http();
     let post = |body: Value| {
         let http = http.clone();
         let url = format!("{}/sessions", server.url);
@@ -708,7 +708,7 @@ async fn rootless_mode_runs_containers_as_a_plain_user() {
         }
     };
     let url = format!("http://127.0.0.1:{port}");
-    let http = reqwest::Client::new();
+    let http = common::http();
     eventually("the rootless server listens", || {
         let http = http.clone();
         let url = url.clone();

@@ -109,7 +109,7 @@ impl TestServer {
         Self {
             addr,
             state,
-            http: reqwest::Client::new(),
+            http: http(),
             shutdown: Some(tx),
             handle: Some(handle),
         }
@@ -203,6 +203,12 @@ impl TestServer {
 
         std::mem::replace(&mut self.state, tempfile::tempdir().expect("tmp"))
     }
+}
+
+/// A plain HTTP client for tests.
+pub fn http() -> reqwest::Client {
+    moorline::client::install_tls_provider();
+    reqwest::Client::new()
 }
 
 pub struct Ws {
