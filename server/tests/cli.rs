@@ -23,6 +23,29 @@ fn moorline(home: &Path) -> Command {
     cmd
 }
 
+/// Runs `moorline attach …` with `line` on its stdin; its first output frame.
+async fn attach_once(mut cmd: Command, line: &str) -> Value {
+    cmd.stdin(Stdio::piped()).stdout(Stdio::piped());
+    let mut attach = cmd.spawn().expect("attach");
+    let mut stdin = attach.stdin.take().expect("stdin");
+    stdin
+        .write_all(format!("{line}\n").as_bytes())
+        .await
+        .expect("write");
+    drop(stdin);
+    let out = tokio::time::timeout(WAIT, attach.wait_with_output())
+        .await
+        .expect("in time")
+        .expect("attach");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let first = out.stdout.split(|&b| b == b'\n').next().expect("line");
+    serde_json::from_slice(first).expect("json")
+}
+
 async fn output(mut cmd: Command) -> (i32, String, String) {
     let out = tokio::time::timeout(WAIT, cmd.output())
         .await
@@ -184,24 +207,8 @@ async fn quickstart_sessions_attach_and_sigterm() {
     // attach: stdin lines in, frames out, usable in a pipe.
     let mut cmd = moorline(home.path());
     cmd.args(["attach", &id, "--linger", "300"])
-        .env("MOORLINE_URL", &served.url)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped());
-    let mut attach = cmd.spawn().expect("attach");
-    let mut stdin = attach.stdin.take().expect("stdin");
-    stdin
-        .write_all(b"{\"id\":\"1\",\"type\":\"get_state\"}\n")
-        .await
-        .expect("write");
-    drop(stdin);
-    let out = tokio::time::timeout(WAIT, attach.wait_with_output())
-        .await
-        .expect("in time")
-        .expect("attach");
-    assert!(out.status.success());
-    let reply: Value =
-        serde_json::from_slice(out.stdout.split(|&b| b == b'\n').next().expect("line"))
-            .expect("json");
+        .env("MOORLINE_URL", &served.url);
+    let reply = attach_once(cmd, r#"{"id":"1","type":"get_state"}"#).await;
     assert_eq!(reply["echo"]["type"], "get_state");
 
     // Replay through attach.
@@ -334,27 +341,8 @@ async fn client_commands_work_over_https_and_check_the_certificate() {
         .expect("id")
         .to_owned();
 
-    let mut attach = trusting(&["attach", &id, "--linger", "300"]);
-    attach.stdin(Stdio::piped()).stdout(Stdio::piped());
-    let mut attach = attach.spawn().expect("attach");
-    let mut stdin = attach.stdin.take().expect("stdin");
-    stdin
-        .write_all(b"{\"id\":\"tls\",\"type\":\"get_state\"}\n")
-        .await
-        .expect("write");
-    drop(stdin);
-    let out = tokio::time::timeout(WAIT, attach.wait_with_output())
-        .await
-        .expect("in time")
-        .expect("attach");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let reply: Value =
-        serde_json::from_slice(out.stdout.split(|&b| b == b'\n').next().expect("line"))
-            .expect("json");
+    let attach = trusting(&["attach", &id, "--linger", "300"]);
+    let reply = attach_once(attach, r#"{"id":"tls","type":"get_state"}"#).await;
     assert_eq!(reply["echo"]["id"], "tls");
 
     // Without the CA among the trusted roots, neither command goes through.
