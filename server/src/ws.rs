@@ -212,11 +212,6 @@ impl Client {
         // The run whose end this client must report; an exit seen before we started counts.
         let mut exited: Option<(ExitInfo, u64)> = match *lifecycle.borrow_and_update() {
             Lifecycle::Exited { exit, last_seq, .. } => Some((exit, last_seq)),
-            // Replaying a session that ended before this client (or this server) started.
-            _ if self.session.status() != Status::Running => Some((
-                self.session.last_exit().unwrap_or(ExitInfo::UNKNOWN),
-                hub.last_seq(),
-            )),
             _ => None,
         };
         loop {

@@ -294,14 +294,14 @@ impl SessionManager {
             .shift_remove(id)
             .ok_or(SessionError::NotFound)?;
         session.lifecycle.send_replace(Lifecycle::Deleted);
-        session
+        // An agent being started right now is started, then stopped like any other.
+        let _start = session.start_lock.lock().await;
+        let finished = session
             .stop_agent(StopReason::Delete, self.limits.stop_grace())
             .await;
-        {
-            let mut state = session.lock();
-            state.status = Status::Stopped;
-        }
-        if let Some(instance) = &session.instance {
+        session.lock().status = Status::Stopped;
+        if !finished && let Some(instance) = &session.instance {
+            // The run's own cleanup (after its exit) never came.
             instance.runtime.cleanup(id, &session.dir).await;
         }
         if let Err(e) = std::fs::remove_dir_all(&session.dir) {
@@ -369,6 +369,15 @@ impl SessionManager {
             (None, None) => None,
             (code, signal) => Some(crate::runtime::ExitInfo { code, signal }),
         };
+        // A session loaded as ended has ended as far as its clients can tell.
+        let lifecycle = match meta.status {
+            Status::Running => Lifecycle::Running { generation: 0 },
+            _ => Lifecycle::Exited {
+                generation: 0,
+                exit: exit.unwrap_or(crate::runtime::ExitInfo::UNKNOWN),
+                last_seq: hub.last_seq(),
+            },
+        };
         let session = Arc::new(Session {
             id: meta.id.clone(),
             name: meta.name.clone(),
@@ -393,7 +402,8 @@ impl SessionManager {
                 pid: None,
                 error: None,
             }),
-            lifecycle: watch::channel(Lifecycle::Running { generation: 0 }).0,
+            lifecycle: watch::channel(lifecycle).0,
+            start_lock: tokio::sync::Mutex::new(()),
             finished: watch::channel(0).0,
             clients: AtomicUsize::new(0),
             inputs: std::sync::atomic::AtomicU64::new(0),
@@ -417,7 +427,15 @@ impl SessionManager {
             }
             state.starting = true;
         }
-        let result = self.launch(session, &instance, permit).await;
+        let result = {
+            // Held across the launch, so a delete waits for the start to finish.
+            let _start = session.start_lock.lock().await;
+            if matches!(*session.lifecycle.borrow(), Lifecycle::Deleted) {
+                Err(SessionError::NotFound)
+            } else {
+                self.launch(session, &instance, permit).await
+            }
+        };
         session.lock().starting = false;
         result
     }
@@ -520,6 +538,10 @@ impl SessionManager {
             state.pid = agent.pid;
             state.generation
         };
+        if fresh {
+            // The previous run's requests died with it.
+            let _ = std::fs::remove_file(session.dir.join(store::PENDING_FILE));
+        }
         session.persist();
         session
             .lifecycle

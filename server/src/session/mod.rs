@@ -158,6 +158,8 @@ pub struct Session {
     writer: Arc<tokio::sync::Mutex<Option<JournalWriter>>>,
     state: Mutex<State>,
     lifecycle: watch::Sender<Lifecycle>,
+    /// Held while an agent is being started.
+    start_lock: tokio::sync::Mutex<()>,
     /// Generation of the last agent that finished, for whoever waits on a stop.
     finished: watch::Sender<u64>,
     clients: AtomicUsize,
@@ -311,18 +313,19 @@ impl Session {
             .is_ok_and(|r| r.is_ok())
     }
 
-    /// Stops the running agent: SIGTERM to its group, `grace`, then SIGKILL.
-    async fn stop_agent(&self, reason: StopReason, grace: Duration) {
+    /// Stops the running agent: SIGTERM to its group, `grace`, then SIGKILL. False if it was
+    /// running and its end was not seen in time.
+    async fn stop_agent(&self, reason: StopReason, grace: Duration) -> bool {
         let (control, generation) = {
             let mut state = self.lock();
             if state.status != Status::Running {
-                return;
+                return true;
             }
             state.stopping = Some(reason);
             (state.control.clone(), state.generation)
         };
         let Some(control) = control else {
-            return;
+            return true;
         };
         if let Err(e) = control.terminate() {
             tracing::warn!(session = %self.id, error = %e, "SIGTERM failed");
@@ -331,22 +334,23 @@ impl Session {
         // ignores signals until it has set up its handlers): ask once more shortly after.
         let first = grace.min(Duration::from_millis(250));
         if self.wait_finished(generation, first).await {
-            return;
+            return true;
         }
         let _ = control.terminate();
         if self.wait_finished(generation, grace - first).await {
-            return;
+            return true;
         }
         tracing::info!(session = %self.id, "agent ignored SIGTERM; killing it");
         if let Err(e) = control.kill() {
             tracing::warn!(session = %self.id, error = %e, "SIGKILL failed");
         }
-        if !self
+        let finished = self
             .wait_finished(generation, Duration::from_secs(10))
-            .await
-        {
+            .await;
+        if !finished {
             tracing::error!(session = %self.id, "agent did not exit after SIGKILL");
         }
+        finished
     }
 
     /// Records the end of an agent run and tells clients. `silent` means it never wrote a line:
@@ -366,11 +370,15 @@ impl Session {
         if let Some(e) = &error {
             tracing::warn!(session = %self.id, error = %e, "agent failed to start");
         }
+        if self.lock().generation != generation {
+            return;
+        }
+        // Before the status changes: until then no new run can start and meet this cleanup.
+        if let Some(instance) = &self.instance {
+            instance.runtime.cleanup(&self.id, &self.dir).await;
+        }
         let stopping = {
             let mut state = self.lock();
-            if state.generation != generation {
-                return;
-            }
             state.exit = Some(exit);
             state.stdin = None;
             state.control = None;
@@ -385,9 +393,6 @@ impl Session {
             state.stopping
         };
         self.hub.release_memory();
-        if let Some(instance) = &self.instance {
-            instance.runtime.cleanup(&self.id, &self.dir).await;
-        }
         if stopping != Some(StopReason::Delete) {
             self.persist();
             self.lifecycle.send_replace(Lifecycle::Exited {

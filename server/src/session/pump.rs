@@ -68,7 +68,10 @@ impl OutputPump {
             }
         }
         // Reading the journal failed: the session can no longer be followed.
-        let info = exit.await;
+        let info = match exit_info {
+            Some(info) => info,
+            None => exit.await,
+        };
         self.finish(info).await;
     }
 

@@ -69,6 +69,8 @@ impl AgentControl for FakeControl {
 struct FakeRuntime {
     obeys_term: bool,
     agents: mpsc::UnboundedSender<FakeAgentParts>,
+    /// Each spawn takes a permit: a test holds spawns back by taking them all.
+    gate: Arc<tokio::sync::Semaphore>,
 }
 
 /// What the runtime hands the test: its ends of the pipes.
@@ -87,6 +89,9 @@ impl Runtime for FakeRuntime {
     }
 
     async fn spawn(&self, _spec: SpawnSpec) -> Result<Agent, RuntimeError> {
+        if let Ok(permit) = self.gate.acquire().await {
+            permit.forget();
+        }
         let (server_stdin, agent_stdin) = tokio::io::duplex(1 << 16);
         let (agent_stdout, server_stdout) = tokio::io::duplex(1 << 16);
         let (exit_tx, exit_rx) = oneshot::channel();
@@ -124,6 +129,7 @@ struct Harness {
     _state: tempfile::TempDir,
     manager: Arc<SessionManager>,
     agents: mpsc::UnboundedReceiver<FakeAgentParts>,
+    gate: Arc<tokio::sync::Semaphore>,
 }
 
 async fn harness(obeys_term: bool, tweak: impl FnOnce(&mut Config)) -> Harness {
@@ -139,9 +145,11 @@ async fn harness(obeys_term: bool, tweak: impl FnOnce(&mut Config)) -> Harness {
     };
     tweak(&mut config);
     let (tx, rx) = mpsc::unbounded_channel();
+    let gate = Arc::new(tokio::sync::Semaphore::new(1000));
     let runtime: Arc<dyn Runtime> = Arc::new(FakeRuntime {
         obeys_term,
         agents: tx,
+        gate: gate.clone(),
     });
     let manager = SessionManager::new(
         &config,
@@ -157,6 +165,7 @@ async fn harness(obeys_term: bool, tweak: impl FnOnce(&mut Config)) -> Harness {
         _state: state,
         manager,
         agents: rx,
+        gate,
     }
 }
 
@@ -297,4 +306,46 @@ async fn max_sessions_counts_running_agents_only() {
         h.manager.restart(&id).await,
         Err(super::SessionError::MaxSessions { .. })
     ));
+}
+
+#[tokio::test]
+async fn a_delete_during_a_restart_stops_the_agent_that_restart_started() {
+    let mut h = harness(true, |c| c.limits.max_sessions = 1).await;
+    let (id, mut agent) = h.create().await;
+    let session = h.manager.get(&id).expect("session");
+    let mut lifecycle = session.lifecycle();
+    let _ = agent.exit.take().expect("exit").send(ExitInfo {
+        code: Some(0),
+        signal: None,
+    });
+    lifecycle
+        .wait_for(|l| matches!(l, Lifecycle::Exited { .. }))
+        .await
+        .expect("exited");
+    // The restart's spawn is held back while the delete comes in.
+    let all = u32::try_from(h.gate.available_permits()).expect("permits");
+    let held = h.gate.acquire_many(all).await.expect("gate");
+    let restart = tokio::spawn({
+        let manager = h.manager.clone();
+        let id = id.clone();
+        async move { manager.restart(&id).await }
+    });
+    while !session.lock().starting {
+        assert!(!restart.is_finished(), "{:?}", restart.await);
+        tokio::task::yield_now().await;
+    }
+    let delete = tokio::spawn({
+        let manager = h.manager.clone();
+        let id = id.clone();
+        async move { manager.delete(&id).await }
+    });
+    drop(held);
+    let restarted = h.agents.recv().await.expect("the restart's agent").0;
+    delete.await.expect("task").expect("delete");
+    let _ = restart.await.expect("task");
+    assert_eq!(restarted.control.signals().first(), Some(&"TERM"));
+    assert!(h.manager.get(&id).is_none());
+    assert!(!session.dir.exists(), "nothing left on disk");
+    // Its slot is free again.
+    let (_, _next) = h.create().await;
 }
