@@ -98,6 +98,7 @@ use std::time::{Duration, Instant};
 use clap::{Parser, ValueEnum};
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use hdrhistogram::Histogram;
+use moorline::client::error_chain;
 use reqwest::header::AUTHORIZATION;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
@@ -121,17 +122,6 @@ const SMALL: usize = 64;
 /// Returns an error with this message.
 fn fail<T>(message: impl Into<String>) -> Result<T> {
     Err(message.into().into())
-}
-
-/// An error and its causes, `a: b: c` (reqwest's own message leaves out the cause).
-fn chain(error: &dyn Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let _ = write!(text, ": {cause}");
-        source = cause.source();
-    }
-    text
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -230,16 +220,9 @@ async fn run(args: Args) -> Result<()> {
     let auth = match &args.token_file {
         None => None,
         Some(path) => {
-            let token = std::fs::read_to_string(path)
-                .map_err(|e| format!("--token-file {}: {e}", path.display()))?;
-            let token = token.trim();
-            if token.is_empty() {
-                return fail(format!(
-                    "--token-file {}: the file is empty",
-                    path.display()
-                ));
-            }
-            Some(format!("Bearer {token}"))
+            let token = moorline::config::read_token_file(path)
+                .map_err(|e| format!("--token-file: {e}"))?;
+            Some(format!("Bearer {}", token.expose()))
         }
     };
     let wait = Duration::from_secs(args.wait_timeout_secs);
@@ -897,9 +880,9 @@ impl Target {
             .request(Method::GET, "/instances")
             .send()
             .await
-            .map_err(|e| format!("GET {}/instances: {}", self.base, chain(&e)))?;
+            .map_err(|e| format!("GET {}/instances: {}", self.base, error_chain(&e)))?;
         let status = resp.status();
-        let body = resp.bytes().await.map_err(|e| chain(&e))?;
+        let body = resp.bytes().await.map_err(|e| error_chain(&e))?;
         if status != StatusCode::OK {
             return fail(format!(
                 "GET /instances: {status}: {}",
@@ -929,12 +912,12 @@ impl Target {
             .json(&body)
             .send()
             .await
-            .map_err(|e| format!("POST /sessions: {}", chain(&e)))?;
+            .map_err(|e| format!("POST /sessions: {}", error_chain(&e)))?;
         let status = resp.status();
         let body = resp
             .bytes()
             .await
-            .map_err(|e| format!("POST /sessions: {}", chain(&e)))?;
+            .map_err(|e| format!("POST /sessions: {}", error_chain(&e)))?;
         let elapsed = start.elapsed();
         if status != StatusCode::CREATED {
             return fail(format!(
@@ -962,9 +945,9 @@ impl Target {
             .request(Method::DELETE, &format!("/sessions/{id}"))
             .send()
             .await
-            .map_err(|e| format!("DELETE /sessions/{id}: {}", chain(&e)))?;
+            .map_err(|e| format!("DELETE /sessions/{id}: {}", error_chain(&e)))?;
         let status = resp.status();
-        let body = resp.bytes().await.map_err(|e| chain(&e))?;
+        let body = resp.bytes().await.map_err(|e| error_chain(&e))?;
         let elapsed = start.elapsed();
         self.live
             .lock()

@@ -13,6 +13,8 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{self, Message};
 
+use crate::config::{Secret, read_token_file};
+
 /// Exit code when the server cannot be reached (`EX_UNAVAILABLE`).
 pub const EXIT_UNAVAILABLE: i32 = 69;
 
@@ -57,7 +59,7 @@ impl ClientError {
 #[derive(Debug, Clone)]
 pub struct Client {
     base: String,
-    token: Option<String>,
+    token: Option<Secret>,
     http: reqwest::Client,
     tls: Arc<rustls::ClientConfig>,
 }
@@ -87,15 +89,11 @@ impl Client {
     /// A client for the server at `base` (`http://127.0.0.1:8341`), with the bearer token read
     /// from `token_file` if given.
     pub fn new(base: &str, token_file: Option<&Path>) -> Result<Self, ClientError> {
-        let token = match token_file {
-            Some(path) => {
-                let t = std::fs::read_to_string(path).map_err(|e| {
-                    ClientError::Other(format!("cannot read token file {}: {e}", path.display()))
-                })?;
-                Some(t.trim().to_owned())
-            }
-            None => None,
-        };
+        let token = token_file
+            .map(|path| {
+                read_token_file(path).map_err(|e| ClientError::Other(format!("token file: {e}")))
+            })
+            .transpose()?;
         let tls = tls_config()?;
         let http = reqwest::Client::builder()
             .tls_backend_preconfigured(tls.clone())
@@ -118,7 +116,7 @@ impl Client {
         let url = format!("{}{path}", self.base);
         let mut req = self.http.request(method, &url);
         if let Some(t) = &self.token {
-            req = req.bearer_auth(t);
+            req = req.bearer_auth(t.expose());
         }
         if let Some(b) = body {
             req = req.json(&b);
@@ -242,7 +240,7 @@ impl Client {
             .into_client_request()
             .map_err(|e| ClientError::Other(format!("bad URL {url}: {e}")))?;
         if let Some(t) = &self.token {
-            let value = format!("Bearer {t}")
+            let value = format!("Bearer {}", t.expose())
                 .parse()
                 .map_err(|_| ClientError::Other("token is not a valid header value".into()))?;
             request.headers_mut().insert("authorization", value);
@@ -315,7 +313,8 @@ impl Client {
 }
 
 /// Formats an error with its causes (reqwest hides the useful part in `source`).
-fn error_chain(e: &dyn std::error::Error) -> String {
+/// An error and its causes, on one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut msg = e.to_string();
     let mut cur = e.source();
     while let Some(s) = cur {

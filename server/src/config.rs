@@ -637,21 +637,13 @@ impl Config {
     }
 
     /// Reads the bearer token, if one is configured.
-    pub fn read_token(&self) -> Result<Option<String>, ConfigError> {
-        let Some(path) = &self.token_file else {
-            return Ok(None);
-        };
-        let token = std::fs::read_to_string(path).map_err(|e| {
-            ConfigError::new(format!("token_file: cannot read {}: {e}", path.display()))
-        })?;
-        let token = token.trim();
-        if token.is_empty() {
-            return Err(ConfigError::new(format!(
-                "token_file: {} is empty",
-                path.display()
-            )));
-        }
-        Ok(Some(token.to_owned()))
+    pub fn read_token(&self) -> Result<Option<Secret>, ConfigError> {
+        self.token_file
+            .as_deref()
+            .map(|path| {
+                read_token_file(path).map_err(|e| ConfigError::new(format!("token_file: {e}")))
+            })
+            .transpose()
     }
 
     /// The names this machine answers to: its hostname and, if asked, its tailnet names.
@@ -669,17 +661,39 @@ impl Config {
     }
 }
 
-/// Asks the local tailscaled for this machine's DNS name, if tailscale is installed.
+/// How long `tailscale status` may take at startup.
+const TAILSCALE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Asks the local tailscaled for this machine's DNS name, if tailscale is installed. Gives up
+/// after [`TAILSCALE_TIMEOUT`]: a stuck tailscaled must not keep the server from serving.
 fn tailnet_names() -> Vec<String> {
-    let output = std::process::Command::new("tailscale")
+    use std::io::Read;
+    use std::process::{Command, Stdio};
+    let Ok(mut child) = Command::new("tailscale")
         .args(["status", "--json", "--peers=false"])
-        .stdin(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .output();
-    let Ok(output) = output else {
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+    else {
         return Vec::new();
     };
-    let Ok(status) = serde_json::from_slice::<serde_json::Value>(&output.stdout) else {
+    let deadline = std::time::Instant::now() + TAILSCALE_TIMEOUT;
+    // Its answer (one machine, no peers) fits in the pipe, so waiting first cannot block it.
+    while matches!(child.try_wait(), Ok(None)) {
+        if std::time::Instant::now() > deadline {
+            tracing::warn!("`tailscale status` did not answer; not adding tailnet names");
+            let _ = child.kill();
+            let _ = child.wait();
+            return Vec::new();
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut stdout = Vec::new();
+    if let Some(mut out) = child.stdout.take() {
+        let _ = out.read_to_end(&mut stdout);
+    }
+    let Ok(status) = serde_json::from_slice::<serde_json::Value>(&stdout) else {
         return Vec::new();
     };
     let mut names = Vec::new();
@@ -1078,5 +1092,38 @@ mod tests {
         .expect_err("dup")
         .to_string();
         assert!(e.contains("duplicate"), "{e}");
+    }
+}
+
+/// A bearer token: kept out of `Debug` output, so it never reaches a log by accident.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a token.
+    pub fn new(token: impl Into<String>) -> Self {
+        Self(token.into())
+    }
+
+    /// The token itself, for the one place that needs it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+/// Reads a token file: surrounding whitespace is not part of the token, and an empty file is
+/// an error rather than an empty token. Used by the server and by every client.
+pub fn read_token_file(path: &Path) -> Result<Secret, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    match text.trim() {
+        "" => Err(format!("{} is empty", path.display())),
+        token => Ok(Secret(token.to_owned())),
     }
 }

@@ -16,14 +16,14 @@ use axum::response::{IntoResponse, Response};
 use subtle::ConstantTimeEq;
 
 use crate::api::ApiError;
-use crate::config::Config;
+use crate::config::{Config, Secret};
 
 /// The access rules of one server.
 #[derive(Debug, Clone)]
 pub struct AccessPolicy {
     hosts: HashSet<String>,
     origins: HashSet<String>,
-    token: Option<String>,
+    token: Option<Secret>,
 }
 
 impl AccessPolicy {
@@ -31,7 +31,7 @@ impl AccessPolicy {
     /// this machine's names (hostname, tailnet names).
     pub fn new(
         config: &Config,
-        token: Option<String>,
+        token: Option<Secret>,
         bound: SocketAddr,
         names: Vec<String>,
     ) -> Self {
@@ -75,12 +75,15 @@ impl AccessPolicy {
             return Ok(());
         }
         if let Some(expected) = &self.token {
+            // The scheme name is case-insensitive (RFC 9110 §11.1).
             let given = headers
                 .get(header::AUTHORIZATION)
                 .and_then(|h| h.to_str().ok())
-                .and_then(|h| h.strip_prefix("Bearer "))
-                .map(str::trim);
-            let ok = given.is_some_and(|g| bool::from(g.as_bytes().ct_eq(expected.as_bytes())));
+                .and_then(|h| h.split_once(' '))
+                .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+                .map(|(_, token)| token.trim());
+            let ok =
+                given.is_some_and(|g| bool::from(g.as_bytes().ct_eq(expected.expose().as_bytes())));
             if !ok {
                 return Err(ApiError::Unauthorized);
             }
@@ -156,7 +159,7 @@ mod tests {
         };
         AccessPolicy::new(
             &config,
-            token.map(str::to_owned),
+            token.map(Secret::new),
             "127.0.0.1:8341".parse().expect("addr"),
             vec!["myhost".into()],
         )
@@ -224,6 +227,11 @@ mod tests {
         let p = policy(Some("s3cret"));
         let h = |auth: &str| headers(&[("host", "localhost"), ("authorization", auth)]);
         assert!(p.check("/sessions", &h("Bearer s3cret")).is_ok());
+        assert!(
+            p.check("/sessions", &h("bearer s3cret")).is_ok(),
+            "any case"
+        );
+        assert!(!format!("{p:?}").contains("s3cret"), "kept out of logs");
         assert!(p.check("/sessions", &h("Bearer nope")).is_err());
         assert!(p.check("/sessions", &h("s3cret")).is_err());
         assert!(

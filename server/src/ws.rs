@@ -364,19 +364,22 @@ impl Client {
     }
 }
 
-/// Feeds `frames` and flushes once; fails if the client accepts nothing for `stall`.
+/// Feeds `frames` and flushes once. Fails if the client takes longer than `stall` to accept
+/// any one frame or the final flush: a slow reader that keeps reading stays connected.
 async fn send_batch(
     sink: &mut SplitSink<WebSocket, Message>,
     frames: Vec<Message>,
     stall: Duration,
 ) -> Result<(), ()> {
-    let send = async {
-        for frame in frames {
-            sink.feed(frame).await?;
+    // A feed only waits when the write buffer is full, so each timeout covers at most one
+    // buffer's worth (or one frame) of progress.
+    for frame in frames {
+        match tokio::time::timeout(stall, sink.feed(frame)).await {
+            Ok(Ok(())) => {}
+            _ => return Err(()),
         }
-        sink.flush().await
-    };
-    match tokio::time::timeout(stall, send).await {
+    }
+    match tokio::time::timeout(stall, sink.flush()).await {
         Ok(Ok(())) => Ok(()),
         _ => Err(()),
     }
@@ -404,7 +407,8 @@ async fn read_client(client: &Client, mut stream: SplitStream<WebSocket>) -> End
                 }
                 bin
             }
-            Message::Close(_) => return End::Gone,
+            // tungstenite answers the close on the next read, which then ends the stream.
+            Message::Close(_) => continue,
             Message::Ping(_) | Message::Pong(_) => continue,
         };
         let Some(tx) = &stdin else {

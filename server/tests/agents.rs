@@ -108,8 +108,10 @@ async fn start(
     }
     let inst = agent_instance(kind, &mock, sandbox.as_ref());
     let server = TestServer::start_with(|c| {
-        if let Some(s) = &sandbox {
-            s.apply(c);
+        match &sandbox {
+            Some(s) => s.apply(c),
+            // A plain child needs to find node and a home.
+            None => common::pass_env(c, &["PATH", "HOME"]),
         }
         c.instances.push(inst);
     })
@@ -338,7 +340,12 @@ async fn claude_code_native_dialect_keeps_claudes_protocol_and_survives_garbage(
         let mut inst = agent_instance("claude-code", &mock, None);
         inst.id = "native".into();
         inst.dialect = Some("native".into());
-        let server = TestServer::start_with(|c| c.instances.push(inst)).await;
+        let server = TestServer::start_with(|c| {
+            // Claude runs as a plain child here: it needs to find node and a home.
+            common::pass_env(c, &["PATH", "HOME"]);
+            c.instances.push(inst);
+        })
+        .await;
         let work = tempfile::tempdir().expect("workspace");
         let id = create(&server, "native", work.path()).await;
         let mut ws = server.ws(&id).await;

@@ -205,16 +205,26 @@ async fn session_environment_and_cwd_reach_the_agent() {
         c.instances[0]
             .env
             .insert("FROM_INSTANCE".into(), "i".into());
+        // As if `runtime.pass_env` had found FROM_SERVER in the server's environment.
+        c.runtime
+            .passed_env
+            .insert("FROM_SERVER".into(), "s".into());
     })
     .await;
     let body = json!({"cwd": dir.path(), "env": {"FROM_SESSION": "0123"}}).to_string();
     let (status, created) = server.post("/sessions", &body).await;
     assert_eq!(status, 201);
     let mut ws = server.ws(created["id"].as_str().expect("id")).await;
-    for (key, want) in [("FROM_INSTANCE", "i"), ("FROM_SESSION", "0123")] {
+    // PATH is in the server's (this test's) environment, but not passed on.
+    for (key, want) in [
+        ("FROM_INSTANCE", json!("i")),
+        ("FROM_SESSION", json!("0123")),
+        ("FROM_SERVER", json!("s")),
+        ("PATH", Value::Null),
+    ] {
         ws.send(&json!({"_emit": "env", "key": key}).to_string())
             .await;
-        assert_eq!(ws.json().await["value"], want);
+        assert_eq!(ws.json().await["value"], want, "{key}");
     }
     ws.send(r#"{"_emit":"cwd"}"#).await;
     assert_eq!(ws.json().await["cwd"], dir.path().display().to_string());

@@ -3,7 +3,7 @@
 mod common;
 
 use common::{TestServer, Ws};
-use futures_util::SinkExt;
+use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -421,5 +421,22 @@ async fn an_answer_to_a_line_sent_at_once_is_never_skipped() {
         ws.send(&line).await;
         assert_eq!(ws.text().await, line);
     }
+    server.stop().await;
+}
+
+/// A client that closes gets the server's close frame back: a clean close on both sides.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_close_from_the_client_is_answered() {
+    let server = TestServer::start().await;
+    let id = server.session("cat").await;
+    let mut ws = server.ws(&id).await;
+    ws.socket.close(None).await.expect("close");
+    let reply = tokio::time::timeout(common::WAIT, ws.socket.next())
+        .await
+        .expect("in time");
+    assert!(
+        matches!(reply, Some(Ok(Message::Close(_)))),
+        "expected the close frame back, got {reply:?}"
+    );
     server.stop().await;
 }

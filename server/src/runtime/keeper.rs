@@ -187,8 +187,12 @@ async fn keep(run_dir: &Path) -> io::Result<()> {
     let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
         return Err(io::Error::other("agent has no stdio pipes"));
     };
-    // The socket appears only now, with the agent's pid on disk: the server may signal the
-    // agent as soon as it can connect.
+    // The socket appears only now, with the agent's and the keeper's pids on disk: the server
+    // reads them as soon as it can connect.
+    std::fs::write(
+        path(run_dir, KEEPER_PID_FILE),
+        std::process::id().to_string(),
+    )?;
     let socket = path(run_dir, SOCKET_FILE);
     let _ = std::fs::remove_file(&socket);
     let listener = UnixListener::bind(&socket)?;
@@ -196,10 +200,6 @@ async fn keep(run_dir: &Path) -> io::Result<()> {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))?;
     }
-    std::fs::write(
-        path(run_dir, KEEPER_PID_FILE),
-        std::process::id().to_string(),
-    )?;
     let control = Arc::new(super::process::GroupControl::new(agent_pid));
     let exit_control = control.clone();
     let exit = Box::pin(async move {

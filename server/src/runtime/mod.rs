@@ -40,7 +40,9 @@ impl Runtimes {
     /// tmux and tini are usable (checked by starting a real container), else tmux alone when
     /// tmux is, else plain processes; the choice and its reasons are logged.
     pub async fn new(config: &Config, moorline_exe: PathBuf) -> Self {
-        let process: Arc<dyn Runtime> = Arc::new(process::ProcessRuntime);
+        let process: Arc<dyn Runtime> = Arc::new(process::ProcessRuntime::new(
+            config.runtime.passed_env.clone(),
+        ));
         let wanted = |kind: RuntimeKind| {
             config
                 .instances

@@ -10,6 +10,7 @@
 //! be seen to exit. Owning the [`tokio::process::Child`] directly lets the session wait on the
 //! exit and on the pipes separately.
 
+use std::collections::BTreeMap;
 use std::io;
 use std::process::Stdio;
 use std::sync::Arc;
@@ -24,7 +25,18 @@ use super::{Agent, AgentControl, ExitInfo, Runtime, RuntimeError, SpawnSpec};
 
 /// Runs agents as child processes.
 #[derive(Debug, Default)]
-pub struct ProcessRuntime;
+pub struct ProcessRuntime {
+    /// What agents get of the server's environment (`runtime.pass_env`), as in containers.
+    base_env: BTreeMap<String, String>,
+}
+
+impl ProcessRuntime {
+    /// A runtime whose agents start from `base_env`, never the server's whole environment
+    /// (which may hold the server's own secrets).
+    pub fn new(base_env: BTreeMap<String, String>) -> Self {
+        Self { base_env }
+    }
+}
 
 #[async_trait]
 impl Runtime for ProcessRuntime {
@@ -36,6 +48,8 @@ impl Runtime for ProcessRuntime {
         let mut command = Command::new(&spec.program);
         command
             .args(&spec.args)
+            .env_clear()
+            .envs(&self.base_env)
             .envs(&spec.env)
             .current_dir(&spec.cwd)
             .stdin(Stdio::piped())

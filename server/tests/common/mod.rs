@@ -353,6 +353,16 @@ macro_rules! require_durable {
     };
 }
 
+/// Passes `keys` of the test's environment on to agents, as `runtime.pass_env` does for a
+/// server started from the command line.
+pub fn pass_env(config: &mut Config, keys: &[&str]) {
+    for key in keys {
+        if let Ok(value) = std::env::var(key) {
+            config.runtime.passed_env.insert((*key).into(), value);
+        }
+    }
+}
+
 /// A private tmux server and runc state directory for one test, cleaned up when dropped:
 /// durable agents outlive servers by design, so tests must remove them explicitly.
 pub struct Sandbox {
@@ -377,10 +387,7 @@ impl Sandbox {
     pub fn apply(&self, config: &mut Config) {
         config.runtime.tmux_socket = self.tmux_socket.clone();
         config.runtime.runc_root = Some(self.runc_root.path().to_owned());
-        config
-            .runtime
-            .passed_env
-            .insert("PATH".into(), std::env::var("PATH").unwrap_or_default());
+        pass_env(config, &["PATH"]);
     }
 
     /// Container ids in the runc state directory.
