@@ -19,21 +19,24 @@ use std::collections::{BTreeMap, VecDeque};
 
 use serde_json::{Value, json};
 
-use crate::pipeline::{Dialect, Outputs, Translator};
-use crate::pirpc::{self, AgentSettings, Conversation};
-use crate::{Adapter, AdapterConfig, AdapterError, LaunchContext, LaunchSpec};
+use crate::pipeline::{Decision, Dialect, Outputs, Translator, claude_permission_answer};
+use crate::pirpc::{self, Conversation};
+use crate::{Adapter, AdapterConfig, AdapterError, LaunchContext, LaunchSettings, LaunchSpec};
 
 /// Launches Claude Code.
 #[derive(Debug, Clone)]
 pub struct ClaudeAdapter {
-    settings: AgentSettings,
+    launch: LaunchSettings,
+    /// Clients speak pi-rpc rather than the agent's own protocol.
+    pi_rpc: bool,
 }
 
 impl ClaudeAdapter {
     /// A Claude Code adapter for an instance (`dialect`: `pi-rpc`, the default, or `native`).
     pub fn new(config: &AdapterConfig) -> Result<Self, AdapterError> {
         Ok(Self {
-            settings: AgentSettings::new(config, "claude-code", "claude")?,
+            launch: LaunchSettings::new(config, "claude"),
+            pi_rpc: pirpc::wants_pi_rpc(config, "claude-code")?,
         })
     }
 }
@@ -60,10 +63,10 @@ impl Adapter for ClaudeAdapter {
         .into_iter()
         .map(str::to_owned)
         .collect();
-        if let Some(m) = &self.settings.model {
+        if let Some(m) = &self.launch.model {
             args.extend(["--model".into(), m.clone()]);
         }
-        args.extend(self.settings.args.iter().cloned());
+        args.extend(self.launch.args.iter().cloned());
         let mut env = ctx.env.clone();
         for (k, v) in [
             ("DISABLE_TELEMETRY", "1"),
@@ -73,11 +76,11 @@ impl Adapter for ClaudeAdapter {
         ] {
             env.insert(k.into(), v.into());
         }
-        if let Some(url) = &self.settings.base_url {
+        if let Some(url) = &self.launch.base_url {
             env.insert("ANTHROPIC_BASE_URL".into(), url.clone());
         }
         Ok(LaunchSpec {
-            program: self.settings.program.clone(),
+            program: self.launch.program.clone(),
             args,
             env,
             files: Vec::new(),
@@ -85,7 +88,7 @@ impl Adapter for ClaudeAdapter {
     }
 
     fn dialect(&self) -> Dialect {
-        if self.settings.pi_rpc {
+        if self.pi_rpc {
             Dialect::PiRpc
         } else {
             Dialect::ClaudeNative
@@ -93,8 +96,8 @@ impl Adapter for ClaudeAdapter {
     }
 
     fn translator(&self) -> Box<dyn Translator> {
-        if self.settings.pi_rpc {
-            Box::new(PiRpcTranslator::new(self.settings.model.clone()))
+        if self.pi_rpc {
+            Box::new(PiRpcTranslator::new(self.launch.model.clone()))
         } else {
             Box::new(NativeGuard)
         }
@@ -119,6 +122,10 @@ impl Translator for NativeGuard {
 
     fn agent_line(&mut self, line: &str, out: &mut Outputs) {
         out.to_clients.push(line.as_bytes().to_vec());
+    }
+
+    fn passes_agent_lines_through(&self) -> bool {
+        true
     }
 
     fn client_line(&mut self, line: &[u8], out: &mut Outputs) {
@@ -339,7 +346,14 @@ impl Translator for PiRpcTranslator {
                     pirpc::respond(out, &client_id.unwrap_or(Value::Null), command, result);
                 }
             }
-            // Status notes, hooks and the like have no pi counterpart.
+            // Any other request would leave Claude waiting: refuse it clearly.
+            Some("control_request") => {
+                let subtype = v["request"]["subtype"].as_str().unwrap_or("");
+                out.agent_json(&json!({"type": "control_response", "response": {
+                    "subtype": "error", "request_id": v["request_id"],
+                    "error": format!("moorline (pi-rpc dialect) does not handle {subtype}")}}));
+            }
+            // Status notes and the like have no pi counterpart.
             _ => {}
         }
     }
@@ -399,13 +413,12 @@ impl Translator for PiRpcTranslator {
                 let Some(input) = self.pending_inputs.remove(&rid) else {
                     return;
                 };
-                let response = if cmd["confirmed"] == true {
-                    json!({"behavior": "allow", "updatedInput": input})
-                } else {
-                    json!({"behavior": "deny", "message": "denied by remote user"})
-                };
-                out.agent_json(&json!({"type": "control_response",
-                    "response": {"subtype": "success", "request_id": rid, "response": response}}));
+                out.agent_json(&claude_permission_answer(
+                    &Value::String(rid),
+                    &input,
+                    Decision::from_confirmed(&cmd),
+                    "denied by remote user",
+                ));
             }
             other => pirpc::unsupported(out, &id, "claude-code", other),
         }
@@ -466,6 +479,20 @@ mod tests {
         assert_eq!(ends[0]["isError"], false);
         assert_eq!(ends[1]["isError"], true, "the denied call");
         assert_eq!(types.iter().filter(|t| **t == "agent_end").count(), 3);
+    }
+
+    #[test]
+    fn control_requests_it_cannot_handle_are_refused_not_left_waiting() {
+        let mut t = PiRpcTranslator::new(None);
+        let mut out = Outputs::default();
+        t.agent_line(
+            r#"{"type":"control_request","request_id":"r9","request":{"subtype":"hook_callback"}}"#,
+            &mut out,
+        );
+        let reply: Value = serde_json::from_slice(&out.to_agent[0]).expect("json");
+        assert_eq!(reply["response"]["subtype"], "error");
+        assert_eq!(reply["response"]["request_id"], "r9");
+        assert!(out.to_clients.is_empty());
     }
 
     #[test]

@@ -17,21 +17,24 @@ use std::collections::{BTreeMap, VecDeque};
 
 use serde_json::{Value, json};
 
-use crate::pipeline::{Dialect, Outputs, Translator};
-use crate::pirpc::{self, AgentSettings, Conversation};
-use crate::{Adapter, AdapterConfig, AdapterError, LaunchContext, LaunchSpec};
+use crate::pipeline::{Decision, Dialect, Outputs, Translator, codex_approval_answer};
+use crate::pirpc::{self, Conversation};
+use crate::{Adapter, AdapterConfig, AdapterError, LaunchContext, LaunchSettings, LaunchSpec};
 
 /// Launches `codex app-server`.
 #[derive(Debug, Clone)]
 pub struct CodexAdapter {
-    settings: AgentSettings,
+    launch: LaunchSettings,
+    /// Clients speak pi-rpc rather than the agent's own protocol.
+    pi_rpc: bool,
 }
 
 impl CodexAdapter {
     /// A Codex adapter for an instance (`dialect`: `pi-rpc`, the default, or `native`).
     pub fn new(config: &AdapterConfig) -> Result<Self, AdapterError> {
         Ok(Self {
-            settings: AgentSettings::new(config, "codex", "codex")?,
+            launch: LaunchSettings::new(config, "codex"),
+            pi_rpc: pirpc::wants_pi_rpc(config, "codex")?,
         })
     }
 }
@@ -52,7 +55,7 @@ impl Adapter for CodexAdapter {
             "-c".into(),
             "features.plugins=false".into(),
         ];
-        if let Some(url) = &self.settings.base_url {
+        if let Some(url) = &self.launch.base_url {
             let key = if ctx.env.contains_key("OPENAI_API_KEY") {
                 ", env_key = \"OPENAI_API_KEY\""
             } else {
@@ -68,12 +71,12 @@ impl Adapter for CodexAdapter {
                 ),
             ]);
         }
-        if let Some(m) = &self.settings.model {
+        if let Some(m) = &self.launch.model {
             args.extend(["-c".into(), format!("model={}", toml_str(m))]);
         }
-        args.extend(self.settings.args.iter().cloned());
+        args.extend(self.launch.args.iter().cloned());
         Ok(LaunchSpec {
-            program: self.settings.program.clone(),
+            program: self.launch.program.clone(),
             args,
             env: ctx.env.clone(),
             files: Vec::new(),
@@ -81,7 +84,7 @@ impl Adapter for CodexAdapter {
     }
 
     fn dialect(&self) -> Dialect {
-        if self.settings.pi_rpc {
+        if self.pi_rpc {
             Dialect::PiRpc
         } else {
             Dialect::CodexNative
@@ -89,7 +92,7 @@ impl Adapter for CodexAdapter {
     }
 
     fn translator(&self) -> Box<dyn Translator> {
-        if self.settings.pi_rpc {
+        if self.pi_rpc {
             Box::new(PiRpcTranslator::default())
         } else {
             Box::new(crate::pipeline::Passthrough)
@@ -264,6 +267,13 @@ impl Translator for PiRpcTranslator {
             (None, Some(id)) => {
                 let id = id.as_str().unwrap_or("").to_owned();
                 if id == THREAD {
+                    if let Some(err) = v.get("error") {
+                        // Without a thread no prompt can run: say why, drop what waited.
+                        self.queue.clear();
+                        self.conversation
+                            .turn_ended(out, Some(err["message"].clone()));
+                        return;
+                    }
                     self.thread = v["result"]["thread"]["id"].as_str().map(str::to_owned);
                     self.model = v["result"]["model"].as_str().map(str::to_owned);
                     let mut ready = crate::pipeline::ready_frame();
@@ -281,10 +291,21 @@ impl Translator for PiRpcTranslator {
                     };
                     pirpc::respond(out, &cid, &command, result);
                 } else if let Some(err) = v.get("error") {
-                    // turn/start and the handshake have no client waiting; say what failed.
-                    out.client_json(
-                        &json!({"type": "agent_end", "messages": [], "error": err["message"]}),
-                    );
+                    // A turn/start (no client waits for it) or the handshake failed.
+                    let error = err["message"].clone();
+                    match self.turn.as_deref() {
+                        // A steer refused by the running turn: that turn goes on.
+                        Some(turn) if !turn.is_empty() => out.client_json(&json!({
+                            "type": "response", "command": "steer", "success": false, "error": error})),
+                        // A turn that never started: end it, and go on with what is queued.
+                        _ => {
+                            self.turn = None;
+                            self.conversation.turn_ended(out, Some(error));
+                            if let Some(next) = self.queue.pop_front() {
+                                self.start_turn(&next, out);
+                            }
+                        }
+                    }
                 }
             }
             (None, None) => {}
@@ -340,12 +361,10 @@ impl Translator for PiRpcTranslator {
                 else {
                     return;
                 };
-                let decision = if cmd["confirmed"] == true {
-                    "accept"
-                } else {
-                    "decline"
-                };
-                out.agent_json(&json!({"id": codex_id, "result": {"decision": decision}}));
+                out.agent_json(&codex_approval_answer(
+                    &codex_id,
+                    Decision::from_confirmed(&cmd),
+                ));
             }
             other => pirpc::unsupported(out, &id, "codex", other),
         }
@@ -442,5 +461,35 @@ mod tests {
         );
         let answer: Value = serde_json::from_slice(&out.to_agent[0]).expect("json");
         assert_eq!(answer, json!({"id": 0, "result": {"decision": "decline"}}));
+    }
+
+    #[test]
+    fn a_turn_codex_refuses_to_start_ends_and_the_next_prompt_runs() {
+        let mut t = PiRpcTranslator::default();
+        t.start(&mut Outputs::default());
+        t.agent_line(
+            r#"{"id":"moorline-thread","result":{"thread":{"id":"T1"}}}"#,
+            &mut Outputs::default(),
+        );
+        let mut out = Outputs::default();
+        t.client_line(br#"{"id":"p1","type":"prompt","message":"one"}"#, &mut out);
+        let start: Value = serde_json::from_slice(&out.to_agent[0]).expect("json");
+        t.client_line(
+            br#"{"id":"p2","type":"prompt","message":"two"}"#,
+            &mut Outputs::default(),
+        );
+        let mut out = Outputs::default();
+        let refusal = json!({"id": start["id"], "error": {"code": -1, "message": "quota"}});
+        t.agent_line(&refusal.to_string(), &mut out);
+        let end: Value = serde_json::from_slice(&out.to_clients[1]).expect("json");
+        assert_eq!(
+            (end["type"].as_str(), end["error"].as_str()),
+            (Some("agent_end"), Some("quota"))
+        );
+        let next: Value = serde_json::from_slice(&out.to_agent[0]).expect("json");
+        assert_eq!(
+            next["params"]["input"][0]["text"], "two",
+            "the queued prompt runs"
+        );
     }
 }

@@ -129,6 +129,35 @@ pub struct AdapterConfig {
     pub provider: Option<String>,
 }
 
+/// What an instance says about how to launch an agent program.
+#[derive(Debug, Clone)]
+pub struct LaunchSettings {
+    /// The program to run.
+    pub program: PathBuf,
+    /// Extra arguments, after the adapter's own.
+    pub args: Vec<String>,
+    /// Model to ask for.
+    pub model: Option<String>,
+    /// Base URL of the model API.
+    pub base_url: Option<String>,
+}
+
+impl LaunchSettings {
+    /// Reads `config`; the program is `default_program` (looked up on `PATH`) unless the
+    /// instance names another.
+    pub fn new(config: &AdapterConfig, default_program: &str) -> Self {
+        Self {
+            program: config
+                .agent_path
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(default_program)),
+            args: config.args.clone(),
+            model: config.model.clone(),
+            base_url: config.base_url.clone(),
+        }
+    }
+}
+
 /// Agent kinds built into moorline.
 pub const KINDS: &[&str] = &["echo", "command", "pi", "claude-code", "codex"];
 

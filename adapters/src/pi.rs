@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use serde_json::{Value, json};
 
 use crate::pipeline::{Outputs, Translator, ready_frame};
-use crate::{Adapter, AdapterConfig, AdapterError, LaunchContext, LaunchSpec};
+use crate::{Adapter, AdapterConfig, AdapterError, LaunchContext, LaunchSettings, LaunchSpec};
 
 /// The permission gate extension.
 pub const GATE: &str = include_str!("../data/pi-permission-gate.ts");
@@ -21,25 +21,16 @@ pub const GATE_FILE: &str = "pi/permission-gate.ts";
 /// Launches `pi --mode rpc` with moorline's gate.
 #[derive(Debug, Clone)]
 pub struct PiAdapter {
-    program: PathBuf,
-    args: Vec<String>,
-    model: Option<String>,
+    launch: LaunchSettings,
     provider: Option<String>,
-    base_url: Option<String>,
 }
 
 impl PiAdapter {
     /// A pi adapter for an instance.
     pub fn new(config: &AdapterConfig) -> Self {
         Self {
-            program: config
-                .agent_path
-                .clone()
-                .unwrap_or_else(|| PathBuf::from("pi")),
-            args: config.args.clone(),
-            model: config.model.clone(),
+            launch: LaunchSettings::new(config, "pi"),
             provider: config.provider.clone(),
-            base_url: config.base_url.clone(),
         }
     }
 }
@@ -62,10 +53,10 @@ impl Adapter for PiAdapter {
         if let Some(p) = &self.provider {
             args.extend(["--provider".into(), p.clone()]);
         }
-        if let Some(m) = &self.model {
+        if let Some(m) = &self.launch.model {
             args.extend(["--model".into(), m.clone()]);
         }
-        args.extend(self.args.iter().cloned());
+        args.extend(self.launch.args.iter().cloned());
         let mut env = ctx.env.clone();
         for (k, v) in [
             ("PI_OFFLINE", "1"),
@@ -75,7 +66,7 @@ impl Adapter for PiAdapter {
             env.insert(k.into(), v.into());
         }
         let mut files = vec![(PathBuf::from(GATE_FILE), GATE.as_bytes().to_vec())];
-        if let Some(url) = &self.base_url {
+        if let Some(url) = &self.launch.base_url {
             // A custom API endpoint lives in pi's models.json; give this session its own
             // configuration directory holding one.
             let provider = self.provider.clone().unwrap_or_else(|| "anthropic".into());
@@ -90,7 +81,7 @@ impl Adapter for PiAdapter {
             );
         }
         Ok(LaunchSpec {
-            program: self.program.clone(),
+            program: self.launch.program.clone(),
             args,
             env,
             files,
@@ -99,7 +90,7 @@ impl Adapter for PiAdapter {
 
     fn protected_env(&self) -> &'static [&'static str] {
         // Another configuration directory or package directory could load other extensions.
-        &["PI_CODING_AGENT_DIR", "PI_PACKAGE_DIR", "PI_*"]
+        &["PI_*"]
     }
 
     fn translator(&self) -> Box<dyn Translator> {

@@ -60,6 +60,11 @@ pub trait Translator: Send {
     fn passes_through(&self) -> bool {
         false
     }
+
+    /// True if it leaves every agent line unchanged (though it may change client lines).
+    fn passes_agent_lines_through(&self) -> bool {
+        self.passes_through()
+    }
 }
 
 /// Lines pass through untouched: for agents that speak the client dialect themselves.
@@ -106,6 +111,15 @@ pub enum Decision {
 }
 
 impl Decision {
+    /// The decision in a pi `extension_ui_response`: allow only on `"confirmed": true`.
+    pub fn from_confirmed(response: &Value) -> Self {
+        if response["confirmed"] == true {
+            Decision::Allow
+        } else {
+            Decision::Deny
+        }
+    }
+
     /// The name used in frames.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -176,13 +190,13 @@ static MARKERS: LazyLock<Markers> = LazyLock::new(|| Markers {
 
 impl Dialect {
     /// Cheap test before parsing: could this line be an approval request?
-    fn may_be_request(self, line: &str) -> bool {
+    fn may_be_request(self, line: &[u8]) -> bool {
         let finder = match self {
             Dialect::PiRpc => &MARKERS.pi_request,
             Dialect::ClaudeNative => &MARKERS.claude_request,
             Dialect::CodexNative => &MARKERS.codex_request,
         };
-        finder.find(line.as_bytes()).is_some()
+        finder.find(line).is_some()
     }
 
     fn may_be_response(self, line: &[u8]) -> bool {
@@ -299,27 +313,42 @@ impl Dialect {
                 "id": request["id"],
                 "confirmed": decision == Decision::Allow,
             }),
-            Dialect::ClaudeNative => {
-                let response = match decision {
-                    Decision::Allow => {
-                        json!({"behavior": "allow", "updatedInput": request["request"]["input"]})
-                    }
-                    Decision::Deny => json!({"behavior": "deny", "message": reason}),
-                };
-                json!({
-                    "type": "control_response",
-                    "response": {"subtype": "success", "request_id": request["request_id"], "response": response},
-                })
-            }
-            Dialect::CodexNative => {
-                let decision = match decision {
-                    Decision::Allow => "accept",
-                    Decision::Deny => "decline",
-                };
-                json!({"id": request["id"], "result": {"decision": decision}})
-            }
+            Dialect::ClaudeNative => claude_permission_answer(
+                &request["request_id"],
+                &request["request"]["input"],
+                decision,
+                reason,
+            ),
+            Dialect::CodexNative => codex_approval_answer(&request["id"], decision),
         }
     }
+}
+
+/// Claude Code's answer to a `can_use_tool` request: an allow runs the tool with its original
+/// input; a deny tells Claude why.
+pub(crate) fn claude_permission_answer(
+    request_id: &Value,
+    input: &Value,
+    decision: Decision,
+    reason: &str,
+) -> Value {
+    let response = match decision {
+        Decision::Allow => json!({"behavior": "allow", "updatedInput": input}),
+        Decision::Deny => json!({"behavior": "deny", "message": reason}),
+    };
+    json!({
+        "type": "control_response",
+        "response": {"subtype": "success", "request_id": request_id, "response": response},
+    })
+}
+
+/// Codex's answer to one of its approval requests.
+pub(crate) fn codex_approval_answer(id: &Value, decision: Decision) -> Value {
+    let decision = match decision {
+        Decision::Allow => "accept",
+        Decision::Deny => "decline",
+    };
+    json!({"id": id, "result": {"decision": decision}})
 }
 
 /// The frame that tells clients the agent is ready for its first command.
@@ -376,7 +405,8 @@ impl Pipeline {
     /// True if `line` would reach clients unchanged and cannot be an approval request, so the
     /// caller may skip [`Pipeline::agent_line`] (the common case, kept cheap).
     pub fn passes_through_agent_line(&self, line: &str) -> bool {
-        self.translator.passes_through() && !self.dialect.may_be_request(line)
+        self.translator.passes_agent_lines_through()
+            && !self.dialect.may_be_request(line.as_bytes())
     }
 
     /// True if a client line would reach the agent unchanged and cannot be an approval answer.
@@ -386,10 +416,10 @@ impl Pipeline {
 
     /// An output line of the agent.
     pub fn agent_line(&mut self, line: &str, now: Instant, out: &mut Outputs) {
-        let mut translated = Outputs::default();
-        self.translator.agent_line(line, &mut translated);
-        out.to_agent.append(&mut translated.to_agent);
-        for client_line in translated.to_clients {
+        let first = out.to_clients.len();
+        self.translator.agent_line(line, out);
+        let translated = out.to_clients.split_off(first);
+        for client_line in translated {
             self.observe(client_line, now, out);
         }
     }
@@ -400,12 +430,15 @@ impl Pipeline {
             && let Ok(v) = serde_json::from_slice::<Value>(line)
             && let Some((id, decision)) = self.dialect.response(&v)
         {
-            if self.pending.remove(&id).is_none() {
-                // Already answered (or never asked): the first answer stands.
+            if self.pending.remove(&id).is_some() {
+                self.settle(id.clone());
+                out.client_json(&resolved_frame(&id, decision, "client"));
+            } else if self.settled.contains(&id) {
+                // Already answered: the first answer stands.
                 return;
             }
-            self.settle(id.clone());
-            out.client_json(&resolved_frame(&id, decision, "client"));
+            // Otherwise it answers something moorline does not track (say, a hook callback of
+            // Claude's control protocol): it goes to the agent unchanged.
         }
         self.translator.client_line(line, out);
     }
@@ -466,8 +499,7 @@ impl Pipeline {
     /// A line about to reach clients: tracks approval requests, answers those the policy
     /// allows outright.
     fn observe(&mut self, line: Vec<u8>, now: Instant, out: &mut Outputs) {
-        let text = String::from_utf8_lossy(&line);
-        if !self.dialect.may_be_request(&text) {
+        if !self.dialect.may_be_request(&line) {
             out.to_clients.push(line);
             return;
         }
@@ -554,6 +586,24 @@ mod tests {
         );
         assert_eq!(second, Outputs::default(), "a late answer goes nowhere");
         assert!(p.pending().is_empty());
+    }
+
+    #[test]
+    fn answers_to_untracked_requests_reach_the_agent() {
+        let mut p = Pipeline::new(
+            Box::new(Passthrough),
+            Dialect::ClaudeNative,
+            ApprovalPolicy::default(),
+        );
+        let mut out = Outputs::default();
+        let hook = br#"{"type":"control_response","response":{"subtype":"success","request_id":"hook-1","response":{}}}"#;
+        p.client_line(hook, &mut out);
+        assert_eq!(
+            out.to_agent,
+            vec![hook.to_vec()],
+            "not mistaken for a late answer"
+        );
+        assert!(out.to_clients.is_empty());
     }
 
     #[test]

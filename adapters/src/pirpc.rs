@@ -3,56 +3,20 @@
 //! events and record pi's clients expect. Sharing it keeps every translated agent looking the
 //! same to a client.
 
-use std::path::PathBuf;
-
 use serde_json::{Value, json};
 
 use crate::pipeline::Outputs;
 use crate::{AdapterConfig, AdapterError};
 
-/// An instance's settings for an agent that speaks its own protocol and can be translated to
-/// pi-rpc for clients (Claude Code, Codex).
-#[derive(Debug, Clone)]
-pub struct AgentSettings {
-    /// The program to run.
-    pub program: PathBuf,
-    /// Extra arguments, after the adapter's own.
-    pub args: Vec<String>,
-    /// Model to ask for.
-    pub model: Option<String>,
-    /// Base URL of the model API.
-    pub base_url: Option<String>,
-    /// Clients speak pi-rpc (the default) rather than the agent's native protocol.
-    pub pi_rpc: bool,
-}
-
-impl AgentSettings {
-    /// Reads `config` for the agent `kind`, whose program is `default_program` on `PATH`
-    /// unless the instance names another. `dialect` must be `pi-rpc` (default) or `native`.
-    pub fn new(
-        config: &AdapterConfig,
-        kind: &str,
-        default_program: &str,
-    ) -> Result<Self, AdapterError> {
-        let pi_rpc = match config.dialect.as_deref() {
-            None | Some("pi-rpc") => true,
-            Some("native") => false,
-            Some(other) => {
-                return Err(AdapterError::Config(format!(
-                    "{kind} dialect {other:?}: use \"native\" or \"pi-rpc\""
-                )));
-            }
-        };
-        Ok(Self {
-            program: config
-                .agent_path
-                .clone()
-                .unwrap_or_else(|| PathBuf::from(default_program)),
-            args: config.args.clone(),
-            model: config.model.clone(),
-            base_url: config.base_url.clone(),
-            pi_rpc,
-        })
+/// Whether an instance of `kind` wants its clients to speak pi-rpc (`dialect = "pi-rpc"`, the
+/// default) rather than the agent's own protocol (`"native"`).
+pub fn wants_pi_rpc(config: &AdapterConfig, kind: &str) -> Result<bool, AdapterError> {
+    match config.dialect.as_deref() {
+        None | Some("pi-rpc") => Ok(true),
+        Some("native") => Ok(false),
+        Some(other) => Err(AdapterError::Config(format!(
+            "{kind} dialect {other:?}: use \"native\" or \"pi-rpc\""
+        ))),
     }
 }
 
