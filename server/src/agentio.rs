@@ -10,7 +10,7 @@
 //! Output goes through the framer, then the adapter's [`Pipeline`], then to an [`OutputSink`]
 //! (journal and fan-out) in batches: one journal write per read of stdout.
 
-use std::path::PathBuf;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -317,11 +317,10 @@ async fn sleep_until(deadline: Option<Instant>) {
 }
 
 /// Writes the pending approval requests where the server can read them (atomically).
-pub fn write_pending(path: &PathBuf, pending: &[serde_json::Value]) {
-    let tmp = path.with_extension("tmp");
+pub fn write_pending(path: &Path, pending: &[serde_json::Value]) {
     let body = serde_json::to_vec(pending).unwrap_or_default();
-    if std::fs::write(&tmp, body).is_ok() {
-        let _ = std::fs::rename(tmp, path);
+    if let Err(e) = crate::fsio::write_private(path, &body) {
+        tracing::warn!(error = %e, "cannot record pending approvals");
     }
 }
 

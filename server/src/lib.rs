@@ -14,6 +14,7 @@
 //! - [`runtime`]: where agents run, behind the [`runtime::Runtime`] trait.
 //! - [`agentio`]: the loop owning an agent's stdio: framing, translation and approvals.
 //! - [`framing`]: JSONL framing of agent output and client input.
+//! - [`fsio`]: atomic, private file writes.
 //! - [`journal`]: the durable per-session output log.
 //! - [`fanout`]: delivery of output to clients, with replay.
 //! - [`metrics`]: Prometheus metrics.
@@ -28,6 +29,7 @@ pub mod client;
 pub mod config;
 pub mod fanout;
 pub mod framing;
+pub mod fsio;
 pub mod journal;
 pub mod metrics;
 pub mod runtime;

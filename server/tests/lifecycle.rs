@@ -230,3 +230,26 @@ async fn session_environment_and_cwd_reach_the_agent() {
     assert_eq!(ws.json().await["cwd"], dir.path().display().to_string());
     server.stop().await;
 }
+
+/// An agent whose adapter greets clients on its behalf (Claude Code's `amarre.agent_ready`)
+/// and that dies before writing anything is still reported as failing to start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_failure_is_reported_even_after_the_adapters_greeting() {
+    let server = TestServer::start_with(|c| {
+        let mut claude = common::instance("claude", "claude-code");
+        claude.agent_path = Some("/bin/false".into());
+        c.instances.push(claude);
+    })
+    .await;
+    let (status, body) = server.post("/sessions", r#"{"instanceId":"claude"}"#).await;
+    assert_eq!(status, 201, "{body}");
+    let id = body["id"].as_str().expect("id").to_owned();
+    eventually("the failure is reported", || async {
+        server.get_json(&format!("/sessions/{id}")).await.1["status"] == "crashed"
+    })
+    .await;
+    let summary = server.get_json(&format!("/sessions/{id}")).await.1;
+    let error = summary["error"].as_str().unwrap_or_default();
+    assert!(error.contains("before writing anything"), "{summary}");
+    server.stop().await;
+}

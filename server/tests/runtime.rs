@@ -384,7 +384,6 @@ fn start_container(
         &moorline::runtime::runc::BundleSpec {
             container_id: id.to_owned(),
             session_id: id.split('-').nth(1).unwrap_or_default().to_owned(),
-            instance_id: "ghost".into(),
             generation: 1,
             program: which("sleep"),
             args: vec!["100".into()],

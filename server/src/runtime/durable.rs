@@ -135,7 +135,6 @@ impl DurableRuntime {
                         &BundleSpec {
                             container_id: id.clone(),
                             session_id: spec.session_id.clone(),
-                            instance_id: String::new(),
                             generation: spec.generation,
                             program,
                             args: spec.args.clone(),
@@ -182,7 +181,7 @@ impl DurableRuntime {
             pending_file: spec.session_dir.join(crate::session::store::PENDING_FILE),
         };
         // It holds the agent's environment (API keys): owner only.
-        write_private(
+        crate::fsio::write_private(
             &run_dir.join(keeper::SPEC_FILE),
             &serde_json::to_vec_pretty(&keeper_spec).map_err(io::Error::other)?,
         )?;
@@ -346,19 +345,6 @@ impl Runtime for DurableRuntime {
 /// How tmux sessions name the server they belong to: its sessions directory.
 fn owner(sessions_dir: &Path) -> String {
     sessions_dir.display().to_string()
-}
-
-/// Writes a file readable only by its owner.
-fn write_private(path: &Path, body: &[u8]) -> io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .mode(0o600)
-        .open(path)?;
-    file.write_all(body)
 }
 
 /// A fresh container id: never reused, even for the same session and start number.

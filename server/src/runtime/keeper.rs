@@ -89,16 +89,7 @@ pub fn path(run_dir: &Path, file: &str) -> PathBuf {
 /// Reads the exit file, if the agent's end was recorded.
 pub fn read_exit(run_dir: &Path) -> Option<ExitInfo> {
     let body = std::fs::read(path(run_dir, EXIT_FILE)).ok()?;
-    let v: serde_json::Value = serde_json::from_slice(&body).ok()?;
-    let int = |k: &str| {
-        v.get(k)
-            .and_then(serde_json::Value::as_i64)
-            .map(|n| n as i32)
-    };
-    Some(ExitInfo {
-        code: int("code"),
-        signal: int("signal"),
-    })
+    serde_json::from_slice(&body).ok()
 }
 
 /// `moorline keeper RUN_DIR`: runs the keeper until its agent has exited.
@@ -307,10 +298,8 @@ impl Drop for KeeperSink {
 
 /// Writes the exit file atomically.
 fn write_exit(run_dir: &Path, exit: ExitInfo) -> io::Result<()> {
-    let tmp = path(run_dir, "exit.tmp");
     let body = serde_json::to_vec(&exit).map_err(io::Error::other)?;
-    std::fs::write(&tmp, body)?;
-    std::fs::rename(tmp, path(run_dir, EXIT_FILE))
+    crate::fsio::write_private(&path(run_dir, EXIT_FILE), &body)
 }
 
 /// Tells the connected server, with one byte, that the journal has grown.

@@ -13,7 +13,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 pub mod durable;
@@ -166,7 +166,6 @@ async fn probe(host: &durable::ContainerHost, config: &Config) -> Result<(), Str
         &runc::BundleSpec {
             container_id: id.clone(),
             session_id: "probe".into(),
-            instance_id: "probe".into(),
             generation: 0,
             program: host.tini.clone(),
             args: vec!["--version".into()],
@@ -260,7 +259,7 @@ pub struct SpawnSpec {
 }
 
 /// How an agent ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExitInfo {
     /// Exit code, when it exited normally.
     pub code: Option<i32>,

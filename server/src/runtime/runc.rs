@@ -180,10 +180,8 @@ pub fn remove_cgroups(id: &str) {
 pub struct BundleSpec {
     /// The container id (unique, never reused).
     pub container_id: String,
-    /// Session, instance and start number, written as annotations.
+    /// The session, written as an annotation with the start number.
     pub session_id: String,
-    /// The instance.
-    pub instance_id: String,
     /// The start number.
     pub generation: u64,
     /// The agent program (absolute path on the host).
@@ -365,7 +363,6 @@ pub fn write_bundle(bundle: &Path, spec: &BundleSpec) -> io::Result<()> {
     base.set_annotations(Some(
         [
             ("org.moorline.session", spec.session_id.clone()),
-            ("org.moorline.instance", spec.instance_id.clone()),
             ("org.moorline.generation", spec.generation.to_string()),
         ]
         .into_iter()
@@ -457,7 +454,6 @@ mod tests {
         BundleSpec {
             container_id: "moorline-0123456789ab-1-cafe".into(),
             session_id: "0123456789ab".into(),
-            instance_id: "i".into(),
             generation: 1,
             program: "/opt/agents/bin/agent".into(),
             args: vec!["--rpc".into()],

@@ -23,11 +23,6 @@ impl Tmux {
         Self { program, socket }
     }
 
-    /// The name of moorline's tmux server, for `tmux -L <name> attach -t <session>`.
-    pub fn socket(&self) -> &str {
-        &self.socket
-    }
-
     fn command(&self) -> Command {
         let mut cmd = Command::new(&self.program);
         cmd.arg("-L")

@@ -557,6 +557,11 @@ impl SessionManager {
             metrics: self.metrics.clone(),
             cancel: self.cancel.clone(),
             lines: 0,
+            greeting_lines: fresh.then(|| {
+                let mut greeting = moorline_adapters::pipeline::Outputs::default();
+                instance.adapter.translator().start(&mut greeting);
+                greeting.to_clients.len() as u64
+            }),
         };
         match agent.output {
             Output::Pipe(stdout) => {

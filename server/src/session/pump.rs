@@ -33,6 +33,10 @@ pub(super) struct OutputPump {
     pub(super) cancel: CancellationToken,
     /// Lines published during this run, to tell a start failure from a crash.
     pub(super) lines: u64,
+    /// At most how many published lines a run can have without its agent having written
+    /// anything (the adapter's own greetings); `None` for an adopted run, whose start was
+    /// seen by another server.
+    pub(super) greeting_lines: Option<u64>,
 }
 
 /// Most bytes one poll of a followed journal publishes at once.
@@ -152,7 +156,7 @@ impl OutputPump {
         tracing::info!(session = %self.session.id, %exit, last_seq = self.session.hub.last_seq(), "agent finished");
         let generation = self.generation;
         let session = self.session.clone();
-        let silent = self.lines == 0;
+        let silent = self.greeting_lines.is_some_and(|n| self.lines <= n);
         drop(self);
         session.on_exit(generation, exit, silent).await;
     }

@@ -5,8 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::{self, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::io;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -55,17 +54,8 @@ pub struct Meta {
 /// Writes `meta` atomically (temporary file, then rename), readable only by the owner because
 /// it holds the session's environment.
 pub fn save(dir: &Path, meta: &Meta) -> io::Result<()> {
-    let tmp = dir.join(format!("{META_FILE}.tmp"));
-    let mut file = fs::OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .mode(0o600)
-        .open(&tmp)?;
     let body = serde_json::to_vec_pretty(meta).map_err(io::Error::other)?;
-    file.write_all(&body)?;
-    drop(file);
-    fs::rename(tmp, dir.join(META_FILE))
+    crate::fsio::write_private(&dir.join(META_FILE), &body)
 }
 
 /// Reads a session's metadata.
