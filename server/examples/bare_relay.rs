@@ -8,7 +8,8 @@
 //! WebSocket clients and `/bin/cat` can do, with none of moorline's guarantees. No journal, no
 //! replay, no limits, no auth, no approvals; a client that falls behind silently loses lines;
 //! `DELETE` does not wait for the agent to exit. It speaks just enough of the amarre protocol
-//! for the load generator (`POST /sessions`, `DELETE /sessions/{id}`, the session WebSocket),
+//! for the load generator (`GET /instances`, `POST /sessions`, `DELETE /sessions/{id}`, the
+//! session WebSocket),
 //! on 127.0.0.1 only, on PORT (default: any free port; the address is printed).
 //!
 //! Running it and moorline in turn on the same machine gives the cost of moorline's

@@ -62,8 +62,8 @@
 //!   `Authorization: Bearer <token>` on every REST and WebSocket request.
 //! - `--pid PID`: the server's process id; its VmRSS and VmHWM (peak RSS) are read from
 //!   `/proc/PID/status` before the run (idle) and after it.
-//! - `--only W,...`: run only these workloads (`spawn`, `rtt`, `pipelined`, `large`,
-//!   `fanout`); default all.
+//! - `--only W,...`: run only these workloads (`spawn`, `first-line`, `rtt`, `pipelined`,
+//!   `large`, `fanout`); default all.
 //! - `--runs N`: run each workload N times in a row (default 1) and report, for every figure,
 //!   the median (and min/max) over the runs.
 //! - `--time-limit-secs S`: abort the whole run, deleting the sessions it created, once it has
@@ -727,44 +727,41 @@ async fn sync(clients: &mut [Ws], wait: Duration) -> Result<()> {
 /// writing the sequence number into it: cheap enough to do while sending, even at 64 KiB.
 #[derive(Debug)]
 struct FrameMaker {
-    template: Vec<u8>,
+    template: String,
 }
 
 impl FrameMaker {
-    const PREFIX: &'static [u8] = b"{\"seq\":";
+    const PREFIX: &'static str = "{\"seq\":";
     const DIGITS: usize = 10;
     /// The smallest frame: prefix, digits, `,"p":"`, `"}`.
     const MIN_SIZE: usize = 7 + 10 + 6 + 2;
 
     fn new(size: usize) -> Self {
         let size = size.max(Self::MIN_SIZE);
-        let mut template = Vec::with_capacity(size);
-        template.extend_from_slice(Self::PREFIX);
-        template.extend_from_slice(&[b'0'; Self::DIGITS]);
-        template.extend_from_slice(b",\"p\":\"");
-        template.resize(size - 2, b'x');
-        template.extend_from_slice(b"\"}");
+        let mut template = String::with_capacity(size);
+        template.push_str(Self::PREFIX);
+        template.push_str(&"0".repeat(Self::DIGITS));
+        template.push_str(",\"p\":\"");
+        template.push_str(&"x".repeat(size - 2 - template.len()));
+        template.push_str("\"}");
         Self { template }
     }
 
     fn frame(&self, seq: u64) -> Utf8Bytes {
-        let mut bytes = self.template.clone();
-        let digits = &mut bytes[Self::PREFIX.len()..Self::PREFIX.len() + Self::DIGITS];
-        let mut n = seq;
-        for d in digits.iter_mut().rev() {
-            *d = b'0' + (n % 10) as u8;
-            n /= 10;
-        }
-        String::from_utf8(bytes)
-            .expect("the template and the digits are ASCII")
-            .into()
+        let mut text = self.template.clone();
+        let start = Self::PREFIX.len();
+        text.replace_range(
+            start..start + Self::DIGITS,
+            &format!("{seq:0width$}", width = Self::DIGITS),
+        );
+        text.into()
     }
 
     /// The sequence number of a data frame, `None` for anything else.
     fn seq_of(text: &str) -> Option<u64> {
         let digits = text
             .as_bytes()
-            .strip_prefix(Self::PREFIX)?
+            .strip_prefix(Self::PREFIX.as_bytes())?
             .get(..Self::DIGITS)?;
         digits.iter().try_fold(0u64, |n, d| {
             d.is_ascii_digit().then(|| n * 10 + u64::from(d - b'0'))

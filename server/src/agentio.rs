@@ -112,8 +112,9 @@ impl AgentIo {
         self.route(hello, stdin_open, &mut to_agent, sink);
         while stdout_open || exit_info.is_none() {
             let approval_deadline = self.pipeline.next_deadline().map(Instant::from_std);
+            // Unbiased: an agent that floods its output must not starve client input (an
+            // abort, say) or approval timeouts.
             tokio::select! {
-                biased;
                 read = stdout.read_buf(&mut buf), if stdout_open => match read {
                     Ok(0) => stdout_open = false,
                     Ok(_) => {

@@ -194,12 +194,7 @@ async fn healthz() -> Response {
 }
 
 async fn metrics(State(app): State<AppState>) -> Response {
-    for status in ["running", "exited", "crashed", "stopped"] {
-        app.metrics
-            .sessions
-            .get_or_create(&[("status", status)])
-            .set(0);
-    }
+    // Every status, zeros included, each set once.
     for (status, n) in app.sessions.count_by_status() {
         app.metrics
             .sessions

@@ -24,6 +24,7 @@ use super::runc::{self, BundleSpec, Runc};
 use super::tmux::Tmux;
 use super::{Adoption, Agent, AgentControl, ExitInfo, Output, Runtime, RuntimeError, SpawnSpec};
 use crate::config::RuntimeConfig;
+use crate::session::store;
 
 /// The run directory inside a session directory.
 pub const RUN_DIR: &str = "run";
@@ -105,7 +106,7 @@ impl DurableRuntime {
             let _ = std::fs::remove_file(run_dir.join(stale));
         }
         let mut env = self.base_env();
-        let stderr_file = spec.session_dir.join(crate::session::store::STDERR_FILE);
+        let stderr_file = spec.session_dir.join(store::STDERR_FILE);
         let (program, args, control): (PathBuf, Vec<String>, Arc<dyn AgentControl>) =
             match &self.container {
                 None => {
@@ -178,7 +179,7 @@ impl DurableRuntime {
             exit_drain_ms: spec.exit_drain.as_millis() as u64,
             adapter: spec.adapter.clone(),
             approvals: spec.approvals.clone(),
-            pending_file: spec.session_dir.join(crate::session::store::PENDING_FILE),
+            pending_file: spec.session_dir.join(store::PENDING_FILE),
         };
         // It holds the agent's environment (API keys): owner only.
         crate::fsio::write_private(
@@ -277,7 +278,7 @@ impl Runtime for DurableRuntime {
             match UnixStream::connect(&socket).await {
                 Ok(stream) => return Ok(self.agent(&run_dir, stream, control)),
                 Err(_) if keeper::read_exit(&run_dir).is_some() => {
-                    let tail = stderr_tail(&spec.session_dir);
+                    let tail = store::stderr_tail(&spec.session_dir, store::STDERR_TAIL_BYTES);
                     self.cleanup(&spec.session_id, &spec.session_dir).await;
                     return Err(Self::spawn_error(
                         &spec.program,
@@ -285,7 +286,7 @@ impl Runtime for DurableRuntime {
                     ));
                 }
                 Err(_) if started.elapsed() > START_TIMEOUT => {
-                    let tail = stderr_tail(&spec.session_dir);
+                    let tail = store::stderr_tail(&spec.session_dir, store::STDERR_TAIL_BYTES);
                     self.cleanup(&spec.session_id, &spec.session_dir).await;
                     return Err(Self::spawn_error(
                         &spec.program,
@@ -367,16 +368,6 @@ pub fn resolve(program: &Path, path: Option<&str>) -> Option<PathBuf> {
         .split(':')
         .map(|dir| Path::new(dir).join(program))
         .find(|p| p.is_file())
-}
-
-fn stderr_tail(session_dir: &Path) -> String {
-    let text = std::fs::read_to_string(session_dir.join(crate::session::store::STDERR_FILE))
-        .unwrap_or_default();
-    let start = text.len().saturating_sub(1000);
-    let start = (start..text.len())
-        .find(|&i| text.is_char_boundary(i))
-        .unwrap_or(text.len());
-    text[start..].trim().to_owned()
 }
 
 /// Signals a container through runc: its init (tini) passes SIGTERM on to the agent's group;

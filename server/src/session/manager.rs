@@ -180,12 +180,15 @@ impl SessionManager {
 
     /// Summaries of every session, oldest first.
     pub fn list(&self) -> Vec<SessionSummary> {
-        self.read().values().map(|s| s.summary()).collect()
+        // Summaries read files: not under the registry's lock.
+        let sessions: Vec<Arc<Session>> = self.read().values().cloned().collect();
+        sessions.iter().map(|s| s.summary()).collect()
     }
 
     /// Counts of sessions by status, for metrics.
     pub fn count_by_status(&self) -> BTreeMap<&'static str, usize> {
-        let mut counts = BTreeMap::new();
+        let mut counts: BTreeMap<&'static str, usize> =
+            Status::ALL.iter().map(|s| (s.as_str(), 0)).collect();
         for s in self.read().values() {
             *counts.entry(s.status().as_str()).or_default() += 1;
         }

@@ -43,6 +43,14 @@ pub enum Status {
 }
 
 impl Status {
+    /// Every status, for reports that list each one.
+    pub const ALL: [Status; 4] = [
+        Status::Running,
+        Status::Exited,
+        Status::Crashed,
+        Status::Stopped,
+    ];
+
     /// The lowercase name used on the wire.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -167,9 +175,6 @@ pub struct Session {
     inputs: std::sync::atomic::AtomicU64,
 }
 
-/// How much of an agent's stderr is quoted when it fails to start.
-const STDERR_TAIL_BYTES: u64 = 2048;
-
 impl Session {
     /// The session id.
     pub fn id(&self) -> &str {
@@ -232,19 +237,6 @@ impl Session {
         self.lock().error.clone()
     }
 
-    /// The end of the agent's stderr file, lossily decoded.
-    fn stderr_tail(&self) -> String {
-        use std::io::{Read, Seek, SeekFrom};
-        let Ok(mut file) = std::fs::File::open(self.dir.join(store::STDERR_FILE)) else {
-            return String::new();
-        };
-        let len = file.metadata().map_or(0, |m| m.len());
-        let _ = file.seek(SeekFrom::Start(len.saturating_sub(STDERR_TAIL_BYTES)));
-        let mut tail = Vec::new();
-        let _ = file.read_to_end(&mut tail);
-        String::from_utf8_lossy(&tail).trim().to_owned()
-    }
-
     /// Registers a client unless `limit` are already connected.
     pub fn try_add_client(self: &Arc<Self>, limit: usize) -> Option<ClientGuard> {
         self.clients
@@ -259,7 +251,18 @@ impl Session {
 
     /// The REST summary.
     pub fn summary(&self) -> SessionSummary {
-        let state = self.lock();
+        let mut summary = {
+            let state = self.lock();
+            self.summary_of(&state)
+        };
+        // Read outside the lock: it is a file.
+        if summary.status == Status::Running {
+            summary.pending_approvals = self.pending_approvals();
+        }
+        summary
+    }
+
+    fn summary_of(&self, state: &State) -> SessionSummary {
         SessionSummary {
             id: self.id.clone(),
             name: self.name.clone(),
@@ -273,11 +276,7 @@ impl Session {
             last_seq: self.hub.last_seq(),
             runtime: self.instance.as_ref().map_or("none", |i| i.runtime.name()),
             error: state.error.clone(),
-            pending_approvals: if state.status == Status::Running {
-                self.pending_approvals()
-            } else {
-                Vec::new()
-            },
+            pending_approvals: Vec::new(),
         }
     }
 
@@ -360,7 +359,7 @@ impl Session {
         // failing to start.
         let untouched = self.inputs.load(Ordering::Relaxed) == 0 && self.lock().stopping.is_none();
         let error = (silent && untouched && !exit.is_success()).then(|| {
-            let tail = self.stderr_tail();
+            let tail = store::stderr_tail(&self.dir, store::STDERR_TAIL_BYTES);
             if tail.is_empty() {
                 format!("the agent exited before writing anything ({exit}) and wrote nothing to stderr")
             } else {

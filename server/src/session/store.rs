@@ -58,6 +58,23 @@ pub fn save(dir: &Path, meta: &Meta) -> io::Result<()> {
     crate::fsio::write_private(&dir.join(META_FILE), &body)
 }
 
+/// How much of an agent's stderr is quoted when it fails to start.
+pub const STDERR_TAIL_BYTES: u64 = 2048;
+
+/// The last `max_bytes` of a session's agent stderr, lossily decoded and trimmed: what a user
+/// needs to see why an agent did not start.
+pub fn stderr_tail(session_dir: &Path, max_bytes: u64) -> String {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut file) = fs::File::open(session_dir.join(STDERR_FILE)) else {
+        return String::new();
+    };
+    let len = file.metadata().map_or(0, |m| m.len());
+    let _ = file.seek(SeekFrom::Start(len.saturating_sub(max_bytes)));
+    let mut tail = Vec::new();
+    let _ = file.read_to_end(&mut tail);
+    String::from_utf8_lossy(&tail).trim().to_owned()
+}
+
 /// Reads a session's metadata.
 pub fn load(dir: &Path) -> io::Result<Meta> {
     let body = fs::read(dir.join(META_FILE))?;
