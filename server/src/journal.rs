@@ -151,6 +151,8 @@ pub struct JournalWriter {
     closed: VecDeque<Segment>,
     next_seq: u64,
     last_checkpoint_offset: Option<u64>,
+    /// Index changes not yet returned because the append that made them failed.
+    unreported: Vec<IndexChange>,
 }
 
 impl JournalWriter {
@@ -182,6 +184,7 @@ impl JournalWriter {
                 closed: VecDeque::new(),
                 next_seq: 1,
                 last_checkpoint_offset: Some(0),
+                unreported: Vec::new(),
             };
             return Ok((writer, index));
         };
@@ -209,6 +212,7 @@ impl JournalWriter {
             closed,
             next_seq,
             last_checkpoint_offset,
+            unreported: Vec::new(),
         };
         Ok((writer, index))
     }
@@ -222,13 +226,26 @@ impl JournalWriter {
     ///
     /// One `write` per batch keeps the cost per line low. The returned changes must be applied
     /// to the readers' [`JournalIndex`] before the new lines are announced.
+    ///
+    /// On an error nothing of the batch is kept (a partly written batch is cut off) and it gets
+    /// no sequence numbers: the journal stays whole and numbered without gaps, and the caller
+    /// must not announce the batch.
     pub fn append(&mut self, batch: &[u8], lines: u64) -> io::Result<Vec<IndexChange>> {
-        let mut changes = Vec::new();
+        // Changes made before a failed append (a rotation) still reach readers.
+        let mut changes = std::mem::take(&mut self.unreported);
         if lines == 0 {
             return Ok(changes);
         }
-        if self.active.bytes >= self.limits.segment_bytes {
-            self.rotate(&mut changes)?;
+        if self.active.bytes >= self.limits.segment_bytes
+            && let Err(e) = self.rotate(&mut changes)
+        {
+            self.unreported = changes;
+            return Err(e);
+        }
+        if let Err(e) = self.file.write_all(batch) {
+            let _ = self.file.set_len(self.active.bytes);
+            self.unreported = changes;
+            return Err(e);
         }
         let due = self
             .last_checkpoint_offset
@@ -241,7 +258,6 @@ impl JournalWriter {
             }));
             self.last_checkpoint_offset = Some(self.active.bytes);
         }
-        self.file.write_all(batch)?;
         self.active.bytes += batch.len() as u64;
         self.next_seq += lines;
         changes.push(IndexChange::Grow {
@@ -738,6 +754,30 @@ mod tests {
         };
         assert_eq!(got.len() as u64, 601 - first);
         assert_eq!(got[0], Bytes::from(format!("line-{first:04}")));
+    }
+
+    #[test]
+    fn a_failed_append_takes_no_sequence_number() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let (mut w, mut index) =
+            JournalWriter::open(tmp.path(), JournalLimits::with_max_bytes(1 << 20)).expect("open");
+        index.apply_all(&w.append(b"one\n", 1).expect("append"));
+        // The disk is full.
+        let real = std::mem::replace(
+            &mut w.file,
+            OpenOptions::new()
+                .write(true)
+                .open("/dev/full")
+                .expect("/dev/full"),
+        );
+        assert!(w.append(b"lost\n", 1).is_err());
+        w.file = real;
+        assert_eq!(w.next_seq(), 2, "the lost line took no number");
+        index.apply_all(&w.append(b"two\n", 1).expect("append"));
+        let DiskRead::Lines(got) = read_all(tmp.path(), &index, 1, 2) else {
+            panic!("gone")
+        };
+        assert_eq!(got, vec![Bytes::from("one"), Bytes::from("two")]);
     }
 
     #[test]

@@ -179,9 +179,14 @@ impl OutputSink for ServerSink<'_> {
         let changes = match written {
             Ok(changes) => changes,
             Err(e) => {
-                // Live clients still get the lines; replay of them will be incomplete.
-                tracing::error!(session = %self.session.id, error = %e, "cannot write output journal");
-                Vec::new()
+                // Lines the journal could not keep get no sequence numbers and reach nobody:
+                // numbering stays the same for live clients and replay.
+                tracing::error!(session = %self.session.id, error = %e, lines = ends.len(), "cannot write output journal; lines lost");
+                self.metrics
+                    .lines_dropped
+                    .get_or_create(&[("reason", "journal_error")])
+                    .inc_by(ends.len() as u64);
+                return;
             }
         };
         self.lines += ends.len() as u64;
