@@ -101,6 +101,39 @@ pub struct RuntimeConfig {
     /// Values of `pass_env` found in the environment (filled in when loading).
     #[serde(skip)]
     pub passed_env: BTreeMap<String, String>,
+    /// The unprivileged user (a name, or `uid:gid`) agents run as when moorline runs as root
+    /// and a workspace belongs to root. A workspace of another user is worked in as that user.
+    /// Unset: such sessions are refused; moorline never runs an agent as root.
+    pub agent_user: Option<String>,
+}
+
+impl RuntimeConfig {
+    /// [`Self::agent_user`] as a uid and gid: looked up once, and never root.
+    pub fn agent_ids(&self) -> Result<Option<(u32, u32)>, ConfigError> {
+        let Some(user) = self.agent_user.as_deref() else {
+            return Ok(None);
+        };
+        let err = |why: &str| ConfigError::new(format!("runtime.agent_user: {user:?} {why}"));
+        let ids = match user.split_once(':') {
+            Some((uid, gid)) => match (uid.parse::<u32>(), gid.parse::<u32>()) {
+                (Ok(uid), Ok(gid)) => (uid, gid),
+                _ => return Err(err("is neither a user name nor uid:gid")),
+            },
+            None => match nix::unistd::User::from_name(user) {
+                Ok(Some(u)) => (u.uid.as_raw(), u.gid.as_raw()),
+                Ok(None) => {
+                    return Err(err(
+                        "is not a user on this machine (create it, or give uid:gid)",
+                    ));
+                }
+                Err(e) => return Err(err(&format!("cannot be looked up: {e}"))),
+            },
+        };
+        if ids.0 == 0 || ids.1 == 0 {
+            return Err(err("is root or in group root; agents never run as root"));
+        }
+        Ok(Some(ids))
+    }
 }
 
 impl Default for RuntimeConfig {
@@ -148,6 +181,7 @@ impl Default for RuntimeConfig {
             .map(str::to_owned)
             .collect(),
             passed_env: BTreeMap::new(),
+            agent_user: None,
         }
     }
 }
@@ -229,6 +263,12 @@ pub struct Limits {
     pub client_stall_ms: u64,
     /// After an agent exits, how long to wait for processes it left behind to close its output.
     pub exit_drain_ms: u64,
+    /// Environment variables a client may set in one `POST /sessions`.
+    pub max_env_vars: usize,
+    /// Longest environment variable name a client may set (bytes).
+    pub max_env_name_bytes: usize,
+    /// Longest environment variable value a client may set (bytes).
+    pub max_env_value_bytes: usize,
 }
 
 impl Limits {
@@ -261,6 +301,9 @@ impl Default for Limits {
             stop_grace_ms: 5_000,
             client_stall_ms: 30_000,
             exit_drain_ms: 500,
+            max_env_vars: 64,
+            max_env_name_bytes: 128,
+            max_env_value_bytes: 32 << 10,
         }
     }
 }
@@ -563,6 +606,7 @@ impl Config {
             ("limits.max_line_bytes", l.max_line_bytes),
             ("limits.backlog_bytes", l.backlog_bytes),
             ("limits.inbound_queue", l.inbound_queue),
+            ("limits.max_env_name_bytes", l.max_env_name_bytes),
         ] {
             if value == 0 {
                 return Err(ConfigError::new(format!("{key}: must be at least 1")));
@@ -574,6 +618,7 @@ impl Config {
                  line could not be replayed",
             ));
         }
+        self.runtime.agent_ids()?;
         let mut ids = BTreeSet::new();
         for (i, inst) in self.instances.iter().enumerate() {
             let valid = !inst.id.is_empty()

@@ -78,6 +78,15 @@ enum Command {
         /// The session's run directory.
         run_dir: PathBuf,
     },
+    /// runc hook: bind-mounts a session's workspace into its container, opened beneath its
+    /// workspace root.
+    #[command(name = "mount-workspace", hide = true)]
+    MountWorkspace {
+        /// Where the workspace is (JSON).
+        anchor: String,
+        /// The container's root filesystem.
+        rootfs: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -210,6 +219,9 @@ fn main() -> ExitCode {
             }
         }
         Some(Command::Keeper { run_dir }) => moorline::runtime::keeper::keeper_main(&run_dir),
+        Some(Command::MountWorkspace { anchor, rootfs }) => {
+            moorline::runtime::workspace::mount_main(&anchor, &rootfs)
+        }
         Some(Command::KeeperPane { run_dir }) => match std::env::current_exe() {
             Ok(exe) => moorline::runtime::keeper::pane_main(&run_dir, &exe),
             Err(e) => {

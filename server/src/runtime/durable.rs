@@ -107,10 +107,16 @@ impl DurableRuntime {
         }
         let mut env = self.base_env();
         let stderr_file = spec.session_dir.join(store::STDERR_FILE);
+        // Without a container the keeper starts the agent in its workspace, as its user; runc
+        // gets both from the bundle and runs in the run directory.
+        let mut workspace = None;
+        let mut user = None;
         let (program, args, control): (PathBuf, Vec<String>, Arc<dyn AgentControl>) =
             match &self.container {
                 None => {
                     env.extend(spec.env.clone());
+                    workspace = Some(spec.workspace.clone());
+                    user = spec.user;
                     let control = Arc::new(GroupControl {
                         pid_file: run_dir.join(keeper::AGENT_PID_FILE),
                     });
@@ -140,7 +146,9 @@ impl DurableRuntime {
                             program,
                             args: spec.args.clone(),
                             env: container_env,
-                            cwd: spec.cwd.clone(),
+                            workspace: spec.workspace.clone(),
+                            moorline_exe: self.moorline_exe.clone(),
+                            user: spec.user,
                             home,
                             tini: host.tini.clone(),
                             system_dirs: self.config.system_dirs.clone(),
@@ -169,7 +177,9 @@ impl DurableRuntime {
             program,
             args,
             env,
-            cwd: spec.cwd.clone(),
+            cwd: run_dir.clone(),
+            workspace,
+            user,
             journal_dir: spec.journal_dir.clone(),
             journal_max_bytes: spec.journal.max_bytes,
             journal_segment_bytes: spec.journal.segment_bytes,

@@ -57,8 +57,15 @@ pub struct KeeperSpec {
     pub args: Vec<String>,
     /// Its complete environment (nothing else is inherited).
     pub env: BTreeMap<String, String>,
-    /// Its working directory.
+    /// Its working directory, when it is not a workspace (runc runs in the run directory).
     pub cwd: PathBuf,
+    /// The agent's workspace (the `tmux` runtime): opened beneath its anchor at start, and the
+    /// agent started in what was opened.
+    #[serde(default)]
+    pub workspace: Option<super::workspace::Anchor>,
+    /// The agent's user and group (the `tmux` runtime, as root).
+    #[serde(default)]
+    pub user: Option<(u32, u32)>,
     /// The session journal.
     pub journal_dir: PathBuf,
     /// The journal's byte budget.
@@ -147,11 +154,27 @@ async fn keep(run_dir: &Path) -> io::Result<()> {
         spec.approvals.clone(),
     );
 
-    let mut child = tokio::process::Command::new(&spec.program)
+    let workspace = match &spec.workspace {
+        Some(anchor) => Some(anchor.open().map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("working directory {}: {e}", anchor.path().display()),
+            )
+        })?),
+        None => None,
+    };
+    let mut command = tokio::process::Command::new(&spec.program);
+    if let Some((uid, gid)) = spec.user {
+        command.uid(uid).gid(gid);
+    }
+    match &workspace {
+        Some(dir) => command.current_dir(super::workspace::fd_path(dir)),
+        None => command.current_dir(&spec.cwd),
+    };
+    let mut child = command
         .args(&spec.args)
         .env_clear()
         .envs(&spec.env)
-        .current_dir(&spec.cwd)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::from(stderr.try_clone()?))
@@ -163,6 +186,7 @@ async fn keep(run_dir: &Path) -> io::Result<()> {
                 format!("cannot start {}: {e}", spec.program.display()),
             )
         })?;
+    drop(workspace);
     let agent_pid = child.id();
     if let Some(pid) = agent_pid {
         std::fs::write(path(run_dir, AGENT_PID_FILE), pid.to_string())?;

@@ -20,7 +20,9 @@ pub mod durable;
 pub mod keeper;
 pub mod process;
 pub mod runc;
+pub mod seccomp;
 pub mod tmux;
+pub mod workspace;
 
 use crate::config::{Config, InstanceConfig, InstanceRuntime, RuntimeKind};
 use crate::journal::JournalLimits;
@@ -157,6 +159,8 @@ async fn probe(host: &durable::ContainerHost, config: &Config) -> Result<(), Str
     let dir = config.state_dir.join("probe");
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(dir.join("home")).map_err(|e| e.to_string())?;
+    // The workspace is opened without following symlinks: name it without any.
+    let dir = std::fs::canonicalize(&dir).map_err(|e| e.to_string())?;
     let mut raw = [0u8; 3];
     let _ = getrandom::fill(&mut raw);
     let id = format!("moorline-probe-{:02x}{:02x}{:02x}", raw[0], raw[1], raw[2]);
@@ -170,7 +174,9 @@ async fn probe(host: &durable::ContainerHost, config: &Config) -> Result<(), Str
             program: host.tini.clone(),
             args: vec!["--version".into()],
             env: BTreeMap::new(),
-            cwd: dir.clone(),
+            workspace: workspace::Anchor::literal(&dir),
+            moorline_exe: config.moorline_exe().map_err(|e| e.to_string())?,
+            user: Some((65534, 65534)),
             home: dir.join("home"),
             tini: host.tini.clone(),
             system_dirs: config.runtime.system_dirs.clone(),
@@ -236,8 +242,12 @@ pub struct SpawnSpec {
     pub args: Vec<String>,
     /// Environment to set on top of the runtime's base environment.
     pub env: BTreeMap<String, String>,
-    /// Working directory (exists; checked by the session layer).
-    pub cwd: PathBuf,
+    /// Working directory: checked by the session layer, and opened again from its anchor by
+    /// whatever starts the agent (never looked up by path).
+    pub workspace: workspace::Anchor,
+    /// The agent's user and group, when moorline runs as root (never 0); `None`: moorline's
+    /// own user.
+    pub user: Option<(u32, u32)>,
     /// The session's private directory (state, logs).
     pub session_dir: PathBuf,
     /// Where the session's output journal lives, for runtimes that write it themselves.

@@ -45,13 +45,29 @@ impl Runtime for ProcessRuntime {
     }
 
     async fn spawn(&self, spec: SpawnSpec) -> Result<Agent, RuntimeError> {
+        let spawn_error = |source: io::Error| RuntimeError::Spawn {
+            program: spec.program.display().to_string(),
+            source,
+        };
+        // The child starts in the directory opened here, not in whatever the path names when
+        // it gets there. The fd stays open until the child has started.
+        let workspace = spec.workspace.open().map_err(|e| {
+            spawn_error(io::Error::new(
+                e.kind(),
+                format!("working directory {}: {e}", spec.workspace.path().display()),
+            ))
+        })?;
         let mut command = Command::new(&spec.program);
+        if let Some((uid, gid)) = spec.user {
+            // std drops the supplementary groups too.
+            command.uid(uid).gid(gid);
+        }
         command
             .args(&spec.args)
             .env_clear()
             .envs(&self.base_env)
             .envs(&spec.env)
-            .current_dir(&spec.cwd)
+            .current_dir(super::workspace::fd_path(&workspace))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -59,10 +75,8 @@ impl Runtime for ProcessRuntime {
             .process_group(0)
             // A safety net only: sessions stop agents explicitly with TERM, grace, KILL.
             .kill_on_drop(true);
-        let mut child = command.spawn().map_err(|source| RuntimeError::Spawn {
-            program: spec.program.display().to_string(),
-            source,
-        })?;
+        let mut child = command.spawn().map_err(spawn_error)?;
+        drop(workspace);
         let pid = child.id();
         let (Some(stdin), Some(stdout), stderr) =
             (child.stdin.take(), child.stdout.take(), child.stderr.take())

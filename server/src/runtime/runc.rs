@@ -9,17 +9,18 @@
 
 use std::collections::BTreeMap;
 use std::io;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
 use oci_spec::runtime::{
-    LinuxBuilder, LinuxCapabilities, LinuxIdMappingBuilder, LinuxMemoryBuilder,
+    HookBuilder, LinuxBuilder, LinuxCapabilities, LinuxIdMappingBuilder, LinuxMemoryBuilder,
     LinuxNamespaceBuilder, LinuxNamespaceType, LinuxPidsBuilder, LinuxResourcesBuilder, Mount,
     MountBuilder, ProcessBuilder, RootBuilder, Spec, UserBuilder,
 };
 use tokio::process::Command;
 
+use super::workspace::Anchor;
 use crate::config::NetworkMode;
 
 /// Prefix of every container id moorline creates, so its own are easy to find.
@@ -190,8 +191,14 @@ pub struct BundleSpec {
     pub args: Vec<String>,
     /// Its complete environment.
     pub env: BTreeMap<String, String>,
-    /// The workspace, mounted read-write at the same path.
-    pub cwd: PathBuf,
+    /// The workspace, mounted read-write at the same path by a hook that opens it beneath its
+    /// anchor (see [`super::workspace`]); `/` is not mounted.
+    pub workspace: Anchor,
+    /// The moorline executable, which runs that hook.
+    pub moorline_exe: PathBuf,
+    /// The agent's user and group (as root: never 0; see [`super::workspace::agent_identity`]).
+    /// `None` when rootless: container root, which is this user on the host.
+    pub user: Option<(u32, u32)>,
     /// The host directory mounted as the agent's home.
     pub home: PathBuf,
     /// The init program (absolute path on the host).
@@ -289,9 +296,6 @@ pub fn write_bundle(bundle: &Path, spec: &BundleSpec) -> io::Result<()> {
             .map_err(oci)?,
     );
     mounts.push(bind(&spec.home, Path::new(CONTAINER_HOME), true)?);
-    if spec.cwd != Path::new("/") {
-        mounts.push(bind(&spec.cwd, &spec.cwd, true)?);
-    }
     for dir in &spec.extra_rw {
         if dir.is_dir() {
             mounts.push(bind(dir, dir, true)?);
@@ -304,13 +308,15 @@ pub fn write_bundle(bundle: &Path, spec: &BundleSpec) -> io::Result<()> {
     }
     base.set_mounts(Some(mounts));
 
-    let (uid, gid) = match spec.rootless {
-        // Container root is the only mapped id.
-        Some(_) => (0, 0),
-        // As root, the agent acts as the owner of its workspace, without any capability.
-        None => {
-            let meta = std::fs::metadata(&spec.cwd)?;
-            (meta.uid(), meta.gid())
+    let (uid, gid) = match (spec.rootless, spec.user) {
+        // Container root is the only mapped id: this unprivileged user on the host.
+        (Some(_), _) => (0, 0),
+        // As root, the agent runs as the user chosen for it, without any capability.
+        (None, Some((uid, gid))) if uid != 0 && gid != 0 => (uid, gid),
+        (None, _) => {
+            return Err(io::Error::other(
+                "refusing to run an agent as root (no unprivileged user was chosen for it)",
+            ));
         }
     };
     if spec.rootless.is_none() {
@@ -345,12 +351,32 @@ pub fn write_bundle(bundle: &Path, spec: &BundleSpec) -> io::Result<()> {
         )
         .args(args)
         .env(env)
-        .cwd(&spec.cwd)
+        .cwd(spec.workspace.path())
         .no_new_privileges(true)
         .capabilities(no_caps)
         .build()
         .map_err(oci)?;
     base.set_process(Some(process));
+    if spec.workspace.path() != Path::new("/") {
+        // After runc's own mounts, in the container's mount namespace, before pivot_root.
+        let anchor = serde_json::to_string(&spec.workspace).map_err(io::Error::other)?;
+        let mut hooks = base.hooks().clone().unwrap_or_default();
+        let mut create = hooks.create_container().clone().unwrap_or_default();
+        create.push(
+            HookBuilder::default()
+                .path(&spec.moorline_exe)
+                .args(vec![
+                    "moorline".into(),
+                    "mount-workspace".into(),
+                    anchor,
+                    rootfs.display().to_string(),
+                ])
+                .build()
+                .map_err(oci)?,
+        );
+        hooks.set_create_container(Some(create));
+        base.set_hooks(Some(hooks));
+    }
     base.set_root(Some(
         RootBuilder::default()
             .path("rootfs")
@@ -394,6 +420,7 @@ pub fn write_bundle(bundle: &Path, spec: &BundleSpec) -> io::Result<()> {
     let defaults = base.linux().clone().unwrap_or_default();
     let mut linux = LinuxBuilder::default()
         .namespaces(namespaces)
+        .seccomp(super::seccomp::profile().map_err(oci)?)
         .masked_paths(defaults.masked_paths().clone().unwrap_or_default())
         .readonly_paths(defaults.readonly_paths().clone().unwrap_or_default());
     if let Some((uid, gid)) = spec.rootless {
@@ -458,7 +485,9 @@ mod tests {
             program: "/opt/agents/bin/agent".into(),
             args: vec!["--rpc".into()],
             env: BTreeMap::from([("HOME".into(), CONTAINER_HOME.into())]),
-            cwd: dir.to_owned(),
+            workspace: Anchor::literal(dir),
+            moorline_exe: "/usr/bin/moorline".into(),
+            user: Some((1000, 1000)),
             home: dir.join("home"),
             tini: "/usr/bin/tini".into(),
             system_dirs: vec!["/usr".into(), "/bin".into(), "/nonexistent".into()],
@@ -507,8 +536,15 @@ mod tests {
             find("/usr/bin/tini").is_none(),
             "tini is already visible under /usr"
         );
+        // The workspace is mounted by a hook that opens it beneath its anchor, never by path.
         let cwd = tmp.path().display().to_string();
-        assert_eq!(find(&cwd).expect("workspace")["options"][1], "rw");
+        assert!(find(&cwd).is_none(), "not a mount of runc's");
+        let hook = &config["hooks"]["createContainer"][0];
+        assert_eq!(hook["path"], "/usr/bin/moorline");
+        assert_eq!(hook["args"][1], "mount-workspace");
+        assert_eq!(p["cwd"], cwd);
+        assert_eq!(p["user"]["uid"], 1000);
+        assert_eq!(config["linux"]["seccomp"]["defaultAction"], "SCMP_ACT_ALLOW");
         let linux = &config["linux"];
         assert_eq!(linux["resources"]["pids"]["limit"], 64);
         assert_eq!(linux["resources"]["memory"]["limit"], 64 << 20);

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
@@ -22,6 +22,7 @@ use crate::config::{Config, InstanceConfig, Limits};
 use crate::fanout::Hub;
 use crate::journal::{self, JournalLimits, JournalTail, JournalWriter};
 use crate::metrics::Metrics;
+use crate::runtime::workspace::{self, Anchor};
 use crate::runtime::{Adoption, Agent, Output, Runtime, RuntimeError, SpawnSpec};
 use moorline_adapters::pipeline::Pipeline;
 
@@ -114,6 +115,8 @@ pub struct SessionManager {
     /// Held for the manager's lifetime: one server per state directory.
     _lock: Flock<std::fs::File>,
     moorline_exe: PathBuf,
+    /// Who agents run as when their workspace belongs to root (`[runtime] agent_user`).
+    agent_user: Option<(u32, u32)>,
     metrics: Arc<Metrics>,
     tracker: TaskTracker,
     /// Cancelled when the server shuts down.
@@ -147,6 +150,10 @@ impl SessionManager {
                 }),
             );
         }
+        let agent_user = config
+            .runtime
+            .agent_ids()
+            .map_err(|e| SessionError::Io(io::Error::other(e.to_string())))?;
         let sessions_dir = config.state_dir.join("sessions");
         std::fs::create_dir_all(&sessions_dir)?;
         let lock = lock_state_dir(&config.state_dir)?;
@@ -160,6 +167,7 @@ impl SessionManager {
             sessions_dir,
             _lock: lock,
             moorline_exe,
+            agent_user,
             metrics,
             tracker,
             cancel,
@@ -233,10 +241,20 @@ impl SessionManager {
                 .ok_or_else(|| SessionError::UnknownInstance("default".into()))?,
         }
         .clone();
-        check_env(&instance, &req.env)?;
+        super::env::check(
+            &req.env,
+            &self.limits,
+            instance.adapter.protected_env(),
+            &instance.config.allowed_env,
+            &instance.config.id,
+        )
+        .map_err(|r| SessionError::EnvNotAllowed {
+            key: r.key,
+            reason: r.reason,
+        })?;
         let cwd = match &req.cwd {
             Some(asked) => workspace_cwd(&instance.config, asked)?,
-            None => resolve_cwd(instance.config.cwd.as_deref())?,
+            None => default_cwd(&instance.config)?,
         };
         let (id, dir) = self.allocate_id()?;
         let created_at = now_ms();
@@ -473,9 +491,10 @@ impl SessionManager {
             }
             std::fs::write(&path, contents)?;
         }
+        // Every start checks the working directory again: it may have been replaced since.
+        let (workspace, user) = self.check_workspace(&instance.config, &session.cwd)?;
         // The previous run's pump may still be publishing its last lines.
         let mut writer = session.writer.clone().lock_owned().await;
-        resolve_cwd(Some(&session.cwd))?;
         let journal_dir = session.dir.join(JOURNAL_DIR);
         if !instance.runtime.durable() && writer.is_none() {
             // The server writes this journal; opening it also cuts a torn last line.
@@ -492,7 +511,8 @@ impl SessionManager {
                 program: spec.program,
                 args: spec.args,
                 env: spec.env,
-                cwd: session.cwd.clone(),
+                workspace,
+                user,
                 session_dir: session.dir.clone(),
                 journal_dir,
                 journal: self.journal_limits(),
@@ -509,6 +529,31 @@ impl SessionManager {
             .spawn_seconds
             .observe(started.elapsed().as_secs_f64());
         Ok(())
+    }
+
+    /// Where a session's agent may work and who it runs as, checked now: the directory is
+    /// opened beneath the workspace root it lies in (nothing may lead out of the root), or,
+    /// outside every root (the instance's own `cwd`), without following any symlink. The
+    /// runtime opens it again the same way; the owner of what was opened decides the user.
+    fn check_workspace(
+        &self,
+        instance: &InstanceConfig,
+        cwd: &Path,
+    ) -> Result<(Anchor, Option<(u32, u32)>), SessionError> {
+        let refuse = |reason: String| SessionError::InvalidCwd {
+            path: cwd.to_owned(),
+            reason,
+        };
+        let anchor = anchor_of(instance, cwd)?;
+        let dir = anchor.open().map_err(|e| refuse(e.to_string()))?;
+        let owner = workspace::owner(&dir).map_err(|e| refuse(e.to_string()))?;
+        let user = workspace::agent_identity(
+            owner,
+            self.agent_user,
+            nix::unistd::geteuid().is_root(),
+        )
+        .map_err(refuse)?;
+        Ok((anchor, user))
     }
 
     /// Wires a started (or adopted) agent to its session.
@@ -719,45 +764,6 @@ const LOCK_FILE: &str = "lock";
 /// Session-private files adapters ask for (visible to the agent, read-only in containers).
 const DATA_DIR: &str = "data";
 
-/// Variables no client may set for any agent: they change what code runs or where it looks.
-const PROTECTED_ENV: &[&str] = &[
-    "LD_*",
-    "NODE_OPTIONS",
-    "NODE_PATH",
-    "PATH",
-    "HOME",
-    "PYTHON*",
-    "BASH_ENV",
-    "ENV",
-    "SHELL",
-];
-
-/// Refuses client environment the instance does not allow, or that would weaken the agent.
-fn check_env(instance: &Instance, env: &BTreeMap<String, String>) -> Result<(), SessionError> {
-    for key in env.keys() {
-        if moorline_adapters::env_matches(key, PROTECTED_ENV)
-            || moorline_adapters::env_matches(key, instance.adapter.protected_env())
-        {
-            return Err(SessionError::EnvNotAllowed {
-                key: key.clone(),
-                reason: format!(
-                    "{key} would change how the agent runs or switch off its permission gate; it is never accepted from clients"
-                ),
-            });
-        }
-        if !moorline_adapters::env_matches(key, &instance.config.allowed_env) {
-            return Err(SessionError::EnvNotAllowed {
-                key: key.clone(),
-                reason: format!(
-                    "instance {:?} does not let clients set {key} (see allowed_env)",
-                    instance.config.id
-                ),
-            });
-        }
-    }
-    Ok(())
-}
-
 /// A working directory a client asked for: inside one of the instance's workspace roots
 /// (after resolving `..` and symlinks), existing, or created when the instance says so.
 fn workspace_cwd(instance: &InstanceConfig, asked: &Path) -> Result<PathBuf, SessionError> {
@@ -800,21 +806,56 @@ fn workspace_cwd(instance: &InstanceConfig, asked: &Path) -> Result<PathBuf, Ses
         }
         resolved.push(name);
     }
-    if !roots.iter().any(|root| resolved.starts_with(root)) {
+    let Some(anchor) = roots.iter().find_map(|root| Anchor::beneath(root, &resolved)) else {
         return Err(refuse(format!(
             "outside the workspace roots of instance {:?}",
             instance.id
         )));
-    }
+    };
     if !missing.is_empty() {
         if !instance.create_cwd {
             return Err(refuse(
                 "does not exist (the instance does not create_cwd)".into(),
             ));
         }
-        std::fs::create_dir_all(&resolved).map_err(|e| refuse(e.to_string()))?;
+        // Beneath the root, step by step: a symlink put in the way leads nowhere else.
+        anchor.create().map_err(|e| refuse(e.to_string()))?;
     }
-    resolve_cwd(Some(&resolved))
+    Ok(resolved)
+}
+
+/// Where a session's working directory is opened from at every start: the workspace root it
+/// lies in; or, outside every root, `/`, following no symlink (the path was resolved when the
+/// session was created, so a symlink in it now was put there since). With workspace roots,
+/// a directory outside them is only accepted if it is the instance's own default.
+fn anchor_of(instance: &InstanceConfig, cwd: &Path) -> Result<Anchor, SessionError> {
+    let refuse = |reason: String| SessionError::InvalidCwd {
+        path: cwd.to_owned(),
+        reason,
+    };
+    if !cwd.is_absolute()
+        || cwd
+            .components()
+            .any(|c| matches!(c, Component::ParentDir | Component::CurDir))
+    {
+        return Err(refuse("must be an absolute path without . or ..".into()));
+    }
+    let roots: Vec<PathBuf> = instance
+        .workspace_roots
+        .iter()
+        .filter_map(|r| std::fs::canonicalize(r).ok())
+        .collect();
+    if let Some(anchor) = roots.iter().find_map(|root| Anchor::beneath(root, cwd)) {
+        return Ok(anchor);
+    }
+    if !instance.workspace_roots.is_empty() && default_cwd(instance).ok().as_deref() != Some(cwd)
+    {
+        return Err(refuse(format!(
+            "no longer inside the workspace roots of instance {:?}",
+            instance.id
+        )));
+    }
+    Ok(Anchor::literal(cwd))
 }
 
 /// Reads a `KEY=VALUE` credentials file (blank lines and `#` comments ignored).
@@ -837,22 +878,22 @@ fn read_credentials(path: &Path) -> Result<BTreeMap<String, String>, SessionErro
 /// Cap on the stderr file kept per session.
 const STDERR_FILE_CAP: u64 = 8 << 20;
 
-/// Checks that `cwd` (or the server's own directory) exists and is a directory.
-fn resolve_cwd(cwd: Option<&Path>) -> Result<PathBuf, SessionError> {
-    let path = match cwd {
+/// The instance's own working directory (or the server's), without symlinks: that is how it
+/// is stored, and how every start opens it.
+fn default_cwd(instance: &InstanceConfig) -> Result<PathBuf, SessionError> {
+    let path = match &instance.cwd {
         Some(p) => p.to_owned(),
         None => std::env::current_dir()?,
     };
-    match std::fs::metadata(&path) {
-        Ok(m) if m.is_dir() => Ok(path),
-        Ok(_) => Err(SessionError::InvalidCwd {
-            path,
-            reason: "not a directory".into(),
-        }),
-        Err(e) => Err(SessionError::InvalidCwd {
-            path,
-            reason: e.to_string(),
-        }),
+    let refuse = |reason: String| SessionError::InvalidCwd {
+        path: path.clone(),
+        reason,
+    };
+    let resolved = std::fs::canonicalize(&path).map_err(|e| refuse(e.to_string()))?;
+    match std::fs::metadata(&resolved) {
+        Ok(m) if m.is_dir() => Ok(resolved),
+        Ok(_) => Err(refuse("not a directory".into())),
+        Err(e) => Err(refuse(e.to_string())),
     }
 }
 

@@ -20,6 +20,7 @@ use crate::fanout::Hub;
 use crate::journal::JournalWriter;
 use crate::runtime::{AgentControl, ExitInfo};
 
+pub mod env;
 mod manager;
 mod pump;
 pub mod store;

@@ -143,6 +143,8 @@ async fn harness(obeys_term: bool, tweak: impl FnOnce(&mut Config)) -> Harness {
         }],
         ..Config::default()
     };
+    // Tests run as root in root-owned directories: agents get an unprivileged user.
+    config.runtime.agent_user = Some("65534:65534".into());
     tweak(&mut config);
     let (tx, rx) = mpsc::unbounded_channel();
     let gate = Arc::new(tokio::sync::Semaphore::new(1000));
