@@ -116,7 +116,7 @@ async fn start(
         c.instances.push(inst);
     })
     .await;
-    let work = tempfile::tempdir().expect("workspace");
+    let work = common::workspace();
     Some((server, mock, sandbox, work))
 }
 
@@ -346,7 +346,7 @@ async fn claude_code_native_dialect_keeps_claudes_protocol_and_survives_garbage(
             c.instances.push(inst);
         })
         .await;
-        let work = tempfile::tempdir().expect("workspace");
+        let work = common::workspace();
         let id = create(&server, "native", work.path()).await;
         let mut ws = server.ws(&id).await;
         ws.send("{\"type\":\"user\"").await;

@@ -147,6 +147,11 @@ async fn serve() -> Served {
     cmd.args(["serve", "--port", "0"])
         .env("MOORLINE_RUNTIME__TMUX_SOCKET", &sandbox.tmux_socket)
         .env("MOORLINE_RUNTIME__RUNC_ROOT", sandbox.runc_root.path())
+        // As root, agents in root-owned directories need an unprivileged user.
+        .env(
+            "MOORLINE_RUNTIME__AGENT_USER",
+            format!("{0}:{0}", common::TEST_UID),
+        )
         .stderr(Stdio::piped());
     let mut child = cmd.spawn().expect("serve");
     let stderr = child.stderr.take().expect("stderr");

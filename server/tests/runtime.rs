@@ -58,7 +58,7 @@ async fn a_container_isolates_the_agent() {
     require_durable!();
     let sandbox = Sandbox::new();
     let server = server_with(&sandbox, |_| {}).await;
-    let work = tempfile::tempdir().expect("workspace");
+    let work = common::workspace();
     let id = create(&server, "box", work.path()).await;
     let mut ws = server.ws(&id).await;
     let pid = ask(&mut ws, json!({"_emit": "pid"})).await;
@@ -118,7 +118,7 @@ async fn pids_and_memory_limits_take_effect() {
         c.instances.push(limited);
     })
     .await;
-    let work = tempfile::tempdir().expect("workspace");
+    let work = common::workspace();
     let (status, body) = server
         .post(
             "/sessions",
@@ -156,7 +156,7 @@ async fn tmux_pane_keystrokes_and_kills_do_not_reach_the_agent() {
     require_durable!();
     let sandbox = Sandbox::new();
     let server = server_with(&sandbox, |_| {}).await;
-    let work = tempfile::tempdir().expect("workspace");
+    let work = common::workspace();
     for inst in ["box", "tmux"] {
         let id = create(&server, inst, work.path()).await;
         let mut ws = server.ws(&id).await;
@@ -223,7 +223,7 @@ async fn an_agent_that_exits_before_writing_is_a_start_failure_with_its_stderr()
         c.instances.push(missing);
     })
     .await;
-    let work = tempfile::tempdir().expect("workspace");
+    let work = common::workspace();
     let (status, body) = server
         .post(
             "/sessions",
@@ -277,7 +277,7 @@ async fn leftovers_of_a_crash_mid_create_are_removed_at_startup() {
     let sessions = state.path().join("sessions");
     std::fs::create_dir(&sessions).expect("sessions");
     let sessions = std::fs::canonicalize(&sessions).expect("canonical");
-    let work = tempfile::tempdir().expect("work");
+    let work = common::workspace();
     std::fs::create_dir(work.path().join("home")).expect("home");
     // Interrupt real `runc run`s at random points of their start, as a crashing server would:
     // their session directories exist, their metadata was never written.
@@ -388,7 +388,11 @@ fn start_container(
             program: which("sleep"),
             args: vec!["100".into()],
             env: Default::default(),
-            cwd: work.to_owned(),
+            workspace: moorline::runtime::workspace::Anchor::literal(
+                &std::fs::canonicalize(work).expect("canonical"),
+            ),
+            moorline_exe: moorline_exe(),
+            user: Some((common::TEST_UID, common::TEST_UID)),
             home: work.join("home"),
             tini: which("tini"),
             system_dirs: Config::default().runtime.system_dirs,
@@ -467,7 +471,7 @@ async fn sessions_survive_a_killed_server_without_losing_or_duplicating_a_line()
     require_durable!();
     let sandbox = Sandbox::new();
     let state = tempfile::tempdir().expect("state");
-    let work = tempfile::tempdir().expect("work");
+    let work = common::workspace();
     let config = state.path().join("moorline.toml");
     std::fs::write(
         &config,

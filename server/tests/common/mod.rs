@@ -61,7 +61,23 @@ pub fn test_config(state_dir: PathBuf) -> Config {
         ..Config::default()
     };
     config.limits.stop_grace_ms = 2_000;
+    // Tests run as root, in root-owned directories: agents get an unprivileged user, as
+    // moorline never runs them as root.
+    config.runtime.agent_user = Some(format!("{TEST_UID}:{TEST_UID}"));
     config
+}
+
+/// The unprivileged user agents run as in tests (`nobody`).
+pub const TEST_UID: u32 = 65534;
+
+/// A temporary workspace an agent can work in: owned by [`TEST_UID`] when the tests run as
+/// root (the agent runs as the workspace's owner), else by the test's own user.
+pub fn workspace() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("workspace");
+    if nix::unistd::geteuid().is_root() {
+        std::os::unix::fs::chown(dir.path(), Some(TEST_UID), Some(TEST_UID)).expect("chown");
+    }
+    dir
 }
 
 pub struct TestServer {
