@@ -50,6 +50,12 @@ pub struct LaunchContext<'a> {
     pub data_dir: &'a Path,
 }
 
+/// A directory inside [`LaunchContext::data_dir`] that the agent itself may write (its own
+/// state, such as pi's session files), owned by the agent's user. Everything else in the data
+/// directory is written by moorline and only readable by the agent, so an agent cannot change
+/// what its next start is given.
+pub const AGENT_STATE_DIR: &str = "state";
+
 /// The process an adapter wants started.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct LaunchSpec {

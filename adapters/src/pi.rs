@@ -79,6 +79,16 @@ impl Adapter for PiAdapter {
                 "PI_CODING_AGENT_DIR".into(),
                 ctx.data_dir.join("pi/agent").display().to_string(),
             );
+            // That directory is moorline's, read-only to the agent: pi keeps its sessions in
+            // the agent's own state directory instead.
+            args.extend([
+                "--session-dir".into(),
+                ctx.data_dir
+                    .join(crate::AGENT_STATE_DIR)
+                    .join("pi-sessions")
+                    .display()
+                    .to_string(),
+            ]);
         }
         Ok(LaunchSpec {
             program: self.launch.program.clone(),
@@ -177,6 +187,11 @@ mod tests {
         assert!(spec.args.windows(2).any(|w| w == ["--model", "m"]));
         assert_eq!(spec.env["PI_OFFLINE"], "1");
         assert_eq!(spec.env["PI_CODING_AGENT_DIR"], "/d/pi/agent");
+        assert!(
+            spec.args
+                .windows(2)
+                .any(|w| w == ["--session-dir", "/d/state/pi-sessions"])
+        );
         assert!(
             spec.files
                 .iter()

@@ -474,6 +474,8 @@ impl SessionManager {
             // Server-side secrets win over anything a client asked for.
             env.extend(read_credentials(file)?);
         }
+        // Every start checks the working directory again: it may have been replaced since.
+        let (workspace, user) = self.check_workspace(&instance.config, &session.cwd)?;
         let data_dir = session.dir.join(DATA_DIR);
         let spec = instance.adapter.launch(&LaunchContext {
             instance_id: &instance.config.id,
@@ -491,8 +493,7 @@ impl SessionManager {
             }
             std::fs::write(&path, contents)?;
         }
-        // Every start checks the working directory again: it may have been replaced since.
-        let (workspace, user) = self.check_workspace(&instance.config, &session.cwd)?;
+        agent_state_dir(&data_dir, user)?;
         // The previous run's pump may still be publishing its last lines.
         let mut writer = session.writer.clone().lock_owned().await;
         let journal_dir = session.dir.join(JOURNAL_DIR);
@@ -877,6 +878,22 @@ fn read_credentials(path: &Path) -> Result<BTreeMap<String, String>, SessionErro
 
 /// Cap on the stderr file kept per session.
 const STDERR_FILE_CAP: u64 = 8 << 20;
+
+/// The one directory of the data directory the agent may write
+/// ([`moorline_adapters::AGENT_STATE_DIR`]), given to the agent's user. The data directory
+/// itself stays moorline's, so the agent cannot swap what moorline writes there for a symlink.
+fn agent_state_dir(data_dir: &Path, user: Option<(u32, u32)>) -> io::Result<()> {
+    let dir = data_dir.join(moorline_adapters::AGENT_STATE_DIR);
+    match std::fs::create_dir(&dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e),
+    }
+    if let Some((uid, gid)) = user {
+        std::os::unix::fs::lchown(&dir, Some(uid), Some(gid))?;
+    }
+    Ok(())
+}
 
 /// The instance's own working directory (or the server's), without symlinks: that is how it
 /// is stored, and how every start opens it.
