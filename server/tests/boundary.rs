@@ -293,7 +293,7 @@ async fn no_agent_runs_as_root() {
             let (status, body) = create(&server, rt, cwd).await;
             assert_eq!(status, 201, "{rt}: {body}");
             let id = body["id"].as_str().expect("id");
-            let mut ws = server.ws(id).await;
+            let mut ws = server.ws_query(id, "?since=0").await;
             let seen = frame(&mut ws, "probe").await;
             assert_eq!(seen["uid"], uid, "{rt} in {}: {seen}", cwd.display());
             assert_eq!(seen["groups"], gid.to_string(), "{rt}: only the group: {seen}");
@@ -331,7 +331,7 @@ async fn forbidden_system_calls_fail_in_the_container_and_ordinary_work_goes_on(
             let (status, body) = create(server, inst, &cwd).await;
             assert_eq!(status, 201, "{body}");
             let id = body["id"].as_str().expect("id").to_owned();
-            let mut ws = server.ws(&id).await;
+            let mut ws = server.ws_query(&id, "?since=0").await;
             let seen = frame(&mut ws, "probe").await;
             assert_eq!(server.delete(&format!("/sessions/{id}")).await.0, 204);
             (seen, cwd)
