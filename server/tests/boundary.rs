@@ -104,9 +104,7 @@ async fn restart_after_a_symlink_swap_of_the_cwd_is_refused() {
         std::fs::rename(&a, root_path.join(format!("a-{rt}.old"))).expect("rename");
         std::os::unix::fs::symlink(outside.path(), &a).expect("symlink");
         let containers = sandbox.containers();
-        let (status, body) = server
-            .post(&format!("/sessions/{id}/restart"), "")
-            .await;
+        let (status, body) = server.post(&format!("/sessions/{id}/restart"), "").await;
         assert_eq!(
             (status, body["error"].as_str()),
             (400, Some("invalid_cwd")),
@@ -118,14 +116,16 @@ async fn restart_after_a_symlink_swap_of_the_cwd_is_refused() {
             server.get_json(&format!("/sessions/{id}")).await.1["status"],
             "running"
         );
-        assert_eq!(sandbox.containers(), containers, "{rt}: nothing was started");
+        assert_eq!(
+            sandbox.containers(),
+            containers,
+            "{rt}: nothing was started"
+        );
 
         // Put back, the directory is accepted again.
         std::fs::remove_file(&a).expect("unlink");
         std::fs::rename(root_path.join(format!("a-{rt}.old")), &a).expect("rename back");
-        let (status, body) = server
-            .post(&format!("/sessions/{id}/restart"), "")
-            .await;
+        let (status, body) = server.post(&format!("/sessions/{id}/restart"), "").await;
         assert_eq!(status, 200, "{rt}: {body}");
         assert_eq!(server.delete(&format!("/sessions/{id}")).await.0, 204);
     }
@@ -155,7 +155,10 @@ fn run_container(
     anchor: moorline::runtime::workspace::Anchor,
     args: &[&str],
 ) -> (bool, String) {
-    let id = format!("moorline-0123456789ab-1-{:06x}", std::process::id() & 0xffffff);
+    let id = format!(
+        "moorline-0123456789ab-1-{:06x}",
+        std::process::id() & 0xffffff
+    );
     let bundle = dir.join("bundle");
     let home = dir.join("home");
     std::fs::create_dir_all(&home).expect("home");
@@ -296,7 +299,11 @@ async fn no_agent_runs_as_root() {
             let mut ws = server.ws_query(id, "?since=0").await;
             let seen = frame(&mut ws, "probe").await;
             assert_eq!(seen["uid"], uid, "{rt} in {}: {seen}", cwd.display());
-            assert_eq!(seen["groups"], gid.to_string(), "{rt}: only the group: {seen}");
+            assert_eq!(
+                seen["groups"],
+                gid.to_string(),
+                "{rt}: only the group: {seen}"
+            );
             assert_eq!(server.delete(&format!("/sessions/{id}")).await.0, 204);
         }
     }
@@ -340,7 +347,10 @@ async fn forbidden_system_calls_fail_in_the_container_and_ordinary_work_goes_on(
     let (boxed, cwd) = run("boxed").await;
     assert_ne!(boxed["unshareU"], 0, "unshare -U must fail: {boxed}");
     assert_ne!(boxed["unshareUr"], 0, "unshare -Ur must fail: {boxed}");
-    assert_ne!(boxed["setarchR"], 0, "personality(ADDR_NO_RANDOMIZE) must fail: {boxed}");
+    assert_ne!(
+        boxed["setarchR"], 0,
+        "personality(ADDR_NO_RANDOMIZE) must fail: {boxed}"
+    );
     assert_eq!(boxed["sh"], 0, "{boxed}");
     assert_eq!(boxed["node"], 0, "{boxed}");
     assert!(cwd.join("made-by-sh").is_file() && cwd.join("made-by-node").is_file());
@@ -389,7 +399,11 @@ async fn code_changing_environment_is_refused_whatever_allowed_env_says() {
         "PYTHONPATH",
         "BASH_ENV",
     ] {
-        let inst = if key.starts_with("GIT_") { "git" } else { "wide" };
+        let inst = if key.starts_with("GIT_") {
+            "git"
+        } else {
+            "wide"
+        };
         let (status, body) = post(inst, json!({ key: "x" })).await;
         assert_eq!(
             (status, body["error"].as_str(), body["key"].as_str()),

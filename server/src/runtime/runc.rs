@@ -544,7 +544,10 @@ mod tests {
         assert_eq!(hook["args"][1], "mount-workspace");
         assert_eq!(p["cwd"], cwd);
         assert_eq!(p["user"]["uid"], 1000);
-        assert_eq!(config["linux"]["seccomp"]["defaultAction"], "SCMP_ACT_ALLOW");
+        assert_eq!(
+            config["linux"]["seccomp"]["defaultAction"],
+            "SCMP_ACT_ALLOW"
+        );
         let linux = &config["linux"];
         assert_eq!(linux["resources"]["pids"]["limit"], 64);
         assert_eq!(linux["resources"]["memory"]["limit"], 64 << 20);

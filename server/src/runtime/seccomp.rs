@@ -126,7 +126,11 @@ const UNSAFE_PERSONALITY: &[u64] = &[
 const EPERM: u32 = 1;
 const ENOSYS: u32 = 38;
 
-fn rule(names: &[&str], errno: u32, args: Vec<LinuxSeccompArg>) -> Result<LinuxSyscall, OciSpecError> {
+fn rule(
+    names: &[&str],
+    errno: u32,
+    args: Vec<LinuxSeccompArg>,
+) -> Result<LinuxSyscall, OciSpecError> {
     let mut b = LinuxSyscallBuilder::default()
         .names(names.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>())
         .action(LinuxSeccompAction::ScmpActErrno)
@@ -195,7 +199,12 @@ mod tests {
                     && r["args"][0]["value"] == CLONE_NEWUSER
                     && r["args"][0]["op"] == "SCMP_CMP_MASKED_EQ")
         );
-        assert!(rules[0]["names"].as_array().expect("names").contains(&"mount".into()));
+        assert!(
+            rules[0]["names"]
+                .as_array()
+                .expect("names")
+                .contains(&"mount".into())
+        );
         assert_eq!(rules[0]["errnoRet"], EPERM);
         assert_eq!(rules[1]["errnoRet"], ENOSYS);
     }

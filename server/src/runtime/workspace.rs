@@ -111,7 +111,12 @@ fn open_dir(path: &Path) -> io::Result<OwnedFd> {
         OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
         Mode::empty(),
     )
-    .map_err(|e| io::Error::new(io::Error::from(e).kind(), format!("{}: {e}", path.display())))
+    .map_err(|e| {
+        io::Error::new(
+            io::Error::from(e).kind(),
+            format!("{}: {e}", path.display()),
+        )
+    })
 }
 
 /// Opens directory `relative` beneath `dir` with `resolve`.
@@ -326,7 +331,10 @@ mod tests {
     #[test]
     fn no_agent_runs_as_root() {
         assert_eq!(agent_identity((0, 0), None, false), Ok(None));
-        assert_eq!(agent_identity((1000, 100), None, true), Ok(Some((1000, 100))));
+        assert_eq!(
+            agent_identity((1000, 100), None, true),
+            Ok(Some((1000, 100)))
+        );
         assert_eq!(
             agent_identity((0, 0), Some((999, 999)), true),
             Ok(Some((999, 999)))

@@ -199,7 +199,9 @@ pub fn check(
             )));
         }
         if value.contains('\0') {
-            return Err(refuse(format!("{key}: a value must not contain a NUL byte")));
+            return Err(refuse(format!(
+                "{key}: a value must not contain a NUL byte"
+            )));
         }
         if protected(key, adapter_protected) {
             return Err(refuse(format!(

@@ -548,12 +548,9 @@ impl SessionManager {
         let anchor = anchor_of(instance, cwd)?;
         let dir = anchor.open().map_err(|e| refuse(e.to_string()))?;
         let owner = workspace::owner(&dir).map_err(|e| refuse(e.to_string()))?;
-        let user = workspace::agent_identity(
-            owner,
-            self.agent_user,
-            nix::unistd::geteuid().is_root(),
-        )
-        .map_err(refuse)?;
+        let user =
+            workspace::agent_identity(owner, self.agent_user, nix::unistd::geteuid().is_root())
+                .map_err(refuse)?;
         Ok((anchor, user))
     }
 
@@ -807,7 +804,10 @@ fn workspace_cwd(instance: &InstanceConfig, asked: &Path) -> Result<PathBuf, Ses
         }
         resolved.push(name);
     }
-    let Some(anchor) = roots.iter().find_map(|root| Anchor::beneath(root, &resolved)) else {
+    let Some(anchor) = roots
+        .iter()
+        .find_map(|root| Anchor::beneath(root, &resolved))
+    else {
         return Err(refuse(format!(
             "outside the workspace roots of instance {:?}",
             instance.id
@@ -849,8 +849,7 @@ fn anchor_of(instance: &InstanceConfig, cwd: &Path) -> Result<Anchor, SessionErr
     if let Some(anchor) = roots.iter().find_map(|root| Anchor::beneath(root, cwd)) {
         return Ok(anchor);
     }
-    if !instance.workspace_roots.is_empty() && default_cwd(instance).ok().as_deref() != Some(cwd)
-    {
+    if !instance.workspace_roots.is_empty() && default_cwd(instance).ok().as_deref() != Some(cwd) {
         return Err(refuse(format!(
             "no longer inside the workspace roots of instance {:?}",
             instance.id
