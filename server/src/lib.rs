@@ -204,7 +204,7 @@ pub async fn run(
     };
     let socket = unix.as_ref().map(|(_, path)| path.clone());
     tracing::info!(
-        addr = addr.map(|a| a.to_string()).unwrap_or_else(|| "-".into()),
+        addr = %addr.map(|a| a.to_string()).unwrap_or_else(|| "-".into()),
         unix_socket = %socket.as_deref().map(|p| p.display().to_string()).unwrap_or_else(|| "-".into()),
         token = policy.requires_token(),
         "moorline listening"
