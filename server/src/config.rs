@@ -1053,6 +1053,54 @@ mod tests {
         assert_eq!(from_file.limits, defaults.limits);
         assert_eq!(from_file.port, defaults.port);
         assert_eq!(from_file.host, defaults.host);
+        assert_eq!(
+            (from_file.tcp, &from_file.unix_socket_mode, &from_file.allowed_users),
+            (defaults.tcp, &defaults.unix_socket_mode, &defaults.allowed_users)
+        );
+        assert_eq!(
+            from_file.trust_tailscale_headers_on_tcp,
+            defaults.trust_tailscale_headers_on_tcp
+        );
+    }
+
+    #[test]
+    fn listeners_identity_keys_and_their_errors() {
+        let c = load(&[
+            ("MOORLINE_TCP", "false"),
+            ("MOORLINE_UNIX_SOCKET", "/run/moorline/moorline.sock"),
+            ("MOORLINE_UNIX_SOCKET_MODE", "0660"),
+            ("MOORLINE_ALLOWED_USERS", "alice@example.com, local"),
+        ])
+        .expect("load");
+        assert!(!c.tcp);
+        assert_eq!(c.socket_mode().expect("mode"), 0o660);
+        assert_eq!(c.allowed_users, vec!["alice@example.com", "local"]);
+        let e = load(&[("MOORLINE_TCP", "false")])
+            .expect_err("nowhere")
+            .to_string();
+        assert!(e.contains("tcp") && e.contains("unix_socket"), "{e}");
+        let e = load(&[
+            ("MOORLINE_UNIX_SOCKET", "/run/moorline/moorline.sock"),
+            ("MOORLINE_UNIX_SOCKET_MODE", "rw"),
+        ])
+        .expect_err("bad mode")
+        .to_string();
+        assert!(e.contains("unix_socket_mode"), "{e}");
+        let e = load(&[("MOORLINE_UNIX_SOCKET", "moorline.sock")])
+            .expect_err("relative")
+            .to_string();
+        assert!(e.contains("absolute"), "{e}");
+        let e = load(&[
+            ("MOORLINE_STATE_DIR", "/srv/moorline"),
+            ("MOORLINE_UNIX_SOCKET", "/srv/moorline/api.sock"),
+        ])
+        .expect_err("visible to containers")
+        .to_string();
+        assert!(e.contains("state_dir"), "{e}");
+        let e = load(&[("MOORLINE_UNIX_SOCKET", "/etc/moorline/api.sock")])
+            .expect_err("a system dir")
+            .to_string();
+        assert!(e.contains("system_dirs"), "{e}");
     }
 
     #[test]
