@@ -662,7 +662,12 @@ impl Config {
         }
         let seen = [("state_dir", &self.state_dir)]
             .into_iter()
-            .chain(self.runtime.system_dirs.iter().map(|d| ("runtime.system_dirs", d)))
+            .chain(
+                self.runtime
+                    .system_dirs
+                    .iter()
+                    .map(|d| ("runtime.system_dirs", d)),
+            )
             .chain(self.instances.iter().flat_map(|i| {
                 i.workspace_roots
                     .iter()
@@ -1054,8 +1059,16 @@ mod tests {
         assert_eq!(from_file.port, defaults.port);
         assert_eq!(from_file.host, defaults.host);
         assert_eq!(
-            (from_file.tcp, &from_file.unix_socket_mode, &from_file.allowed_users),
-            (defaults.tcp, &defaults.unix_socket_mode, &defaults.allowed_users)
+            (
+                from_file.tcp,
+                &from_file.unix_socket_mode,
+                &from_file.allowed_users
+            ),
+            (
+                defaults.tcp,
+                &defaults.unix_socket_mode,
+                &defaults.allowed_users
+            )
         );
         assert_eq!(
             from_file.trust_tailscale_headers_on_tcp,

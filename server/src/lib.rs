@@ -229,7 +229,9 @@ pub async fn run(
             let listener = listener.tap_io(|tcp| {
                 let _ = tcp.set_nodelay(true);
             });
-            axum::serve(listener, app).with_graceful_shutdown(stop).await
+            axum::serve(listener, app)
+                .with_graceful_shutdown(stop)
+                .await
         }
     };
     let serve_unix = {
@@ -239,7 +241,9 @@ pub async fn run(
             let Some((listener, _)) = unix else {
                 return Ok(());
             };
-            axum::serve(listener, app).with_graceful_shutdown(stop).await
+            axum::serve(listener, app)
+                .with_graceful_shutdown(stop)
+                .await
         }
     };
     let served = tokio::select! {

@@ -309,11 +309,7 @@ fn strip_port(host: &str) -> &str {
 fn header_text(headers: &HeaderMap, name: &str) -> Option<String> {
     let raw = headers.get(name)?.as_bytes();
     let text = decode_words(&String::from_utf8_lossy(raw));
-    let clean: String = text
-        .chars()
-        .filter(|c| !c.is_control())
-        .take(256)
-        .collect();
+    let clean: String = text.chars().filter(|c| !c.is_control()).take(256).collect();
     let clean = clean.trim();
     (!clean.is_empty()).then(|| clean.to_owned())
 }
@@ -516,19 +512,36 @@ mod tests {
     fn tailnet_headers_are_believed_on_the_socket_only() {
         let p = users(&[], None, false);
         let alice = [("tailscale-user-login", "alice@example.com")];
-        assert_eq!(who(&p, Via::Unix, &alice).as_deref(), Ok("alice@example.com"));
-        assert_eq!(who(&p, Via::Tcp, &alice).as_deref(), Ok("local"), "forged on TCP");
+        assert_eq!(
+            who(&p, Via::Unix, &alice).as_deref(),
+            Ok("alice@example.com")
+        );
+        assert_eq!(
+            who(&p, Via::Tcp, &alice).as_deref(),
+            Ok("local"),
+            "forged on TCP"
+        );
         let p = users(&[], None, true);
-        assert_eq!(who(&p, Via::Tcp, &alice).as_deref(), Ok("alice@example.com"), "opt-in");
+        assert_eq!(
+            who(&p, Via::Tcp, &alice).as_deref(),
+            Ok("alice@example.com"),
+            "opt-in"
+        );
         let p = users(&[], Some("s3cret"), false);
         let with_token = [
             ("tailscale-user-login", "alice@example.com"),
             ("authorization", "Bearer s3cret"),
         ];
         assert_eq!(who(&p, Via::Tcp, &with_token).as_deref(), Ok("token"));
-        assert_eq!(who(&p, Via::Unix, &with_token).as_deref(), Ok("alice@example.com"));
+        assert_eq!(
+            who(&p, Via::Unix, &with_token).as_deref(),
+            Ok("alice@example.com")
+        );
         let p = users(&[], None, false);
-        for proxied in [("x-forwarded-for", "100.64.0.1"), ("tailscale-funnel-request", "?1")] {
+        for proxied in [
+            ("x-forwarded-for", "100.64.0.1"),
+            ("tailscale-funnel-request", "?1"),
+        ] {
             assert_eq!(who(&p, Via::Unix, &[proxied]).as_deref(), Ok("anonymous"));
         }
     }
@@ -540,7 +553,10 @@ mod tests {
         assert!(who(&p, Via::Unix, &login("alice@example.com")).is_ok());
         let e = who(&p, Via::Unix, &login("mallory@example.com")).expect_err("refused");
         assert!(e.contains("mallory@example.com"), "{e}");
-        assert_eq!(who(&p, Via::Tcp, &login("mallory@example.com")).as_deref(), Ok("local"));
+        assert_eq!(
+            who(&p, Via::Tcp, &login("mallory@example.com")).as_deref(),
+            Ok("local")
+        );
         assert!(who(&p, Via::Unix, &[("x-forwarded-for", "1.2.3.4")]).is_err());
         let p = users(&["alice@example.com"], Some("s3cret"), false);
         assert!(who(&p, Via::Tcp, &[]).is_err(), "no token: refused");
@@ -562,6 +578,9 @@ mod tests {
         assert_eq!(decode_words("plain name"), "plain name");
         assert_eq!(decode_words("=?utf-8?q?bad=Z?="), "=?utf-8?q?bad=Z?=");
         let h = headers(&[("tailscale-user-name", "=?utf-8?q?Zo=C3=AB?=")]);
-        assert_eq!(header_text(&h, "tailscale-user-name").as_deref(), Some("Zoë"));
+        assert_eq!(
+            header_text(&h, "tailscale-user-name").as_deref(),
+            Some("Zoë")
+        );
     }
 }

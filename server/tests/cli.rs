@@ -428,8 +428,10 @@ async fn client_commands_work_over_the_unix_socket() {
 
     // A socket nobody listens on is reported like an unreachable port.
     let mut cmd = moorline(home.path());
-    cmd.args(["sessions", "list", "--url"])
-        .arg(format!("unix:{}", run_dir.path().join("nothing.sock").display()));
+    cmd.args(["sessions", "list", "--url"]).arg(format!(
+        "unix:{}",
+        run_dir.path().join("nothing.sock").display()
+    ));
     let (code, _, err) = output(cmd).await;
     assert_eq!(code, 69, "{err}");
 

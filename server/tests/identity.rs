@@ -104,7 +104,10 @@ async fn rest_and_websockets_work_over_the_unix_socket_which_is_private() {
         (Some("amarre.hello"), Some("local"))
     );
     ws.send(r#"{"id":"over-unix"}"#).await;
-    assert_eq!(next_of(&mut ws, "response").await["echo"]["id"], "over-unix");
+    assert_eq!(
+        next_of(&mut ws, "response").await["echo"]["id"],
+        "over-unix"
+    );
 
     // The same server still answers on loopback TCP, as amarre's clients expect.
     let mut tcp_ws = server.ws(&id).await;
@@ -191,7 +194,10 @@ async fn allowed_users_admit_listed_tailnet_users_and_forged_headers_on_tcp_give
     let (status, me) = unix(&server, get.clone(), "/me", &[ALICE], None).await;
     assert_eq!(status, 200);
     assert_eq!(me["user"], "alice@example.com");
-    assert_eq!((me["via"].as_str(), me["source"].as_str()), (Some("unix"), Some("tailnet")));
+    assert_eq!(
+        (me["via"].as_str(), me["source"].as_str()),
+        (Some("unix"), Some("tailnet"))
+    );
 
     let mallory = ("tailscale-user-login", "mallory@example.com");
     let (status, body) = unix(&server, get.clone(), "/sessions", &[mallory], None).await;
@@ -207,11 +213,22 @@ async fn allowed_users_admit_listed_tailnet_users_and_forged_headers_on_tcp_give
 
     // On TCP the header proves nothing: the request is "local", which is not listed.
     let (status, body) = tcp(&server, "/sessions", &[ALICE]).await;
-    assert_eq!((status, body["user"].as_str()), (403, Some("local")), "{body}");
+    assert_eq!(
+        (status, body["user"].as_str()),
+        (403, Some("local")),
+        "{body}"
+    );
     let (status, _) = tcp(&server, "/me", &[]).await;
     assert_eq!(status, 403);
     // Nor does a request tailscale serve forwarded without a login (Funnel, tagged devices).
-    let (status, body) = unix(&server, get.clone(), "/me", &[("x-forwarded-for", "100.64.0.9")], None).await;
+    let (status, body) = unix(
+        &server,
+        get.clone(),
+        "/me",
+        &[("x-forwarded-for", "100.64.0.9")],
+        None,
+    )
+    .await;
     assert_eq!((status, body["user"].as_str()), (403, Some("anonymous")));
 
     // Per instance: bob may use the server but not the fixture instance.
@@ -240,7 +257,14 @@ async fn allowed_users_admit_listed_tailnet_users_and_forged_headers_on_tcp_give
     let id = created["id"].as_str().expect("id").to_owned();
     let (_, list) = unix(&server, get.clone(), "/sessions", &[BOB], None).await;
     assert_eq!(list, json!([]), "bob does not see alice's fixture session");
-    let (status, _) = unix(&server, get.clone(), &format!("/sessions/{id}"), &[BOB], None).await;
+    let (status, _) = unix(
+        &server,
+        get.clone(),
+        &format!("/sessions/{id}"),
+        &[BOB],
+        None,
+    )
+    .await;
     assert_eq!(status, 403);
     let refused = server
         .unix_ws(&format!("/sessions/{id}"), &[BOB])
@@ -249,7 +273,10 @@ async fn allowed_users_admit_listed_tailnet_users_and_forged_headers_on_tcp_give
         .expect("bob may not attach");
     assert_eq!(refused.0, 403, "{}", refused.1);
     let (status, summary) = unix(&server, get, &format!("/sessions/{id}"), &[ALICE], None).await;
-    assert_eq!((status, summary["createdBy"].as_str()), (200, Some("alice@example.com")));
+    assert_eq!(
+        (status, summary["createdBy"].as_str()),
+        (200, Some("alice@example.com"))
+    );
     server.stop().await;
 }
 
@@ -262,7 +289,10 @@ async fn forged_headers_on_tcp_are_ignored_but_the_opt_in_believes_them() {
 
     let server = TestServer::start_with(|c| c.trust_tailscale_headers_on_tcp = true).await;
     let (status, me) = tcp(&server, "/me", &[ALICE]).await;
-    assert_eq!((status, me["user"].as_str()), (200, Some("alice@example.com")));
+    assert_eq!(
+        (status, me["user"].as_str()),
+        (200, Some("alice@example.com"))
+    );
     server.stop().await;
 }
 

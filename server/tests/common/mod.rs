@@ -378,7 +378,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Ws<S> {
 /// binary (tests running in parallel share it: pick lines by session id).
 pub fn audit_lines() -> Vec<Value> {
     let text = {
-        let buf = AUDIT.get_or_init(install_audit_capture).lock().expect("lock");
+        let buf = AUDIT
+            .get_or_init(install_audit_capture)
+            .lock()
+            .expect("lock");
         String::from_utf8_lossy(&buf).into_owned()
     };
     text.lines()
