@@ -103,6 +103,16 @@ impl Listeners {
     }
 }
 
+/// The server's socket file, removed when dropped.
+#[derive(Debug)]
+struct SocketFile(PathBuf);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 /// Binds a Unix socket at `path` with permissions `mode`.
 ///
 /// The parent directory is created private (0700) if missing. A socket file left by a server
@@ -167,6 +177,8 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
     let Listeners { tcp, unix } = listeners.into();
+    // Removed however `run` ends, startup errors included.
+    let socket_file = unix.as_ref().map(|(_, path)| SocketFile(path.clone()));
     if tcp.is_none() && unix.is_none() {
         return Err(ServerError::Config(config::ConfigError::new(
             "nothing to listen on: enable tcp or set unix_socket",
@@ -202,7 +214,7 @@ pub async fn run(
         shutdown: cancel.clone(),
         tracker: tracker.clone(),
     };
-    let socket = unix.as_ref().map(|(_, path)| path.clone());
+    let socket = socket_file.as_ref().map(|f| f.0.clone());
     tracing::info!(
         addr = %addr.map(|a| a.to_string()).unwrap_or_else(|| "-".into()),
         unix_socket = %socket.as_deref().map(|p| p.display().to_string()).unwrap_or_else(|| "-".into()),
@@ -250,9 +262,8 @@ pub async fn run(
         served = futures_util::future::try_join(serve_tcp, serve_unix) => served,
         () = signal => Ok(((), ())),
     };
-    if let Some(path) = &socket {
-        let _ = std::fs::remove_file(path);
-    }
+    // No new client can connect while the sessions stop.
+    drop(socket_file);
     served?;
     // axum does not wait for upgraded connections: WebSocket tasks are tracked separately and
     // close themselves with 1001 when `cancel` fires.
