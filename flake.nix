@@ -146,6 +146,15 @@
                   machine.succeed(f"curl -sf {api}/healthz")
                   machine.fail(f"curl -sf {api}/sessions")
 
+              with subtest("the API's Unix socket: private, and tailnet logins are believed there"):
+                  sock = "/run/moorline/moorline.sock"
+                  assert machine.succeed(f"stat -c %a {sock}").strip() == "600"
+                  me = json.loads(machine.succeed(
+                      f"curl -sf --unix-socket {sock} -H '{header}' "
+                      f"-H 'Tailscale-User-Login: alice@example.com' http://localhost/me"
+                  ))
+                  assert me["user"] == "alice@example.com" and me["via"] == "unix", me
+
               with subtest("an echo session round-trips over websocat, in a rootless runc container"):
                   session = call("POST", "/sessions", "{}")
                   sid = session["id"]

@@ -272,6 +272,42 @@ in
       description = "TCP port to listen on.";
     };
 
+    tcp = mkOption {
+      type = types.bool;
+      default = true;
+      example = false;
+      description = ''
+        Listen on `host`:`port`. Turn it off to serve on `unixSocket` only: then no local
+        process of another user, and no agent in a container, can reach the API over TCP.
+        Clients on this machine use `moorline ... --url unix:/run/moorline/moorline.sock`.
+      '';
+    };
+
+    unixSocket = mkOption {
+      type = types.nullOr externalPath;
+      default = "/run/moorline/moorline.sock";
+      description = ''
+        A Unix socket to listen on (mode 0600, in the unit's private `RuntimeDirectory`), which
+        `tailscaleServe` forwards to. On it, the `Tailscale-User-Login` header tailscaled adds
+        is believed (only tailscaled, as root, and `user` can connect), so `allowedUsers` and
+        the audit log know who is on the other end. `null`: TCP only.
+      '';
+    };
+
+    allowedUsers = mkOption {
+      type = types.listOf types.str;
+      default = [ ];
+      example = [
+        "alice@example.com"
+        "local"
+      ];
+      description = ''
+        Tailnet logins allowed to use moorline (`allowed_users`); everyone else gets 403.
+        `local` admits requests with no identity (the CLI on this machine, TCP clients); a
+        request with the bearer token is always let in. Empty: anyone who reaches the server.
+      '';
+    };
+
     maxSessions = mkOption {
       type = types.ints.positive;
       default = 8;
@@ -438,8 +474,8 @@ in
       description = ''
         moorline's configuration (TOML; `moorline print-default-config` lists every key). The
         generated file is checked with `moorline check-config` at build time. `host`, `port`,
-        `allow_non_loopback`, `limits.max_sessions` and `instances` come from the options of the
-        same names above; `state_dir` is the unit's `StateDirectory` (/var/lib/moorline) and the
+        `tcp`, `unix_socket`, `allowed_users`, `allow_non_loopback`, `limits.max_sessions` and
+        `instances` come from the options of the same names above; `state_dir` is the unit's `StateDirectory` (/var/lib/moorline) and the
         token comes from `tokenFile`.
       '';
     };
@@ -510,13 +546,18 @@ in
         assertion = cfg.tailscaleServe.enable -> config.services.tailscale.enable;
         message = "services.moorline.tailscaleServe.enable needs services.tailscale.enable.";
       }
+      {
+        assertion = cfg.tcp || cfg.unixSocket != null;
+        message = "services.moorline.tcp = false needs services.moorline.unixSocket: the server would listen nowhere.";
+      }
     ];
 
     warnings =
-      lib.optional (cfg.tailscaleServe.enable && cfg.tokenFile == null) ''
-        services.moorline: tailscaleServe is on and tokenFile is null: every tailnet device
-        allowed to reach this machine can start agents as ${cfg.user}. Set
-        services.moorline.tokenFile, or restrict access with tailnet ACLs.''
+      lib.optional (cfg.tailscaleServe.enable && cfg.tokenFile == null && cfg.allowedUsers == [ ]) ''
+        services.moorline: tailscaleServe is on and neither tokenFile nor allowedUsers is set:
+        every tailnet device allowed to reach this machine can start agents as ${cfg.user}. Set
+        services.moorline.allowedUsers (with the socket) or tokenFile, or restrict access with
+        tailnet ACLs.''
       ++ lib.optional
         (lib.any (i: i.pids_limit != null || i.memory_limit != null) (lib.attrValues cfg.instances))
         ''
@@ -524,7 +565,9 @@ in
           ${cfg.user} and does not use delegated cgroups yet (see docs/DEPLOY.md, "Limits").'';
 
     services.moorline.settings = {
-      inherit (cfg) host port;
+      inherit (cfg) host port tcp;
+      unix_socket = cfg.unixSocket;
+      allowed_users = cfg.allowedUsers;
       allow_non_loopback = cfg.allowNonLoopback;
       limits.max_sessions = cfg.maxSessions;
       instances = lib.mkIf (cfg.instances != { }) (
@@ -581,8 +624,10 @@ in
         # Sessions live in $STATE_DIRECTORY (moorline's default state_dir under systemd).
         StateDirectory = "moorline";
         StateDirectoryMode = "0700";
-        # /run/moorline holds runc's state (settings.runtime.runc_root). Preserved: running
-        # containers outlive a stop of the unit, and runc must still find them afterwards.
+        # /run/moorline holds runc's state (settings.runtime.runc_root) and the API's socket
+        # (unixSocket; moorline replaces a stale one and removes it when it stops). Preserved:
+        # running containers outlive a stop of the unit, and runc must still find them.
+        # Containers never see it: it is not under the state directory or a system directory.
         RuntimeDirectory = "moorline";
         RuntimeDirectoryMode = "0700";
         RuntimeDirectoryPreserve = true;
@@ -677,6 +722,12 @@ in
       let
         tailscale = lib.getExe' config.services.tailscale.package "tailscale";
         where = "--https=${toString cfg.tailscaleServe.httpsPort} --set-path=${cfg.tailscaleServe.path}";
+        # The socket when there is one: there tailscaled's identity headers are believed.
+        target =
+          if cfg.unixSocket != null then
+            "unix:${cfg.unixSocket}"
+          else
+            "http://${urlHost}:${toString cfg.port}";
         waitForTailscale = pkgs.writeShellScript "moorline-wait-for-tailscale" ''
           for _ in $(seq 120); do
             ${tailscale} status --peers=false > /dev/null 2>&1 && exit 0
@@ -700,7 +751,7 @@ in
           ExecStartPre = waitForTailscale;
           # HTTPS on the machine's tailnet name, tailnet only (this is `serve`, not `funnel`);
           # tailscaled keeps the setting (--bg) until ExecStop removes it.
-          ExecStart = "${tailscale} serve --bg ${where} http://${urlHost}:${toString cfg.port}";
+          ExecStart = "${tailscale} serve --bg ${where} ${target}";
           ExecStop = "${tailscale} serve ${where} off";
           Restart = "on-failure";
           RestartSec = "10s";

@@ -341,6 +341,8 @@ let
         enable = true;
         user = "alice";
         host = "::1";
+        # TCP as the serve target, to check the brackets.
+        unixSocket = null;
         tailscaleServe = {
           enable = true;
           path = "/moorline";
@@ -372,6 +374,13 @@ let
   };
 
   disabled = evalModule { user = "alice"; };
+
+  socketOnlyWithoutSocket = evalModule {
+    enable = true;
+    user = "alice";
+    tcp = false;
+    unixSocket = null;
+  };
 
   toml = config: config.services.moorline.configFile.text;
   unitOf = config: name: renderUnit config.systemd.services.${name};
@@ -456,6 +465,12 @@ let
       ]
       && lib.elem "/etc/profiles/per-user/alice" minimal.systemd.services.moorline.path;
     "minimal: no tailscale serve unit" = !(minimal.systemd.services ? moorline-tailscale-serve);
+    "minimal: the API's socket in the runtime directory, TCP on, no allowed_users" =
+      lib.hasInfix "\"unix_socket\" = \"/run/moorline/moorline.sock\"" (toml minimal)
+      && lib.hasInfix "\"tcp\" = true" (toml minimal)
+      && lib.hasInfix "\"allowed_users\" = []" (toml minimal);
+    "tcp = false without unixSocket: refused" =
+      lib.any (lib.hasInfix "listen nowhere") (failedAssertions socketOnlyWithoutSocket);
     "minimal: ExecStart runs the package with the generated config" =
       (moorlineUnit minimal).ExecStart == "${moorlineOut}/bin/moorline serve --config @CONFIG@";
     "full: the token goes through LoadCredential, never the store or the environment" =
@@ -480,13 +495,13 @@ let
       (moorlineUnit systemd258).ProtectHostname == "private";
     "full: one warning, about limits" =
       builtins.length full.warnings == 1 && lib.hasInfix "memory_limit" (builtins.head full.warnings);
-    "full: tailscale serve unit after tailscaled, HTTPS 443 to loopback" =
+    "full: tailscale serve unit after tailscaled, HTTPS 443 to the API's Unix socket" =
       let
         serve = full.systemd.services.moorline-tailscale-serve;
       in
       lib.elem "tailscaled.service" serve.after
       && serve.serviceConfig.ExecStart
-      == "${fakeStore}/tailscale/bin/tailscale serve --bg --https=443 --set-path=/ http://127.0.0.1:8341";
+      == "${fakeStore}/tailscale/bin/tailscale serve --bg --https=443 --set-path=/ unix:/run/moorline/moorline.sock";
     "full: tailscale on the server's PATH (tailnet name detection)" =
       lib.elem pkgs.tailscale full.systemd.services.moorline.path;
     "nonLoopback: refused with a message naming the escape hatch" =

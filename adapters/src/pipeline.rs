@@ -12,7 +12,10 @@
 //!
 //! Approval requests (in the client dialect) are tracked until answered. The **first** answer
 //! wins: it is forwarded to the agent and every client gets an `amarre.approval_resolved`
-//! frame saying how the request was settled; later answers to the same request are dropped.
+//! frame saying how the request was settled (and, for a person's answer, who gave it: the
+//! `user` passed to [`Pipeline::client_line_from`]); later answers to the same request are
+//! dropped. Each settlement is also kept as a [`Resolution`] for the audit log
+//! ([`Pipeline::take_resolutions`]).
 
 use std::collections::BTreeMap;
 use std::sync::LazyLock;
@@ -155,7 +158,26 @@ impl ApprovalPolicy {
 #[derive(Debug, Clone)]
 struct Pending {
     request: Value,
+    tool: Option<String>,
     deadline: Option<Instant>,
+}
+
+/// How one approval request was settled, for the audit log. Holds no tool input (it may carry
+/// secrets): the tool's name and the request id only.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resolution {
+    /// The request id, as clients saw it.
+    pub id: String,
+    /// `allow`, `deny` or `answered` (a non yes/no dialog).
+    pub decision: String,
+    /// `client` (a person), `policy` or `timeout`.
+    pub by: String,
+    /// Who answered, for a client's answer: a tailnet login, `token` or `local`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// The tool the request was about, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool: Option<String>,
 }
 
 /// A parsed approval request.
@@ -371,6 +393,8 @@ pub struct Pipeline {
     settled: std::collections::VecDeque<String>,
     /// Set when the pending set changed since the last call to [`Pipeline::take_changed`].
     changed: bool,
+    /// Settlements not yet taken by [`Pipeline::take_resolutions`].
+    resolutions: Vec<Resolution>,
 }
 
 impl std::fmt::Debug for Pipeline {
@@ -394,6 +418,7 @@ impl Pipeline {
             pending: BTreeMap::new(),
             settled: std::collections::VecDeque::new(),
             changed: false,
+            resolutions: Vec::new(),
         }
     }
 
@@ -424,15 +449,32 @@ impl Pipeline {
         }
     }
 
-    /// A line from a client.
+    /// A line from a client whose identity is unknown.
     pub fn client_line(&mut self, line: &[u8], out: &mut Outputs) {
+        self.client_line_from(line, None, out);
+    }
+
+    /// A line from the client `user` (a tailnet login, `token` or `local`): an answer it
+    /// gives to an approval request is recorded as its answer.
+    pub fn client_line_from(&mut self, line: &[u8], user: Option<&str>, out: &mut Outputs) {
         if self.dialect.may_be_response(line)
             && let Ok(v) = serde_json::from_slice::<Value>(line)
             && let Some((id, decision)) = self.dialect.response(&v)
         {
-            if self.pending.remove(&id).is_some() {
+            if let Some(p) = self.pending.remove(&id) {
                 self.settle(id.clone());
-                out.client_json(&resolved_frame(&id, decision, "client"));
+                let mut frame = resolved_frame(&id, decision, "client");
+                if let Some(user) = user {
+                    frame["user"] = user.into();
+                }
+                out.client_json(&frame);
+                self.resolutions.push(Resolution {
+                    id,
+                    decision: decision.to_owned(),
+                    by: "client".into(),
+                    user: user.map(str::to_owned),
+                    tool: p.tool,
+                });
             } else if self.settled.contains(&id) {
                 // Already answered: the first answer stands.
                 return;
@@ -460,6 +502,13 @@ impl Pipeline {
                     self.policy.default.as_str(),
                     "timeout",
                 ));
+                self.resolutions.push(Resolution {
+                    id,
+                    decision: self.policy.default.as_str().to_owned(),
+                    by: "timeout".into(),
+                    user: None,
+                    tool: p.tool,
+                });
             }
         }
     }
@@ -472,6 +521,11 @@ impl Pipeline {
     /// The requests waiting for an answer, as clients saw them.
     pub fn pending(&self) -> Vec<Value> {
         self.pending.values().map(|p| p.request.clone()).collect()
+    }
+
+    /// The settlements since the last call, oldest first.
+    pub fn take_resolutions(&mut self) -> Vec<Resolution> {
+        std::mem::take(&mut self.resolutions)
     }
 
     /// Whether the pending set changed since the last call.
@@ -514,8 +568,15 @@ impl Pipeline {
         if req.yes_no && !self.policy.needs_approval(req.tool.as_deref()) {
             self.answer(&v, Decision::Allow, "allowed by policy", out);
             let mut frame = resolved_frame(&req.id, "allow", "policy");
-            frame["tool"] = req.tool.into();
+            frame["tool"] = req.tool.clone().into();
             out.client_json(&frame);
+            self.resolutions.push(Resolution {
+                id: req.id,
+                decision: "allow".into(),
+                by: "policy".into(),
+                user: None,
+                tool: req.tool,
+            });
             return;
         }
         let deadline = if req.yes_no {
@@ -527,6 +588,7 @@ impl Pipeline {
             req.id,
             Pending {
                 request: v,
+                tool: req.tool,
                 deadline,
             },
         );
@@ -568,16 +630,27 @@ mod tests {
         assert!(p.take_changed());
 
         let mut first = Outputs::default();
-        p.client_line(
+        p.client_line_from(
             br#"{"type":"extension_ui_response","id":"r1","confirmed":true}"#,
+            Some("alice@example.com"),
             &mut first,
         );
         assert_eq!(first.to_agent.len(), 1, "forwarded to the agent");
         assert_eq!(
             lines(&first.to_clients),
             vec![
-                json!({"type":"amarre.approval_resolved","id":"r1","decision":"allow","by":"client"})
+                json!({"type":"amarre.approval_resolved","id":"r1","decision":"allow","by":"client","user":"alice@example.com"})
             ]
+        );
+        assert_eq!(
+            p.take_resolutions(),
+            vec![Resolution {
+                id: "r1".into(),
+                decision: "allow".into(),
+                by: "client".into(),
+                user: Some("alice@example.com".into()),
+                tool: Some("bash".into()),
+            }]
         );
         let mut second = Outputs::default();
         p.client_line(
@@ -585,6 +658,7 @@ mod tests {
             &mut second,
         );
         assert_eq!(second, Outputs::default(), "a late answer goes nowhere");
+        assert!(p.take_resolutions().is_empty(), "and is not recorded");
         assert!(p.pending().is_empty());
     }
 

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use moorline_adapters::pipeline::{Outputs, Pipeline};
+use moorline_adapters::pipeline::{Outputs, Pipeline, Resolution};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -42,6 +42,18 @@ pub trait OutputSink: Send {
 
     /// An output line could not be forwarded (it was replaced by a `line_dropped` frame).
     fn line_dropped(&mut self, _reason: DropReason) {}
+
+    /// An approval request was settled (for the audit log).
+    fn resolved(&mut self, _resolution: Resolution) {}
+}
+
+/// A line from a client, with who sent it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Input {
+    /// The line, without its newline.
+    pub line: Bytes,
+    /// The sender's identity (a tailnet login, `token` or `local`); `None` when unknown.
+    pub user: Option<Arc<str>>,
 }
 
 /// Counts what an agent run produced.
@@ -93,7 +105,7 @@ impl AgentIo {
     pub async fn run(
         mut self,
         mut stdout: Reader,
-        mut input: mpsc::Receiver<Bytes>,
+        mut input: mpsc::Receiver<Input>,
         mut stdin: Writer,
         mut exit: ExitFuture,
         control: Arc<dyn AgentControl>,
@@ -248,6 +260,14 @@ impl AgentIo {
             sink.commit(batch, &ends);
         }
         self.batch_ends = ends;
+        self.report(sink);
+    }
+
+    /// Tells the sink what the pipeline settled and whether the pending set changed.
+    fn report(&mut self, sink: &mut dyn OutputSink) {
+        for resolution in self.pipeline.take_resolutions() {
+            sink.resolved(resolution);
+        }
         if self.pipeline.take_changed() {
             sink.pending_changed(&self.pipeline.pending());
         }
@@ -256,11 +276,12 @@ impl AgentIo {
     /// A client line: through the pipeline to the agent (and maybe to clients).
     fn input(
         &mut self,
-        line: &[u8],
+        input: &Input,
         stdin_open: bool,
         to_agent: &mut BytesMut,
         sink: &mut dyn OutputSink,
     ) {
+        let line = &input.line[..];
         if self.pipeline.passes_through_client_line(line) {
             if stdin_open {
                 to_agent.extend_from_slice(line);
@@ -269,7 +290,8 @@ impl AgentIo {
             return;
         }
         let mut outs = Outputs::default();
-        self.pipeline.client_line(line, &mut outs);
+        self.pipeline
+            .client_line_from(line, input.user.as_deref(), &mut outs);
         self.route(outs, stdin_open, to_agent, sink);
     }
 
@@ -297,9 +319,7 @@ impl AgentIo {
             self.totals.lines += ends.len() as u64;
             sink.commit(batch, &ends);
         }
-        if self.pipeline.take_changed() {
-            sink.pending_changed(&self.pipeline.pending());
-        }
+        self.report(sink);
     }
 }
 

@@ -18,7 +18,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::Limits;
 use crate::metrics::Metrics;
-use crate::security::{self, AccessPolicy};
+use crate::security::{self, AccessPolicy, Identity, Via};
 use crate::session::{CreateRequest, SessionError, SessionManager};
 use crate::ws;
 
@@ -37,11 +37,12 @@ pub struct AppState {
     pub tracker: TaskTracker,
 }
 
-/// The whole HTTP surface.
-pub fn router(state: AppState, policy: Arc<AccessPolicy>) -> Router {
+/// The whole HTTP surface, for the listener `via`.
+pub fn router(state: AppState, policy: Arc<AccessPolicy>, via: Via) -> Router {
     Router::new()
         .route("/", any(upgrade_required))
         .route("/healthz", get(healthz).fallback(not_found))
+        .route("/me", get(me).fallback(not_found))
         .route("/metrics", get(metrics).fallback(not_found))
         .route("/instances", get(list_instances).fallback(not_found))
         .route(
@@ -57,7 +58,7 @@ pub fn router(state: AppState, policy: Arc<AccessPolicy>) -> Router {
         .route("/push/tokens/{*token}", any(push_disabled))
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(
-            policy,
+            security::Gate { policy, via },
             security::guard,
         ))
         .with_state(state)
@@ -89,6 +90,21 @@ pub enum ApiError {
     /// A token is required and was missing or wrong.
     #[error("missing or invalid bearer token")]
     Unauthorized,
+    /// `allowed_users` (the server's, or an instance's) does not list this identity.
+    #[error("{}", forbidden_user_message(user, instance.as_deref()))]
+    ForbiddenUser {
+        /// The identity refused.
+        user: String,
+        /// The instance whose `allowed_users` refused it; `None`: the server's.
+        instance: Option<String>,
+    },
+}
+
+fn forbidden_user_message(user: &str, instance: Option<&str>) -> String {
+    match instance {
+        Some(i) => format!("{user} is not allowed to use instance {i:?} (see its allowed_users)"),
+        None => format!("{user} is not allowed to use this server (see allowed_users)"),
+    }
 }
 
 impl IntoResponse for ApiError {
@@ -148,6 +164,17 @@ impl IntoResponse for ApiError {
                 StatusCode::FORBIDDEN,
                 json!({"error": "forbidden_origin", "origin": o}),
             ),
+            ApiError::ForbiddenUser { user, instance } => {
+                let mut body = json!({
+                    "error": "forbidden_user",
+                    "user": user,
+                    "message": forbidden_user_message(user, instance.as_deref()),
+                });
+                if let Some(i) = instance {
+                    body["instanceId"] = i.clone().into();
+                }
+                (StatusCode::FORBIDDEN, body)
+            }
             ApiError::Unauthorized => {
                 let mut resp = (
                     StatusCode::UNAUTHORIZED,
@@ -211,10 +238,30 @@ async fn metrics(State(app): State<AppState>) -> Response {
         .into_response()
 }
 
-async fn list_instances(State(app): State<AppState>) -> Json<Value> {
+/// `GET /me`: who the server thinks the caller is.
+async fn me(identity: Identity) -> Json<Value> {
+    Json(json!({
+        "user": &*identity.user,
+        "name": identity.name,
+        "via": identity.via.as_str(),
+        "source": identity.source.as_str(),
+    }))
+}
+
+/// Whether `identity` may see and drive sessions of `session`'s instance (a session whose
+/// instance is gone falls under the server's rule alone).
+fn may_use(identity: &Identity, session: &crate::session::Session) -> Result<(), ApiError> {
+    match session.instance() {
+        Some(instance) => identity.check_instance(instance),
+        None => Ok(()),
+    }
+}
+
+async fn list_instances(State(app): State<AppState>, identity: Identity) -> Json<Value> {
     let list: Vec<Value> = app
         .sessions
         .instances()
+        .filter(|i| identity.allowed_by(&i.config.allowed_users))
         .map(|i| {
             json!({
                 "id": i.config.id,
@@ -226,15 +273,30 @@ async fn list_instances(State(app): State<AppState>) -> Json<Value> {
     Json(Value::Array(list))
 }
 
-async fn list_sessions(State(app): State<AppState>) -> Response {
-    Json(app.sessions.list()).into_response()
+async fn list_sessions(State(app): State<AppState>, identity: Identity) -> Response {
+    let mut list = app.sessions.list();
+    list.retain(|s| {
+        app.sessions
+            .get(&s.id)
+            .is_none_or(|session| may_use(&identity, &session).is_ok())
+    });
+    Json(list).into_response()
 }
 
-async fn create_session(State(app): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
+async fn create_session(
+    State(app): State<AppState>,
+    identity: Identity,
+    body: Bytes,
+) -> Result<Response, ApiError> {
     // Like amarre, a full server says so before looking at the body.
     app.sessions.check_capacity()?;
-    let req = parse_create(&body)?;
+    let mut req = parse_create(&body)?;
+    if let Some(instance) = app.sessions.instance_for(req.instance_id.as_deref()) {
+        identity.check_instance(instance)?;
+    }
+    req.created_by = Some(identity.user.to_string());
     let summary = app.sessions.create(req).await?;
+    crate::audit::session("create", &identity.user, &summary.id, &summary.instance_id);
     Ok((StatusCode::CREATED, Json(summary)).into_response())
 }
 
@@ -288,6 +350,7 @@ fn parse_create(body: &[u8]) -> Result<CreateRequest, ApiError> {
         name: string("name")?,
         cwd: string("cwd")?.map(PathBuf::from),
         env,
+        created_by: None,
     })
 }
 
@@ -295,19 +358,25 @@ fn parse_create(body: &[u8]) -> Result<CreateRequest, ApiError> {
 /// every method; a known id with another method is a plain `Not found` (amarre's behaviour).
 async fn session_route(
     State(app): State<AppState>,
+    identity: Identity,
     Path(id): Path<String>,
     method: Method,
     RawQuery(query): RawQuery,
     upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
     if let Ok(upgrade) = upgrade {
-        return Ok(ws::connect(app, id, query.as_deref(), upgrade));
+        if let Some(session) = app.sessions.get(&id) {
+            may_use(&identity, &session)?;
+        }
+        return Ok(ws::connect(app, id, query.as_deref(), upgrade, identity));
     }
     let session = app.sessions.get(&id).ok_or(SessionError::NotFound)?;
+    may_use(&identity, &session)?;
     match method {
         Method::GET | Method::HEAD => Ok(Json(session.summary()).into_response()),
         Method::DELETE => {
             app.sessions.delete(&id).await?;
+            crate::audit::session("delete", &identity.user, &id, session.instance_id());
             Ok(StatusCode::NO_CONTENT.into_response())
         }
         _ => Ok(not_found().await),
@@ -316,9 +385,14 @@ async fn session_route(
 
 async fn restart_session(
     State(app): State<AppState>,
+    identity: Identity,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
+    if let Some(session) = app.sessions.get(&id) {
+        may_use(&identity, &session)?;
+    }
     let summary = app.sessions.restart(&id).await?;
+    crate::audit::session("restart", &identity.user, &id, &summary.instance_id);
     Ok(Json(summary).into_response())
 }
 

@@ -1,14 +1,16 @@
 //! The client side of the `moorline` command: `sessions list|new|get|rm|restart` over REST and
-//! `attach`, a websocat for moorline that is usable in pipes.
+//! `attach`, a websocat for moorline that is usable in pipes. Both speak to a server's TCP port
+//! (`http://`, `https://`) or to its Unix socket (`unix:/run/moorline/moorline.sock`).
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{self, Message};
@@ -58,7 +60,12 @@ impl ClientError {
 /// A REST client for one server.
 #[derive(Debug, Clone)]
 pub struct Client {
+    /// The HTTP base of request URLs (`http://localhost` for a Unix socket).
     base: String,
+    /// The server's address as the user gave it, for messages.
+    shown: String,
+    /// The server's Unix socket, when it is reached through one.
+    unix: Option<PathBuf>,
     token: Option<Secret>,
     http: reqwest::Client,
     tls: Arc<rustls::ClientConfig>,
@@ -86,8 +93,9 @@ fn tls_config() -> Result<rustls::ClientConfig, ClientError> {
 }
 
 impl Client {
-    /// A client for the server at `base` (`http://127.0.0.1:8341`), with the bearer token read
-    /// from `token_file` if given.
+    /// A client for the server at `base` (`http://127.0.0.1:8341`, or
+    /// `unix:/run/moorline/moorline.sock` for its Unix socket), with the bearer token read from
+    /// `token_file` if given.
     pub fn new(base: &str, token_file: Option<&Path>) -> Result<Self, ClientError> {
         let token = token_file
             .map(|path| {
@@ -95,12 +103,34 @@ impl Client {
             })
             .transpose()?;
         let tls = tls_config()?;
-        let http = reqwest::Client::builder()
-            .tls_backend_preconfigured(tls.clone())
+        let unix = base.strip_prefix("unix:").map(|path| {
+            // `unix:///run/x.sock` and `unix:/run/x.sock` name the same socket.
+            let path = path.strip_prefix("//").unwrap_or(path);
+            PathBuf::from(path)
+        });
+        if let Some(path) = &unix
+            && !path.is_absolute()
+        {
+            return Err(ClientError::Other(format!(
+                "{base}: a unix: URL needs an absolute socket path (unix:/run/moorline/moorline.sock)"
+            )));
+        }
+        let mut builder = reqwest::Client::builder().tls_backend_preconfigured(tls.clone());
+        if let Some(path) = &unix {
+            builder = builder.unix_socket(path.as_path());
+        }
+        let http = builder
             .build()
             .map_err(|e| ClientError::Other(e.to_string()))?;
         Ok(Self {
-            base: base.trim_end_matches('/').to_owned(),
+            base: if unix.is_some() {
+                // Any name the server accepts in Host; loopback names always are.
+                "http://localhost".to_owned()
+            } else {
+                base.trim_end_matches('/').to_owned()
+            },
+            shown: base.to_owned(),
+            unix,
             token,
             http,
             tls: Arc::new(tls),
@@ -122,7 +152,7 @@ impl Client {
             req = req.json(&b);
         }
         let resp = req.send().await.map_err(|e| ClientError::Unreachable {
-            url: self.base.clone(),
+            url: self.shown.clone(),
             reason: error_chain(&e),
         })?;
         let status = resp.status();
@@ -248,14 +278,7 @@ impl Client {
         let config = WebSocketConfig::default()
             .max_message_size(None)
             .max_frame_size(None);
-        let (socket, _) = tokio_tungstenite::connect_async_tls_with_config(
-            request,
-            Some(config),
-            false,
-            Some(tokio_tungstenite::Connector::Rustls(self.tls.clone())),
-        )
-        .await
-        .map_err(|e| match e {
+        let refused = |e: tungstenite::Error| match e {
             tungstenite::Error::Http(resp) => ClientError::Http {
                 status: resp.status().as_u16(),
                 body: resp
@@ -265,48 +288,82 @@ impl Client {
                     .unwrap_or_default(),
             },
             other => ClientError::Unreachable {
-                url: self.base.clone(),
+                url: self.shown.clone(),
                 reason: other.to_string(),
             },
-        })?;
-        let (mut sink, mut stream) = socket.split();
-        let mut stdin = BufReader::new(tokio::io::stdin()).lines();
-        let mut stdout = tokio::io::stdout();
-        let mut stdin_open = true;
-        loop {
-            let idle = async {
-                match (stdin_open, linger) {
-                    (false, Some(d)) => tokio::time::sleep(d).await,
-                    _ => std::future::pending().await,
+        };
+        match &self.unix {
+            Some(path) => {
+                let stream = tokio::net::UnixStream::connect(path).await.map_err(|e| {
+                    ClientError::Unreachable {
+                        url: self.shown.clone(),
+                        reason: e.to_string(),
+                    }
+                })?;
+                let (socket, _) =
+                    tokio_tungstenite::client_async_with_config(request, stream, Some(config))
+                        .await
+                        .map_err(refused)?;
+                pipe_stdio(socket, linger).await
+            }
+            None => {
+                let (socket, _) = tokio_tungstenite::connect_async_tls_with_config(
+                    request,
+                    Some(config),
+                    false,
+                    Some(tokio_tungstenite::Connector::Rustls(self.tls.clone())),
+                )
+                .await
+                .map_err(refused)?;
+                pipe_stdio(socket, linger).await
+            }
+        }
+    }
+}
+
+/// Pipes stdin lines to `socket` and its frames to stdout, one per line (see
+/// [`Client::attach`]).
+async fn pipe_stdio<S: AsyncRead + AsyncWrite + Unpin>(
+    socket: WebSocketStream<S>,
+    linger: Option<Duration>,
+) -> Result<(), ClientError> {
+    let (mut sink, mut stream) = socket.split();
+    let mut stdin = BufReader::new(tokio::io::stdin()).lines();
+    let mut stdout = tokio::io::stdout();
+    let mut stdin_open = true;
+    loop {
+        let idle = async {
+            match (stdin_open, linger) {
+                (false, Some(d)) => tokio::time::sleep(d).await,
+                _ => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            line = stdin.next_line(), if stdin_open => match line {
+                Ok(Some(line)) => {
+                    sink.send(Message::text(line)).await.map_err(|e| ClientError::Closed(e.to_string()))?;
                 }
-            };
-            tokio::select! {
-                line = stdin.next_line(), if stdin_open => match line {
-                    Ok(Some(line)) => {
-                        sink.send(Message::text(line)).await.map_err(|e| ClientError::Closed(e.to_string()))?;
-                    }
-                    Ok(None) | Err(_) => stdin_open = false,
-                },
-                frame = stream.next() => match frame {
-                    Some(Ok(Message::Text(t))) => {
-                        let mut out = t.as_bytes().to_vec();
-                        out.push(b'\n');
-                        stdout.write_all(&out).await.map_err(|e| ClientError::Other(e.to_string()))?;
-                        stdout.flush().await.map_err(|e| ClientError::Other(e.to_string()))?;
-                    }
-                    Some(Ok(Message::Close(frame))) => {
-                        let (code, reason) = frame.map_or((1005, String::new()), |f| (u16::from(f.code), f.reason.to_string()));
-                        eprintln!("moorline: connection closed: {code} {reason}");
-                        return if code == 1000 { Ok(()) } else { Err(ClientError::Closed(format!("{code} {reason}"))) };
-                    }
-                    Some(Ok(_)) => {}
-                    Some(Err(e)) => return Err(ClientError::Closed(e.to_string())),
-                    None => return Err(ClientError::Closed("connection lost".into())),
-                },
-                () = idle => {
-                    let _ = sink.send(Message::Close(None)).await;
-                    return Ok(());
+                Ok(None) | Err(_) => stdin_open = false,
+            },
+            frame = stream.next() => match frame {
+                Some(Ok(Message::Text(t))) => {
+                    let mut out = t.as_bytes().to_vec();
+                    out.push(b'\n');
+                    stdout.write_all(&out).await.map_err(|e| ClientError::Other(e.to_string()))?;
+                    stdout.flush().await.map_err(|e| ClientError::Other(e.to_string()))?;
                 }
+                Some(Ok(Message::Close(frame))) => {
+                    let (code, reason) = frame.map_or((1005, String::new()), |f| (u16::from(f.code), f.reason.to_string()));
+                    eprintln!("moorline: connection closed: {code} {reason}");
+                    return if code == 1000 { Ok(()) } else { Err(ClientError::Closed(format!("{code} {reason}"))) };
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(ClientError::Closed(e.to_string())),
+                None => return Err(ClientError::Closed("connection lost".into())),
+            },
+            () = idle => {
+                let _ = sink.send(Message::Close(None)).await;
+                return Ok(());
             }
         }
     }

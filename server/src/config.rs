@@ -222,6 +222,22 @@ pub struct Config {
     pub allowed_origins: Vec<String>,
     /// Ask `tailscale status` for this machine's tailnet names at startup.
     pub detect_tailnet_names: bool,
+    /// Listen on TCP (`host`:`port`). At least one of `tcp` and `unix_socket` is required.
+    pub tcp: bool,
+    /// Also (or, with `tcp = false`, only) listen on this Unix socket: the target for
+    /// `tailscale serve --bg unix:PATH`. Never inside a directory containers see.
+    pub unix_socket: Option<PathBuf>,
+    /// Permissions of the Unix socket, in octal (`"0600"`: the server's user only; `"0660"`:
+    /// its group too).
+    pub unix_socket_mode: String,
+    /// Believe `Tailscale-User-Login` on TCP too. Off by default: any local process (agents of
+    /// the `process` and `tmux` runtimes included) can send that header to a TCP port; on the
+    /// Unix socket only tailscaled and the server's own user can.
+    pub trust_tailscale_headers_on_tcp: bool,
+    /// Who may use the server: tailnet logins, plus `local` for requests with no identity.
+    /// A request carrying the bearer token is always let in. Empty: everyone, as before.
+    #[serde(deserialize_with = "string_list")]
+    pub allowed_users: Vec<String>,
     /// Log filter, in `RUST_LOG` syntax.
     pub log: String,
     /// Log format.
@@ -365,6 +381,10 @@ pub struct InstanceConfig {
     pub approval_timeout_ms: Option<u64>,
     /// The answer given when an approval times out: `deny` (default) or `allow`.
     pub approval_default: Decision,
+    /// Who may create, see, attach to and answer for sessions of this instance, on top of the
+    /// top-level `allowed_users` (same names). Empty: whoever may use the server.
+    #[serde(deserialize_with = "string_list")]
+    pub allowed_users: Vec<String>,
 }
 
 impl InstanceConfig {
@@ -421,6 +441,11 @@ impl Default for Config {
             allowed_hosts: Vec::new(),
             allowed_origins: Vec::new(),
             detect_tailnet_names: true,
+            tcp: true,
+            unix_socket: None,
+            unix_socket_mode: "0600".into(),
+            trust_tailscale_headers_on_tcp: false,
+            allowed_users: Vec::new(),
             log: "info".into(),
             log_format: LogFormat::Human,
             limits: Limits::default(),
@@ -442,7 +467,7 @@ impl fmt::Display for ConfigError {
 }
 
 impl ConfigError {
-    fn new(msg: impl Into<String>) -> Self {
+    pub(crate) fn new(msg: impl Into<String>) -> Self {
         Self(msg.into())
     }
 }
@@ -619,6 +644,7 @@ impl Config {
             ));
         }
         self.runtime.agent_ids()?;
+        self.validate_listeners()?;
         let mut ids = BTreeSet::new();
         for (i, inst) in self.instances.iter().enumerate() {
             let valid = !inst.id.is_empty()
@@ -653,6 +679,70 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// Checks that something is listened on, and that the Unix socket stays out of every
+    /// directory an agent's container can see (a socket in a read-only mount still connects).
+    fn validate_listeners(&self) -> Result<(), ConfigError> {
+        if !self.tcp && self.unix_socket.is_none() {
+            return Err(ConfigError::new(
+                "tcp = false needs unix_socket: with neither, the server would listen nowhere",
+            ));
+        }
+        self.socket_mode()?;
+        let Some(socket) = &self.unix_socket else {
+            return Ok(());
+        };
+        if !socket.is_absolute() {
+            return Err(ConfigError::new(format!(
+                "unix_socket: {} must be an absolute path",
+                socket.display()
+            )));
+        }
+        if socket.as_os_str().len() > 107 {
+            return Err(ConfigError::new(format!(
+                "unix_socket: {} is longer than the 107 bytes a socket path may have",
+                socket.display()
+            )));
+        }
+        let seen = [("state_dir", &self.state_dir)]
+            .into_iter()
+            .chain(
+                self.runtime
+                    .system_dirs
+                    .iter()
+                    .map(|d| ("runtime.system_dirs", d)),
+            )
+            .chain(self.instances.iter().flat_map(|i| {
+                i.workspace_roots
+                    .iter()
+                    .map(|r| ("workspace_roots", r))
+                    .chain(i.cwd.iter().map(|c| ("cwd", c)))
+            }));
+        for (key, dir) in seen {
+            if socket.starts_with(dir) {
+                return Err(ConfigError::new(format!(
+                    "unix_socket: {} is inside {key} {}, which agents can see; put it in a \
+                     directory of its own such as /run/moorline",
+                    socket.display(),
+                    dir.display()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// [`Self::unix_socket_mode`] as permission bits.
+    pub fn socket_mode(&self) -> Result<u32, ConfigError> {
+        let text = self.unix_socket_mode.trim();
+        let digits = text.strip_prefix("0o").unwrap_or(text);
+        match u32::from_str_radix(digits, 8) {
+            Ok(mode) if !digits.is_empty() && mode <= 0o777 => Ok(mode),
+            _ => Err(ConfigError::new(format!(
+                "unix_socket_mode: {:?} is not an octal mode such as \"0600\" or \"0660\"",
+                self.unix_socket_mode
+            ))),
+        }
     }
 
     /// The moorline executable built-in agents run.
@@ -1013,6 +1103,62 @@ mod tests {
         assert_eq!(from_file.limits, defaults.limits);
         assert_eq!(from_file.port, defaults.port);
         assert_eq!(from_file.host, defaults.host);
+        assert_eq!(
+            (
+                from_file.tcp,
+                &from_file.unix_socket_mode,
+                &from_file.allowed_users
+            ),
+            (
+                defaults.tcp,
+                &defaults.unix_socket_mode,
+                &defaults.allowed_users
+            )
+        );
+        assert_eq!(
+            from_file.trust_tailscale_headers_on_tcp,
+            defaults.trust_tailscale_headers_on_tcp
+        );
+    }
+
+    #[test]
+    fn listeners_identity_keys_and_their_errors() {
+        let c = load(&[
+            ("MOORLINE_TCP", "false"),
+            ("MOORLINE_UNIX_SOCKET", "/run/moorline/moorline.sock"),
+            ("MOORLINE_UNIX_SOCKET_MODE", "0660"),
+            ("MOORLINE_ALLOWED_USERS", "alice@example.com, local"),
+        ])
+        .expect("load");
+        assert!(!c.tcp);
+        assert_eq!(c.socket_mode().expect("mode"), 0o660);
+        assert_eq!(c.allowed_users, vec!["alice@example.com", "local"]);
+        let e = load(&[("MOORLINE_TCP", "false")])
+            .expect_err("nowhere")
+            .to_string();
+        assert!(e.contains("tcp") && e.contains("unix_socket"), "{e}");
+        let e = load(&[
+            ("MOORLINE_UNIX_SOCKET", "/run/moorline/moorline.sock"),
+            ("MOORLINE_UNIX_SOCKET_MODE", "rw"),
+        ])
+        .expect_err("bad mode")
+        .to_string();
+        assert!(e.contains("unix_socket_mode"), "{e}");
+        let e = load(&[("MOORLINE_UNIX_SOCKET", "moorline.sock")])
+            .expect_err("relative")
+            .to_string();
+        assert!(e.contains("absolute"), "{e}");
+        let e = load(&[
+            ("MOORLINE_STATE_DIR", "/srv/moorline"),
+            ("MOORLINE_UNIX_SOCKET", "/srv/moorline/api.sock"),
+        ])
+        .expect_err("visible to containers")
+        .to_string();
+        assert!(e.contains("state_dir"), "{e}");
+        let e = load(&[("MOORLINE_UNIX_SOCKET", "/etc/moorline/api.sock")])
+            .expect_err("a system dir")
+            .to_string();
+        assert!(e.contains("system_dirs"), "{e}");
     }
 
     #[test]

@@ -9,7 +9,8 @@
 //! - [`config`]: layered configuration; the only module that reads the environment.
 //! - [`api`]: the REST route table and the error type that maps to amarre's statuses.
 //! - [`ws`]: the per-session WebSocket.
-//! - [`security`]: Host/Origin checks and the bearer token.
+//! - [`security`]: Host/Origin checks, the bearer token, and who a request comes from.
+//! - [`audit`]: the audit log of session changes and approval answers.
 //! - [`session`]: the session registry and lifecycle; talks to agents only through runtimes.
 //! - [`runtime`]: where agents run, behind the [`runtime::Runtime`] trait.
 //! - [`agentio`]: the loop owning an agent's stdio: framing, translation and approvals.
@@ -20,11 +21,12 @@
 //! - [`metrics`]: Prometheus metrics.
 //! - [`client`]: the `moorline sessions` and `moorline attach` commands.
 //!
-//! [`run`] takes an already-bound listener and a shutdown future, so tests and the binary
-//! start servers the same way.
+//! [`run`] takes already-bound [`Listeners`] (loopback TCP, a Unix socket, or both) and a
+//! shutdown future, so tests and the binary start servers the same way.
 
 pub mod agentio;
 pub mod api;
+pub mod audit;
 pub mod client;
 pub mod config;
 pub mod fanout;
@@ -38,11 +40,12 @@ pub mod session;
 pub mod ws;
 
 use std::future::Future;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::serve::ListenerExt;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, UnixListener};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -62,15 +65,127 @@ pub enum ServerError {
     Io(#[from] std::io::Error),
 }
 
-/// Serves on `listener` until `shutdown` completes, then closes every WebSocket with 1001,
-/// stops the agents that do not outlive the server, and returns.
+/// What the server listens on: loopback TCP, a Unix socket, or both.
+#[derive(Debug, Default)]
+pub struct Listeners {
+    /// The TCP listener.
+    pub tcp: Option<TcpListener>,
+    /// The Unix socket listener and its path (removed when the server stops).
+    pub unix: Option<(UnixListener, PathBuf)>,
+}
+
+impl From<TcpListener> for Listeners {
+    fn from(tcp: TcpListener) -> Self {
+        Self {
+            tcp: Some(tcp),
+            unix: None,
+        }
+    }
+}
+
+impl Listeners {
+    /// Binds what `config` asks for: `host:port` unless `tcp = false`, and `unix_socket`.
+    pub async fn bind(config: &Config) -> Result<Self, ServerError> {
+        let tcp = if config.tcp {
+            let addr = config.listen_addr()?;
+            let listener = TcpListener::bind(addr).await.map_err(|e| {
+                std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}"))
+            })?;
+            Some(listener)
+        } else {
+            None
+        };
+        let unix = match &config.unix_socket {
+            Some(path) => Some((bind_unix(path, config.socket_mode()?)?, path.clone())),
+            None => None,
+        };
+        Ok(Self { tcp, unix })
+    }
+}
+
+/// The server's socket file, removed when dropped.
+#[derive(Debug)]
+struct SocketFile(PathBuf);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Binds a Unix socket at `path` with permissions `mode`.
+///
+/// The parent directory is created private (0700) if missing. A socket file left by a server
+/// that did not stop cleanly is replaced, but only if it is a socket nobody answers on: a live
+/// server's socket, or any other kind of file, is never removed.
+pub fn bind_unix(path: &Path, mode: u32) -> Result<UnixListener, ServerError> {
+    use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
+    let err = |what: &str, e: std::io::Error| {
+        std::io::Error::new(e.kind(), format!("{what} {}: {e}", path.display()))
+    };
+    if let Some(parent) = path.parent()
+        && !parent.exists()
+    {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(parent)
+            .map_err(|e| err("cannot create the directory of", e))?;
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(ServerError::Io(std::io::Error::new(
+                    std::io::ErrorKind::AddrInUse,
+                    format!("another server is listening on {}", path.display()),
+                )));
+            }
+            std::fs::remove_file(path).map_err(|e| err("cannot remove the stale socket", e))?;
+        }
+        Ok(_) => {
+            return Err(ServerError::Io(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                format!("{} exists and is not a socket", path.display()),
+            )));
+        }
+        Err(_) => {}
+    }
+    // Bound under a temporary name, given its mode, then renamed into place: clients never
+    // see the socket with permissions other than `mode`.
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let temp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
+    let _ = std::fs::remove_file(&temp);
+    let listener = UnixListener::bind(&temp).map_err(|e| err("cannot listen on", e))?;
+    let placed = std::fs::set_permissions(&temp, std::fs::Permissions::from_mode(mode))
+        .and_then(|()| std::fs::rename(&temp, path));
+    if let Err(e) = placed {
+        let _ = std::fs::remove_file(&temp);
+        return Err(err("cannot set up the socket", e).into());
+    }
+    Ok(listener)
+}
+
+/// Serves on `listeners` until `shutdown` completes, then closes every WebSocket with 1001,
+/// stops the agents that do not outlive the server, and returns. The Unix socket file is
+/// removed on the way out.
 pub async fn run(
-    listener: TcpListener,
+    listeners: impl Into<Listeners>,
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
+    let Listeners { tcp, unix } = listeners.into();
+    // Removed however `run` ends, startup errors included.
+    let socket_file = unix.as_ref().map(|(_, path)| SocketFile(path.clone()));
+    if tcp.is_none() && unix.is_none() {
+        return Err(ServerError::Config(config::ConfigError::new(
+            "nothing to listen on: enable tcp or set unix_socket",
+        )));
+    }
     let token = config.read_token()?;
-    let addr = listener.local_addr()?;
+    let addr = tcp.as_ref().map(TcpListener::local_addr).transpose()?;
     let names = {
         let config = config.clone();
         tokio::task::spawn_blocking(move || config.machine_names())
@@ -99,23 +214,57 @@ pub async fn run(
         shutdown: cancel.clone(),
         tracker: tracker.clone(),
     };
-    let app = api::router(state, policy.clone());
-    tracing::info!(%addr, token = policy.requires_token(), "moorline listening");
+    let socket = socket_file.as_ref().map(|f| f.0.clone());
+    tracing::info!(
+        addr = %addr.map(|a| a.to_string()).unwrap_or_else(|| "-".into()),
+        unix_socket = %socket.as_deref().map(|p| p.display().to_string()).unwrap_or_else(|| "-".into()),
+        token = policy.requires_token(),
+        "moorline listening"
+    );
     let signal = {
         let cancel = cancel.clone();
         async move {
             shutdown.await;
             tracing::info!("shutting down");
             cancel.cancel();
+            std::future::pending::<()>().await
         }
     };
-    // Frames are small and latency matters more than packet count.
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    axum::serve(listener, app)
-        .with_graceful_shutdown(signal)
-        .await?;
+    let serve_tcp = {
+        let app = api::router(state.clone(), policy.clone(), security::Via::Tcp);
+        let stop = cancel.clone().cancelled_owned();
+        async move {
+            let Some(listener) = tcp else {
+                return Ok(());
+            };
+            // Frames are small and latency matters more than packet count.
+            let listener = listener.tap_io(|tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
+            axum::serve(listener, app)
+                .with_graceful_shutdown(stop)
+                .await
+        }
+    };
+    let serve_unix = {
+        let app = api::router(state, policy.clone(), security::Via::Unix);
+        let stop = cancel.clone().cancelled_owned();
+        async move {
+            let Some((listener, _)) = unix else {
+                return Ok(());
+            };
+            axum::serve(listener, app)
+                .with_graceful_shutdown(stop)
+                .await
+        }
+    };
+    let served = tokio::select! {
+        served = futures_util::future::try_join(serve_tcp, serve_unix) => served,
+        () = signal => Ok(((), ())),
+    };
+    // No new client can connect while the sessions stop.
+    drop(socket_file);
+    served?;
     // axum does not wait for upgraded connections: WebSocket tasks are tracked separately and
     // close themselves with 1001 when `cancel` fires.
     sessions.shutdown().await;

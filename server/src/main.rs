@@ -162,7 +162,7 @@ enum LogFormatArg {
 
 #[derive(Debug, Clone, Args)]
 struct ConnArgs {
-    /// The server's URL.
+    /// The server's URL: http://HOST:PORT, https://NAME, or unix:/PATH/TO/SOCKET.
     #[arg(
         long,
         env = "MOORLINE_URL",
@@ -288,11 +288,8 @@ fn serve(args: &ServeArgs) -> ExitCode {
         Err(code) => return code,
     };
     let result = runtime.block_on(async {
-        let addr = config.listen_addr()?;
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
-        moorline::run(listener, config, shutdown_signal()).await
+        let listeners = moorline::Listeners::bind(&config).await?;
+        moorline::run(listeners, config, shutdown_signal()).await
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,15 +1,38 @@
-//! Who may talk to the server: `Host` and `Origin` checks and the optional bearer token.
+//! Who may talk to the server: `Host` and `Origin` checks, the optional bearer token, and the
+//! identity of each request.
 //!
-//! moorline listens on loopback, but loopback is reachable by every local process and, through
-//! DNS rebinding, by any web page the user opens. So every request must name an allowed host;
-//! a browser request must come from an allowed (or the same) origin, whatever its content type
-//! (a form POST needs no preflight); and when a token is configured, every request but
-//! `GET /healthz` must carry it.
+//! moorline listens on loopback (and/or a Unix socket), but loopback is reachable by every local
+//! process and, through DNS rebinding, by any web page the user opens. So every request must
+//! name an allowed host; a browser request must come from an allowed (or the same) origin,
+//! whatever its content type (a form POST needs no preflight); and when a token is configured,
+//! every request but `GET /healthz` must carry it. The Host check applies on the Unix socket
+//! too: `tailscale serve` forwards browsers' requests there, and a rebinding page reached
+//! through it would come with its victim's tailnet identity.
+//!
+//! # Identity
+//!
+//! Every request gets an [`Identity`] (a request extension, read with the [`Identity`]
+//! extractor):
+//! - the tailnet login in `Tailscale-User-Login`, when the header can be believed: on the Unix
+//!   socket, where only tailscaled and the server's own user can connect (and tailscaled
+//!   replaces any such header a client sent), or on TCP with `trust_tailscale_headers_on_tcp`;
+//! - else `token`, when the request carried the configured bearer token;
+//! - else `anonymous`, when it says it was forwarded by a proxy (`X-Forwarded-For`, or
+//!   `Tailscale-Funnel-Request`): tailscale serve leaves the login out for Funnel (the public
+//!   internet) and tagged devices, and such a request is not a local one;
+//! - else `local`.
+//!
+//! With `allowed_users` set, a request is let in only if its identity is listed (logins compare
+//! without regard to case), or it carried the bearer token: the token is an operator credential.
+//! `local` and `anonymous` are let in only if listed. An instance's own `allowed_users` applies
+//! the same rule to its sessions.
 
 use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 
-use axum::extract::{Request, State};
+use axum::extract::{FromRequestParts, Request, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -18,25 +41,122 @@ use subtle::ConstantTimeEq;
 use crate::api::ApiError;
 use crate::config::{Config, Secret};
 
+/// Which listener a request came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    /// The TCP port.
+    Tcp,
+    /// The Unix socket.
+    Unix,
+}
+
+impl Via {
+    /// `tcp` or `unix`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Via::Tcp => "tcp",
+            Via::Unix => "unix",
+        }
+    }
+}
+
+/// Where an [`Identity`] comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// A believed `Tailscale-User-Login` header.
+    Tailnet,
+    /// The bearer token.
+    Token,
+    /// Nothing: a local process.
+    Local,
+    /// Nothing, from behind a proxy (tailscale serve for Funnel or tagged devices).
+    Anonymous,
+}
+
+impl Source {
+    /// The name used in `/me`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Tailnet => "tailnet",
+            Source::Token => "token",
+            Source::Local => "local",
+            Source::Anonymous => "anonymous",
+        }
+    }
+}
+
+/// Who a request comes from (see the module docs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// The tailnet login, or `token`, `local` or `anonymous`.
+    pub user: Arc<str>,
+    /// The display name from `Tailscale-User-Name`, with a tailnet login.
+    pub name: Option<String>,
+    /// The listener it came in on.
+    pub via: Via,
+    /// What the identity rests on.
+    pub source: Source,
+}
+
+impl Identity {
+    /// Whether this identity may act where `allowed` applies (empty: no restriction).
+    pub fn allowed_by(&self, allowed: &[String]) -> bool {
+        allowed.is_empty()
+            || self.source == Source::Token
+            || allowed.iter().any(|a| a.eq_ignore_ascii_case(&self.user))
+    }
+
+    /// [`Self::allowed_by`] for an instance's sessions, as the API's 403.
+    pub fn check_instance(&self, instance: &crate::session::Instance) -> Result<(), ApiError> {
+        if self.allowed_by(&instance.config.allowed_users) {
+            return Ok(());
+        }
+        Err(ApiError::ForbiddenUser {
+            user: self.user.to_string(),
+            instance: Some(instance.config.id.clone()),
+        })
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Identity {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        // The guard sets it on every request; a route outside the guard has no identity.
+        Ok(parts
+            .extensions
+            .get::<Identity>()
+            .cloned()
+            .unwrap_or_else(|| Identity {
+                user: Arc::from("anonymous"),
+                name: None,
+                via: Via::Tcp,
+                source: Source::Anonymous,
+            }))
+    }
+}
+
 /// The access rules of one server.
 #[derive(Debug, Clone)]
 pub struct AccessPolicy {
     hosts: HashSet<String>,
     origins: HashSet<String>,
     token: Option<Secret>,
+    trust_tcp: bool,
+    allowed_users: Vec<String>,
 }
 
 impl AccessPolicy {
-    /// Rules from the configuration. `bound` is the address actually listened on; `names` are
-    /// this machine's names (hostname, tailnet names).
+    /// Rules from the configuration. `bound` is the TCP address actually listened on, if any;
+    /// `names` are this machine's names (hostname, tailnet names).
     pub fn new(
         config: &Config,
         token: Option<Secret>,
-        bound: SocketAddr,
+        bound: Option<SocketAddr>,
         names: Vec<String>,
     ) -> Self {
         let mut hosts: HashSet<String> = ["localhost".to_owned()].into_iter().collect();
-        hosts.insert(bound.ip().to_string());
+        hosts.extend(bound.map(|b| b.ip().to_string()));
         hosts.extend(names.into_iter().map(|n| normalize_host(&n)));
         hosts.extend(config.allowed_hosts.iter().map(|n| normalize_host(n)));
         let origins = config
@@ -48,7 +168,57 @@ impl AccessPolicy {
             hosts,
             origins,
             token,
+            trust_tcp: config.trust_tailscale_headers_on_tcp,
+            allowed_users: config.allowed_users.clone(),
         }
+    }
+
+    /// Checks a request that came in `via` a listener and tells who sent it: the tailnet
+    /// login, `token`, `anonymous` or `local` (see the module docs), refused with 403 if
+    /// `allowed_users` does not let it in.
+    pub fn identify(
+        &self,
+        via: Via,
+        path: &str,
+        headers: &HeaderMap,
+    ) -> Result<Identity, ApiError> {
+        let token = self.check(path, headers)?;
+        let trusted = via == Via::Unix || self.trust_tcp;
+        let login = trusted
+            .then(|| header_text(headers, "tailscale-user-login"))
+            .flatten();
+        let identity = match login {
+            Some(login) => Identity {
+                user: Arc::from(login),
+                name: header_text(headers, "tailscale-user-name"),
+                via,
+                source: Source::Tailnet,
+            },
+            None => {
+                let proxied = headers.contains_key("x-forwarded-for")
+                    || headers.contains_key("tailscale-funnel-request");
+                let source = if token {
+                    Source::Token
+                } else if proxied {
+                    Source::Anonymous
+                } else {
+                    Source::Local
+                };
+                Identity {
+                    user: Arc::from(source.as_str()),
+                    name: None,
+                    via,
+                    source,
+                }
+            }
+        };
+        if path != "/healthz" && !identity.allowed_by(&self.allowed_users) {
+            return Err(ApiError::ForbiddenUser {
+                user: identity.user.to_string(),
+                instance: None,
+            });
+        }
+        Ok(identity)
     }
 
     /// Whether a token is required.
@@ -56,8 +226,8 @@ impl AccessPolicy {
         self.token.is_some()
     }
 
-    /// Checks one request's headers.
-    pub fn check(&self, path: &str, headers: &HeaderMap) -> Result<(), ApiError> {
+    /// Checks one request's headers. True if it carried the (configured) bearer token.
+    pub fn check(&self, path: &str, headers: &HeaderMap) -> Result<bool, ApiError> {
         let host = headers
             .get(header::HOST)
             .and_then(|h| h.to_str().ok())
@@ -72,7 +242,7 @@ impl AccessPolicy {
             }
         }
         if path == "/healthz" {
-            return Ok(());
+            return Ok(false);
         }
         if let Some(expected) = &self.token {
             // The scheme name is case-insensitive (RFC 9110 §11.1).
@@ -87,8 +257,9 @@ impl AccessPolicy {
             if !ok {
                 return Err(ApiError::Unauthorized);
             }
+            return Ok(true);
         }
-        Ok(())
+        Ok(false)
     }
 
     fn host_allowed(&self, host_header: &str) -> bool {
@@ -133,17 +304,93 @@ fn strip_port(host: &str) -> &str {
     }
 }
 
-/// Middleware applying the policy to every request.
-pub async fn guard(
-    State(policy): State<std::sync::Arc<AccessPolicy>>,
-    req: Request,
-    next: Next,
-) -> Response {
-    if let Err(e) = policy.check(req.uri().path(), req.headers()) {
-        tracing::warn!(path = %req.uri().path(), reason = %e, "request refused");
-        return e.into_response();
+/// A header's value as text: RFC 2047 encoded words (tailscaled encodes non-ASCII names that
+/// way) decoded, control characters dropped, at most 256 characters. `None` if absent or empty.
+fn header_text(headers: &HeaderMap, name: &str) -> Option<String> {
+    let raw = headers.get(name)?.as_bytes();
+    let text = decode_words(&String::from_utf8_lossy(raw));
+    let clean: String = text.chars().filter(|c| !c.is_control()).take(256).collect();
+    let clean = clean.trim();
+    (!clean.is_empty()).then(|| clean.to_owned())
+}
+
+/// Decodes RFC 2047 `=?charset?Q?...?=` words (UTF-8 or ASCII); anything else is kept as is.
+fn decode_words(text: &str) -> String {
+    let mut out = String::new();
+    let mut last_was_word = false;
+    for (i, part) in text.split(' ').enumerate() {
+        match decode_word(part) {
+            Some(decoded) => {
+                // Space between two encoded words is not part of the text.
+                if i > 0 && !last_was_word {
+                    out.push(' ');
+                }
+                out.push_str(&decoded);
+                last_was_word = true;
+            }
+            None => {
+                if i > 0 {
+                    out.push(' ');
+                }
+                out.push_str(part);
+                last_was_word = false;
+            }
+        }
     }
-    next.run(req).await
+    out
+}
+
+fn decode_word(word: &str) -> Option<String> {
+    let inner = word.strip_prefix("=?")?.strip_suffix("?=")?;
+    let mut parts = inner.splitn(3, '?');
+    let charset = parts.next()?;
+    let encoding = parts.next()?;
+    let data = parts.next()?;
+    if !(charset.eq_ignore_ascii_case("utf-8") || charset.eq_ignore_ascii_case("us-ascii"))
+        || !encoding.eq_ignore_ascii_case("q")
+    {
+        return None;
+    }
+    let mut bytes = Vec::with_capacity(data.len());
+    let mut it = data.bytes();
+    while let Some(b) = it.next() {
+        match b {
+            b'_' => bytes.push(b' '),
+            b'=' => {
+                let hex = [it.next()?, it.next()?];
+                let hex = std::str::from_utf8(&hex).ok()?;
+                bytes.push(u8::from_str_radix(hex, 16).ok()?);
+            }
+            b => bytes.push(b),
+        }
+    }
+    String::from_utf8(bytes).ok()
+}
+
+/// What the guard of one listener needs.
+#[derive(Debug, Clone)]
+pub struct Gate {
+    /// The rules.
+    pub policy: Arc<AccessPolicy>,
+    /// The listener the guarded router serves.
+    pub via: Via,
+}
+
+/// Middleware applying the policy to every request and recording its [`Identity`].
+pub async fn guard(State(gate): State<Gate>, mut req: Request, next: Next) -> Response {
+    match gate
+        .policy
+        .identify(gate.via, req.uri().path(), req.headers())
+    {
+        Ok(identity) => {
+            req.extensions_mut().insert(identity);
+            next.run(req).await
+        }
+        Err(e) => {
+            tracing::warn!(path = %req.uri().path(), via = gate.via.as_str(), reason = %e, "request refused");
+            e.into_response()
+        }
+    }
 }
 
 #[cfg(test)]
@@ -160,7 +407,7 @@ mod tests {
         AccessPolicy::new(
             &config,
             token.map(Secret::new),
-            "127.0.0.1:8341".parse().expect("addr"),
+            Some("127.0.0.1:8341".parse().expect("addr")),
             vec!["myhost".into()],
         )
     }
@@ -241,6 +488,99 @@ mod tests {
         assert!(
             p.check("/healthz", &headers(&[("host", "localhost")]))
                 .is_ok()
+        );
+    }
+
+    fn users(allowed: &[&str], token: Option<&str>, trust_tcp: bool) -> AccessPolicy {
+        let config = Config {
+            allowed_users: allowed.iter().map(|s| (*s).to_owned()).collect(),
+            trust_tailscale_headers_on_tcp: trust_tcp,
+            ..Config::default()
+        };
+        AccessPolicy::new(&config, token.map(Secret::new), None, Vec::new())
+    }
+
+    fn who(p: &AccessPolicy, via: Via, pairs: &[(&'static str, &str)]) -> Result<String, String> {
+        let mut all = vec![("host", "localhost")];
+        all.extend_from_slice(pairs);
+        p.identify(via, "/sessions", &headers(&all))
+            .map(|i| i.user.to_string())
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn tailnet_headers_are_believed_on_the_socket_only() {
+        let p = users(&[], None, false);
+        let alice = [("tailscale-user-login", "alice@example.com")];
+        assert_eq!(
+            who(&p, Via::Unix, &alice).as_deref(),
+            Ok("alice@example.com")
+        );
+        assert_eq!(
+            who(&p, Via::Tcp, &alice).as_deref(),
+            Ok("local"),
+            "forged on TCP"
+        );
+        let p = users(&[], None, true);
+        assert_eq!(
+            who(&p, Via::Tcp, &alice).as_deref(),
+            Ok("alice@example.com"),
+            "opt-in"
+        );
+        let p = users(&[], Some("s3cret"), false);
+        let with_token = [
+            ("tailscale-user-login", "alice@example.com"),
+            ("authorization", "Bearer s3cret"),
+        ];
+        assert_eq!(who(&p, Via::Tcp, &with_token).as_deref(), Ok("token"));
+        assert_eq!(
+            who(&p, Via::Unix, &with_token).as_deref(),
+            Ok("alice@example.com")
+        );
+        let p = users(&[], None, false);
+        for proxied in [
+            ("x-forwarded-for", "100.64.0.1"),
+            ("tailscale-funnel-request", "?1"),
+        ] {
+            assert_eq!(who(&p, Via::Unix, &[proxied]).as_deref(), Ok("anonymous"));
+        }
+    }
+
+    #[test]
+    fn allowed_users_let_in_listed_logins_and_the_token() {
+        let p = users(&["Alice@Example.com", "local"], None, false);
+        let login = |l: &'static str| [("tailscale-user-login", l)];
+        assert!(who(&p, Via::Unix, &login("alice@example.com")).is_ok());
+        let e = who(&p, Via::Unix, &login("mallory@example.com")).expect_err("refused");
+        assert!(e.contains("mallory@example.com"), "{e}");
+        assert_eq!(
+            who(&p, Via::Tcp, &login("mallory@example.com")).as_deref(),
+            Ok("local")
+        );
+        assert!(who(&p, Via::Unix, &[("x-forwarded-for", "1.2.3.4")]).is_err());
+        let p = users(&["alice@example.com"], Some("s3cret"), false);
+        assert!(who(&p, Via::Tcp, &[]).is_err(), "no token: refused");
+        let bearer = [("authorization", "Bearer s3cret")];
+        assert_eq!(who(&p, Via::Tcp, &bearer).as_deref(), Ok("token"));
+        let p = users(&["alice@example.com"], None, false);
+        assert!(who(&p, Via::Tcp, &[]).is_err(), "local is not listed");
+        assert!(
+            p.identify(Via::Tcp, "/healthz", &headers(&[("host", "localhost")]))
+                .is_ok(),
+            "health checks stay open"
+        );
+    }
+
+    #[test]
+    fn encoded_names_are_decoded() {
+        assert_eq!(decode_words("=?utf-8?q?Ren=C3=A9_Dupont?="), "René Dupont");
+        assert_eq!(decode_words("=?utf-8?q?a?= =?utf-8?q?b?="), "ab");
+        assert_eq!(decode_words("plain name"), "plain name");
+        assert_eq!(decode_words("=?utf-8?q?bad=Z?="), "=?utf-8?q?bad=Z?=");
+        let h = headers(&[("tailscale-user-name", "=?utf-8?q?Zo=C3=AB?=")]);
+        assert_eq!(
+            header_text(&h, "tailscale-user-name").as_deref(),
+            Some("Zoë")
         );
     }
 }

@@ -2,8 +2,8 @@
 //! frames, one per line, to every client.
 //!
 //! Opt-in extras (amarre clients never see them unless they ask):
-//! - `?hello=1`: the first frame is `amarre.hello`, with the session's newest sequence number
-//!   and the server's capabilities;
+//! - `?hello=1`: the first frame is `amarre.hello`, with the session's newest sequence number,
+//!   the server's capabilities and who the server takes the client for (`user`);
 //! - `?since=N`: the client first receives every retained line after sequence number N, then live
 //!   lines, with no gap and no duplicate (implies `hello`).
 
@@ -19,11 +19,13 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
 use tokio::sync::mpsc;
 
+use crate::agentio::Input;
 use crate::api::{AppState, text};
 use crate::fanout::{Read, ReadLimit};
 use crate::framing::inbound_line;
 use crate::journal::DiskRead;
 use crate::runtime::ExitInfo;
+use crate::security::Identity;
 use crate::session::{ClientGuard, Lifecycle, Session, Status};
 
 /// Protocol version announced in `amarre.hello`.
@@ -75,6 +77,7 @@ pub fn connect(
     id: String,
     query: Option<&str>,
     upgrade: WebSocketUpgrade,
+    identity: Identity,
 ) -> Response {
     let opts = match parse_query(query) {
         Ok(o) => o,
@@ -117,7 +120,7 @@ pub fn connect(
         .write_buffer_size(256 * 1024)
         .max_write_buffer_size(app.limits.max_line_bytes + (4 << 20))
         .on_upgrade(move |socket| async move {
-            Client::new(app, session, guard, opts, newest)
+            Client::new(app, session, guard, opts, newest, identity)
                 .run(socket)
                 .await;
             // Held until the client is closed, so shutdown waits for its close frame.
@@ -141,6 +144,8 @@ struct Client {
     opts: Options,
     /// The session's newest sequence number when the client connected.
     newest: u64,
+    /// Who the client is: its lines reach the agent's pipeline with this identity.
+    identity: Identity,
 }
 
 impl Client {
@@ -150,6 +155,7 @@ impl Client {
         guard: ClientGuard,
         opts: Options,
         newest: u64,
+        identity: Identity,
     ) -> Self {
         Self {
             app,
@@ -157,6 +163,7 @@ impl Client {
             _guard: guard,
             opts,
             newest,
+            identity,
         }
     }
 
@@ -300,6 +307,7 @@ impl Client {
             "missed": missed,
             "capabilities": CAPABILITIES,
             "pendingApprovals": summary.pending_approvals,
+            "user": &*self.identity.user,
         })
         .to_string()
     }
@@ -387,7 +395,7 @@ async fn send_batch(
 
 /// Forwards client frames to the agent until the client leaves or breaks a rule.
 async fn read_client(client: &Client, mut stream: SplitStream<WebSocket>) -> End {
-    let stdin: Option<mpsc::Sender<Bytes>> = client.session.stdin();
+    let stdin: Option<mpsc::Sender<Input>> = client.session.stdin();
     let metrics = &client.app.metrics;
     loop {
         let message = match stream.next().await {
@@ -419,7 +427,11 @@ async fn read_client(client: &Client, mut stream: SplitStream<WebSocket>) -> End
         metrics.lines_in.inc();
         metrics.bytes_in.inc_by(line.len() as u64 + 1);
         client.session.count_input();
-        if tx.send(line).await.is_err() {
+        let input = Input {
+            line,
+            user: Some(client.identity.user.clone()),
+        };
+        if tx.send(input).await.is_err() {
             // The agent exited; the writer half reports it.
             continue;
         }

@@ -43,7 +43,7 @@ async fn a_late_client_learns_of_pending_requests_and_the_first_answer_wins() {
         let resolved = next_of(ws, "amarre.approval_resolved").await;
         assert_eq!(
             resolved,
-            json!({"type": "amarre.approval_resolved", "id": "R1", "decision": "allow", "by": "client"})
+            json!({"type": "amarre.approval_resolved", "id": "R1", "decision": "allow", "by": "client", "user": "local"})
         );
     }
     // The agent (which echoes its input) got exactly the one answer.

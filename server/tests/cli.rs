@@ -366,3 +366,86 @@ async fn client_commands_work_over_https_and_check_the_certificate() {
         );
     }
 }
+
+/// `moorline serve` listening on a Unix socket only (`MOORLINE_TCP=false`), and the client
+/// commands reaching it with `--url unix:...` and `MOORLINE_URL=unix:...`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_commands_work_over_the_unix_socket() {
+    let home = tempfile::tempdir().expect("home");
+    let run_dir = tempfile::tempdir().expect("run dir");
+    let socket = run_dir.path().join("moorline/moorline.sock");
+    let sandbox = common::Sandbox::new();
+    let mut cmd = moorline(home.path());
+    cmd.arg("serve")
+        .env("MOORLINE_TCP", "false")
+        .env("MOORLINE_UNIX_SOCKET", &socket)
+        .env("MOORLINE_RUNTIME__TMUX_SOCKET", &sandbox.tmux_socket)
+        .env("MOORLINE_RUNTIME__RUNC_ROOT", sandbox.runc_root.path())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("serve");
+    let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
+    let listening = tokio::time::timeout(WAIT, async {
+        while let Some(line) = lines.next_line().await.expect("read") {
+            if line.contains("moorline listening") {
+                return line;
+            }
+        }
+        panic!("server exited before listening");
+    })
+    .await
+    .expect("listening in time");
+    assert!(listening.contains("addr=-"), "no TCP listener: {listening}");
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let url = format!("unix:{}", socket.display());
+
+    let mut cmd = moorline(home.path());
+    cmd.args(["sessions", "new"]).env("MOORLINE_URL", &url);
+    let (code, out, err) = output(cmd).await;
+    assert_eq!(code, 0, "{err}");
+    let created: Value = serde_json::from_str(&out).expect("json");
+    let id = created["id"].as_str().expect("id").to_owned();
+    assert_eq!(created["createdBy"], "local");
+
+    let mut cmd = moorline(home.path());
+    cmd.args(["sessions", "list", "--url", &url]);
+    let (code, table, err) = output(cmd).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with(&id) && l.contains("running")),
+        "{table}"
+    );
+
+    let mut cmd = moorline(home.path());
+    cmd.args(["attach", &id, "--hello", "--linger", "300", "--url", &url]);
+    let hello = attach_once(cmd, r#"{"id":"sock","type":"get_state"}"#).await;
+    assert_eq!(
+        (hello["type"].as_str(), hello["user"].as_str()),
+        (Some("amarre.hello"), Some("local"))
+    );
+    let mut cmd = moorline(home.path());
+    cmd.args(["attach", &id, "--since", "0", "--linger", "200"])
+        .env("MOORLINE_URL", &url);
+    let (code, out, err) = output(cmd).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(r#""id":"sock""#), "{out}");
+
+    // A socket nobody listens on is reported like an unreachable port.
+    let mut cmd = moorline(home.path());
+    cmd.args(["sessions", "list", "--url"]).arg(format!(
+        "unix:{}",
+        run_dir.path().join("nothing.sock").display()
+    ));
+    let (code, _, err) = output(cmd).await;
+    assert_eq!(code, 69, "{err}");
+
+    let pid = nix::unistd::Pid::from_raw(child.id().expect("pid") as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("signal");
+    let status = tokio::time::timeout(WAIT, child.wait())
+        .await
+        .expect("exits")
+        .expect("status");
+    assert!(status.success(), "{status}");
+    assert!(!socket.exists(), "the socket is removed on shutdown");
+}

@@ -51,9 +51,11 @@ async fn session_lifecycle_over_rest() {
             "spawnedAt",
             "clients",
             "lastSeq",
-            "runtime"
+            "runtime",
+            "createdBy"
         ]
     );
+    assert_eq!(created["createdBy"], "local", "who created it");
     assert_eq!(
         created["instanceId"], "fixture",
         "first instance is the default"

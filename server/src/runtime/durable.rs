@@ -22,7 +22,9 @@ use tokio::sync::{mpsc, oneshot};
 use super::keeper::{self, KeeperSpec};
 use super::runc::{self, BundleSpec, Runc};
 use super::tmux::Tmux;
-use super::{Adoption, Agent, AgentControl, ExitInfo, Output, Runtime, RuntimeError, SpawnSpec};
+use super::{
+    Adoption, Agent, AgentControl, ExitInfo, JournalFeed, Output, Runtime, RuntimeError, SpawnSpec,
+};
 use crate::config::RuntimeConfig;
 use crate::session::store;
 
@@ -190,6 +192,7 @@ impl DurableRuntime {
             adapter: spec.adapter.clone(),
             approvals: spec.approvals.clone(),
             pending_file: spec.session_dir.join(store::PENDING_FILE),
+            user_markers: true,
         };
         // It holds the agent's environment (API keys): owner only.
         crate::fsio::write_private(
@@ -221,17 +224,39 @@ impl DurableRuntime {
     fn agent(&self, run_dir: &Path, stream: UnixStream, control: Arc<dyn AgentControl>) -> Agent {
         let (mut read, write) = stream.into_split();
         let (bell_tx, bell_rx) = mpsc::channel(1);
+        let (settled_tx, settled_rx) = mpsc::channel(1024);
         let (exit_tx, exit_rx) = oneshot::channel();
         let dir = run_dir.to_owned();
+        // Keepers of older servers neither understand user markers nor report approvals.
+        let user_markers = keeper::read_spec(run_dir).is_some_and(|s| s.user_markers);
         tokio::spawn(async move {
             let mut buf = [0u8; 4096];
+            // A settled approval being read: bytes up to its newline.
+            let mut record: Option<Vec<u8>> = None;
             loop {
-                match read.read(&mut buf).await {
+                let n = match read.read(&mut buf).await {
                     Ok(0) | Err(_) => break,
-                    Ok(_) => {
-                        // One pending ring is enough: the server reads everything new on it.
-                        let _ = bell_tx.try_send(());
+                    Ok(n) => n,
+                };
+                let mut rang = false;
+                for &b in &buf[..n] {
+                    match (&mut record, b) {
+                        (Some(r), b'\n') => {
+                            if let Ok(resolution) = serde_json::from_slice(r) {
+                                let _ = settled_tx.try_send(resolution);
+                            }
+                            record = None;
+                        }
+                        // A record is a few hundred bytes; anything far larger is not one.
+                        (Some(r), _) if r.len() > 64 * 1024 => record = None,
+                        (Some(r), b) => r.push(b),
+                        (None, keeper::RESOLUTION) => record = Some(Vec::new()),
+                        (None, _) => rang = true,
                     }
+                }
+                if rang {
+                    // One pending ring is enough: the server reads everything new on it.
+                    let _ = bell_tx.try_send(());
                 }
             }
             // The keeper closes the connection after writing the exit file, or it died.
@@ -243,7 +268,11 @@ impl DurableRuntime {
         Agent {
             pid,
             stdin: Box::new(write),
-            output: Output::Journal(bell_rx),
+            output: Output::Journal(JournalFeed {
+                doorbell: bell_rx,
+                resolutions: settled_rx,
+                user_markers,
+            }),
             stderr: None,
             exit: Box::pin(async move { exit_rx.await.unwrap_or(ExitInfo::UNKNOWN) }),
             control,

@@ -8,8 +8,13 @@
 //! - starts the agent (or `runc run`, which runs the agent in a container) with piped stdio;
 //! - listens on `RUN_DIR/stdin.sock` and forwards to the agent's stdin only **complete** lines,
 //!   so a server killed in the middle of sending a line never hands the agent half of it;
+//!   a line starting with [`USER_MARKER`] is not for the agent: it names the client whose
+//!   lines follow, so approval answers are recorded with who gave them;
 //! - frames the agent's stdout and appends it to the session's journal (the same code the
-//!   server uses), ringing a "doorbell" byte on the socket so the server reads it at once;
+//!   server uses), ringing a "doorbell" byte ([`DOORBELL`]) on the socket so the server reads
+//!   it at once;
+//! - reports every settled approval request to the server ([`RESOLUTION`], a JSON
+//!   [`Resolution`] and a newline), which writes the audit log;
 //! - appends the agent's stderr to the session's `stderr.log`;
 //! - when the agent exits, writes `RUN_DIR/exit` atomically and leaves.
 //!
@@ -23,8 +28,8 @@ use std::process::{ExitCode, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
-use moorline_adapters::pipeline::{ApprovalPolicy, Pipeline};
+use bytes::BytesMut;
+use moorline_adapters::pipeline::{ApprovalPolicy, Pipeline, Resolution};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixListener;
@@ -32,7 +37,7 @@ use tokio::net::unix::OwnedReadHalf;
 use tokio::sync::{Notify, mpsc};
 
 use super::{AgentControl, ExitInfo};
-use crate::agentio::{AgentIo, OutputSink, write_pending};
+use crate::agentio::{AgentIo, Input, OutputSink, write_pending};
 use crate::journal::{JournalLimits, JournalWriter};
 
 /// The instructions file a keeper reads from its run directory.
@@ -46,6 +51,26 @@ pub const KEEPER_PID_FILE: &str = "keeper.pid";
 /// The agent's process id (the group leader of everything it starts), for the `tmux` runtime.
 pub const AGENT_PID_FILE: &str = "agent.pid";
 
+/// First byte of a server-to-keeper line that names the client whose lines follow (the rest
+/// of the line, UTF-8). Client lines are UTF-8 (WebSocket text, or binary frames checked to
+/// be UTF-8), and 0xFF never occurs in UTF-8: no client line can be taken for a marker.
+pub const USER_MARKER: u8 = 0xFF;
+/// Keeper-to-server byte: the journal has grown.
+pub const DOORBELL: u8 = 1;
+/// Keeper-to-server byte that starts a settled approval: a JSON [`Resolution`] up to `\n`.
+pub const RESOLUTION: u8 = 2;
+/// Settled approvals kept for a server that is not connected (the oldest go first).
+const RESOLUTION_BACKLOG: usize = 1024;
+
+/// The marker line (with its newline) announcing that `user` sends the lines that follow.
+pub fn user_marker(user: &str) -> Vec<u8> {
+    let mut line = Vec::with_capacity(user.len() + 2);
+    line.push(USER_MARKER);
+    // Identities never hold a newline; make sure one could not end the marker early.
+    line.extend(user.bytes().filter(|&b| b != b'\n'));
+    line.push(b'\n');
+    line
+}
 /// What a keeper runs and where it writes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KeeperSpec {
@@ -86,6 +111,15 @@ pub struct KeeperSpec {
     pub approvals: ApprovalPolicy,
     /// Where pending approval requests are written for the server.
     pub pending_file: PathBuf,
+    /// Whether the server sends [`USER_MARKER`] lines (keepers of older servers did not
+    /// understand them, and a server adopting such a keeper must not send them).
+    #[serde(default)]
+    pub user_markers: bool,
+}
+
+/// Reads the spec of a run directory, if there is a valid one.
+pub fn read_spec(run_dir: &Path) -> Option<KeeperSpec> {
+    serde_json::from_slice(&std::fs::read(path(run_dir, SPEC_FILE)).ok()?).ok()
 }
 
 /// Where a file of the run directory is.
@@ -234,11 +268,14 @@ async fn keep(run_dir: &Path) -> io::Result<()> {
     let mut term = signal(SignalKind::terminate())?;
 
     let doorbell = Arc::new(Notify::new());
-    let (lines_tx, lines_rx) = mpsc::channel::<Bytes>(1024);
+    let (lines_tx, lines_rx) = mpsc::channel::<Input>(1024);
+    let resolutions = Arc::new(std::sync::Mutex::new(std::collections::VecDeque::new()));
     let mut sink = KeeperSink {
         writer,
         doorbell: doorbell.clone(),
         pending_file: spec.pending_file.clone(),
+        resolutions: resolutions.clone(),
+        log: stderr.try_clone()?,
     };
     let io = AgentIo::new(
         spec.max_line,
@@ -267,8 +304,11 @@ async fn keep(run_dir: &Path) -> io::Result<()> {
                 let lines = lines_tx.clone();
                 let mut log_file = stderr.try_clone()?;
                 let max = spec.max_input_line;
+                let settled = resolutions.clone();
+                // Whatever a previous connection left unsent goes out first.
+                doorbell.notify_one();
                 connection = Some(tokio::spawn(async move {
-                    let ring = ring_doorbell(write, bell);
+                    let ring = ring_doorbell(write, bell, settled);
                     let read = forward_lines(read, lines, max, &mut log_file);
                     tokio::select! {
                         () = ring => {}
@@ -294,11 +334,16 @@ async fn keep(run_dir: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// Settled approvals waiting to be sent to the server.
+type Settled = Arc<std::sync::Mutex<std::collections::VecDeque<Resolution>>>;
+
 /// The keeper's end of an [`AgentIo`]: the session journal, then a ring of the doorbell.
 struct KeeperSink {
     writer: JournalWriter,
     doorbell: Arc<Notify>,
     pending_file: PathBuf,
+    resolutions: Settled,
+    log: std::fs::File,
 }
 
 impl OutputSink for KeeperSink {
@@ -311,6 +356,28 @@ impl OutputSink for KeeperSink {
 
     fn pending_changed(&mut self, pending: &[serde_json::Value]) {
         write_pending(&self.pending_file, pending);
+    }
+
+    fn resolved(&mut self, resolution: Resolution) {
+        // Also in the session's stderr log, in case no server hears of it.
+        log(
+            &mut self.log,
+            &format!(
+                "approval {} {} by {} ({})",
+                resolution.id,
+                resolution.decision,
+                resolution.by,
+                resolution.user.as_deref().unwrap_or("-")
+            ),
+        );
+        {
+            let mut queue = self.resolutions.lock().unwrap_or_else(|p| p.into_inner());
+            if queue.len() >= RESOLUTION_BACKLOG {
+                queue.pop_front();
+            }
+            queue.push_back(resolution);
+        }
+        self.doorbell.notify_one();
     }
 }
 
@@ -326,27 +393,53 @@ fn write_exit(run_dir: &Path, exit: ExitInfo) -> io::Result<()> {
     crate::fsio::write_private(&path(run_dir, EXIT_FILE), &body)
 }
 
-/// Tells the connected server, with one byte, that the journal has grown.
-async fn ring_doorbell(mut write: tokio::net::unix::OwnedWriteHalf, bell: Arc<Notify>) {
+/// Tells the connected server, with one byte, that the journal has grown, and sends it the
+/// approvals settled since.
+async fn ring_doorbell(
+    mut write: tokio::net::unix::OwnedWriteHalf,
+    bell: Arc<Notify>,
+    settled: Settled,
+) {
     loop {
         bell.notified().await;
-        if write.write_all(&[1]).await.is_err() {
+        let mut out = vec![DOORBELL];
+        let taken: Vec<Resolution> = settled
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+            .collect();
+        for r in &taken {
+            if let Ok(json) = serde_json::to_vec(r) {
+                out.push(RESOLUTION);
+                out.extend_from_slice(&json);
+                out.push(b'\n');
+            }
+        }
+        if write.write_all(&out).await.is_err() {
+            // Not delivered: keep them for the next server.
+            let mut queue = settled.lock().unwrap_or_else(|p| p.into_inner());
+            for r in taken.into_iter().rev() {
+                queue.push_front(r);
+            }
+            queue.truncate(RESOLUTION_BACKLOG);
             return;
         }
     }
 }
 
 /// Reads the server's lines and passes on only complete ones. A partial line left when the
-/// server goes away is dropped, never forwarded.
+/// server goes away is dropped, never forwarded. [`USER_MARKER`] lines set who sends the
+/// lines after them (until the next marker; nobody, on a new connection).
 async fn forward_lines(
     mut read: OwnedReadHalf,
-    lines: mpsc::Sender<Bytes>,
+    lines: mpsc::Sender<Input>,
     max: usize,
     log_file: &mut std::fs::File,
 ) {
     let mut buf = BytesMut::with_capacity(64 * 1024);
     let mut skipping = false;
     let mut forwarded = 0u64;
+    let mut user: Option<Arc<str>> = None;
     loop {
         let n = match read.read_buf(&mut buf).await {
             Ok(0) | Err(_) => break,
@@ -369,11 +462,20 @@ async fn forward_lines(
             let complete = buf.split_to(last + 1).freeze();
             let mut start = 0;
             for end in memchr::memchr_iter(b'\n', &complete) {
+                let line = complete.slice(start..end);
+                start = end + 1;
+                if let Some((&USER_MARKER, name)) = line.split_first() {
+                    user = Some(Arc::from(String::from_utf8_lossy(name).as_ref()));
+                    continue;
+                }
                 forwarded += 1;
-                if lines.send(complete.slice(start..end)).await.is_err() {
+                let input = Input {
+                    line,
+                    user: user.clone(),
+                };
+                if lines.send(input).await.is_err() {
                     return;
                 }
-                start = end + 1;
             }
         }
         if buf.len() > max {

@@ -331,8 +331,20 @@ pub enum Output {
     /// The agent's stdout: the server frames it and writes the session's journal.
     Pipe(Reader),
     /// The runtime writes the session's journal itself (from a keeper process that outlives
-    /// the server); a message on this channel means new lines may have been appended.
-    Journal(tokio::sync::mpsc::Receiver<()>),
+    /// the server).
+    Journal(JournalFeed),
+}
+
+/// What the server hears from a keeper that writes a session's journal.
+#[derive(Debug)]
+pub struct JournalFeed {
+    /// A message means new lines may have been appended.
+    pub doorbell: tokio::sync::mpsc::Receiver<()>,
+    /// Approval requests the keeper's pipeline settled, for the audit log.
+    pub resolutions: tokio::sync::mpsc::Receiver<moorline_adapters::pipeline::Resolution>,
+    /// Whether the keeper understands user marker lines
+    /// ([`keeper::USER_MARKER`]) on its input.
+    pub user_markers: bool,
 }
 
 /// How a session's agent looked to a server that starts up and finds it.

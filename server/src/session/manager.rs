@@ -48,6 +48,8 @@ pub struct CreateRequest {
     pub cwd: Option<PathBuf>,
     /// Environment on top of the instance's.
     pub env: BTreeMap<String, String>,
+    /// Who asks (a tailnet login, `token` or `local`), recorded as the session's creator.
+    pub created_by: Option<String>,
 }
 
 /// Why a session operation failed.
@@ -211,6 +213,14 @@ impl SessionManager {
         self.sessions.write().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The instance a create with `instance_id` would use (`None`: the default one).
+    pub fn instance_for(&self, instance_id: Option<&str>) -> Option<&Arc<Instance>> {
+        match instance_id {
+            Some(id) => self.instances.get(id),
+            None => self.default_instance(),
+        }
+    }
+
     fn default_instance(&self) -> Option<&Arc<Instance>> {
         self.instances
             .get("default")
@@ -266,6 +276,7 @@ impl SessionManager {
                 cwd,
                 env: req.env,
                 created_at,
+                created_by: req.created_by,
                 spawned_at: created_at,
                 status: Status::Crashed,
                 exit_code: None,
@@ -407,6 +418,7 @@ impl SessionManager {
             cwd: meta.cwd.clone(),
             env: meta.env.clone(),
             created_at: meta.created_at,
+            created_by: meta.created_by.clone(),
             dir,
             hub,
             writer: Arc::new(tokio::sync::Mutex::new(None)),
@@ -633,7 +645,7 @@ impl SessionManager {
                     agent.control,
                 ));
             }
-            Output::Journal(doorbell) => {
+            Output::Journal(feed) => {
                 // A keeper runs this agent's stdio; client lines go to it over its socket, and
                 // the writer lets go on shutdown (the agent keeps running).
                 self.tracker.spawn(stdin_writer(
@@ -641,10 +653,11 @@ impl SessionManager {
                     rx,
                     agent.stdin,
                     self.cancel.clone(),
+                    feed.user_markers,
                 ));
                 let (index, next) = session.hub.index_snapshot();
                 let tail = JournalTail::new(&session.dir.join(JOURNAL_DIR), &index, next);
-                self.tracker.spawn(pump.follow(doorbell, agent.exit, tail));
+                self.tracker.spawn(pump.follow(feed, agent.exit, tail));
             }
         }
         tracing::info!(session = %session.id, instance = %instance.config.id, runtime = instance.runtime.name(), pid = ?agent.pid, generation, adopted = !fresh, "agent running");

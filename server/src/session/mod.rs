@@ -12,10 +12,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{OwnedSemaphorePermit, mpsc, watch};
 
+use crate::agentio::Input;
 use crate::fanout::Hub;
 use crate::journal::JournalWriter;
 use crate::runtime::{AgentControl, ExitInfo};
@@ -121,6 +121,10 @@ pub struct SessionSummary {
     /// Approval requests waiting for an answer, as clients saw them (moorline).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub pending_approvals: Vec<serde_json::Value>,
+    /// Who created the session: a tailnet login, `token` or `local` (moorline; absent for
+    /// sessions created before moorline recorded it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub created_by: Option<String>,
 }
 
 /// Why an agent is being stopped, which decides what clients are told.
@@ -140,7 +144,7 @@ struct State {
     /// True while a start is in progress, so concurrent restarts do not race.
     starting: bool,
     stopping: Option<StopReason>,
-    stdin: Option<mpsc::Sender<Bytes>>,
+    stdin: Option<mpsc::Sender<Input>>,
     control: Option<Arc<dyn AgentControl>>,
     /// The slot this running agent holds against `max_sessions`; dropped when it exits.
     permit: Option<OwnedSemaphorePermit>,
@@ -160,6 +164,7 @@ pub struct Session {
     cwd: PathBuf,
     env: BTreeMap<String, String>,
     created_at: u64,
+    created_by: Option<String>,
     dir: PathBuf,
     hub: Arc<Hub>,
     /// The journal's writer when the server writes it (`None` until needed, and while a
@@ -213,8 +218,13 @@ impl Session {
         self.lifecycle.subscribe()
     }
 
+    /// The instance, if it is still configured.
+    pub fn instance(&self) -> Option<&Arc<Instance>> {
+        self.instance.as_ref()
+    }
+
     /// The sender for the running agent's stdin, if it runs.
-    pub fn stdin(&self) -> Option<mpsc::Sender<Bytes>> {
+    pub fn stdin(&self) -> Option<mpsc::Sender<Input>> {
         self.lock().stdin.clone()
     }
 
@@ -278,6 +288,7 @@ impl Session {
             runtime: self.instance.as_ref().map_or("none", |i| i.runtime.name()),
             error: state.error.clone(),
             pending_approvals: Vec::new(),
+            created_by: self.created_by.clone(),
         }
     }
 
@@ -290,6 +301,7 @@ impl Session {
             cwd: self.cwd.clone(),
             env: self.env.clone(),
             created_at: self.created_at,
+            created_by: self.created_by.clone(),
             spawned_at: state.spawned_at,
             status: state.status,
             exit_code: state.exit.and_then(|e| e.code),

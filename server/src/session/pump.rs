@@ -6,17 +6,19 @@
 
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
+use moorline_adapters::pipeline::Resolution;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{OwnedMutexGuard, mpsc};
 
 use tokio_util::sync::CancellationToken;
 
 use super::Session;
-use crate::agentio::{AgentIo, OutputSink, write_pending};
+use crate::agentio::{AgentIo, Input, OutputSink, write_pending};
 use crate::journal::{JournalTail, JournalWriter};
 use crate::metrics::Metrics;
-use crate::runtime::{AgentControl, ExitFuture, ExitInfo, Reader, Writer};
+use crate::runtime::keeper::user_marker;
+use crate::runtime::{AgentControl, ExitFuture, ExitInfo, JournalFeed, Reader, Writer};
 
 /// Upper bound on one batched write to an agent's stdin.
 const STDIN_BATCH: usize = 256 * 1024;
@@ -47,12 +49,18 @@ impl OutputPump {
     /// shuts down, leaving the agent running).
     pub(super) async fn follow(
         mut self,
-        mut doorbell: mpsc::Receiver<()>,
+        feed: JournalFeed,
         mut exit: ExitFuture,
         mut tail: JournalTail,
     ) {
+        let JournalFeed {
+            mut doorbell,
+            mut resolutions,
+            ..
+        } = feed;
         let mut exit_info = None;
         let mut open = true;
+        let mut settled_open = true;
         loop {
             tail = match self.drain_tail(tail).await {
                 Some(t) => t,
@@ -64,6 +72,10 @@ impl OutputPump {
             }
             tokio::select! {
                 ring = doorbell.recv(), if open => open = ring.is_some(),
+                settled = resolutions.recv(), if settled_open => match settled {
+                    Some(r) => self.session.audit_approval(&r),
+                    None => settled_open = false,
+                },
                 info = &mut exit => exit_info = Some(info),
                 () = self.cancel.cancelled() => {
                     tracing::debug!(session = %self.session.id, "server stopping; the agent keeps running");
@@ -119,7 +131,7 @@ impl OutputPump {
         mut self,
         io: AgentIo,
         stdout: Reader,
-        input: mpsc::Receiver<Bytes>,
+        input: mpsc::Receiver<Input>,
         stdin: Writer,
         exit: ExitFuture,
         control: Arc<dyn AgentControl>,
@@ -208,19 +220,46 @@ impl OutputSink for ServerSink<'_> {
             .get_or_create(&[("reason", reason.as_str())])
             .inc();
     }
+
+    fn resolved(&mut self, resolution: Resolution) {
+        self.session.audit_approval(&resolution);
+    }
 }
 
-/// Writes client lines to the agent's stdin, batching whatever has queued up.
+impl Session {
+    /// Writes the audit line of a settled approval request of this session.
+    fn audit_approval(&self, resolution: &Resolution) {
+        crate::audit::approval(&self.id, &self.instance_id, resolution);
+    }
+}
+
+/// Writes client lines to a keeper's socket, batching whatever has queued up. With
+/// `user_markers`, a marker line naming the sender goes before the first line of each
+/// different sender, so the keeper knows who answered an approval.
 ///
 /// A write error (the agent exited: EPIPE) ends the writer; lines still queued are dropped and
 /// senders see a closed channel. It never takes anything else down.
 pub(super) async fn stdin_writer(
     session: String,
-    mut rx: mpsc::Receiver<Bytes>,
+    mut rx: mpsc::Receiver<Input>,
     mut stdin: Writer,
     cancel: CancellationToken,
+    user_markers: bool,
 ) {
     let mut buf = Vec::with_capacity(64 * 1024);
+    // The sender the keeper last heard of on this connection.
+    let mut last_user: Option<std::sync::Arc<str>> = None;
+    let mut add = |buf: &mut Vec<u8>, input: Input| {
+        if user_markers
+            && let Some(user) = input.user
+            && last_user.as_ref() != Some(&user)
+        {
+            buf.extend_from_slice(&user_marker(&user));
+            last_user = Some(user);
+        }
+        buf.extend_from_slice(&input.line);
+        buf.push(b'\n');
+    };
     loop {
         let first = tokio::select! {
             line = rx.recv() => match line {
@@ -231,14 +270,10 @@ pub(super) async fn stdin_writer(
             () = cancel.cancelled() => return,
         };
         buf.clear();
-        buf.extend_from_slice(&first);
-        buf.push(b'\n');
+        add(&mut buf, first);
         while buf.len() < STDIN_BATCH {
             match rx.try_recv() {
-                Ok(line) => {
-                    buf.extend_from_slice(&line);
-                    buf.push(b'\n');
-                }
+                Ok(line) => add(&mut buf, line),
                 Err(_) => break,
             }
         }

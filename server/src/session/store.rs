@@ -37,6 +37,9 @@ pub struct Meta {
     pub env: BTreeMap<String, String>,
     /// Creation time, ms since the epoch (orders the session list).
     pub created_at: u64,
+    /// Who created it (absent in files written before moorline recorded it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_by: Option<String>,
     /// Last start time, ms since the epoch.
     pub spawned_at: u64,
     /// Status when last written.
@@ -103,6 +106,7 @@ mod tests {
             cwd: "/tmp".into(),
             env: BTreeMap::from([("K".into(), "0123".into())]),
             created_at: 1,
+            created_by: Some("alice@example.com".into()),
             spawned_at: 2,
             status: Status::Crashed,
             exit_code: Some(7),
@@ -118,6 +122,19 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o077, 0);
+    }
+
+    #[test]
+    fn meta_files_without_created_by_still_load() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        std::fs::write(
+            tmp.path().join(META_FILE),
+            r#"{"id":"0123456789ab","name":null,"instanceId":"echo","cwd":"/tmp","env":{},
+               "createdAt":1,"spawnedAt":2,"status":"exited","exitCode":0,"signal":null,
+               "pid":null,"pidStart":null}"#,
+        )
+        .expect("write");
+        assert_eq!(load(tmp.path()).expect("load").created_by, None);
     }
 
     #[test]

@@ -223,7 +223,11 @@ async fn client_lines_reach_stdin_with_one_newline_each() {
         .stdin()
         .expect("running");
     for line in ["one", "two", "three"] {
-        stdin.send(bytes::Bytes::from(line)).await.expect("send");
+        let input = crate::agentio::Input {
+            line: bytes::Bytes::from(line),
+            user: Some("local".into()),
+        };
+        stdin.send(input).await.expect("send");
     }
     let mut got = vec![0u8; 14];
     agent.stdin.read_exact(&mut got).await.expect("read");

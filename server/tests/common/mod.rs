@@ -9,6 +9,7 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use moorline::config::{Config, InstanceConfig, RuntimeKind};
 use serde_json::Value;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -84,6 +85,10 @@ pub struct TestServer {
     pub addr: SocketAddr,
     pub state: tempfile::TempDir,
     pub http: reqwest::Client,
+    /// The server's Unix socket, when it listens on one ([`TestServer::start_unix`]).
+    pub socket: Option<PathBuf>,
+    /// Holds the socket's directory.
+    _socket_dir: Option<tempfile::TempDir>,
     shutdown: Option<oneshot::Sender<()>>,
     handle: Option<JoinHandle<Result<(), moorline::ServerError>>>,
 }
@@ -100,8 +105,29 @@ impl TestServer {
         Self::start_in(state, config).await
     }
 
+    /// Starts a server listening on 127.0.0.1:0 and on a Unix socket in a fresh directory
+    /// (`unix_socket` in the config is set to it before `tweak` runs).
+    pub async fn start_unix(tweak: impl FnOnce(&mut Config)) -> Self {
+        let state = tempfile::tempdir().expect("state dir");
+        let dir = tempfile::tempdir().expect("socket dir");
+        let mut config = test_config(state.path().to_owned());
+        // The socket may not lie in a directory agents can see: keep the fixture's workspace
+        // roots away from the temporary directory that holds it.
+        config.instances[0].workspace_roots = vec![state.path().join("work")];
+        config.unix_socket = Some(dir.path().join("moorline.sock"));
+        tweak(&mut config);
+        let mut server = Self::start_listening(state, config).await;
+        server._socket_dir = Some(dir);
+        server
+    }
+
     /// Starts a server over an existing state directory (to test restarts).
     pub async fn start_in(state: tempfile::TempDir, config: Config) -> Self {
+        Self::start_listening(state, config).await
+    }
+
+    /// Binds what `config` asks for (TCP on port 0 when `tcp` is on) and starts the server.
+    async fn start_listening(state: tempfile::TempDir, mut config: Config) -> Self {
         static LOG: std::sync::Once = std::sync::Once::new();
         LOG.call_once(|| {
             if let Some(path) = std::env::var_os("DEBUG_TEST_LOG") {
@@ -114,20 +140,68 @@ impl TestServer {
             }
         });
         config.validate().expect("valid test config");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
+        config.port = 0;
+        let socket = config.unix_socket.clone();
+        let listeners = moorline::Listeners::bind(&config).await.expect("bind");
+        let addr = listeners
+            .tcp
+            .as_ref()
+            .map(|l| l.local_addr().expect("addr"))
+            .unwrap_or_else(|| "127.0.0.1:9".parse().expect("addr"));
         let (tx, rx) = oneshot::channel::<()>();
-        let handle = tokio::spawn(moorline::run(listener, config, async move {
+        let handle = tokio::spawn(moorline::run(listeners, config, async move {
             let _ = rx.await;
         }));
         Self {
             addr,
             state,
             http: http(),
+            socket,
+            _socket_dir: None,
             shutdown: Some(tx),
             handle: Some(handle),
+        }
+    }
+
+    /// An HTTP client that reaches the server through its Unix socket (use `http://localhost`
+    /// URLs with it).
+    pub fn unix_http(&self) -> reqwest::Client {
+        moorline::client::install_tls_provider();
+        reqwest::Client::builder()
+            .unix_socket(self.socket.clone().expect("a unix socket"))
+            .build()
+            .expect("client")
+    }
+
+    /// A WebSocket through the Unix socket, with extra headers.
+    pub async fn unix_ws(
+        &self,
+        path: &str,
+        headers: &[(&'static str, &str)],
+    ) -> Result<Ws<tokio::net::UnixStream>, (u16, String)> {
+        let socket = self.socket.as_ref().expect("a unix socket");
+        let stream = tokio::net::UnixStream::connect(socket)
+            .await
+            .expect("connect");
+        let mut request = format!("ws://localhost{path}")
+            .into_client_request()
+            .expect("request");
+        for (k, v) in headers {
+            request.headers_mut().insert(*k, v.parse().expect("header"));
+        }
+        match tokio::time::timeout(WAIT, tokio_tungstenite::client_async(request, stream))
+            .await
+            .expect("connect in time")
+        {
+            Ok((socket, _)) => Ok(Ws { socket }),
+            Err(tungstenite::Error::Http(resp)) => Err((
+                resp.status().as_u16(),
+                resp.body()
+                    .as_ref()
+                    .map(|b| String::from_utf8_lossy(b).into_owned())
+                    .unwrap_or_default(),
+            )),
+            Err(e) => panic!("websocket error: {e}"),
         }
     }
 
@@ -227,8 +301,8 @@ pub fn http() -> reqwest::Client {
     reqwest::Client::new()
 }
 
-pub struct Ws {
-    pub socket: WebSocketStream<MaybeTlsStream<TcpStream>>,
+pub struct Ws<S = MaybeTlsStream<TcpStream>> {
+    pub socket: WebSocketStream<S>,
 }
 
 impl Ws {
@@ -262,7 +336,9 @@ impl Ws {
             Err(e) => panic!("websocket error: {e}"),
         }
     }
+}
 
+impl<S: AsyncRead + AsyncWrite + Unpin> Ws<S> {
     pub async fn send(&mut self, text: &str) {
         self.socket.send(Message::text(text)).await.expect("send");
     }
@@ -311,6 +387,54 @@ impl Ws {
                 None => panic!("connection ended without a close frame"),
             }
         }
+    }
+}
+
+/// Log lines of the `moorline::audit` target, as JSON objects, captured for the whole test
+/// binary (tests running in parallel share it: pick lines by session id).
+pub fn audit_lines() -> Vec<Value> {
+    let text = {
+        let buf = AUDIT
+            .get_or_init(install_audit_capture)
+            .lock()
+            .expect("lock");
+        String::from_utf8_lossy(&buf).into_owned()
+    };
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["target"] == "moorline::audit")
+        .collect()
+}
+
+/// Starts capturing audit lines (call before the server starts, so nothing is missed).
+pub fn capture_audit() {
+    AUDIT.get_or_init(install_audit_capture);
+}
+
+static AUDIT: std::sync::OnceLock<std::sync::Arc<std::sync::Mutex<Vec<u8>>>> =
+    std::sync::OnceLock::new();
+
+fn install_audit_capture() -> std::sync::Arc<std::sync::Mutex<Vec<u8>>> {
+    let buf = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = buf.clone();
+    let _ = tracing_subscriber::fmt()
+        .json()
+        .with_env_filter("moorline::audit=info")
+        .with_writer(move || AuditWriter(sink.clone()))
+        .try_init();
+    buf
+}
+
+struct AuditWriter(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for AuditWriter {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("lock").extend_from_slice(data);
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 

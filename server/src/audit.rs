@@ -1,0 +1,50 @@
+//! The audit log: who did what to which session, one structured log line each, under the
+//! target `moorline::audit` (filter on it, e.g. `log = "info,moorline::audit=info"`, or pick
+//! the lines out of a JSON log by their `target`).
+//!
+//! Logged: every session create, restart and delete, and every settled approval request,
+//! whether a person answered it (`by = "client"`, with `user`), the instance's policy allowed it
+//! (`by = "policy"`) or its timeout answered (`by = "timeout"`). Approvals decided in a keeper
+//! (durable runtimes) are reported to the server over the keeper's socket and logged here too.
+//! Tool inputs are never logged (they may carry secrets): the tool's name and request id only.
+//! Each line carries `at_ms` (milliseconds since the Unix epoch) besides the log's own time.
+
+use moorline_adapters::pipeline::Resolution;
+
+/// Milliseconds since the Unix epoch.
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A session was created, restarted or deleted (`action`) by `user`.
+pub fn session(action: &str, user: &str, session: &str, instance: &str) {
+    tracing::info!(
+        target: "moorline::audit",
+        action,
+        user,
+        session,
+        instance,
+        at_ms = now_ms(),
+        "audit: session {action}"
+    );
+}
+
+/// An approval request of `session` was settled.
+pub fn approval(session: &str, instance: &str, r: &Resolution) {
+    tracing::info!(
+        target: "moorline::audit",
+        action = "approval",
+        user = r.user.as_deref().unwrap_or("-"),
+        by = %r.by,
+        session,
+        instance,
+        request = %r.id,
+        tool = r.tool.as_deref().unwrap_or("-"),
+        decision = %r.decision,
+        at_ms = now_ms(),
+        "audit: approval {}",
+        r.decision
+    );
+}
