@@ -180,6 +180,7 @@ impl DurableRuntime {
             adapter: spec.adapter.clone(),
             approvals: spec.approvals.clone(),
             pending_file: spec.session_dir.join(store::PENDING_FILE),
+            container: self.container.is_some(),
         };
         // It holds the agent's environment (API keys): owner only.
         crate::fsio::write_private(

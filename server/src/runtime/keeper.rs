@@ -79,6 +79,10 @@ pub struct KeeperSpec {
     pub approvals: ApprovalPolicy,
     /// Where pending approval requests are written for the server.
     pub pending_file: PathBuf,
+    /// The program is `runc run`, whose exit codes above 128 stand for the signal that ended
+    /// the container's agent ([`ExitInfo::from_container_status`]).
+    #[serde(default)]
+    pub container: bool,
 }
 
 /// Where a file of the run directory is.
@@ -193,12 +197,13 @@ async fn keep(run_dir: &Path) -> io::Result<()> {
     }
     let control = Arc::new(super::process::GroupControl::new(agent_pid));
     let exit_control = control.clone();
+    let container = spec.container;
     let exit = Box::pin(async move {
-        let info = child
-            .wait()
-            .await
-            .map(ExitInfo::from)
-            .unwrap_or(ExitInfo::UNKNOWN);
+        let info = match child.wait().await {
+            Ok(status) if container => ExitInfo::from_container_status(status),
+            Ok(status) => ExitInfo::from(status),
+            Err(_) => ExitInfo::UNKNOWN,
+        };
         exit_control.leader_exited();
         info
     });
