@@ -213,6 +213,8 @@ pub fn http() -> reqwest::Client {
 
 pub struct Ws {
     pub socket: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    /// Every JSON frame read, when a test asks for them (`Some`).
+    pub record: Option<Vec<Value>>,
 }
 
 impl Ws {
@@ -235,7 +237,10 @@ impl Ws {
             .await
             .expect("connect in time")
         {
-            Ok((socket, _)) => Ok(Self { socket }),
+            Ok((socket, _)) => Ok(Self {
+                socket,
+                record: None,
+            }),
             Err(tungstenite::Error::Http(resp)) => Err((
                 resp.status().as_u16(),
                 resp.body()
@@ -273,7 +278,12 @@ impl Ws {
 
     pub async fn json(&mut self) -> Value {
         let text = self.text().await;
-        serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
+        let v: Value =
+            serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"));
+        if let Some(record) = self.record.as_mut() {
+            record.push(v.clone());
+        }
+        v
     }
 
     /// Waits for the close frame and returns its code and reason; panics on data frames.
