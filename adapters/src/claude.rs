@@ -202,7 +202,9 @@ fn pi_block(block: &Value) -> Option<Value> {
 /// pi's `*_end` event for a complete content block.
 fn block_end(index: u64, block: &Value) -> Value {
     match block["type"].as_str() {
-        Some("text") => json!({"type": "text_end", "contentIndex": index, "content": block["text"]}),
+        Some("text") => {
+            json!({"type": "text_end", "contentIndex": index, "content": block["text"]})
+        }
         Some("thinking") => {
             json!({"type": "thinking_end", "contentIndex": index, "content": block["thinking"]})
         }
@@ -328,10 +330,10 @@ impl PiRpcTranslator {
                 else {
                     return;
                 };
-                if block["type"] == "toolCall" && !json_so_far.is_empty() {
-                    if let Ok(args) = serde_json::from_str::<Value>(json_so_far) {
-                        block["arguments"] = args;
-                    }
+                if block["type"] == "toolCall"
+                    && let Ok(args) = serde_json::from_str::<Value>(json_so_far)
+                {
+                    block["arguments"] = args;
                 }
                 let event = block_end(index, block);
                 self.conversation.message_update(out, event);
@@ -413,9 +415,13 @@ impl PiRpcTranslator {
             };
             self.conversation
                 .message_update(out, json!({"type": kind, "contentIndex": index}));
-            self.conversation.message_update(out, block_end(index, block));
+            self.conversation
+                .message_update(out, block_end(index, block));
         }
-        let stop = msg["stop_reason"].as_str().map(stop_reason).unwrap_or("stop");
+        let stop = msg["stop_reason"]
+            .as_str()
+            .map(stop_reason)
+            .unwrap_or("stop");
         let message = json!({"role": "assistant", "content": blocks, "model": msg["model"],
             "stopReason": stop});
         self.message_ended(message, out);
@@ -564,7 +570,12 @@ impl Translator for PiRpcTranslator {
             // Claude's retries cannot be cancelled alone: stopping them stops the turn.
             "abort_retry" => {
                 if self.streaming && self.retry.is_some() {
-                    self.control(json!({"subtype": "interrupt"}), Some(id), "abort_retry", out);
+                    self.control(
+                        json!({"subtype": "interrupt"}),
+                        Some(id),
+                        "abort_retry",
+                        out,
+                    );
                 } else {
                     pirpc::respond(out, &id, "abort_retry", Ok(None));
                 }
@@ -626,11 +637,11 @@ mod tests {
             let mut out = Outputs::default();
             if entry["dir"] == "out" {
                 t.agent_line(text, &mut out);
-            } else if let Ok(sent) = serde_json::from_str::<Value>(text) {
-                if sent["type"] == "user" {
-                    let prompt = json!({"type": "prompt", "message": sent["message"]["content"]});
-                    t.client_line(prompt.to_string().as_bytes(), &mut out);
-                }
+            } else if let Ok(sent) = serde_json::from_str::<Value>(text)
+                && sent["type"] == "user"
+            {
+                let prompt = json!({"type": "prompt", "message": sent["message"]["content"]});
+                t.client_line(prompt.to_string().as_bytes(), &mut out);
             }
             seen.extend(
                 out.to_clients
@@ -664,7 +675,9 @@ mod tests {
         );
         let first_tool_turn = seen
             .iter()
-            .find(|v| v["type"] == "turn_end" && !v["toolResults"].as_array().expect("results").is_empty())
+            .find(|v| {
+                v["type"] == "turn_end" && !v["toolResults"].as_array().expect("results").is_empty()
+            })
             .expect("a turn with a tool result");
         assert_eq!(first_tool_turn["message"]["stopReason"], "toolUse");
         let types: Vec<&str> = seen.iter().filter_map(|v| v["type"].as_str()).collect();
@@ -709,7 +722,11 @@ mod tests {
         pirpc::check_event_order(&seen).expect("pi's event order");
         let retries: Vec<&Value> = seen
             .iter()
-            .filter(|v| v["type"].as_str().is_some_and(|t| t.starts_with("auto_retry")))
+            .filter(|v| {
+                v["type"]
+                    .as_str()
+                    .is_some_and(|t| t.starts_with("auto_retry"))
+            })
             .collect();
         assert_eq!(retries.len(), 6, "{retries:#?}");
         assert_eq!(

@@ -144,7 +144,13 @@ enum Pending {
 impl PiRpcTranslator {
     /// Sends Codex a request; `pending` says what its answer is for (`None`: a `turn/start`,
     /// whose failure ends the turn).
-    fn request(&mut self, method: &str, params: Value, pending: Option<Pending>, out: &mut Outputs) {
+    fn request(
+        &mut self,
+        method: &str,
+        params: Value,
+        pending: Option<Pending>,
+        out: &mut Outputs,
+    ) {
         self.next += 1;
         let id = format!("moorline-{}", self.next);
         if let Some(pending) = pending {
@@ -157,7 +163,9 @@ impl PiRpcTranslator {
     /// `turn/interrupt` ends the turn but not them), from the list Codex answered with.
     fn end_terminals(&mut self, items: &BTreeSet<String>, list: &Value, out: &mut Outputs) {
         for terminal in list["data"].as_array().into_iter().flatten() {
-            let ours = terminal["itemId"].as_str().is_some_and(|i| items.contains(i));
+            let ours = terminal["itemId"]
+                .as_str()
+                .is_some_and(|i| items.contains(i));
             if ours && let Some(thread) = self.thread.clone() {
                 let params = json!({"threadId": thread, "processId": terminal["processId"]});
                 self.request(
@@ -255,7 +263,10 @@ impl PiRpcTranslator {
             }
             "item/completed" if item["type"] == "commandExecution" => {
                 // A command of an aborted turn was already reported as ended.
-                if !item["id"].as_str().is_some_and(|id| self.running.remove(id)) {
+                if !item["id"]
+                    .as_str()
+                    .is_some_and(|id| self.running.remove(id))
+                {
                     return;
                 }
                 let status = item["status"].as_str().unwrap_or("");
@@ -420,7 +431,12 @@ impl Translator for PiRpcTranslator {
                         if !self.running.is_empty() {
                             let pending = Pending::Terminals(self.running.clone());
                             let params = json!({"threadId": thread});
-                            self.request("thread/backgroundTerminals/list", params, Some(pending), out);
+                            self.request(
+                                "thread/backgroundTerminals/list",
+                                params,
+                                Some(pending),
+                                out,
+                            );
                         }
                     }
                     _ => pirpc::respond(out, &id, "abort", Ok(None)),
@@ -565,7 +581,11 @@ mod tests {
     #[test]
     fn an_abort_stops_the_approved_command_and_ends_its_tool_call() {
         let frames = |out: &Outputs, to_agent: bool| -> Vec<Value> {
-            let lines = if to_agent { &out.to_agent } else { &out.to_clients };
+            let lines = if to_agent {
+                &out.to_agent
+            } else {
+                &out.to_clients
+            };
             lines
                 .iter()
                 .map(|l| serde_json::from_slice(l).expect("json"))
@@ -579,8 +599,14 @@ mod tests {
             r#"{"id":"moorline-thread","result":{"thread":{"id":"T1"}}}"#,
             &mut out,
         );
-        t.client_line(br#"{"id":"p","type":"prompt","message":"RUNBASH: sleep 8"}"#, &mut out);
-        t.agent_line(r#"{"method":"turn/started","params":{"turn":{"id":"U1"}}}"#, &mut out);
+        t.client_line(
+            br#"{"id":"p","type":"prompt","message":"RUNBASH: sleep 8"}"#,
+            &mut out,
+        );
+        t.agent_line(
+            r#"{"method":"turn/started","params":{"turn":{"id":"U1"}}}"#,
+            &mut out,
+        );
         t.agent_line(
             r#"{"method":"item/started","params":{"item":{"type":"commandExecution","id":"call_1","command":"sleep 8"}}}"#,
             &mut out,
@@ -603,9 +629,15 @@ mod tests {
             json!({"threadId": "T1", "processId": "8"})
         );
         let mut out = Outputs::default();
-        t.agent_line(&json!({"id": interrupt, "result": {}}).to_string(), &mut out);
+        t.agent_line(
+            &json!({"id": interrupt, "result": {}}).to_string(),
+            &mut out,
+        );
         let answer: Value = serde_json::from_slice(&out.to_clients[0]).expect("json");
-        assert_eq!((answer["id"].as_str(), answer["success"].as_bool()), (Some("a"), Some(true)));
+        assert_eq!(
+            (answer["id"].as_str(), answer["success"].as_bool()),
+            (Some("a"), Some(true))
+        );
         t.agent_line(
             r#"{"method":"turn/completed","params":{"turn":{"id":"U1","status":"interrupted"}}}"#,
             &mut out,
@@ -615,7 +647,11 @@ mod tests {
             r#"{"method":"item/completed","params":{"item":{"type":"commandExecution","id":"call_1","status":"failed","exitCode":-1}}}"#,
             &mut out,
         );
-        seen.extend(frames(&out, false).into_iter().filter(|f| f["type"] != "response"));
+        seen.extend(
+            frames(&out, false)
+                .into_iter()
+                .filter(|f| f["type"] != "response"),
+        );
         pirpc::check_event_order(&seen).expect("pi's event order");
         let ends: Vec<&Value> = seen
             .iter()

@@ -411,14 +411,17 @@ mod tests {
             .collect();
         assert!(frames.iter().any(|f| f["type"] == "tool_execution_end"));
         check_event_order(&frames).expect("pi's own order");
-        let mut shuffled = frames.clone();
+        let mut shuffled = frames;
         let text_end = shuffled
             .iter()
             .position(|f| f["assistantMessageEvent"]["type"] == "text_end")
             .expect("text_end");
         let moved = shuffled.remove(text_end);
         shuffled.insert(text_end + 1, moved);
-        assert!(check_event_order(&shuffled).is_err(), "text_end after message_end");
+        assert!(
+            check_event_order(&shuffled).is_err(),
+            "text_end after message_end"
+        );
     }
 
     #[test]

@@ -316,12 +316,15 @@ async fn drive(kind: &str, program: &str) {
     let seen = a.record.take().expect("recorded");
     moorline_adapters::pirpc::check_event_order(&seen).unwrap_or_else(|e| panic!("{kind}: {e}"));
     assert!(
-        !seen.iter().any(|f| f["assistantMessageEvent"]["type"] == "block_end"),
+        !seen
+            .iter()
+            .any(|f| f["assistantMessageEvent"]["type"] == "block_end"),
         "{kind}: block_end is not a pi event"
     );
 
     // The history holds the assistant message that called the tool, then the tool's result.
-    a.send_json(&json!({"id": "m", "type": "get_messages"})).await;
+    a.send_json(&json!({"id": "m", "type": "get_messages"}))
+        .await;
     let answer = until(&mut a, "the messages", |v| v["id"] == "m").await;
     let messages = answer["data"]["messages"].as_array().expect("messages");
     let call = messages
@@ -383,7 +386,11 @@ async fn claude_code_api_retries_reach_clients() {
         let frames = turn_text_frames(&mut ws).await;
         let retries: Vec<&Value> = frames
             .iter()
-            .filter(|f| f["type"].as_str().is_some_and(|t| t.starts_with("auto_retry")))
+            .filter(|f| {
+                f["type"]
+                    .as_str()
+                    .is_some_and(|t| t.starts_with("auto_retry"))
+            })
             .collect();
         let kinds: Vec<(&str, Option<u64>)> = retries
             .iter()

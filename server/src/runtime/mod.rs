@@ -451,7 +451,10 @@ mod tests {
         let killed = container(137 << 8);
         assert_eq!((killed.code, killed.signal), (None, Some(9)));
         assert_eq!(killed.signal_name().as_deref(), Some("SIGKILL"));
-        assert_eq!(container(143 << 8).signal_name().as_deref(), Some("SIGTERM"));
+        assert_eq!(
+            container(143 << 8).signal_name().as_deref(),
+            Some("SIGTERM")
+        );
         for code in [0, 1, 127, 128, 193, 255] {
             let info = container(code << 8);
             assert_eq!((info.code, info.signal), (Some(code), None), "{code}");
