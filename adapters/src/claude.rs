@@ -163,6 +163,53 @@ pub struct PiRpcTranslator {
     /// Client ids of `abort` commands waiting for Claude's answer, by control request id.
     control_ids: BTreeMap<String, (Option<Value>, &'static str)>,
     next_control: u64,
+    /// The assistant message being streamed.
+    streamed: Option<Streamed>,
+    /// The last API retry Claude announced, while it has not succeeded or given up.
+    retry: Option<u64>,
+}
+
+/// An assistant message as Claude streams it, put together for pi's `message_end`.
+#[derive(Debug, Default)]
+struct Streamed {
+    model: Value,
+    /// Content blocks by Claude's index: pi's block, and for tool calls their JSON so far.
+    blocks: BTreeMap<u64, (Value, String)>,
+    stop_reason: Option<String>,
+}
+
+/// pi's name for why a message stopped.
+fn stop_reason(claude: &str) -> &'static str {
+    match claude {
+        "tool_use" => "toolUse",
+        "max_tokens" => "length",
+        "refusal" => "error",
+        _ => "stop",
+    }
+}
+
+/// A pi content block from a complete Claude block, if pi has one like it.
+fn pi_block(block: &Value) -> Option<Value> {
+    Some(match block["type"].as_str()? {
+        "text" => json!({"type": "text", "text": block["text"]}),
+        "thinking" => json!({"type": "thinking", "thinking": block["thinking"]}),
+        "tool_use" => json!({"type": "toolCall", "id": block["id"], "name": block["name"],
+            "arguments": block["input"]}),
+        _ => return None,
+    })
+}
+
+/// pi's `*_end` event for a complete content block.
+fn block_end(index: u64, block: &Value) -> Value {
+    match block["type"].as_str() {
+        Some("text") => {
+            json!({"type": "text_end", "contentIndex": index, "content": block["text"]})
+        }
+        Some("thinking") => {
+            json!({"type": "thinking_end", "contentIndex": index, "content": block["thinking"]})
+        }
+        _ => json!({"type": "toolcall_end", "contentIndex": index, "toolCall": block}),
+    }
 }
 
 impl PiRpcTranslator {
@@ -204,69 +251,180 @@ impl PiRpcTranslator {
         out.agent_json(&json!({"type": "control_request", "request_id": rid, "request": request}));
     }
 
+    /// Claude's API events become pi's message events, in pi's order: `message_start`, each
+    /// block's `*_start`, deltas and `*_end`, then `message_end` (at Claude's `message_stop`)
+    /// and the tools it calls.
     fn stream_event(&mut self, ev: &Value, out: &mut Outputs) {
-        let index = ev["index"].clone();
-        let event = match ev["type"].as_str() {
+        let index = ev["index"].as_u64().unwrap_or(0);
+        match ev["type"].as_str() {
             Some("message_start") => {
+                // An answer came: any retrying is over.
+                if let Some(attempt) = self.retry.take() {
+                    out.client_json(
+                        &json!({"type": "auto_retry_end", "success": true, "attempt": attempt}),
+                    );
+                }
+                self.finish_message(out, None);
                 self.conversation.message_started(out);
-                return;
+                self.streamed = Some(Streamed {
+                    model: ev["message"]["model"].clone(),
+                    ..Streamed::default()
+                });
             }
             Some("content_block_start") => {
+                let Some(streamed) = self.streamed.as_mut() else {
+                    return;
+                };
                 let block = &ev["content_block"];
-                match block["type"].as_str() {
-                    Some("text") => json!({"type": "text_start", "contentIndex": index}),
-                    Some("thinking") => json!({"type": "thinking_start", "contentIndex": index}),
-                    Some("tool_use") => json!({"type": "toolcall_start", "contentIndex": index,
-                        "toolCall": {"id": block["id"], "name": block["name"]}}),
+                let (event, pi) = match block["type"].as_str() {
+                    Some("text") => (
+                        json!({"type": "text_start", "contentIndex": index}),
+                        json!({"type": "text", "text": ""}),
+                    ),
+                    Some("thinking") => (
+                        json!({"type": "thinking_start", "contentIndex": index}),
+                        json!({"type": "thinking", "thinking": ""}),
+                    ),
+                    Some("tool_use") => (
+                        json!({"type": "toolcall_start", "contentIndex": index,
+                            "toolCall": {"id": block["id"], "name": block["name"]}}),
+                        json!({"type": "toolCall", "id": block["id"], "name": block["name"],
+                            "arguments": {}}),
+                    ),
                     _ => return,
-                }
+                };
+                streamed.blocks.insert(index, (pi, String::new()));
+                self.conversation.message_update(out, event);
             }
             Some("content_block_delta") => {
+                let Some((block, json_so_far)) = self
+                    .streamed
+                    .as_mut()
+                    .and_then(|m| m.blocks.get_mut(&index))
+                else {
+                    return;
+                };
                 let d = &ev["delta"];
-                match d["type"].as_str() {
-                    Some("text_delta") => {
-                        json!({"type": "text_delta", "contentIndex": index, "delta": d["text"]})
-                    }
-                    Some("thinking_delta") => {
-                        json!({"type": "thinking_delta", "contentIndex": index, "delta": d["thinking"]})
-                    }
+                let (event, field, piece) = match d["type"].as_str() {
+                    Some("text_delta") => ("text_delta", "text", &d["text"]),
+                    Some("thinking_delta") => ("thinking_delta", "thinking", &d["thinking"]),
                     Some("input_json_delta") => {
-                        json!({"type": "toolcall_delta", "contentIndex": index, "delta": d["partial_json"]})
+                        json_so_far.push_str(d["partial_json"].as_str().unwrap_or(""));
+                        ("toolcall_delta", "", &d["partial_json"])
                     }
                     _ => return,
+                };
+                if !field.is_empty() {
+                    let text = block[field].as_str().unwrap_or("").to_owned()
+                        + piece.as_str().unwrap_or("");
+                    block[field] = text.into();
+                }
+                let event = json!({"type": event, "contentIndex": index, "delta": piece});
+                self.conversation.message_update(out, event);
+            }
+            Some("content_block_stop") => {
+                let Some((block, json_so_far)) = self
+                    .streamed
+                    .as_mut()
+                    .and_then(|m| m.blocks.get_mut(&index))
+                else {
+                    return;
+                };
+                if block["type"] == "toolCall"
+                    && let Ok(args) = serde_json::from_str::<Value>(json_so_far)
+                {
+                    block["arguments"] = args;
+                }
+                let event = block_end(index, block);
+                self.conversation.message_update(out, event);
+            }
+            Some("message_delta") => {
+                if let (Some(m), Some(reason)) =
+                    (self.streamed.as_mut(), ev["delta"]["stop_reason"].as_str())
+                {
+                    m.stop_reason = Some(stop_reason(reason).to_owned());
                 }
             }
-            Some("content_block_stop") => json!({"type": "block_end", "contentIndex": index}),
-            _ => return,
-        };
-        self.conversation.message_update(out, event);
+            Some("message_stop") => self.finish_message(out, None),
+            _ => {}
+        }
     }
 
-    fn assistant(&mut self, msg: &Value, out: &mut Outputs) {
-        let mut content = Vec::new();
-        let mut tools = Vec::new();
-        for block in msg["content"].as_array().into_iter().flatten() {
-            match block["type"].as_str() {
-                Some("text") => content.push(json!({"type": "text", "text": block["text"]})),
-                Some("thinking") => {
-                    content.push(json!({"type": "thinking", "thinking": block["thinking"]}))
-                }
-                Some("tool_use") => {
-                    let id = block["id"].as_str().unwrap_or("").to_owned();
-                    let name = block["name"].as_str().unwrap_or("").to_owned();
-                    self.tool_names.insert(id.clone(), name.clone());
-                    content.push(json!({"type": "toolCall", "id": id, "name": name, "arguments": block["input"]}));
-                    tools.push((id, name, block["input"].clone()));
-                }
-                _ => {}
-            }
-        }
-        let message = json!({"role": "assistant", "content": content, "model": msg["model"]});
+    /// Ends the streamed message, if one is open: `message_end`, then the tools it calls.
+    /// `stop` overrides its stop reason (a turn that ended before the message did).
+    fn finish_message(&mut self, out: &mut Outputs, stop: Option<&str>) {
+        let Some(m) = self.streamed.take() else {
+            return;
+        };
+        let content: Vec<Value> = m.blocks.into_values().map(|(block, _)| block).collect();
+        let stop = stop.map(str::to_owned).or(m.stop_reason);
+        let message = json!({"role": "assistant", "content": content, "model": m.model,
+            "stopReason": stop.unwrap_or_else(|| "stop".into())});
+        self.message_ended(message, out);
+    }
+
+    /// Records a complete assistant message and starts the tools it calls.
+    fn message_ended(&mut self, message: Value, out: &mut Outputs) {
+        let tools: Vec<(Value, String, Value)> = message["content"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|b| b["type"] == "toolCall")
+            .map(|b| {
+                let name = b["name"].as_str().unwrap_or("").to_owned();
+                (b["id"].clone(), name, b["arguments"].clone())
+            })
+            .collect();
         self.conversation.message_ended(out, message);
         for (id, name, args) in tools {
-            self.conversation
-                .tool_started(out, &Value::String(id), &name, &args);
+            if let Some(id) = id.as_str() {
+                self.tool_names.insert(id.to_owned(), name.clone());
+            }
+            self.conversation.tool_started(out, &id, &name, &args);
         }
+    }
+
+    /// A complete assistant message. Claude sends one per content block of the message it
+    /// streams: those only confirm the block's final form (a tool call's input). One that was
+    /// never streamed (Claude's own, such as an API error it gives up on) is announced whole.
+    fn assistant(&mut self, msg: &Value, out: &mut Outputs) {
+        let blocks: Vec<Value> = msg["content"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(pi_block)
+            .collect();
+        if let Some(streamed) = self.streamed.as_mut() {
+            for block in blocks.iter().filter(|b| b["type"] == "toolCall") {
+                if let Some((known, _)) = streamed
+                    .blocks
+                    .values_mut()
+                    .find(|(b, _)| b["id"] == block["id"])
+                {
+                    known["arguments"] = block["arguments"].clone();
+                }
+            }
+            return;
+        }
+        self.conversation.message_started(out);
+        for (index, block) in (0u64..).zip(&blocks) {
+            let kind = match block["type"].as_str() {
+                Some("text") => "text_start",
+                Some("thinking") => "thinking_start",
+                _ => "toolcall_start",
+            };
+            self.conversation
+                .message_update(out, json!({"type": kind, "contentIndex": index}));
+            self.conversation
+                .message_update(out, block_end(index, block));
+        }
+        let stop = msg["stop_reason"]
+            .as_str()
+            .map(stop_reason)
+            .unwrap_or("stop");
+        let message = json!({"role": "assistant", "content": blocks, "model": msg["model"],
+            "stopReason": stop});
+        self.message_ended(message, out);
     }
 
     fn tool_results(&mut self, msg: &Value, out: &mut Outputs) {
@@ -293,7 +451,17 @@ impl PiRpcTranslator {
 
     fn end_turn(&mut self, result: &Value, out: &mut Outputs) {
         self.streaming = false;
-        let error = (result["is_error"] == true).then(|| result["result"].clone());
+        let failed = result["is_error"] == true || result["subtype"] != "success";
+        self.finish_message(out, failed.then_some("aborted"));
+        let error = failed.then(|| match &result["result"] {
+            Value::String(s) => Value::String(s.clone()),
+            _ => result["subtype"].clone(),
+        });
+        // Claude gave up retrying (or was stopped while it waited).
+        if let Some(attempt) = self.retry.take() {
+            out.client_json(&json!({"type": "auto_retry_end", "success": false,
+                "attempt": attempt, "finalError": error.clone().unwrap_or(Value::Null)}));
+        }
         self.conversation.turn_ended(out, error);
         if let Some(next) = self.queue.pop_front() {
             self.send_prompt(&next, out);
@@ -321,9 +489,24 @@ impl Translator for PiRpcTranslator {
                 }
                 self.conversation.turn_started(out);
             }
+            // A subagent's messages (Task tool) are its own, not the conversation's.
+            Some("stream_event" | "assistant" | "user") if !v["parent_tool_use_id"].is_null() => {}
             Some("stream_event") => self.stream_event(&v["event"], out),
             Some("assistant") => self.assistant(&v["message"], out),
             Some("user") => self.tool_results(&v["message"], out),
+            // Claude retries a failed API call by itself: pi announces the same.
+            Some("system") if v["subtype"] == "api_retry" => {
+                let attempt = v["attempt"].as_u64().unwrap_or(1);
+                self.retry = Some(attempt);
+                let error = v["error"].as_str().unwrap_or("error");
+                let message = match v["error_status"].as_u64() {
+                    Some(status) => format!("{status} {error}"),
+                    None => format!("connection error: {error}"),
+                };
+                out.client_json(&json!({"type": "auto_retry_start", "attempt": attempt,
+                    "maxAttempts": v["max_retries"], "delayMs": v["retry_delay_ms"],
+                    "errorMessage": message}));
+            }
             Some("result") => self.end_turn(&v, out),
             Some("control_request") if v["request"]["subtype"] == "can_use_tool" => {
                 let id = v["request_id"].as_str().unwrap_or("").to_owned();
@@ -384,6 +567,19 @@ impl Translator for PiRpcTranslator {
                     pirpc::respond(out, &id, "abort", Ok(None));
                 }
             }
+            // Claude's retries cannot be cancelled alone: stopping them stops the turn.
+            "abort_retry" => {
+                if self.streaming && self.retry.is_some() {
+                    self.control(
+                        json!({"subtype": "interrupt"}),
+                        Some(id),
+                        "abort_retry",
+                        out,
+                    );
+                } else {
+                    pirpc::respond(out, &id, "abort_retry", Ok(None));
+                }
+            }
             "set_model" => match cmd["model"].as_str().or_else(|| cmd["modelId"].as_str()) {
                 Some(model) => {
                     self.model = Some(model.to_owned());
@@ -429,11 +625,10 @@ impl Translator for PiRpcTranslator {
 mod tests {
     use super::*;
 
-    /// Replays a recorded Claude Code session (fixtures/transcripts/claude-code.jsonl) through
-    /// the translator, in order, and checks what clients would have seen.
-    #[test]
-    fn a_recorded_session_translates_to_pi_events() {
-        let transcript = include_str!("../../fixtures/transcripts/claude-code.jsonl");
+    /// What clients see of a recorded Claude Code session replayed through the translator:
+    /// the prompts (`in` lines) go through `client_line` as pi prompts, Claude's lines through
+    /// `agent_line`.
+    fn replay(transcript: &str) -> Vec<Value> {
         let mut t = PiRpcTranslator::new(None);
         let mut seen: Vec<Value> = Vec::new();
         for line in transcript.lines() {
@@ -442,13 +637,49 @@ mod tests {
             let mut out = Outputs::default();
             if entry["dir"] == "out" {
                 t.agent_line(text, &mut out);
+            } else if let Ok(sent) = serde_json::from_str::<Value>(text)
+                && sent["type"] == "user"
+            {
+                let prompt = json!({"type": "prompt", "message": sent["message"]["content"]});
+                t.client_line(prompt.to_string().as_bytes(), &mut out);
             }
             seen.extend(
                 out.to_clients
                     .iter()
-                    .map(|l| serde_json::from_slice::<Value>(l).expect("json")),
+                    .map(|l| serde_json::from_slice::<Value>(l).expect("json"))
+                    .filter(|v| v["type"] != "response"),
             );
         }
+        seen
+    }
+
+    /// Replays a recorded Claude Code session (fixtures/transcripts/claude-code.jsonl) through
+    /// the translator, in order, and checks what clients would have seen.
+    #[test]
+    fn a_recorded_session_translates_to_pi_events() {
+        let seen = replay(include_str!("../../fixtures/transcripts/claude-code.jsonl"));
+        pirpc::check_event_order(&seen).expect("pi's event order");
+        let updates: Vec<&str> = seen
+            .iter()
+            .filter_map(|v| v["assistantMessageEvent"]["type"].as_str())
+            .collect();
+        assert!(updates.contains(&"text_end"), "{updates:?}");
+        assert!(updates.contains(&"toolcall_end"), "{updates:?}");
+        let call = seen
+            .iter()
+            .find(|v| v["assistantMessageEvent"]["type"] == "toolcall_end")
+            .expect("toolcall_end");
+        assert_eq!(
+            call["assistantMessageEvent"]["toolCall"]["arguments"]["command"],
+            "touch approved.txt"
+        );
+        let first_tool_turn = seen
+            .iter()
+            .find(|v| {
+                v["type"] == "turn_end" && !v["toolResults"].as_array().expect("results").is_empty()
+            })
+            .expect("a turn with a tool result");
+        assert_eq!(first_tool_turn["message"]["stopReason"], "toolUse");
         let types: Vec<&str> = seen.iter().filter_map(|v| v["type"].as_str()).collect();
         assert!(
             types.starts_with(&["agent_start", "turn_start", "message_start"]),
@@ -479,6 +710,53 @@ mod tests {
         assert_eq!(ends[0]["isError"], false);
         assert_eq!(ends[1]["isError"], true, "the denied call");
         assert_eq!(types.iter().filter(|t| **t == "agent_end").count(), 3);
+    }
+
+    /// Claude retrying an overloaded API (fixtures/transcripts/claude-code-retry.jsonl): twice
+    /// and then an answer, then twice more and it gives up.
+    #[test]
+    fn api_retries_become_pis_auto_retry_events() {
+        let seen = replay(include_str!(
+            "../../fixtures/transcripts/claude-code-retry.jsonl"
+        ));
+        pirpc::check_event_order(&seen).expect("pi's event order");
+        let retries: Vec<&Value> = seen
+            .iter()
+            .filter(|v| {
+                v["type"]
+                    .as_str()
+                    .is_some_and(|t| t.starts_with("auto_retry"))
+            })
+            .collect();
+        assert_eq!(retries.len(), 6, "{retries:#?}");
+        assert_eq!(
+            retries[0],
+            &json!({"type": "auto_retry_start", "attempt": 1, "maxAttempts": 3, "delayMs": 589,
+                "errorMessage": "529 overloaded"})
+        );
+        assert_eq!(
+            retries[2],
+            &json!({"type": "auto_retry_end", "success": true, "attempt": 2})
+        );
+        assert_eq!(retries[5]["type"], "auto_retry_end");
+        assert_eq!(retries[5]["success"], false);
+        assert!(
+            retries[5]["finalError"]
+                .as_str()
+                .expect("finalError")
+                .contains("529"),
+            "{}",
+            retries[5]
+        );
+        // The answer after the retries streams as usual; giving up ends the run with the error.
+        let ends: Vec<&Value> = seen.iter().filter(|v| v["type"] == "agent_end").collect();
+        assert_eq!(ends.len(), 2);
+        assert!(ends[0].get("error").is_none(), "{}", ends[0]);
+        assert!(ends[1]["error"].as_str().expect("error").contains("529"));
+        // The retry events come between the run's start and its first message.
+        let start = seen.iter().position(|v| v["type"] == "agent_start");
+        let first = seen.iter().position(|v| v["type"] == "auto_retry_start");
+        assert!(start < first, "{seen:#?}");
     }
 
     #[test]

@@ -13,7 +13,7 @@
 //! - `pi-rpc` (default): [`PiRpcTranslator`] does the handshake and turns pi commands and
 //!   events into Codex's and back, approvals becoming `extension_ui_request` confirms.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use serde_json::{Value, json};
 
@@ -122,26 +122,60 @@ pub struct PiRpcTranslator {
     streaming_text: BTreeMap<String, String>,
     /// Codex's approval request ids, by the id clients see.
     approvals: BTreeMap<String, Value>,
-    /// Client ids (and command names) of requests moorline made for them, by request id.
-    requests: BTreeMap<String, (Value, String)>,
+    /// What moorline's requests in flight were for, by request id.
+    requests: BTreeMap<String, Pending>,
     next: u64,
     model: Option<String>,
+    /// Commands of the running turn that started and have not ended, by item id.
+    running: BTreeSet<String>,
+}
+
+/// Why moorline sent Codex a request.
+#[derive(Debug)]
+enum Pending {
+    /// For a client: its id and command, to answer it.
+    Client(Value, String),
+    /// After an abort, the thread's background terminals, to end those running these items.
+    Terminals(BTreeSet<String>),
+    /// Nothing waits for the answer.
+    Quiet,
 }
 
 impl PiRpcTranslator {
+    /// Sends Codex a request; `pending` says what its answer is for (`None`: a `turn/start`,
+    /// whose failure ends the turn).
     fn request(
         &mut self,
         method: &str,
         params: Value,
-        client: Option<(Value, &str)>,
+        pending: Option<Pending>,
         out: &mut Outputs,
     ) {
         self.next += 1;
         let id = format!("moorline-{}", self.next);
-        if let Some((cid, command)) = client {
-            self.requests.insert(id.clone(), (cid, command.to_owned()));
+        if let Some(pending) = pending {
+            self.requests.insert(id.clone(), pending);
         }
         out.agent_json(&json!({"id": id, "method": method, "params": params}));
+    }
+
+    /// Ends the background terminals of the commands the aborted turn left running (Codex's
+    /// `turn/interrupt` ends the turn but not them), from the list Codex answered with.
+    fn end_terminals(&mut self, items: &BTreeSet<String>, list: &Value, out: &mut Outputs) {
+        for terminal in list["data"].as_array().into_iter().flatten() {
+            let ours = terminal["itemId"]
+                .as_str()
+                .is_some_and(|i| items.contains(i));
+            if ours && let Some(thread) = self.thread.clone() {
+                let params = json!({"threadId": thread, "processId": terminal["processId"]});
+                self.request(
+                    "thread/backgroundTerminals/terminate",
+                    params,
+                    Some(Pending::Quiet),
+                    out,
+                );
+            }
+        }
     }
 
     fn start_turn(&mut self, cmd: &Value, out: &mut Outputs) {
@@ -172,6 +206,8 @@ impl PiRpcTranslator {
                 let id = item["id"].as_str().unwrap_or("").to_owned();
                 self.streaming_text.insert(id, String::new());
                 self.conversation.message_started(out);
+                self.conversation
+                    .message_update(out, json!({"type": "text_start", "contentIndex": 0}));
             }
             "item/agentMessage/delta" => {
                 let delta = params["delta"].as_str().unwrap_or("");
@@ -193,15 +229,46 @@ impl PiRpcTranslator {
                     .map(str::to_owned)
                     .or_else(|| self.streaming_text.remove(id))
                     .unwrap_or_default();
-                let message = json!({"role": "assistant", "content": [{"type": "text", "text": text}], "model": self.model});
+                self.conversation.message_update(
+                    out,
+                    json!({"type": "text_end", "contentIndex": 0, "content": text}),
+                );
+                let message = json!({"role": "assistant", "content": [{"type": "text", "text": text}],
+                    "model": self.model, "stopReason": "stop"});
                 self.conversation.message_ended(out, message);
             }
+            // Codex reports a command as an item of its own; in pi it is a tool call the
+            // assistant's message makes, so the message is made up here.
             "item/started" if item["type"] == "commandExecution" => {
                 let args = json!({"command": item["command"]});
+                let call = json!({"type": "toolCall", "id": item["id"], "name": "bash", "arguments": args});
+                self.conversation.message_started(out);
+                self.conversation.message_update(
+                    out,
+                    json!({"type": "toolcall_start", "contentIndex": 0,
+                        "toolCall": {"id": item["id"], "name": "bash"}}),
+                );
+                self.conversation.message_update(
+                    out,
+                    json!({"type": "toolcall_end", "contentIndex": 0, "toolCall": call}),
+                );
+                let message = json!({"role": "assistant", "content": [call],
+                    "model": self.model, "stopReason": "toolUse"});
+                self.conversation.message_ended(out, message);
+                if let Some(id) = item["id"].as_str() {
+                    self.running.insert(id.to_owned());
+                }
                 self.conversation
                     .tool_started(out, &item["id"], "bash", &args);
             }
             "item/completed" if item["type"] == "commandExecution" => {
+                // A command of an aborted turn was already reported as ended.
+                if !item["id"]
+                    .as_str()
+                    .is_some_and(|id| self.running.remove(id))
+                {
+                    return;
+                }
                 let status = item["status"].as_str().unwrap_or("");
                 let output = item["aggregatedOutput"]
                     .as_str()
@@ -214,6 +281,12 @@ impl PiRpcTranslator {
             }
             "turn/completed" => {
                 self.turn = None;
+                // Commands still running when the turn ended were stopped with it.
+                for id in std::mem::take(&mut self.running) {
+                    let id = Value::String(id);
+                    self.conversation
+                        .tool_ended(out, &id, "bash", "(aborted)", true);
+                }
                 let turn = &params["turn"];
                 let error = (turn["status"] == "failed").then(|| turn["error"]["message"].clone());
                 self.conversation.turn_ended(out, error);
@@ -229,7 +302,9 @@ impl PiRpcTranslator {
 impl Translator for PiRpcTranslator {
     fn start(&mut self, out: &mut Outputs) {
         out.agent_json(&json!({"id": INIT, "method": "initialize",
-            "params": {"clientInfo": {"name": "moorline", "title": "moorline", "version": env!("CARGO_PKG_VERSION")}, "capabilities": null}}));
+            "params": {"clientInfo": {"name": "moorline", "title": "moorline", "version": env!("CARGO_PKG_VERSION")},
+            // The background-terminal methods an abort needs are experimental.
+            "capabilities": {"experimentalApi": true, "requestAttestation": false}}}));
         out.agent_json(&json!({"method": "initialized"}));
         out.agent_json(&json!({"id": THREAD, "method": "thread/start",
             "params": {"approvalPolicy": "untrusted", "sandbox": "danger-full-access"}}));
@@ -284,13 +359,23 @@ impl Translator for PiRpcTranslator {
                     }
                     return;
                 }
-                if let Some((cid, command)) = self.requests.remove(&id) {
-                    let result = match v.get("error") {
-                        None => Ok(None),
-                        Some(e) => Err(e["message"].as_str().unwrap_or("failed").to_owned()),
-                    };
-                    pirpc::respond(out, &cid, &command, result);
-                } else if let Some(err) = v.get("error") {
+                match self.requests.remove(&id) {
+                    Some(Pending::Client(cid, command)) => {
+                        let result = match v.get("error") {
+                            None => Ok(None),
+                            Some(e) => Err(e["message"].as_str().unwrap_or("failed").to_owned()),
+                        };
+                        pirpc::respond(out, &cid, &command, result);
+                        return;
+                    }
+                    Some(Pending::Terminals(items)) => {
+                        self.end_terminals(&items, &v["result"], out);
+                        return;
+                    }
+                    Some(Pending::Quiet) => return,
+                    None => {}
+                }
+                if let Some(err) = v.get("error") {
                     // A turn/start (no client waits for it) or the handshake failed.
                     let error = err["message"].clone();
                     match self.turn.as_deref() {
@@ -338,8 +423,21 @@ impl Translator for PiRpcTranslator {
                 self.queue.clear();
                 match (&self.thread, &self.turn) {
                     (Some(thread), Some(turn)) if !turn.is_empty() => {
+                        let thread = thread.clone();
                         let params = json!({"threadId": thread, "turnId": turn});
-                        self.request("turn/interrupt", params, Some((id, "abort")), out);
+                        let pending = Pending::Client(id, "abort".into());
+                        self.request("turn/interrupt", params, Some(pending), out);
+                        // An approved command goes on after the turn ends: stop it too.
+                        if !self.running.is_empty() {
+                            let pending = Pending::Terminals(self.running.clone());
+                            let params = json!({"threadId": thread});
+                            self.request(
+                                "thread/backgroundTerminals/list",
+                                params,
+                                Some(pending),
+                                out,
+                            );
+                        }
                     }
                     _ => pirpc::respond(out, &id, "abort", Ok(None)),
                 }
@@ -395,12 +493,29 @@ mod tests {
                     .map(|l| serde_json::from_slice::<Value>(l).expect("json")),
             );
         }
+        pirpc::check_event_order(&seen).expect("pi's event order");
         let types: Vec<&str> = seen.iter().filter_map(|v| v["type"].as_str()).collect();
         assert_eq!(
             types.iter().filter(|t| **t == "agent_end").count(),
             3,
             "{types:?}"
         );
+        // The history holds the tool call, as the assistant's message, before its result.
+        let mut out = Outputs::default();
+        t.client_line(br#"{"id":"m","type":"get_messages"}"#, &mut out);
+        let answer: Value = serde_json::from_slice(&out.to_clients[0]).expect("json");
+        let messages = answer["data"]["messages"].as_array().expect("messages");
+        let call = messages
+            .iter()
+            .position(|m| m["role"] == "assistant" && m["content"][0]["type"] == "toolCall")
+            .expect("the message carrying the tool call");
+        let call_id = &messages[call]["content"][0]["id"];
+        assert_eq!(
+            messages[call]["content"][0]["arguments"]["command"],
+            "/bin/bash -lc 'touch approved.txt'"
+        );
+        assert_eq!(messages[call + 1]["role"], "toolResult");
+        assert_eq!(&messages[call + 1]["toolCallId"], call_id);
         let text: String = seen
             .iter()
             .filter(|v| v["assistantMessageEvent"]["type"] == "text_delta")
@@ -461,6 +576,90 @@ mod tests {
         );
         let answer: Value = serde_json::from_slice(&out.to_agent[0]).expect("json");
         assert_eq!(answer, json!({"id": 0, "result": {"decision": "decline"}}));
+    }
+
+    #[test]
+    fn an_abort_stops_the_approved_command_and_ends_its_tool_call() {
+        let frames = |out: &Outputs, to_agent: bool| -> Vec<Value> {
+            let lines = if to_agent {
+                &out.to_agent
+            } else {
+                &out.to_clients
+            };
+            lines
+                .iter()
+                .map(|l| serde_json::from_slice(l).expect("json"))
+                .collect()
+        };
+        let mut t = PiRpcTranslator::default();
+        let mut seen = Vec::new();
+        let mut out = Outputs::default();
+        t.start(&mut out);
+        t.agent_line(
+            r#"{"id":"moorline-thread","result":{"thread":{"id":"T1"}}}"#,
+            &mut out,
+        );
+        t.client_line(
+            br#"{"id":"p","type":"prompt","message":"RUNBASH: sleep 8"}"#,
+            &mut out,
+        );
+        t.agent_line(
+            r#"{"method":"turn/started","params":{"turn":{"id":"U1"}}}"#,
+            &mut out,
+        );
+        t.agent_line(
+            r#"{"method":"item/started","params":{"item":{"type":"commandExecution","id":"call_1","command":"sleep 8"}}}"#,
+            &mut out,
+        );
+        seen.extend(frames(&out, false));
+        let mut out = Outputs::default();
+        t.client_line(br#"{"id":"a","type":"abort"}"#, &mut out);
+        let sent = frames(&out, true);
+        assert_eq!(sent[0]["method"], "turn/interrupt");
+        let interrupt = sent[0]["id"].clone();
+        assert_eq!(sent[1]["method"], "thread/backgroundTerminals/list");
+        let mut out = Outputs::default();
+        let list = json!({"id": sent[1]["id"], "result": {"data": [
+            {"itemId": "call_0", "processId": "7"}, {"itemId": "call_1", "processId": "8"}]}});
+        t.agent_line(&list.to_string(), &mut out);
+        let sent = frames(&out, true);
+        assert_eq!(sent.len(), 1, "only the aborted turn's command: {sent:?}");
+        assert_eq!(
+            sent[0]["params"],
+            json!({"threadId": "T1", "processId": "8"})
+        );
+        let mut out = Outputs::default();
+        t.agent_line(
+            &json!({"id": interrupt, "result": {}}).to_string(),
+            &mut out,
+        );
+        let answer: Value = serde_json::from_slice(&out.to_clients[0]).expect("json");
+        assert_eq!(
+            (answer["id"].as_str(), answer["success"].as_bool()),
+            (Some("a"), Some(true))
+        );
+        t.agent_line(
+            r#"{"method":"turn/completed","params":{"turn":{"id":"U1","status":"interrupted"}}}"#,
+            &mut out,
+        );
+        // Codex reports the killed command after the turn: clients heard of its end already.
+        t.agent_line(
+            r#"{"method":"item/completed","params":{"item":{"type":"commandExecution","id":"call_1","status":"failed","exitCode":-1}}}"#,
+            &mut out,
+        );
+        seen.extend(
+            frames(&out, false)
+                .into_iter()
+                .filter(|f| f["type"] != "response"),
+        );
+        pirpc::check_event_order(&seen).expect("pi's event order");
+        let ends: Vec<&Value> = seen
+            .iter()
+            .filter(|f| f["type"] == "tool_execution_end")
+            .collect();
+        assert_eq!(ends.len(), 1, "{seen:#?}");
+        assert_eq!(ends[0]["isError"], true);
+        assert_eq!(seen.last().expect("frames")["type"], "agent_end");
     }
 
     #[test]

@@ -88,11 +88,19 @@ pub fn unsupported(out: &mut Outputs, id: &Value, agent: &str, command: &str) {
 }
 
 /// The conversation as pi's clients see it: every message so far (`get_messages`) and those of
-/// the turn in flight (`agent_end`), kept in pi's message shapes.
+/// the run in flight (`agent_end`), kept in pi's message shapes, and the events announcing them
+/// in pi's order. A run (`agent_start` … `agent_end`) holds one or more turns; as in pi, a turn
+/// is one assistant response and the tool calls it made, and a response after tool results
+/// begins a new turn.
 #[derive(Debug, Default)]
 pub struct Conversation {
     history: Vec<Value>,
-    turn: Vec<Value>,
+    run: Vec<Value>,
+    /// The user message of the run about to start, announced at its start.
+    unannounced: Option<Value>,
+    /// The last assistant message of the current turn, and the tool results of that turn.
+    turn_message: Option<Value>,
+    turn_results: Vec<Value>,
 }
 
 impl Conversation {
@@ -108,28 +116,42 @@ impl Conversation {
 
     fn record(&mut self, message: Value) {
         self.history.push(message.clone());
-        self.turn.push(message);
+        self.run.push(message);
     }
 
-    /// A user message (pi content blocks) was sent to the agent.
+    /// A user message (pi content blocks) was sent to the agent; clients see it when the run
+    /// it starts begins.
     pub fn user(&mut self, content: Value) {
-        self.record(json!({"role": "user", "content": content}));
+        let message = json!({"role": "user", "content": content});
+        self.record(message.clone());
+        self.unannounced = Some(message);
     }
 
-    /// The agent started working on a prompt.
-    pub fn turn_started(&self, out: &mut Outputs) {
+    /// The agent started working on a prompt: `agent_start`, `turn_start`, and the prompt as
+    /// a user message.
+    pub fn turn_started(&mut self, out: &mut Outputs) {
+        self.turn_message = None;
+        self.turn_results.clear();
         out.client_json(&json!({"type": "agent_start"}));
         out.client_json(&json!({"type": "turn_start"}));
+        if let Some(message) = self.unannounced.take() {
+            out.client_json(&json!({"type": "message_start", "message": message}));
+            out.client_json(&json!({"type": "message_end", "message": message}));
+        }
     }
 
-    /// The agent started an assistant message.
-    pub fn message_started(&self, out: &mut Outputs) {
+    /// The agent started an assistant message (after tool results, in a new turn).
+    pub fn message_started(&mut self, out: &mut Outputs) {
+        if !self.turn_results.is_empty() {
+            self.end_turn(out);
+            out.client_json(&json!({"type": "turn_start"}));
+        }
         out.client_json(
             &json!({"type": "message_start", "message": {"role": "assistant", "content": []}}),
         );
     }
 
-    /// A streamed piece of the assistant message (`text_delta`, `toolcall_start`, …).
+    /// A streamed piece of the assistant message (`text_delta`, `toolcall_end`, …).
     pub fn message_update(&self, out: &mut Outputs, event: Value) {
         out.client_json(
             &json!({"type": "message_update", "message": {"role": "assistant"},
@@ -137,10 +159,11 @@ impl Conversation {
         );
     }
 
-    /// The assistant message is complete (`role`, `content`, `model`).
+    /// The assistant message is complete (`role`, `content`, `model`, `stopReason`).
     pub fn message_ended(&mut self, out: &mut Outputs, message: Value) {
         out.client_json(&json!({"type": "message_end", "message": message}));
-        self.record(message);
+        self.record(message.clone());
+        self.turn_message = Some(message);
     }
 
     /// A tool started running.
@@ -149,7 +172,8 @@ impl Conversation {
             "toolName": name, "args": args}));
     }
 
-    /// A tool finished with `text` as its output.
+    /// A tool finished with `text` as its output: `tool_execution_end`, then its result as a
+    /// `toolResult` message.
     pub fn tool_ended(
         &mut self,
         out: &mut Outputs,
@@ -161,19 +185,26 @@ impl Conversation {
         let content = json!([{"type": "text", "text": text}]);
         out.client_json(&json!({"type": "tool_execution_end", "toolCallId": id,
             "toolName": name, "result": {"content": content}, "isError": is_error}));
-        self.record(
-            json!({"role": "toolResult", "toolCallId": id, "toolName": name,
-            "content": content, "isError": is_error}),
-        );
+        let message = json!({"role": "toolResult", "toolCallId": id, "toolName": name,
+            "content": content, "isError": is_error});
+        out.client_json(&json!({"type": "message_start", "message": message}));
+        out.client_json(&json!({"type": "message_end", "message": message}));
+        self.record(message.clone());
+        self.turn_results.push(message);
     }
 
-    /// The turn is over (with `error` if it failed): `turn_end`, then `agent_end` with the
-    /// turn's messages.
+    fn end_turn(&mut self, out: &mut Outputs) {
+        out.client_json(&json!({"type": "turn_end",
+            "message": self.turn_message.take().unwrap_or(Value::Null),
+            "toolResults": std::mem::take(&mut self.turn_results)}));
+    }
+
+    /// The run is over (with `error` if it failed): `turn_end`, then `agent_end` with the
+    /// run's messages.
     pub fn turn_ended(&mut self, out: &mut Outputs, error: Option<Value>) {
-        out.client_json(
-            &json!({"type": "turn_end", "message": self.turn.last().cloned().unwrap_or(Value::Null)}),
-        );
-        let mut end = json!({"type": "agent_end", "messages": std::mem::take(&mut self.turn)});
+        self.unannounced = None;
+        self.end_turn(out);
+        let mut end = json!({"type": "agent_end", "messages": std::mem::take(&mut self.run)});
         if let Some(error) = error {
             end["error"] = error;
         }
@@ -205,6 +236,122 @@ impl Conversation {
         respond(out, id, command, Ok(Some(data)));
         true
     }
+}
+
+/// Checks that `frames` (what a client received, in order) follow pi's event order: runs of
+/// turns, assistant messages whose content blocks open and close inside them (`text_start` …
+/// `text_end` before `message_end`), tools that run after the message that called them and end
+/// before their turn does. Frames that are not conversation events (responses, approvals,
+/// moorline's own) are skipped. Translators are tested against it, and so is a recording of pi.
+pub fn check_event_order(frames: &[Value]) -> Result<(), String> {
+    const BLOCK_EVENTS: &[&str] = &[
+        "text_start",
+        "text_delta",
+        "text_end",
+        "thinking_start",
+        "thinking_delta",
+        "thinking_end",
+        "toolcall_start",
+        "toolcall_delta",
+        "toolcall_end",
+    ];
+    let (mut in_run, mut in_turn) = (false, false);
+    // The open message's role, and the content blocks it opened (index, still open).
+    let mut open: Option<String> = None;
+    let mut blocks: Vec<(Value, bool)> = Vec::new();
+    let mut called: Vec<Value> = Vec::new();
+    let mut running: Vec<Value> = Vec::new();
+    for (i, f) in frames.iter().enumerate() {
+        let kind = f["type"].as_str().unwrap_or("");
+        let fail = |why: &str| Err(format!("frame {i} ({kind}): {why}: {f}"));
+        match kind {
+            "agent_start" if in_run => return fail("a run is already going"),
+            "agent_start" => in_run = true,
+            "turn_start" if !in_run || in_turn => return fail("not between turns of a run"),
+            "turn_start" => in_turn = true,
+            "message_start" if !in_turn || open.is_some() => {
+                return fail("not in a turn, or inside another message");
+            }
+            "message_start" => {
+                open = Some(f["message"]["role"].as_str().unwrap_or("").to_owned());
+                blocks.clear();
+            }
+            "message_update" => {
+                if open.as_deref() != Some("assistant") {
+                    return fail("outside an assistant message");
+                }
+                let ev = &f["assistantMessageEvent"];
+                let ev_kind = ev["type"].as_str().unwrap_or("");
+                if !BLOCK_EVENTS.contains(&ev_kind) {
+                    return fail("not one of pi's assistant message events");
+                }
+                let index = &ev["contentIndex"];
+                let known = blocks.iter().position(|(b, _)| b == index);
+                if ev_kind.ends_with("_start") {
+                    if known.is_some() {
+                        return fail("content block started twice");
+                    }
+                    blocks.push((index.clone(), true));
+                    continue;
+                }
+                let Some(k) = known.filter(|k| blocks[*k].1) else {
+                    return fail("content block not open");
+                };
+                if ev_kind.ends_with("_end") {
+                    blocks[k].1 = false;
+                    if ev_kind == "toolcall_end" {
+                        called.push(ev["toolCall"]["id"].clone());
+                    }
+                }
+            }
+            "message_end" => {
+                if open.as_deref() != f["message"]["role"].as_str() {
+                    return fail("ends a message that is not open");
+                }
+                if blocks.iter().any(|(_, still)| *still) {
+                    return fail("content blocks still open");
+                }
+                for block in f["message"]["content"].as_array().into_iter().flatten() {
+                    if block["type"] == "toolCall" && !called.contains(&block["id"]) {
+                        called.push(block["id"].clone());
+                    }
+                }
+                open = None;
+            }
+            "tool_execution_start" => {
+                if !in_turn || open.is_some() || !called.contains(&f["toolCallId"]) {
+                    return fail("no ended assistant message called this tool in this turn");
+                }
+                running.push(f["toolCallId"].clone());
+            }
+            "tool_execution_update" | "tool_execution_end" => {
+                let Some(k) = running.iter().position(|r| *r == f["toolCallId"]) else {
+                    return fail("tool not running");
+                };
+                if kind == "tool_execution_end" {
+                    running.remove(k);
+                }
+            }
+            "turn_end" => {
+                if !in_turn || open.is_some() || !running.is_empty() {
+                    return fail("not in a turn, or with a message open or a tool running");
+                }
+                in_turn = false;
+                called.clear();
+            }
+            "agent_end" => {
+                if !in_run || in_turn {
+                    return fail("not at the end of a run's last turn");
+                }
+                in_run = false;
+            }
+            _ => {}
+        }
+    }
+    if in_run {
+        return Err("a run never ended".into());
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -254,18 +401,44 @@ mod tests {
         assert!(message.ends_with('…'));
     }
 
+    /// What pi 0.73.1 itself printed in RPC mode against fixtures' mock model API: a text
+    /// reply, then a bash call, its result and the reply to it (fixtures/transcripts/pi-rpc.jsonl).
+    #[test]
+    fn a_recording_of_pi_follows_pis_event_order() {
+        let frames: Vec<Value> = include_str!("../../fixtures/transcripts/pi-rpc.jsonl")
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("json"))
+            .collect();
+        assert!(frames.iter().any(|f| f["type"] == "tool_execution_end"));
+        check_event_order(&frames).expect("pi's own order");
+        let mut shuffled = frames;
+        let text_end = shuffled
+            .iter()
+            .position(|f| f["assistantMessageEvent"]["type"] == "text_end")
+            .expect("text_end");
+        let moved = shuffled.remove(text_end);
+        shuffled.insert(text_end + 1, moved);
+        assert!(
+            check_event_order(&shuffled).is_err(),
+            "text_end after message_end"
+        );
+    }
+
     #[test]
     fn a_turn_reports_its_own_messages_and_history_keeps_all() {
         let mut c = Conversation::default();
         let mut out = Outputs::default();
         for text in ["one", "two"] {
             c.user(json!([{"type": "text", "text": text}]));
+            c.turn_started(&mut out);
+            c.message_started(&mut out);
             c.message_ended(
                 &mut out,
                 json!({"role": "assistant", "content": [{"type": "text", "text": text.to_uppercase()}]}),
             );
             c.turn_ended(&mut out, None);
         }
+        check_event_order(&frames(&out)).expect("pi's order");
         let ends: Vec<Value> = frames(&out)
             .into_iter()
             .filter(|f| f["type"] == "agent_end")

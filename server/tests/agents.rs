@@ -203,6 +203,7 @@ async fn drive(kind: &str, program: &str) {
     };
     let id = create(&server, kind, work.path()).await;
     let mut a = server.ws(&id).await;
+    a.record = Some(Vec::new());
     let mut b = server.ws(&id).await;
 
     // A prompt streams a reply to both clients.
@@ -311,6 +312,32 @@ async fn drive(kind: &str, program: &str) {
         "{kind}: a second resolution: {rest:?}"
     );
 
+    // Everything came in pi's order, whoever the agent.
+    let seen = a.record.take().expect("recorded");
+    moorline_adapters::pirpc::check_event_order(&seen).unwrap_or_else(|e| panic!("{kind}: {e}"));
+    assert!(
+        !seen
+            .iter()
+            .any(|f| f["assistantMessageEvent"]["type"] == "block_end"),
+        "{kind}: block_end is not a pi event"
+    );
+
+    // The history holds the assistant message that called the tool, then the tool's result.
+    a.send_json(&json!({"id": "m", "type": "get_messages"}))
+        .await;
+    let answer = until(&mut a, "the messages", |v| v["id"] == "m").await;
+    let messages = answer["data"]["messages"].as_array().expect("messages");
+    let call = messages
+        .iter()
+        .position(|m| {
+            m["role"] == "assistant"
+                && m["content"].as_array().into_iter().flatten().any(|b| {
+                    b["type"] == "toolCall" && b["arguments"].to_string().contains("approved.txt")
+                })
+        })
+        .unwrap_or_else(|| panic!("{kind}: no message carries the tool call: {answer}"));
+    assert_eq!(messages[call + 1]["role"], "toolResult", "{kind}: {answer}");
+
     // Still alive after all that.
     let (_, summary) = server.get_json(&format!("/sessions/{id}")).await;
     assert_eq!(summary["status"], "running", "{kind}: {summary}");
@@ -331,6 +358,133 @@ async fn claude_code_streams_asks_and_obeys() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn codex_streams_asks_and_obeys() {
     drive("codex", "codex").await;
+}
+
+/// Claude retrying an overloaded model API: clients hear of every retry, and of its end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claude_code_api_retries_reach_clients() {
+    let Some(why) = missing("claude") else {
+        let mock = Mock::start();
+        let sandbox = common::durable_unavailable().is_none().then(Sandbox::new);
+        let mut inst = agent_instance("claude-code", &mock, sandbox.as_ref());
+        // Claude's backoff starts near half a second and doubles: few retries, a short test.
+        inst.env
+            .insert("CLAUDE_CODE_MAX_RETRIES".into(), "3".into());
+        let server = TestServer::start_with(|c| {
+            match &sandbox {
+                Some(s) => s.apply(c),
+                None => common::pass_env(c, &["PATH", "HOME"]),
+            }
+            c.instances.push(inst);
+        })
+        .await;
+        let work = tempfile::tempdir().expect("workspace");
+        let id = create(&server, "claude-code", work.path()).await;
+        let mut ws = server.ws(&id).await;
+        // The mock answers 529 overloaded twice, then replies.
+        ws.send_json(&prompt("p1", "OVERLOAD: 2 then answer")).await;
+        let frames = turn_text_frames(&mut ws).await;
+        let retries: Vec<&Value> = frames
+            .iter()
+            .filter(|f| {
+                f["type"]
+                    .as_str()
+                    .is_some_and(|t| t.starts_with("auto_retry"))
+            })
+            .collect();
+        let kinds: Vec<(&str, Option<u64>)> = retries
+            .iter()
+            .map(|r| (r["type"].as_str().unwrap_or(""), r["attempt"].as_u64()))
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                ("auto_retry_start", Some(1)),
+                ("auto_retry_start", Some(2)),
+                ("auto_retry_end", Some(2))
+            ],
+            "{retries:?}"
+        );
+        assert_eq!(retries[0]["errorMessage"], "529 overloaded");
+        assert_eq!(retries[0]["maxAttempts"], 3);
+        assert!(retries[0]["delayMs"].as_u64().is_some());
+        assert_eq!(retries[2]["success"], true);
+        let text: String = frames
+            .iter()
+            .filter(|v| v["assistantMessageEvent"]["type"] == "text_delta")
+            .filter_map(|v| v["assistantMessageEvent"]["delta"].as_str())
+            .collect();
+        assert!(text.contains("MOCK reply to: OVERLOAD: 2"), "{text}");
+        assert_eq!(server.delete(&format!("/sessions/{id}")).await.0, 204);
+        server.stop().await;
+        return;
+    };
+    eprintln!("SKIPPED: {why}");
+}
+
+/// Host processes whose command line contains `marker`.
+fn processes_with(marker: &str) -> Vec<String> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.contains(marker))
+        .collect()
+}
+
+/// An abort stops Codex's approved command, not only its turn: the command (a shell running
+/// `sleep`, then `touch`) is gone long before it would have finished, and never touches.
+/// (Codex's own interrupt stops a command only in its first second or so; after that it runs
+/// on in the background, which is what this test waits for.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn codex_abort_stops_the_approved_command() {
+    let Some((server, _mock, _sandbox, work)) = start("codex", "codex").await else {
+        return;
+    };
+    let id = create(&server, "codex", work.path()).await;
+    let mut ws = server.ws(&id).await;
+    // Longer than any wait below: if it is gone, it was stopped.
+    let marker = "sleep 31.4159";
+    let command = format!("sleep 2; touch running.txt; {marker}; touch aborted.txt");
+    ws.send_json(&prompt("p1", &format!("RUNBASH: {command}")))
+        .await;
+    let ask = until(&mut ws, "an approval request", is_confirm).await;
+    ws.send_json(&answer(&ask, true)).await;
+    common::eventually("the approved command runs past its start", || async {
+        work.path().join("running.txt").exists()
+    })
+    .await;
+    ws.send_json(&json!({"id": "stop", "type": "abort"})).await;
+    let frames = turn_text_frames(&mut ws).await;
+    let answer = frames
+        .iter()
+        .find(|f| f["id"] == "stop")
+        .expect("the abort's answer");
+    assert_eq!(answer["success"], true, "{answer}");
+    let end = frames
+        .iter()
+        .find(|f| f["type"] == "tool_execution_end")
+        .expect("the tool call ends with the turn");
+    assert_eq!(end["isError"], true, "{end}");
+    common::eventually("the command and its shell are gone", || async {
+        processes_with(marker).is_empty()
+    })
+    .await;
+    assert!(
+        !work.path().join("aborted.txt").exists(),
+        "the aborted command never finished"
+    );
+    // The session goes on.
+    ws.send_json(&prompt("p2", "still there?")).await;
+    assert!(
+        turn_text(&mut ws)
+            .await
+            .contains("MOCK reply to: still there?")
+    );
+    assert_eq!(server.delete(&format!("/sessions/{id}")).await.0, 204);
+    server.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -147,7 +147,8 @@ async fn pids_and_memory_limits_take_effect() {
         end["type"], "amarre.session_event",
         "the memory hog was killed: {end}"
     );
-    assert_eq!(end["exitCode"], 137, "{end}");
+    // runc reports the kill as exit code 137; moorline reads it as the signal it stands for.
+    assert_eq!(end["signal"], "SIGKILL", "{end}");
     server.stop().await;
 }
 
@@ -200,6 +201,77 @@ async fn tmux_pane_keystrokes_and_kills_do_not_reach_the_agent() {
         // Durable agents outlive servers: end them explicitly.
         assert_eq!(server.delete(&format!("/sessions/{id}")).await.0, 204);
     }
+    server.stop().await;
+}
+
+/// The agent's process id on the host: inside a container, the child of its init (tini).
+fn host_pid_of_agent(sandbox: &Sandbox, runtime: &str, reported: u64) -> i32 {
+    if runtime == "tmux" {
+        return i32::try_from(reported).expect("pid");
+    }
+    let containers = sandbox.containers();
+    assert_eq!(containers.len(), 1, "{containers:?}");
+    let state = std::process::Command::new("runc")
+        .arg("--root")
+        .arg(sandbox.runc_root.path())
+        .args(["state", &containers[0]])
+        .output()
+        .expect("runc state");
+    let state: Value = serde_json::from_slice(&state.stdout).expect("state json");
+    let init = state["pid"].as_i64().expect("init pid");
+    let children = std::fs::read_to_string(format!("/proc/{init}/task/{init}/children"))
+        .expect("children of the container's init");
+    let pids: Vec<i32> = children
+        .split_whitespace()
+        .map(|p| p.parse().expect("pid"))
+        .collect();
+    assert_eq!(pids.len(), 1, "tini runs one agent: {pids:?}");
+    pids[0]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_killed_by_a_signal_is_reported_with_the_signal_not_an_exit_code() {
+    require_durable!();
+    let sandbox = Sandbox::new();
+    let server = server_with(&sandbox, |_| {}).await;
+    let work = tempfile::tempdir().expect("workspace");
+    for inst in ["box", "tmux"] {
+        let id = create(&server, inst, work.path()).await;
+        let mut ws = server.ws(&id).await;
+        let reported = ask(&mut ws, json!({"_emit": "pid"})).await["pid"]
+            .as_u64()
+            .expect("pid");
+        let pid = host_pid_of_agent(&sandbox, instance_runtime(inst), reported);
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .expect("kill -9 the agent");
+        let end = ws.json().await;
+        assert_eq!(
+            (end["event"].as_str(), end["signal"].as_str()),
+            (Some("crashed"), Some("SIGKILL")),
+            "{inst}: {end}"
+        );
+        assert_eq!(end["exitCode"], Value::Null, "{inst}: {end}");
+        let (_, summary) = server.get_json(&format!("/sessions/{id}")).await;
+        assert_eq!(summary["signal"], "SIGKILL", "{inst}: {summary}");
+        assert!(
+            summary.get("exitCode").is_none(),
+            "{inst}: a signal death has no exit code: {summary}"
+        );
+        assert_eq!(server.delete(&format!("/sessions/{id}")).await.0, 204);
+    }
+    // A real exit code below 129 stays an exit code in a container.
+    let id = create(&server, "box", work.path()).await;
+    let mut ws = server.ws(&id).await;
+    ws.send_json(&json!({"_emit": "die", "code": 42})).await;
+    let end = ws.json().await;
+    assert_eq!(
+        (end["exitCode"].as_i64(), end["signal"].as_str()),
+        (Some(42), None),
+        "{end}"
+    );
     server.stop().await;
 }
 

@@ -193,6 +193,7 @@ impl DurableRuntime {
             approvals: spec.approvals.clone(),
             pending_file: spec.session_dir.join(store::PENDING_FILE),
             user_markers: true,
+            container: self.container.is_some(),
         };
         // It holds the agent's environment (API keys): owner only.
         crate::fsio::write_private(

@@ -115,6 +115,10 @@ pub struct KeeperSpec {
     /// understand them, and a server adopting such a keeper must not send them).
     #[serde(default)]
     pub user_markers: bool,
+    /// The program is `runc run`, whose exit codes above 128 stand for the signal that ended
+    /// the container's agent ([`ExitInfo::from_container_status`]).
+    #[serde(default)]
+    pub container: bool,
 }
 
 /// Reads the spec of a run directory, if there is a valid one.
@@ -251,12 +255,13 @@ async fn keep(run_dir: &Path) -> io::Result<()> {
     }
     let control = Arc::new(super::process::GroupControl::new(agent_pid));
     let exit_control = control.clone();
+    let container = spec.container;
     let exit = Box::pin(async move {
-        let info = child
-            .wait()
-            .await
-            .map(ExitInfo::from)
-            .unwrap_or(ExitInfo::UNKNOWN);
+        let info = match child.wait().await {
+            Ok(status) if container => ExitInfo::from_container_status(status),
+            Ok(status) => ExitInfo::from(status),
+            Err(_) => ExitInfo::UNKNOWN,
+        };
         exit_control.leader_exited();
         info
     });

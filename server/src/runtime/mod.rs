@@ -289,6 +289,22 @@ impl ExitInfo {
         self.code == Some(0)
     }
 
+    /// How a container ended, from the exit code of `runc run`: the container's init (tini)
+    /// exits with 128 + n when the agent was killed by signal n, and runc does the same when
+    /// init itself is killed. Such codes are read as signal deaths, as shells read them; a
+    /// program that really calls `exit(137)` cannot be told apart and is reported as killed
+    /// by SIGKILL.
+    pub fn from_container_status(status: std::process::ExitStatus) -> Self {
+        let info = Self::from(status);
+        match info.code {
+            Some(code @ 129..=192) => Self {
+                code: None,
+                signal: Some(code - 128),
+            },
+            _ => info,
+        }
+    }
+
     /// The signal's name (`SIGKILL`), as amarre reports it.
     pub fn signal_name(&self) -> Option<String> {
         let sig = self.signal?;
@@ -441,4 +457,34 @@ pub trait Runtime: Send + Sync + fmt::Debug {
     /// this server (whose session directories are in `sessions_dir`): other servers on the
     /// same machine may share the runtime's state.
     async fn reconcile(&self, _sessions_dir: &Path, _live: &[String]) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::process::ExitStatusExt;
+    use std::process::ExitStatus;
+
+    use super::ExitInfo;
+
+    #[test]
+    fn a_container_exit_code_above_128_is_the_signal_that_ended_the_agent() {
+        // Wait statuses: a normal exit with code c is c << 8; a death by signal n is n.
+        let container = |raw| ExitInfo::from_container_status(ExitStatus::from_raw(raw));
+        let killed = container(137 << 8);
+        assert_eq!((killed.code, killed.signal), (None, Some(9)));
+        assert_eq!(killed.signal_name().as_deref(), Some("SIGKILL"));
+        assert_eq!(
+            container(143 << 8).signal_name().as_deref(),
+            Some("SIGTERM")
+        );
+        for code in [0, 1, 127, 128, 193, 255] {
+            let info = container(code << 8);
+            assert_eq!((info.code, info.signal), (Some(code), None), "{code}");
+        }
+        // runc itself killed by a signal keeps that signal.
+        assert_eq!(container(9).signal, Some(9));
+        // Outside containers, codes are what they are.
+        let plain = ExitInfo::from(ExitStatus::from_raw(137 << 8));
+        assert_eq!((plain.code, plain.signal), (Some(137), None));
+    }
 }

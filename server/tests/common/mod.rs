@@ -193,7 +193,7 @@ impl TestServer {
             .await
             .expect("connect in time")
         {
-            Ok((socket, _)) => Ok(Ws { socket }),
+            Ok((socket, _)) => Ok(Ws { socket, record: None }),
             Err(tungstenite::Error::Http(resp)) => Err((
                 resp.status().as_u16(),
                 resp.body()
@@ -303,6 +303,8 @@ pub fn http() -> reqwest::Client {
 
 pub struct Ws<S = MaybeTlsStream<TcpStream>> {
     pub socket: WebSocketStream<S>,
+    /// Every JSON frame read, when a test asks for them (`Some`).
+    pub record: Option<Vec<Value>>,
 }
 
 impl Ws {
@@ -325,7 +327,10 @@ impl Ws {
             .await
             .expect("connect in time")
         {
-            Ok((socket, _)) => Ok(Self { socket }),
+            Ok((socket, _)) => Ok(Self {
+                socket,
+                record: None,
+            }),
             Err(tungstenite::Error::Http(resp)) => Err((
                 resp.status().as_u16(),
                 resp.body()
@@ -365,7 +370,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Ws<S> {
 
     pub async fn json(&mut self) -> Value {
         let text = self.text().await;
-        serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
+        let v: Value =
+            serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"));
+        if let Some(record) = self.record.as_mut() {
+            record.push(v.clone());
+        }
+        v
     }
 
     /// Waits for the close frame and returns its code and reason; panics on data frames.
