@@ -193,7 +193,10 @@ impl TestServer {
             .await
             .expect("connect in time")
         {
-            Ok((socket, _)) => Ok(Ws { socket, record: None }),
+            Ok((socket, _)) => Ok(Ws {
+                socket,
+                record: None,
+            }),
             Err(tungstenite::Error::Http(resp)) => Err((
                 resp.status().as_u16(),
                 resp.body()
