@@ -103,7 +103,8 @@ pub struct RuntimeConfig {
     pub passed_env: BTreeMap<String, String>,
     /// The unprivileged user (a name, or `uid:gid`) agents run as when moorline runs as root
     /// and a workspace belongs to root. A workspace of another user is worked in as that user.
-    /// Unset: such sessions are refused; moorline never runs an agent as root.
+    /// Unset: the system's `nobody` user where it exists (so a fresh install works as root),
+    /// else such sessions are refused; moorline never runs an agent as root.
     pub agent_user: Option<String>,
 }
 
@@ -111,7 +112,13 @@ impl RuntimeConfig {
     /// [`Self::agent_user`] as a uid and gid: looked up once, and never root.
     pub fn agent_ids(&self) -> Result<Option<(u32, u32)>, ConfigError> {
         let Some(user) = self.agent_user.as_deref() else {
-            return Ok(None);
+            // The built-in default: `nobody`, which owns nothing, when the system has it.
+            return Ok(match nix::unistd::User::from_name("nobody") {
+                Ok(Some(u)) if !u.uid.is_root() && u.gid.as_raw() != 0 => {
+                    Some((u.uid.as_raw(), u.gid.as_raw()))
+                }
+                _ => None,
+            });
         };
         let err = |why: &str| ConfigError::new(format!("runtime.agent_user: {user:?} {why}"));
         let ids = match user.split_once(':') {
