@@ -394,6 +394,8 @@ fn start_container(
             system_dirs: Config::default().runtime.system_dirs,
             extra_rw: Vec::new(),
             network: moorline::config::NetworkMode::Host,
+            network_hook: None,
+            resolv_conf: None,
             pids_limit: Some(100),
             memory_limit: None,
             rootless: None,

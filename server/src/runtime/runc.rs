@@ -14,12 +14,13 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
 use oci_spec::runtime::{
-    LinuxBuilder, LinuxCapabilities, LinuxIdMappingBuilder, LinuxMemoryBuilder,
+    HookBuilder, HooksBuilder, LinuxBuilder, LinuxCapabilities, LinuxIdMappingBuilder, LinuxMemoryBuilder,
     LinuxNamespaceBuilder, LinuxNamespaceType, LinuxPidsBuilder, LinuxResourcesBuilder, Mount,
     MountBuilder, ProcessBuilder, RootBuilder, Spec, UserBuilder,
 };
 use tokio::process::Command;
 
+use super::network::{HOOK_TIMEOUT_SECS, NetworkHook};
 use crate::config::NetworkMode;
 
 /// Prefix of every container id moorline creates, so its own are easy to find.
@@ -204,6 +205,11 @@ pub struct BundleSpec {
     pub extra_rw: Vec<PathBuf>,
     /// Network mode.
     pub network: NetworkMode,
+    /// With `network = "isolated"`: the hook that connects the container's network namespace
+    /// before the agent starts (see [`super::network`]).
+    pub network_hook: Option<NetworkHook>,
+    /// A file mounted over `/etc/resolv.conf` (when the host's names an unreachable resolver).
+    pub resolv_conf: Option<PathBuf>,
     /// Process limit.
     pub pids_limit: Option<i64>,
     /// Memory limit in bytes.
@@ -297,6 +303,9 @@ pub fn write_bundle(bundle: &Path, spec: &BundleSpec) -> io::Result<()> {
             mounts.push(bind(dir, dir, true)?);
         }
     }
+    if let Some(file) = &spec.resolv_conf {
+        mounts.push(bind(file, Path::new("/etc/resolv.conf"), false)?);
+    }
     for file in [&spec.program, &spec.tini] {
         if !covered(file, &visible) {
             mounts.push(bind(file, file, false)?);
@@ -376,8 +385,25 @@ pub fn write_bundle(bundle: &Path, spec: &BundleSpec) -> io::Result<()> {
         LinuxNamespaceType::Uts,
         LinuxNamespaceType::Mount,
     ];
-    if spec.network == NetworkMode::None {
+    if spec.network != NetworkMode::Host {
         kinds.push(LinuxNamespaceType::Network);
+    }
+    if let Some(hook) = &spec.network_hook {
+        // createRuntime: in the host's namespaces, once the container's exist, before the agent
+        // runs; a failure fails the start.
+        let hook = HookBuilder::default()
+            .path(&hook.path)
+            .args(hook.args.clone())
+            .env(Vec::<String>::new())
+            .timeout(HOOK_TIMEOUT_SECS)
+            .build()
+            .map_err(oci)?;
+        base.set_hooks(Some(
+            HooksBuilder::default()
+                .create_runtime(vec![hook])
+                .build()
+                .map_err(oci)?,
+        ));
     }
     if spec.rootless.is_some() {
         kinds.push(LinuxNamespaceType::User);
@@ -464,6 +490,8 @@ mod tests {
             system_dirs: vec!["/usr".into(), "/bin".into(), "/nonexistent".into()],
             extra_rw: Vec::new(),
             network: NetworkMode::None,
+            network_hook: None,
+            resolv_conf: None,
             pids_limit: Some(64),
             memory_limit: Some(64 << 20),
             rootless: None,
