@@ -1141,6 +1141,29 @@ mod tests {
     }
 
     #[test]
+    fn host_ports_are_checked() {
+        let with = |extra: &str| {
+            load(&[(
+                "AMARRE_INSTANCES_JSON",
+                &format!(r#"[{{"id":"a","agent":"echo"{extra}}}]"#),
+            )])
+        };
+        let c = with(r#","host_ports":[11434, 4000]"#).expect("valid");
+        assert_eq!(c.instances[0].network, NetworkMode::Isolated, "the default");
+        assert_eq!(c.instances[0].runtime_options().host_ports, vec![11434, 4000]);
+        for (extra, want) in [
+            (r#","host_ports":[0]"#, "0 is not a port"),
+            (r#","host_ports":[70000]"#, "host_ports"),
+            (r#","host_ports":[80,80]"#, "listed twice"),
+            (r#","host_ports":[80],"network":"host""#, "only an isolated network"),
+            (r#","host_ports":[80],"runtime":"tmux""#, "only containers"),
+        ] {
+            let e = with(extra).expect_err(extra).to_string();
+            assert!(e.contains(want) && e.contains("instances"), "{extra}: {e}");
+        }
+    }
+
+    #[test]
     fn flags_beat_environment_and_duplicate_ids_are_refused() {
         let mut s = env(&[("MOORLINE_PORT", "9001")]);
         s.overrides.port = Some(9002);

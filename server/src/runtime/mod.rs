@@ -160,6 +160,20 @@ async fn container_host(config: &Config) -> Result<durable::ContainerHost, Strin
         ),
         None => {}
     }
+    if slirp4netns.is_some()
+        && isolated
+        && rootless.is_some()
+        && nix::unistd::access(
+            "/dev/net/tun",
+            nix::unistd::AccessFlags::R_OK | nix::unistd::AccessFlags::W_OK,
+        )
+        .is_err()
+    {
+        tracing::warn!(
+            "/dev/net/tun is not readable and writable by this user: rootless containers on the \
+             isolated network will fail to start (it is usually mode 0666)"
+        );
+    }
     Ok(durable::ContainerHost {
         runc,
         tini,

@@ -567,6 +567,58 @@ mod tests {
     }
 
     #[test]
+    fn an_isolated_container_gets_its_network_from_a_hook() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        std::fs::create_dir(tmp.path().join("home")).expect("home");
+        let bundle = tmp.path().join("bundle");
+        let resolv = tmp.path().join("resolv.conf");
+        std::fs::write(&resolv, "nameserver 10.0.2.3\n").expect("resolv");
+        let mut s = spec(tmp.path());
+        s.network = NetworkMode::Isolated;
+        s.network_hook = Some(NetworkHook::new(Path::new("/opt/moorline"), Path::new("/run/x")));
+        s.resolv_conf = Some(resolv.clone());
+        write_bundle(&bundle, &s).expect("bundle");
+        let config: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(bundle.join("config.json")).expect("read"))
+                .expect("json");
+        let hook = &config["hooks"]["createRuntime"][0];
+        assert_eq!(hook["path"], "/opt/moorline");
+        assert_eq!(
+            hook["args"],
+            serde_json::json!(["/opt/moorline", "net-hook", "/run/x"])
+        );
+        assert!(
+            config["linux"]["namespaces"]
+                .as_array()
+                .expect("ns")
+                .iter()
+                .any(|n| n["type"] == "network")
+        );
+        let mounts = config["mounts"].as_array().expect("mounts");
+        let dns = mounts
+            .iter()
+            .find(|m| m["destination"] == "/etc/resolv.conf")
+            .expect("resolv.conf mounted");
+        assert_eq!(dns["source"], resolv.display().to_string());
+
+        // The host's network: no namespace, no hook.
+        s.network = NetworkMode::Host;
+        s.network_hook = None;
+        write_bundle(&bundle, &s).expect("bundle");
+        let config: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(bundle.join("config.json")).expect("read"))
+                .expect("json");
+        assert!(config["hooks"].is_null());
+        assert!(
+            !config["linux"]["namespaces"]
+                .as_array()
+                .expect("ns")
+                .iter()
+                .any(|n| n["type"] == "network")
+        );
+    }
+
+    #[test]
     fn container_ids_name_their_session() {
         assert_eq!(
             session_of("moorline-0123456789ab-3-ffee"),
