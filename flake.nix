@@ -180,6 +180,7 @@
               pkgs.tmux
               pkgs.runc
               pkgs.tini
+              pkgs.slirp4netns
               pkgs.websocat
               pkgs.nixfmt
             ];
