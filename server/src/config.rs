@@ -1150,12 +1150,18 @@ mod tests {
         };
         let c = with(r#","host_ports":[11434, 4000]"#).expect("valid");
         assert_eq!(c.instances[0].network, NetworkMode::Isolated, "the default");
-        assert_eq!(c.instances[0].runtime_options().host_ports, vec![11434, 4000]);
+        assert_eq!(
+            c.instances[0].runtime_options().host_ports,
+            vec![11434, 4000]
+        );
         for (extra, want) in [
             (r#","host_ports":[0]"#, "0 is not a port"),
             (r#","host_ports":[70000]"#, "host_ports"),
             (r#","host_ports":[80,80]"#, "listed twice"),
-            (r#","host_ports":[80],"network":"host""#, "only an isolated network"),
+            (
+                r#","host_ports":[80],"network":"host""#,
+                "only an isolated network",
+            ),
             (r#","host_ports":[80],"runtime":"tmux""#, "only containers"),
         ] {
             let e = with(extra).expect_err(extra).to_string();

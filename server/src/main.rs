@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use moorline::client::{Client, ClientError, format_table};
-use moorline::runtime::network;
 use moorline::config::{Config, EXAMPLE_CONFIG, EXIT_CONFIG, LogFormat, Overrides, Sources};
+use moorline::runtime::network;
 
 #[derive(Debug, Parser)]
 #[command(

@@ -24,10 +24,17 @@ fn runc_instance(id: &str) -> InstanceConfig {
 }
 
 fn find(program: &str) -> Option<std::path::PathBuf> {
-    ["/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin"]
-        .iter()
-        .map(|d| Path::new(d).join(program))
-        .find(|p| p.is_file())
+    [
+        "/usr/local/sbin",
+        "/usr/local/bin",
+        "/usr/sbin",
+        "/usr/bin",
+        "/sbin",
+        "/bin",
+    ]
+    .iter()
+    .map(|d| Path::new(d).join(program))
+    .find(|p| p.is_file())
 }
 
 /// Why these tests cannot run here, if they cannot.
@@ -87,10 +94,23 @@ impl TestNet {
         let host_addr = std::net::Ipv4Addr::new(10, 251, raw[0], (raw[1] & 0xfc) + 1);
         ip(&["netns", "add", &net.name]);
         ip(&[
-            "link", "add", &net.host_if, "type", "veth", "peer", "name", &peer,
+            "link",
+            "add",
+            &net.host_if,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &peer,
         ]);
         ip(&["link", "set", &peer, "netns", &net.name]);
-        ip(&["addr", "add", &format!("{host_addr}/30"), "dev", &net.host_if]);
+        ip(&[
+            "addr",
+            "add",
+            &format!("{host_addr}/30"),
+            "dev",
+            &net.host_if,
+        ]);
         ip(&["link", "set", &net.host_if, "up"]);
         let inside = |args: &[&str]| {
             let mut all = vec!["netns", "exec", &net.name, "ip"];
@@ -117,8 +137,7 @@ impl TestNet {
             )
             .expect("setns");
             let listener = TcpListener::bind((addr, 0)).expect("bind in the namespace");
-            tx.send(listener.local_addr().expect("addr"))
-                .expect("send");
+            tx.send(listener.local_addr().expect("addr")).expect("send");
             answer(listener, reply);
         });
         rx.recv().expect("server address")
@@ -273,7 +292,10 @@ async fn an_isolated_agent_reaches_the_outside_and_its_forwarded_ports_only() {
         format!("10.0.2.2:{}", server.addr.port()),
     ] {
         let got = reach(&mut ws, &addr, &request).await;
-        assert!(got.is_err(), "the API at {addr} must be out of reach: {got:?}");
+        assert!(
+            got.is_err(),
+            "the API at {addr} must be out of reach: {got:?}"
+        );
     }
     let sessions = server.get_json("/sessions").await.1;
     assert_eq!(
@@ -289,7 +311,11 @@ async fn an_isolated_agent_reaches_the_outside_and_its_forwarded_ports_only() {
         .trim()
         .parse()
         .expect("pid");
-    assert!(cmdline(helper).contains("net-helper"), "{}", cmdline(helper));
+    assert!(
+        cmdline(helper).contains("net-helper"),
+        "{}",
+        cmdline(helper)
+    );
     let helpers: Vec<u32> = std::iter::once(helper).chain(children(helper)).collect();
     assert!(
         helpers.iter().any(|p| cmdline(*p).contains("slirp4netns")),
@@ -298,9 +324,10 @@ async fn an_isolated_agent_reaches_the_outside_and_its_forwarded_ports_only() {
     assert_eq!(server.delete(&format!("/sessions/{id}")).await.0, 204);
     for pid in &helpers {
         let pid = *pid;
-        eventually("the network helpers leave with the session", || async move {
-            common::process_gone(u64::from(pid))
-        })
+        eventually(
+            "the network helpers leave with the session",
+            || async move { common::process_gone(u64::from(pid)) },
+        )
         .await;
     }
 
@@ -361,7 +388,11 @@ async fn an_isolated_network_that_cannot_start_fails_the_session_and_never_falls
         reason.contains("isolated network did not start") && reason.contains("/bin/false"),
         "{reason}"
     );
-    assert!(sandbox.containers().is_empty(), "{:?}", sandbox.containers());
+    assert!(
+        sandbox.containers().is_empty(),
+        "{:?}",
+        sandbox.containers()
+    );
     server.stop().await;
 
     let sandbox = Sandbox::new();

@@ -678,8 +678,8 @@ async fn rootless_mode_runs_containers_as_a_plain_user() {
     let port = free_port();
     // The isolated network needs /dev/net/tun usable by the user (mode 0666, the usual).
     use std::os::unix::fs::PermissionsExt as _;
-    let tun_usable = std::fs::metadata("/dev/net/tun")
-        .is_ok_and(|m| m.permissions().mode() & 0o006 == 0o006);
+    let tun_usable =
+        std::fs::metadata("/dev/net/tun").is_ok_and(|m| m.permissions().mode() & 0o006 == 0o006);
     let forwarded = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let forwarded_port = forwarded.local_addr().expect("addr").port();
     let network = if tun_usable {

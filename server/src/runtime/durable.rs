@@ -138,8 +138,7 @@ impl DurableRuntime {
                     container_env.insert("HOME".into(), runc::CONTAINER_HOME.into());
                     container_env.extend(spec.env.clone());
                     let id = container_id(&spec.session_id, spec.generation)?;
-                    let (network_hook, resolv_conf) =
-                        self.isolated_network(host, spec, &run_dir)?;
+                    let (hook, resolv) = self.isolated_network(host, spec, &run_dir)?;
                     let bundle = run_dir.join("bundle");
                     runc::write_bundle(
                         &bundle,
@@ -156,8 +155,8 @@ impl DurableRuntime {
                             system_dirs: self.config.system_dirs.clone(),
                             extra_rw: vec![spec.data_dir.clone()],
                             network: spec.options.network,
-                            network_hook,
-                            resolv_conf,
+                            network_hook: hook,
+                            resolv_conf: resolv,
                             pids_limit: spec.options.pids_limit,
                             memory_limit: spec.options.memory_limit,
                             rootless: host.rootless,
@@ -257,10 +256,7 @@ impl DurableRuntime {
             }
             None => None,
         };
-        Ok((
-            Some(NetworkHook::new(&self.moorline_exe, run_dir)),
-            resolv,
-        ))
+        Ok((Some(NetworkHook::new(&self.moorline_exe, run_dir)), resolv))
     }
 
     /// Connects to a keeper and turns the connection into an [`Agent`].

@@ -151,7 +151,9 @@ async fn container_host(config: &Config) -> Result<durable::ContainerHost, Strin
             && i.network == crate::config::NetworkMode::Isolated
     });
     match &slirp4netns {
-        Some(p) => tracing::info!(slirp4netns = %p.display(), "isolated container network available"),
+        Some(p) => {
+            tracing::info!(slirp4netns = %p.display(), "isolated container network available")
+        }
         None if isolated => tracing::warn!(
             "{} not found: sessions of instances with network = \"isolated\" (the default) will \
              fail to start in containers; install slirp4netns or set their network to \"host\" \

@@ -228,7 +228,10 @@ fn open_log(run_dir: &Path) -> Result<std::fs::File, NetworkError> {
         .create(true)
         .append(true)
         .open(run_dir.join(LOG_FILE))
-        .map_err(io_err(format!("opening {}", run_dir.join(LOG_FILE).display())))
+        .map_err(io_err(format!(
+            "opening {}",
+            run_dir.join(LOG_FILE).display()
+        )))
 }
 
 /// What the log says since `start` (the helper's own words on why it failed).
@@ -341,7 +344,8 @@ async fn helper(run_dir: &Path, pid: i32, moorline_exe: &Path) -> Result<(), Net
         let exe = moorline_exe.to_owned();
         let ports = plan.host_ports.clone();
         let rootless = plan.rootless;
-        let opened = tokio::task::spawn_blocking(move || listen_inside(&exe, pid, rootless, &ports));
+        let opened =
+            tokio::task::spawn_blocking(move || listen_inside(&exe, pid, rootless, &ports));
         match tokio::time::timeout(READY_TIMEOUT, opened).await {
             Ok(Ok(result)) => result?,
             Ok(Err(e)) => return Err(NetworkError::Failed(format!("net-listen: {e}"))),
@@ -366,7 +370,10 @@ async fn helper(run_dir: &Path, pid: i32, moorline_exe: &Path) -> Result<(), Net
 
     // A pidfd becomes readable when its process has exited.
     let mut container_gone = tokio::task::spawn_blocking(move || {
-        let mut fds = [rustix::event::PollFd::new(&pidfd, rustix::event::PollFlags::IN)];
+        let mut fds = [rustix::event::PollFd::new(
+            &pidfd,
+            rustix::event::PollFlags::IN,
+        )];
         while let Err(rustix::io::Errno::INTR) = rustix::event::poll(&mut fds, None) {}
     });
     tokio::select! {
@@ -526,8 +533,9 @@ fn listen(pid: i32, userns: bool, ports: &[u16]) -> Result<(), NetworkError> {
         .map_err(|e| io_err("joining the container's network namespace")(e.into()))?;
     let out = io::stdout();
     for port in ports {
-        let v4 = TcpListener::bind((Ipv4Addr::LOCALHOST, *port))
-            .map_err(io_err(format!("listening on 127.0.0.1:{port} in the container")))?;
+        let v4 = TcpListener::bind((Ipv4Addr::LOCALHOST, *port)).map_err(io_err(format!(
+            "listening on 127.0.0.1:{port} in the container"
+        )))?;
         send_fd(&out, v4.as_fd())?;
         // IPv6 loopback is there unless the kernel has IPv6 off; tools that try ::1 first then
         // find the port too.

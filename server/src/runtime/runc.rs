@@ -14,9 +14,9 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
 use oci_spec::runtime::{
-    HookBuilder, HooksBuilder, LinuxBuilder, LinuxCapabilities, LinuxIdMappingBuilder, LinuxMemoryBuilder,
-    LinuxNamespaceBuilder, LinuxNamespaceType, LinuxPidsBuilder, LinuxResourcesBuilder, Mount,
-    MountBuilder, ProcessBuilder, RootBuilder, Spec, UserBuilder,
+    HookBuilder, HooksBuilder, LinuxBuilder, LinuxCapabilities, LinuxIdMappingBuilder,
+    LinuxMemoryBuilder, LinuxNamespaceBuilder, LinuxNamespaceType, LinuxPidsBuilder,
+    LinuxResourcesBuilder, Mount, MountBuilder, ProcessBuilder, RootBuilder, Spec, UserBuilder,
 };
 use tokio::process::Command;
 
@@ -575,7 +575,10 @@ mod tests {
         std::fs::write(&resolv, "nameserver 10.0.2.3\n").expect("resolv");
         let mut s = spec(tmp.path());
         s.network = NetworkMode::Isolated;
-        s.network_hook = Some(NetworkHook::new(Path::new("/opt/moorline"), Path::new("/run/x")));
+        s.network_hook = Some(NetworkHook::new(
+            Path::new("/opt/moorline"),
+            Path::new("/run/x"),
+        ));
         s.resolv_conf = Some(resolv.clone());
         write_bundle(&bundle, &s).expect("bundle");
         let config: serde_json::Value =
