@@ -692,13 +692,11 @@ async fn rootless_mode_runs_containers_as_a_plain_user() {
         json!({"network": "none"})
     };
     std::thread::spawn(move || {
-        for stream in forwarded.incoming() {
-            if let Ok(mut stream) = stream {
-                use std::io::{Read, Write};
-                let mut buf = [0u8; 64];
-                let _ = stream.read(&mut buf);
-                let _ = stream.write_all(b"forwarded");
-            }
+        for mut stream in forwarded.incoming().flatten() {
+            use std::io::{Read, Write};
+            let mut buf = [0u8; 64];
+            let _ = stream.read(&mut buf);
+            let _ = stream.write_all(b"forwarded");
         }
     });
     // Another test may fork while the copy is still open for writing, which makes exec fail
