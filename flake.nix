@@ -189,6 +189,7 @@
               pkgs.tmux
               pkgs.runc
               pkgs.tini
+              pkgs.slirp4netns
               pkgs.websocat
               pkgs.nixfmt
             ];

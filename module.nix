@@ -199,11 +199,25 @@ let
         };
         network = mkOption {
           type = types.enum [
+            "isolated"
             "host"
             "none"
           ];
-          default = "host";
-          description = "Container network (`runc`): the host's, or none at all (loopback only).";
+          default = "isolated";
+          description = ''
+            Container network (`runc`): `isolated` (its own, outbound through slirp4netns, the
+            host's loopback and so moorline's own port out of reach), `host` (the host's, loopback
+            included: the agent can call moorline's API), or `none` (loopback only).
+          '';
+        };
+        host_ports = mkOption {
+          type = types.listOf types.port;
+          default = [ ];
+          example = [ 11434 ];
+          description = ''
+            Host loopback ports an `isolated` container may reach, at the same port on its own
+            127.0.0.1 (a local model gateway such as ollama).
+          '';
         };
         pids_limit = mkOption {
           type = types.nullOr types.ints.positive;
@@ -344,12 +358,15 @@ in
         pkgs.tmux
         pkgs.runc
         pkgs.tini
+        pkgs.slirp4netns
       ];
-      defaultText = lib.literalExpression "[ pkgs.tmux pkgs.runc pkgs.tini ]";
+      defaultText = lib.literalExpression "[ pkgs.tmux pkgs.runc pkgs.tini pkgs.slirp4netns ]";
       description = ''
-        tmux, runc and tini, found by name on the service's `PATH` (moorline's `runtime.tmux`,
-        `runtime.runc` and `runtime.tini` default to the bare names). Without runc or tini,
-        `runtime = "auto"` falls back to tmux; without tmux, to plain processes.
+        tmux, runc, tini and slirp4netns, found by name on the service's `PATH` (moorline's
+        `runtime.tmux`, `runtime.runc`, `runtime.tini` and `runtime.slirp4netns` default to the
+        bare names). Without runc or tini, `runtime = "auto"` falls back to tmux; without tmux,
+        to plain processes. Without slirp4netns, containers on the default `isolated` network
+        fail to start (never falling back to the host's network).
       '';
     };
 
@@ -661,7 +678,12 @@ in
         # their logins, caches and projects there).
         ProtectHome = "tmpfs";
         # Workspace roots are skipped ("-") when missing: moorline refuses sessions there anyway.
-        BindPaths = [ userCfg.home ] ++ cfg.writablePaths ++ map (root: "-${root}") workspaceRoots;
+        BindPaths = [
+          userCfg.home
+          "-/dev/net/tun"
+        ]
+        ++ cfg.writablePaths
+        ++ map (root: "-${root}") workspaceRoots;
         # /tmp is shared, not private: tmux's socket (/tmp/tmux-<uid>/moorline) must outlive the
         # unit's stop and be reachable by `tmux -L moorline attach` from the user's shell, and a
         # private /tmp is wiped on stop under the tmux-runtime agents that keep running.
@@ -671,6 +693,9 @@ in
           "/var/tmp"
         ];
         PrivateDevices = true;
+        # slirp4netns (network = "isolated") opens /dev/net/tun inside the container's
+        # namespaces: bound into the private /dev (BindPaths above) and allowed here.
+        DeviceAllow = [ "/dev/net/tun rw" ];
         PrivateIPC = true;
         PrivateMounts = true;
         ProtectClock = true;
@@ -694,10 +719,10 @@ in
         # other uid as nobody to the agents; the unit holds no capability to take away anyway.
         PrivateUsers = false;
         # Agents need the network (their model APIs): no PrivateNetwork= or IPAddressDeny=.
-        # AF_NETLINK: runc sets up loopback in containers with network = "none", and agents
-        # list interfaces (getifaddrs).
+        # AF_NETLINK: runc and slirp4netns set up interfaces in containers' own network
+        # namespaces, and agents list interfaces (getifaddrs).
         RestrictAddressFamilies = "AF_UNIX AF_INET AF_INET6 AF_NETLINK";
-        # runc creates user, mount, pid, ipc and uts namespaces (net for network = "none").
+        # runc creates user, mount, pid, ipc, uts and net namespaces (net unless network = "host").
         RestrictNamespaces = "user mnt pid ipc uts net";
         # No MemoryDenyWriteExecute=: V8 (Node-based agents such as Claude Code) and other JITs
         # need writable executable memory.

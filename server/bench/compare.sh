@@ -3,8 +3,9 @@
 # then create → first output line for each runtime. Loopback only; every run is bounded by the
 # load generator's counts and its time limit. Prints the figures; see docs/BENCHMARKS.md.
 #
-#   server/bench/compare.sh [ROUNDS]        (default 3 rounds; needs runc, tmux, tini as root
-#                                            for the runc and tmux first-line figures)
+#   server/bench/compare.sh [ROUNDS]        (default 3 rounds; needs runc, tmux, tini and
+#                                            slirp4netns as root for the runc and tmux
+#                                            first-line figures)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 rounds=${1:-3}
@@ -20,9 +21,9 @@ start_bare() {
   url=$(wait_for 'bare relay on ' | sed 's/.*bare relay on //')
 }
 start_moorline() {
-  local runtime=$1
+  local runtime=$1 network=${2:-isolated}
   rm -rf "$work/state"
-  AMARRE_INSTANCES_JSON="[{\"id\":\"cat\",\"agent\":\"command\",\"command\":[\"/bin/cat\"],\"runtime\":\"$runtime\"}]" \
+  AMARRE_INSTANCES_JSON="[{\"id\":\"cat\",\"agent\":\"command\",\"command\":[\"/bin/cat\"],\"runtime\":\"$runtime\",\"network\":\"$network\"}]" \
     MOORLINE_DETECT_TAILNET_NAMES=false NO_COLOR=1 \
     "$bin/moorline" serve --port 0 --state-dir "$work/state" >"$work/log" 2>&1 &
   pid=$!
@@ -50,12 +51,13 @@ for round in $(seq "$rounds"); do
   stop
 done
 
-echo "== create → first output line, by runtime"
-for runtime in process tmux runc; do
-  start_moorline "$runtime"
+echo "== create → first output line, by runtime (runc: isolated network, then the host's)"
+for variant in process tmux runc:isolated runc:host; do
+  runtime=${variant%%:*}
+  start_moorline "$runtime" "${variant#*:}"
   if grep -q "runtime=\"$runtime\"" "$work/log"; then
     loadgen --only spawn,first-line --spawn-count 50 --first-line-count 50 |
-      grep -E '^(spawn|first)' | sed "s/^/$runtime  /"
+      grep -E '^(spawn|first)' | sed "s/^/$variant  /"
   else
     echo "$runtime: not available here (see the server log for why)"
   fi

@@ -68,11 +68,27 @@ impl RuntimeKind {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum NetworkMode {
-    /// The host's network: agents reach their model API (and the host's loopback).
+    /// Its own network namespace with outbound access through slirp4netns (a user-mode network
+    /// stack): agents reach their model APIs and the internet, but not the host's loopback
+    /// (so not moorline's own port), except the ports an instance lists in `host_ports`.
     #[default]
+    Isolated,
+    /// The host's network, loopback included: agents reach every local service, moorline's
+    /// control plane among them.
     Host,
     /// A network namespace with only loopback: no network at all.
     None,
+}
+
+impl NetworkMode {
+    /// The name used in configuration.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NetworkMode::Isolated => "isolated",
+            NetworkMode::Host => "host",
+            NetworkMode::None => "none",
+        }
+    }
 }
 
 /// Settings shared by the tmux and runc runtimes.
@@ -90,6 +106,8 @@ pub struct RuntimeConfig {
     pub runc_root: Option<PathBuf>,
     /// The init process run as PID 1 in containers (it reaps zombies and forwards signals).
     pub tini: PathBuf,
+    /// The user-mode network stack behind `network = "isolated"` containers.
+    pub slirp4netns: PathBuf,
     /// Host directories bind-mounted read-only into containers (missing ones are skipped;
     /// symlinks, as on merged-/usr systems, are recreated as symlinks).
     #[serde(deserialize_with = "string_list_paths")]
@@ -151,6 +169,7 @@ impl Default for RuntimeConfig {
             runc: "runc".into(),
             runc_root: None,
             tini: "tini".into(),
+            slirp4netns: "slirp4netns".into(),
             system_dirs: [
                 "/usr",
                 "/bin",
@@ -198,6 +217,9 @@ impl Default for RuntimeConfig {
 pub struct InstanceRuntime {
     /// Container network.
     pub network: NetworkMode,
+    /// Host loopback ports reachable from an isolated container (at the same port on its own
+    /// loopback).
+    pub host_ports: Vec<u16>,
     /// Maximum number of processes in the container.
     pub pids_limit: Option<i64>,
     /// Maximum memory of the container, in bytes.
@@ -367,8 +389,12 @@ pub struct InstanceConfig {
     pub workspace_roots: Vec<PathBuf>,
     /// Create a requested `cwd` (inside the workspace roots) if it does not exist.
     pub create_cwd: bool,
-    /// Container network (`runc` runtime): `host` or `none`.
+    /// Container network (`runc` runtime): `isolated` (default), `host` or `none`.
     pub network: NetworkMode,
+    /// Host loopback ports forwarded into an `isolated` container (a local model gateway such
+    /// as ollama on 11434): the agent reaches them at 127.0.0.1 on the same port. Nothing
+    /// else on the host's loopback is reachable.
+    pub host_ports: Vec<u16>,
     /// Maximum number of processes in the container (`runc` runtime).
     pub pids_limit: Option<i64>,
     /// Maximum memory of the container in bytes (`runc` runtime).
@@ -408,9 +434,41 @@ impl InstanceConfig {
     pub fn runtime_options(&self) -> InstanceRuntime {
         InstanceRuntime {
             network: self.network,
+            host_ports: self.host_ports.clone(),
             pids_limit: self.pids_limit,
             memory_limit: self.memory_limit,
         }
+    }
+
+    /// `host_ports` must name real ports, once each, and only where they mean something.
+    fn validate_host_ports(&self) -> Result<(), String> {
+        if self.host_ports.is_empty() {
+            return Ok(());
+        }
+        if self.network != NetworkMode::Isolated {
+            return Err(format!(
+                "only an isolated network forwards host ports (this instance has network = {:?}; \
+                 with \"host\" every host port is reachable anyway)",
+                self.network.as_str()
+            ));
+        }
+        if matches!(self.runtime, RuntimeKind::Process | RuntimeKind::Tmux) {
+            return Err(format!(
+                "only containers (runtime = \"runc\" or \"auto\") have a network of their own; \
+                 the {} runtime shares the host's",
+                self.runtime.as_str()
+            ));
+        }
+        let mut seen = BTreeSet::new();
+        for port in &self.host_ports {
+            if *port == 0 {
+                return Err("0 is not a port (use 1-65535)".into());
+            }
+            if !seen.insert(port) {
+                return Err(format!("{port} is listed twice"));
+            }
+        }
+        Ok(())
     }
 
     /// The adapter part of this instance.
@@ -684,6 +742,8 @@ impl Config {
                     )));
                 }
             }
+            inst.validate_host_ports()
+                .map_err(|e| ConfigError::new(format!("instances[{i}].host_ports: {e}")))?;
         }
         Ok(())
     }
@@ -1276,6 +1336,35 @@ mod tests {
         .expect("allowed");
         assert_eq!(c.host, "0.0.0.0");
         assert!(load(&[("MOORLINE_HOST", "::1")]).is_ok());
+    }
+
+    #[test]
+    fn host_ports_are_checked() {
+        let with = |extra: &str| {
+            load(&[(
+                "AMARRE_INSTANCES_JSON",
+                &format!(r#"[{{"id":"a","agent":"echo"{extra}}}]"#),
+            )])
+        };
+        let c = with(r#","host_ports":[11434, 4000]"#).expect("valid");
+        assert_eq!(c.instances[0].network, NetworkMode::Isolated, "the default");
+        assert_eq!(
+            c.instances[0].runtime_options().host_ports,
+            vec![11434, 4000]
+        );
+        for (extra, want) in [
+            (r#","host_ports":[0]"#, "0 is not a port"),
+            (r#","host_ports":[70000]"#, "host_ports"),
+            (r#","host_ports":[80,80]"#, "listed twice"),
+            (
+                r#","host_ports":[80],"network":"host""#,
+                "only an isolated network",
+            ),
+            (r#","host_ports":[80],"runtime":"tmux""#, "only containers"),
+        ] {
+            let e = with(extra).expect_err(extra).to_string();
+            assert!(e.contains(want) && e.contains("instances"), "{extra}: {e}");
+        }
     }
 
     #[test]

@@ -9,6 +9,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use moorline::client::{Client, ClientError, format_table};
 use moorline::config::{Config, EXAMPLE_CONFIG, EXIT_CONFIG, LogFormat, Overrides, Sources};
+use moorline::runtime::network;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -86,6 +87,31 @@ enum Command {
         anchor: String,
         /// The container's root filesystem.
         rootfs: PathBuf,
+    },
+    /// The OCI hook that sets up a container's isolated network (run by runc).
+    #[command(name = "net-hook", hide = true)]
+    NetHook {
+        /// The session's run directory.
+        run_dir: PathBuf,
+    },
+    /// Runs slirp4netns and the host-port forwarder of one container.
+    #[command(name = "net-helper", hide = true)]
+    NetHelper {
+        /// The session's run directory.
+        run_dir: PathBuf,
+        /// The container's init process (host pid).
+        pid: i32,
+    },
+    /// Opens forwarded ports inside a container's network namespace.
+    #[command(name = "net-listen", hide = true)]
+    NetListen {
+        /// The container's init process (host pid).
+        pid: i32,
+        /// Join the container's user namespace first (rootless).
+        #[arg(long)]
+        userns: bool,
+        /// The ports.
+        ports: Vec<u16>,
     },
 }
 
@@ -229,6 +255,13 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         },
+        Some(Command::NetHook { run_dir }) => with_exe(|exe| network::hook_main(&run_dir, exe)),
+        Some(Command::NetHelper { run_dir, pid }) => {
+            with_exe(|exe| network::helper_main(&run_dir, pid, exe))
+        }
+        Some(Command::NetListen { pid, userns, ports }) => {
+            network::listen_main(pid, userns, &ports)
+        }
         Some(Command::Sessions { conn, action }) => {
             client_command(|rt| rt.block_on(sessions(conn, action)))
         }
@@ -246,6 +279,17 @@ fn main() -> ExitCode {
                     .await
             })
         }),
+    }
+}
+
+/// Runs `f` with the path of this executable, which helpers start again.
+fn with_exe(f: impl FnOnce(&std::path::Path) -> ExitCode) -> ExitCode {
+    match std::env::current_exe() {
+        Ok(exe) => f(&exe),
+        Err(e) => {
+            eprintln!("moorline: cannot find my own executable: {e}");
+            ExitCode::from(1)
+        }
     }
 }
 

@@ -1,7 +1,8 @@
 //! The real agents (pi, Claude Code, Codex) driven through moorline against a scripted model
 //! API on loopback (`fixtures`' mock-model-api): streaming to two clients, approvals (allow,
-//! deny, first answer wins), and malformed client lines. They run in runc containers when the
-//! machine allows it (root with runc, tmux and tini), else as plain processes. When an agent is
+//! deny, first answer wins), and malformed client lines. They run in runc containers on the
+//! isolated network (the mock's port forwarded with `host_ports`) when the machine allows it
+//! (root with runc, tmux, tini and slirp4netns), else as plain processes. When an agent is
 //! not installed, its test prints `SKIPPED:` and why.
 
 mod common;
@@ -65,6 +66,11 @@ fn agent_instance(kind: &str, mock: &Mock, sandbox: Option<&Sandbox>) -> Instanc
         RuntimeKind::Process
     };
     inst.workspace_roots = vec![std::env::temp_dir()];
+    if sandbox.is_some() {
+        // The container's own network cannot see the host's loopback: forward the mock's port.
+        let port = mock.addr.rsplit(':').next().and_then(|p| p.parse().ok());
+        inst.host_ports = vec![port.expect("mock port")];
+    }
     match kind {
         "pi" => {
             inst.base_url = Some(format!("http://{}", mock.addr));

@@ -179,6 +179,8 @@ fn run_container(
             system_dirs: Config::default().runtime.system_dirs,
             extra_rw: Vec::new(),
             network: moorline::config::NetworkMode::None,
+            network_hook: None,
+            resolv_conf: None,
             pids_limit: None,
             memory_limit: None,
             rootless: None,

@@ -470,6 +470,8 @@ fn start_container(
             system_dirs: Config::default().runtime.system_dirs,
             extra_rw: Vec::new(),
             network: moorline::config::NetworkMode::Host,
+            network_hook: None,
+            resolv_conf: None,
             pids_limit: Some(100),
             memory_limit: None,
             rootless: None,
@@ -750,6 +752,29 @@ async fn rootless_mode_runs_containers_as_a_plain_user() {
     let exe = base.path().join("moorline");
     std::fs::copy(moorline_exe(), &exe).expect("copy moorline");
     let port = free_port();
+    // The isolated network needs /dev/net/tun usable by the user (mode 0666, the usual).
+    use std::os::unix::fs::PermissionsExt as _;
+    let tun_usable =
+        std::fs::metadata("/dev/net/tun").is_ok_and(|m| m.permissions().mode() & 0o006 == 0o006);
+    let forwarded = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let forwarded_port = forwarded.local_addr().expect("addr").port();
+    let network = if tun_usable {
+        json!({"network": "isolated", "host_ports": [forwarded_port]})
+    } else {
+        eprintln!(
+            "note: /dev/net/tun is not usable by unprivileged users here; the rootless isolated \
+             network is not tested"
+        );
+        json!({"network": "none"})
+    };
+    std::thread::spawn(move || {
+        for mut stream in forwarded.incoming().flatten() {
+            use std::io::{Read, Write};
+            let mut buf = [0u8; 64];
+            let _ = stream.read(&mut buf);
+            let _ = stream.write_all(b"forwarded");
+        }
+    });
     // Another test may fork while the copy is still open for writing, which makes exec fail
     // with ETXTBSY for a moment: try again.
     let spawn = || {
@@ -762,7 +787,7 @@ async fn rootless_mode_runs_containers_as_a_plain_user() {
         .env("MOORLINE_DETECT_TAILNET_NAMES", "false")
         .env(
             "AMARRE_INSTANCES_JSON",
-            json!([{"id": "box", "agent": "fixture", "agentPath": agent, "runtime": "runc", "workspace_roots": [base.path()]}])
+            json!([{"id": "box", "agent": "fixture", "agentPath": agent, "runtime": "runc", "workspace_roots": [base.path()], "network": network["network"], "host_ports": network.get("host_ports").cloned().unwrap_or(json!([]))}])
                 .to_string(),
         )
         .uid(uid)
@@ -807,6 +832,13 @@ async fn rootless_mode_runs_containers_as_a_plain_user() {
     assert_eq!(who["uid"], 0, "root inside a user namespace: {who}");
     let pid = ask(&mut ws, json!({"_emit": "pid"})).await;
     assert!(pid["pid"].as_u64().expect("pid") < 10, "{pid}");
+    if tun_usable {
+        let to = |port: u16| json!({"_emit": "connect", "addr": format!("127.0.0.1:{port}"), "send": "x"});
+        let api = ask(&mut ws, to(port)).await;
+        assert_eq!(api["ok"], false, "moorline's port is out of reach: {api}");
+        let fwd = ask(&mut ws, to(forwarded_port)).await;
+        assert_eq!(fwd["reply"], "forwarded", "{fwd}");
+    }
     let file = work.join("rootless-file");
     assert_eq!(
         ask(&mut ws, json!({"_emit": "write", "path": file})).await["ok"],

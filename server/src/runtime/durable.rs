@@ -6,7 +6,9 @@
 //! server adopts running agents by reconnecting, without losing or duplicating a line.
 //!
 //! Run directory (`<session>/run/`): `keeper.json` (what to run), `stdin.sock`, `keeper.pid`,
-//! `agent.pid`, `container.id` (runc), `bundle/` (runc), and `exit` once the agent has ended.
+//! `agent.pid`, `container.id` (runc), `bundle/` (runc), `network.json`, `net.pid`, `net.log` and
+//! `resolv.conf` (runc, isolated network, see [`super::network`]), and `exit` once the agent has
+//! ended.
 
 use std::collections::BTreeMap;
 use std::io;
@@ -20,12 +22,13 @@ use tokio::net::UnixStream;
 use tokio::sync::{mpsc, oneshot};
 
 use super::keeper::{self, KeeperSpec};
+use super::network::{self, NetworkHook, NetworkPlan};
 use super::runc::{self, BundleSpec, Runc};
 use super::tmux::Tmux;
 use super::{
     Adoption, Agent, AgentControl, ExitInfo, JournalFeed, Output, Runtime, RuntimeError, SpawnSpec,
 };
-use crate::config::RuntimeConfig;
+use crate::config::{NetworkMode, RuntimeConfig};
 use crate::session::store;
 
 /// The run directory inside a session directory.
@@ -45,6 +48,8 @@ pub struct ContainerHost {
     pub runc: Runc,
     /// Absolute path of the init program.
     pub tini: PathBuf,
+    /// Absolute path of slirp4netns, when it is installed (`network = "isolated"` needs it).
+    pub slirp4netns: Option<PathBuf>,
     /// `Some((uid, gid))` when the server is not root.
     pub rootless: Option<(u32, u32)>,
     /// Whether cgroup limits can be applied.
@@ -98,12 +103,15 @@ impl DurableRuntime {
             )));
         }
         std::fs::create_dir_all(&run_dir)?;
+        // A previous run's network helper leaves with its container; make sure.
+        network::stop_helper(&run_dir);
         for stale in [
             keeper::SOCKET_FILE,
             keeper::EXIT_FILE,
             keeper::KEEPER_PID_FILE,
             keeper::AGENT_PID_FILE,
             CONTAINER_ID_FILE,
+            network::RESOLV_FILE,
         ] {
             let _ = std::fs::remove_file(run_dir.join(stale));
         }
@@ -138,6 +146,7 @@ impl DurableRuntime {
                     container_env.insert("HOME".into(), runc::CONTAINER_HOME.into());
                     container_env.extend(spec.env.clone());
                     let id = container_id(&spec.session_id, spec.generation)?;
+                    let (hook, resolv) = self.isolated_network(host, spec, &run_dir)?;
                     let bundle = run_dir.join("bundle");
                     runc::write_bundle(
                         &bundle,
@@ -156,6 +165,8 @@ impl DurableRuntime {
                             system_dirs: self.config.system_dirs.clone(),
                             extra_rw: vec![spec.data_dir.clone()],
                             network: spec.options.network,
+                            network_hook: hook,
+                            resolv_conf: resolv,
                             pids_limit: spec.options.pids_limit,
                             memory_limit: spec.options.memory_limit,
                             rootless: host.rootless,
@@ -219,6 +230,47 @@ impl DurableRuntime {
                 .await?;
         }
         Ok((run_dir, control))
+    }
+
+    /// What an `isolated` container needs: its network plan written for the hook, the hook,
+    /// and a resolver file when the host's resolver is on loopback. Fails (the session does not
+    /// start) without slirp4netns: an isolated instance never gets the host's network instead.
+    fn isolated_network(
+        &self,
+        host: &ContainerHost,
+        spec: &SpawnSpec,
+        run_dir: &Path,
+    ) -> io::Result<(Option<NetworkHook>, Option<PathBuf>)> {
+        if spec.options.network != NetworkMode::Isolated {
+            return Ok((None, None));
+        }
+        let Some(slirp4netns) = &host.slirp4netns else {
+            return Err(io::Error::other(format!(
+                "network = \"isolated\" needs slirp4netns, which was not found ({}); install it, \
+                 set runtime.slirp4netns, or give the instance network = \"host\" or \"none\"",
+                self.config.slirp4netns.display()
+            )));
+        };
+        network::write_plan(
+            run_dir,
+            &NetworkPlan {
+                slirp4netns: slirp4netns.clone(),
+                host_ports: spec.options.host_ports.clone(),
+                rootless: host.rootless.is_some(),
+            },
+        )?;
+        let resolv = match std::fs::read_to_string("/etc/resolv.conf")
+            .ok()
+            .and_then(|host| network::container_resolv_conf(&host))
+        {
+            Some(text) => {
+                let path = run_dir.join(network::RESOLV_FILE);
+                std::fs::write(&path, text)?;
+                Some(path)
+            }
+            None => None,
+        };
+        Ok((Some(NetworkHook::new(&self.moorline_exe, run_dir)), resolv))
     }
 
     /// Connects to a keeper and turns the connection into an [`Agent`].
@@ -356,6 +408,7 @@ impl Runtime for DurableRuntime {
             if let Ok(id) = std::fs::read_to_string(run_dir.join(CONTAINER_ID_FILE)) {
                 host.runc.delete(id.trim()).await;
             }
+            network::stop_helper(&run_dir);
             let _ = std::fs::remove_dir_all(run_dir.join("bundle"));
         }
         self.tmux.kill_session(session_id).await;

@@ -328,6 +328,8 @@ async fn keep(run_dir: &Path) -> io::Result<()> {
     };
     drop(run);
     let _ = control.kill();
+    // The container is gone: so must be its network helper (it normally leaves by itself).
+    super::network::stop_helper(run_dir);
     drop(sink);
     write_exit(run_dir, exit)?;
     log(&mut stderr, &format!("agent finished: {exit}"));

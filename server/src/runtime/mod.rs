@@ -18,6 +18,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 pub mod durable;
 pub mod keeper;
+pub mod network;
 pub mod process;
 pub mod runc;
 pub mod seccomp;
@@ -146,9 +147,41 @@ async fn container_host(config: &Config) -> Result<durable::ContainerHost, Strin
     runc.version().await.map_err(|e| format!("runc: {e}"))?;
     let uid = nix::unistd::getuid();
     let rootless = (!uid.is_root()).then(|| (uid.as_raw(), nix::unistd::getgid().as_raw()));
+    let slirp4netns = durable::resolve(&rc.slirp4netns, path);
+    let isolated = config.instances.iter().any(|i| {
+        matches!(i.runtime, RuntimeKind::Runc | RuntimeKind::Auto)
+            && i.network == crate::config::NetworkMode::Isolated
+    });
+    match &slirp4netns {
+        Some(p) => {
+            tracing::info!(slirp4netns = %p.display(), "isolated container network available")
+        }
+        None if isolated => tracing::warn!(
+            "{} not found: sessions of instances with network = \"isolated\" (the default) will \
+             fail to start in containers; install slirp4netns or set their network to \"host\" \
+             or \"none\"",
+            rc.slirp4netns.display()
+        ),
+        None => {}
+    }
+    if slirp4netns.is_some()
+        && isolated
+        && rootless.is_some()
+        && nix::unistd::access(
+            "/dev/net/tun",
+            nix::unistd::AccessFlags::R_OK | nix::unistd::AccessFlags::W_OK,
+        )
+        .is_err()
+    {
+        tracing::warn!(
+            "/dev/net/tun is not readable and writable by this user: rootless containers on the \
+             isolated network will fail to start (it is usually mode 0666)"
+        );
+    }
     Ok(durable::ContainerHost {
         runc,
         tini,
+        slirp4netns,
         limits_allowed: rootless.is_none(),
         rootless,
     })
@@ -182,6 +215,8 @@ async fn probe(host: &durable::ContainerHost, config: &Config) -> Result<(), Str
             system_dirs: config.runtime.system_dirs.clone(),
             extra_rw: Vec::new(),
             network: crate::config::NetworkMode::Host,
+            network_hook: None,
+            resolv_conf: None,
             pids_limit: None,
             memory_limit: None,
             rootless: host.rootless,

@@ -20,6 +20,7 @@ use oci_spec::runtime::{
 };
 use tokio::process::Command;
 
+use super::network::{HOOK_TIMEOUT_SECS, NetworkHook};
 use super::workspace::Anchor;
 use crate::config::NetworkMode;
 
@@ -211,6 +212,11 @@ pub struct BundleSpec {
     pub extra_rw: Vec<PathBuf>,
     /// Network mode.
     pub network: NetworkMode,
+    /// With `network = "isolated"`: the hook that connects the container's network namespace
+    /// before the agent starts (see [`super::network`]).
+    pub network_hook: Option<NetworkHook>,
+    /// A file mounted over `/etc/resolv.conf` (when the host's names an unreachable resolver).
+    pub resolv_conf: Option<PathBuf>,
     /// Process limit.
     pub pids_limit: Option<i64>,
     /// Memory limit in bytes.
@@ -300,6 +306,9 @@ pub fn write_bundle(bundle: &Path, spec: &BundleSpec) -> io::Result<()> {
         if dir.is_dir() {
             mounts.push(bind(dir, dir, true)?);
         }
+    }
+    if let Some(file) = &spec.resolv_conf {
+        mounts.push(bind(file, Path::new("/etc/resolv.conf"), false)?);
     }
     for file in [&spec.program, &spec.tini] {
         if !covered(file, &visible) {
@@ -402,8 +411,24 @@ pub fn write_bundle(bundle: &Path, spec: &BundleSpec) -> io::Result<()> {
         LinuxNamespaceType::Uts,
         LinuxNamespaceType::Mount,
     ];
-    if spec.network == NetworkMode::None {
+    if spec.network != NetworkMode::Host {
         kinds.push(LinuxNamespaceType::Network);
+    }
+    if let Some(hook) = &spec.network_hook {
+        // createRuntime: in the host's namespaces, once the container's exist, before the agent
+        // runs; a failure fails the start.
+        let hook = HookBuilder::default()
+            .path(&hook.path)
+            .args(hook.args.clone())
+            .env(Vec::<String>::new())
+            .timeout(HOOK_TIMEOUT_SECS)
+            .build()
+            .map_err(oci)?;
+        let mut hooks = base.hooks().clone().unwrap_or_default();
+        let mut create = hooks.create_runtime().clone().unwrap_or_default();
+        create.push(hook);
+        hooks.set_create_runtime(Some(create));
+        base.set_hooks(Some(hooks));
     }
     if spec.rootless.is_some() {
         kinds.push(LinuxNamespaceType::User);
@@ -493,6 +518,8 @@ mod tests {
             system_dirs: vec!["/usr".into(), "/bin".into(), "/nonexistent".into()],
             extra_rw: Vec::new(),
             network: NetworkMode::None,
+            network_hook: None,
+            resolv_conf: None,
             pids_limit: Some(64),
             memory_limit: Some(64 << 20),
             rootless: None,
@@ -575,6 +602,61 @@ mod tests {
                     .is_symlink()
             );
         }
+    }
+
+    #[test]
+    fn an_isolated_container_gets_its_network_from_a_hook() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        std::fs::create_dir(tmp.path().join("home")).expect("home");
+        let bundle = tmp.path().join("bundle");
+        let resolv = tmp.path().join("resolv.conf");
+        std::fs::write(&resolv, "nameserver 10.0.2.3\n").expect("resolv");
+        let mut s = spec(tmp.path());
+        s.network = NetworkMode::Isolated;
+        s.network_hook = Some(NetworkHook::new(
+            Path::new("/opt/moorline"),
+            Path::new("/run/x"),
+        ));
+        s.resolv_conf = Some(resolv.clone());
+        write_bundle(&bundle, &s).expect("bundle");
+        let config: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(bundle.join("config.json")).expect("read"))
+                .expect("json");
+        let hook = &config["hooks"]["createRuntime"][0];
+        assert_eq!(hook["path"], "/opt/moorline");
+        assert_eq!(
+            hook["args"],
+            serde_json::json!(["/opt/moorline", "net-hook", "/run/x"])
+        );
+        assert!(
+            config["linux"]["namespaces"]
+                .as_array()
+                .expect("ns")
+                .iter()
+                .any(|n| n["type"] == "network")
+        );
+        let mounts = config["mounts"].as_array().expect("mounts");
+        let dns = mounts
+            .iter()
+            .find(|m| m["destination"] == "/etc/resolv.conf")
+            .expect("resolv.conf mounted");
+        assert_eq!(dns["source"], resolv.display().to_string());
+
+        // The host's network: no namespace, no hook.
+        s.network = NetworkMode::Host;
+        s.network_hook = None;
+        write_bundle(&bundle, &s).expect("bundle");
+        let config: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(bundle.join("config.json")).expect("read"))
+                .expect("json");
+        assert!(config["hooks"]["createRuntime"].is_null());
+        assert!(
+            !config["linux"]["namespaces"]
+                .as_array()
+                .expect("ns")
+                .iter()
+                .any(|n| n["type"] == "network")
+        );
     }
 
     #[test]

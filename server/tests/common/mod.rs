@@ -478,12 +478,13 @@ pub fn process_gone(pid: u64) -> bool {
     }
 }
 
-/// Why the runc/tmux tests cannot run here, if they cannot.
+/// Why the runc/tmux tests cannot run here, if they cannot (runc containers get the isolated
+/// network by default, which needs slirp4netns).
 pub fn durable_unavailable() -> Option<String> {
     if !nix::unistd::getuid().is_root() {
         return Some("not running as root".into());
     }
-    for tool in ["runc", "tmux", "tini"] {
+    for tool in ["runc", "tmux", "tini", "slirp4netns"] {
         let found = std::env::var("PATH")
             .unwrap_or_default()
             .split(':')
@@ -500,7 +501,7 @@ pub fn durable_unavailable() -> Option<String> {
 macro_rules! require_durable {
     () => {
         if let Some(why) = common::durable_unavailable() {
-            eprintln!("SKIPPED: this test needs root, runc, tmux and tini: {why}");
+            eprintln!("SKIPPED: this test needs root, runc, tmux, tini and slirp4netns: {why}");
             return;
         }
     };
