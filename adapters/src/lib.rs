@@ -26,6 +26,7 @@ pub mod claude;
 pub mod codex;
 pub mod command;
 pub mod echo;
+pub mod gate;
 pub mod pi;
 pub mod pipeline;
 pub mod pirpc;
