@@ -55,11 +55,6 @@ impl Adapter for CodexAdapter {
             "app-server".into(),
             "-c".into(),
             "features.plugins=false".into(),
-            // Moorline's policy is also Codex's default, for any thread a client starts.
-            "-c".into(),
-            format!("approval_policy={}", toml_str(APPROVAL_POLICY)),
-            "-c".into(),
-            format!("sandbox_mode={}", toml_str(SANDBOX)),
         ];
         if let Some(url) = &self.launch.base_url {
             let key = if ctx.env.contains_key("OPENAI_API_KEY") {
