@@ -7,7 +7,8 @@
 //! (user, project or local) is read, so a repository cannot pre-approve tools for itself.
 //!
 //! Two client dialects:
-//! - `native`: Claude's own stream-json, unchanged; approvals are `control_request` /
+//! - `native`: Claude's own stream-json through [`NativeGuard`]'s allow-list (no permission
+//!   mode but `default`, no `bash_command`, …); approvals are `control_request` /
 //!   `control_response`;
 //! - `pi-rpc`: translated both ways by [`PiRpcTranslator`], so the clients that drive pi (amarre's
 //!   Expo app among them) drive Claude alike.
@@ -119,13 +120,13 @@ const PERMISSION_MODE_ALIAS: &str = "manual";
 
 /// Slash commands a `native` client may put at the start of a user message: the others change
 /// settings, directories, MCP servers or permissions, or run workflows.
-const SLASH_COMMANDS: &[&str] = &[
+pub const SLASH_COMMANDS: &[&str] = &[
     "compact", "clear", "context", "cost", "usage", "model", "effort", "rename", "recap",
 ];
 
 /// `initialize` fields a `native` client may set; hooks (whose answers can allow a tool
 /// outright), SDK MCP servers, agents, skills, plugins and the rest are refused.
-const INITIALIZE_KEYS: &[&str] = &[
+pub const INITIALIZE_KEYS: &[&str] = &[
     "subtype",
     "jsonSchema",
     "systemPrompt",

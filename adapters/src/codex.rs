@@ -8,8 +8,9 @@
 //! the sandbox), which is what makes remote approval meaningful.
 //!
 //! Two client dialects:
-//! - `native`: app-server JSON-RPC, unchanged (clients do the handshake themselves);
-//!   approvals are `item/commandExecution/requestApproval` requests and their results;
+//! - `native`: app-server JSON-RPC through [`NativeGuard`]'s allow-list, threads and turns
+//!   pinned to moorline's policy (clients do the handshake themselves); approvals are
+//!   `item/commandExecution/requestApproval` requests and their results;
 //! - `pi-rpc` (default): [`PiRpcTranslator`] does the handshake and turns pi commands and
 //!   events into Codex's and back, approvals becoming `extension_ui_request` confirms.
 
@@ -114,7 +115,7 @@ pub const SANDBOX: &str = "danger-full-access";
 
 /// Methods a `native` client may call as they are: the handshake, turns, and what only reads
 /// or names conversations.
-const METHODS: &[&str] = &[
+pub const METHODS: &[&str] = &[
     "initialize",
     "initialized",
     "turn/steer",
@@ -156,7 +157,7 @@ const METHODS: &[&str] = &[
 ];
 
 /// Methods that run commands or tools, or write files or configuration, with nobody approving.
-const UNAPPROVED: &[&str] = &[
+pub const UNAPPROVED: &[&str] = &[
     "command/exec",
     "command/exec/write",
     "command/exec/terminate",
@@ -183,7 +184,7 @@ const UNAPPROVED: &[&str] = &[
 
 /// Params of `thread/start`, `thread/resume` and `thread/fork` a client may set, besides the
 /// pinned `approvalPolicy` and `sandbox`.
-const THREAD_PARAMS: &[&str] = &[
+pub const THREAD_PARAMS: &[&str] = &[
     "threadId",
     "model",
     "modelProvider",
@@ -208,7 +209,7 @@ const THREAD_PARAMS: &[&str] = &[
 
 /// Params of `turn/start` a client may set, besides the pinned `approvalPolicy` and
 /// `sandboxPolicy`.
-const TURN_PARAMS: &[&str] = &[
+pub const TURN_PARAMS: &[&str] = &[
     "threadId",
     "input",
     "model",
