@@ -7,7 +7,8 @@
 //! (user, project or local) is read, so a repository cannot pre-approve tools for itself.
 //!
 //! Two client dialects:
-//! - `native`: Claude's own stream-json, unchanged; approvals are `control_request` /
+//! - `native`: Claude's own stream-json through [`NativeGuard`]'s allow-list (no permission
+//!   mode but `default`, no `bash_command`, …); approvals are `control_request` /
 //!   `control_response`;
 //! - `pi-rpc`: translated both ways by [`PiRpcTranslator`], so the clients that drive pi (amarre's
 //!   Expo app among them) drive Claude alike.
@@ -19,6 +20,7 @@ use std::collections::{BTreeMap, VecDeque};
 
 use serde_json::{Value, json};
 
+use crate::gate::{self, Rejection, Verdict};
 use crate::pipeline::{Decision, Dialect, Outputs, Translator, claude_permission_answer};
 use crate::pirpc::{self, Conversation};
 use crate::{Adapter, AdapterConfig, AdapterError, LaunchContext, LaunchSettings, LaunchSpec};
@@ -55,6 +57,8 @@ impl Adapter for ClaudeAdapter {
             "stream-json",
             "--verbose",
             "--include-partial-messages",
+            "--permission-mode",
+            PERMISSION_MODE,
             "--permission-prompt-tool",
             "stdio",
             "--setting-sources",
@@ -109,10 +113,192 @@ impl Adapter for ClaudeAdapter {
     }
 }
 
-/// The `native` dialect: lines pass through, but a client line that is not a JSON object is
-/// answered with `amarre.input_rejected` instead of killing Claude.
+/// The permission mode Claude is launched in, and the only one clients may set (`manual` is
+/// Claude's other name for it).
+pub const PERMISSION_MODE: &str = "default";
+const PERMISSION_MODE_ALIAS: &str = "manual";
+
+/// Slash commands a `native` client may put at the start of a user message: the others change
+/// settings, directories, MCP servers or permissions, or run workflows.
+pub const SLASH_COMMANDS: &[&str] = &[
+    "compact", "clear", "context", "cost", "usage", "model", "effort", "rename", "recap",
+];
+
+/// `initialize` fields a `native` client may set; hooks (whose answers can allow a tool
+/// outright), SDK MCP servers, agents, skills, plugins and the rest are refused.
+pub const INITIALIZE_KEYS: &[&str] = &[
+    "subtype",
+    "jsonSchema",
+    "systemPrompt",
+    "appendSystemPrompt",
+    "title",
+    "promptSuggestions",
+    "agentProgressSummaries",
+    "forwardSubagentText",
+];
+
+/// The `native` dialect: Claude's stream-json, through an allow-list (see [`crate::gate`]).
+/// Clients may send user messages (no slash commands but [`SLASH_COMMANDS`]),
+/// `control_response` answers (without `updatedPermissions`, which would add standing
+/// permission rules or switch the mode), `keep_alive`, `control_cancel_request`, and the
+/// control requests `interrupt`, `set_model`, `set_permission_mode` to [`PERMISSION_MODE`] and
+/// a plain `initialize`. Everything else, `bash_command` first (Claude runs it with no
+/// permission check), is answered with `amarre.input_rejected` and never reaches Claude, and so
+/// are lines Claude would die on (not JSON objects).
 #[derive(Debug, Default, Clone, Copy)]
 pub struct NativeGuard;
+
+impl NativeGuard {
+    /// Decides what happens to one parsed client line.
+    pub fn screen(mut v: Value) -> Verdict {
+        let refuse = |reason, error: String| Verdict::Refuse(Rejection::new(reason, error), None);
+        match v["type"].as_str().unwrap_or("") {
+            "user" => {
+                if v["message"]["role"] != "user" {
+                    return refuse(
+                        gate::NOT_ALLOWED,
+                        "a user message needs \"message\": {\"role\": \"user\", …}".into(),
+                    );
+                }
+                match slash_command(&v["message"]["content"]) {
+                    Some(cmd) if !SLASH_COMMANDS.contains(&cmd) => refuse(
+                        gate::NOT_ALLOWED,
+                        format!(
+                            "the slash command /{cmd} is not allowed through moorline (allowed: /{})",
+                            SLASH_COMMANDS.join(", /")
+                        ),
+                    ),
+                    _ => Verdict::Forward(v, None),
+                }
+            }
+            "control_response" => {
+                let answer = &mut v["response"]["response"];
+                let note = answer
+                    .as_object_mut()
+                    .and_then(|a| a.remove("updatedPermissions"))
+                    .filter(|p| !p.is_null())
+                    .map(|_| {
+                        Rejection::new(
+                            gate::PERMISSION_CHANGE,
+                            "updatedPermissions was removed from the answer (moorline asks for every tool call); the answer itself was forwarded",
+                        )
+                    });
+                Verdict::Forward(v, note)
+            }
+            "keep_alive" | "control_cancel_request" => Verdict::Forward(v, None),
+            "control_request" => Self::control_request(v),
+            "bash_command" => refuse(
+                gate::RUNS_WITHOUT_APPROVAL,
+                "bash_command runs a shell command with no permission check; ask the agent in a prompt instead, and approve its tool call".into(),
+            ),
+            other => refuse(
+                gate::NOT_ALLOWED,
+                format!("{other:?} messages are not allowed through moorline (user, control_request, control_response, keep_alive are)"),
+            ),
+        }
+    }
+
+    fn control_request(v: Value) -> Verdict {
+        let request = &v["request"];
+        let subtype = request["subtype"].as_str().unwrap_or("");
+        let refusal = match subtype {
+            "interrupt" | "set_model" => None,
+            "set_permission_mode" => {
+                let extra = gate::unexpected_keys(request, &["subtype", "mode"]);
+                let mode = request["mode"].as_str().unwrap_or("");
+                (!matches!(mode, PERMISSION_MODE | PERMISSION_MODE_ALIAS) || !extra.is_empty()).then(|| {
+                    Rejection::new(
+                        gate::PERMISSION_CHANGE,
+                        format!(
+                            "the permission mode stays {PERMISSION_MODE:?}: every tool call that needs permission asks a person (asked for {}{})",
+                            request["mode"],
+                            if extra.is_empty() { String::new() } else { format!(" with {}", extra.join(", ")) }
+                        ),
+                    )
+                })
+            }
+            "initialize" => {
+                let extra = gate::unexpected_keys(request, INITIALIZE_KEYS)
+                    .into_iter()
+                    .filter(|k| !is_empty(&request[*k]))
+                    .collect::<Vec<_>>();
+                (!extra.is_empty()).then(|| {
+                    Rejection::new(
+                        gate::PERMISSION_CHANGE,
+                        format!(
+                            "initialize may not set {} (hooks, MCP servers, agents and the like could run or allow tools without a person)",
+                            extra.join(", ")
+                        ),
+                    )
+                })
+            }
+            "apply_flag_settings"
+            | "update_settings"
+            | "add_directory"
+            | "set_cwd"
+            | "mcp_set_servers"
+            | "register_device_hooks" => Some(Rejection::new(
+                gate::PERMISSION_CHANGE,
+                format!("{subtype} changes Claude's settings, directories or tools"),
+            )),
+            "start_shell_task" | "mcp_call" | "rewind_files" | "stage_file" => {
+                Some(Rejection::new(
+                    gate::RUNS_WITHOUT_APPROVAL,
+                    format!(
+                        "{subtype} runs a command, a tool or a file change with no permission check"
+                    ),
+                ))
+            }
+            other => Some(Rejection::new(
+                gate::NOT_ALLOWED,
+                format!(
+                    "control request {other:?} is not allowed through moorline (interrupt, set_model, set_permission_mode to {PERMISSION_MODE:?} and initialize are)"
+                ),
+            )),
+        };
+        match refusal {
+            None => Verdict::Forward(v, None),
+            Some(rejection) => {
+                // The client waits for Claude's answer: give it the error Claude would.
+                let reply = json!({"type": "control_response", "response": {"subtype": "error",
+                    "request_id": v["request_id"], "error": format!("moorline: {}", rejection.error)}});
+                Verdict::Refuse(rejection, Some(reply))
+            }
+        }
+    }
+}
+
+/// True for null, `{}`, `[]` and `""`.
+fn is_empty(v: &Value) -> bool {
+    match v {
+        Value::Null => true,
+        Value::Object(o) => o.is_empty(),
+        Value::Array(a) => a.is_empty(),
+        Value::String(s) => s.is_empty(),
+        _ => false,
+    }
+}
+
+/// The slash command a user message starts with, if any: a text (or any text block) whose
+/// first word is `/name` (letters, digits, `-`, `_`, `:`), so paths such as `/usr/bin` are
+/// ordinary text.
+fn slash_command(content: &Value) -> Option<&str> {
+    let texts: Vec<&str> = match content {
+        Value::String(s) => vec![s.as_str()],
+        Value::Array(blocks) => blocks.iter().filter_map(|b| b["text"].as_str()).collect(),
+        _ => Vec::new(),
+    };
+    texts.into_iter().find_map(|t| {
+        let word = t
+            .trim_start()
+            .strip_prefix('/')?
+            .split_whitespace()
+            .next()?;
+        word.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | ':'))
+            .then_some(word)
+    })
+}
 
 impl Translator for NativeGuard {
     fn start(&mut self, out: &mut Outputs) {
@@ -129,19 +315,10 @@ impl Translator for NativeGuard {
     }
 
     fn client_line(&mut self, line: &[u8], out: &mut Outputs) {
-        if line.iter().all(u8::is_ascii_whitespace) {
-            return;
-        }
-        match serde_json::from_slice::<Value>(line) {
-            Ok(Value::Object(_)) => out.to_agent.push(line.to_vec()),
-            Ok(_) => out.client_json(
-                &json!({"type": "amarre.input_rejected", "reason": "not_an_object",
-                "error": "Claude Code accepts only JSON objects"}),
-            ),
-            Err(e) => out.client_json(
-                &json!({"type": "amarre.input_rejected", "reason": "invalid_json",
-                "error": pirpc::parse_error(line, &e)}),
-            ),
+        match gate::parse_object(line) {
+            None => {}
+            Some(Err(rejection)) => out.client_json(&rejection.frame()),
+            Some(Ok(v)) => gate::apply(Self::screen(v), out),
         }
     }
 }
@@ -545,6 +722,13 @@ impl Translator for PiRpcTranslator {
         let Some(cmd) = pirpc::parse_command(line, out) else {
             return;
         };
+        if let Err(rejection) = crate::gate::pi_rpc_command(&cmd)
+            && rejection.reason == crate::gate::RUNS_WITHOUT_APPROVAL
+        {
+            // `bash` and the like would bypass approval in pi; they are never translated.
+            crate::gate::refuse_pi_rpc(&cmd, &rejection, out);
+            return;
+        }
         let id = cmd["id"].clone();
         let kind = cmd["type"].as_str().unwrap_or("").to_owned();
         if self.conversation.answer(out, &id, &kind) {
@@ -841,6 +1025,157 @@ mod tests {
             answer["response"]["response"]["updatedInput"]["command"],
             "ls"
         );
+    }
+
+    /// What a native client line becomes: (lines for Claude, frames for clients).
+    fn guard(line: Value) -> (Vec<Value>, Vec<Value>) {
+        let mut out = Outputs::default();
+        NativeGuard.client_line(line.to_string().as_bytes(), &mut out);
+        let parse = |v: &Vec<Vec<u8>>| {
+            v.iter()
+                .map(|l| serde_json::from_slice(l).expect("json"))
+                .collect::<Vec<Value>>()
+        };
+        (parse(&out.to_agent), parse(&out.to_clients))
+    }
+
+    fn refused(line: Value, reason: &str) -> Vec<Value> {
+        let (to_agent, to_clients) = guard(line.clone());
+        assert!(to_agent.is_empty(), "{line} reached Claude");
+        assert_eq!(to_clients[0]["type"], "amarre.input_rejected", "{line}");
+        assert_eq!(to_clients[0]["reason"], reason, "{line}: {}", to_clients[0]);
+        to_clients
+    }
+
+    #[test]
+    fn the_native_guard_keeps_the_permission_mode() {
+        for mode in [
+            "acceptEdits",
+            "bypassPermissions",
+            "auto",
+            "dontAsk",
+            "plan",
+        ] {
+            let frames = refused(
+                json!({"type": "control_request", "request_id": "m1",
+                    "request": {"subtype": "set_permission_mode", "mode": mode}}),
+                gate::PERMISSION_CHANGE,
+            );
+            assert!(frames[0]["error"].as_str().expect("error").contains(mode));
+            // The client waiting for Claude's answer gets one.
+            assert_eq!(frames[1]["response"]["request_id"], "m1");
+            assert_eq!(frames[1]["response"]["subtype"], "error");
+        }
+        refused(
+            json!({"type": "control_request", "request_id": "m2", "request": {
+                "subtype": "set_permission_mode", "mode": "default", "answers_bypass_switch_back": "bypass_always"}}),
+            gate::PERMISSION_CHANGE,
+        );
+        for mode in ["default", "manual"] {
+            let (to_agent, _) = guard(json!({"type": "control_request", "request_id": "m3",
+                "request": {"subtype": "set_permission_mode", "mode": mode}}));
+            assert_eq!(to_agent.len(), 1, "{mode} is the instance's mode");
+        }
+    }
+
+    #[test]
+    fn the_native_guard_refuses_direct_execution_and_settings() {
+        refused(
+            json!({"type": "bash_command", "command": "touch x"}),
+            gate::RUNS_WITHOUT_APPROVAL,
+        );
+        for subtype in ["start_shell_task", "mcp_call", "rewind_files"] {
+            refused(
+                json!({"type": "control_request", "request_id": "r", "request": {"subtype": subtype}}),
+                gate::RUNS_WITHOUT_APPROVAL,
+            );
+        }
+        for subtype in [
+            "apply_flag_settings",
+            "update_settings",
+            "add_directory",
+            "mcp_set_servers",
+        ] {
+            refused(
+                json!({"type": "control_request", "request_id": "r", "request": {"subtype": subtype}}),
+                gate::PERMISSION_CHANGE,
+            );
+        }
+        refused(
+            json!({"type": "control_request", "request_id": "r", "request": {"subtype": "get_settings"}}),
+            gate::NOT_ALLOWED,
+        );
+        refused(
+            json!({"type": "control_request", "request_id": "i", "request": {"subtype": "initialize",
+                "hooks": {"PreToolUse": [{"hookCallbackIds": ["h1"]}]}}}),
+            gate::PERMISSION_CHANGE,
+        );
+        refused(
+            json!({"type": "update_environment_variables", "variables": {"A": "1"}}),
+            gate::NOT_ALLOWED,
+        );
+        refused(
+            json!({"type": "user", "message": {"role": "user", "content": "/config set x"}}),
+            gate::NOT_ALLOWED,
+        );
+        refused(
+            json!({"type": "user", "message": {"role": "user", "content": [{"type": "text", "text": "  /add-dir /etc"}]}}),
+            gate::NOT_ALLOWED,
+        );
+        refused(
+            json!({"type": "user", "message": {"role": "assistant", "content": "x"}}),
+            gate::NOT_ALLOWED,
+        );
+    }
+
+    #[test]
+    fn the_native_guard_lets_chat_clients_work() {
+        for line in [
+            json!({"type": "user", "message": {"role": "user", "content": "RUNBASH: ls"}}),
+            json!({"type": "user", "message": {"role": "user", "content": "/usr/bin/env is odd"}}),
+            json!({"type": "user", "message": {"role": "user", "content": "/compact"}}),
+            json!({"type": "control_request", "request_id": "a", "request": {"subtype": "interrupt"}}),
+            json!({"type": "control_request", "request_id": "b", "request": {"subtype": "set_model", "model": "x"}}),
+            json!({"type": "control_request", "request_id": "c", "request": {"subtype": "initialize", "hooks": null, "systemPrompt": "be brief"}}),
+            json!({"type": "keep_alive"}),
+            json!({"type": "control_response", "response": {"subtype": "success", "request_id": "r1",
+                "response": {"behavior": "allow", "updatedInput": {"command": "ls"}}}}),
+        ] {
+            let (to_agent, to_clients) = guard(line.clone());
+            assert_eq!(to_agent, vec![line.clone()], "{line}");
+            assert!(to_clients.is_empty(), "{line}");
+        }
+    }
+
+    #[test]
+    fn an_answer_that_adds_permission_rules_is_pinned_to_this_call() {
+        let (to_agent, to_clients) = guard(json!({"type": "control_response", "response": {
+            "subtype": "success", "request_id": "r1", "response": {"behavior": "allow",
+            "updatedInput": {"command": "ls"},
+            "updatedPermissions": [{"type": "setMode", "mode": "bypassPermissions", "destination": "session"}]}}}));
+        assert_eq!(to_agent[0]["response"]["response"]["behavior"], "allow");
+        assert!(
+            to_agent[0]["response"]["response"]
+                .get("updatedPermissions")
+                .is_none()
+        );
+        assert_eq!(
+            (
+                to_clients[0]["reason"].as_str(),
+                to_clients[0]["forwarded"].as_bool()
+            ),
+            (Some(gate::PERMISSION_CHANGE), Some(true))
+        );
+    }
+
+    #[test]
+    fn pi_rpc_bash_is_refused_not_translated() {
+        let mut t = PiRpcTranslator::new(None);
+        let mut out = Outputs::default();
+        t.client_line(br#"{"id":"b","type":"bash","command":"touch x"}"#, &mut out);
+        assert!(out.to_agent.is_empty());
+        let frame: Value = serde_json::from_slice(&out.to_clients[0]).expect("json");
+        assert_eq!(frame["reason"], gate::RUNS_WITHOUT_APPROVAL);
     }
 
     #[test]

@@ -8,8 +8,9 @@
 //! the sandbox), which is what makes remote approval meaningful.
 //!
 //! Two client dialects:
-//! - `native`: app-server JSON-RPC, unchanged (clients do the handshake themselves);
-//!   approvals are `item/commandExecution/requestApproval` requests and their results;
+//! - `native`: app-server JSON-RPC through [`NativeGuard`]'s allow-list, threads and turns
+//!   pinned to moorline's policy (clients do the handshake themselves); approvals are
+//!   `item/commandExecution/requestApproval` requests and their results;
 //! - `pi-rpc` (default): [`PiRpcTranslator`] does the handshake and turns pi commands and
 //!   events into Codex's and back, approvals becoming `extension_ui_request` confirms.
 
@@ -17,6 +18,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use serde_json::{Value, json};
 
+use crate::gate::{self, Rejection, Verdict};
 use crate::pipeline::{Decision, Dialect, Outputs, Translator, codex_approval_answer};
 use crate::pirpc::{self, Conversation};
 use crate::{Adapter, AdapterConfig, AdapterError, LaunchContext, LaunchSettings, LaunchSpec};
@@ -95,13 +97,297 @@ impl Adapter for CodexAdapter {
         if self.pi_rpc {
             Box::new(PiRpcTranslator::default())
         } else {
-            Box::new(crate::pipeline::Passthrough)
+            Box::new(NativeGuard)
         }
     }
 
     fn protected_env(&self) -> &'static [&'static str] {
         // Another Codex home holds another configuration (approval policy, providers).
         &["CODEX_*", "OPENAI_*"]
+    }
+}
+
+/// Codex's approval policy for every thread: ask before every command.
+pub const APPROVAL_POLICY: &str = "untrusted";
+/// Codex's sandbox for every thread: none of its own (moorline's container is the sandbox),
+/// so an approved command runs exactly as approved, once.
+pub const SANDBOX: &str = "danger-full-access";
+
+/// Methods a `native` client may call as they are: the handshake, turns, and what only reads
+/// or names conversations.
+pub const METHODS: &[&str] = &[
+    "initialize",
+    "initialized",
+    "turn/steer",
+    "turn/interrupt",
+    "thread/archive",
+    "thread/unarchive",
+    "thread/unsubscribe",
+    "thread/name/set",
+    "thread/goal/set",
+    "thread/goal/get",
+    "thread/goal/clear",
+    "thread/metadata/update",
+    "thread/compact/start",
+    "thread/list",
+    "thread/loaded/list",
+    "thread/read",
+    "thread/turns/list",
+    "thread/items/list",
+    "model/list",
+    "modelProvider/list",
+    "modelProvider/capabilities/read",
+    "experimentalFeature/list",
+    "permissionProfile/list",
+    "mcpServerStatus/list",
+    "skills/list",
+    "hooks/list",
+    "plugin/list",
+    "plugin/installed",
+    "plugin/read",
+    "app/list",
+    "app/read",
+    "app/installed",
+    "config/read",
+    "configRequirements/read",
+    "account/read",
+    "account/rateLimits/read",
+    "account/usage/read",
+    "fuzzyFileSearch",
+];
+
+/// Methods that run commands or tools, or write files or configuration, with nobody approving.
+pub const UNAPPROVED: &[&str] = &[
+    "command/exec",
+    "command/exec/write",
+    "command/exec/terminate",
+    "command/exec/resize",
+    "thread/shellCommand",
+    "thread/approveGuardianDeniedAction",
+    "thread/inject_items",
+    "mcpServer/tool/call",
+    "fs/writeFile",
+    "fs/createDirectory",
+    "fs/remove",
+    "fs/copy",
+    "config/value/write",
+    "config/batchWrite",
+    "modelProvider/config/write",
+    "skills/config/write",
+    "skills/extraRoots/set",
+    "experimentalFeature/enablement/set",
+    "plugin/install",
+    "plugin/uninstall",
+    "marketplace/add",
+    "externalAgentConfig/import",
+];
+
+/// Params of `thread/start`, `thread/resume` and `thread/fork` a client may set, besides the
+/// pinned `approvalPolicy` and `sandbox`.
+pub const THREAD_PARAMS: &[&str] = &[
+    "threadId",
+    "model",
+    "modelProvider",
+    "cwd",
+    "baseInstructions",
+    "developerInstructions",
+    "ephemeral",
+    "serviceName",
+    "serviceTier",
+    "personality",
+    "threadSource",
+    "sessionStartSource",
+    "historyMode",
+    "excludeTurns",
+    "initialTurnsPage",
+    "lastTurnId",
+    "beforeTurnId",
+    "approvalPolicy",
+    "sandbox",
+    "approvalsReviewer",
+];
+
+/// Params of `turn/start` a client may set, besides the pinned `approvalPolicy` and
+/// `sandboxPolicy`.
+pub const TURN_PARAMS: &[&str] = &[
+    "threadId",
+    "input",
+    "model",
+    "effort",
+    "summary",
+    "cwd",
+    "personality",
+    "outputSchema",
+    "serviceTier",
+    "serviceTierForTurn",
+    "clientUserMessageId",
+    "additionalContext",
+    "approvalPolicy",
+    "sandboxPolicy",
+    "approvalsReviewer",
+];
+
+/// The `native` dialect: Codex's app-server JSON-RPC, through an allow-list (see
+/// [`crate::gate`]). `thread/start`, `thread/resume`, `thread/fork` and `turn/start` are
+/// pinned to [`APPROVAL_POLICY`] and [`SANDBOX`] (set when absent, refused when different),
+/// [`METHODS`] pass, and every other request is refused with `amarre.input_rejected` and a
+/// JSON-RPC error, [`UNAPPROVED`] ones as running without approval. Answers to Codex's
+/// requests pass, except that a decision which would stop future approvals
+/// (`acceptForSession`, policy amendments) is pinned to a one-time one.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NativeGuard;
+
+impl NativeGuard {
+    /// Decides what happens to one parsed client line.
+    pub fn screen(mut v: Value) -> Verdict {
+        let Some(method) = v.get("method").map(|m| m.as_str().map(str::to_owned)) else {
+            if v.get("id").is_none() {
+                return Verdict::Refuse(
+                    Rejection::new(
+                        gate::NOT_ALLOWED,
+                        "a JSON-RPC message needs a method or an id",
+                    ),
+                    None,
+                );
+            }
+            let note = Self::pin_decision(&mut v["result"]);
+            return Verdict::Forward(v, note);
+        };
+        let method = method.unwrap_or_default();
+        let refusal = match method.as_str() {
+            m if METHODS.contains(&m) => None,
+            "thread/start" | "thread/resume" | "thread/fork" => {
+                Self::pin(&mut v, THREAD_PARAMS, "sandbox", json!(SANDBOX))
+            }
+            "turn/start" => Self::pin(
+                &mut v,
+                TURN_PARAMS,
+                "sandboxPolicy",
+                json!({"type": "dangerFullAccess"}),
+            ),
+            "review/start" => (!v["params"]["delivery"].is_null()
+                && v["params"]["delivery"] != "inline")
+                .then(|| {
+                    Rejection::new(
+                        gate::NOT_ALLOWED,
+                        "review/start may only deliver inline (a detached review starts a thread moorline has not pinned)",
+                    )
+                }),
+            m if UNAPPROVED.contains(&m) || m.starts_with("process/") => Some(Rejection::new(
+                gate::RUNS_WITHOUT_APPROVAL,
+                format!("{m} runs a command or changes files or configuration with nobody approving it"),
+            )),
+            m => Some(Rejection::new(
+                gate::NOT_ALLOWED,
+                format!("{m:?} is not a method moorline lets clients call (see docs/ADAPTERS.md)"),
+            )),
+        };
+        match refusal {
+            None => Verdict::Forward(v, None),
+            Some(rejection) => {
+                let reply = v.get("id").map(|id| {
+                    json!({"id": id, "error": {"code": -32600,
+                        "message": format!("moorline: {}", rejection.error)}})
+                });
+                Verdict::Refuse(rejection, reply)
+            }
+        }
+    }
+
+    /// Pins a thread or turn request to moorline's policy: `approvalPolicy` and the sandbox
+    /// field must be absent, null or moorline's (and are set to moorline's), approvals go to
+    /// the user, and no other param may touch permissions.
+    fn pin(
+        v: &mut Value,
+        allowed: &[&str],
+        sandbox_key: &str,
+        sandbox: Value,
+    ) -> Option<Rejection> {
+        let params = &v["params"];
+        if !params.is_null() && !params.is_object() {
+            return Some(Rejection::new(
+                gate::NOT_ALLOWED,
+                "params must be an object",
+            ));
+        }
+        let policy = &params["approvalPolicy"];
+        if !policy.is_null() && *policy != APPROVAL_POLICY {
+            return Some(Rejection::new(
+                gate::PERMISSION_CHANGE,
+                format!("approvalPolicy stays {APPROVAL_POLICY:?} (asked for {policy})"),
+            ));
+        }
+        let asked = &params[sandbox_key];
+        if !asked.is_null() && *asked != sandbox {
+            return Some(Rejection::new(
+                gate::PERMISSION_CHANGE,
+                format!("{sandbox_key} stays {sandbox} (asked for {asked})"),
+            ));
+        }
+        let reviewer = &params["approvalsReviewer"];
+        if !reviewer.is_null() && *reviewer != "user" {
+            return Some(Rejection::new(
+                gate::PERMISSION_CHANGE,
+                format!(
+                    "approvalsReviewer stays \"user\" (asked for {reviewer}): a person answers approvals"
+                ),
+            ));
+        }
+        let extra = gate::unexpected_keys(params, allowed);
+        if !extra.is_empty() {
+            return Some(Rejection::new(
+                gate::PERMISSION_CHANGE,
+                format!(
+                    "{} may not be set through moorline (they can change approvals, the sandbox, tools or configuration)",
+                    extra.join(", ")
+                ),
+            ));
+        }
+        if !v["params"].is_object() {
+            v["params"] = json!({});
+        }
+        v["params"]["approvalPolicy"] = json!(APPROVAL_POLICY);
+        v["params"][sandbox_key] = sandbox;
+        None
+    }
+
+    /// Keeps an approval answer to this one call: `acceptForSession` becomes `accept`; a
+    /// decision carrying a policy amendment becomes `decline`, as the pipeline reported it.
+    fn pin_decision(result: &mut Value) -> Option<Rejection> {
+        let decision = result.get("decision")?;
+        let pinned = match decision {
+            Value::String(d) if matches!(d.as_str(), "accept" | "decline" | "cancel") => {
+                return None;
+            }
+            Value::String(d) if d == "acceptForSession" => "accept",
+            _ => "decline",
+        };
+        let note = Rejection::new(
+            gate::PERMISSION_CHANGE,
+            format!(
+                "decision {decision} would let later calls run unasked; forwarded as {pinned:?} (moorline asks for every call)"
+            ),
+        );
+        result["decision"] = json!(pinned);
+        Some(note)
+    }
+}
+
+impl Translator for NativeGuard {
+    fn agent_line(&mut self, line: &str, out: &mut Outputs) {
+        out.to_clients.push(line.as_bytes().to_vec());
+    }
+
+    fn passes_agent_lines_through(&self) -> bool {
+        true
+    }
+
+    fn client_line(&mut self, line: &[u8], out: &mut Outputs) {
+        match gate::parse_object(line) {
+            None => {}
+            Some(Err(rejection)) => out.client_json(&rejection.frame()),
+            Some(Ok(v)) => gate::apply(Self::screen(v), out),
+        }
     }
 }
 
@@ -307,7 +593,7 @@ impl Translator for PiRpcTranslator {
             "capabilities": {"experimentalApi": true, "requestAttestation": false}}}));
         out.agent_json(&json!({"method": "initialized"}));
         out.agent_json(&json!({"id": THREAD, "method": "thread/start",
-            "params": {"approvalPolicy": "untrusted", "sandbox": "danger-full-access"}}));
+            "params": {"approvalPolicy": APPROVAL_POLICY, "sandbox": SANDBOX}}));
     }
 
     fn agent_line(&mut self, line: &str, out: &mut Outputs) {
@@ -401,6 +687,13 @@ impl Translator for PiRpcTranslator {
         let Some(cmd) = pirpc::parse_command(line, out) else {
             return;
         };
+        if let Err(rejection) = crate::gate::pi_rpc_command(&cmd)
+            && rejection.reason == crate::gate::RUNS_WITHOUT_APPROVAL
+        {
+            // `bash` and the like would bypass approval in pi; they are never translated.
+            crate::gate::refuse_pi_rpc(&cmd, &rejection, out);
+            return;
+        }
         let id = cmd["id"].clone();
         let kind = cmd["type"].as_str().unwrap_or("").to_owned();
         if self.conversation.answer(out, &id, &kind) {
@@ -576,6 +869,172 @@ mod tests {
         );
         let answer: Value = serde_json::from_slice(&out.to_agent[0]).expect("json");
         assert_eq!(answer, json!({"id": 0, "result": {"decision": "decline"}}));
+    }
+
+    /// What a native client line becomes: (lines for Codex, frames for clients).
+    fn guard(line: Value) -> (Vec<Value>, Vec<Value>) {
+        let mut out = Outputs::default();
+        NativeGuard.client_line(line.to_string().as_bytes(), &mut out);
+        let parse = |v: &Vec<Vec<u8>>| {
+            v.iter()
+                .map(|l| serde_json::from_slice(l).expect("json"))
+                .collect::<Vec<Value>>()
+        };
+        (parse(&out.to_agent), parse(&out.to_clients))
+    }
+
+    fn refused(line: Value, reason: &str) {
+        let (to_agent, to_clients) = guard(line.clone());
+        assert!(to_agent.is_empty(), "{line} reached Codex");
+        assert_eq!(to_clients[0]["type"], "amarre.input_rejected", "{line}");
+        assert_eq!(to_clients[0]["reason"], reason, "{line}: {}", to_clients[0]);
+        assert_eq!(
+            to_clients[1]["id"], line["id"],
+            "a JSON-RPC error answers the request"
+        );
+        assert_eq!(to_clients[1]["error"]["code"], -32600);
+    }
+
+    #[test]
+    fn threads_and_turns_cannot_widen_the_policy() {
+        for method in ["thread/start", "thread/resume", "thread/fork"] {
+            refused(
+                json!({"id": 1, "method": method, "params": {"approvalPolicy": "never", "sandbox": "danger-full-access"}}),
+                gate::PERMISSION_CHANGE,
+            );
+            refused(
+                json!({"id": 2, "method": method, "params": {"sandbox": "workspace-write"}}),
+                gate::PERMISSION_CHANGE,
+            );
+            refused(
+                json!({"id": 3, "method": method, "params": {"config": {"approval_policy": "never"}}}),
+                gate::PERMISSION_CHANGE,
+            );
+            refused(
+                json!({"id": 4, "method": method, "params": {"approvalsReviewer": "auto_review"}}),
+                gate::PERMISSION_CHANGE,
+            );
+            refused(
+                json!({"id": 5, "method": method, "params": {"permissions": "full"}}),
+                gate::PERMISSION_CHANGE,
+            );
+            refused(
+                json!({"id": 6, "method": method, "params": {"approvalPolicy": {"granular": {"rules": false, "mcp_elicitations": false, "sandbox_approval": false}}}}),
+                gate::PERMISSION_CHANGE,
+            );
+        }
+        refused(
+            json!({"id": 7, "method": "turn/start", "params": {"threadId": "T", "input": [], "approvalPolicy": "on-request"}}),
+            gate::PERMISSION_CHANGE,
+        );
+        refused(
+            json!({"id": 8, "method": "turn/start", "params": {"threadId": "T", "input": [], "sandboxPolicy": {"type": "readOnly"}}}),
+            gate::PERMISSION_CHANGE,
+        );
+        refused(
+            json!({"id": 9, "method": "turn/start", "params": {"threadId": "T", "input": [], "permissions": "p"}}),
+            gate::PERMISSION_CHANGE,
+        );
+    }
+
+    #[test]
+    fn threads_and_turns_are_pinned_to_moorlines_policy() {
+        let (to_agent, to_clients) =
+            guard(json!({"id": 1, "method": "thread/start", "params": {"model": "m"}}));
+        assert!(to_clients.is_empty());
+        assert_eq!(
+            to_agent[0]["params"],
+            json!({"model": "m", "approvalPolicy": "untrusted", "sandbox": "danger-full-access"})
+        );
+        let (to_agent, _) = guard(
+            json!({"id": 2, "method": "thread/resume", "params": {"threadId": "T",
+            "approvalPolicy": "untrusted", "sandbox": "danger-full-access"}}),
+        );
+        assert_eq!(to_agent[0]["params"]["approvalPolicy"], "untrusted");
+        let (to_agent, _) = guard(
+            json!({"id": 3, "method": "turn/start", "params": {"threadId": "T",
+            "input": [{"type": "text", "text": "hi"}]}}),
+        );
+        assert_eq!(
+            (
+                &to_agent[0]["params"]["approvalPolicy"],
+                &to_agent[0]["params"]["sandboxPolicy"]
+            ),
+            (&json!("untrusted"), &json!({"type": "dangerFullAccess"}))
+        );
+    }
+
+    #[test]
+    fn methods_that_run_or_write_without_approval_are_refused() {
+        for method in [
+            "command/exec",
+            "thread/shellCommand",
+            "config/value/write",
+            "config/batchWrite",
+            "fs/writeFile",
+            "mcpServer/tool/call",
+            "plugin/install",
+            "process/spawn",
+            "thread/approveGuardianDeniedAction",
+        ] {
+            refused(
+                json!({"id": 1, "method": method, "params": {"command": ["touch", "x"]}}),
+                gate::RUNS_WITHOUT_APPROVAL,
+            );
+        }
+        for method in [
+            "account/login/start",
+            "account/logout",
+            "fs/readFile",
+            "execOneOffCommand",
+            "newConversation",
+        ] {
+            refused(
+                json!({"id": 1, "method": method, "params": {}}),
+                gate::NOT_ALLOWED,
+            );
+        }
+        refused(
+            json!({"id": 1, "method": "review/start", "params": {"threadId": "T", "delivery": "detached"}}),
+            gate::NOT_ALLOWED,
+        );
+    }
+
+    #[test]
+    fn chat_clients_still_work_and_answers_stay_one_time() {
+        for line in [
+            json!({"id": 0, "method": "initialize", "params": {"clientInfo": {"name": "c", "version": "1"}}}),
+            json!({"method": "initialized"}),
+            json!({"id": 1, "method": "turn/interrupt", "params": {"threadId": "T", "turnId": "U"}}),
+            json!({"id": 2, "method": "thread/list", "params": {}}),
+            json!({"id": 0, "result": {"decision": "accept"}}),
+            json!({"id": 1, "result": {"decision": "decline"}}),
+        ] {
+            let (to_agent, to_clients) = guard(line.clone());
+            assert_eq!(to_agent, vec![line.clone()], "{line}");
+            assert!(to_clients.is_empty(), "{line}");
+        }
+        let (to_agent, to_clients) =
+            guard(json!({"id": 3, "result": {"decision": "acceptForSession"}}));
+        assert_eq!(to_agent[0]["result"]["decision"], "accept");
+        assert_eq!(to_clients[0]["forwarded"], true);
+        let (to_agent, to_clients) = guard(json!({"id": 4, "result": {"decision":
+            {"acceptWithExecpolicyAmendment": {"execpolicy_amendment": ["touch"]}}}}));
+        assert_eq!(
+            to_agent[0]["result"]["decision"], "decline",
+            "as the pipeline reported it"
+        );
+        assert_eq!(to_clients[0]["reason"], gate::PERMISSION_CHANGE);
+    }
+
+    #[test]
+    fn pi_rpc_bash_is_refused_not_translated() {
+        let mut t = PiRpcTranslator::default();
+        let mut out = Outputs::default();
+        t.client_line(br#"{"id":"b","type":"bash","command":"touch x"}"#, &mut out);
+        assert!(out.to_agent.is_empty());
+        let frame: Value = serde_json::from_slice(&out.to_clients[0]).expect("json");
+        assert_eq!(frame["reason"], gate::RUNS_WITHOUT_APPROVAL);
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! environment) into a [`LaunchSpec`]: the program, its arguments, its environment and the
 //! files it needs. Where an agent's wire format differs from what clients speak, the adapter
 //! also provides a [`pipeline::Translator`]; the [`pipeline`] adds approval rules on
-//! top. Adapters know nothing about HTTP, WebSockets or how the process is isolated.
+//! top, and the [`gate`] keeps clients from switching approvals off. Adapters know nothing about HTTP, WebSockets or how the process is isolated.
 //!
 //! Built-in adapters:
 //! - [`echo`]: moorline's own echo agent, so a fresh install works with nothing else installed;
@@ -26,6 +26,7 @@ pub mod claude;
 pub mod codex;
 pub mod command;
 pub mod echo;
+pub mod gate;
 pub mod pi;
 pub mod pipeline;
 pub mod pirpc;

@@ -4,7 +4,9 @@
 //! pass through. What the adapter adds is safety: pi runs with `--no-extensions` and only
 //! moorline's permission gate (shipped as a data file, written into the session's data
 //! directory), so every tool call becomes an `extension_ui_request` confirm that clients
-//! answer. Telemetry, update checks and other startup network calls are off.
+//! answer. Telemetry, update checks and other startup network calls are off. Client commands
+//! go through [`crate::gate::pi_rpc_command`]: `bash`, which pi runs with no tool call and so
+//! no gate, never reaches it.
 
 use std::path::PathBuf;
 
@@ -112,7 +114,8 @@ impl Adapter for PiAdapter {
 const PROBE_ID: &str = "moorline-ready";
 
 /// pi prints nothing until asked: moorline asks `get_state` at start, keeps the answer to
-/// itself, and tells clients `amarre.agent_ready`. After that, lines pass through untouched.
+/// itself, and tells clients `amarre.agent_ready`. After that, agent lines pass through
+/// untouched; client lines are checked against the commands clients may send.
 #[derive(Debug, Default)]
 pub struct ReadyProbe {
     ready: bool,
@@ -140,10 +143,28 @@ impl Translator for ReadyProbe {
     }
 
     fn client_line(&mut self, line: &[u8], out: &mut Outputs) {
-        out.to_agent.push(line.to_vec());
+        match crate::gate::parse_object(line) {
+            // Blank lines: pi ignores them too.
+            None => {}
+            Some(Err(rejection)) => {
+                // pi would answer with its own parse error; a line serde cannot read might
+                // still be one JavaScript reads, so it never reaches pi.
+                out.client_json(&rejection.frame());
+                crate::pirpc::respond(
+                    out,
+                    &Value::Null,
+                    "parse",
+                    Err(format!("Failed to parse command: {}", rejection.error)),
+                );
+            }
+            Some(Ok(cmd)) => match crate::gate::pi_rpc_command(&cmd) {
+                Ok(()) => out.agent_json(&cmd),
+                Err(rejection) => crate::gate::refuse_pi_rpc(&cmd, &rejection, out),
+            },
+        }
     }
 
-    fn passes_through(&self) -> bool {
+    fn passes_agent_lines_through(&self) -> bool {
         self.ready
     }
 }
@@ -211,7 +232,7 @@ mod tests {
         let mut out = Outputs::default();
         t.start(&mut out);
         assert!(String::from_utf8_lossy(&out.to_agent[0]).contains("get_state"));
-        assert!(!t.passes_through());
+        assert!(!t.passes_agent_lines_through());
         let mut out = Outputs::default();
         t.agent_line(r#"{"id":"moorline-ready","type":"response","command":"get_state","success":true,"data":{"model":{"id":"m"}}}"#, &mut out);
         let frame: Value = serde_json::from_slice(&out.to_clients[0]).expect("json");
@@ -220,8 +241,17 @@ mod tests {
             (Some("amarre.agent_ready"), Some("m"))
         );
         assert!(
-            t.passes_through(),
-            "then everything passes through untouched"
+            t.passes_agent_lines_through(),
+            "then agent lines pass through untouched"
         );
+        assert!(!t.passes_through(), "client lines are still checked");
+        let mut out = Outputs::default();
+        t.client_line(br#"{"id":"b","type":"bash","command":"touch x"}"#, &mut out);
+        assert!(out.to_agent.is_empty(), "bash never reaches pi");
+        let frame: Value = serde_json::from_slice(&out.to_clients[0]).expect("json");
+        assert_eq!(frame["reason"], "runs_without_approval");
+        let mut out = Outputs::default();
+        t.client_line(br#"{"id":"p","type":"prompt","message":"hi"}"#, &mut out);
+        assert_eq!(out.to_agent.len(), 1, "prompts do");
     }
 }

@@ -103,6 +103,15 @@ async fn start(
     kind: &str,
     program: &str,
 ) -> Option<(TestServer, Mock, Option<Sandbox>, tempfile::TempDir)> {
+    start_in(kind, program, None).await
+}
+
+/// [`start`], with clients speaking `dialect`.
+async fn start_in(
+    kind: &str,
+    program: &str,
+    dialect: Option<&str>,
+) -> Option<(TestServer, Mock, Option<Sandbox>, tempfile::TempDir)> {
     if let Some(why) = missing(program) {
         eprintln!("SKIPPED: {why}");
         return None;
@@ -112,7 +121,8 @@ async fn start(
     if sandbox.is_none() {
         eprintln!("note: runc is not usable here; running {kind} as a plain process");
     }
-    let inst = agent_instance(kind, &mock, sandbox.as_ref());
+    let mut inst = agent_instance(kind, &mock, sandbox.as_ref());
+    inst.dialect = dialect.map(str::to_owned);
     let server = TestServer::start_with(|c| {
         match &sandbox {
             Some(s) => s.apply(c),
@@ -173,6 +183,10 @@ fn is_confirm(v: &Value) -> bool {
     v["type"] == "extension_ui_request" && v["method"] == "confirm"
 }
 
+fn is_rejection(v: &Value) -> bool {
+    v["type"] == "amarre.input_rejected"
+}
+
 fn is_resolution(v: &Value) -> bool {
     v["type"] == "amarre.approval_resolved"
 }
@@ -230,6 +244,18 @@ async fn drive(kind: &str, program: &str) {
     .await;
     assert_eq!(err["success"], false, "{kind}: {err}");
 
+    // pi's `bash` command would run a shell command with no approval: it never does.
+    a.send_json(&json!({"id": "b1", "type": "bash", "command": "touch bash.txt"}))
+        .await;
+    let rejected = until(&mut a, "the rejection", is_rejection).await;
+    assert_eq!(rejected["reason"], "runs_without_approval", "{kind}");
+    let failed = until(&mut a, "the failed bash", |v| v["type"] == "response").await;
+    assert_eq!(
+        (failed["id"].as_str(), failed["success"].as_bool()),
+        (Some("b1"), Some(false)),
+        "{kind}"
+    );
+
     // A tool call needs approval; allowed, it runs in the workspace. A late answer from the
     // other client changes nothing.
     a.send_json(&prompt("p2", "RUNBASH: touch approved.txt"))
@@ -262,6 +288,10 @@ async fn drive(kind: &str, program: &str) {
     assert!(
         work.path().join("approved.txt").exists(),
         "{kind}: the approved command ran in the workspace"
+    );
+    assert!(
+        !work.path().join("bash.txt").exists(),
+        "{kind}: the refused bash command never ran"
     );
     turn_text(&mut b).await;
 
@@ -548,4 +578,201 @@ async fn claude_code_native_dialect_keeps_claudes_protocol_and_survives_garbage(
         return;
     };
     eprintln!("SKIPPED: {mock_check}");
+}
+
+/// Reads frames until `rejection` arrives; checks its reason.
+async fn rejected(ws: &mut Ws, reason: &str) -> Value {
+    let frame = until(ws, "the rejection", is_rejection).await;
+    assert_eq!(frame["reason"], reason, "{frame}");
+    frame
+}
+
+fn claude_user(text: &str) -> Value {
+    json!({"type": "user", "message": {"role": "user", "content": text}})
+}
+
+fn is_can_use_tool(v: &Value) -> bool {
+    v["type"] == "control_request" && v["request"]["subtype"] == "can_use_tool"
+}
+
+fn claude_answer(ask: &Value, allow: bool) -> Value {
+    let response = if allow {
+        json!({"behavior": "allow", "updatedInput": ask["request"]["input"]})
+    } else {
+        json!({"behavior": "deny", "message": "no"})
+    };
+    json!({"type": "control_response", "response": {"subtype": "success",
+        "request_id": ask["request_id"], "response": response}})
+}
+
+/// Claude Code, `native` dialect: a client cannot switch the permission mode, run a shell
+/// command directly or answer "always allow"; the next tool call still asks, and does not run
+/// until a person says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claude_code_native_clients_cannot_switch_the_gate_off() {
+    let Some((server, _mock, _sandbox, work)) =
+        start_in("claude-code", "claude", Some("native")).await
+    else {
+        return;
+    };
+    let id = create(&server, "claude-code", work.path()).await;
+    let mut ws = server.ws(&id).await;
+    let file = |name: &str| work.path().join(name);
+
+    for (rid, mode) in [
+        ("m1", "acceptEdits"),
+        ("m2", "bypassPermissions"),
+        ("m3", "auto"),
+    ] {
+        ws.send_json(&json!({"type": "control_request", "request_id": rid,
+            "request": {"subtype": "set_permission_mode", "mode": mode}}))
+            .await;
+        let frame = rejected(&mut ws, "permission_change").await;
+        assert!(
+            frame["error"].as_str().unwrap_or("").contains(mode),
+            "{frame}"
+        );
+        let reply = until(&mut ws, "the control response", |v| {
+            v["type"] == "control_response"
+        })
+        .await;
+        assert_eq!(
+            (
+                reply["response"]["request_id"].as_str(),
+                reply["response"]["subtype"].as_str()
+            ),
+            (Some(rid), Some("error"))
+        );
+    }
+    ws.send_json(&json!({"type": "bash_command", "command": "touch bash_command.txt"}))
+        .await;
+    rejected(&mut ws, "runs_without_approval").await;
+
+    // The next tool call asks, and nothing has run while it waits.
+    ws.send_json(&claude_user("RUNBASH: touch first.txt")).await;
+    let ask = until(&mut ws, "a permission request", is_can_use_tool).await;
+    assert!(!file("first.txt").exists(), "ran before any answer");
+    assert!(!file("bash_command.txt").exists(), "bash_command ran");
+
+    // "Allow, and switch to acceptEdits for the session": allowed once, mode unchanged.
+    let mut always = claude_answer(&ask, true);
+    always["response"]["response"]["updatedPermissions"] =
+        json!([{"type": "setMode", "mode": "acceptEdits", "destination": "session"}]);
+    ws.send_json(&always).await;
+    let pinned = rejected(&mut ws, "permission_change").await;
+    assert_eq!(pinned["forwarded"], true, "{pinned}");
+    until(&mut ws, "the result", |v| v["type"] == "result").await;
+    assert!(file("first.txt").exists(), "the one-time allow ran");
+
+    ws.send_json(&claude_user("RUNBASH: touch second.txt"))
+        .await;
+    let ask = until(&mut ws, "a second permission request", is_can_use_tool).await;
+    assert!(!file("second.txt").exists(), "ran before any answer");
+    ws.send_json(&claude_answer(&ask, false)).await;
+    until(&mut ws, "the result", |v| v["type"] == "result").await;
+    assert!(!file("second.txt").exists(), "denied, yet it ran");
+    server.stop().await;
+}
+
+/// Waits for the JSON-RPC response with `id`.
+async fn rpc_response(ws: &mut Ws, id: i64) -> Value {
+    until(ws, "a JSON-RPC response", |v| {
+        v["id"] == id && v.get("method").is_none()
+    })
+    .await
+}
+
+/// Codex, `native` dialect: a thread or turn cannot lower the approval policy, commands cannot
+/// be run around it, and a command still asks and waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn codex_native_clients_cannot_switch_the_gate_off() {
+    let Some((server, _mock, _sandbox, work)) = start_in("codex", "codex", Some("native")).await
+    else {
+        return;
+    };
+    let id = create(&server, "codex", work.path()).await;
+    let mut ws = server.ws(&id).await;
+    let file = |name: &str| work.path().join(name);
+
+    ws.send_json(&json!({"id": 0, "method": "initialize", "params": {
+        "clientInfo": {"name": "gate-test", "version": "1"}, "capabilities": null}}))
+        .await;
+    rpc_response(&mut ws, 0).await;
+    ws.send_json(&json!({"method": "initialized"})).await;
+
+    ws.send_json(&json!({"id": 1, "method": "thread/start",
+        "params": {"approvalPolicy": "never", "sandbox": "danger-full-access"}}))
+        .await;
+    rejected(&mut ws, "permission_change").await;
+    let err = rpc_response(&mut ws, 1).await;
+    assert!(
+        err["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("approvalPolicy"),
+        "{err}"
+    );
+    ws.send_json(&json!({"id": 2, "method": "command/exec",
+        "params": {"command": ["touch", file("exec.txt")]}}))
+        .await;
+    rejected(&mut ws, "runs_without_approval").await;
+    rpc_response(&mut ws, 2).await;
+
+    // A thread that says nothing about approvals gets moorline's policy.
+    ws.send_json(&json!({"id": 3, "method": "thread/start", "params": {}}))
+        .await;
+    let started = rpc_response(&mut ws, 3).await;
+    let thread = started["result"]["thread"]["id"].clone();
+    assert!(thread.is_string(), "{started}");
+    let input = json!([{"type": "text", "text": "RUNBASH: touch gated.txt"}]);
+    ws.send_json(&json!({"id": 4, "method": "turn/start", "params": {
+        "threadId": thread, "input": input, "approvalPolicy": "never"}}))
+        .await;
+    rejected(&mut ws, "permission_change").await;
+    rpc_response(&mut ws, 4).await;
+
+    ws.send_json(&json!({"id": 5, "method": "turn/start", "params": {
+        "threadId": thread, "input": input}}))
+        .await;
+    let ask = until(&mut ws, "an approval request", |v| {
+        v["method"] == "item/commandExecution/requestApproval"
+    })
+    .await;
+    assert!(!file("gated.txt").exists(), "ran before any answer");
+    assert!(!file("exec.txt").exists(), "command/exec ran");
+    ws.send_json(&json!({"id": ask["id"], "result": {"decision": "decline"}}))
+        .await;
+    until(&mut ws, "the end of the turn", |v| {
+        v["method"] == "turn/completed"
+    })
+    .await;
+    assert!(!file("gated.txt").exists(), "declined, yet it ran");
+    server.stop().await;
+}
+
+/// pi's own RPC (its native dialect): `bash` is refused, and the agent's tool call still asks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pi_clients_cannot_run_bash_around_the_gate() {
+    let Some((server, _mock, _sandbox, work)) = start("pi", "pi").await else {
+        return;
+    };
+    let id = create(&server, "pi", work.path()).await;
+    let mut ws = server.ws(&id).await;
+    let file = |name: &str| work.path().join(name);
+    ws.send_json(&json!({"id": "b1", "type": "bash", "command": "touch bash.txt"}))
+        .await;
+    rejected(&mut ws, "runs_without_approval").await;
+    ws.send_json(&json!({"id": "e1", "type": "export_html", "outputPath": file("out.html")}))
+        .await;
+    rejected(&mut ws, "runs_without_approval").await;
+    ws.send_json(&prompt("p1", "RUNBASH: touch gated.txt"))
+        .await;
+    let ask = until(&mut ws, "an approval request", is_confirm).await;
+    assert!(!file("gated.txt").exists(), "ran before any answer");
+    assert!(!file("bash.txt").exists(), "bash ran");
+    ws.send_json(&answer(&ask, false)).await;
+    turn_text(&mut ws).await;
+    assert!(!file("gated.txt").exists(), "denied, yet it ran");
+    assert!(!file("out.html").exists());
+    server.stop().await;
 }
