@@ -268,25 +268,42 @@ async fn no_agent_runs_as_root() {
         }
     };
 
-    // Without an agent user, a root-owned workspace is refused, whatever the runtime.
-    let refusing = server(&sandbox, |c| {
+    // Without an agent user, a root-owned workspace is worked in as the system's `nobody`, or
+    // refused where there is none, whatever the runtime; never as root.
+    let nobody = nix::unistd::User::from_name("nobody")
+        .ok()
+        .flatten()
+        .filter(|u| !u.uid.is_root());
+    let default = server(&sandbox, |c| {
         c.runtime.agent_user = None;
         probes(c);
     })
     .await;
     for rt in ["runc", "tmux", "process"] {
-        let (status, body) = create(&refusing, rt, &root_path).await;
-        assert_eq!(status, 400, "{rt}: {body}");
-        assert_eq!(body["error"], "invalid_cwd");
-        assert!(
-            body["message"]
-                .as_str()
-                .expect("message")
-                .contains("agent_user"),
-            "{rt}: {body}"
-        );
+        let (status, body) = create(&default, rt, &root_path).await;
+        match &nobody {
+            Some(nobody) => {
+                assert_eq!(status, 201, "{rt}: {body}");
+                let id = body["id"].as_str().expect("id");
+                let mut ws = default.ws_query(id, "?since=0").await;
+                let seen = frame(&mut ws, "probe").await;
+                assert_eq!(seen["uid"], nobody.uid.as_raw(), "{rt}: {seen}");
+                assert_eq!(default.delete(&format!("/sessions/{id}")).await.0, 204);
+            }
+            None => {
+                assert_eq!(status, 400, "{rt}: {body}");
+                assert_eq!(body["error"], "invalid_cwd");
+                assert!(
+                    body["message"]
+                        .as_str()
+                        .expect("message")
+                        .contains("agent_user"),
+                    "{rt}: {body}"
+                );
+            }
+        }
     }
-    refusing.stop().await;
+    default.stop().await;
 
     let server = server(&sandbox, |c| {
         c.runtime.agent_user = Some(format!("{TEST_UID}:{TEST_UID}"));
