@@ -202,6 +202,10 @@ pub struct Config {
     /// files; defaults to the running executable.
     #[serde(skip)]
     pub moorline_exe: Option<PathBuf>,
+    /// amarre's push notification variables (`AMARRE_PUSH_*`) found in the environment. Push
+    /// is not available yet, so the server says at startup that they are ignored.
+    #[serde(skip)]
+    pub ignored_push_env: Vec<String>,
 }
 
 /// Every limit moorline enforces.
@@ -540,6 +544,12 @@ impl Config {
             .pass_env
             .iter()
             .filter_map(|k| Some((k.clone(), sources.env.get(k)?.clone())))
+            .collect();
+        config.ignored_push_env = sources
+            .env
+            .keys()
+            .filter(|k| k.starts_with("AMARRE_PUSH_"))
+            .cloned()
             .collect();
         config.validate()?;
         Ok(config)

@@ -70,6 +70,12 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
     let token = config.read_token()?;
+    if !config.ignored_push_env.is_empty() {
+        tracing::warn!(
+            variables = %config.ignored_push_env.join(", "),
+            "push notifications are not available in this version; these variables are ignored"
+        );
+    }
     let addr = listener.local_addr()?;
     let names = {
         let config = config.clone();
