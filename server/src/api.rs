@@ -6,7 +6,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -298,7 +297,7 @@ async fn session_route(
     Path(id): Path<String>,
     method: Method,
     RawQuery(query): RawQuery,
-    upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+    upgrade: Result<ws::Upgrade, ws::NotUpgrade>,
 ) -> Result<Response, ApiError> {
     if let Ok(upgrade) = upgrade {
         return Ok(ws::connect(app, id, query.as_deref(), upgrade));

@@ -233,6 +233,9 @@ pub struct Limits {
     pub client_stall_ms: u64,
     /// After an agent exits, how long to wait for processes it left behind to close its output.
     pub exit_drain_ms: u64,
+    /// After sending a close frame, how long to keep reading (and discarding) what the client
+    /// still sends, so it reads the close code instead of a connection reset.
+    pub close_linger_ms: u64,
 }
 
 impl Limits {
@@ -244,6 +247,11 @@ impl Limits {
     /// [`Self::client_stall_ms`] as a duration.
     pub fn client_stall(&self) -> Duration {
         Duration::from_millis(self.client_stall_ms)
+    }
+
+    /// [`Self::close_linger_ms`] as a duration.
+    pub fn close_linger(&self) -> Duration {
+        Duration::from_millis(self.close_linger_ms)
     }
 
     /// [`Self::exit_drain_ms`] as a duration.
@@ -265,6 +273,7 @@ impl Default for Limits {
             stop_grace_ms: 5_000,
             client_stall_ms: 30_000,
             exit_drain_ms: 500,
+            close_linger_ms: 3_000,
         }
     }
 }
@@ -388,6 +397,7 @@ impl Default for Config {
             runtime: RuntimeConfig::default(),
             instances: Vec::new(),
             moorline_exe: None,
+            ignored_push_env: Vec::new(),
         }
     }
 }
