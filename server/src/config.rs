@@ -233,6 +233,10 @@ pub struct Limits {
     pub client_stall_ms: u64,
     /// After an agent exits, how long to wait for processes it left behind to close its output.
     pub exit_drain_ms: u64,
+    /// Send buffer of a WebSocket client's TCP socket (the kernel doubles it; 0 leaves the
+    /// system's autotuning). Small enough that a slow reader's progress is seen well within
+    /// `client_stall_ms`.
+    pub client_send_buffer_bytes: usize,
     /// After sending a close frame, how long to keep reading (and discarding) what the client
     /// still sends, so it reads the close code instead of a connection reset.
     pub close_linger_ms: u64,
@@ -274,6 +278,7 @@ impl Default for Limits {
             client_stall_ms: 30_000,
             exit_drain_ms: 500,
             close_linger_ms: 3_000,
+            client_send_buffer_bytes: 128 * 1024,
         }
     }
 }

@@ -67,7 +67,39 @@ mod close_code {
 const WRITE_BUFFER: usize = 256 * 1024;
 
 /// The type of the upgraded socket.
-type Socket = WebSocketStream<Metered<TokioIo<hyper::upgrade::Upgraded>>>;
+type Socket = WebSocketStream<Metered<Box<dyn Io>>>;
+
+/// A client's byte stream.
+trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
+
+/// The upgraded connection as the socket it is, when it is TCP, so its send buffer can be
+/// sized; with the bytes the HTTP server had already read past the request.
+fn into_io(upgraded: hyper::upgrade::Upgraded, send_buffer: usize) -> (Box<dyn Io>, Bytes) {
+    type Tcp = TokioIo<tokio::net::TcpStream>;
+    let tcp = |io: Tcp| -> Box<dyn Io> {
+        let tcp = io.into_inner();
+        // The kernel reports a socket writable only once a good part of its send buffer is
+        // free; with an autotuned buffer of megabytes a slow reader's progress would be
+        // invisible for longer than the stall limit.
+        if send_buffer > 0 {
+            let _ = nix::sys::socket::setsockopt(
+                &tcp,
+                nix::sys::socket::sockopt::SndBuf,
+                &send_buffer,
+            );
+        }
+        Box::new(tcp)
+    };
+    let upgraded = match hyper_util::server::conn::auto::upgrade::downcast::<Tcp>(upgraded) {
+        Ok(parts) => return (tcp(parts.io), parts.read_buf),
+        Err(u) => u,
+    };
+    match upgraded.downcast::<Tcp>() {
+        Ok(parts) => (tcp(parts.io), parts.read_buf),
+        Err(u) => (Box::new(TokioIo::new(u)), Bytes::new()),
+    }
+}
 
 /// What a client asked for in the query string.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -192,6 +224,7 @@ pub fn connect(app: AppState, id: String, query: Option<&str>, upgrade: Upgrade)
         .read_buffer_size(16 * 1024)
         .write_buffer_size(WRITE_BUFFER)
         .max_write_buffer_size(app.limits.max_line_bytes + (4 << 20));
+    let send_buffer = app.limits.client_send_buffer_bytes;
     let Upgrade { accept, on_upgrade } = upgrade;
     tokio::spawn(async move {
         let upgraded = match on_upgrade.await {
@@ -202,11 +235,14 @@ pub fn connect(app: AppState, id: String, query: Option<&str>, upgrade: Upgrade)
             }
         };
         let progress = Arc::new(Progress::new());
+        let (inner, read) = into_io(upgraded, send_buffer);
         let io = Metered {
-            inner: TokioIo::new(upgraded),
+            inner,
             progress: progress.clone(),
         };
-        let socket = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
+        let socket =
+            WebSocketStream::from_partially_read(io, read.to_vec(), Role::Server, Some(config))
+                .await;
         Client::new(app, session, guard, opts, newest, progress)
             .run(socket)
             .await;
