@@ -237,6 +237,10 @@ pub struct Limits {
     /// system's autotuning). Small enough that a slow reader's progress is seen well within
     /// `client_stall_ms`.
     pub client_send_buffer_bytes: usize,
+    /// How long output the journal cannot take (a full disk) is still held for, once the
+    /// agent has exited; while it runs, its output is held (and the agent paused) as long as
+    /// it takes.
+    pub output_hold_after_exit_ms: u64,
     /// After sending a close frame, how long to keep reading (and discarding) what the client
     /// still sends, so it reads the close code instead of a connection reset.
     pub close_linger_ms: u64,
@@ -251,6 +255,11 @@ impl Limits {
     /// [`Self::client_stall_ms`] as a duration.
     pub fn client_stall(&self) -> Duration {
         Duration::from_millis(self.client_stall_ms)
+    }
+
+    /// [`Self::output_hold_after_exit_ms`] as a duration.
+    pub fn output_hold_after_exit(&self) -> Duration {
+        Duration::from_millis(self.output_hold_after_exit_ms)
     }
 
     /// [`Self::close_linger_ms`] as a duration.
@@ -278,6 +287,7 @@ impl Default for Limits {
             client_stall_ms: 30_000,
             exit_drain_ms: 500,
             close_linger_ms: 3_000,
+            output_hold_after_exit_ms: 10_000,
             client_send_buffer_bytes: 128 * 1024,
         }
     }

@@ -22,7 +22,9 @@ use tokio::sync::{mpsc, oneshot};
 use super::keeper::{self, KeeperSpec};
 use super::runc::{self, BundleSpec, Runc};
 use super::tmux::Tmux;
-use super::{Adoption, Agent, AgentControl, ExitInfo, Output, Runtime, RuntimeError, SpawnSpec};
+use super::{
+    Adoption, Agent, AgentControl, Bell, ExitInfo, Output, Runtime, RuntimeError, SpawnSpec,
+};
 use crate::config::RuntimeConfig;
 use crate::session::store;
 
@@ -177,6 +179,7 @@ impl DurableRuntime {
             max_input_line: spec.max_line.max(16 << 20),
             stderr_file,
             exit_drain_ms: spec.exit_drain.as_millis() as u64,
+            hold_after_exit_ms: spec.hold_after_exit.as_millis() as u64,
             adapter: spec.adapter.clone(),
             approvals: spec.approvals.clone(),
             pending_file: spec.session_dir.join(store::PENDING_FILE),
@@ -210,18 +213,52 @@ impl DurableRuntime {
     /// Connects to a keeper and turns the connection into an [`Agent`].
     fn agent(&self, run_dir: &Path, stream: UnixStream, control: Arc<dyn AgentControl>) -> Agent {
         let (mut read, write) = stream.into_split();
-        let (bell_tx, bell_rx) = mpsc::channel(1);
+        // Every message also counts as a ring: the pump reads the journal after each.
+        let (bell_tx, bell_rx) = mpsc::channel(4);
         let (exit_tx, exit_rx) = oneshot::channel();
         let dir = run_dir.to_owned();
         tokio::spawn(async move {
             let mut buf = [0u8; 4096];
-            loop {
-                match read.read(&mut buf).await {
+            // A `LOST` byte and the part of its count read so far.
+            let mut lost: Option<Vec<u8>> = None;
+            'read: loop {
+                let n = match read.read(&mut buf).await {
                     Ok(0) | Err(_) => break,
-                    Ok(_) => {
-                        // One pending ring is enough: the server reads everything new on it.
-                        let _ = bell_tx.try_send(());
+                    Ok(n) => n,
+                };
+                let mut grew = false;
+                for &b in &buf[..n] {
+                    if let Some(count) = lost.as_mut() {
+                        count.push(b);
+                        if count.len() == 8 {
+                            let mut le = [0u8; 8];
+                            le.copy_from_slice(count);
+                            lost = None;
+                            if bell_tx.send(Bell::Lost(u64::from_le_bytes(le))).await.is_err() {
+                                break 'read;
+                            }
+                        }
+                        continue;
                     }
+                    let news = match b {
+                        Bell::HELD => Bell::Held,
+                        Bell::FLOWING => Bell::Flowing,
+                        Bell::LOST => {
+                            lost = Some(Vec::with_capacity(8));
+                            continue;
+                        }
+                        _ => {
+                            grew = true;
+                            continue;
+                        }
+                    };
+                    if bell_tx.send(news).await.is_err() {
+                        break 'read;
+                    }
+                }
+                // One pending ring is enough: the server reads everything new on it.
+                if grew {
+                    let _ = bell_tx.try_send(Bell::Grew);
                 }
             }
             // The keeper closes the connection after writing the exit file, or it died.

@@ -31,8 +31,8 @@ use tokio::net::UnixListener;
 use tokio::net::unix::OwnedReadHalf;
 use tokio::sync::{Notify, mpsc};
 
-use super::{AgentControl, ExitInfo};
-use crate::agentio::{AgentIo, OutputSink, write_pending};
+use super::{AgentControl, Bell, ExitInfo};
+use crate::agentio::{AgentIo, OutputSink, Refused, write_pending};
 use crate::journal::{JournalLimits, JournalWriter};
 
 /// The instructions file a keeper reads from its run directory.
@@ -73,12 +73,19 @@ pub struct KeeperSpec {
     pub stderr_file: PathBuf,
     /// After the agent exits, how long its leftovers get to close its stdout (ms).
     pub exit_drain_ms: u64,
+    /// After the agent exits, how long output the journal cannot take is still held (ms).
+    #[serde(default = "default_hold_after_exit_ms")]
+    pub hold_after_exit_ms: u64,
     /// The adapter, which decides how lines are translated.
     pub adapter: moorline_adapters::AdapterConfig,
     /// The approval rules.
     pub approvals: ApprovalPolicy,
     /// Where pending approval requests are written for the server.
     pub pending_file: PathBuf,
+}
+
+fn default_hold_after_exit_ms() -> u64 {
+    10_000
 }
 
 /// Where a file of the run directory is.
@@ -209,7 +216,7 @@ async fn keep(run_dir: &Path) -> io::Result<()> {
     let mut int = signal(SignalKind::interrupt())?;
     let mut term = signal(SignalKind::terminate())?;
 
-    let doorbell = Arc::new(Notify::new());
+    let doorbell = Arc::new(Doorbell::default());
     let (lines_tx, lines_rx) = mpsc::channel::<Bytes>(1024);
     let mut sink = KeeperSink {
         writer,
@@ -220,7 +227,8 @@ async fn keep(run_dir: &Path) -> io::Result<()> {
         spec.max_line,
         pipeline,
         Duration::from_millis(spec.exit_drain_ms),
-    );
+    )
+    .hold_after_exit(Duration::from_millis(spec.hold_after_exit_ms));
     let mut connection: Option<tokio::task::JoinHandle<()>> = None;
     let mut run = Box::pin(io.run(
         Box::new(stdout),
@@ -240,6 +248,9 @@ async fn keep(run_dir: &Path) -> io::Result<()> {
                 }
                 let (read, write) = stream.into_split();
                 let bell = doorbell.clone();
+                if bell.held.load(std::sync::atomic::Ordering::Relaxed) {
+                    bell.tell(&[Bell::HELD]);
+                }
                 let lines = lines_tx.clone();
                 let mut log_file = stderr.try_clone()?;
                 let max = spec.max_input_line;
@@ -260,7 +271,16 @@ async fn keep(run_dir: &Path) -> io::Result<()> {
     drop(run);
     let _ = control.kill();
     drop(sink);
-    write_exit(run_dir, exit)?;
+    // The disk may still be full: the exit is worth waiting for a while.
+    let mut wait = Duration::from_millis(20);
+    let give_up = tokio::time::Instant::now() + Duration::from_millis(spec.hold_after_exit_ms);
+    while let Err(e) = write_exit(run_dir, exit) {
+        if tokio::time::Instant::now() >= give_up {
+            return Err(e);
+        }
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(Duration::from_secs(1));
+    }
     log(&mut stderr, &format!("agent finished: {exit}"));
     let _ = std::fs::remove_file(&socket);
     // The server learns of the exit when this connection closes, after the exit file exists.
@@ -270,19 +290,76 @@ async fn keep(run_dir: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// What the keeper tells the server: rings (the journal grew) and changes of the journal's
+/// state, which must not be lost the way surplus rings may be.
+#[derive(Debug, Default)]
+struct Doorbell {
+    notify: Notify,
+    news: std::sync::Mutex<Vec<u8>>,
+    /// Whether output is held now, for a server that connects later.
+    held: std::sync::atomic::AtomicBool,
+}
+
+impl Doorbell {
+    fn ring(&self) {
+        self.notify.notify_one();
+    }
+
+    fn tell(&self, bytes: &[u8]) {
+        if let Ok(mut news) = self.news.lock() {
+            news.extend_from_slice(bytes);
+        }
+        self.notify.notify_one();
+    }
+
+    /// What to send now: the news, or a plain ring.
+    fn take(&self) -> Vec<u8> {
+        let news = self
+            .news
+            .lock()
+            .map(|mut n| std::mem::take(&mut *n))
+            .unwrap_or_default();
+        if news.is_empty() { vec![1] } else { news }
+    }
+}
+
 /// The keeper's end of an [`AgentIo`]: the session journal, then a ring of the doorbell.
 struct KeeperSink {
     writer: JournalWriter,
-    doorbell: Arc<Notify>,
+    doorbell: Arc<Doorbell>,
     pending_file: PathBuf,
 }
 
 impl OutputSink for KeeperSink {
-    fn commit(&mut self, batch: BytesMut, ends: &[(usize, usize)]) {
-        if let Err(e) = self.writer.append(&batch, ends.len() as u64) {
-            eprintln!("moorline keeper: cannot write the journal: {e}");
+    fn commit(&mut self, batch: BytesMut, ends: &[(usize, usize)]) -> Result<(), Refused> {
+        // The changes need not be reported: the server follows the files themselves.
+        if let Err(error) = self.writer.append(&batch, ends.len() as u64) {
+            return Err(Refused { batch, error });
         }
-        self.doorbell.notify_one();
+        self.doorbell.ring();
+        Ok(())
+    }
+
+    fn held(&mut self, error: Option<&io::Error>) {
+        match error {
+            Some(e) => {
+                eprintln!("moorline keeper: cannot write the journal ({e}); holding the agent's output");
+                self.doorbell.held.store(true, std::sync::atomic::Ordering::Relaxed);
+                self.doorbell.tell(&[Bell::HELD]);
+            }
+            None => {
+                eprintln!("moorline keeper: the journal takes output again");
+                self.doorbell.held.store(false, std::sync::atomic::Ordering::Relaxed);
+                self.doorbell.tell(&[Bell::FLOWING]);
+            }
+        }
+    }
+
+    fn lost(&mut self, lines: u64) {
+        eprintln!("moorline keeper: {lines} output lines lost: the journal stayed unwritable after the agent exited");
+        let mut news = vec![Bell::LOST];
+        news.extend_from_slice(&lines.to_le_bytes());
+        self.doorbell.tell(&news);
     }
 
     fn pending_changed(&mut self, pending: &[serde_json::Value]) {
@@ -302,11 +379,12 @@ fn write_exit(run_dir: &Path, exit: ExitInfo) -> io::Result<()> {
     crate::fsio::write_private(&path(run_dir, EXIT_FILE), &body)
 }
 
-/// Tells the connected server, with one byte, that the journal has grown.
-async fn ring_doorbell(mut write: tokio::net::unix::OwnedWriteHalf, bell: Arc<Notify>) {
+/// Tells the connected server, with one byte, that the journal has grown, or that its state
+/// changed (see [`Bell`]).
+async fn ring_doorbell(mut write: tokio::net::unix::OwnedWriteHalf, bell: Arc<Doorbell>) {
     loop {
-        bell.notified().await;
-        if write.write_all(&[1]).await.is_err() {
+        bell.notify.notified().await;
+        if write.write_all(&bell.take()).await.is_err() {
             return;
         }
     }

@@ -248,6 +248,8 @@ pub struct SpawnSpec {
     pub max_line: usize,
     /// After the agent exits, how long its leftovers get to close its output.
     pub exit_drain: std::time::Duration,
+    /// After the agent exits, how long output its journal cannot take is still held.
+    pub hold_after_exit: std::time::Duration,
     /// Container and resource settings of the instance.
     pub options: InstanceRuntime,
     /// The session's data directory (adapter files), visible to the agent at the same path.
@@ -321,8 +323,31 @@ pub enum Output {
     /// The agent's stdout: the server frames it and writes the session's journal.
     Pipe(Reader),
     /// The runtime writes the session's journal itself (from a keeper process that outlives
-    /// the server); a message on this channel means new lines may have been appended.
-    Journal(tokio::sync::mpsc::Receiver<()>),
+    /// the server); it tells the server what happened to it on this channel.
+    Journal(tokio::sync::mpsc::Receiver<Bell>),
+}
+
+/// News from a runtime that writes the session's journal itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bell {
+    /// New lines may have been appended.
+    Grew,
+    /// The journal refused a write: the agent's output is held until it can be written.
+    Held,
+    /// The journal takes output again.
+    Flowing,
+    /// Held output was given up (the agent exited and the journal stayed unwritable).
+    Lost(u64),
+}
+
+impl Bell {
+    /// The keeper's byte for a state change ([`Bell::Lost`] is followed by 8 bytes, the count
+    /// in little-endian); any other byte means [`Bell::Grew`].
+    pub const HELD: u8 = 2;
+    /// See [`Bell::HELD`].
+    pub const FLOWING: u8 = 3;
+    /// See [`Bell::HELD`].
+    pub const LOST: u8 = 4;
 }
 
 /// How a session's agent looked to a server that starts up and finds it.

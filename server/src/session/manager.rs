@@ -410,6 +410,8 @@ impl SessionManager {
             finished: watch::channel(0).0,
             clients: AtomicUsize::new(0),
             inputs: std::sync::atomic::AtomicU64::new(0),
+            output_held: std::sync::atomic::AtomicBool::new(false),
+            lines_lost: std::sync::atomic::AtomicU64::new(0),
         });
         Ok(session)
     }
@@ -498,6 +500,7 @@ impl SessionManager {
                 journal: self.journal_limits(),
                 max_line: self.limits.max_line_bytes,
                 exit_drain: self.limits.exit_drain(),
+                hold_after_exit: self.limits.output_hold_after_exit(),
                 options: instance.config.runtime_options(),
                 data_dir,
                 adapter: instance.config.adapter_config(),
@@ -580,7 +583,8 @@ impl SessionManager {
                     self.limits.max_line_bytes,
                     pipeline,
                     self.limits.exit_drain(),
-                );
+                )
+                .hold_after_exit(self.limits.output_hold_after_exit());
                 self.tracker.spawn(pump.pipe(
                     io,
                     stdout,

@@ -120,6 +120,18 @@ pub struct SessionSummary {
     /// Approval requests waiting for an answer, as clients saw them (moorline).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub pending_approvals: Vec<serde_json::Value>,
+    /// The agent's output is held because the journal cannot be written (a full disk); the
+    /// agent is paused on its output until it can (moorline).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub output_held: bool,
+    /// Output lines lost because the journal stayed unwritable after the agent exited
+    /// (moorline).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub lines_lost: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// Why an agent is being stopped, which decides what clients are told.
@@ -173,6 +185,10 @@ pub struct Session {
     clients: AtomicUsize,
     /// Client lines sent to the current run; with no output either, an exit is a start failure.
     inputs: std::sync::atomic::AtomicU64,
+    /// The agent's output is held: its journal cannot be written (a full disk).
+    output_held: std::sync::atomic::AtomicBool,
+    /// Output lines given up because the journal stayed unwritable after the agent exited.
+    lines_lost: std::sync::atomic::AtomicU64,
 }
 
 impl Session {
@@ -249,6 +265,30 @@ impl Session {
             })
     }
 
+    /// Records whether the agent's output is held because the journal cannot be written.
+    pub(crate) fn output_held(&self, held: bool, metrics: &crate::metrics::Metrics) {
+        let was = self.output_held.swap(held, Ordering::SeqCst);
+        match (was, held) {
+            (false, true) => {
+                metrics.output_holds.inc();
+                metrics.output_held.inc();
+            }
+            (true, false) => {
+                metrics.output_held.dec();
+            }
+            _ => {}
+        }
+    }
+
+    /// Records output lines given up (never numbered, never delivered).
+    pub(crate) fn output_lost(&self, lines: u64, metrics: &crate::metrics::Metrics) {
+        self.lines_lost.fetch_add(lines, Ordering::SeqCst);
+        metrics
+            .lines_dropped
+            .get_or_create(&[("reason", "journal_error")])
+            .inc_by(lines);
+    }
+
     /// The REST summary.
     pub fn summary(&self) -> SessionSummary {
         let mut summary = {
@@ -277,6 +317,8 @@ impl Session {
             runtime: self.instance.as_ref().map_or("none", |i| i.runtime.name()),
             error: state.error.clone(),
             pending_approvals: Vec::new(),
+            output_held: self.output_held.load(Ordering::SeqCst),
+            lines_lost: self.lines_lost.load(Ordering::SeqCst),
         }
     }
 

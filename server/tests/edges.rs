@@ -1,0 +1,178 @@
+//! Reliability edges: a full disk under the state directory, agents killed for memory, and
+//! the bounds on what clients can make the server keep. The tests that need root (mounts,
+//! runc) print why and return when they cannot run.
+
+mod common;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use common::{Sandbox, TestServer, eventually, fixture_agent, instance, test_config};
+use moorline::config::{Config, InstanceConfig, RuntimeKind};
+use serde_json::{Value, json};
+
+/// A small tmpfs, unmounted when dropped.
+struct SmallDisk {
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    /// Mounts a tmpfs of `size` (`mount -o size=`), or says why it cannot.
+    fn mount(size: &str) -> Result<Self, String> {
+        if !nix::unistd::getuid().is_root() {
+            return Err("not running as root".into());
+        }
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .output()
+            .map_err(|e| e.to_string())?;
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+        }
+        Ok(Self { dir })
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Fills the disk with a file, then frees `leave` bytes of it.
+    fn fill(&self, leave: u64) -> PathBuf {
+        let path = self.path().join("filler");
+        let mut file = std::fs::File::create(&path).expect("filler");
+        let chunk = vec![0u8; 64 * 1024];
+        let mut len = 0u64;
+        while let Ok(n) = file.write(&chunk) {
+            if n == 0 {
+                break;
+            }
+            len += n as u64;
+        }
+        file.set_len(len.saturating_sub(leave)).expect("truncate");
+        path
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .output();
+    }
+}
+
+fn durable_instance(id: &str, runtime: RuntimeKind) -> InstanceConfig {
+    let mut inst = instance(id, "fixture");
+    inst.agent_path = Some(fixture_agent());
+    inst.runtime = runtime;
+    inst.workspace_roots = vec![std::env::temp_dir()];
+    inst
+}
+
+async fn summary(server: &TestServer, id: &str) -> Value {
+    server.get_json(&format!("/sessions/{id}")).await.1
+}
+
+/// The agent floods more output than the disk can hold; once space returns, every line reaches
+/// the client exactly once and in order, live and in replay, and the hold was visible.
+async fn full_disk_holds_output(instance_id: &str) {
+    const LINES: u64 = 3000;
+    let disk = match SmallDisk::mount("4m") {
+        Ok(d) => d,
+        Err(why) => {
+            eprintln!("SKIPPED: this test mounts a tmpfs: {why}");
+            return;
+        }
+    };
+    let sandbox = Sandbox::new();
+    let mut config: Config = test_config(disk.path().to_owned());
+    sandbox.apply(&mut config);
+    config
+        .instances
+        .push(durable_instance("tmux", RuntimeKind::Tmux));
+    config
+        .instances
+        .push(durable_instance("box", RuntimeKind::Runc));
+    let state = tempfile::tempdir().expect("unused");
+    let server = TestServer::start_in(state, config).await;
+    let (status, body) = server
+        .post(
+            "/sessions",
+            &json!({"instanceId": instance_id, "cwd": std::env::temp_dir()}).to_string(),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let id = body["id"].as_str().expect("id").to_owned();
+    let mut ws = server.ws(&id).await;
+    ws.send(r#"{"id":"warm"}"#).await;
+    assert_eq!(ws.json().await["echo"]["id"], "warm");
+
+    let filler = disk.fill(128 * 1024);
+    ws.send(&format!(r#"{{"_emit":"flood","n":{LINES},"size":300}}"#))
+        .await;
+    eventually("the output is held", || async {
+        summary(&server, &id).await["outputHeld"] == true
+    })
+    .await;
+    let metrics = server.get("/metrics").await.1;
+    assert!(metrics.contains("moorline_output_held 1"), "{metrics}");
+    let held_at = summary(&server, &id).await["lastSeq"].as_u64().expect("seq");
+    assert!(held_at < LINES, "the disk should not hold {LINES} lines");
+
+    std::fs::remove_file(&filler).expect("free space");
+    for i in 1..=LINES {
+        let line = ws.json().await;
+        assert_eq!(line["i"], i, "{line}");
+    }
+    eventually("the hold is over", || async {
+        summary(&server, &id).await["outputHeld"].is_null()
+    })
+    .await;
+    let s = summary(&server, &id).await;
+    assert_eq!(s["lastSeq"], LINES + 1, "{s}");
+    assert!(s["linesLost"].is_null(), "{s}");
+    let metrics = server.get("/metrics").await.1;
+    assert!(metrics.contains("moorline_output_held 0"), "{metrics}");
+    assert!(!metrics.contains("moorline_output_holds_total 0"), "{metrics}");
+    assert!(!metrics.contains("journal_error"), "{metrics}");
+
+    // The journal holds the same lines, numbered without a gap.
+    let mut replay = server.ws_query(&id, "?since=0").await;
+    assert_eq!(replay.json().await["type"], "amarre.hello");
+    assert_eq!(replay.json().await["echo"]["id"], "warm");
+    for i in 1..=LINES {
+        assert_eq!(replay.json().await["i"], i);
+    }
+    drop(replay);
+    drop(ws);
+    assert_eq!(server.delete(&format!("/sessions/{id}")).await.0, 204);
+    server.stop().await;
+    drop(sandbox);
+    drop(disk);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_holds_the_output_of_a_process_agent() {
+    full_disk_holds_output("fixture").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_holds_the_output_of_a_tmux_agent() {
+    if let Some(why) = common::durable_unavailable() {
+        eprintln!("SKIPPED: {why}");
+        return;
+    }
+    full_disk_holds_output("tmux").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_holds_the_output_of_a_runc_agent() {
+    if let Some(why) = common::durable_unavailable() {
+        eprintln!("SKIPPED: {why}");
+        return;
+    }
+    full_disk_holds_output("box").await;
+}
