@@ -232,7 +232,30 @@ async fn list_sessions(State(app): State<AppState>) -> Response {
 async fn create_session(State(app): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
     // Like amarre, a full server says so before looking at the body.
     app.sessions.check_capacity()?;
+    let limits = &app.limits;
+    if body.len() > limits.max_request_bytes {
+        return Err(ApiError::InvalidField {
+            field: "body".into(),
+            message: format!(
+                "request of {} bytes exceeds the limit of {} bytes (limits.max_request_bytes)",
+                body.len(),
+                limits.max_request_bytes
+            ),
+        });
+    }
     let req = parse_create(&body)?;
+    if let Some(name) = &req.name
+        && name.len() > limits.max_name_bytes
+    {
+        return Err(ApiError::InvalidField {
+            field: "name".into(),
+            message: format!(
+                "a name of {} bytes exceeds the limit of {} bytes (limits.max_name_bytes)",
+                name.len(),
+                limits.max_name_bytes
+            ),
+        });
+    }
     let summary = app.sessions.create(req).await?;
     Ok((StatusCode::CREATED, Json(summary)).into_response())
 }

@@ -241,6 +241,17 @@ pub struct Limits {
     /// agent has exited; while it runs, its output is held (and the agent paused) as long as
     /// it takes.
     pub output_hold_after_exit_ms: u64,
+    /// Longest session name accepted, in bytes; longer ones are refused with 400.
+    pub max_name_bytes: usize,
+    /// Largest `POST /sessions` body accepted (it bounds the working directory and
+    /// environment a client can make the server store); larger ones are refused with 400.
+    pub max_request_bytes: usize,
+    /// Ended (exited or crashed) sessions kept; beyond it the oldest are removed, with their
+    /// journals.
+    pub max_ended_sessions: usize,
+    /// Ended sessions older than this are removed, with their journals (0: kept until
+    /// `max_ended_sessions` pushes them out).
+    pub ended_session_ttl_ms: u64,
     /// After sending a close frame, how long to keep reading (and discarding) what the client
     /// still sends, so it reads the close code instead of a connection reset.
     pub close_linger_ms: u64,
@@ -287,6 +298,10 @@ impl Default for Limits {
             client_stall_ms: 30_000,
             exit_drain_ms: 500,
             close_linger_ms: 3_000,
+            max_name_bytes: 256,
+            max_request_bytes: 64 * 1024,
+            max_ended_sessions: 100,
+            ended_session_ttl_ms: 0,
             output_hold_after_exit_ms: 10_000,
             client_send_buffer_bytes: 128 * 1024,
         }
@@ -598,6 +613,8 @@ impl Config {
             ("limits.max_line_bytes", l.max_line_bytes),
             ("limits.backlog_bytes", l.backlog_bytes),
             ("limits.inbound_queue", l.inbound_queue),
+            ("limits.max_name_bytes", l.max_name_bytes),
+            ("limits.max_request_bytes", l.max_request_bytes),
         ] {
             if value == 0 {
                 return Err(ConfigError::new(format!("{key}: must be at least 1")));

@@ -176,3 +176,110 @@ async fn a_full_disk_holds_the_output_of_a_runc_agent() {
     }
     full_disk_holds_output("box").await;
 }
+
+/// Makes the agent of `id` exit, and waits until the session says so.
+async fn end(server: &TestServer, id: &str) {
+    let mut ws = server.ws(id).await;
+    ws.send(r#"{"_emit":"exit"}"#).await;
+    assert_eq!(ws.json().await["event"], "exited");
+    assert_eq!(ws.closed().await.0, 1000);
+    eventually("the session is listed as exited", || async {
+        summary(server, id).await["status"] == "exited"
+    })
+    .await;
+}
+
+fn ids(list: &Value) -> Vec<String> {
+    list.as_array()
+        .expect("list")
+        .iter()
+        .map(|s| s["id"].as_str().expect("id").to_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_and_requests_are_bounded() {
+    let server = TestServer::start_with(|c| {
+        c.limits.max_name_bytes = 16;
+        c.limits.max_request_bytes = 1024;
+    })
+    .await;
+    let (status, body) = server
+        .post(
+            "/sessions",
+            &json!({"instanceId": "fixture", "name": "n".repeat(17)}).to_string(),
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["field"], "name", "{body}");
+    assert!(
+        body["message"].as_str().expect("message").contains("16"),
+        "{body}"
+    );
+    let (status, body) = server
+        .post(
+            "/sessions",
+            &json!({"instanceId": "fixture", "env": {"FROM_X": "v".repeat(2000)}}).to_string(),
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .expect("message")
+            .contains("limits.max_request_bytes"),
+        "{body}"
+    );
+    // Nothing was stored for them.
+    assert_eq!(server.get_json("/sessions").await.1, json!([]));
+    let (status, body) = server
+        .post(
+            "/sessions",
+            &json!({"instanceId": "fixture", "name": "n".repeat(16)}).to_string(),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_oldest_ended_sessions_go_beyond_the_cap() {
+    let server = TestServer::start_with(|c| c.limits.max_ended_sessions = 2).await;
+    let mut ended = Vec::new();
+    for _ in 0..4 {
+        let id = server.session("fixture").await;
+        end(&server, &id).await;
+        ended.push(id);
+    }
+    let newest = server.session("fixture").await;
+    let (_, list) = server.get_json("/sessions").await;
+    assert_eq!(
+        ids(&list),
+        vec![ended[2].clone(), ended[3].clone(), newest],
+        "{list}"
+    );
+    for gone in &ended[..2] {
+        assert!(
+            !server.state.path().join("sessions").join(gone).exists(),
+            "{gone}'s directory and journal are removed"
+        );
+        assert_eq!(server.get(&format!("/sessions/{gone}")).await.0, 404);
+    }
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ended_sessions_age_out() {
+    let server = TestServer::start_with(|c| c.limits.ended_session_ttl_ms = 300).await;
+    let running = server.session("fixture").await;
+    let id = server.session("fixture").await;
+    end(&server, &id).await;
+    eventually("the ended session is removed", || async {
+        server.get(&format!("/sessions/{id}")).await.0 == 404
+    })
+    .await;
+    assert!(!server.state.path().join("sessions").join(&id).exists());
+    // A running session never ages out.
+    assert_eq!(summary(&server, &running).await["status"], "running");
+    server.stop().await;
+}

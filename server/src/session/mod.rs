@@ -158,6 +158,8 @@ struct State {
     pid: Option<u32>,
     /// Set when the last run ended without writing a line: a start failure.
     error: Option<String>,
+    /// When the last run ended, ms since the epoch.
+    ended_at: Option<u64>,
 }
 
 /// One session.
@@ -221,6 +223,13 @@ impl Session {
     /// Current status.
     pub fn status(&self) -> Status {
         self.lock().status
+    }
+
+    /// When the session's last run ended, if it has ended and nothing is starting it again.
+    pub(crate) fn ended_at(&self) -> Option<u64> {
+        let state = self.lock();
+        let ended = matches!(state.status, Status::Exited | Status::Crashed) && !state.starting;
+        ended.then(|| state.ended_at.unwrap_or(state.spawned_at))
     }
 
     /// Watches what happens to the session.
@@ -337,6 +346,7 @@ impl Session {
             signal: state.exit.and_then(|e| e.signal),
             pid: state.pid,
             pid_start: state.pid.and_then(store::process_start_time),
+            ended_at: state.ended_at,
         }
     }
 
@@ -426,6 +436,7 @@ impl Session {
             state.permit = None;
             state.pid = None;
             state.error = error;
+            state.ended_at = Some(now_ms());
             state.status = match state.stopping {
                 Some(StopReason::Delete) => Status::Stopped,
                 _ if exit.is_success() => Status::Exited,
