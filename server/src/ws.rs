@@ -596,6 +596,10 @@ impl Client {
             "exitCode": exit.code,
             "signal": exit.signal_name(),
         });
+        // What else is known about the end: `out_of_memory`, `keeper_lost`.
+        if let Some(reason) = exit.reason {
+            frame["reason"] = reason.as_str().into();
+        }
         // A start failure says why, after amarre's keys.
         if let Some(error) = self.session.last_error() {
             frame["error"] = error.into();

@@ -283,3 +283,99 @@ async fn ended_sessions_age_out() {
     assert_eq!(summary(&server, &running).await["status"], "running");
     server.stop().await;
 }
+
+async fn durable_server(sandbox: &Sandbox) -> TestServer {
+    TestServer::start_with(|c| {
+        sandbox.apply(c);
+        let mut limited = durable_instance("limited", RuntimeKind::Runc);
+        limited.memory_limit = Some(64 << 20);
+        c.instances.push(limited);
+        c.instances.push(durable_instance("box", RuntimeKind::Runc));
+    })
+    .await
+}
+
+async fn create_in(server: &TestServer, instance: &str) -> String {
+    let (status, body) = server
+        .post(
+            "/sessions",
+            &json!({"instanceId": instance, "cwd": std::env::temp_dir()}).to_string(),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    body["id"].as_str().expect("id").to_owned()
+}
+
+/// The next frame that is not the hog's progress report.
+async fn event(ws: &mut common::Ws) -> Value {
+    loop {
+        let v = ws.json().await;
+        if v["type"] != "hog" {
+            return v;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_killed_for_memory_is_reported_as_out_of_memory() {
+    if let Some(why) = common::durable_unavailable() {
+        eprintln!("SKIPPED: {why}");
+        return;
+    }
+    let sandbox = Sandbox::new();
+    let server = durable_server(&sandbox).await;
+    let id = create_in(&server, "limited").await;
+    let mut ws = server.ws(&id).await;
+    ws.send_json(&json!({"_emit": "hog", "mb": 512})).await;
+    let end = event(&mut ws).await;
+    assert_eq!(end["type"], "amarre.session_event", "{end}");
+    assert_eq!(end["event"], "crashed", "{end}");
+    assert_eq!(end["reason"], "out_of_memory", "{end}");
+    let s = summary(&server, &id).await;
+    assert_eq!(s["reason"], "out_of_memory", "{s}");
+
+    // An agent that fails on its own has no reason beyond its code.
+    let id = create_in(&server, "limited").await;
+    let mut ws = server.ws(&id).await;
+    ws.send_json(&json!({"_emit": "die", "code": 3})).await;
+    let end = ws.json().await;
+    assert_eq!(end["exitCode"], 3, "{end}");
+    assert!(end.get("reason").is_none(), "{end}");
+    assert!(summary(&server, &id).await.get("reason").is_none());
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_keeper_is_reported_as_lost() {
+    if let Some(why) = common::durable_unavailable() {
+        eprintln!("SKIPPED: {why}");
+        return;
+    }
+    let sandbox = Sandbox::new();
+    let server = durable_server(&sandbox).await;
+    let id = create_in(&server, "box").await;
+    let mut ws = server.ws(&id).await;
+    ws.send(r#"{"id":"up"}"#).await;
+    assert_eq!(ws.json().await["echo"]["id"], "up");
+    let pid_file = server
+        .state
+        .path()
+        .join("sessions")
+        .join(&id)
+        .join("run/keeper.pid");
+    let pid: i32 = std::fs::read_to_string(&pid_file)
+        .expect("keeper.pid")
+        .trim()
+        .parse()
+        .expect("pid");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill the keeper");
+    let end = ws.json().await;
+    assert_eq!(end["event"], "crashed", "{end}");
+    assert_eq!(end["reason"], "keeper_lost", "{end}");
+    assert_eq!(summary(&server, &id).await["reason"], "keeper_lost");
+    server.stop().await;
+}

@@ -23,7 +23,8 @@ use super::keeper::{self, KeeperSpec};
 use super::runc::{self, BundleSpec, Runc};
 use super::tmux::Tmux;
 use super::{
-    Adoption, Agent, AgentControl, Bell, ExitInfo, Output, Runtime, RuntimeError, SpawnSpec,
+    Adoption, Agent, AgentControl, Bell, ExitInfo, ExitReason, Output, Runtime, RuntimeError,
+    SpawnSpec,
 };
 use crate::config::RuntimeConfig;
 use crate::session::store;
@@ -109,6 +110,7 @@ impl DurableRuntime {
         }
         let mut env = self.base_env();
         let stderr_file = spec.session_dir.join(store::STDERR_FILE);
+        let mut oom_cgroup = None;
         let (program, args, control): (PathBuf, Vec<String>, Arc<dyn AgentControl>) =
             match &self.container {
                 None => {
@@ -132,6 +134,9 @@ impl DurableRuntime {
                     container_env.insert("HOME".into(), runc::CONTAINER_HOME.into());
                     container_env.extend(spec.env.clone());
                     let id = container_id(&spec.session_id, spec.generation)?;
+                    if spec.options.memory_limit.is_some() && host.limits_allowed {
+                        oom_cgroup = Some(runc::cgroups_path(&id));
+                    }
                     let bundle = run_dir.join("bundle");
                     runc::write_bundle(
                         &bundle,
@@ -180,6 +185,7 @@ impl DurableRuntime {
             stderr_file,
             exit_drain_ms: spec.exit_drain.as_millis() as u64,
             hold_after_exit_ms: spec.hold_after_exit.as_millis() as u64,
+            oom_cgroup,
             adapter: spec.adapter.clone(),
             approvals: spec.approvals.clone(),
             pending_file: spec.session_dir.join(store::PENDING_FILE),
@@ -262,7 +268,10 @@ impl DurableRuntime {
                 }
             }
             // The keeper closes the connection after writing the exit file, or it died.
-            let _ = exit_tx.send(keeper::read_exit(&dir).unwrap_or(ExitInfo::UNKNOWN));
+            let _ = exit_tx.send(
+                keeper::read_exit(&dir)
+                    .unwrap_or_else(|| ExitInfo::UNKNOWN.because(ExitReason::KeeperLost)),
+            );
         });
         let pid = std::fs::read_to_string(run_dir.join(keeper::KEEPER_PID_FILE))
             .ok()

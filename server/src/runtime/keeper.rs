@@ -31,7 +31,7 @@ use tokio::net::UnixListener;
 use tokio::net::unix::OwnedReadHalf;
 use tokio::sync::{Notify, mpsc};
 
-use super::{AgentControl, Bell, ExitInfo};
+use super::{AgentControl, Bell, ExitInfo, ExitReason};
 use crate::agentio::{AgentIo, OutputSink, Refused, write_pending};
 use crate::journal::{JournalLimits, JournalWriter};
 
@@ -73,6 +73,10 @@ pub struct KeeperSpec {
     pub stderr_file: PathBuf,
     /// After the agent exits, how long its leftovers get to close its stdout (ms).
     pub exit_drain_ms: u64,
+    /// The container's cgroup (runc's `cgroupsPath`) when it has a memory limit: an agent
+    /// killed for going over it is reported as out of memory.
+    #[serde(default)]
+    pub oom_cgroup: Option<String>,
     /// After the agent exits, how long output the journal cannot take is still held (ms).
     #[serde(default = "default_hold_after_exit_ms")]
     pub hold_after_exit_ms: u64,
@@ -123,6 +127,7 @@ pub fn keeper_main(run_dir: &Path) -> ExitCode {
                 ExitInfo {
                     code: Some(127),
                     signal: None,
+                    reason: None,
                 },
             );
             ExitCode::from(1)
@@ -198,6 +203,7 @@ async fn keep(run_dir: &Path) -> io::Result<()> {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))?;
     }
+    let oom = spec.oom_cgroup.as_deref().map(super::oom::OomWatch::start);
     let control = Arc::new(super::process::GroupControl::new(agent_pid));
     let exit_control = control.clone();
     let exit = Box::pin(async move {
@@ -269,6 +275,10 @@ async fn keep(run_dir: &Path) -> io::Result<()> {
         }
     };
     drop(run);
+    let exit = match oom {
+        Some(oom) if oom.fired() => exit.because(ExitReason::OutOfMemory),
+        _ => exit,
+    };
     let _ = control.kill();
     drop(sink);
     // The disk may still be full: the exit is worth waiting for a while.

@@ -18,6 +18,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 pub mod durable;
 pub mod keeper;
+pub mod oom;
 pub mod process;
 pub mod runc;
 pub mod tmux;
@@ -267,6 +268,29 @@ pub struct ExitInfo {
     pub code: Option<i32>,
     /// Number of the signal that killed it, if one did.
     pub signal: Option<i32>,
+    /// Why it ended, when more is known than its code or signal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<ExitReason>,
+}
+
+/// Why an agent ended, beyond its exit code or signal (reported as `reason`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExitReason {
+    /// The kernel killed it for going over its container's `memory_limit`.
+    OutOfMemory,
+    /// Its session keeper died: how the agent ended is unknown.
+    KeeperLost,
+}
+
+impl ExitReason {
+    /// The name clients see.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExitReason::OutOfMemory => "out_of_memory",
+            ExitReason::KeeperLost => "keeper_lost",
+        }
+    }
 }
 
 impl ExitInfo {
@@ -274,7 +298,16 @@ impl ExitInfo {
     pub const UNKNOWN: ExitInfo = ExitInfo {
         code: None,
         signal: None,
+        reason: None,
     };
+
+    /// The same exit, with a reason.
+    pub fn because(self, reason: ExitReason) -> Self {
+        Self {
+            reason: Some(reason),
+            ..self
+        }
+    }
 
     /// A clean exit: code 0.
     pub fn is_success(&self) -> bool {
@@ -297,6 +330,7 @@ impl From<std::process::ExitStatus> for ExitInfo {
         Self {
             code: status.code(),
             signal: status.signal(),
+            reason: None,
         }
     }
 }
@@ -304,9 +338,14 @@ impl From<std::process::ExitStatus> for ExitInfo {
 impl fmt::Display for ExitInfo {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match (self.code, self.signal_name()) {
-            (Some(code), _) => write!(f, "exit code {code}"),
-            (None, Some(sig)) => write!(f, "killed by {sig}"),
-            (None, None) => f.write_str("unknown exit"),
+            (Some(code), _) => write!(f, "exit code {code}")?,
+            (None, Some(sig)) => write!(f, "killed by {sig}")?,
+            (None, None) => f.write_str("unknown exit")?,
+        }
+        match self.reason {
+            Some(ExitReason::OutOfMemory) => f.write_str(" (out of memory)"),
+            Some(ExitReason::KeeperLost) => f.write_str(" (its keeper died)"),
+            None => Ok(()),
         }
     }
 }

@@ -257,6 +257,7 @@ impl SessionManager {
                 pid: None,
                 pid_start: None,
                 ended_at: None,
+                exit_reason: None,
             },
             dir.clone(),
         ) {
@@ -425,9 +426,13 @@ impl SessionManager {
         // Only read the journal here: a keeper may be appending to it right now.
         let (index, next_seq) = journal::scan_index(&journal_dir)?;
         let hub = Hub::new(journal_dir, index, next_seq - 1, self.limits.backlog_bytes);
-        let exit = match (meta.exit_code, meta.signal) {
-            (None, None) => None,
-            (code, signal) => Some(crate::runtime::ExitInfo { code, signal }),
+        let exit = match (meta.exit_code, meta.signal, meta.exit_reason) {
+            (None, None, None) => None,
+            (code, signal, reason) => Some(crate::runtime::ExitInfo {
+                code,
+                signal,
+                reason,
+            }),
         };
         // A session loaded as ended has ended as far as its clients can tell.
         let lifecycle = match meta.status {
@@ -704,11 +709,13 @@ impl SessionManager {
                             };
                             meta.exit_code = exit.code;
                             meta.signal = exit.signal;
+                            meta.exit_reason = exit.reason;
                         }
                         Adoption::Lost => {
                             meta.status = Status::Crashed;
                             meta.exit_code = None;
                             meta.signal = None;
+                            meta.exit_reason = Some(crate::runtime::ExitReason::KeeperLost);
                         }
                     }
                     if adopted.is_none() {

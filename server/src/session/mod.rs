@@ -110,6 +110,10 @@ pub struct SessionSummary {
     /// Signal that ended the last run, if any (`SIGKILL`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub signal: Option<String>,
+    /// Why the last run ended, beyond its code or signal: `out_of_memory`, `keeper_lost`
+    /// (moorline).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<&'static str>,
     /// Sequence number of the newest output line (moorline).
     pub last_seq: u64,
     /// Runtime the agent runs in (moorline).
@@ -322,6 +326,7 @@ impl Session {
             clients: self.clients.load(Ordering::SeqCst),
             exit_code: state.exit.and_then(|e| e.code),
             signal: state.exit.and_then(|e| e.signal_name()),
+            reason: state.exit.and_then(|e| e.reason).map(|r| r.as_str()),
             last_seq: self.hub.last_seq(),
             runtime: self.instance.as_ref().map_or("none", |i| i.runtime.name()),
             error: state.error.clone(),
@@ -347,6 +352,7 @@ impl Session {
             pid: state.pid,
             pid_start: state.pid.and_then(store::process_start_time),
             ended_at: state.ended_at,
+            exit_reason: state.exit.and_then(|e| e.reason),
         }
     }
 
