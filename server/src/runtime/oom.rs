@@ -88,6 +88,13 @@ fn watch(dir: &Path, counter: &Path, fired: &AtomicBool) {
                 if !n.wait() {
                     return;
                 }
+                // v1 notifies before it kills (and the count may be read before it grows), or
+                // when the cgroup is removed, after which nothing can be read. With the kill
+                // enabled, an OOM notification while the cgroup lives means a kill.
+                if matches!(n, Notifier::Event(..)) && oom_kills(counter).is_some() {
+                    fired.store(true, Ordering::SeqCst);
+                    return;
+                }
             }
             None => std::thread::sleep(POLL),
         }
