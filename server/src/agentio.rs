@@ -132,19 +132,14 @@ impl AgentIo {
 
     /// Commits a batch, or holds it behind batches already held (order is kept).
     fn commit(&mut self, batch: BytesMut, ends: &[(usize, usize)], sink: &mut dyn OutputSink) {
-        if self.held.is_empty() {
-            match sink.commit(batch, ends) {
-                Ok(()) => return,
-                Err(refused) => {
-                    tracing::warn!(error = %refused.error, "cannot store agent output; holding it until the journal can be written");
-                    sink.held(Some(&refused.error));
-                    self.backoff = RETRY_FIRST;
-                    self.retry_at = Some(Instant::now() + self.backoff);
-                    self.hold(refused.batch, ends);
-                }
-            }
-        } else {
+        if !self.held.is_empty() {
             self.hold(batch, ends);
+        } else if let Err(refused) = sink.commit(batch, ends) {
+            tracing::warn!(error = %refused.error, "cannot store agent output; holding it until the journal can be written");
+            sink.held(Some(&refused.error));
+            self.backoff = RETRY_FIRST;
+            self.retry_at = Some(Instant::now() + self.backoff);
+            self.hold(refused.batch, ends);
         }
     }
 
@@ -176,7 +171,10 @@ impl AgentIo {
     /// Gives up held output (counted by the sink).
     fn give_up(&mut self, sink: &mut dyn OutputSink) {
         let lines: usize = self.held.iter().map(|(_, ends)| ends.len()).sum();
-        tracing::error!(lines, "the agent has exited and its journal still cannot be written; output lost");
+        tracing::error!(
+            lines,
+            "the agent has exited and its journal still cannot be written; output lost"
+        );
         self.held.clear();
         self.held_bytes = 0;
         self.retry_at = None;

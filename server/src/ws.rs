@@ -83,11 +83,8 @@ fn into_io(upgraded: hyper::upgrade::Upgraded, send_buffer: usize) -> (Box<dyn I
         // free; with an autotuned buffer of megabytes a slow reader's progress would be
         // invisible for longer than the stall limit.
         if send_buffer > 0 {
-            let _ = nix::sys::socket::setsockopt(
-                &tcp,
-                nix::sys::socket::sockopt::SndBuf,
-                &send_buffer,
-            );
+            let _ =
+                nix::sys::socket::setsockopt(&tcp, nix::sys::socket::sockopt::SndBuf, &send_buffer);
         }
         Box::new(tcp)
     };
@@ -153,10 +150,8 @@ impl<S: Send + Sync> FromRequestParts<S> for Upgrade {
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, NotUpgrade> {
         let has = |name: header::HeaderName, token: &str| {
             parts.headers.get_all(name).iter().any(|v| {
-                v.to_str().is_ok_and(|v| {
-                    v.split(',')
-                        .any(|t| t.trim().eq_ignore_ascii_case(token))
-                })
+                v.to_str()
+                    .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
             })
         };
         if parts.method != Method::GET
@@ -306,11 +301,9 @@ impl Progress {
                 self.written.fetch_add(*n as u64, Ordering::Relaxed);
                 self.blocked_at.store(0, Ordering::Relaxed);
             }
-            Poll::Pending => {
-                if self.blocked_at.load(Ordering::Relaxed) == 0 {
-                    let now = self.start.elapsed().as_millis() as u64 + 1;
-                    self.blocked_at.store(now, Ordering::Relaxed);
-                }
+            Poll::Pending if self.blocked_at.load(Ordering::Relaxed) == 0 => {
+                let now = self.start.elapsed().as_millis() as u64 + 1;
+                self.blocked_at.store(now, Ordering::Relaxed);
             }
             _ => {}
         }
@@ -349,10 +342,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<S> {
         Pin::new(&mut self.inner).poll_flush(cx)
     }
 
-    fn poll_shutdown(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<std::io::Result<()>> {
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
@@ -580,11 +570,7 @@ impl Client {
         .to_string()
     }
 
-    async fn exit_event(
-        &self,
-        sink: &mut SplitSink<Socket, Message>,
-        exit: ExitInfo,
-    ) -> End {
+    async fn exit_event(&self, sink: &mut SplitSink<Socket, Message>, exit: ExitInfo) -> End {
         let event = if exit.is_success() {
             "exited"
         } else {

@@ -119,7 +119,9 @@ async fn full_disk_holds_output(instance_id: &str) {
     .await;
     let metrics = server.get("/metrics").await.1;
     assert!(metrics.contains("moorline_output_held 1"), "{metrics}");
-    let held_at = summary(&server, &id).await["lastSeq"].as_u64().expect("seq");
+    let held_at = summary(&server, &id).await["lastSeq"]
+        .as_u64()
+        .expect("seq");
     assert!(held_at < LINES, "the disk should not hold {LINES} lines");
 
     std::fs::remove_file(&filler).expect("free space");
@@ -136,7 +138,10 @@ async fn full_disk_holds_output(instance_id: &str) {
     assert!(s["linesLost"].is_null(), "{s}");
     let metrics = server.get("/metrics").await.1;
     assert!(metrics.contains("moorline_output_held 0"), "{metrics}");
-    assert!(!metrics.contains("moorline_output_holds_total 0"), "{metrics}");
+    assert!(
+        !metrics.contains("moorline_output_holds_total 0"),
+        "{metrics}"
+    );
     assert!(!metrics.contains("journal_error"), "{metrics}");
 
     // The journal holds the same lines, numbered without a gap.

@@ -481,7 +481,11 @@ async fn raw_client(server: &TestServer, path_and_query: &str) -> tokio::net::Tc
         tcp.read_exact(&mut b).await.expect("answer");
         head.push(b[0]);
     }
-    assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
     tcp
 }
 
@@ -507,11 +511,18 @@ async fn a_client_that_pings_without_reading_is_dropped() {
         }
     })
     .await;
-    assert!(dropped.is_ok(), "still connected after {sent} bytes of pings");
+    assert!(
+        dropped.is_ok(),
+        "still connected after {sent} bytes of pings"
+    );
     // What it got to send before being dropped is bounded by socket buffers, not by the flood.
     assert!(sent < 64 << 20, "{sent} bytes of pings accepted");
     assert!(
-        metric(&server, r#"moorline_clients_dropped_total{reason="unread_pongs"} 1"#).await,
+        metric(
+            &server,
+            r#"moorline_clients_dropped_total{reason="unread_pongs"} 1"#
+        )
+        .await,
         "{}",
         server.get("/metrics").await.1
     );
@@ -561,7 +572,11 @@ async fn slow_but_steady_readers_catch_up_and_stopped_ones_are_dropped() {
     // Stopped entirely: dropped after the stall limit.
     let _stopped = raw_client(&server, &format!("/sessions/{id}?since=0")).await;
     common::eventually("the stopped client is dropped", || async {
-        metric(&server, r#"moorline_clients_dropped_total{reason="stalled"} 1"#).await
+        metric(
+            &server,
+            r#"moorline_clients_dropped_total{reason="stalled"} 1"#,
+        )
+        .await
     })
     .await;
     server.stop().await;

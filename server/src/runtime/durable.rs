@@ -240,7 +240,11 @@ impl DurableRuntime {
                             let mut le = [0u8; 8];
                             le.copy_from_slice(count);
                             lost = None;
-                            if bell_tx.send(Bell::Lost(u64::from_le_bytes(le))).await.is_err() {
+                            if bell_tx
+                                .send(Bell::Lost(u64::from_le_bytes(le)))
+                                .await
+                                .is_err()
+                            {
                                 break 'read;
                             }
                         }

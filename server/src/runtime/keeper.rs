@@ -353,20 +353,28 @@ impl OutputSink for KeeperSink {
     fn held(&mut self, error: Option<&io::Error>) {
         match error {
             Some(e) => {
-                eprintln!("moorline keeper: cannot write the journal ({e}); holding the agent's output");
-                self.doorbell.held.store(true, std::sync::atomic::Ordering::Relaxed);
+                eprintln!(
+                    "moorline keeper: cannot write the journal ({e}); holding the agent's output"
+                );
+                self.doorbell
+                    .held
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
                 self.doorbell.tell(&[Bell::HELD]);
             }
             None => {
                 eprintln!("moorline keeper: the journal takes output again");
-                self.doorbell.held.store(false, std::sync::atomic::Ordering::Relaxed);
+                self.doorbell
+                    .held
+                    .store(false, std::sync::atomic::Ordering::Relaxed);
                 self.doorbell.tell(&[Bell::FLOWING]);
             }
         }
     }
 
     fn lost(&mut self, lines: u64) {
-        eprintln!("moorline keeper: {lines} output lines lost: the journal stayed unwritable after the agent exited");
+        eprintln!(
+            "moorline keeper: {lines} output lines lost: the journal stayed unwritable after the agent exited"
+        );
         let mut news = vec![Bell::LOST];
         news.extend_from_slice(&lines.to_le_bytes());
         self.doorbell.tell(&news);

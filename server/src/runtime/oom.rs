@@ -107,7 +107,10 @@ enum Notifier {
     /// cgroup v2: inotify on `memory.events`.
     Inotify(nix::sys::inotify::Inotify),
     /// cgroup v1: an eventfd registered for `memory.oom_control` (kept open with it).
-    Event(nix::sys::eventfd::EventFd, #[allow(dead_code)] std::fs::File),
+    Event(
+        nix::sys::eventfd::EventFd,
+        #[allow(dead_code)] std::fs::File,
+    ),
 }
 
 impl Notifier {
