@@ -37,7 +37,8 @@ const READ_CHUNK: usize = 256 * 1024;
 const ARENA_BLOCK: usize = 1 << 20;
 /// Stop taking client lines while this much input waits for the agent.
 const INPUT_BACKLOG: usize = 1 << 20;
-/// While output is held, stop taking client lines once their own output held reaches this.
+/// While output is held, stop taking client lines once this much output is held (what the
+/// adapter answers them queues behind it).
 const HELD_INPUT_OUTPUT: usize = 1 << 20;
 /// First and longest wait before retrying a refused batch.
 const RETRY_FIRST: Duration = Duration::from_millis(20);
