@@ -9,7 +9,14 @@
 //!
 //! Output goes through the framer, then the adapter's [`Pipeline`], then to an [`OutputSink`]
 //! (journal and fan-out) in batches: one journal write per read of stdout.
+//!
+//! A sink that cannot store a batch (the journal's disk is full) refuses it, and the loop
+//! holds it: it stops reading stdout, so the agent blocks on a full pipe instead of losing
+//! output, and retries the batch with backoff until the journal takes it. Only when the agent
+//! has exited and the journal stays unwritable for `hold_after_exit` is held output given up,
+//! and then it is counted ([`OutputSink::lost`]).
 
+use std::collections::VecDeque;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,12 +37,34 @@ const READ_CHUNK: usize = 256 * 1024;
 const ARENA_BLOCK: usize = 1 << 20;
 /// Stop taking client lines while this much input waits for the agent.
 const INPUT_BACKLOG: usize = 1 << 20;
+/// While output is held, stop taking client lines once this much output is held (what the
+/// adapter answers them queues behind it).
+const HELD_INPUT_OUTPUT: usize = 1 << 20;
+/// First and longest wait before retrying a refused batch.
+const RETRY_FIRST: Duration = Duration::from_millis(20);
+const RETRY_MAX: Duration = Duration::from_secs(1);
+
+/// A batch a sink could not store, handed back to be held and retried.
+#[derive(Debug)]
+pub struct Refused {
+    /// The batch, unchanged.
+    pub batch: BytesMut,
+    /// Why it was refused.
+    pub error: std::io::Error,
+}
 
 /// Where framed output goes.
 pub trait OutputSink: Send {
     /// Takes a batch of whole lines (each followed by `\n` in `batch`); `ends` are the
-    /// `(start, end)` offsets of each line without its `\n`.
-    fn commit(&mut self, batch: BytesMut, ends: &[(usize, usize)]);
+    /// `(start, end)` offsets of each line without its `\n`. A batch it cannot store is
+    /// handed back, untouched: it will be offered again.
+    fn commit(&mut self, batch: BytesMut, ends: &[(usize, usize)]) -> Result<(), Refused>;
+
+    /// Output is being held because a commit was refused (`Some`), or flows again (`None`).
+    fn held(&mut self, _error: Option<&std::io::Error>) {}
+
+    /// Held output was given up: the agent has exited and the sink still refuses it.
+    fn lost(&mut self, _lines: u64) {}
 
     /// The set of pending approval requests changed.
     fn pending_changed(&mut self, _pending: &[serde_json::Value]) {}
@@ -73,6 +102,13 @@ pub struct AgentIo {
     arena: BytesMut,
     batch_ends: Vec<(usize, usize)>,
     totals: Totals,
+    /// Batches refused by the sink, oldest first, with their line offsets.
+    held: VecDeque<(BytesMut, Vec<(usize, usize)>)>,
+    held_bytes: usize,
+    /// When to offer the oldest held batch again.
+    retry_at: Option<Instant>,
+    backoff: Duration,
+    hold_after_exit: Duration,
 }
 
 impl std::fmt::Debug for AgentIo {
@@ -93,7 +129,70 @@ impl AgentIo {
             arena: BytesMut::new(),
             batch_ends: Vec::new(),
             totals: Totals::default(),
+            held: VecDeque::new(),
+            held_bytes: 0,
+            retry_at: None,
+            backoff: RETRY_FIRST,
+            hold_after_exit: Duration::from_secs(10),
         }
+    }
+
+    /// How long output refused by the sink is still held after the agent has exited.
+    pub fn hold_after_exit(mut self, hold: Duration) -> Self {
+        self.hold_after_exit = hold;
+        self
+    }
+
+    /// Commits a batch, or holds it behind batches already held (order is kept).
+    fn commit(&mut self, batch: BytesMut, ends: &[(usize, usize)], sink: &mut dyn OutputSink) {
+        if !self.held.is_empty() {
+            self.hold(batch, ends);
+        } else if let Err(refused) = sink.commit(batch, ends) {
+            tracing::warn!(error = %refused.error, "cannot store agent output; holding it until the journal can be written");
+            sink.held(Some(&refused.error));
+            self.backoff = RETRY_FIRST;
+            self.retry_at = Some(Instant::now() + self.backoff);
+            self.hold(refused.batch, ends);
+        }
+    }
+
+    fn hold(&mut self, batch: BytesMut, ends: &[(usize, usize)]) {
+        self.held_bytes += batch.len();
+        self.held.push_back((batch, ends.to_vec()));
+    }
+
+    /// Offers held batches again, oldest first. True once nothing is held.
+    fn retry(&mut self, sink: &mut dyn OutputSink) -> bool {
+        while let Some((batch, ends)) = self.held.pop_front() {
+            let len = batch.len();
+            match sink.commit(batch, &ends) {
+                Ok(()) => self.held_bytes -= len,
+                Err(refused) => {
+                    self.held.push_front((refused.batch, ends));
+                    self.backoff = (self.backoff * 2).min(RETRY_MAX);
+                    self.retry_at = Some(Instant::now() + self.backoff);
+                    return false;
+                }
+            }
+        }
+        tracing::info!("the journal takes output again");
+        sink.held(None);
+        self.retry_at = None;
+        true
+    }
+
+    /// Gives up held output (counted by the sink).
+    fn give_up(&mut self, sink: &mut dyn OutputSink) {
+        let lines: usize = self.held.iter().map(|(_, ends)| ends.len()).sum();
+        tracing::error!(
+            lines,
+            "the agent has exited and its journal still cannot be written; output lost"
+        );
+        self.held.clear();
+        self.held_bytes = 0;
+        self.retry_at = None;
+        sink.lost(lines as u64);
+        sink.held(None);
     }
 
     /// Runs until the agent has exited and its output is fully committed.
@@ -119,15 +218,18 @@ impl AgentIo {
         let mut exit_info: Option<ExitInfo> = None;
         let mut drain_deadline: Option<Instant> = None;
         let mut killed_leftovers = false;
+        // Once the agent has exited, held output is given up after this.
+        let mut give_up_at: Option<Instant> = None;
         let mut hello = Outputs::default();
         self.pipeline.start(&mut hello);
         self.route(hello, stdin_open, &mut to_agent, sink);
-        while stdout_open || exit_info.is_none() {
+        while stdout_open || exit_info.is_none() || !self.held.is_empty() {
             let approval_deadline = self.pipeline.next_deadline().map(Instant::from_std);
             // Unbiased: an agent that floods its output must not starve client input (an
             // abort, say) or approval timeouts.
             tokio::select! {
-                read = stdout.read_buf(&mut buf), if stdout_open => match read {
+                // Not while output is held: the agent waits on its pipe (backpressure).
+                read = stdout.read_buf(&mut buf), if stdout_open && self.held.is_empty() => match read {
                     Ok(0) => stdout_open = false,
                     Ok(_) => {
                         self.output(&buf, &mut to_agent, sink);
@@ -152,7 +254,8 @@ impl AgentIo {
                         let _ = to_agent.split_to(n);
                     }
                 },
-                line = input.recv(), if input_open && to_agent.len() < INPUT_BACKLOG => match line {
+                line = input.recv(), if input_open && to_agent.len() < INPUT_BACKLOG
+                    && self.held_bytes < HELD_INPUT_OUTPUT => match line {
                     Some(line) => {
                         self.input(&line, stdin_open, &mut to_agent, sink);
                         // Take whatever else has queued, so a burst becomes one write.
@@ -173,8 +276,22 @@ impl AgentIo {
                 info = &mut exit, if exit_info.is_none() => {
                     exit_info = Some(info);
                     drain_deadline = Some(Instant::now() + self.exit_drain);
+                    give_up_at = Some(Instant::now() + self.hold_after_exit);
                 }
-                () = sleep_until(drain_deadline), if stdout_open && drain_deadline.is_some() => {
+                () = sleep_until(self.retry_at), if self.retry_at.is_some() => {
+                    if self.retry(sink) {
+                        // Leftovers could not write while output was held: their time to
+                        // finish starts now.
+                        if drain_deadline.is_some() {
+                            drain_deadline = Some(Instant::now() + self.exit_drain);
+                        }
+                    } else if give_up_at.is_some_and(|t| Instant::now() >= t) {
+                        self.give_up(sink);
+                        // What is still in the pipe has nowhere to go either.
+                        stdout_open = false;
+                    }
+                }
+                () = sleep_until(drain_deadline), if stdout_open && drain_deadline.is_some() && self.held.is_empty() => {
                     if killed_leftovers {
                         tracing::warn!("agent output still open after its process group was killed; giving up on it");
                         stdout_open = false;
@@ -189,6 +306,13 @@ impl AgentIo {
         }
         // An unterminated last line is still a line.
         self.frame(None, &mut to_agent, sink);
+        let give_up_at = Instant::now() + self.hold_after_exit;
+        while self.retry_at.is_some() {
+            sleep_until(self.retry_at).await;
+            if !self.retry(sink) && Instant::now() >= give_up_at {
+                self.give_up(sink);
+            }
+        }
         let _ = stdin.shutdown().await;
         let exit = exit_info.unwrap_or(ExitInfo::UNKNOWN);
         (exit, self.totals)
@@ -257,7 +381,7 @@ impl AgentIo {
         let rest = batch.split_off(batch.len());
         self.arena = rest;
         if !ends.is_empty() {
-            sink.commit(batch, &ends);
+            self.commit(batch, &ends, sink);
         }
         self.batch_ends = ends;
         self.report(sink);
@@ -317,7 +441,7 @@ impl AgentIo {
             }
             self.arena = batch.split_off(batch.len());
             self.totals.lines += ends.len() as u64;
-            sink.commit(batch, &ends);
+            self.commit(batch, &ends, sink);
         }
         self.report(sink);
     }

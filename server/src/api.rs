@@ -6,7 +6,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -290,7 +289,30 @@ async fn create_session(
 ) -> Result<Response, ApiError> {
     // Like amarre, a full server says so before looking at the body.
     app.sessions.check_capacity()?;
+    let limits = &app.limits;
+    if body.len() > limits.max_request_bytes {
+        return Err(ApiError::InvalidField {
+            field: "body".into(),
+            message: format!(
+                "request of {} bytes exceeds the limit of {} bytes (limits.max_request_bytes)",
+                body.len(),
+                limits.max_request_bytes
+            ),
+        });
+    }
     let mut req = parse_create(&body)?;
+    if let Some(name) = &req.name
+        && name.len() > limits.max_name_bytes
+    {
+        return Err(ApiError::InvalidField {
+            field: "name".into(),
+            message: format!(
+                "a name of {} bytes exceeds the limit of {} bytes (limits.max_name_bytes)",
+                name.len(),
+                limits.max_name_bytes
+            ),
+        });
+    }
     if let Some(instance) = app.sessions.instance_for(req.instance_id.as_deref()) {
         identity.check_instance(instance)?;
     }
@@ -362,7 +384,7 @@ async fn session_route(
     Path(id): Path<String>,
     method: Method,
     RawQuery(query): RawQuery,
-    upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+    upgrade: Result<ws::Upgrade, ws::NotUpgrade>,
 ) -> Result<Response, ApiError> {
     if let Ok(upgrade) = upgrade {
         if let Some(session) = app.sessions.get(&id) {

@@ -354,8 +354,12 @@ async fn pipe_stdio<S: AsyncRead + AsyncWrite + Unpin>(
                 }
                 Some(Ok(Message::Close(frame))) => {
                     let (code, reason) = frame.map_or((1005, String::new()), |f| (u16::from(f.code), f.reason.to_string()));
+                    // An error close is reported once, by the caller that prints the error.
+                    if code != 1000 {
+                        return Err(ClientError::Closed(format!("{code} {reason}")));
+                    }
                     eprintln!("moorline: connection closed: {code} {reason}");
-                    return if code == 1000 { Ok(()) } else { Err(ClientError::Closed(format!("{code} {reason}"))) };
+                    return Ok(());
                 }
                 Some(Ok(_)) => {}
                 Some(Err(e)) => return Err(ClientError::Closed(e.to_string())),

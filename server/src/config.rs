@@ -281,6 +281,10 @@ pub struct Config {
     /// files; defaults to the running executable.
     #[serde(skip)]
     pub moorline_exe: Option<PathBuf>,
+    /// amarre's push notification variables (`AMARRE_PUSH_*`) found in the environment. Push
+    /// is not available yet, so the server says at startup that they are ignored.
+    #[serde(skip)]
+    pub ignored_push_env: Vec<String>,
 }
 
 /// Every limit moorline enforces.
@@ -314,6 +318,28 @@ pub struct Limits {
     pub max_env_name_bytes: usize,
     /// Longest environment variable value a client may set (bytes).
     pub max_env_value_bytes: usize,
+    /// Send buffer of a WebSocket client's TCP socket (the kernel doubles it; 0 leaves the
+    /// system's autotuning). Small enough that a slow reader's progress is seen well within
+    /// `client_stall_ms`.
+    pub client_send_buffer_bytes: usize,
+    /// How long output the journal cannot take (a full disk) is still held for, once the
+    /// agent has exited; while it runs, its output is held (and the agent paused) as long as
+    /// it takes.
+    pub output_hold_after_exit_ms: u64,
+    /// Longest session name accepted, in bytes; longer ones are refused with 400.
+    pub max_name_bytes: usize,
+    /// Largest `POST /sessions` body accepted (it bounds the working directory and
+    /// environment a client can make the server store); larger ones are refused with 400.
+    pub max_request_bytes: usize,
+    /// Ended (exited or crashed) sessions kept; beyond it the oldest are removed, with their
+    /// journals.
+    pub max_ended_sessions: usize,
+    /// Ended sessions older than this are removed, with their journals (0: kept until
+    /// `max_ended_sessions` pushes them out).
+    pub ended_session_ttl_ms: u64,
+    /// After sending a close frame, how long to keep reading (and discarding) what the client
+    /// still sends, so it reads the close code instead of a connection reset.
+    pub close_linger_ms: u64,
 }
 
 impl Limits {
@@ -325,6 +351,16 @@ impl Limits {
     /// [`Self::client_stall_ms`] as a duration.
     pub fn client_stall(&self) -> Duration {
         Duration::from_millis(self.client_stall_ms)
+    }
+
+    /// [`Self::output_hold_after_exit_ms`] as a duration.
+    pub fn output_hold_after_exit(&self) -> Duration {
+        Duration::from_millis(self.output_hold_after_exit_ms)
+    }
+
+    /// [`Self::close_linger_ms`] as a duration.
+    pub fn close_linger(&self) -> Duration {
+        Duration::from_millis(self.close_linger_ms)
     }
 
     /// [`Self::exit_drain_ms`] as a duration.
@@ -349,6 +385,13 @@ impl Default for Limits {
             max_env_vars: 64,
             max_env_name_bytes: 128,
             max_env_value_bytes: 32 << 10,
+            close_linger_ms: 3_000,
+            max_name_bytes: 256,
+            max_request_bytes: 64 * 1024,
+            max_ended_sessions: 100,
+            ended_session_ttl_ms: 0,
+            output_hold_after_exit_ms: 10_000,
+            client_send_buffer_bytes: 128 * 1024,
         }
     }
 }
@@ -517,6 +560,7 @@ impl Default for Config {
             runtime: RuntimeConfig::default(),
             instances: Vec::new(),
             moorline_exe: None,
+            ignored_push_env: Vec::new(),
         }
     }
 }
@@ -674,6 +718,12 @@ impl Config {
             .iter()
             .filter_map(|k| Some((k.clone(), sources.env.get(k)?.clone())))
             .collect();
+        config.ignored_push_env = sources
+            .env
+            .keys()
+            .filter(|k| k.starts_with("AMARRE_PUSH_"))
+            .cloned()
+            .collect();
         config.validate()?;
         Ok(config)
     }
@@ -697,6 +747,8 @@ impl Config {
             ("limits.backlog_bytes", l.backlog_bytes),
             ("limits.inbound_queue", l.inbound_queue),
             ("limits.max_env_name_bytes", l.max_env_name_bytes),
+            ("limits.max_name_bytes", l.max_name_bytes),
+            ("limits.max_request_bytes", l.max_request_bytes),
         ] {
             if value == 0 {
                 return Err(ConfigError::new(format!("{key}: must be at least 1")));

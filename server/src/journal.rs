@@ -20,6 +20,11 @@ use bytes::Bytes;
 /// Distance in bytes between two index checkpoints.
 pub const CHECKPOINT_BYTES: u64 = 64 * 1024;
 
+/// Disk space reserved ahead of the active segment's end, so a full disk fails the reservation
+/// instead of a write: a write cut short would show a reader (a server following a keeper's
+/// journal) lines that are then cut off again.
+const RESERVE_BYTES: u64 = 256 * 1024;
+
 const SEGMENT_SUFFIX: &str = ".jsonl";
 
 /// Size limits of one journal.
@@ -153,6 +158,8 @@ pub struct JournalWriter {
     last_checkpoint_offset: Option<u64>,
     /// Index changes not yet returned because the append that made them failed.
     unreported: Vec<IndexChange>,
+    /// The active segment has disk space reserved up to this offset.
+    reserved: u64,
 }
 
 impl JournalWriter {
@@ -185,6 +192,7 @@ impl JournalWriter {
                 next_seq: 1,
                 last_checkpoint_offset: Some(0),
                 unreported: Vec::new(),
+                reserved: 0,
             };
             return Ok((writer, index));
         };
@@ -213,6 +221,7 @@ impl JournalWriter {
             next_seq,
             last_checkpoint_offset,
             unreported: Vec::new(),
+            reserved: last.bytes,
         };
         Ok((writer, index))
     }
@@ -242,8 +251,13 @@ impl JournalWriter {
             self.unreported = changes;
             return Err(e);
         }
+        if let Err(e) = self.reserve(batch.len() as u64) {
+            self.unreported = changes;
+            return Err(e);
+        }
         if let Err(e) = self.file.write_all(batch) {
             let _ = self.file.set_len(self.active.bytes);
+            self.release();
             self.unreported = changes;
             return Err(e);
         }
@@ -273,10 +287,78 @@ impl JournalWriter {
         self.file.sync_data()
     }
 
+    /// Makes sure the next `len` bytes of the active segment have disk space, without changing
+    /// its size. Filesystems that cannot reserve space are written to directly.
+    fn reserve(&mut self, len: u64) -> io::Result<()> {
+        use nix::errno::Errno;
+        use nix::fcntl::{FallocateFlags, fallocate};
+        let end = self.active.bytes + len;
+        if end <= self.reserved {
+            return Ok(());
+        }
+        let to = end.max(self.active.bytes + RESERVE_BYTES);
+        let (Ok(offset), Ok(size)) = (
+            i64::try_from(self.active.bytes),
+            i64::try_from(to - self.active.bytes),
+        ) else {
+            return Ok(());
+        };
+        match fallocate(
+            &self.file,
+            FallocateFlags::FALLOC_FL_KEEP_SIZE,
+            offset,
+            size,
+        ) {
+            Ok(()) => {
+                self.reserved = to;
+                Ok(())
+            }
+            // Too little room for the reservation ahead: ask for just this batch.
+            Err(Errno::ENOSPC) if to > end => {
+                let size = i64::try_from(len).unwrap_or(i64::MAX);
+                fallocate(
+                    &self.file,
+                    FallocateFlags::FALLOC_FL_KEEP_SIZE,
+                    offset,
+                    size,
+                )
+                .map_err(io::Error::from)?;
+                self.reserved = end;
+                Ok(())
+            }
+            Err(Errno::EOPNOTSUPP | Errno::ENOSYS) => {
+                self.reserved = u64::MAX;
+                Ok(())
+            }
+            Err(e) => Err(io::Error::from(e)),
+        }
+    }
+
+    /// Frees the space reserved past the active segment's end.
+    fn release(&mut self) {
+        use nix::fcntl::{FallocateFlags, fallocate};
+        if self.reserved == u64::MAX || self.reserved <= self.active.bytes {
+            return;
+        }
+        if let (Ok(offset), Ok(size)) = (
+            i64::try_from(self.active.bytes),
+            i64::try_from(self.reserved - self.active.bytes),
+        ) {
+            let mode = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
+            let _ = fallocate(&self.file, mode, offset, size);
+        }
+        self.reserved = self.active.bytes;
+    }
+
     fn rotate(&mut self, changes: &mut Vec<IndexChange>) -> io::Result<()> {
         let file = create_segment(&self.dir, self.next_seq)?;
+        // Give back the space reserved past the old segment's end.
+        self.release();
         self.closed.push_back(self.active);
         self.file = file;
+        if self.reserved != u64::MAX {
+            self.reserved = 0;
+        }
         self.active = Segment {
             first_seq: self.next_seq,
             bytes: 0,
@@ -298,6 +380,12 @@ impl JournalWriter {
             total -= oldest.bytes;
             changes.push(IndexChange::DropSegment(oldest.first_seq));
         }
+    }
+}
+
+impl Drop for JournalWriter {
+    fn drop(&mut self) {
+        self.release();
     }
 }
 

@@ -185,6 +185,12 @@ pub async fn run(
         )));
     }
     let token = config.read_token()?;
+    if !config.ignored_push_env.is_empty() {
+        tracing::warn!(
+            variables = %config.ignored_push_env.join(", "),
+            "push notifications are not available in this version; these variables are ignored"
+        );
+    }
     let addr = tcp.as_ref().map(TcpListener::local_addr).transpose()?;
     let names = {
         let config = config.clone();

@@ -393,7 +393,10 @@ fn client_command(f: impl FnOnce(&tokio::runtime::Runtime) -> Result<(), ClientE
         Ok(rt) => rt,
         Err(code) => return code,
     };
-    match f(&runtime) {
+    let result = f(&runtime);
+    // A blocking read of stdin (attach) may still be waiting for a line: do not wait for it.
+    runtime.shutdown_background();
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("moorline: {e}");

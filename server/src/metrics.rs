@@ -34,6 +34,10 @@ pub struct Metrics {
     pub lines_dropped: Family<Labels, Counter>,
     /// Clients disconnected for falling behind, by reason.
     pub clients_dropped: Family<Labels, Counter>,
+    /// Times a session's output was held because its journal refused a write (a full disk).
+    pub output_holds: Counter,
+    /// Sessions whose output is held because their journal cannot be written.
+    pub output_held: Gauge,
     /// Agent exits, by kind (`exited` for code 0, `crashed` otherwise).
     pub agent_exits: Family<Labels, Counter>,
     /// Time from `POST /sessions` to a running agent.
@@ -53,6 +57,8 @@ impl Default for Metrics {
         let lines_dropped = Family::<Labels, Counter>::default();
         let clients_dropped = Family::<Labels, Counter>::default();
         let agent_exits = Family::<Labels, Counter>::default();
+        let output_holds = Counter::default();
+        let output_held = Gauge::default();
         let spawn_seconds = Histogram::new(exponential_buckets(0.0001, 2.0, 18));
         registry.register("sessions", "Sessions by status", sessions.clone());
         registry.register("clients", "Connected WebSocket clients", clients.clone());
@@ -75,7 +81,7 @@ impl Default for Metrics {
         );
         registry.register(
             "lines_dropped",
-            "Agent lines not forwarded (invalid UTF-8 or too long)",
+            "Agent lines not forwarded (invalid UTF-8, too long, or lost to an unwritable journal)",
             lines_dropped.clone(),
         );
         registry.register(
@@ -84,6 +90,16 @@ impl Default for Metrics {
             clients_dropped.clone(),
         );
         registry.register("agent_exits", "Agent exits by kind", agent_exits.clone());
+        registry.register(
+            "output_holds",
+            "Times a session's output was held because its journal refused a write",
+            output_holds.clone(),
+        );
+        registry.register(
+            "output_held",
+            "Sessions whose output is held because their journal cannot be written",
+            output_held.clone(),
+        );
         registry.register(
             "spawn_seconds",
             "Time to start an agent",
@@ -101,6 +117,8 @@ impl Default for Metrics {
             lines_dropped,
             clients_dropped,
             agent_exits,
+            output_holds,
+            output_held,
             spawn_seconds,
         }
     }

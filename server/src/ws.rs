@@ -7,17 +7,28 @@
 //! - `?since=N`: the client first receives every retained line after sequence number N, then live
 //!   lines, with no gap and no duplicate (implies `hello`).
 
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade, close_code};
-use axum::http::StatusCode;
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
+use hyper_util::rt::TokioIo;
 use serde_json::json;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
 use crate::agentio::Input;
 use crate::api::{AppState, text};
@@ -42,7 +53,52 @@ pub const CAPABILITIES: &[&str] = &[
 ];
 
 /// Close code for a client that fell behind further than the journal reaches.
-pub const CLOSE_LAGGED: u16 = close_code::AGAIN;
+pub const CLOSE_LAGGED: u16 = 1013;
+
+/// Close codes used here (RFC 6455 §7.4.1).
+mod close_code {
+    pub(super) const NORMAL: u16 = 1000;
+    pub(super) const AWAY: u16 = 1001;
+    pub(super) const INVALID: u16 = 1007;
+    pub(super) const SIZE: u16 = 1009;
+    pub(super) const ERROR: u16 = 1011;
+}
+
+/// tungstenite's write buffer: frames are written out once this much has queued up. Pongs
+/// owed to a client whose socket accepts nothing may not exceed it (see [`read_client`]).
+const WRITE_BUFFER: usize = 256 * 1024;
+
+/// The type of the upgraded socket.
+type Socket = WebSocketStream<Metered<Box<dyn Io>>>;
+
+/// A client's byte stream.
+trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
+
+/// The upgraded connection as the socket it is, when it is TCP, so its send buffer can be
+/// sized; with the bytes the HTTP server had already read past the request.
+fn into_io(upgraded: hyper::upgrade::Upgraded, send_buffer: usize) -> (Box<dyn Io>, Bytes) {
+    type Tcp = TokioIo<tokio::net::TcpStream>;
+    let tcp = |io: Tcp| -> Box<dyn Io> {
+        let tcp = io.into_inner();
+        // The kernel reports a socket writable only once a good part of its send buffer is
+        // free; with an autotuned buffer of megabytes a slow reader's progress would be
+        // invisible for longer than the stall limit.
+        if send_buffer > 0 {
+            let _ =
+                nix::sys::socket::setsockopt(&tcp, nix::sys::socket::sockopt::SndBuf, &send_buffer);
+        }
+        Box::new(tcp)
+    };
+    let upgraded = match hyper_util::server::conn::auto::upgrade::downcast::<Tcp>(upgraded) {
+        Ok(parts) => return (tcp(parts.io), parts.read_buf),
+        Err(u) => u,
+    };
+    match upgraded.downcast::<Tcp>() {
+        Ok(parts) => (tcp(parts.io), parts.read_buf),
+        Err(u) => (Box::new(TokioIo::new(u)), Bytes::new()),
+    }
+}
 
 /// What a client asked for in the query string.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -71,12 +127,64 @@ fn parse_query(query: Option<&str>) -> Result<Options, &'static str> {
     Ok(opts)
 }
 
+/// A request to upgrade to a WebSocket (HTTP/1.1), taken apart so the server owns the raw
+/// socket: the stall rule needs to see the bytes it accepts, and a lingering close needs to
+/// half-close it.
+#[derive(Debug)]
+pub struct Upgrade {
+    accept: HeaderValue,
+    on_upgrade: hyper::upgrade::OnUpgrade,
+}
+
+/// The request is not a WebSocket upgrade.
+#[derive(Debug)]
+pub struct NotUpgrade;
+
+impl IntoResponse for NotUpgrade {
+    fn into_response(self) -> Response {
+        text(StatusCode::BAD_REQUEST, "not a WebSocket upgrade\n")
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Upgrade {
+    type Rejection = NotUpgrade;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, NotUpgrade> {
+        let has = |name: header::HeaderName, token: &str| {
+            parts.headers.get_all(name).iter().any(|v| {
+                v.to_str()
+                    .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+            })
+        };
+        if parts.method != Method::GET
+            || !has(header::CONNECTION, "upgrade")
+            || !has(header::UPGRADE, "websocket")
+            || !has(header::SEC_WEBSOCKET_VERSION, "13")
+        {
+            return Err(NotUpgrade);
+        }
+        let key = parts
+            .headers
+            .get(header::SEC_WEBSOCKET_KEY)
+            .ok_or(NotUpgrade)?;
+        let accept = HeaderValue::from_str(
+            &tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes()),
+        )
+        .map_err(|_| NotUpgrade)?;
+        let on_upgrade = parts
+            .extensions
+            .remove::<hyper::upgrade::OnUpgrade>()
+            .ok_or(NotUpgrade)?;
+        Ok(Self { accept, on_upgrade })
+    }
+}
+
 /// Checks everything that can be refused with a plain HTTP answer, then upgrades.
 pub fn connect(
     app: AppState,
     id: String,
     query: Option<&str>,
-    upgrade: WebSocketUpgrade,
+    upgrade: Upgrade,
     identity: Identity,
 ) -> Response {
     let opts = match parse_query(query) {
@@ -112,20 +220,139 @@ pub fn connect(
     // still closes this client with 1001 instead of dropping the connection.
     let in_flight = app.tracker.token();
     let max = app.limits.max_inbound_frame_bytes;
-    upgrade
-        .max_message_size(max)
-        .max_frame_size(max)
+    let config = WebSocketConfig::default()
+        .max_message_size(Some(max))
+        .max_frame_size(Some(max))
         // tungstenite zeroes its read buffer before every read: keep it small.
         .read_buffer_size(16 * 1024)
-        .write_buffer_size(256 * 1024)
-        .max_write_buffer_size(app.limits.max_line_bytes + (4 << 20))
-        .on_upgrade(move |socket| async move {
-            Client::new(app, session, guard, opts, newest, identity)
-                .run(socket)
+        .write_buffer_size(WRITE_BUFFER)
+        .max_write_buffer_size(app.limits.max_line_bytes + (4 << 20));
+    let send_buffer = app.limits.client_send_buffer_bytes;
+    let Upgrade { accept, on_upgrade } = upgrade;
+    tokio::spawn(async move {
+        let upgraded = match on_upgrade.await {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::debug!(error = %e, "WebSocket upgrade failed");
+                return;
+            }
+        };
+        let progress = Arc::new(Progress::new());
+        let (inner, read) = into_io(upgraded, send_buffer);
+        let io = Metered {
+            inner,
+            progress: progress.clone(),
+        };
+        let socket =
+            WebSocketStream::from_partially_read(io, read.to_vec(), Role::Server, Some(config))
                 .await;
-            // Held until the client is closed, so shutdown waits for its close frame.
-            drop(in_flight);
-        })
+        Client::new(app, session, guard, opts, newest, identity, progress)
+            .run(socket)
+            .await;
+        // Held until the client is closed, so shutdown waits for its close frame.
+        drop(in_flight);
+    });
+    (
+        StatusCode::SWITCHING_PROTOCOLS,
+        [
+            (header::CONNECTION, HeaderValue::from_static("upgrade")),
+            (header::UPGRADE, HeaderValue::from_static("websocket")),
+            (header::SEC_WEBSOCKET_ACCEPT, accept),
+        ],
+    )
+        .into_response()
+}
+
+/// What the client's socket has accepted: the stall rule measures progress, not speed.
+#[derive(Debug)]
+struct Progress {
+    start: Instant,
+    /// Bytes the socket has accepted.
+    written: AtomicU64,
+    /// Milliseconds after `start` (plus one) at which a write first found the socket full
+    /// since it last accepted anything; 0 while writes go through.
+    blocked_at: AtomicU64,
+}
+
+impl Progress {
+    fn new() -> Self {
+        Self {
+            start: Instant::now(),
+            written: AtomicU64::new(0),
+            blocked_at: AtomicU64::new(0),
+        }
+    }
+
+    fn written(&self) -> u64 {
+        self.written.load(Ordering::Relaxed)
+    }
+
+    /// Whether data is waiting for a socket that accepts nothing.
+    fn blocked(&self) -> bool {
+        self.blocked_at.load(Ordering::Relaxed) != 0
+    }
+
+    /// Whether the socket has accepted nothing for `stall` while data waited.
+    fn stalled(&self, stall: Duration) -> bool {
+        match self.blocked_at.load(Ordering::Relaxed) {
+            0 => false,
+            at => {
+                let since = self.start + Duration::from_millis(at - 1);
+                since.elapsed() >= stall
+            }
+        }
+    }
+
+    fn on_write(&self, result: &Poll<std::io::Result<usize>>) {
+        match result {
+            Poll::Ready(Ok(n)) if *n > 0 => {
+                self.written.fetch_add(*n as u64, Ordering::Relaxed);
+                self.blocked_at.store(0, Ordering::Relaxed);
+            }
+            Poll::Pending if self.blocked_at.load(Ordering::Relaxed) == 0 => {
+                let now = self.start.elapsed().as_millis() as u64 + 1;
+                self.blocked_at.store(now, Ordering::Relaxed);
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The client's socket, recording its [`Progress`].
+#[derive(Debug)]
+struct Metered<S> {
+    inner: S,
+    progress: Arc<Progress>,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Metered<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let result = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.progress.on_write(&result);
+        result
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
 
 /// How a connection ended, decided by either half.
@@ -146,6 +373,7 @@ struct Client {
     newest: u64,
     /// Who the client is: its lines reach the agent's pipeline with this identity.
     identity: Identity,
+    progress: Arc<Progress>,
 }
 
 impl Client {
@@ -156,6 +384,7 @@ impl Client {
         opts: Options,
         newest: u64,
         identity: Identity,
+        progress: Arc<Progress>,
     ) -> Self {
         Self {
             app,
@@ -164,15 +393,16 @@ impl Client {
             opts,
             newest,
             identity,
+            progress,
         }
     }
 
-    async fn run(self, socket: WebSocket) {
+    async fn run(self, socket: Socket) {
         self.app.metrics.clients.inc();
-        let (mut sink, stream) = socket.split();
+        let (mut sink, mut stream) = socket.split();
         let id = self.session.id().to_owned();
         let end = {
-            let reader = read_client(&self, stream);
+            let reader = read_client(&self, &mut stream);
             let writer = self.write_client(&mut sink);
             tokio::select! {
                 end = reader => end,
@@ -182,26 +412,58 @@ impl Client {
         if let End::Close(code, reason) = end {
             tracing::debug!(session = %id, code, %reason, "closing client");
             let frame = CloseFrame {
-                code,
+                code: CloseCode::from(code),
                 reason: Utf8Bytes::from(reason),
             };
             // The client may already be gone; nothing else to do then.
-            let _ = tokio::time::timeout(
+            let sent = tokio::time::timeout(
                 Duration::from_secs(5),
                 sink.send(Message::Close(Some(frame))),
             )
             .await;
+            if let (Ok(Ok(())), Ok(mut socket)) = (sent, sink.reunite(stream)) {
+                linger(socket.get_mut(), self.app.limits.close_linger()).await;
+            }
         }
         self.app.metrics.clients.dec();
     }
 
+    /// Feeds `frames` and flushes once. Fails only if the socket accepts no byte at all for
+    /// `client_stall_ms` (a slow reader that keeps reading stays, however large the frames),
+    /// or if the connection breaks.
+    async fn send_batch(
+        &self,
+        sink: &mut SplitSink<Socket, Message>,
+        frames: Vec<Message>,
+    ) -> Result<(), End> {
+        let stall = self.app.limits.client_stall();
+        let send = async {
+            for frame in frames {
+                sink.feed(frame).await?;
+            }
+            sink.flush().await
+        };
+        tokio::pin!(send);
+        let mut check = tokio::time::interval(check_every(stall));
+        loop {
+            tokio::select! {
+                sent = &mut send => return sent.map_err(|_| End::Gone),
+                _ = check.tick() => {
+                    if self.progress.stalled(stall) {
+                        return Err(self.stalled());
+                    }
+                }
+            }
+        }
+    }
+
     /// Sends the hello (if asked), replay and live lines, and lifecycle events.
-    async fn write_client(&self, sink: &mut SplitSink<WebSocket, Message>) -> End {
+    async fn write_client(&self, sink: &mut SplitSink<Socket, Message>) -> End {
         let hub = self.session.hub().clone();
         let mut seq_rx = hub.subscribe();
         let mut lifecycle = self.session.lifecycle();
         let limit = ReadLimit::default();
-        let stall = self.app.limits.client_stall();
+        let check = check_every(self.app.limits.client_stall());
         let newest = self.newest;
         let mut cursor = self.opts.since.map_or(newest + 1, |s| s.saturating_add(1));
         if self.opts.hello {
@@ -209,11 +471,11 @@ impl Client {
             let missed = first.saturating_sub(cursor);
             cursor = cursor.max(first).min(newest + 1);
             let hello = self.hello_frame(newest, first, cursor, missed);
-            if send_batch(sink, vec![Message::Text(hello.into())], stall)
+            if let Err(end) = self
+                .send_batch(sink, vec![Message::Text(hello.into())])
                 .await
-                .is_err()
             {
-                return self.stalled();
+                return end;
             }
         }
         // The run whose end this client must report; an exit seen before we started counts.
@@ -257,8 +519,8 @@ impl Client {
                         ))),
                     }
                 }
-                if send_batch(sink, frames, stall).await.is_err() {
-                    return self.stalled();
+                if let Err(end) = self.send_batch(sink, frames).await {
+                    return end;
                 }
                 self.app.metrics.deliveries.inc_by(n);
                 cursor += n;
@@ -266,7 +528,7 @@ impl Client {
             if let Some((exit, last_seq)) = exited
                 && cursor > last_seq
             {
-                return self.exit_event(sink, exit, stall).await;
+                return self.exit_event(sink, exit).await;
             }
             tokio::select! {
                 changed = seq_rx.changed() => {
@@ -286,6 +548,15 @@ impl Client {
                 }
                 () = self.app.shutdown.cancelled() => {
                     return End::Close(close_code::AWAY, "server shutting down".into());
+                }
+                // Pongs the reader queued wait for a writable socket: push them out, under
+                // the same stall rule as output.
+                () = tokio::time::sleep(check) => {
+                    if self.progress.blocked()
+                        && let Err(end) = self.send_batch(sink, Vec::new()).await
+                    {
+                        return end;
+                    }
                 }
             }
         }
@@ -312,12 +583,7 @@ impl Client {
         .to_string()
     }
 
-    async fn exit_event(
-        &self,
-        sink: &mut SplitSink<WebSocket, Message>,
-        exit: ExitInfo,
-        stall: Duration,
-    ) -> End {
+    async fn exit_event(&self, sink: &mut SplitSink<Socket, Message>, exit: ExitInfo) -> End {
         let event = if exit.is_success() {
             "exited"
         } else {
@@ -329,16 +595,20 @@ impl Client {
             "exitCode": exit.code,
             "signal": exit.signal_name(),
         });
+        // What else is known about the end: `out_of_memory`, `keeper_lost`.
+        if let Some(reason) = exit.reason {
+            frame["reason"] = reason.as_str().into();
+        }
         // A start failure says why, after amarre's keys.
         if let Some(error) = self.session.last_error() {
             frame["error"] = error.into();
         }
         let frame = frame.to_string();
-        if send_batch(sink, vec![Message::Text(frame.into())], stall)
+        if let Err(end) = self
+            .send_batch(sink, vec![Message::Text(frame.into())])
             .await
-            .is_err()
         {
-            return self.stalled();
+            return end;
         }
         if exit.is_success() {
             End::Close(close_code::NORMAL, "agent exited".into())
@@ -372,31 +642,36 @@ impl Client {
     }
 }
 
-/// Feeds `frames` and flushes once. Fails if the client takes longer than `stall` to accept
-/// any one frame or the final flush: a slow reader that keeps reading stays connected.
-async fn send_batch(
-    sink: &mut SplitSink<WebSocket, Message>,
-    frames: Vec<Message>,
-    stall: Duration,
-) -> Result<(), ()> {
-    // A feed only waits when the write buffer is full, so each timeout covers at most one
-    // buffer's worth (or one frame) of progress.
-    for frame in frames {
-        match tokio::time::timeout(stall, sink.feed(frame)).await {
-            Ok(Ok(())) => {}
-            _ => return Err(()),
+/// How often a waiting writer checks the stall rule.
+fn check_every(stall: Duration) -> Duration {
+    (stall / 4).max(Duration::from_millis(10))
+}
+
+/// A lingering close: after our close frame, the write side is shut and whatever the client
+/// still sends is read and discarded for up to `linger`, so a client in the middle of a large
+/// message reads the close code instead of a connection reset (which the kernel sends when a
+/// socket is closed with unread data).
+async fn linger<S: AsyncRead + AsyncWrite + Unpin>(io: &mut S, linger: Duration) {
+    let _ = tokio::time::timeout(linger, async {
+        let _ = io.shutdown().await;
+        let mut buf = vec![0u8; 16 * 1024];
+        while let Ok(n) = io.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
         }
-    }
-    match tokio::time::timeout(stall, sink.flush()).await {
-        Ok(Ok(())) => Ok(()),
-        _ => Err(()),
-    }
+    })
+    .await;
 }
 
 /// Forwards client frames to the agent until the client leaves or breaks a rule.
-async fn read_client(client: &Client, mut stream: SplitStream<WebSocket>) -> End {
+async fn read_client(client: &Client, stream: &mut SplitStream<Socket>) -> End {
     let stdin: Option<mpsc::Sender<Input>> = client.session.stdin();
     let metrics = &client.app.metrics;
+    // Pongs owed since the socket last accepted a byte. tungstenite queues one per ping in its
+    // write buffer; a client that pings without reading would grow it without bound.
+    let mut owed = 0usize;
+    let mut written = client.progress.written();
     loop {
         let message = match stream.next().await {
             None => return End::Gone,
@@ -417,7 +692,24 @@ async fn read_client(client: &Client, mut stream: SplitStream<WebSocket>) -> End
             }
             // tungstenite answers the close on the next read, which then ends the stream.
             Message::Close(_) => continue,
-            Message::Ping(_) | Message::Pong(_) => continue,
+            Message::Ping(payload) => {
+                let now = client.progress.written();
+                if now != written {
+                    written = now;
+                    owed = 0;
+                }
+                owed += payload.len() + 2;
+                if owed > WRITE_BUFFER {
+                    tracing::warn!(session = %client.session.id(), owed, "client sends pings but reads no pongs; disconnecting it");
+                    metrics
+                        .clients_dropped
+                        .get_or_create(&[("reason", "unread_pongs")])
+                        .inc();
+                    return End::Gone;
+                }
+                continue;
+            }
+            Message::Pong(_) | Message::Frame(_) => continue,
         };
         let Some(tx) = &stdin else {
             // Like amarre: frames for a session whose agent is not running are dropped.
@@ -438,21 +730,18 @@ async fn read_client(client: &Client, mut stream: SplitStream<WebSocket>) -> End
     }
 }
 
-fn read_error(client: &Client, err: axum::Error) -> End {
+fn read_error(client: &Client, err: tokio_tungstenite::tungstenite::Error) -> End {
     use tokio_tungstenite::tungstenite::Error as WsError;
     use tokio_tungstenite::tungstenite::error::CapacityError;
-    let inner = err.into_inner();
-    match inner.downcast_ref::<WsError>() {
-        Some(WsError::Capacity(CapacityError::MessageTooLong { size, max_size })) => {
+    match err {
+        WsError::Capacity(CapacityError::MessageTooLong { size, max_size }) => {
             tracing::warn!(session = %client.session.id(), size, max_size, "client frame too large");
             End::Close(
                 close_code::SIZE,
                 format!("message of {size} bytes exceeds the limit of {max_size}"),
             )
         }
-        Some(WsError::Utf8(_)) => {
-            End::Close(close_code::INVALID, "text frame is not valid UTF-8".into())
-        }
+        WsError::Utf8(_) => End::Close(close_code::INVALID, "text frame is not valid UTF-8".into()),
         _ => End::Gone,
     }
 }

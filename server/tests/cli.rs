@@ -141,6 +141,12 @@ struct Served {
 
 /// `moorline serve` with no configuration at all, on a free port.
 async fn serve() -> Served {
+    serve_with(|_| {}).await.0
+}
+
+/// `moorline serve` on a free port, with `tweak` applied to its command; also returns what it
+/// logged before listening.
+async fn serve_with(tweak: impl FnOnce(&mut Command)) -> (Served, Vec<String>) {
     let home = tempfile::tempdir().expect("home");
     let sandbox = common::Sandbox::new();
     let mut cmd = moorline(home.path());
@@ -153,27 +159,31 @@ async fn serve() -> Served {
             format!("{0}:{0}", common::TEST_UID),
         )
         .stderr(Stdio::piped());
+    tweak(&mut cmd);
     let mut child = cmd.spawn().expect("serve");
     let stderr = child.stderr.take().expect("stderr");
     let mut lines = BufReader::new(stderr).lines();
+    let mut startup = Vec::new();
     let addr = tokio::time::timeout(WAIT, async {
         while let Some(line) = lines.next_line().await.expect("read") {
             if let Some(rest) = line.split("addr=").nth(1) {
                 return rest.split_whitespace().next().expect("addr").to_owned();
             }
+            startup.push(line);
         }
-        panic!("server exited before listening");
+        panic!("server exited before listening: {startup:?}");
     })
     .await
     .expect("listening in time");
     // Keep draining the log so the server never blocks on a full pipe.
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    Served {
+    let served = Served {
         child,
         url: format!("http://{addr}"),
         _home: home,
         _sandbox: sandbox,
-    }
+    };
+    (served, startup)
 }
 
 #[tokio::test]
@@ -448,4 +458,72 @@ async fn client_commands_work_over_the_unix_socket() {
         .expect("status");
     assert!(status.success(), "{status}");
     assert!(!socket.exists(), "the socket is removed on shutdown");
+}
+
+#[tokio::test]
+async fn attach_reports_an_error_close_once() {
+    let config = tempfile::tempdir().expect("config");
+    let file = config.path().join("moorline.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[[instances]]\nid = \"fx\"\nagent = \"command\"\ncommand = [{:?}]\nruntime = \"process\"\n",
+            common::fixture_agent().display().to_string()
+        ),
+    )
+    .expect("write");
+    let (mut served, _) = serve_with(|cmd| {
+        cmd.arg("--config").arg(&file);
+    })
+    .await;
+    let created: Value = common::http()
+        .post(format!("{}/sessions", served.url))
+        .body(r#"{"instanceId":"fx"}"#)
+        .send()
+        .await
+        .expect("create")
+        .json()
+        .await
+        .expect("json");
+    let id = created["id"].as_str().expect("id").to_owned();
+    let home = tempfile::tempdir().expect("home");
+    let mut cmd = moorline(home.path());
+    cmd.args(["attach", &id])
+        .env("MOORLINE_URL", &served.url)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut attach = cmd.spawn().expect("attach");
+    let mut stdin = attach.stdin.take().expect("stdin");
+    stdin
+        .write_all(b"{\"_emit\":\"die\",\"code\":3}\n")
+        .await
+        .expect("write");
+    let out = tokio::time::timeout(WAIT, attach.wait_with_output())
+        .await
+        .expect("in time")
+        .expect("attach");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.matches("connection closed: 1011").count(), 1, "{err}");
+    drop(stdin);
+    let _ = served.child.start_kill();
+}
+
+#[tokio::test]
+async fn push_variables_are_named_in_a_startup_warning() {
+    let (mut served, startup) = serve_with(|cmd| {
+        cmd.env("AMARRE_PUSH_EXPO_TOKEN", "x")
+            .env("AMARRE_PUSH_ENABLED", "1");
+    })
+    .await;
+    let warning = startup
+        .iter()
+        .find(|l| l.contains("push notifications"))
+        .unwrap_or_else(|| panic!("no push warning in {startup:?}"));
+    assert!(
+        warning.contains("AMARRE_PUSH_ENABLED") && warning.contains("AMARRE_PUSH_EXPO_TOKEN"),
+        "{warning}"
+    );
+    let _ = served.child.start_kill();
 }

@@ -440,3 +440,144 @@ async fn a_close_from_the_client_is_answered() {
     );
     server.stop().await;
 }
+
+/// A client in the middle of sending a message over the limit reads the 1009 close (the server
+/// lingers, discarding the rest) instead of a connection reset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_still_writing_an_oversized_message_reads_the_1009() {
+    let server = TestServer::start_with(|c| c.limits.max_inbound_frame_bytes = 1024).await;
+    let id = server.session("fixture").await;
+    let mut ws = server.ws(&id).await;
+    ws.socket
+        .send(Message::text("x".repeat(8 << 20)))
+        .await
+        .expect("the whole message is taken, not reset");
+    let (code, reason) = ws.closed().await;
+    assert_eq!(code, 1009, "{reason}");
+    server.stop().await;
+}
+
+async fn metric(server: &TestServer, line: &str) -> bool {
+    server.get("/metrics").await.1.contains(line)
+}
+
+/// A raw WebSocket client that never reads: the handshake is written by hand so nothing reads
+/// the socket for us. Its receive buffer is small, so the server's writes block early.
+async fn raw_client(server: &TestServer, path_and_query: &str) -> tokio::net::TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(16 * 1024).expect("rcvbuf");
+    let mut tcp = socket.connect(server.addr).await.expect("connect");
+    let request = format!(
+        "GET {path_and_query} HTTP/1.1\r\nHost: {}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        server.addr
+    );
+    tcp.write_all(request.as_bytes()).await.expect("handshake");
+    // Read the 101 answer byte by byte, so no frame after it is consumed.
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        tcp.read_exact(&mut b).await.expect("answer");
+        head.push(b[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    tcp
+}
+
+/// A client that sends pings and never reads is disconnected (the pongs it is owed are
+/// bounded), and the session goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_pings_without_reading_is_dropped() {
+    use tokio::io::AsyncWriteExt;
+    let server = TestServer::start().await;
+    let id = server.session("fixture").await;
+    let mut tcp = raw_client(&server, &format!("/sessions/{id}")).await;
+    // A masked ping frame with a 125-byte payload.
+    let mut ping = vec![0x89, 0x80 | 125, 1, 2, 3, 4];
+    ping.extend((0..125u8).map(|i| i ^ [1, 2, 3, 4][usize::from(i % 4)]));
+    let batch: Vec<u8> = ping.repeat(512);
+    let mut sent = 0usize;
+    let dropped = tokio::time::timeout(common::WAIT, async {
+        loop {
+            if tcp.write_all(&batch).await.is_err() {
+                return;
+            }
+            sent += batch.len();
+        }
+    })
+    .await;
+    assert!(
+        dropped.is_ok(),
+        "still connected after {sent} bytes of pings"
+    );
+    // What it got to send before being dropped is bounded by socket buffers, not by the flood.
+    assert!(sent < 64 << 20, "{sent} bytes of pings accepted");
+    assert!(
+        metric(
+            &server,
+            r#"moorline_clients_dropped_total{reason="unread_pongs"} 1"#
+        )
+        .await,
+        "{}",
+        server.get("/metrics").await.1
+    );
+    let mut ws = server.ws(&id).await;
+    ws.send(r#"{"id":"ok"}"#).await;
+    assert_eq!(ws.json().await["echo"]["id"], "ok");
+    server.stop().await;
+}
+
+/// A client on a slow link catching up on a backlog far larger than the socket buffers stays
+/// connected as long as it keeps reading, even when one frame takes longer than
+/// `client_stall_ms` to get through; a client that stops reading is still dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_but_steady_readers_catch_up_and_stopped_ones_are_dropped() {
+    use tokio::io::AsyncReadExt;
+    const LINE: u64 = 1 << 20;
+    const LINES: u64 = 4;
+    let server = TestServer::start_with(|c| c.limits.client_stall_ms = 500).await;
+    let id = server.session("fixture").await;
+    {
+        let mut ws = server.ws(&id).await;
+        ws.send(&format!(r#"{{"_emit":"flood","n":{LINES},"size":{LINE}}}"#))
+            .await;
+        for _ in 0..LINES {
+            ws.json().await;
+        }
+    }
+    // About 300 KB/s (a 16 KiB receive buffer read every 50 ms): each 1 MiB frame takes
+    // several times the stall limit to get through.
+    let mut slow = raw_client(&server, &format!("/sessions/{id}?since=0")).await;
+    let mut got = 0u64;
+    let mut buf = vec![0u8; 64 * 1024];
+    let caught_up = tokio::time::timeout(common::WAIT, async {
+        while got < LINES * LINE {
+            match slow.read(&mut buf).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => got += n as u64,
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        true
+    })
+    .await;
+    assert_eq!(caught_up, Ok(true), "dropped after {got} bytes");
+    assert!(!metric(&server, r#"reason="stalled""#).await);
+
+    // Stopped entirely: dropped after the stall limit.
+    let _stopped = raw_client(&server, &format!("/sessions/{id}?since=0")).await;
+    common::eventually("the stopped client is dropped", || async {
+        metric(
+            &server,
+            r#"moorline_clients_dropped_total{reason="stalled"} 1"#,
+        )
+        .await
+    })
+    .await;
+    server.stop().await;
+}

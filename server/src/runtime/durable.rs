@@ -26,7 +26,8 @@ use super::network::{self, NetworkHook, NetworkPlan};
 use super::runc::{self, BundleSpec, Runc};
 use super::tmux::Tmux;
 use super::{
-    Adoption, Agent, AgentControl, ExitInfo, JournalFeed, Output, Runtime, RuntimeError, SpawnSpec,
+    Adoption, Agent, AgentControl, Bell, ExitInfo, ExitReason, JournalFeed, Output, Runtime,
+    RuntimeError, SpawnSpec,
 };
 use crate::config::{NetworkMode, RuntimeConfig};
 use crate::session::store;
@@ -121,6 +122,7 @@ impl DurableRuntime {
         // gets both from the bundle and runs in the run directory.
         let mut workspace = None;
         let mut user = None;
+        let mut oom_cgroup = None;
         let (program, args, control): (PathBuf, Vec<String>, Arc<dyn AgentControl>) =
             match &self.container {
                 None => {
@@ -147,6 +149,9 @@ impl DurableRuntime {
                     container_env.extend(spec.env.clone());
                     let id = container_id(&spec.session_id, spec.generation)?;
                     let (hook, resolv) = self.isolated_network(host, spec, &run_dir)?;
+                    if spec.options.memory_limit.is_some() && host.limits_allowed {
+                        oom_cgroup = Some(runc::cgroups_path(&id));
+                    }
                     let bundle = run_dir.join("bundle");
                     runc::write_bundle(
                         &bundle,
@@ -200,6 +205,8 @@ impl DurableRuntime {
             max_input_line: spec.max_line.max(16 << 20),
             stderr_file,
             exit_drain_ms: spec.exit_drain.as_millis() as u64,
+            hold_after_exit_ms: spec.hold_after_exit.as_millis() as u64,
+            oom_cgroup,
             adapter: spec.adapter.clone(),
             approvals: spec.approvals.clone(),
             pending_file: spec.session_dir.join(store::PENDING_FILE),
@@ -276,7 +283,8 @@ impl DurableRuntime {
     /// Connects to a keeper and turns the connection into an [`Agent`].
     fn agent(&self, run_dir: &Path, stream: UnixStream, control: Arc<dyn AgentControl>) -> Agent {
         let (mut read, write) = stream.into_split();
-        let (bell_tx, bell_rx) = mpsc::channel(1);
+        // Every message also counts as a ring: the pump reads the journal after each.
+        let (bell_tx, bell_rx) = mpsc::channel(4);
         let (settled_tx, settled_rx) = mpsc::channel(1024);
         let (exit_tx, exit_rx) = oneshot::channel();
         let dir = run_dir.to_owned();
@@ -286,34 +294,75 @@ impl DurableRuntime {
             let mut buf = [0u8; 4096];
             // A settled approval being read: bytes up to its newline.
             let mut record: Option<Vec<u8>> = None;
-            loop {
+            // A `LOST` byte and the part of its count read so far.
+            let mut lost: Option<Vec<u8>> = None;
+            'read: loop {
                 let n = match read.read(&mut buf).await {
                     Ok(0) | Err(_) => break,
                     Ok(n) => n,
                 };
-                let mut rang = false;
+                let mut grew = false;
                 for &b in &buf[..n] {
-                    match (&mut record, b) {
-                        (Some(r), b'\n') => {
+                    if let Some(count) = lost.as_mut() {
+                        count.push(b);
+                        if count.len() == 8 {
+                            let mut le = [0u8; 8];
+                            le.copy_from_slice(count);
+                            lost = None;
+                            if bell_tx
+                                .send(Bell::Lost(u64::from_le_bytes(le)))
+                                .await
+                                .is_err()
+                            {
+                                break 'read;
+                            }
+                        }
+                        continue;
+                    }
+                    if let Some(r) = record.as_mut() {
+                        if b == b'\n' {
                             if let Ok(resolution) = serde_json::from_slice(r) {
                                 let _ = settled_tx.try_send(resolution);
                             }
                             record = None;
+                        } else if r.len() > 64 * 1024 {
+                            // A record is a few hundred bytes; anything far larger is not one.
+                            record = None;
+                        } else {
+                            r.push(b);
                         }
-                        // A record is a few hundred bytes; anything far larger is not one.
-                        (Some(r), _) if r.len() > 64 * 1024 => record = None,
-                        (Some(r), b) => r.push(b),
-                        (None, keeper::RESOLUTION) => record = Some(Vec::new()),
-                        (None, _) => rang = true,
+                        continue;
+                    }
+                    let news = match b {
+                        keeper::RESOLUTION => {
+                            record = Some(Vec::new());
+                            continue;
+                        }
+                        Bell::HELD => Bell::Held,
+                        Bell::FLOWING => Bell::Flowing,
+                        Bell::LOST => {
+                            lost = Some(Vec::with_capacity(8));
+                            continue;
+                        }
+                        _ => {
+                            grew = true;
+                            continue;
+                        }
+                    };
+                    if bell_tx.send(news).await.is_err() {
+                        break 'read;
                     }
                 }
-                if rang {
-                    // One pending ring is enough: the server reads everything new on it.
-                    let _ = bell_tx.try_send(());
+                // One pending ring is enough: the server reads everything new on it.
+                if grew {
+                    let _ = bell_tx.try_send(Bell::Grew);
                 }
             }
             // The keeper closes the connection after writing the exit file, or it died.
-            let _ = exit_tx.send(keeper::read_exit(&dir).unwrap_or(ExitInfo::UNKNOWN));
+            let _ = exit_tx.send(
+                keeper::read_exit(&dir)
+                    .unwrap_or_else(|| ExitInfo::UNKNOWN.because(ExitReason::KeeperLost)),
+            );
         });
         let pid = std::fs::read_to_string(run_dir.join(keeper::KEEPER_PID_FILE))
             .ok()

@@ -36,8 +36,8 @@ use tokio::net::UnixListener;
 use tokio::net::unix::OwnedReadHalf;
 use tokio::sync::{Notify, mpsc};
 
-use super::{AgentControl, ExitInfo};
-use crate::agentio::{AgentIo, Input, OutputSink, write_pending};
+use super::{AgentControl, Bell, ExitInfo, ExitReason};
+use crate::agentio::{AgentIo, Input, OutputSink, Refused, write_pending};
 use crate::journal::{JournalLimits, JournalWriter};
 
 /// The instructions file a keeper reads from its run directory.
@@ -58,7 +58,7 @@ pub const USER_MARKER: u8 = 0xFF;
 /// Keeper-to-server byte: the journal has grown.
 pub const DOORBELL: u8 = 1;
 /// Keeper-to-server byte that starts a settled approval: a JSON [`Resolution`] up to `\n`.
-pub const RESOLUTION: u8 = 2;
+pub const RESOLUTION: u8 = 5;
 /// Settled approvals kept for a server that is not connected (the oldest go first).
 const RESOLUTION_BACKLOG: usize = 1024;
 
@@ -105,6 +105,13 @@ pub struct KeeperSpec {
     pub stderr_file: PathBuf,
     /// After the agent exits, how long its leftovers get to close its stdout (ms).
     pub exit_drain_ms: u64,
+    /// The container's cgroup (runc's `cgroupsPath`) when it has a memory limit: an agent
+    /// killed for going over it is reported as out of memory.
+    #[serde(default)]
+    pub oom_cgroup: Option<String>,
+    /// After the agent exits, how long output the journal cannot take is still held (ms).
+    #[serde(default = "default_hold_after_exit_ms")]
+    pub hold_after_exit_ms: u64,
     /// The adapter, which decides how lines are translated.
     pub adapter: moorline_adapters::AdapterConfig,
     /// The approval rules.
@@ -124,6 +131,10 @@ pub struct KeeperSpec {
 /// Reads the spec of a run directory, if there is a valid one.
 pub fn read_spec(run_dir: &Path) -> Option<KeeperSpec> {
     serde_json::from_slice(&std::fs::read(path(run_dir, SPEC_FILE)).ok()?).ok()
+}
+
+fn default_hold_after_exit_ms() -> u64 {
+    10_000
 }
 
 /// Where a file of the run directory is.
@@ -161,6 +172,7 @@ pub fn keeper_main(run_dir: &Path) -> ExitCode {
                 ExitInfo {
                     code: Some(127),
                     signal: None,
+                    reason: None,
                 },
             );
             ExitCode::from(1)
@@ -253,6 +265,7 @@ async fn keep(run_dir: &Path) -> io::Result<()> {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))?;
     }
+    let oom = spec.oom_cgroup.as_deref().map(super::oom::OomWatch::start);
     let control = Arc::new(super::process::GroupControl::new(agent_pid));
     let exit_control = control.clone();
     let container = spec.container;
@@ -272,7 +285,7 @@ async fn keep(run_dir: &Path) -> io::Result<()> {
     let mut int = signal(SignalKind::interrupt())?;
     let mut term = signal(SignalKind::terminate())?;
 
-    let doorbell = Arc::new(Notify::new());
+    let doorbell = Arc::new(Doorbell::default());
     let (lines_tx, lines_rx) = mpsc::channel::<Input>(1024);
     let resolutions = Arc::new(std::sync::Mutex::new(std::collections::VecDeque::new()));
     let mut sink = KeeperSink {
@@ -286,7 +299,8 @@ async fn keep(run_dir: &Path) -> io::Result<()> {
         spec.max_line,
         pipeline,
         Duration::from_millis(spec.exit_drain_ms),
-    );
+    )
+    .hold_after_exit(Duration::from_millis(spec.hold_after_exit_ms));
     let mut connection: Option<tokio::task::JoinHandle<()>> = None;
     let mut run = Box::pin(io.run(
         Box::new(stdout),
@@ -306,12 +320,15 @@ async fn keep(run_dir: &Path) -> io::Result<()> {
                 }
                 let (read, write) = stream.into_split();
                 let bell = doorbell.clone();
+                if bell.held.load(std::sync::atomic::Ordering::Relaxed) {
+                    bell.tell(&[Bell::HELD]);
+                }
                 let lines = lines_tx.clone();
                 let mut log_file = stderr.try_clone()?;
                 let max = spec.max_input_line;
                 let settled = resolutions.clone();
                 // Whatever a previous connection left unsent goes out first.
-                doorbell.notify_one();
+                doorbell.ring();
                 connection = Some(tokio::spawn(async move {
                     let ring = ring_doorbell(write, bell, settled);
                     let read = forward_lines(read, lines, max, &mut log_file);
@@ -327,11 +344,24 @@ async fn keep(run_dir: &Path) -> io::Result<()> {
         }
     };
     drop(run);
+    let exit = match oom {
+        Some(oom) if oom.fired() => exit.because(ExitReason::OutOfMemory),
+        _ => exit,
+    };
     let _ = control.kill();
     // The container is gone: so must be its network helper (it normally leaves by itself).
     super::network::stop_helper(run_dir);
     drop(sink);
-    write_exit(run_dir, exit)?;
+    // The disk may still be full: the exit is worth waiting for a while.
+    let mut wait = Duration::from_millis(20);
+    let give_up = tokio::time::Instant::now() + Duration::from_millis(spec.hold_after_exit_ms);
+    while let Err(e) = write_exit(run_dir, exit) {
+        if tokio::time::Instant::now() >= give_up {
+            return Err(e);
+        }
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(Duration::from_secs(1));
+    }
     log(&mut stderr, &format!("agent finished: {exit}"));
     let _ = std::fs::remove_file(&socket);
     // The server learns of the exit when this connection closes, after the exit file exists.
@@ -343,22 +373,90 @@ async fn keep(run_dir: &Path) -> io::Result<()> {
 
 /// Settled approvals waiting to be sent to the server.
 type Settled = Arc<std::sync::Mutex<std::collections::VecDeque<Resolution>>>;
+/// What the keeper tells the server: rings (the journal grew) and changes of the journal's
+/// state, which must not be lost the way surplus rings may be.
+#[derive(Debug, Default)]
+struct Doorbell {
+    notify: Notify,
+    news: std::sync::Mutex<Vec<u8>>,
+    /// Whether output is held now, for a server that connects later.
+    held: std::sync::atomic::AtomicBool,
+}
+
+impl Doorbell {
+    fn ring(&self) {
+        self.notify.notify_one();
+    }
+
+    fn tell(&self, bytes: &[u8]) {
+        if let Ok(mut news) = self.news.lock() {
+            news.extend_from_slice(bytes);
+        }
+        self.notify.notify_one();
+    }
+
+    /// What to send now: the news, or a plain ring.
+    fn take(&self) -> Vec<u8> {
+        let news = self
+            .news
+            .lock()
+            .map(|mut n| std::mem::take(&mut *n))
+            .unwrap_or_default();
+        if news.is_empty() {
+            vec![DOORBELL]
+        } else {
+            news
+        }
+    }
+}
 
 /// The keeper's end of an [`AgentIo`]: the session journal, then a ring of the doorbell.
 struct KeeperSink {
     writer: JournalWriter,
-    doorbell: Arc<Notify>,
+    doorbell: Arc<Doorbell>,
     pending_file: PathBuf,
     resolutions: Settled,
     log: std::fs::File,
 }
 
 impl OutputSink for KeeperSink {
-    fn commit(&mut self, batch: BytesMut, ends: &[(usize, usize)]) {
-        if let Err(e) = self.writer.append(&batch, ends.len() as u64) {
-            eprintln!("moorline keeper: cannot write the journal: {e}");
+    fn commit(&mut self, batch: BytesMut, ends: &[(usize, usize)]) -> Result<(), Refused> {
+        // The changes need not be reported: the server follows the files themselves.
+        if let Err(error) = self.writer.append(&batch, ends.len() as u64) {
+            return Err(Refused { batch, error });
         }
-        self.doorbell.notify_one();
+        self.doorbell.ring();
+        Ok(())
+    }
+
+    fn held(&mut self, error: Option<&io::Error>) {
+        match error {
+            Some(e) => {
+                eprintln!(
+                    "moorline keeper: cannot write the journal ({e}); holding the agent's output"
+                );
+                self.doorbell
+                    .held
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+                self.doorbell.tell(&[Bell::HELD]);
+            }
+            None => {
+                eprintln!("moorline keeper: the journal takes output again");
+                self.doorbell
+                    .held
+                    .store(false, std::sync::atomic::Ordering::Relaxed);
+                self.doorbell.tell(&[Bell::FLOWING]);
+            }
+        }
+    }
+
+    fn lost(&mut self, lines: u64) {
+        eprintln!(
+            "moorline keeper: {lines} output lines lost: the journal stayed unwritable after the agent exited"
+        );
+        let mut news = vec![Bell::LOST];
+        news.extend_from_slice(&lines.to_le_bytes());
+        self.doorbell.tell(&news);
     }
 
     fn pending_changed(&mut self, pending: &[serde_json::Value]) {
@@ -384,7 +482,7 @@ impl OutputSink for KeeperSink {
             }
             queue.push_back(resolution);
         }
-        self.doorbell.notify_one();
+        self.doorbell.ring();
     }
 }
 
@@ -400,16 +498,16 @@ fn write_exit(run_dir: &Path, exit: ExitInfo) -> io::Result<()> {
     crate::fsio::write_private(&path(run_dir, EXIT_FILE), &body)
 }
 
-/// Tells the connected server, with one byte, that the journal has grown, and sends it the
-/// approvals settled since.
+/// Tells the connected server, with one byte, that the journal has grown, or that its state
+/// changed (see [`Bell`]), and sends it the approvals settled since.
 async fn ring_doorbell(
     mut write: tokio::net::unix::OwnedWriteHalf,
-    bell: Arc<Notify>,
+    bell: Arc<Doorbell>,
     settled: Settled,
 ) {
     loop {
-        bell.notified().await;
-        let mut out = vec![DOORBELL];
+        bell.notify.notified().await;
+        let mut out = bell.take();
         let taken: Vec<Resolution> = settled
             .lock()
             .unwrap_or_else(|p| p.into_inner())

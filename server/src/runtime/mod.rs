@@ -19,6 +19,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 pub mod durable;
 pub mod keeper;
 pub mod network;
+pub mod oom;
 pub mod process;
 pub mod runc;
 pub mod seccomp;
@@ -293,6 +294,8 @@ pub struct SpawnSpec {
     pub max_line: usize,
     /// After the agent exits, how long its leftovers get to close its output.
     pub exit_drain: std::time::Duration,
+    /// After the agent exits, how long output its journal cannot take is still held.
+    pub hold_after_exit: std::time::Duration,
     /// Container and resource settings of the instance.
     pub options: InstanceRuntime,
     /// The session's data directory (adapter files), visible to the agent at the same path.
@@ -310,6 +313,29 @@ pub struct ExitInfo {
     pub code: Option<i32>,
     /// Number of the signal that killed it, if one did.
     pub signal: Option<i32>,
+    /// Why it ended, when more is known than its code or signal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<ExitReason>,
+}
+
+/// Why an agent ended, beyond its exit code or signal (reported as `reason`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExitReason {
+    /// The kernel killed it for going over its container's `memory_limit`.
+    OutOfMemory,
+    /// Its session keeper died: how the agent ended is unknown.
+    KeeperLost,
+}
+
+impl ExitReason {
+    /// The name clients see.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExitReason::OutOfMemory => "out_of_memory",
+            ExitReason::KeeperLost => "keeper_lost",
+        }
+    }
 }
 
 impl ExitInfo {
@@ -317,7 +343,16 @@ impl ExitInfo {
     pub const UNKNOWN: ExitInfo = ExitInfo {
         code: None,
         signal: None,
+        reason: None,
     };
+
+    /// The same exit, with a reason.
+    pub fn because(self, reason: ExitReason) -> Self {
+        Self {
+            reason: Some(reason),
+            ..self
+        }
+    }
 
     /// A clean exit: code 0.
     pub fn is_success(&self) -> bool {
@@ -335,6 +370,7 @@ impl ExitInfo {
             Some(code @ 129..=192) => Self {
                 code: None,
                 signal: Some(code - 128),
+                ..info
             },
             _ => info,
         }
@@ -356,6 +392,7 @@ impl From<std::process::ExitStatus> for ExitInfo {
         Self {
             code: status.code(),
             signal: status.signal(),
+            reason: None,
         }
     }
 }
@@ -363,9 +400,14 @@ impl From<std::process::ExitStatus> for ExitInfo {
 impl fmt::Display for ExitInfo {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match (self.code, self.signal_name()) {
-            (Some(code), _) => write!(f, "exit code {code}"),
-            (None, Some(sig)) => write!(f, "killed by {sig}"),
-            (None, None) => f.write_str("unknown exit"),
+            (Some(code), _) => write!(f, "exit code {code}")?,
+            (None, Some(sig)) => write!(f, "killed by {sig}")?,
+            (None, None) => f.write_str("unknown exit")?,
+        }
+        match self.reason {
+            Some(ExitReason::OutOfMemory) => f.write_str(" (out of memory)"),
+            Some(ExitReason::KeeperLost) => f.write_str(" (its keeper died)"),
+            None => Ok(()),
         }
     }
 }
@@ -382,20 +424,43 @@ pub enum Output {
     /// The agent's stdout: the server frames it and writes the session's journal.
     Pipe(Reader),
     /// The runtime writes the session's journal itself (from a keeper process that outlives
-    /// the server).
+    /// the server); it tells the server what happened to it through its [`JournalFeed`].
     Journal(JournalFeed),
 }
 
 /// What the server hears from a keeper that writes a session's journal.
 #[derive(Debug)]
 pub struct JournalFeed {
-    /// A message means new lines may have been appended.
-    pub doorbell: tokio::sync::mpsc::Receiver<()>,
+    /// What happened to the journal: new lines, held or flowing output.
+    pub doorbell: tokio::sync::mpsc::Receiver<Bell>,
     /// Approval requests the keeper's pipeline settled, for the audit log.
     pub resolutions: tokio::sync::mpsc::Receiver<moorline_adapters::pipeline::Resolution>,
     /// Whether the keeper understands user marker lines
     /// ([`keeper::USER_MARKER`]) on its input.
     pub user_markers: bool,
+}
+
+/// News from a runtime that writes the session's journal itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bell {
+    /// New lines may have been appended.
+    Grew,
+    /// The journal refused a write: the agent's output is held until it can be written.
+    Held,
+    /// The journal takes output again.
+    Flowing,
+    /// Held output was given up (the agent exited and the journal stayed unwritable).
+    Lost(u64),
+}
+
+impl Bell {
+    /// The keeper's byte for a state change ([`Bell::Lost`] is followed by 8 bytes, the count
+    /// in little-endian); any other byte means [`Bell::Grew`].
+    pub const HELD: u8 = 2;
+    /// See [`Bell::HELD`].
+    pub const FLOWING: u8 = 3;
+    /// See [`Bell::HELD`].
+    pub const LOST: u8 = 4;
 }
 
 /// How a session's agent looked to a server that starts up and finds it.

@@ -156,6 +156,11 @@ pub fn session_of(container_id: &str) -> Option<&str> {
     (id.len() == 12 && id.bytes().all(|b| b.is_ascii_hexdigit())).then_some(id)
 }
 
+/// The cgroup of container `id`, relative to each hierarchy's root.
+pub fn cgroups_path(id: &str) -> String {
+    format!("/moorline/{id}")
+}
+
 /// Removes the cgroup directories runc leaves behind for half-created containers, under the
 /// `moorline` parent of every hierarchy (cgroup v1) or of the unified tree (v2).
 pub fn remove_cgroups(id: &str) {
@@ -489,7 +494,7 @@ pub fn write_bundle(bundle: &Path, spec: &BundleSpec) -> io::Result<()> {
         }
         linux = linux
             .resources(resources.build().map_err(oci)?)
-            .cgroups_path(PathBuf::from(format!("/moorline/{}", spec.container_id)));
+            .cgroups_path(PathBuf::from(cgroups_path(&spec.container_id)));
     }
     base.set_linux(Some(linux.build().map_err(oci)?));
     // The spec holds the agent's environment (API keys): readable by its owner only.

@@ -5,7 +5,7 @@ use std::io;
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use indexmap::IndexMap;
 use moorline_adapters::{Adapter, AdapterError, LaunchContext};
@@ -175,6 +175,8 @@ impl SessionManager {
             cancel,
         });
         manager.load_existing().await?;
+        manager.prune_ended().await;
+        manager.spawn_pruner();
         Ok(manager)
     }
 
@@ -283,6 +285,8 @@ impl SessionManager {
                 signal: None,
                 pid: None,
                 pid_start: None,
+                ended_at: None,
+                exit_reason: None,
             },
             dir.clone(),
         ) {
@@ -298,7 +302,61 @@ impl SessionManager {
             return Err(e);
         }
         self.write().insert(id, session.clone());
-        Ok(session.summary())
+        let summary = session.summary();
+        self.prune_ended().await;
+        Ok(summary)
+    }
+
+    /// Removes ended sessions (their journals and directories with them), oldest first, beyond
+    /// `limits.max_ended_sessions` or older than `limits.ended_session_ttl_ms`, so history
+    /// cannot grow without bound.
+    pub async fn prune_ended(&self) {
+        let now = now_ms();
+        let ttl = self.limits.ended_session_ttl_ms;
+        let mut ended: Vec<(u64, String)> = self
+            .read()
+            .values()
+            .filter_map(|s| Some((s.ended_at()?, s.id.clone())))
+            .collect();
+        ended.sort();
+        let excess = ended.len().saturating_sub(self.limits.max_ended_sessions);
+        for (i, (at, id)) in ended.into_iter().enumerate() {
+            let expired = ttl > 0 && now.saturating_sub(at) >= ttl;
+            if i >= excess && !expired {
+                continue;
+            }
+            // It may have been restarted meanwhile.
+            if self.get(&id).is_none_or(|s| s.ended_at().is_none()) {
+                continue;
+            }
+            tracing::info!(session = %id, ended_at = at, expired, "removing an ended session");
+            if let Err(e) = self.delete(&id).await {
+                tracing::debug!(session = %id, error = %e, "ended session already gone");
+            }
+        }
+    }
+
+    /// Prunes ended sessions now and then, so a time to live holds without new sessions.
+    fn spawn_pruner(self: &Arc<Self>) {
+        let ttl = self.limits.ended_session_ttl_ms;
+        let every = match ttl {
+            0 => Duration::from_secs(60),
+            ttl => Duration::from_millis((ttl / 4).clamp(100, 60_000)),
+        };
+        let manager = Arc::downgrade(self);
+        let cancel = self.cancel.clone();
+        self.tracker.spawn(async move {
+            loop {
+                tokio::select! {
+                    () = tokio::time::sleep(every) => {}
+                    () = cancel.cancelled() => return,
+                }
+                let Some(manager) = manager.upgrade() else {
+                    return;
+                };
+                manager.prune_ended().await;
+            }
+        });
     }
 
     /// Starts the agent of a session whose agent is not running.
@@ -397,9 +455,13 @@ impl SessionManager {
         // Only read the journal here: a keeper may be appending to it right now.
         let (index, next_seq) = journal::scan_index(&journal_dir)?;
         let hub = Hub::new(journal_dir, index, next_seq - 1, self.limits.backlog_bytes);
-        let exit = match (meta.exit_code, meta.signal) {
-            (None, None) => None,
-            (code, signal) => Some(crate::runtime::ExitInfo { code, signal }),
+        let exit = match (meta.exit_code, meta.signal, meta.exit_reason) {
+            (None, None, None) => None,
+            (code, signal, reason) => Some(crate::runtime::ExitInfo {
+                code,
+                signal,
+                reason,
+            }),
         };
         // A session loaded as ended has ended as far as its clients can tell.
         let lifecycle = match meta.status {
@@ -434,12 +496,15 @@ impl SessionManager {
                 permit: None,
                 pid: None,
                 error: None,
+                ended_at: meta.ended_at,
             }),
             lifecycle: watch::channel(lifecycle).0,
             start_lock: tokio::sync::Mutex::new(()),
             finished: watch::channel(0).0,
             clients: AtomicUsize::new(0),
             inputs: std::sync::atomic::AtomicU64::new(0),
+            output_held: std::sync::atomic::AtomicBool::new(false),
+            lines_lost: std::sync::atomic::AtomicU64::new(0),
         });
         Ok(session)
     }
@@ -531,6 +596,7 @@ impl SessionManager {
                 journal: self.journal_limits(),
                 max_line: self.limits.max_line_bytes,
                 exit_drain: self.limits.exit_drain(),
+                hold_after_exit: self.limits.output_hold_after_exit(),
                 options: instance.config.runtime_options(),
                 data_dir,
                 adapter: instance.config.adapter_config(),
@@ -635,7 +701,8 @@ impl SessionManager {
                     self.limits.max_line_bytes,
                     pipeline,
                     self.limits.exit_drain(),
-                );
+                )
+                .hold_after_exit(self.limits.output_hold_after_exit());
                 self.tracker.spawn(pump.pipe(
                     io,
                     stdout,
@@ -698,11 +765,13 @@ impl SessionManager {
                             };
                             meta.exit_code = exit.code;
                             meta.signal = exit.signal;
+                            meta.exit_reason = exit.reason;
                         }
                         Adoption::Lost => {
                             meta.status = Status::Crashed;
                             meta.exit_code = None;
                             meta.signal = None;
+                            meta.exit_reason = Some(crate::runtime::ExitReason::KeeperLost);
                         }
                     }
                     if adopted.is_none() {

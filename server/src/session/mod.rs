@@ -111,6 +111,10 @@ pub struct SessionSummary {
     /// Signal that ended the last run, if any (`SIGKILL`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub signal: Option<String>,
+    /// Why the last run ended, beyond its code or signal: `out_of_memory`, `keeper_lost`
+    /// (moorline).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<&'static str>,
     /// Sequence number of the newest output line (moorline).
     pub last_seq: u64,
     /// Runtime the agent runs in (moorline).
@@ -125,6 +129,18 @@ pub struct SessionSummary {
     /// sessions created before moorline recorded it).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub created_by: Option<String>,
+    /// The agent's output is held because the journal cannot be written (a full disk); the
+    /// agent is paused on its output until it can (moorline).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub output_held: bool,
+    /// Output lines lost because the journal stayed unwritable after the agent exited
+    /// (moorline).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub lines_lost: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// Why an agent is being stopped, which decides what clients are told.
@@ -151,6 +167,8 @@ struct State {
     pid: Option<u32>,
     /// Set when the last run ended without writing a line: a start failure.
     error: Option<String>,
+    /// When the last run ended, ms since the epoch.
+    ended_at: Option<u64>,
 }
 
 /// One session.
@@ -179,6 +197,10 @@ pub struct Session {
     clients: AtomicUsize,
     /// Client lines sent to the current run; with no output either, an exit is a start failure.
     inputs: std::sync::atomic::AtomicU64,
+    /// The agent's output is held: its journal cannot be written (a full disk).
+    output_held: std::sync::atomic::AtomicBool,
+    /// Output lines given up because the journal stayed unwritable after the agent exited.
+    lines_lost: std::sync::atomic::AtomicU64,
 }
 
 impl Session {
@@ -211,6 +233,13 @@ impl Session {
     /// Current status.
     pub fn status(&self) -> Status {
         self.lock().status
+    }
+
+    /// When the session's last run ended, if it has ended and nothing is starting it again.
+    pub(crate) fn ended_at(&self) -> Option<u64> {
+        let state = self.lock();
+        let ended = matches!(state.status, Status::Exited | Status::Crashed) && !state.starting;
+        ended.then(|| state.ended_at.unwrap_or(state.spawned_at))
     }
 
     /// Watches what happens to the session.
@@ -260,6 +289,30 @@ impl Session {
             })
     }
 
+    /// Records whether the agent's output is held because the journal cannot be written.
+    pub(crate) fn output_held(&self, held: bool, metrics: &crate::metrics::Metrics) {
+        let was = self.output_held.swap(held, Ordering::SeqCst);
+        match (was, held) {
+            (false, true) => {
+                metrics.output_holds.inc();
+                metrics.output_held.inc();
+            }
+            (true, false) => {
+                metrics.output_held.dec();
+            }
+            _ => {}
+        }
+    }
+
+    /// Records output lines given up (never numbered, never delivered).
+    pub(crate) fn output_lost(&self, lines: u64, metrics: &crate::metrics::Metrics) {
+        self.lines_lost.fetch_add(lines, Ordering::SeqCst);
+        metrics
+            .lines_dropped
+            .get_or_create(&[("reason", "journal_error")])
+            .inc_by(lines);
+    }
+
     /// The REST summary.
     pub fn summary(&self) -> SessionSummary {
         let mut summary = {
@@ -284,11 +337,14 @@ impl Session {
             clients: self.clients.load(Ordering::SeqCst),
             exit_code: state.exit.and_then(|e| e.code),
             signal: state.exit.and_then(|e| e.signal_name()),
+            reason: state.exit.and_then(|e| e.reason).map(|r| r.as_str()),
             last_seq: self.hub.last_seq(),
             runtime: self.instance.as_ref().map_or("none", |i| i.runtime.name()),
             error: state.error.clone(),
             pending_approvals: Vec::new(),
             created_by: self.created_by.clone(),
+            output_held: self.output_held.load(Ordering::SeqCst),
+            lines_lost: self.lines_lost.load(Ordering::SeqCst),
         }
     }
 
@@ -308,6 +364,8 @@ impl Session {
             signal: state.exit.and_then(|e| e.signal),
             pid: state.pid,
             pid_start: state.pid.and_then(store::process_start_time),
+            ended_at: state.ended_at,
+            exit_reason: state.exit.and_then(|e| e.reason),
         }
     }
 
@@ -397,6 +455,7 @@ impl Session {
             state.permit = None;
             state.pid = None;
             state.error = error;
+            state.ended_at = Some(now_ms());
             state.status = match state.stopping {
                 Some(StopReason::Delete) => Status::Stopped,
                 _ if exit.is_success() => Status::Exited,

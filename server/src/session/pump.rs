@@ -14,11 +14,11 @@ use tokio::sync::{OwnedMutexGuard, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use super::Session;
-use crate::agentio::{AgentIo, Input, OutputSink, write_pending};
+use crate::agentio::{AgentIo, Input, OutputSink, Refused, write_pending};
 use crate::journal::{JournalTail, JournalWriter};
 use crate::metrics::Metrics;
 use crate::runtime::keeper::user_marker;
-use crate::runtime::{AgentControl, ExitFuture, ExitInfo, JournalFeed, Reader, Writer};
+use crate::runtime::{AgentControl, Bell, ExitFuture, ExitInfo, JournalFeed, Reader, Writer};
 
 /// Upper bound on one batched write to an agent's stdin.
 const STDIN_BATCH: usize = 256 * 1024;
@@ -71,7 +71,13 @@ impl OutputPump {
                 return;
             }
             tokio::select! {
-                ring = doorbell.recv(), if open => open = ring.is_some(),
+                ring = doorbell.recv(), if open => match ring {
+                    None => open = false,
+                    Some(Bell::Grew) => {}
+                    Some(Bell::Held) => self.session.output_held(true, &self.metrics),
+                    Some(Bell::Flowing) => self.session.output_held(false, &self.metrics),
+                    Some(Bell::Lost(lines)) => self.session.output_lost(lines, &self.metrics),
+                },
                 settled = resolutions.recv(), if settled_open => match settled {
                     Some(r) => self.session.audit_approval(&r),
                     None => settled_open = false,
@@ -156,6 +162,8 @@ impl OutputPump {
 
     /// Reports the end of the run.
     async fn finish(self, exit: ExitInfo) {
+        // A run that ends while its output is held does not leave the flag behind.
+        self.session.output_held(false, &self.metrics);
         let kind = if exit.is_success() {
             "exited"
         } else {
@@ -183,23 +191,16 @@ struct ServerSink<'a> {
 }
 
 impl OutputSink for ServerSink<'_> {
-    fn commit(&mut self, batch: BytesMut, ends: &[(usize, usize)]) {
+    fn commit(&mut self, batch: BytesMut, ends: &[(usize, usize)]) -> Result<(), Refused> {
         let written = match self.writer.as_mut() {
             Some(w) => w.append(&batch, ends.len() as u64),
             None => Ok(Vec::new()),
         };
         let changes = match written {
             Ok(changes) => changes,
-            Err(e) => {
-                // Lines the journal could not keep get no sequence numbers and reach nobody:
-                // numbering stays the same for live clients and replay.
-                tracing::error!(session = %self.session.id, error = %e, lines = ends.len(), "cannot write output journal; lines lost");
-                self.metrics
-                    .lines_dropped
-                    .get_or_create(&[("reason", "journal_error")])
-                    .inc_by(ends.len() as u64);
-                return;
-            }
+            // Lines the journal could not keep get no sequence numbers and reach nobody yet:
+            // the loop holds them and offers them again.
+            Err(error) => return Err(Refused { batch, error }),
         };
         self.lines += ends.len() as u64;
         self.metrics.lines_out.inc_by(ends.len() as u64);
@@ -208,6 +209,18 @@ impl OutputSink for ServerSink<'_> {
         self.session
             .hub
             .publish(ends.iter().map(|&(s, e)| bytes.slice(s..e)), &changes);
+        Ok(())
+    }
+
+    fn held(&mut self, error: Option<&std::io::Error>) {
+        if let Some(e) = error {
+            tracing::error!(session = %self.session.id, error = %e, "cannot write the output journal; the agent's output is held until it can");
+        }
+        self.session.output_held(error.is_some(), &self.metrics);
+    }
+
+    fn lost(&mut self, lines: u64) {
+        self.session.output_lost(lines, &self.metrics);
     }
 
     fn pending_changed(&mut self, pending: &[serde_json::Value]) {

@@ -52,6 +52,12 @@ pub struct Meta {
     pub pid: Option<u32>,
     /// Start time of that process (from /proc), so a recycled pid is never signalled.
     pub pid_start: Option<u64>,
+    /// When the last run ended, ms since the epoch: ended sessions are removed oldest first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended_at: Option<u64>,
+    /// Why the last run ended, beyond its code or signal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_reason: Option<crate::runtime::ExitReason>,
 }
 
 /// Writes `meta` atomically (temporary file, then rename), readable only by the owner because
@@ -113,6 +119,8 @@ mod tests {
             signal: None,
             pid: None,
             pid_start: None,
+            ended_at: None,
+            exit_reason: None,
         };
         save(tmp.path(), &meta).expect("save");
         assert_eq!(load(tmp.path()).expect("load"), meta);

@@ -50,6 +50,7 @@ impl AgentControl for FakeControl {
             self.die(ExitInfo {
                 code: Some(143),
                 signal: None,
+                reason: None,
             });
         }
         Ok(())
@@ -60,6 +61,7 @@ impl AgentControl for FakeControl {
         self.die(ExitInfo {
             code: None,
             signal: Some(9),
+            reason: None,
         });
         Ok(())
     }
@@ -198,6 +200,7 @@ async fn lines_are_numbered_and_the_exit_follows_the_last_one() {
     let _ = agent.exit.take().expect("exit").send(ExitInfo {
         code: Some(0),
         signal: None,
+        reason: None,
     });
     lifecycle
         .wait_for(|l| matches!(l, Lifecycle::Exited { .. }))
@@ -274,6 +277,7 @@ async fn output_held_open_after_exit_does_not_hide_the_exit() {
     let _ = agent.exit.take().expect("exit").send(ExitInfo {
         code: Some(1),
         signal: None,
+        reason: None,
     });
     tokio::time::timeout(
         Duration::from_secs(5),
@@ -302,6 +306,7 @@ async fn max_sessions_counts_running_agents_only() {
     let _ = agent.exit.take().expect("exit").send(ExitInfo {
         code: Some(2),
         signal: None,
+        reason: None,
     });
     lifecycle
         .wait_for(|l| matches!(l, Lifecycle::Exited { .. }))
@@ -323,6 +328,7 @@ async fn a_delete_during_a_restart_stops_the_agent_that_restart_started() {
     let _ = agent.exit.take().expect("exit").send(ExitInfo {
         code: Some(0),
         signal: None,
+        reason: None,
     });
     lifecycle
         .wait_for(|l| matches!(l, Lifecycle::Exited { .. }))
