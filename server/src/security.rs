@@ -197,7 +197,7 @@ impl AccessPolicy {
                 tracing::warn!(
                     %login, from = %from, path, via = via.as_str(),
                     "a request from this machine through tailscale serve was not trusted: \
-                     its tailnet login is this machine's, not its sender's; it is anonymous"
+                     the login tailscaled gave it is this machine's, not its sender's, so it is ignored"
                 );
                 false
             });
