@@ -22,6 +22,9 @@
 //!   internet) and tagged devices, and such a request is not a local one;
 //! - else `local`.
 //!
+//! A login is not believed when the request was forwarded from one of this machine's own
+//! addresses (see [`forwarded_from_this_machine`]): it is then `anonymous` (or `token`).
+//!
 //! With `allowed_users` set, a request is let in only if its identity is listed (logins compare
 //! without regard to case), or it carried the bearer token: the token is an operator credential.
 //! `local` and `anonymous` are let in only if listed. An instance's own `allowed_users` applies
@@ -186,7 +189,18 @@ impl AccessPolicy {
         let trusted = via == Via::Unix || self.trust_tcp;
         let login = trusted
             .then(|| header_text(headers, "tailscale-user-login"))
-            .flatten();
+            .flatten()
+            .filter(|login| {
+                let Some(from) = forwarded_from_this_machine(headers) else {
+                    return true;
+                };
+                tracing::warn!(
+                    %login, from = %from, path, via = via.as_str(),
+                    "a request from this machine through tailscale serve was not trusted: \
+                     the login tailscaled gave it is this machine's, not its sender's, so it is ignored"
+                );
+                false
+            });
         let identity = match login {
             Some(login) => Identity {
                 user: Arc::from(login),
@@ -283,6 +297,67 @@ impl AccessPolicy {
         };
         matches!(scheme, "http" | "https") && authority.eq_ignore_ascii_case(host_header)
     }
+}
+
+/// Where a forwarded request came from, if that is this machine: the client address the proxy
+/// put last in `X-Forwarded-For`, when it is a loopback address or an address of any local
+/// interface (read afresh with `getifaddrs` on every call, so a changed address counts at once).
+/// `None` if the request carries no such header or came from elsewhere.
+///
+/// Why: `tailscale serve` also answers connections this machine makes to its own tailnet
+/// address, and stamps them with this machine's identity, i.e. its owner's login. Agents in
+/// `runc` containers cannot reach loopback, but they can reach the host's other addresses, the
+/// tailnet one included; without this rule a contained agent would reach the control plane as
+/// the owner. Nobody needs tailscale serve to reach moorline from the machine itself (the
+/// socket and loopback are right there), so such a request gets no tailnet identity.
+///
+/// Why the last entry: tailscale serve replaces any `X-Forwarded-For` a client sent with the
+/// one address it accepted the connection from; a proxy that appends instead (Go's
+/// `ReverseProxy` without `Rewrite`, nginx) puts its own observation last too, and every earlier
+/// entry is whatever the client claimed. Fails closed: an unreadable last entry, or interfaces
+/// that cannot be listed, count as this machine.
+pub fn forwarded_from_this_machine(headers: &HeaderMap) -> Option<String> {
+    let last = headers.get_all("x-forwarded-for").iter().next_back()?;
+    let entry = String::from_utf8_lossy(last.as_bytes());
+    let entry = entry.rsplit(',').next().unwrap_or_default().trim();
+    let Some(ip) = parse_forwarded_ip(entry) else {
+        return Some(format!("unreadable X-Forwarded-For entry {entry:?}"));
+    };
+    let ip = ip.to_canonical();
+    if ip.is_loopback() || ip.is_unspecified() {
+        return Some(ip.to_string());
+    }
+    match local_addresses() {
+        Ok(local) if !local.contains(&ip) => None,
+        Ok(_) => Some(ip.to_string()),
+        Err(e) => Some(format!("{ip} (local addresses unknown: {e})")),
+    }
+}
+
+/// An `X-Forwarded-For` entry as an address: `1.2.3.4`, `::1`, `fe80::1%eth0`, or with a port
+/// (`1.2.3.4:80`, `[::1]:80`) or brackets (`[::1]`).
+fn parse_forwarded_ip(entry: &str) -> Option<IpAddr> {
+    if let Ok(addr) = entry.parse::<SocketAddr>() {
+        return Some(addr.ip());
+    }
+    let bare = entry.trim_start_matches('[').trim_end_matches(']');
+    let bare = bare.split_once('%').map_or(bare, |(ip, _zone)| ip);
+    bare.parse().ok()
+}
+
+/// The addresses of every local interface, loopback included.
+fn local_addresses() -> nix::Result<Vec<IpAddr>> {
+    Ok(nix::ifaddrs::getifaddrs()?
+        .filter_map(|ifa| {
+            let addr = ifa.address?;
+            if let Some(v4) = addr.as_sockaddr_in() {
+                Some(IpAddr::V4(v4.ip()))
+            } else {
+                addr.as_sockaddr_in6()
+                    .map(|v6| IpAddr::V6(v6.ip()).to_canonical())
+            }
+        })
+        .collect())
 }
 
 /// Lowercases a host name, drops a trailing dot and IPv6 brackets.
@@ -568,6 +643,105 @@ mod tests {
             p.identify(Via::Tcp, "/healthz", &headers(&[("host", "localhost")]))
                 .is_ok(),
             "health checks stay open"
+        );
+    }
+
+    /// An address of a local interface other than loopback, if this machine has one (else a
+    /// loopback one): what a contained agent's connection to the host comes from.
+    fn an_interface_address() -> IpAddr {
+        let local = local_addresses().expect("getifaddrs");
+        local
+            .iter()
+            .copied()
+            .find(|ip| !ip.is_loopback())
+            .or_else(|| local.first().copied())
+            .expect("some local address")
+    }
+
+    #[test]
+    fn requests_tailscale_serve_forwarded_from_this_machine_get_no_login() {
+        let here = an_interface_address().to_string();
+        let remote = "100.64.0.9";
+        assert!(
+            !local_addresses()
+                .expect("getifaddrs")
+                .contains(&remote.parse().expect("ip")),
+            "{remote} must not be this machine's for this test"
+        );
+        let alice = ("tailscale-user-login", "alice@example.com");
+        let p = users(&[], None, false);
+        for local in ["127.0.0.1", "127.0.0.53", "::1", "::ffff:127.0.0.1", &here] {
+            let from = [alice, ("x-forwarded-for", local)];
+            assert_eq!(
+                who(&p, Via::Unix, &from).as_deref(),
+                Ok("anonymous"),
+                "{local}"
+            );
+        }
+        assert_eq!(
+            who(&p, Via::Unix, &[alice, ("x-forwarded-for", remote)]).as_deref(),
+            Ok("alice@example.com"),
+            "another tailnet device"
+        );
+        assert_eq!(
+            who(&p, Via::Unix, &[alice]).as_deref(),
+            Ok("alice@example.com"),
+            "not forwarded"
+        );
+        // Only the entry the proxy added counts: earlier ones are the client's claims.
+        let claimed = format!("{remote}, {here}");
+        let appended = [alice, ("x-forwarded-for", claimed.as_str())];
+        assert_eq!(who(&p, Via::Unix, &appended).as_deref(), Ok("anonymous"));
+        let claimed = format!("{here}, {remote}");
+        let appended = [alice, ("x-forwarded-for", claimed.as_str())];
+        assert_eq!(
+            who(&p, Via::Unix, &appended).as_deref(),
+            Ok("alice@example.com")
+        );
+        let garbage = [alice, ("x-forwarded-for", "not an address")];
+        assert_eq!(
+            who(&p, Via::Unix, &garbage).as_deref(),
+            Ok("anonymous"),
+            "fails closed"
+        );
+        // The same rule with the TCP opt-in; the token still counts as the operator.
+        let p = users(&[], Some("s3cret"), true);
+        let with_token = [
+            alice,
+            ("x-forwarded-for", "127.0.0.1"),
+            ("authorization", "Bearer s3cret"),
+        ];
+        assert_eq!(who(&p, Via::Tcp, &with_token).as_deref(), Ok("token"));
+        // With `allowed_users`, such a request is refused unless `anonymous` is listed.
+        let from_here = [alice, ("x-forwarded-for", here.as_str())];
+        let p = users(&["alice@example.com"], None, false);
+        let e = who(&p, Via::Unix, &from_here).expect_err("refused");
+        assert!(e.contains("anonymous"), "{e}");
+        let p = users(&["alice@example.com", "anonymous"], None, false);
+        assert_eq!(who(&p, Via::Unix, &from_here).as_deref(), Ok("anonymous"));
+    }
+
+    #[test]
+    fn forwarded_addresses_are_read_with_ports_brackets_and_zones() {
+        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
+        for (entry, want) in [
+            ("1.2.3.4", ip("1.2.3.4")),
+            ("1.2.3.4:8080", ip("1.2.3.4")),
+            ("::1", ip("::1")),
+            ("[::1]", ip("::1")),
+            ("[::1]:443", ip("::1")),
+            ("fe80::1%eth0", ip("fe80::1")),
+        ] {
+            assert_eq!(parse_forwarded_ip(entry), Some(want), "{entry}");
+        }
+        assert_eq!(parse_forwarded_ip("unknown"), None);
+        assert_eq!(parse_forwarded_ip(""), None);
+        let h = |v: &str| headers(&[("x-forwarded-for", v)]);
+        assert!(forwarded_from_this_machine(&HeaderMap::new()).is_none());
+        assert!(forwarded_from_this_machine(&h("100.64.0.9")).is_none());
+        assert_eq!(
+            forwarded_from_this_machine(&h("127.0.0.1")).as_deref(),
+            Some("127.0.0.1")
         );
     }
 

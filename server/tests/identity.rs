@@ -1,12 +1,13 @@
 //! The control plane on a Unix socket, and who each request comes from: tailnet identity
 //! headers believed on the socket only, `allowed_users`, the user recorded with every approval
-//! answer (process and durable runtimes), `createdBy`, and the audit log.
+//! answer (process and durable runtimes), `createdBy`, the audit log, and no tailnet identity
+//! for requests tailscale serve forwarded from this machine itself.
 
 mod common;
 
 use std::os::unix::fs::PermissionsExt;
 
-use common::{TestServer, WAIT, Ws, audit_lines, capture_audit, eventually};
+use common::{TestServer, WAIT, Ws, audit_lines, capture_audit, eventually, log_lines};
 use moorline::config::RuntimeKind;
 use serde_json::{Value, json};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -293,6 +294,120 @@ async fn forged_headers_on_tcp_are_ignored_but_the_opt_in_believes_them() {
         (status, me["user"].as_str()),
         (200, Some("alice@example.com"))
     );
+    server.stop().await;
+}
+
+/// An address of a local interface other than loopback (else a loopback one), found the way
+/// an operator would (`ip addr`), independently of the server.
+fn an_interface_address() -> String {
+    let local: Vec<std::net::IpAddr> = nix::ifaddrs::getifaddrs()
+        .expect("getifaddrs")
+        .filter_map(|ifa| {
+            let addr = ifa.address?;
+            addr.as_sockaddr_in()
+                .map(|a| std::net::IpAddr::V4(a.ip()))
+                .or_else(|| addr.as_sockaddr_in6().map(|a| std::net::IpAddr::V6(a.ip())))
+        })
+        .collect();
+    assert!(
+        !local.contains(&"100.64.0.9".parse().expect("ip")),
+        "100.64.0.9 stands for another device in these tests"
+    );
+    local
+        .iter()
+        .find(|ip| !ip.is_loopback())
+        .or(local.first())
+        .expect("a local address")
+        .to_string()
+}
+
+/// A contained agent cannot reach loopback but can reach this machine's tailnet address, where
+/// tailscale serve stamps its request with this machine's login (the owner's). Such a request,
+/// forwarded from one of this machine's addresses, gets no tailnet identity; one from another
+/// device does. Headers only: no traffic leaves loopback.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_login_tailscale_serve_stamped_on_a_request_from_this_machine_is_not_believed() {
+    capture_audit();
+    let server = TestServer::start_unix(|c| {
+        c.allowed_users = vec!["owner-selfcall@example.com".into()];
+    })
+    .await;
+    let get = reqwest::Method::GET;
+    let owner = ("tailscale-user-login", "owner-selfcall@example.com");
+    let here = an_interface_address();
+
+    let (status, me) = unix(
+        &server,
+        get.clone(),
+        "/me",
+        &[owner, ("x-forwarded-for", "100.64.0.9")],
+        None,
+    )
+    .await;
+    assert_eq!(
+        (status, me["user"].as_str(), me["source"].as_str()),
+        (200, Some("owner-selfcall@example.com"), Some("tailnet")),
+        "from another device the login is believed: {me}"
+    );
+
+    for from in ["127.0.0.1", here.as_str()] {
+        let (status, body) = unix(
+            &server,
+            reqwest::Method::POST,
+            "/sessions",
+            &[owner, ("x-forwarded-for", from)],
+            Some(r#"{"instanceId":"fixture"}"#),
+        )
+        .await;
+        assert_eq!(
+            (status, body["error"].as_str(), body["user"].as_str()),
+            (403, Some("forbidden_user"), Some("anonymous")),
+            "from {from}: {body}"
+        );
+    }
+    let (status, list) = unix(
+        &server,
+        get.clone(),
+        "/sessions",
+        &[owner, ("x-forwarded-for", "100.64.0.9")],
+        None,
+    )
+    .await;
+    assert_eq!((status, list), (200, json!([])), "nothing was created");
+
+    // A WebSocket is refused the same way (the upgrade request carries the same headers).
+    let (_, created) = unix(
+        &server,
+        reqwest::Method::POST,
+        "/sessions",
+        &[owner, ("x-forwarded-for", "100.64.0.9")],
+        Some(r#"{"instanceId":"fixture"}"#),
+    )
+    .await;
+    let id = created["id"].as_str().expect("id").to_owned();
+    let refused = server
+        .unix_ws(
+            &format!("/sessions/{id}"),
+            &[owner, ("x-forwarded-for", &here)],
+        )
+        .await
+        .err()
+        .expect("refused");
+    assert_eq!(refused.0, 403, "{}", refused.1);
+
+    // The operator is told why, once per request.
+    let warnings: Vec<_> = log_lines("moorline::security")
+        .into_iter()
+        .filter(|l| l["fields"]["login"] == "owner-selfcall@example.com")
+        .collect();
+    assert_eq!(warnings.len(), 3, "{warnings:?}");
+    assert!(
+        warnings.iter().all(|w| w["fields"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("from this machine through tailscale serve"))),
+        "{warnings:?}"
+    );
+    assert_eq!(warnings[1]["fields"]["from"], here.as_str());
     server.stop().await;
 }
 

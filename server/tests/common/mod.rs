@@ -406,6 +406,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Ws<S> {
 /// Log lines of the `moorline::audit` target, as JSON objects, captured for the whole test
 /// binary (tests running in parallel share it: pick lines by session id).
 pub fn audit_lines() -> Vec<Value> {
+    log_lines("moorline::audit")
+}
+
+/// Captured log lines (audit lines, and warnings of `moorline::security`) of one target.
+pub fn log_lines(target: &str) -> Vec<Value> {
     let text = {
         let buf = AUDIT
             .get_or_init(install_audit_capture)
@@ -415,11 +420,11 @@ pub fn audit_lines() -> Vec<Value> {
     };
     text.lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|v| v["target"] == "moorline::audit")
+        .filter(|v| v["target"] == target)
         .collect()
 }
 
-/// Starts capturing audit lines (call before the server starts, so nothing is missed).
+/// Starts capturing log lines (call before the server starts, so nothing is missed).
 pub fn capture_audit() {
     AUDIT.get_or_init(install_audit_capture);
 }
@@ -432,7 +437,7 @@ fn install_audit_capture() -> std::sync::Arc<std::sync::Mutex<Vec<u8>>> {
     let sink = buf.clone();
     let _ = tracing_subscriber::fmt()
         .json()
-        .with_env_filter("moorline::audit=info")
+        .with_env_filter("moorline::audit=info,moorline::security=warn")
         .with_writer(move || AuditWriter(sink.clone()))
         .try_init();
     buf
