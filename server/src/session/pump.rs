@@ -67,6 +67,12 @@ impl OutputPump {
                 None => break,
             };
             if let Some(info) = exit_info {
+                if self.cancel.is_cancelled() {
+                    // A stopping server hangs up on the keeper, which then closes its end: that
+                    // is no exit. The next server adopts the agent, or reads how it ended.
+                    tracing::debug!(session = %self.session.id, "server stopping; the keeper stays");
+                    return;
+                }
                 self.finish(info).await;
                 return;
             }
