@@ -29,11 +29,13 @@ struct Cli {
 enum Command {
     /// Run the server (the default).
     Serve(ServeArgs),
-    /// Load and validate the configuration, then print it.
+    /// Load and validate the configuration, then print it. Fails (exit 64) when an instance
+    /// could not start sessions: its program, credentials file or workspace roots are missing.
     CheckConfig {
         #[command(flatten)]
         args: ServeArgs,
-        /// Ignore the environment: validate the file alone (for build-time checks).
+        /// Ignore the environment: validate the file alone (for build-time checks; instances'
+        /// programs, credentials files and workspace roots are not looked for).
         #[arg(long)]
         no_env: bool,
     },
@@ -309,6 +311,20 @@ fn check_config(args: &ServeArgs, no_env: bool) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
+    // At build time (`--no-env`) the machine the file is for is not this one: its binaries,
+    // credentials and workspaces are checked where it runs.
+    let unusable = if no_env {
+        Vec::new()
+    } else {
+        config.unusable_instances()
+    };
+    if !unusable.is_empty() {
+        eprintln!("moorline: configuration error: instances that cannot start sessions:");
+        for (instance, why) in unusable {
+            eprintln!("instance {:?}: {why}", instance.id);
+        }
+        return ExitCode::from(EXIT_CONFIG as u8);
+    }
     match toml::to_string_pretty(&config) {
         Ok(text) => {
             println!("# configuration is valid\n{text}");

@@ -89,6 +89,34 @@ async fn configuration_errors_name_the_key_and_exit_64() {
         .arg("--config")
         .arg(home.path().join("missing.toml"));
     assert_eq!(output(cmd).await.0, 64);
+
+    // Instances that could never start a session fail the check, named with the key at fault.
+    let file = home.path().join("instances.toml");
+    std::fs::write(
+        &file,
+        "[[instances]]\nid = \"ok\"\nagent = \"echo\"\n\n\
+         [[instances]]\nid = \"claude\"\nagent = \"claude-code\"\n\
+         agent_path = \"/nonexistent/claude\"\n\n\
+         [[instances]]\nid = \"keys\"\nagent = \"echo\"\n\
+         credentials_file = \"/nonexistent/keys.env\"\n\
+         workspace_roots = [\"/nonexistent/projects\"]\n",
+    )
+    .expect("write");
+    let mut cmd = moorline(home.path());
+    cmd.arg("check-config").arg("--config").arg(&file);
+    let (code, _, err) = output(cmd).await;
+    assert_eq!(code, 64, "{err}");
+    assert!(
+        err.contains("\"claude\"")
+            && err.contains("agent_path")
+            && err.contains("/nonexistent/claude"),
+        "{err}"
+    );
+    assert!(
+        err.contains("\"keys\"") && err.contains("credentials_file"),
+        "{err}"
+    );
+    assert!(!err.contains("\"ok\""), "{err}");
 }
 
 #[tokio::test]
