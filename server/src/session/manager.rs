@@ -563,6 +563,7 @@ impl SessionManager {
         let agent = instance
             .runtime
             .spawn(SpawnSpec {
+                instance_id: instance.config.id.clone(),
                 session_id: session.id.clone(),
                 generation,
                 program: spec.program,
@@ -643,6 +644,7 @@ impl SessionManager {
         if fresh {
             // The previous run's requests died with it.
             let _ = std::fs::remove_file(session.dir.join(store::PENDING_FILE));
+            let _ = std::fs::remove_file(session.dir.join(store::AUTH_FAILED_FILE));
         }
         session.persist();
         session
@@ -674,7 +676,8 @@ impl SessionManager {
                     instance.adapter.translator(),
                     instance.adapter.dialect(),
                     instance.config.approval_policy(),
-                );
+                )
+                .for_instance(&instance.config.id);
                 let io = AgentIo::new(
                     self.limits.max_line_bytes,
                     pipeline,

@@ -125,6 +125,10 @@ pub struct SessionSummary {
     /// sessions created before moorline recorded it).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub created_by: Option<String>,
+    /// The current run reported that the instance's credentials are missing or wrong
+    /// (moorline; only present when true).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub auth_failed: bool,
 }
 
 /// Why an agent is being stopped, which decides what clients are told.
@@ -270,6 +274,7 @@ impl Session {
         if summary.status == Status::Running {
             summary.pending_approvals = self.pending_approvals();
         }
+        summary.auth_failed = self.dir.join(store::AUTH_FAILED_FILE).exists();
         summary
     }
 
@@ -289,6 +294,7 @@ impl Session {
             error: state.error.clone(),
             pending_approvals: Vec::new(),
             created_by: self.created_by.clone(),
+            auth_failed: false,
         }
     }
 

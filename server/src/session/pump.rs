@@ -214,6 +214,11 @@ impl OutputSink for ServerSink<'_> {
         write_pending(&self.session.dir.join(super::store::PENDING_FILE), pending);
     }
 
+    fn auth_failed(&mut self) {
+        tracing::warn!(session = %self.session.id, instance = %self.session.instance_id, "the agent reports that its credentials are missing or wrong");
+        crate::agentio::mark_auth_failed(&self.session.dir.join(super::store::PENDING_FILE));
+    }
+
     fn line_dropped(&mut self, reason: crate::framing::DropReason) {
         self.metrics
             .lines_dropped
