@@ -346,6 +346,30 @@ impl Dialect {
     }
 }
 
+/// For a client answering an approval request it was shown, whatever the dialect: the
+/// request's id (as `amarre.approval_resolved` and the pending lists name it) and the line that
+/// answers it with `decision` (`reason` tells a denied Claude why). `None`: not a request.
+pub fn answer_request(
+    request: &Value,
+    decision: Decision,
+    reason: &str,
+) -> Option<(String, Value)> {
+    [Dialect::PiRpc, Dialect::ClaudeNative, Dialect::CodexNative]
+        .into_iter()
+        .find_map(|d| {
+            let r = d.request(request)?;
+            Some((r.id, d.answer(request, decision, reason)))
+        })
+}
+
+/// The tool an approval request is about, if it says (whatever the dialect).
+pub fn request_tool(request: &Value) -> Option<String> {
+    [Dialect::PiRpc, Dialect::ClaudeNative, Dialect::CodexNative]
+        .into_iter()
+        .find_map(|d| d.request(request))
+        .and_then(|r| r.tool)
+}
+
 /// Claude Code's answer to a `can_use_tool` request: an allow runs the tool with its original
 /// input; a deny tells Claude why.
 pub(crate) fn claude_permission_answer(

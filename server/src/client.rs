@@ -16,6 +16,36 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{self, Message};
 
 use crate::config::{Secret, read_token_file};
+use moorline_adapters::pipeline::{Decision, answer_request, request_tool};
+
+/// How long `approve`/`deny` wait for the server to confirm an answer.
+const ANSWER_WAIT: Duration = Duration::from_secs(10);
+
+/// A byte stream a WebSocket can run over (TCP or a Unix socket).
+pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+
+/// One line about a pending approval request: its id, its tool and what it asks.
+pub fn describe_request(request: &Value) -> String {
+    let id = answer_request(request, Decision::Deny, "").map_or_else(|| "?".into(), |(id, _)| id);
+    let tool = request_tool(request).unwrap_or_else(|| "?".into());
+    // What the agent wants to do: pi's dialog text, Claude's tool input, Codex's command.
+    let what = [
+        &request["message"],
+        &request["request"]["input"]["command"],
+        &request["params"]["command"],
+        &request["request"]["input"],
+    ]
+    .into_iter()
+    .find(|v| !v.is_null())
+    .map(|v| match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    })
+    .unwrap_or_default();
+    let what: String = what.chars().take(120).collect();
+    format!("{id}\t{tool}\t{what}")
+}
 
 /// Exit code when the server cannot be reached (`EX_UNAVAILABLE`).
 pub const EXIT_UNAVAILABLE: i32 = 69;
@@ -213,6 +243,187 @@ impl Client {
             .unwrap_or(Value::Null))
     }
 
+    /// `GET /instances`.
+    pub async fn instances(&self) -> Result<Value, ClientError> {
+        Ok(self
+            .call(reqwest::Method::GET, "/instances", None)
+            .await?
+            .unwrap_or(Value::Null))
+    }
+
+    /// Answers a pending approval request of session `id`: `request` names it (its id), or,
+    /// when `None`, the only one pending. The answer is sent over the session's WebSocket in
+    /// the session's dialect; returns the server's `amarre.approval_resolved` for it (which
+    /// says who settled it: another client may have been first).
+    pub async fn answer(
+        &self,
+        id: &str,
+        request: Option<&str>,
+        decision: Decision,
+        message: Option<&str>,
+    ) -> Result<Value, ClientError> {
+        let summary = self.get(id).await?;
+        let pending: Vec<Value> = summary["pendingApprovals"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let described = |list: &[Value]| {
+            list.iter()
+                .map(describe_request)
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        let chosen = match request {
+            Some(want) => pending
+                .iter()
+                .find(|r| {
+                    answer_request(r, decision, "")
+                        .is_some_and(|(rid, _)| rid == want || rid.trim_matches('"') == want)
+                })
+                .ok_or_else(|| {
+                    ClientError::Other(if pending.is_empty() {
+                        format!("session {id} has no pending approval")
+                    } else {
+                        format!(
+                            "session {id} has no pending approval {want:?}; pending:\n{}",
+                            described(&pending)
+                        )
+                    })
+                })?,
+            None => match pending.as_slice() {
+                [one] => one,
+                [] => {
+                    return Err(ClientError::Other(format!(
+                        "session {id} has no pending approval"
+                    )));
+                }
+                many => {
+                    return Err(ClientError::Other(format!(
+                        "session {id} has {} pending approvals; name one:\n{}",
+                        many.len(),
+                        described(many)
+                    )));
+                }
+            },
+        };
+        let reason = message.unwrap_or("denied by a person (moorline deny)");
+        let Some((request_id, line)) = answer_request(chosen, decision, reason) else {
+            return Err(ClientError::Other(format!(
+                "not an approval request: {chosen}"
+            )));
+        };
+        let mut socket = self.connect(id).await?;
+        socket
+            .send(Message::text(line.to_string()))
+            .await
+            .map_err(|e| ClientError::Closed(e.to_string()))?;
+        // The server settles the first answer and tells every client how: wait for that.
+        let resolved = tokio::time::timeout(ANSWER_WAIT, async {
+            while let Some(frame) = socket.next().await {
+                match frame {
+                    Ok(Message::Text(t)) => {
+                        let Ok(v) = serde_json::from_str::<Value>(t.as_str()) else {
+                            continue;
+                        };
+                        if v["type"] == "amarre.approval_resolved" && v["id"] == request_id.as_str()
+                        {
+                            return Ok(v);
+                        }
+                    }
+                    Ok(Message::Close(frame)) => {
+                        let code = frame.map_or(1005, |f| u16::from(f.code));
+                        return Err(ClientError::Closed(format!(
+                            "{code} before the answer was settled"
+                        )));
+                    }
+                    Ok(_) => {}
+                    Err(e) => return Err(ClientError::Closed(e.to_string())),
+                }
+            }
+            Err(ClientError::Closed("connection lost".into()))
+        })
+        .await
+        .map_err(|_| {
+            ClientError::Other(format!(
+                "the server did not confirm the answer to {request_id} within {}s",
+                ANSWER_WAIT.as_secs()
+            ))
+        })??;
+        let _ = socket.send(Message::Close(None)).await;
+        Ok(resolved)
+    }
+
+    /// Opens the WebSocket of session `id` (no replay, no hello), over TCP, TLS or the Unix
+    /// socket as the URL says.
+    async fn connect(
+        &self,
+        id: &str,
+    ) -> Result<WebSocketStream<tokio_tungstenite::MaybeTlsStream<Box<dyn Stream>>>, ClientError>
+    {
+        let url = format!(
+            "{}/sessions/{id}",
+            self.base
+                .replacen("http://", "ws://", 1)
+                .replacen("https://", "wss://", 1)
+        );
+        let mut request = url
+            .as_str()
+            .into_client_request()
+            .map_err(|e| ClientError::Other(format!("bad URL {url}: {e}")))?;
+        if let Some(t) = &self.token {
+            let value = format!("Bearer {}", t.expose())
+                .parse()
+                .map_err(|_| ClientError::Other("token is not a valid header value".into()))?;
+            request.headers_mut().insert("authorization", value);
+        }
+        let unreachable = |reason: String| ClientError::Unreachable {
+            url: self.shown.clone(),
+            reason,
+        };
+        let stream: Box<dyn Stream> = match &self.unix {
+            Some(path) => Box::new(
+                tokio::net::UnixStream::connect(path)
+                    .await
+                    .map_err(|e| unreachable(e.to_string()))?,
+            ),
+            None => {
+                let uri = request.uri();
+                let host = uri.host().unwrap_or("localhost").trim_matches(['[', ']']);
+                let port = uri
+                    .port_u16()
+                    .unwrap_or(if uri.scheme_str() == Some("wss") {
+                        443
+                    } else {
+                        80
+                    });
+                Box::new(
+                    tokio::net::TcpStream::connect((host, port))
+                        .await
+                        .map_err(|e| unreachable(e.to_string()))?,
+                )
+            }
+        };
+        let (socket, _) = tokio_tungstenite::client_async_tls_with_config(
+            request,
+            stream,
+            None,
+            Some(tokio_tungstenite::Connector::Rustls(self.tls.clone())),
+        )
+        .await
+        .map_err(|e| match e {
+            tungstenite::Error::Http(resp) => ClientError::Http {
+                status: resp.status().as_u16(),
+                body: resp
+                    .body()
+                    .as_ref()
+                    .map(|b| String::from_utf8_lossy(b).trim_end().to_owned())
+                    .unwrap_or_default(),
+            },
+            other => unreachable(other.to_string()),
+        })?;
+        Ok(socket)
+    }
+
     /// `GET /sessions/{id}`.
     pub async fn get(&self, id: &str) -> Result<Value, ClientError> {
         Ok(self
@@ -382,27 +593,136 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     msg
 }
 
-/// Renders the session list as a table.
+/// Renders the session list as a table: what a person needs to pick a session and see what
+/// it is doing.
 pub fn format_table(list: &Value) -> String {
-    let mut out = String::from(
-        "ID            NAME              INSTANCE      STATUS    AGENT         CLIENTS  SEQ\n",
-    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let mut rows = vec![
+        [
+            "ID",
+            "NAME",
+            "INSTANCE",
+            "STATUS",
+            "ACTIVITY",
+            "APPROVALS",
+            "AGE",
+            "CWD",
+        ]
+        .map(str::to_owned),
+    ];
     for s in list.as_array().into_iter().flatten() {
         let field = |k: &str| match &s[k] {
             Value::String(v) => v.clone(),
             Value::Null => "-".into(),
             v => v.to_string(),
         };
-        out.push_str(&format!(
-            "{:<13} {:<17} {:<13} {:<9} {:<13} {:<8} {}\n",
+        let pending = s["pendingApprovals"].as_array().map_or(0, Vec::len);
+        let activity = match s["activity"].as_str() {
+            Some("waiting") => "waiting for approval".to_owned(),
+            Some(a) => a.to_owned(),
+            None => "-".to_owned(),
+        };
+        let mut status = field("status");
+        if s["authFailed"] == true {
+            status.push_str(" (credentials wrong)");
+        }
+        let age = s["createdAt"]
+            .as_u64()
+            .map_or_else(|| "-".into(), |t| format_age(now.saturating_sub(t)));
+        rows.push([
             field("id"),
             field("name"),
             field("instanceId"),
-            field("status"),
-            field("agent"),
-            field("clients"),
-            field("lastSeq"),
-        ));
+            status,
+            activity,
+            pending.to_string(),
+            age,
+            field("cwd"),
+        ]);
+    }
+    columns(&rows)
+}
+
+/// Renders `GET /instances` as a table, with the reason of each unavailable instance below it.
+pub fn format_instances(list: &Value) -> String {
+    let mut rows = vec![
+        [
+            "ID",
+            "AGENT",
+            "DIALECT",
+            "RUNTIME",
+            "AVAILABLE",
+            "WORKSPACE ROOTS",
+        ]
+        .map(str::to_owned),
+    ];
+    let mut reasons = String::new();
+    for i in list.as_array().into_iter().flatten() {
+        let text = |k: &str| i[k].as_str().unwrap_or("-").to_owned();
+        let roots: Vec<&str> = i["workspaceRoots"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        let available = i["available"] != false;
+        rows.push([
+            text("id"),
+            text("agent"),
+            text("dialect"),
+            text("runtime"),
+            if available { "yes" } else { "no" }.to_owned(),
+            if roots.is_empty() {
+                "-".to_owned()
+            } else {
+                roots.join(",")
+            },
+        ]);
+        if !available {
+            reasons.push_str(&format!("{}: {}\n", text("id"), text("reason")));
+        }
+    }
+    let mut out = columns(&rows);
+    if !reasons.is_empty() {
+        out.push_str("\nunavailable:\n");
+        out.push_str(&reasons);
     }
     out
+}
+
+/// Left-aligned columns, two spaces apart, the last one unpadded.
+fn columns<const N: usize>(rows: &[[String; N]]) -> String {
+    let mut widths = [0usize; N];
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for row in rows {
+        let mut line = String::new();
+        for (i, cell) in row.iter().enumerate() {
+            if i + 1 == N {
+                line.push_str(cell);
+            } else {
+                line.push_str(&format!("{cell:<w$}  ", w = widths[i]));
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// `42s`, `5m`, `3h`, `2d`.
+fn format_age(ms: u64) -> String {
+    let s = ms / 1000;
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m", s / 60),
+        3600..86400 => format!("{}h", s / 3600),
+        _ => format!("{}d", s / 86400),
+    }
 }

@@ -314,6 +314,9 @@ pub struct Limits {
     pub max_env_name_bytes: usize,
     /// Longest environment variable value a client may set (bytes).
     pub max_env_value_bytes: usize,
+    /// A running agent that wrote output this recently counts as `working` in session
+    /// summaries (`activity`), even outside a turn the server can see.
+    pub activity_window_ms: u64,
 }
 
 impl Limits {
@@ -325,6 +328,11 @@ impl Limits {
     /// [`Self::client_stall_ms`] as a duration.
     pub fn client_stall(&self) -> Duration {
         Duration::from_millis(self.client_stall_ms)
+    }
+
+    /// [`Self::activity_window_ms`] as a duration.
+    pub fn activity_window(&self) -> Duration {
+        Duration::from_millis(self.activity_window_ms)
     }
 
     /// [`Self::exit_drain_ms`] as a duration.
@@ -349,6 +357,7 @@ impl Default for Limits {
             max_env_vars: 64,
             max_env_name_bytes: 128,
             max_env_value_bytes: 32 << 10,
+            activity_window_ms: 5_000,
         }
     }
 }

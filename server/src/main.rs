@@ -7,9 +7,10 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use moorline::client::{Client, ClientError, format_table};
+use moorline::client::{Client, ClientError, format_instances, format_table};
 use moorline::config::{Config, EXAMPLE_CONFIG, EXIT_CONFIG, LogFormat, Overrides, Sources};
 use moorline::runtime::network;
+use moorline_adapters::pipeline::Decision;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -47,6 +48,35 @@ enum Command {
         conn: ConnArgs,
         #[command(subcommand)]
         action: SessionsCommand,
+    },
+    /// List the server's instances: agent, dialect, runtime, workspace roots, availability.
+    Instances {
+        #[command(flatten)]
+        conn: ConnArgs,
+        /// Print the JSON the server returned instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Approve a pending approval request of a session (the only one, if REQUEST is left out).
+    Approve {
+        #[command(flatten)]
+        conn: ConnArgs,
+        /// Session id.
+        id: String,
+        /// The request's id (see `moorline sessions get ID`); needed when several are pending.
+        request: Option<String>,
+    },
+    /// Deny a pending approval request of a session (the only one, if REQUEST is left out).
+    Deny {
+        #[command(flatten)]
+        conn: ConnArgs,
+        /// Session id.
+        id: String,
+        /// The request's id; needed when several are pending.
+        request: Option<String>,
+        /// Why, for the agent (Claude's dialect passes it on).
+        #[arg(long)]
+        message: Option<String>,
     },
     /// Attach to a session: lines read on stdin are sent to the agent, frames are printed to
     /// stdout one per line.
@@ -133,7 +163,8 @@ enum SessionsCommand {
         /// Display name.
         #[arg(long)]
         name: Option<String>,
-        /// Working directory for the agent.
+        /// Working directory for the agent (a relative path is taken from the current
+        /// directory).
         #[arg(long)]
         cwd: Option<String>,
         /// Environment variable for the agent, KEY=VALUE (repeatable).
@@ -267,6 +298,31 @@ fn main() -> ExitCode {
         Some(Command::Sessions { conn, action }) => {
             client_command(|rt| rt.block_on(sessions(conn, action)))
         }
+        Some(Command::Instances { conn, json }) => client_command(|rt| {
+            rt.block_on(async {
+                let list = Client::new(&conn.url, conn.token_file.as_deref())?
+                    .instances()
+                    .await?;
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&list).unwrap_or_default()
+                    );
+                } else {
+                    print!("{}", format_instances(&list));
+                }
+                Ok(())
+            })
+        }),
+        Some(Command::Approve { conn, id, request }) => {
+            answer(conn, id, request, Decision::Allow, None)
+        }
+        Some(Command::Deny {
+            conn,
+            id,
+            request,
+            message,
+        }) => answer(conn, id, request, Decision::Deny, message),
         Some(Command::Attach {
             conn,
             id,
@@ -282,6 +338,40 @@ fn main() -> ExitCode {
             })
         }),
     }
+}
+
+/// `moorline approve` / `moorline deny`.
+fn answer(
+    conn: ConnArgs,
+    id: String,
+    request: Option<String>,
+    decision: Decision,
+    message: Option<String>,
+) -> ExitCode {
+    client_command(|rt| {
+        rt.block_on(async {
+            let client = Client::new(&conn.url, conn.token_file.as_deref())?;
+            let resolved = client
+                .answer(&id, request.as_deref(), decision, message.as_deref())
+                .await?;
+            let settled = resolved["decision"].as_str().unwrap_or("?");
+            let by = match (resolved["by"].as_str(), resolved["user"].as_str()) {
+                (Some("client"), Some(user)) => user.to_owned(),
+                (Some(by), _) => by.to_owned(),
+                _ => "?".to_owned(),
+            };
+            println!(
+                "{}: {settled} (by {by})",
+                resolved["id"].as_str().unwrap_or("?")
+            );
+            if settled != decision.as_str() {
+                return Err(moorline::client::ClientError::Other(format!(
+                    "the request was already settled: {settled} by {by}"
+                )));
+            }
+            Ok(())
+        })
+    })
 }
 
 /// Runs `f` with the path of this executable, which helpers start again.
@@ -438,6 +528,14 @@ async fn sessions(conn: ConnArgs, action: SessionsCommand) -> Result<(), ClientE
             env,
         } => {
             let env: BTreeMap<String, String> = env.into_iter().collect();
+            // A relative directory means one relative to where the command runs.
+            let cwd = cwd
+                .map(|c| {
+                    std::path::absolute(&c)
+                        .map(|p| p.display().to_string())
+                        .map_err(|e| ClientError::Other(format!("--cwd {c}: {e}")))
+                })
+                .transpose()?;
             print(&client.create(instance, name, cwd, env).await?);
         }
         SessionsCommand::Get { id } => print(&client.get(&id).await?),

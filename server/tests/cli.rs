@@ -477,3 +477,113 @@ async fn client_commands_work_over_the_unix_socket() {
     assert!(status.success(), "{status}");
     assert!(!socket.exists(), "the socket is removed on shutdown");
 }
+
+/// A `moorline` client command against `server`, run in `dir`.
+fn client(server: &common::TestServer, dir: &Path, args: &[&str]) -> Command {
+    let mut cmd = moorline(dir);
+    cmd.args(args)
+        .env("MOORLINE_URL", server.url(""))
+        .current_dir(dir);
+    cmd
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn approvals_are_answered_and_sessions_and_instances_listed_from_the_cli() {
+    let server = common::TestServer::start_with(|c| c.limits.activity_window_ms = 300).await;
+    let home = tempfile::tempdir().expect("home");
+    let id = server.session("fixture").await;
+    let mut ws = server.ws(&id).await;
+    ws.send(r#"{"_emit":"ui_req","reqId":"R1"}"#).await;
+    ws.send(r#"{"_emit":"ui_req","reqId":"R2"}"#).await;
+    common::eventually("two pending requests", || async {
+        let (_, s) = server.get_json(&format!("/sessions/{id}")).await;
+        s["pendingApprovals"]
+            .as_array()
+            .is_some_and(|p| p.len() == 2)
+    })
+    .await;
+
+    // The list says what the session is doing and where.
+    let (code, table, err) = output(client(&server, home.path(), &["sessions", "list"])).await;
+    assert_eq!(code, 0, "{err}");
+    let row = table
+        .lines()
+        .find(|l| l.starts_with(&id))
+        .unwrap_or_else(|| panic!("{table}"));
+    for want in ["fixture", "running", "waiting for approval", "  2  "] {
+        assert!(row.contains(want), "{want:?} in {table}");
+    }
+    assert!(
+        table
+            .lines()
+            .next()
+            .is_some_and(|h| h.contains("CWD") && h.contains("AGE")),
+        "{table}"
+    );
+
+    // With two pending, the request must be named: both are listed.
+    let (code, _, err) = output(client(&server, home.path(), &["approve", &id])).await;
+    assert_ne!(code, 0);
+    assert!(err.contains("R1") && err.contains("R2"), "{err}");
+    let (code, out, err) = output(client(&server, home.path(), &["approve", &id, "R1"])).await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.trim(), "R1: allow (by local)");
+    let resolved = loop {
+        let v = ws.json().await;
+        if v["type"] == "amarre.approval_resolved" {
+            break v;
+        }
+    };
+    assert_eq!(
+        (resolved["id"].as_str(), resolved["decision"].as_str()),
+        (Some("R1"), Some("allow"))
+    );
+    // One left: no need to name it.
+    let (code, out, err) = output(client(
+        &server,
+        home.path(),
+        &["deny", &id, "--message", "not now"],
+    ))
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.trim(), "R2: deny (by local)");
+    let (code, _, err) = output(client(&server, home.path(), &["approve", &id])).await;
+    assert_ne!(code, 0);
+    assert!(err.contains("no pending approval"), "{err}");
+    // Nothing pending and no output for a while: idle.
+    common::eventually("idle", || async {
+        let (_, s) = server.get_json(&format!("/sessions/{id}")).await;
+        s["activity"] == "idle"
+    })
+    .await;
+
+    let (code, table, err) = output(client(&server, home.path(), &["instances"])).await;
+    assert_eq!(code, 0, "{err}");
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("fixture"))
+        .unwrap_or_else(|| panic!("{table}"));
+    assert!(
+        row.contains("pi-rpc") && row.contains("process") && row.contains("yes"),
+        "{table}"
+    );
+    assert!(
+        row.contains(&std::env::temp_dir().display().to_string()),
+        "{table}"
+    );
+
+    // `--cwd` relative to where the command runs.
+    let base = tempfile::tempdir().expect("base");
+    std::fs::create_dir(base.path().join("proj")).expect("mkdir");
+    let (code, out, err) = output(client(
+        &server,
+        base.path(),
+        &["sessions", "new", "--cwd", "proj"],
+    ))
+    .await;
+    assert_eq!(code, 0, "{err}");
+    let created: Value = serde_json::from_str(&out).expect("json");
+    let want = std::fs::canonicalize(base.path().join("proj")).expect("canonical");
+    assert_eq!(created["cwd"], want.display().to_string(), "{created}");
+    server.stop().await;
+}

@@ -479,6 +479,8 @@ impl SessionManager {
             finished: watch::channel(0).0,
             clients: AtomicUsize::new(0),
             inputs: std::sync::atomic::AtomicU64::new(0),
+            activity: super::OutputActivity::default(),
+            activity_window: self.limits.activity_window(),
         });
         Ok(session)
     }
@@ -645,6 +647,7 @@ impl SessionManager {
             // The previous run's requests died with it.
             let _ = std::fs::remove_file(session.dir.join(store::PENDING_FILE));
             let _ = std::fs::remove_file(session.dir.join(store::AUTH_FAILED_FILE));
+            session.activity.reset();
         }
         session.persist();
         session
