@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use serde_json::Value;
+use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -460,7 +460,9 @@ impl Client {
         since: Option<u64>,
         hello: bool,
         linger: Option<Duration>,
+        render: bool,
     ) -> Result<(), ClientError> {
+        let render = render && self.renders(id).await?;
         let ws_base = self
             .base
             .replacen("http://", "ws://", 1)
@@ -515,6 +517,9 @@ impl Client {
                     tokio_tungstenite::client_async_with_config(request, stream, Some(config))
                         .await
                         .map_err(refused)?;
+                if render {
+                    return pipe_rendered(socket, linger).await;
+                }
                 pipe_stdio(socket, linger).await
             }
             None => {
@@ -526,6 +531,9 @@ impl Client {
                 )
                 .await
                 .map_err(refused)?;
+                if render {
+                    return pipe_rendered(socket, linger).await;
+                }
                 pipe_stdio(socket, linger).await
             }
         }
@@ -554,7 +562,14 @@ async fn pipe_stdio<S: AsyncRead + AsyncWrite + Unpin>(
                 Ok(Some(line)) => {
                     sink.send(Message::text(line)).await.map_err(|e| ClientError::Closed(e.to_string()))?;
                 }
-                Ok(None) | Err(_) => stdin_open = false,
+                Ok(None) | Err(_) => {
+                    stdin_open = false;
+                    if linger.is_none() {
+                        // Like websocat: the end of input ends the connection (the server's
+                        // close answers ours). `--linger` waits for more output instead.
+                        let _ = sink.send(normal_close()).await;
+                    }
+                }
             },
             frame = stream.next() => match frame {
                 Some(Ok(Message::Text(t))) => {
@@ -578,6 +593,297 @@ async fn pipe_stdio<S: AsyncRead + AsyncWrite + Unpin>(
             }
         }
     }
+}
+
+impl Client {
+    /// Whether session `id` speaks the pi RPC dialect, the one `--render` knows (says so on
+    /// stderr when it does not).
+    async fn renders(&self, id: &str) -> Result<bool, ClientError> {
+        let summary = self.get(id).await?;
+        let instances = self.instances().await?;
+        let dialect = instances
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|i| i["id"] == summary["instanceId"])
+            .and_then(|i| i["dialect"].as_str())
+            .unwrap_or("pi-rpc")
+            .to_owned();
+        if dialect != "pi-rpc" {
+            eprintln!("moorline: the session speaks the {dialect} dialect; showing raw JSON");
+        }
+        Ok(dialect == "pi-rpc")
+    }
+}
+
+/// A close with code 1000, which the server answers in kind (a close without a code would be
+/// answered with 1005, taken for an error).
+fn normal_close() -> Message {
+    Message::Close(Some(tungstenite::protocol::CloseFrame {
+        code: tungstenite::protocol::frame::coding::CloseCode::Normal,
+        reason: "".into(),
+    }))
+}
+
+/// Human mode of `attach` for the pi RPC dialect: streamed text joined, tool calls and
+/// results summarised, approvals asked inline (y/n), typed lines sent as prompts.
+async fn pipe_rendered<S: AsyncRead + AsyncWrite + Unpin>(
+    socket: WebSocketStream<S>,
+    linger: Option<Duration>,
+) -> Result<(), ClientError> {
+    let (mut sink, mut stream) = socket.split();
+    let mut stdin = BufReader::new(tokio::io::stdin()).lines();
+    let mut stdout = tokio::io::stdout();
+    let mut view = Renderer::default();
+    let mut stdin_open = true;
+    let out_err = |e: std::io::Error| ClientError::Other(e.to_string());
+    loop {
+        let idle = async {
+            match (stdin_open, linger) {
+                (false, Some(d)) => tokio::time::sleep(d).await,
+                _ => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            line = stdin.next_line(), if stdin_open => match line {
+                Ok(Some(line)) => {
+                    let (send, note) = view.typed(&line);
+                    if let Some(note) = note {
+                        stdout.write_all(note.as_bytes()).await.map_err(out_err)?;
+                        stdout.flush().await.map_err(out_err)?;
+                    }
+                    if let Some(send) = send {
+                        sink.send(Message::text(send)).await.map_err(|e| ClientError::Closed(e.to_string()))?;
+                    }
+                }
+                Ok(None) | Err(_) => {
+                    stdin_open = false;
+                    if linger.is_none() {
+                        let _ = sink.send(normal_close()).await;
+                    }
+                }
+            },
+            frame = stream.next() => match frame {
+                Some(Ok(Message::Text(t))) => {
+                    if let Ok(v) = serde_json::from_str::<Value>(t.as_str()) {
+                        let text = view.frame(&v);
+                        if !text.is_empty() {
+                            stdout.write_all(text.as_bytes()).await.map_err(out_err)?;
+                            stdout.flush().await.map_err(out_err)?;
+                        }
+                    }
+                }
+                Some(Ok(Message::Close(frame))) => {
+                    let (code, reason) = frame.map_or((1005, String::new()), |f| (u16::from(f.code), f.reason.to_string()));
+                    if view.in_text {
+                        let _ = stdout.write_all(b"\n").await;
+                    }
+                    return if code == 1000 { Ok(()) } else { Err(ClientError::Closed(format!("{code} {reason}"))) };
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(ClientError::Closed(e.to_string())),
+                None => return Err(ClientError::Closed("connection lost".into())),
+            },
+            () = idle => {
+                let _ = sink.send(Message::Close(None)).await;
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// What the human mode shows of pi RPC frames, and what it makes of typed lines.
+#[derive(Debug, Default)]
+pub struct Renderer {
+    /// Streamed text is being printed: the line is not finished.
+    in_text: bool,
+    /// A turn is running (typed lines are queued as follow-ups, which every agent accepts).
+    turn_open: bool,
+    /// Confirmations asked and not yet settled, oldest first: `y`/`n` answers the first.
+    asks: std::collections::VecDeque<Value>,
+}
+
+impl Renderer {
+    /// The text to print for `frame` (empty: nothing).
+    pub fn frame(&mut self, v: &Value) -> String {
+        let kind = v["type"].as_str().unwrap_or("");
+        let event = &v["assistantMessageEvent"];
+        if kind == "message_update" {
+            if event["type"] == "text_delta" {
+                self.in_text = true;
+                return event["delta"].as_str().unwrap_or("").to_owned();
+            }
+            return String::new();
+        }
+        let line = match kind {
+            "agent_start" => {
+                self.turn_open = true;
+                return String::new();
+            }
+            "agent_end" => {
+                self.turn_open = false;
+                if v["error"].is_string() {
+                    format!("! {}", v["error"].as_str().unwrap_or(""))
+                } else {
+                    return self.end_text();
+                }
+            }
+            "message_end" => return self.end_text(),
+            "tool_execution_start" => format!(
+                "> {} {}",
+                v["toolName"].as_str().unwrap_or("tool"),
+                short(&summary_of_args(&v["args"]), 100)
+            ),
+            "tool_execution_end" => {
+                let text = result_text(&v["result"]);
+                let lines = text.lines().count();
+                let mark = if v["isError"] == true {
+                    "failed"
+                } else {
+                    "done"
+                };
+                format!(
+                    "  {} {mark}: {} ({lines} line{})",
+                    v["toolName"].as_str().unwrap_or("tool"),
+                    short(text.lines().next().unwrap_or(""), 80),
+                    if lines == 1 { "" } else { "s" }
+                )
+            }
+            "extension_ui_request" => match v["method"].as_str() {
+                Some("confirm") => {
+                    self.asks.push_back(v.clone());
+                    format!(
+                        "? {} {} [y/n]",
+                        v["title"].as_str().unwrap_or("Allow?"),
+                        v["message"].as_str().unwrap_or("")
+                    )
+                }
+                Some("notify") => format!("· {}", v["message"].as_str().unwrap_or("")),
+                Some("select" | "input" | "editor") => format!(
+                    "? {} (answer with an extension_ui_response JSON line)",
+                    v["title"].as_str().unwrap_or("")
+                ),
+                _ => return String::new(),
+            },
+            "amarre.approval_resolved" => {
+                let id = v["id"].as_str().unwrap_or("");
+                self.asks
+                    .retain(|a| answer_request(a, Decision::Deny, "").is_none_or(|(r, _)| r != id));
+                let who = v["user"].as_str().or(v["by"].as_str()).unwrap_or("?");
+                format!("  {} {id} ({who})", v["decision"].as_str().unwrap_or("?"))
+            }
+            "auto_retry_start" => format!(
+                "… retrying ({}/{}): {}",
+                v["attempt"],
+                v["maxAttempts"],
+                v["errorMessage"].as_str().unwrap_or("")
+            ),
+            "amarre.auth_failed" | "amarre.input_rejected" => format!(
+                "! {}",
+                v["message"]
+                    .as_str()
+                    .or(v["error"].as_str())
+                    .or(v["reason"].as_str())
+                    .unwrap_or(kind)
+            ),
+            "response" if v["success"] == false => format!(
+                "! {}: {}",
+                v["command"].as_str().unwrap_or("command"),
+                v["error"].as_str().unwrap_or("failed")
+            ),
+            "amarre.line_dropped" => format!(
+                "! an output line was dropped ({})",
+                v["reason"].as_str().unwrap_or("?")
+            ),
+            "amarre.session_event" => format!(
+                "[agent {}{}]",
+                v["event"].as_str().unwrap_or("ended"),
+                v["exitCode"]
+                    .as_i64()
+                    .map(|c| format!(", exit code {c}"))
+                    .or_else(|| v["signal"].as_str().map(|s| format!(", {s}")))
+                    .unwrap_or_default()
+            ),
+            _ => return String::new(),
+        };
+        let mut out = self.end_text();
+        out.push_str(&line);
+        out.push('\n');
+        out
+    }
+
+    /// A newline if streamed text is open.
+    fn end_text(&mut self) -> String {
+        if std::mem::take(&mut self.in_text) {
+            "\n".into()
+        } else {
+            String::new()
+        }
+    }
+
+    /// What to send for a typed line, and a note to print.
+    pub fn typed(&mut self, line: &str) -> (Option<String>, Option<String>) {
+        let text = line.trim();
+        if text.is_empty() {
+            return (None, None);
+        }
+        if let Some(ask) = self.asks.front() {
+            let decision = match text.to_ascii_lowercase().as_str() {
+                "y" | "yes" => Decision::Allow,
+                "n" | "no" => Decision::Deny,
+                _ => {
+                    return (None, Some("answer the question first: y or n\n".into()));
+                }
+            };
+            let answer = answer_request(ask, decision, "denied from moorline attach");
+            self.asks.pop_front();
+            return (answer.map(|(_, a)| a.to_string()), None);
+        }
+        if text.starts_with('{') {
+            return (Some(text.to_owned()), None);
+        }
+        let message = if text == "/abort" {
+            json!({"type": "abort"})
+        } else if self.turn_open {
+            json!({"type": "follow_up", "message": text})
+        } else {
+            json!({"type": "prompt", "message": text})
+        };
+        (Some(message.to_string()), None)
+    }
+}
+
+/// The gist of a tool call's arguments: its command or path, else its JSON.
+fn summary_of_args(args: &Value) -> String {
+    ["command", "path", "file_path", "pattern", "url"]
+        .iter()
+        .find_map(|k| args[k].as_str())
+        .map_or_else(|| args.to_string(), str::to_owned)
+}
+
+/// The text of a tool result (pi's `content` blocks, or a plain string).
+fn result_text(result: &Value) -> String {
+    match result {
+        Value::String(s) => s.clone(),
+        _ => result["content"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|b| b["text"].as_str())
+            .collect::<Vec<_>>()
+            .join("\n"),
+    }
+}
+
+/// At most `n` characters of `s`, on one line.
+fn short(s: &str, n: usize) -> String {
+    let one: String = s.replace('\n', " ");
+    if one.chars().count() <= n {
+        return one;
+    }
+    let mut cut: String = one.chars().take(n).collect();
+    cut.push('…');
+    cut
 }
 
 /// Formats an error with its causes (reqwest hides the useful part in `source`).

@@ -91,10 +91,17 @@ enum Command {
         /// Ask for the amarre.hello frame first.
         #[arg(long)]
         hello: bool,
-        /// After stdin ends, leave once no frame has arrived for this many milliseconds
-        /// (default: stay until the server closes the connection).
+        /// After stdin ends, stay until no frame has arrived for this many milliseconds
+        /// (default: leave when stdin ends, as websocat does).
         #[arg(long, value_name = "MS")]
         linger: Option<u64>,
+        /// Human mode (pi RPC dialect): streamed text joined, tools summarised, approvals
+        /// asked inline (y/n), typed lines sent as prompts. The default on a terminal.
+        #[arg(long, conflicts_with = "raw")]
+        render: bool,
+        /// One JSON frame per line, even on a terminal (the default in pipes).
+        #[arg(long)]
+        raw: bool,
     },
     /// moorline's built-in echo agent (used by the `echo` instance).
     #[command(name = "echo-agent", hide = true)]
@@ -329,11 +336,15 @@ fn main() -> ExitCode {
             since,
             hello,
             linger,
+            render,
+            raw,
         }) => client_command(|rt| {
+            use std::io::IsTerminal;
+            let render = render || (!raw && std::io::stdout().is_terminal());
             rt.block_on(async {
                 let client = Client::new(&conn.url, conn.token_file.as_deref())?;
                 client
-                    .attach(&id, since, hello, linger.map(Duration::from_millis))
+                    .attach(&id, since, hello, linger.map(Duration::from_millis), render)
                     .await
             })
         }),

@@ -587,3 +587,70 @@ async fn approvals_are_answered_and_sessions_and_instances_listed_from_the_cli()
     assert_eq!(created["cwd"], want.display().to_string(), "{created}");
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attach_renders_pi_sessions_for_people_and_leaves_at_end_of_input() {
+    let server = common::TestServer::start().await;
+    let home = tempfile::tempdir().expect("home");
+    let id = server.session("fixture").await;
+    let mut cmd = client(&server, home.path(), &["attach", &id, "--render"]);
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut attach = cmd.spawn().expect("attach");
+    let mut stdin = attach.stdin.take().expect("stdin");
+    let mut lines = BufReader::new(attach.stdout.take().expect("stdout")).lines();
+    let mut until = async |want: &str| -> String {
+        tokio::time::timeout(common::WAIT, async {
+            while let Some(line) = lines.next_line().await.expect("read") {
+                if line.contains(want) {
+                    return line;
+                }
+            }
+            panic!("attach ended before {want:?}");
+        })
+        .await
+        .expect("in time")
+    };
+    // JSON lines still go through as they are; the turn comes out as text.
+    stdin
+        .write_all(b"{\"_emit\":\"pi_turn\"}\n")
+        .await
+        .expect("write");
+    assert_eq!(until("Hello").await, "Hello world");
+    assert_eq!(until("> bash").await, "> bash ls /tmp");
+    assert_eq!(until("bash done").await, "  bash done: a (3 lines)");
+    // Approvals are asked inline and answered with y.
+    stdin
+        .write_all(b"{\"_emit\":\"ui_req\",\"reqId\":\"R7\"}\n")
+        .await
+        .expect("write");
+    assert_eq!(until("[y/n]").await, "? Run bash? ls /tmp [y/n]");
+    stdin.write_all(b"y\n").await.expect("write");
+    assert_eq!(until("R7").await, "  allow R7 (local)");
+    // A plain line is a prompt.
+    stdin.write_all(b"hello there\n").await.expect("write");
+    // End of input: attach leaves (after its close is answered), like websocat.
+    drop(stdin);
+    let out = tokio::time::timeout(common::WAIT, attach.wait_with_output())
+        .await
+        .expect("leaves at end of input")
+        .expect("status");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Raw mode in a pipe leaves at end of input too (stdin is /dev/null here).
+    let (code, _, err) = output(client(&server, home.path(), &["attach", &id])).await;
+    assert_eq!(code, 0, "{err}");
+    let mut ws = server.ws_query(&id, "?since=0").await;
+    loop {
+        let v = ws.json().await;
+        if v["echo"]["type"] == "prompt" {
+            assert_eq!(v["echo"]["message"], "hello there");
+            break;
+        }
+    }
+    server.stop().await;
+}
