@@ -52,9 +52,15 @@ async fn session_lifecycle_over_rest() {
             "clients",
             "lastSeq",
             "runtime",
-            "createdBy"
+            "createdBy",
+            "cwd",
+            "createdAt",
+            "activity"
         ]
     );
+    // Just started and silent (the fixture writes nothing until asked): idle.
+    assert_eq!(created["activity"], "idle");
+    assert!(created["cwd"].as_str().is_some_and(|c| c.starts_with('/')));
     assert_eq!(created["createdBy"], "local", "who created it");
     assert_eq!(
         created["instanceId"], "fixture",
@@ -135,7 +141,10 @@ async fn a_default_instance_named_default_wins_and_instance_ids_are_honoured() {
         (404, &json!("unknown_instance"), &json!("ghost"))
     );
     // The error names the instances that do exist.
-    assert_eq!(body["instances"], json!(["fixture", "cat", "echo"]));
+    assert_eq!(
+        body["instances"],
+        json!(["fixture", "cat", "echo", "default"])
+    );
     assert!(
         body["message"]
             .as_str()
