@@ -654,3 +654,46 @@ async fn attach_renders_pi_sessions_for_people_and_leaves_at_end_of_input() {
     }
     server.stop().await;
 }
+
+#[tokio::test]
+async fn the_server_says_at_startup_which_instances_cannot_start() {
+    let home = tempfile::tempdir().expect("home");
+    let file = home.path().join("moorline.toml");
+    std::fs::write(
+        &file,
+        "[[instances]]\nid = \"ok\"\nagent = \"echo\"\nruntime = \"process\"\n\n\
+         [[instances]]\nid = \"broken\"\nagent = \"command\"\nruntime = \"process\"\n\
+         command = [\"/nonexistent/agent\"]\n",
+    )
+    .expect("write");
+    let mut cmd = moorline(home.path());
+    cmd.args(["serve", "--port", "0", "--config"])
+        .arg(&file)
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("serve");
+    let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
+    let (mut ready, mut unusable) = (Vec::new(), Vec::new());
+    tokio::time::timeout(WAIT, async {
+        while let Some(line) = lines.next_line().await.expect("read") {
+            if line.contains("instance ready") {
+                ready.push(line);
+            } else if line.contains("instance unusable") {
+                unusable.push(line);
+            } else if line.contains("addr=") {
+                return;
+            }
+        }
+        panic!("server exited before listening");
+    })
+    .await
+    .expect("listening in time");
+    assert!(ready.len() == 1 && ready[0].contains("ok"), "{ready:?}");
+    assert!(
+        unusable.len() == 1
+            && unusable[0].contains("broken")
+            && unusable[0].contains("command")
+            && unusable[0].contains("/nonexistent/agent"),
+        "{unusable:?}"
+    );
+    let _ = child.start_kill();
+}
