@@ -1,5 +1,7 @@
-//! The client side of the `moorline` command: `sessions list|new|get|rm|restart` over REST and
-//! `attach`, a websocat for moorline that is usable in pipes. Both speak to a server's TCP port
+//! The client side of the `moorline` command: `sessions list|new|get|rm|restart` and
+//! `instances` over REST; `approve`/`deny`, which answer a pending approval over the session's
+//! WebSocket in its dialect; and `attach`, a websocat for moorline that is usable in pipes, with
+//! a human mode for pi RPC sessions on a terminal. Both speak to a server's TCP port
 //! (`http://`, `https://`) or to its Unix socket (`unix:/run/moorline/moorline.sock`).
 
 use std::collections::BTreeMap;

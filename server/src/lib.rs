@@ -20,7 +20,7 @@
 //! - [`journal`]: the durable per-session output log.
 //! - [`fanout`]: delivery of output to clients, with replay.
 //! - [`metrics`]: Prometheus metrics.
-//! - [`client`]: the `moorline sessions` and `moorline attach` commands.
+//! - [`client`]: the `moorline sessions`, `instances`, `approve`/`deny` and `attach` commands.
 //!
 //! [`run`] takes already-bound [`Listeners`] (loopback TCP, a Unix socket, or both) and a
 //! shutdown future, so tests and the binary start servers the same way.
