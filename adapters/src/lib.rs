@@ -22,6 +22,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+pub mod auth;
 pub mod claude;
 pub mod codex;
 pub mod command;

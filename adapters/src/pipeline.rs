@@ -346,6 +346,30 @@ impl Dialect {
     }
 }
 
+/// For a client answering an approval request it was shown, whatever the dialect: the
+/// request's id (as `amarre.approval_resolved` and the pending lists name it) and the line that
+/// answers it with `decision` (`reason` tells a denied Claude why). `None`: not a request.
+pub fn answer_request(
+    request: &Value,
+    decision: Decision,
+    reason: &str,
+) -> Option<(String, Value)> {
+    [Dialect::PiRpc, Dialect::ClaudeNative, Dialect::CodexNative]
+        .into_iter()
+        .find_map(|d| {
+            let r = d.request(request)?;
+            Some((r.id, d.answer(request, decision, reason)))
+        })
+}
+
+/// The tool an approval request is about, if it says (whatever the dialect).
+pub fn request_tool(request: &Value) -> Option<String> {
+    [Dialect::PiRpc, Dialect::ClaudeNative, Dialect::CodexNative]
+        .into_iter()
+        .find_map(|d| d.request(request))
+        .and_then(|r| r.tool)
+}
+
 /// Claude Code's answer to a `can_use_tool` request: an allow runs the tool with its original
 /// input; a deny tells Claude why.
 pub(crate) fn claude_permission_answer(
@@ -383,6 +407,19 @@ pub fn resolved_frame(id: &str, decision: &str, by: &str) -> Value {
     json!({"type": "amarre.approval_resolved", "id": id, "decision": decision, "by": by})
 }
 
+/// `amarre.auth_failed`: the agent reported that its credentials are missing or wrong.
+pub fn auth_failed_frame(instance_id: Option<&str>) -> Value {
+    let mut frame = json!({
+        "type": "amarre.auth_failed",
+        "message": "the instance's credentials are missing or wrong: the agent could not log in \
+                    to its model API (check the instance's credentials_file or its login)",
+    });
+    if let Some(id) = instance_id {
+        frame["instanceId"] = id.into();
+    }
+    frame
+}
+
 /// Translation plus approval rules for one agent run.
 pub struct Pipeline {
     translator: Box<dyn Translator>,
@@ -395,6 +432,12 @@ pub struct Pipeline {
     changed: bool,
     /// Settlements not yet taken by [`Pipeline::take_resolutions`].
     resolutions: Vec<Resolution>,
+    /// The instance, named in `amarre.auth_failed`.
+    instance_id: Option<String>,
+    /// Whether this run reported an authentication failure (told to clients once).
+    auth_failed: bool,
+    /// Set when it did, until [`Pipeline::take_auth_failed`].
+    auth_news: bool,
 }
 
 impl std::fmt::Debug for Pipeline {
@@ -419,7 +462,21 @@ impl Pipeline {
             settled: std::collections::VecDeque::new(),
             changed: false,
             resolutions: Vec::new(),
+            instance_id: None,
+            auth_failed: false,
+            auth_news: false,
         }
+    }
+
+    /// Names the instance in the events this pipeline emits.
+    pub fn for_instance(mut self, instance_id: &str) -> Self {
+        self.instance_id = Some(instance_id.to_owned());
+        self
+    }
+
+    /// True once after the run first reported an authentication failure.
+    pub fn take_auth_failed(&mut self) -> bool {
+        std::mem::take(&mut self.auth_news)
     }
 
     /// Starts a run: the translator's handshake, if it has one.
@@ -432,6 +489,7 @@ impl Pipeline {
     pub fn passes_through_agent_line(&self, line: &str) -> bool {
         self.translator.passes_agent_lines_through()
             && !self.dialect.may_be_request(line.as_bytes())
+            && (self.auth_failed || !crate::auth::may_be_auth_failure(line.as_bytes()))
     }
 
     /// True if a client line would reach the agent unchanged and cannot be an approval answer.
@@ -446,6 +504,14 @@ impl Pipeline {
         let translated = out.to_clients.split_off(first);
         for client_line in translated {
             self.observe(client_line, now, out);
+        }
+        if !self.auth_failed
+            && crate::auth::may_be_auth_failure(line.as_bytes())
+            && serde_json::from_str::<Value>(line).is_ok_and(|v| crate::auth::is_auth_failure(&v))
+        {
+            self.auth_failed = true;
+            self.auth_news = true;
+            out.client_json(&auth_failed_frame(self.instance_id.as_deref()));
         }
     }
 

@@ -74,6 +74,9 @@ pub trait OutputSink: Send {
 
     /// An approval request was settled (for the audit log).
     fn resolved(&mut self, _resolution: Resolution) {}
+
+    /// The agent reported, for the first time this run, that its credentials are wrong.
+    fn auth_failed(&mut self) {}
 }
 
 /// A line from a client, with who sent it.
@@ -395,6 +398,9 @@ impl AgentIo {
         if self.pipeline.take_changed() {
             sink.pending_changed(&self.pipeline.pending());
         }
+        if self.pipeline.take_auth_failed() {
+            sink.auth_failed();
+        }
     }
 
     /// A client line: through the pipeline to the agent (and maybe to clients).
@@ -458,6 +464,15 @@ async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,
+    }
+}
+
+/// Records, beside the pending-approvals file `pending_file`, that the run reported an
+/// authentication failure (see [`crate::session::store::AUTH_FAILED_FILE`]).
+pub fn mark_auth_failed(pending_file: &Path) {
+    let path = pending_file.with_file_name(crate::session::store::AUTH_FAILED_FILE);
+    if let Err(e) = crate::fsio::write_private(&path, b"") {
+        tracing::warn!(error = %e, "cannot record an authentication failure");
     }
 }
 

@@ -111,9 +111,23 @@ impl IntoResponse for ApiError {
         let (status, body) = match &self {
             ApiError::Session(e) => match e {
                 SessionError::NotFound => (StatusCode::NOT_FOUND, json!({"error": "not_found"})),
-                SessionError::UnknownInstance(id) => (
+                SessionError::UnknownInstance { id, known } => (
                     StatusCode::NOT_FOUND,
-                    json!({"error": "unknown_instance", "instanceId": id}),
+                    json!({
+                        "error": "unknown_instance",
+                        "instanceId": id,
+                        "instances": known,
+                        "message": e.to_string(),
+                    }),
+                ),
+                SessionError::Credentials { instance, source } => (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    json!({
+                        "error": "credentials_unavailable",
+                        "instanceId": instance,
+                        "path": source.path(),
+                        "message": e.to_string(),
+                    }),
                 ),
                 SessionError::MaxSessions { limit } => (
                     StatusCode::TOO_MANY_REQUESTS,
@@ -262,14 +276,31 @@ async fn list_instances(State(app): State<AppState>, identity: Identity) -> Json
         .instances()
         .filter(|i| identity.allowed_by(&i.config.allowed_users))
         .map(|i| {
-            json!({
+            let mut entry = json!({
                 "id": i.config.id,
                 "agent": i.adapter.name(),
                 "runtime": i.runtime.name(),
-            })
+                "dialect": dialect_name(i.adapter.dialect()),
+                "workspaceRoots": i.config.workspace_roots,
+                "available": true,
+            });
+            if let Err(why) = i.usable() {
+                entry["available"] = false.into();
+                entry["reason"] = why.to_string().into();
+            }
+            entry
         })
         .collect();
     Json(Value::Array(list))
+}
+
+/// The name of a dialect, as in the instance key `dialect`.
+fn dialect_name(dialect: moorline_adapters::pipeline::Dialect) -> &'static str {
+    use moorline_adapters::pipeline::Dialect;
+    match dialect {
+        Dialect::PiRpc => "pi-rpc",
+        Dialect::ClaudeNative | Dialect::CodexNative => "native",
+    }
 }
 
 async fn list_sessions(State(app): State<AppState>, identity: Identity) -> Response {
@@ -313,8 +344,22 @@ async fn create_session(
             ),
         });
     }
-    if let Some(instance) = app.sessions.instance_for(req.instance_id.as_deref()) {
-        identity.check_instance(instance)?;
+    match app.sessions.instance_for(req.instance_id.as_deref()) {
+        Some(instance) => identity.check_instance(instance)?,
+        None => {
+            // Name the instances this client may use, and only those.
+            let known = app
+                .sessions
+                .instances()
+                .filter(|i| identity.allowed_by(&i.config.allowed_users))
+                .map(|i| i.config.id.clone())
+                .collect();
+            return Err(SessionError::UnknownInstance {
+                id: req.instance_id.unwrap_or_else(|| "default".into()),
+                known,
+            }
+            .into());
+        }
     }
     req.created_by = Some(identity.user.to_string());
     let summary = app.sessions.create(req).await?;

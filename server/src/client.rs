@@ -1,5 +1,7 @@
-//! The client side of the `moorline` command: `sessions list|new|get|rm|restart` over REST and
-//! `attach`, a websocat for moorline that is usable in pipes. Both speak to a server's TCP port
+//! The client side of the `moorline` command: `sessions list|new|get|rm|restart` and
+//! `instances` over REST; `approve`/`deny`, which answer a pending approval over the session's
+//! WebSocket in its dialect; and `attach`, a websocat for moorline that is usable in pipes, with
+//! a human mode for pi RPC sessions on a terminal. Both speak to a server's TCP port
 //! (`http://`, `https://`) or to its Unix socket (`unix:/run/moorline/moorline.sock`).
 
 use std::collections::BTreeMap;
@@ -8,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use serde_json::Value;
+use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -16,6 +18,36 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{self, Message};
 
 use crate::config::{Secret, read_token_file};
+use moorline_adapters::pipeline::{Decision, answer_request, request_tool};
+
+/// How long `approve`/`deny` wait for the server to confirm an answer.
+const ANSWER_WAIT: Duration = Duration::from_secs(10);
+
+/// A byte stream a WebSocket can run over (TCP or a Unix socket).
+pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+
+/// One line about a pending approval request: its id, its tool and what it asks.
+pub fn describe_request(request: &Value) -> String {
+    let id = answer_request(request, Decision::Deny, "").map_or_else(|| "?".into(), |(id, _)| id);
+    let tool = request_tool(request).unwrap_or_else(|| "?".into());
+    // What the agent wants to do: pi's dialog text, Claude's tool input, Codex's command.
+    let what = [
+        &request["message"],
+        &request["request"]["input"]["command"],
+        &request["params"]["command"],
+        &request["request"]["input"],
+    ]
+    .into_iter()
+    .find(|v| !v.is_null())
+    .map(|v| match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    })
+    .unwrap_or_default();
+    let what: String = what.chars().take(120).collect();
+    format!("{id}\t{tool}\t{what}")
+}
 
 /// Exit code when the server cannot be reached (`EX_UNAVAILABLE`).
 pub const EXIT_UNAVAILABLE: i32 = 69;
@@ -213,6 +245,187 @@ impl Client {
             .unwrap_or(Value::Null))
     }
 
+    /// `GET /instances`.
+    pub async fn instances(&self) -> Result<Value, ClientError> {
+        Ok(self
+            .call(reqwest::Method::GET, "/instances", None)
+            .await?
+            .unwrap_or(Value::Null))
+    }
+
+    /// Answers a pending approval request of session `id`: `request` names it (its id), or,
+    /// when `None`, the only one pending. The answer is sent over the session's WebSocket in
+    /// the session's dialect; returns the server's `amarre.approval_resolved` for it (which
+    /// says who settled it: another client may have been first).
+    pub async fn answer(
+        &self,
+        id: &str,
+        request: Option<&str>,
+        decision: Decision,
+        message: Option<&str>,
+    ) -> Result<Value, ClientError> {
+        let summary = self.get(id).await?;
+        let pending: Vec<Value> = summary["pendingApprovals"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let described = |list: &[Value]| {
+            list.iter()
+                .map(describe_request)
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        let chosen = match request {
+            Some(want) => pending
+                .iter()
+                .find(|r| {
+                    answer_request(r, decision, "")
+                        .is_some_and(|(rid, _)| rid == want || rid.trim_matches('"') == want)
+                })
+                .ok_or_else(|| {
+                    ClientError::Other(if pending.is_empty() {
+                        format!("session {id} has no pending approval")
+                    } else {
+                        format!(
+                            "session {id} has no pending approval {want:?}; pending:\n{}",
+                            described(&pending)
+                        )
+                    })
+                })?,
+            None => match pending.as_slice() {
+                [one] => one,
+                [] => {
+                    return Err(ClientError::Other(format!(
+                        "session {id} has no pending approval"
+                    )));
+                }
+                many => {
+                    return Err(ClientError::Other(format!(
+                        "session {id} has {} pending approvals; name one:\n{}",
+                        many.len(),
+                        described(many)
+                    )));
+                }
+            },
+        };
+        let reason = message.unwrap_or("denied by a person (moorline deny)");
+        let Some((request_id, line)) = answer_request(chosen, decision, reason) else {
+            return Err(ClientError::Other(format!(
+                "not an approval request: {chosen}"
+            )));
+        };
+        let mut socket = self.connect(id).await?;
+        socket
+            .send(Message::text(line.to_string()))
+            .await
+            .map_err(|e| ClientError::Closed(e.to_string()))?;
+        // The server settles the first answer and tells every client how: wait for that.
+        let resolved = tokio::time::timeout(ANSWER_WAIT, async {
+            while let Some(frame) = socket.next().await {
+                match frame {
+                    Ok(Message::Text(t)) => {
+                        let Ok(v) = serde_json::from_str::<Value>(t.as_str()) else {
+                            continue;
+                        };
+                        if v["type"] == "amarre.approval_resolved" && v["id"] == request_id.as_str()
+                        {
+                            return Ok(v);
+                        }
+                    }
+                    Ok(Message::Close(frame)) => {
+                        let code = frame.map_or(1005, |f| u16::from(f.code));
+                        return Err(ClientError::Closed(format!(
+                            "{code} before the answer was settled"
+                        )));
+                    }
+                    Ok(_) => {}
+                    Err(e) => return Err(ClientError::Closed(e.to_string())),
+                }
+            }
+            Err(ClientError::Closed("connection lost".into()))
+        })
+        .await
+        .map_err(|_| {
+            ClientError::Other(format!(
+                "the server did not confirm the answer to {request_id} within {}s",
+                ANSWER_WAIT.as_secs()
+            ))
+        })??;
+        let _ = socket.send(Message::Close(None)).await;
+        Ok(resolved)
+    }
+
+    /// Opens the WebSocket of session `id` (no replay, no hello), over TCP, TLS or the Unix
+    /// socket as the URL says.
+    async fn connect(
+        &self,
+        id: &str,
+    ) -> Result<WebSocketStream<tokio_tungstenite::MaybeTlsStream<Box<dyn Stream>>>, ClientError>
+    {
+        let url = format!(
+            "{}/sessions/{id}",
+            self.base
+                .replacen("http://", "ws://", 1)
+                .replacen("https://", "wss://", 1)
+        );
+        let mut request = url
+            .as_str()
+            .into_client_request()
+            .map_err(|e| ClientError::Other(format!("bad URL {url}: {e}")))?;
+        if let Some(t) = &self.token {
+            let value = format!("Bearer {}", t.expose())
+                .parse()
+                .map_err(|_| ClientError::Other("token is not a valid header value".into()))?;
+            request.headers_mut().insert("authorization", value);
+        }
+        let unreachable = |reason: String| ClientError::Unreachable {
+            url: self.shown.clone(),
+            reason,
+        };
+        let stream: Box<dyn Stream> = match &self.unix {
+            Some(path) => Box::new(
+                tokio::net::UnixStream::connect(path)
+                    .await
+                    .map_err(|e| unreachable(e.to_string()))?,
+            ),
+            None => {
+                let uri = request.uri();
+                let host = uri.host().unwrap_or("localhost").trim_matches(['[', ']']);
+                let port = uri
+                    .port_u16()
+                    .unwrap_or(if uri.scheme_str() == Some("wss") {
+                        443
+                    } else {
+                        80
+                    });
+                Box::new(
+                    tokio::net::TcpStream::connect((host, port))
+                        .await
+                        .map_err(|e| unreachable(e.to_string()))?,
+                )
+            }
+        };
+        let (socket, _) = tokio_tungstenite::client_async_tls_with_config(
+            request,
+            stream,
+            None,
+            Some(tokio_tungstenite::Connector::Rustls(self.tls.clone())),
+        )
+        .await
+        .map_err(|e| match e {
+            tungstenite::Error::Http(resp) => ClientError::Http {
+                status: resp.status().as_u16(),
+                body: resp
+                    .body()
+                    .as_ref()
+                    .map(|b| String::from_utf8_lossy(b).trim_end().to_owned())
+                    .unwrap_or_default(),
+            },
+            other => unreachable(other.to_string()),
+        })?;
+        Ok(socket)
+    }
+
     /// `GET /sessions/{id}`.
     pub async fn get(&self, id: &str) -> Result<Value, ClientError> {
         Ok(self
@@ -249,7 +462,9 @@ impl Client {
         since: Option<u64>,
         hello: bool,
         linger: Option<Duration>,
+        render: bool,
     ) -> Result<(), ClientError> {
+        let render = render && self.renders(id).await?;
         let ws_base = self
             .base
             .replacen("http://", "ws://", 1)
@@ -304,6 +519,9 @@ impl Client {
                     tokio_tungstenite::client_async_with_config(request, stream, Some(config))
                         .await
                         .map_err(refused)?;
+                if render {
+                    return pipe_rendered(socket, linger).await;
+                }
                 pipe_stdio(socket, linger).await
             }
             None => {
@@ -315,6 +533,9 @@ impl Client {
                 )
                 .await
                 .map_err(refused)?;
+                if render {
+                    return pipe_rendered(socket, linger).await;
+                }
                 pipe_stdio(socket, linger).await
             }
         }
@@ -343,7 +564,14 @@ async fn pipe_stdio<S: AsyncRead + AsyncWrite + Unpin>(
                 Ok(Some(line)) => {
                     sink.send(Message::text(line)).await.map_err(|e| ClientError::Closed(e.to_string()))?;
                 }
-                Ok(None) | Err(_) => stdin_open = false,
+                Ok(None) | Err(_) => {
+                    stdin_open = false;
+                    if linger.is_none() {
+                        // Like websocat: the end of input ends the connection (the server's
+                        // close answers ours). `--linger` waits for more output instead.
+                        let _ = sink.send(normal_close()).await;
+                    }
+                }
             },
             frame = stream.next() => match frame {
                 Some(Ok(Message::Text(t))) => {
@@ -373,6 +601,297 @@ async fn pipe_stdio<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
+impl Client {
+    /// Whether session `id` speaks the pi RPC dialect, the one `--render` knows (says so on
+    /// stderr when it does not).
+    async fn renders(&self, id: &str) -> Result<bool, ClientError> {
+        let summary = self.get(id).await?;
+        let instances = self.instances().await?;
+        let dialect = instances
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|i| i["id"] == summary["instanceId"])
+            .and_then(|i| i["dialect"].as_str())
+            .unwrap_or("pi-rpc")
+            .to_owned();
+        if dialect != "pi-rpc" {
+            eprintln!("moorline: the session speaks the {dialect} dialect; showing raw JSON");
+        }
+        Ok(dialect == "pi-rpc")
+    }
+}
+
+/// A close with code 1000, which the server answers in kind (a close without a code would be
+/// answered with 1005, taken for an error).
+fn normal_close() -> Message {
+    Message::Close(Some(tungstenite::protocol::CloseFrame {
+        code: tungstenite::protocol::frame::coding::CloseCode::Normal,
+        reason: "".into(),
+    }))
+}
+
+/// Human mode of `attach` for the pi RPC dialect: streamed text joined, tool calls and
+/// results summarised, approvals asked inline (y/n), typed lines sent as prompts.
+async fn pipe_rendered<S: AsyncRead + AsyncWrite + Unpin>(
+    socket: WebSocketStream<S>,
+    linger: Option<Duration>,
+) -> Result<(), ClientError> {
+    let (mut sink, mut stream) = socket.split();
+    let mut stdin = BufReader::new(tokio::io::stdin()).lines();
+    let mut stdout = tokio::io::stdout();
+    let mut view = Renderer::default();
+    let mut stdin_open = true;
+    let out_err = |e: std::io::Error| ClientError::Other(e.to_string());
+    loop {
+        let idle = async {
+            match (stdin_open, linger) {
+                (false, Some(d)) => tokio::time::sleep(d).await,
+                _ => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            line = stdin.next_line(), if stdin_open => match line {
+                Ok(Some(line)) => {
+                    let (send, note) = view.typed(&line);
+                    if let Some(note) = note {
+                        stdout.write_all(note.as_bytes()).await.map_err(out_err)?;
+                        stdout.flush().await.map_err(out_err)?;
+                    }
+                    if let Some(send) = send {
+                        sink.send(Message::text(send)).await.map_err(|e| ClientError::Closed(e.to_string()))?;
+                    }
+                }
+                Ok(None) | Err(_) => {
+                    stdin_open = false;
+                    if linger.is_none() {
+                        let _ = sink.send(normal_close()).await;
+                    }
+                }
+            },
+            frame = stream.next() => match frame {
+                Some(Ok(Message::Text(t))) => {
+                    if let Ok(v) = serde_json::from_str::<Value>(t.as_str()) {
+                        let text = view.frame(&v);
+                        if !text.is_empty() {
+                            stdout.write_all(text.as_bytes()).await.map_err(out_err)?;
+                            stdout.flush().await.map_err(out_err)?;
+                        }
+                    }
+                }
+                Some(Ok(Message::Close(frame))) => {
+                    let (code, reason) = frame.map_or((1005, String::new()), |f| (u16::from(f.code), f.reason.to_string()));
+                    if view.in_text {
+                        let _ = stdout.write_all(b"\n").await;
+                    }
+                    return if code == 1000 { Ok(()) } else { Err(ClientError::Closed(format!("{code} {reason}"))) };
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(ClientError::Closed(e.to_string())),
+                None => return Err(ClientError::Closed("connection lost".into())),
+            },
+            () = idle => {
+                let _ = sink.send(Message::Close(None)).await;
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// What the human mode shows of pi RPC frames, and what it makes of typed lines.
+#[derive(Debug, Default)]
+pub struct Renderer {
+    /// Streamed text is being printed: the line is not finished.
+    in_text: bool,
+    /// A turn is running (typed lines are queued as follow-ups, which every agent accepts).
+    turn_open: bool,
+    /// Confirmations asked and not yet settled, oldest first: `y`/`n` answers the first.
+    asks: std::collections::VecDeque<Value>,
+}
+
+impl Renderer {
+    /// The text to print for `frame` (empty: nothing).
+    pub fn frame(&mut self, v: &Value) -> String {
+        let kind = v["type"].as_str().unwrap_or("");
+        let event = &v["assistantMessageEvent"];
+        if kind == "message_update" {
+            if event["type"] == "text_delta" {
+                self.in_text = true;
+                return event["delta"].as_str().unwrap_or("").to_owned();
+            }
+            return String::new();
+        }
+        let line = match kind {
+            "agent_start" => {
+                self.turn_open = true;
+                return String::new();
+            }
+            "agent_end" => {
+                self.turn_open = false;
+                if v["error"].is_string() {
+                    format!("! {}", v["error"].as_str().unwrap_or(""))
+                } else {
+                    return self.end_text();
+                }
+            }
+            "message_end" => return self.end_text(),
+            "tool_execution_start" => format!(
+                "> {} {}",
+                v["toolName"].as_str().unwrap_or("tool"),
+                short(&summary_of_args(&v["args"]), 100)
+            ),
+            "tool_execution_end" => {
+                let text = result_text(&v["result"]);
+                let lines = text.lines().count();
+                let mark = if v["isError"] == true {
+                    "failed"
+                } else {
+                    "done"
+                };
+                format!(
+                    "  {} {mark}: {} ({lines} line{})",
+                    v["toolName"].as_str().unwrap_or("tool"),
+                    short(text.lines().next().unwrap_or(""), 80),
+                    if lines == 1 { "" } else { "s" }
+                )
+            }
+            "extension_ui_request" => match v["method"].as_str() {
+                Some("confirm") => {
+                    self.asks.push_back(v.clone());
+                    format!(
+                        "? {} {} [y/n]",
+                        v["title"].as_str().unwrap_or("Allow?"),
+                        v["message"].as_str().unwrap_or("")
+                    )
+                }
+                Some("notify") => format!("· {}", v["message"].as_str().unwrap_or("")),
+                Some("select" | "input" | "editor") => format!(
+                    "? {} (answer with an extension_ui_response JSON line)",
+                    v["title"].as_str().unwrap_or("")
+                ),
+                _ => return String::new(),
+            },
+            "amarre.approval_resolved" => {
+                let id = v["id"].as_str().unwrap_or("");
+                self.asks
+                    .retain(|a| answer_request(a, Decision::Deny, "").is_none_or(|(r, _)| r != id));
+                let who = v["user"].as_str().or(v["by"].as_str()).unwrap_or("?");
+                format!("  {} {id} ({who})", v["decision"].as_str().unwrap_or("?"))
+            }
+            "auto_retry_start" => format!(
+                "… retrying ({}/{}): {}",
+                v["attempt"],
+                v["maxAttempts"],
+                v["errorMessage"].as_str().unwrap_or("")
+            ),
+            "amarre.auth_failed" | "amarre.input_rejected" => format!(
+                "! {}",
+                v["message"]
+                    .as_str()
+                    .or(v["error"].as_str())
+                    .or(v["reason"].as_str())
+                    .unwrap_or(kind)
+            ),
+            "response" if v["success"] == false => format!(
+                "! {}: {}",
+                v["command"].as_str().unwrap_or("command"),
+                v["error"].as_str().unwrap_or("failed")
+            ),
+            "amarre.line_dropped" => format!(
+                "! an output line was dropped ({})",
+                v["reason"].as_str().unwrap_or("?")
+            ),
+            "amarre.session_event" => format!(
+                "[agent {}{}]",
+                v["event"].as_str().unwrap_or("ended"),
+                v["exitCode"]
+                    .as_i64()
+                    .map(|c| format!(", exit code {c}"))
+                    .or_else(|| v["signal"].as_str().map(|s| format!(", {s}")))
+                    .unwrap_or_default()
+            ),
+            _ => return String::new(),
+        };
+        let mut out = self.end_text();
+        out.push_str(&line);
+        out.push('\n');
+        out
+    }
+
+    /// A newline if streamed text is open.
+    fn end_text(&mut self) -> String {
+        if std::mem::take(&mut self.in_text) {
+            "\n".into()
+        } else {
+            String::new()
+        }
+    }
+
+    /// What to send for a typed line, and a note to print.
+    pub fn typed(&mut self, line: &str) -> (Option<String>, Option<String>) {
+        let text = line.trim();
+        if text.is_empty() {
+            return (None, None);
+        }
+        if let Some(ask) = self.asks.front() {
+            let decision = match text.to_ascii_lowercase().as_str() {
+                "y" | "yes" => Decision::Allow,
+                "n" | "no" => Decision::Deny,
+                _ => {
+                    return (None, Some("answer the question first: y or n\n".into()));
+                }
+            };
+            let answer = answer_request(ask, decision, "denied from moorline attach");
+            self.asks.pop_front();
+            return (answer.map(|(_, a)| a.to_string()), None);
+        }
+        if text.starts_with('{') {
+            return (Some(text.to_owned()), None);
+        }
+        let message = if text == "/abort" {
+            json!({"type": "abort"})
+        } else if self.turn_open {
+            json!({"type": "follow_up", "message": text})
+        } else {
+            json!({"type": "prompt", "message": text})
+        };
+        (Some(message.to_string()), None)
+    }
+}
+
+/// The gist of a tool call's arguments: its command or path, else its JSON.
+fn summary_of_args(args: &Value) -> String {
+    ["command", "path", "file_path", "pattern", "url"]
+        .iter()
+        .find_map(|k| args[k].as_str())
+        .map_or_else(|| args.to_string(), str::to_owned)
+}
+
+/// The text of a tool result (pi's `content` blocks, or a plain string).
+fn result_text(result: &Value) -> String {
+    match result {
+        Value::String(s) => s.clone(),
+        _ => result["content"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|b| b["text"].as_str())
+            .collect::<Vec<_>>()
+            .join("\n"),
+    }
+}
+
+/// At most `n` characters of `s`, on one line.
+fn short(s: &str, n: usize) -> String {
+    let one: String = s.replace('\n', " ");
+    if one.chars().count() <= n {
+        return one;
+    }
+    let mut cut: String = one.chars().take(n).collect();
+    cut.push('…');
+    cut
+}
+
 /// Formats an error with its causes (reqwest hides the useful part in `source`).
 /// An error and its causes, on one line.
 pub fn error_chain(e: &dyn std::error::Error) -> String {
@@ -386,27 +905,136 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     msg
 }
 
-/// Renders the session list as a table.
+/// Renders the session list as a table: what a person needs to pick a session and see what
+/// it is doing.
 pub fn format_table(list: &Value) -> String {
-    let mut out = String::from(
-        "ID            NAME              INSTANCE      STATUS    AGENT         CLIENTS  SEQ\n",
-    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let mut rows = vec![
+        [
+            "ID",
+            "NAME",
+            "INSTANCE",
+            "STATUS",
+            "ACTIVITY",
+            "APPROVALS",
+            "AGE",
+            "CWD",
+        ]
+        .map(str::to_owned),
+    ];
     for s in list.as_array().into_iter().flatten() {
         let field = |k: &str| match &s[k] {
             Value::String(v) => v.clone(),
             Value::Null => "-".into(),
             v => v.to_string(),
         };
-        out.push_str(&format!(
-            "{:<13} {:<17} {:<13} {:<9} {:<13} {:<8} {}\n",
+        let pending = s["pendingApprovals"].as_array().map_or(0, Vec::len);
+        let activity = match s["activity"].as_str() {
+            Some("waiting") => "waiting for approval".to_owned(),
+            Some(a) => a.to_owned(),
+            None => "-".to_owned(),
+        };
+        let mut status = field("status");
+        if s["authFailed"] == true {
+            status.push_str(" (credentials wrong)");
+        }
+        let age = s["createdAt"]
+            .as_u64()
+            .map_or_else(|| "-".into(), |t| format_age(now.saturating_sub(t)));
+        rows.push([
             field("id"),
             field("name"),
             field("instanceId"),
-            field("status"),
-            field("agent"),
-            field("clients"),
-            field("lastSeq"),
-        ));
+            status,
+            activity,
+            pending.to_string(),
+            age,
+            field("cwd"),
+        ]);
+    }
+    columns(&rows)
+}
+
+/// Renders `GET /instances` as a table, with the reason of each unavailable instance below it.
+pub fn format_instances(list: &Value) -> String {
+    let mut rows = vec![
+        [
+            "ID",
+            "AGENT",
+            "DIALECT",
+            "RUNTIME",
+            "AVAILABLE",
+            "WORKSPACE ROOTS",
+        ]
+        .map(str::to_owned),
+    ];
+    let mut reasons = String::new();
+    for i in list.as_array().into_iter().flatten() {
+        let text = |k: &str| i[k].as_str().unwrap_or("-").to_owned();
+        let roots: Vec<&str> = i["workspaceRoots"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        let available = i["available"] != false;
+        rows.push([
+            text("id"),
+            text("agent"),
+            text("dialect"),
+            text("runtime"),
+            if available { "yes" } else { "no" }.to_owned(),
+            if roots.is_empty() {
+                "-".to_owned()
+            } else {
+                roots.join(",")
+            },
+        ]);
+        if !available {
+            reasons.push_str(&format!("{}: {}\n", text("id"), text("reason")));
+        }
+    }
+    let mut out = columns(&rows);
+    if !reasons.is_empty() {
+        out.push_str("\nunavailable:\n");
+        out.push_str(&reasons);
     }
     out
+}
+
+/// Left-aligned columns, two spaces apart, the last one unpadded.
+fn columns<const N: usize>(rows: &[[String; N]]) -> String {
+    let mut widths = [0usize; N];
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for row in rows {
+        let mut line = String::new();
+        for (i, cell) in row.iter().enumerate() {
+            if i + 1 == N {
+                line.push_str(cell);
+            } else {
+                line.push_str(&format!("{cell:<w$}  ", w = widths[i]));
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// `42s`, `5m`, `3h`, `2d`.
+fn format_age(ms: u64) -> String {
+    let s = ms / 1000;
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m", s / 60),
+        3600..86400 => format!("{}h", s / 3600),
+        _ => format!("{}d", s / 86400),
+    }
 }

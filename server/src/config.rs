@@ -340,6 +340,9 @@ pub struct Limits {
     /// After sending a close frame, how long to keep reading (and discarding) what the client
     /// still sends, so it reads the close code instead of a connection reset.
     pub close_linger_ms: u64,
+    /// A running agent that wrote output this recently counts as `working` in session
+    /// summaries (`activity`), even outside a turn the server can see.
+    pub activity_window_ms: u64,
 }
 
 impl Limits {
@@ -361,6 +364,11 @@ impl Limits {
     /// [`Self::close_linger_ms`] as a duration.
     pub fn close_linger(&self) -> Duration {
         Duration::from_millis(self.close_linger_ms)
+    }
+
+    /// [`Self::activity_window_ms`] as a duration.
+    pub fn activity_window(&self) -> Duration {
+        Duration::from_millis(self.activity_window_ms)
     }
 
     /// [`Self::exit_drain_ms`] as a duration.
@@ -392,6 +400,7 @@ impl Default for Limits {
             ended_session_ttl_ms: 0,
             output_hold_after_exit_ms: 10_000,
             client_send_buffer_bytes: 128 * 1024,
+            activity_window_ms: 5_000,
         }
     }
 }
@@ -514,6 +523,83 @@ impl InstanceConfig {
         Ok(())
     }
 
+    /// Whether sessions of this instance can start here: its agent's program exists and is
+    /// executable (found through the instance's or the server's `PATH`), its credentials file
+    /// reads, its workspace roots and `cwd` are directories. Checked by `check-config`, at
+    /// startup (logged) and for every `GET /instances`, since files come and go.
+    pub fn check_usable(&self, runtime: &RuntimeConfig) -> Result<(), Unusable> {
+        let unusable = |key: &'static str, reason: String| Unusable { key, reason };
+        if let Some((key, program)) = self.program() {
+            let search = self
+                .env
+                .get("PATH")
+                .or_else(|| runtime.passed_env.get("PATH"))
+                .map_or("/usr/local/bin:/usr/bin:/bin", String::as_str);
+            check_program(&program, search).map_err(|r| unusable(key, r))?;
+        }
+        if let Some(file) = &self.credentials_file {
+            crate::credentials::read(file)
+                .map_err(|e| unusable("credentials_file", e.to_string()))?;
+        }
+        for root in &self.workspace_roots {
+            match std::fs::metadata(root) {
+                Ok(m) if m.is_dir() => {}
+                Ok(_) => {
+                    return Err(unusable(
+                        "workspace_roots",
+                        format!("{} is not a directory", root.display()),
+                    ));
+                }
+                Err(e) => {
+                    return Err(unusable(
+                        "workspace_roots",
+                        format!("{}: {e}", root.display()),
+                    ));
+                }
+            }
+        }
+        if let Some(cwd) = &self.cwd
+            && !cwd.is_dir()
+        {
+            return Err(unusable(
+                "cwd",
+                format!("{} does not exist or is not a directory", cwd.display()),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The program this instance runs and the key that names it (`None`: moorline itself).
+    fn program(&self) -> Option<(&'static str, PathBuf)> {
+        if let Some(path) = &self.agent_path {
+            return Some(("agent_path", path.clone()));
+        }
+        match self.agent.as_str() {
+            "command" => Some((
+                "command",
+                PathBuf::from(self.command.as_ref()?.first()?.as_str()),
+            )),
+            "echo" => None,
+            _ => {
+                // What the adapter would start, for kinds looked up in PATH (pi, claude, codex).
+                let adapter = moorline_adapters::build(&self.adapter_config()).ok()?;
+                let dir = Path::new("/");
+                let env = BTreeMap::new();
+                let spec = adapter
+                    .launch(&moorline_adapters::LaunchContext {
+                        instance_id: &self.id,
+                        session_id: "000000000000",
+                        cwd: dir,
+                        env: &env,
+                        moorline_exe: dir,
+                        data_dir: dir,
+                    })
+                    .ok()?;
+                Some(("agent", spec.program))
+            }
+        }
+    }
+
     /// The adapter part of this instance.
     pub fn adapter_config(&self) -> moorline_adapters::AdapterConfig {
         moorline_adapters::AdapterConfig {
@@ -536,6 +622,52 @@ impl InstanceConfig {
             default: self.approval_default,
         }
     }
+}
+
+/// Why an instance cannot start sessions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unusable {
+    /// The instance key at fault (`agent_path`, `command`, `agent`, `credentials_file`,
+    /// `workspace_roots`, `cwd`).
+    pub key: &'static str,
+    /// What is wrong, in words (never a credential's value).
+    pub reason: String,
+}
+
+impl fmt::Display for Unusable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.key, self.reason)
+    }
+}
+
+/// Whether `program` (a path, or a name looked up in `search`, a `PATH` value) is an
+/// executable file.
+fn check_program(program: &Path, search: &str) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let executable = |p: &Path| {
+        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    if program.components().count() > 1 {
+        return match std::fs::metadata(program) {
+            Err(e) => Err(format!("{}: {e}", program.display())),
+            Ok(m) if !m.is_file() => Err(format!("{} is not a file", program.display())),
+            Ok(_) if !executable(program) => {
+                Err(format!("{} is not executable", program.display()))
+            }
+            Ok(_) => Ok(()),
+        };
+    }
+    if search
+        .split(':')
+        .filter(|d| !d.is_empty())
+        .any(|dir| executable(&Path::new(dir).join(program)))
+    {
+        return Ok(());
+    }
+    Err(format!(
+        "{} is not an executable found in PATH ({search}); install it or set agent_path",
+        program.display()
+    ))
 }
 
 impl Default for Config {
@@ -798,6 +930,15 @@ impl Config {
                 .map_err(|e| ConfigError::new(format!("instances[{i}].host_ports: {e}")))?;
         }
         Ok(())
+    }
+
+    /// The instances that cannot start sessions, and why (see
+    /// [`InstanceConfig::check_usable`]).
+    pub fn unusable_instances(&self) -> Vec<(&InstanceConfig, Unusable)> {
+        self.instances
+            .iter()
+            .filter_map(|i| i.check_usable(&self.runtime).err().map(|u| (i, u)))
+            .collect()
     }
 
     /// Checks that something is listened on, and that the Unix socket stays out of every

@@ -7,6 +7,7 @@
 //!
 //! # Layout
 //! - [`config`]: layered configuration; the only module that reads the environment.
+//! - [`credentials`]: credentials files (dotenv syntax) of instances.
 //! - [`api`]: the REST route table and the error type that maps to amarre's statuses.
 //! - [`ws`]: the per-session WebSocket.
 //! - [`security`]: Host/Origin checks, the bearer token, and who a request comes from.
@@ -19,7 +20,7 @@
 //! - [`journal`]: the durable per-session output log.
 //! - [`fanout`]: delivery of output to clients, with replay.
 //! - [`metrics`]: Prometheus metrics.
-//! - [`client`]: the `moorline sessions` and `moorline attach` commands.
+//! - [`client`]: the `moorline sessions`, `instances`, `approve`/`deny` and `attach` commands.
 //!
 //! [`run`] takes already-bound [`Listeners`] (loopback TCP, a Unix socket, or both) and a
 //! shutdown future, so tests and the binary start servers the same way.
@@ -29,6 +30,7 @@ pub mod api;
 pub mod audit;
 pub mod client;
 pub mod config;
+pub mod credentials;
 pub mod fanout;
 pub mod framing;
 pub mod fsio;

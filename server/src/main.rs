@@ -7,9 +7,10 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use moorline::client::{Client, ClientError, format_table};
+use moorline::client::{Client, ClientError, format_instances, format_table};
 use moorline::config::{Config, EXAMPLE_CONFIG, EXIT_CONFIG, LogFormat, Overrides, Sources};
 use moorline::runtime::network;
+use moorline_adapters::pipeline::Decision;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -29,11 +30,13 @@ struct Cli {
 enum Command {
     /// Run the server (the default).
     Serve(ServeArgs),
-    /// Load and validate the configuration, then print it.
+    /// Load and validate the configuration, then print it. Fails (exit 64) when an instance
+    /// could not start sessions: its program, credentials file or workspace roots are missing.
     CheckConfig {
         #[command(flatten)]
         args: ServeArgs,
-        /// Ignore the environment: validate the file alone (for build-time checks).
+        /// Ignore the environment: validate the file alone (for build-time checks; instances'
+        /// programs, credentials files and workspace roots are not looked for).
         #[arg(long)]
         no_env: bool,
     },
@@ -45,6 +48,35 @@ enum Command {
         conn: ConnArgs,
         #[command(subcommand)]
         action: SessionsCommand,
+    },
+    /// List the server's instances: agent, dialect, runtime, workspace roots, availability.
+    Instances {
+        #[command(flatten)]
+        conn: ConnArgs,
+        /// Print the JSON the server returned instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Approve a pending approval request of a session (the only one, if REQUEST is left out).
+    Approve {
+        #[command(flatten)]
+        conn: ConnArgs,
+        /// Session id.
+        id: String,
+        /// The request's id (see `moorline sessions get ID`); needed when several are pending.
+        request: Option<String>,
+    },
+    /// Deny a pending approval request of a session (the only one, if REQUEST is left out).
+    Deny {
+        #[command(flatten)]
+        conn: ConnArgs,
+        /// Session id.
+        id: String,
+        /// The request's id; needed when several are pending.
+        request: Option<String>,
+        /// Why, for the agent (Claude's dialect passes it on).
+        #[arg(long)]
+        message: Option<String>,
     },
     /// Attach to a session: lines read on stdin are sent to the agent, frames are printed to
     /// stdout one per line.
@@ -59,10 +91,17 @@ enum Command {
         /// Ask for the amarre.hello frame first.
         #[arg(long)]
         hello: bool,
-        /// After stdin ends, leave once no frame has arrived for this many milliseconds
-        /// (default: stay until the server closes the connection).
+        /// After stdin ends, stay until no frame has arrived for this many milliseconds
+        /// (default: leave when stdin ends, as websocat does).
         #[arg(long, value_name = "MS")]
         linger: Option<u64>,
+        /// Human mode (pi RPC dialect): streamed text joined, tools summarised, approvals
+        /// asked inline (y/n), typed lines sent as prompts. The default on a terminal.
+        #[arg(long, conflicts_with = "raw")]
+        render: bool,
+        /// One JSON frame per line, even on a terminal (the default in pipes).
+        #[arg(long)]
+        raw: bool,
     },
     /// moorline's built-in echo agent (used by the `echo` instance).
     #[command(name = "echo-agent", hide = true)]
@@ -131,7 +170,8 @@ enum SessionsCommand {
         /// Display name.
         #[arg(long)]
         name: Option<String>,
-        /// Working directory for the agent.
+        /// Working directory for the agent (a relative path is taken from the current
+        /// directory).
         #[arg(long)]
         cwd: Option<String>,
         /// Environment variable for the agent, KEY=VALUE (repeatable).
@@ -265,21 +305,84 @@ fn main() -> ExitCode {
         Some(Command::Sessions { conn, action }) => {
             client_command(|rt| rt.block_on(sessions(conn, action)))
         }
+        Some(Command::Instances { conn, json }) => client_command(|rt| {
+            rt.block_on(async {
+                let list = Client::new(&conn.url, conn.token_file.as_deref())?
+                    .instances()
+                    .await?;
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&list).unwrap_or_default()
+                    );
+                } else {
+                    print!("{}", format_instances(&list));
+                }
+                Ok(())
+            })
+        }),
+        Some(Command::Approve { conn, id, request }) => {
+            answer(conn, id, request, Decision::Allow, None)
+        }
+        Some(Command::Deny {
+            conn,
+            id,
+            request,
+            message,
+        }) => answer(conn, id, request, Decision::Deny, message),
         Some(Command::Attach {
             conn,
             id,
             since,
             hello,
             linger,
+            render,
+            raw,
         }) => client_command(|rt| {
+            use std::io::IsTerminal;
+            let render = render || (!raw && std::io::stdout().is_terminal());
             rt.block_on(async {
                 let client = Client::new(&conn.url, conn.token_file.as_deref())?;
                 client
-                    .attach(&id, since, hello, linger.map(Duration::from_millis))
+                    .attach(&id, since, hello, linger.map(Duration::from_millis), render)
                     .await
             })
         }),
     }
+}
+
+/// `moorline approve` / `moorline deny`.
+fn answer(
+    conn: ConnArgs,
+    id: String,
+    request: Option<String>,
+    decision: Decision,
+    message: Option<String>,
+) -> ExitCode {
+    client_command(|rt| {
+        rt.block_on(async {
+            let client = Client::new(&conn.url, conn.token_file.as_deref())?;
+            let resolved = client
+                .answer(&id, request.as_deref(), decision, message.as_deref())
+                .await?;
+            let settled = resolved["decision"].as_str().unwrap_or("?");
+            let by = match (resolved["by"].as_str(), resolved["user"].as_str()) {
+                (Some("client"), Some(user)) => user.to_owned(),
+                (Some(by), _) => by.to_owned(),
+                _ => "?".to_owned(),
+            };
+            println!(
+                "{}: {settled} (by {by})",
+                resolved["id"].as_str().unwrap_or("?")
+            );
+            if settled != decision.as_str() {
+                return Err(moorline::client::ClientError::Other(format!(
+                    "the request was already settled: {settled} by {by}"
+                )));
+            }
+            Ok(())
+        })
+    })
 }
 
 /// Runs `f` with the path of this executable, which helpers start again.
@@ -309,6 +412,20 @@ fn check_config(args: &ServeArgs, no_env: bool) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
+    // At build time (`--no-env`) the machine the file is for is not this one: its binaries,
+    // credentials and workspaces are checked where it runs.
+    let unusable = if no_env {
+        Vec::new()
+    } else {
+        config.unusable_instances()
+    };
+    if !unusable.is_empty() {
+        eprintln!("moorline: configuration error: instances that cannot start sessions:");
+        for (instance, why) in unusable {
+            eprintln!("instance {:?}: {why}", instance.id);
+        }
+        return ExitCode::from(EXIT_CONFIG as u8);
+    }
     match toml::to_string_pretty(&config) {
         Ok(text) => {
             println!("# configuration is valid\n{text}");
@@ -425,6 +542,14 @@ async fn sessions(conn: ConnArgs, action: SessionsCommand) -> Result<(), ClientE
             env,
         } => {
             let env: BTreeMap<String, String> = env.into_iter().collect();
+            // A relative directory means one relative to where the command runs.
+            let cwd = cwd
+                .map(|c| {
+                    std::path::absolute(&c)
+                        .map(|p| p.display().to_string())
+                        .map_err(|e| ClientError::Other(format!("--cwd {c}: {e}")))
+                })
+                .transpose()?;
             print(&client.create(instance, name, cwd, env).await?);
         }
         SessionsCommand::Get { id } => print(&client.get(&id).await?),

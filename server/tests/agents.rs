@@ -776,3 +776,53 @@ async fn pi_clients_cannot_run_bash_around_the_gate() {
     assert!(!file("out.html").exists());
     server.stop().await;
 }
+
+/// Wrong credentials, as the model API answers them (401): clients get one clear
+/// `amarre.auth_failed` event naming the instance, and the session summary says so.
+async fn auth_failure_is_reported(kind: &str, program: &str) {
+    let Some((server, _mock, _sandbox, work)) = start(kind, program).await else {
+        return;
+    };
+    let id = create(&server, kind, work.path()).await;
+    let mut ws = server.ws(&id).await;
+    ws.send_json(&prompt("p1", "UNAUTHORIZED hello")).await;
+    let mut frames = Vec::new();
+    let event = tokio::time::timeout(std::time::Duration::from_secs(90), async {
+        loop {
+            let v = ws.json().await;
+            frames.push(v.clone());
+            if v["type"] == "amarre.auth_failed" {
+                return v;
+            }
+        }
+    })
+    .await
+    .expect("an auth_failed event");
+    assert_eq!(event["instanceId"], kind);
+    assert!(
+        event["message"]
+            .as_str()
+            .expect("message")
+            .contains("credentials"),
+        "{event}"
+    );
+    let (_, summary) = server.get_json(&format!("/sessions/{id}")).await;
+    assert_eq!(summary["authFailed"], true, "{summary}");
+    assert_eq!(server.delete(&format!("/sessions/{id}")).await.0, 204);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claude_code_auth_failure_is_reported() {
+    auth_failure_is_reported("claude-code", "claude").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pi_auth_failure_is_reported() {
+    auth_failure_is_reported("pi", "pi").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn codex_auth_failure_is_reported() {
+    auth_failure_is_reported("codex", "codex").await;
+}

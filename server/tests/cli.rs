@@ -89,6 +89,34 @@ async fn configuration_errors_name_the_key_and_exit_64() {
         .arg("--config")
         .arg(home.path().join("missing.toml"));
     assert_eq!(output(cmd).await.0, 64);
+
+    // Instances that could never start a session fail the check, named with the key at fault.
+    let file = home.path().join("instances.toml");
+    std::fs::write(
+        &file,
+        "[[instances]]\nid = \"ok\"\nagent = \"echo\"\n\n\
+         [[instances]]\nid = \"claude\"\nagent = \"claude-code\"\n\
+         agent_path = \"/nonexistent/claude\"\n\n\
+         [[instances]]\nid = \"keys\"\nagent = \"echo\"\n\
+         credentials_file = \"/nonexistent/keys.env\"\n\
+         workspace_roots = [\"/nonexistent/projects\"]\n",
+    )
+    .expect("write");
+    let mut cmd = moorline(home.path());
+    cmd.arg("check-config").arg("--config").arg(&file);
+    let (code, _, err) = output(cmd).await;
+    assert_eq!(code, 64, "{err}");
+    assert!(
+        err.contains("\"claude\"")
+            && err.contains("agent_path")
+            && err.contains("/nonexistent/claude"),
+        "{err}"
+    );
+    assert!(
+        err.contains("\"keys\"") && err.contains("credentials_file"),
+        "{err}"
+    );
+    assert!(!err.contains("\"ok\""), "{err}");
 }
 
 #[tokio::test]
@@ -526,4 +554,224 @@ async fn push_variables_are_named_in_a_startup_warning() {
         "{warning}"
     );
     let _ = served.child.start_kill();
+}
+
+/// A `moorline` client command against `server`, run in `dir`.
+fn client(server: &common::TestServer, dir: &Path, args: &[&str]) -> Command {
+    let mut cmd = moorline(dir);
+    cmd.args(args)
+        .env("MOORLINE_URL", server.url(""))
+        .current_dir(dir);
+    cmd
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn approvals_are_answered_and_sessions_and_instances_listed_from_the_cli() {
+    let server = common::TestServer::start_with(|c| c.limits.activity_window_ms = 300).await;
+    let home = tempfile::tempdir().expect("home");
+    let id = server.session("fixture").await;
+    let mut ws = server.ws(&id).await;
+    ws.send(r#"{"_emit":"ui_req","reqId":"R1"}"#).await;
+    ws.send(r#"{"_emit":"ui_req","reqId":"R2"}"#).await;
+    common::eventually("two pending requests", || async {
+        let (_, s) = server.get_json(&format!("/sessions/{id}")).await;
+        s["pendingApprovals"]
+            .as_array()
+            .is_some_and(|p| p.len() == 2)
+    })
+    .await;
+
+    // The list says what the session is doing and where.
+    let (code, table, err) = output(client(&server, home.path(), &["sessions", "list"])).await;
+    assert_eq!(code, 0, "{err}");
+    let row = table
+        .lines()
+        .find(|l| l.starts_with(&id))
+        .unwrap_or_else(|| panic!("{table}"));
+    for want in ["fixture", "running", "waiting for approval", "  2  "] {
+        assert!(row.contains(want), "{want:?} in {table}");
+    }
+    assert!(
+        table
+            .lines()
+            .next()
+            .is_some_and(|h| h.contains("CWD") && h.contains("AGE")),
+        "{table}"
+    );
+
+    // With two pending, the request must be named: both are listed.
+    let (code, _, err) = output(client(&server, home.path(), &["approve", &id])).await;
+    assert_ne!(code, 0);
+    assert!(err.contains("R1") && err.contains("R2"), "{err}");
+    let (code, out, err) = output(client(&server, home.path(), &["approve", &id, "R1"])).await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.trim(), "R1: allow (by local)");
+    let resolved = loop {
+        let v = ws.json().await;
+        if v["type"] == "amarre.approval_resolved" {
+            break v;
+        }
+    };
+    assert_eq!(
+        (resolved["id"].as_str(), resolved["decision"].as_str()),
+        (Some("R1"), Some("allow"))
+    );
+    // One left: no need to name it.
+    let (code, out, err) = output(client(
+        &server,
+        home.path(),
+        &["deny", &id, "--message", "not now"],
+    ))
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.trim(), "R2: deny (by local)");
+    let (code, _, err) = output(client(&server, home.path(), &["approve", &id])).await;
+    assert_ne!(code, 0);
+    assert!(err.contains("no pending approval"), "{err}");
+    // Nothing pending and no output for a while: idle.
+    common::eventually("idle", || async {
+        let (_, s) = server.get_json(&format!("/sessions/{id}")).await;
+        s["activity"] == "idle"
+    })
+    .await;
+
+    let (code, table, err) = output(client(&server, home.path(), &["instances"])).await;
+    assert_eq!(code, 0, "{err}");
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("fixture"))
+        .unwrap_or_else(|| panic!("{table}"));
+    assert!(
+        row.contains("pi-rpc") && row.contains("process") && row.contains("yes"),
+        "{table}"
+    );
+    assert!(
+        row.contains(&std::env::temp_dir().display().to_string()),
+        "{table}"
+    );
+
+    // `--cwd` relative to where the command runs.
+    let base = tempfile::tempdir().expect("base");
+    std::fs::create_dir(base.path().join("proj")).expect("mkdir");
+    let (code, out, err) = output(client(
+        &server,
+        base.path(),
+        &["sessions", "new", "--cwd", "proj"],
+    ))
+    .await;
+    assert_eq!(code, 0, "{err}");
+    let created: Value = serde_json::from_str(&out).expect("json");
+    let want = std::fs::canonicalize(base.path().join("proj")).expect("canonical");
+    assert_eq!(created["cwd"], want.display().to_string(), "{created}");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attach_renders_pi_sessions_for_people_and_leaves_at_end_of_input() {
+    let server = common::TestServer::start().await;
+    let home = tempfile::tempdir().expect("home");
+    let id = server.session("fixture").await;
+    let mut cmd = client(&server, home.path(), &["attach", &id, "--render"]);
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut attach = cmd.spawn().expect("attach");
+    let mut stdin = attach.stdin.take().expect("stdin");
+    let mut lines = BufReader::new(attach.stdout.take().expect("stdout")).lines();
+    let mut until = async |want: &str| -> String {
+        tokio::time::timeout(common::WAIT, async {
+            while let Some(line) = lines.next_line().await.expect("read") {
+                if line.contains(want) {
+                    return line;
+                }
+            }
+            panic!("attach ended before {want:?}");
+        })
+        .await
+        .expect("in time")
+    };
+    // JSON lines still go through as they are; the turn comes out as text.
+    stdin
+        .write_all(b"{\"_emit\":\"pi_turn\"}\n")
+        .await
+        .expect("write");
+    assert_eq!(until("Hello").await, "Hello world");
+    assert_eq!(until("> bash").await, "> bash ls /tmp");
+    assert_eq!(until("bash done").await, "  bash done: a (3 lines)");
+    // Approvals are asked inline and answered with y.
+    stdin
+        .write_all(b"{\"_emit\":\"ui_req\",\"reqId\":\"R7\"}\n")
+        .await
+        .expect("write");
+    assert_eq!(until("[y/n]").await, "? Run bash? ls /tmp [y/n]");
+    stdin.write_all(b"y\n").await.expect("write");
+    assert_eq!(until("R7").await, "  allow R7 (local)");
+    // A plain line is a prompt.
+    stdin.write_all(b"hello there\n").await.expect("write");
+    // End of input: attach leaves (after its close is answered), like websocat.
+    drop(stdin);
+    let out = tokio::time::timeout(common::WAIT, attach.wait_with_output())
+        .await
+        .expect("leaves at end of input")
+        .expect("status");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Raw mode in a pipe leaves at end of input too (stdin is /dev/null here).
+    let (code, _, err) = output(client(&server, home.path(), &["attach", &id])).await;
+    assert_eq!(code, 0, "{err}");
+    let mut ws = server.ws_query(&id, "?since=0").await;
+    loop {
+        let v = ws.json().await;
+        if v["echo"]["type"] == "prompt" {
+            assert_eq!(v["echo"]["message"], "hello there");
+            break;
+        }
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn the_server_says_at_startup_which_instances_cannot_start() {
+    let home = tempfile::tempdir().expect("home");
+    let file = home.path().join("moorline.toml");
+    std::fs::write(
+        &file,
+        "[[instances]]\nid = \"ok\"\nagent = \"echo\"\nruntime = \"process\"\n\n\
+         [[instances]]\nid = \"broken\"\nagent = \"command\"\nruntime = \"process\"\n\
+         command = [\"/nonexistent/agent\"]\n",
+    )
+    .expect("write");
+    let mut cmd = moorline(home.path());
+    cmd.args(["serve", "--port", "0", "--config"])
+        .arg(&file)
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("serve");
+    let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
+    let (mut ready, mut unusable) = (Vec::new(), Vec::new());
+    tokio::time::timeout(WAIT, async {
+        while let Some(line) = lines.next_line().await.expect("read") {
+            if line.contains("instance ready") {
+                ready.push(line);
+            } else if line.contains("instance unusable") {
+                unusable.push(line);
+            } else if line.contains("addr=") {
+                return;
+            }
+        }
+        panic!("server exited before listening");
+    })
+    .await
+    .expect("listening in time");
+    assert!(ready.len() == 1 && ready[0].contains("ok"), "{ready:?}");
+    assert!(
+        unusable.len() == 1
+            && unusable[0].contains("broken")
+            && unusable[0].contains("command")
+            && unusable[0].contains("/nonexistent/agent"),
+        "{unusable:?}"
+    );
+    let _ = child.start_kill();
 }

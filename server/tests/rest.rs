@@ -52,9 +52,15 @@ async fn session_lifecycle_over_rest() {
             "clients",
             "lastSeq",
             "runtime",
-            "createdBy"
+            "createdBy",
+            "cwd",
+            "createdAt",
+            "activity"
         ]
     );
+    // Just started and silent (the fixture writes nothing until asked): idle.
+    assert_eq!(created["activity"], "idle");
+    assert!(created["cwd"].as_str().is_some_and(|c| c.starts_with('/')));
     assert_eq!(created["createdBy"], "local", "who created it");
     assert_eq!(
         created["instanceId"], "fixture",
@@ -129,12 +135,22 @@ async fn a_default_instance_named_default_wins_and_instance_ids_are_honoured() {
             .iter()
             .any(|x| x["instanceId"] == "cat")
     );
+    let (status, body) = server.post("/sessions", r#"{"instanceId":"ghost"}"#).await;
     assert_eq!(
-        server.post("/sessions", r#"{"instanceId":"ghost"}"#).await,
-        (
-            404,
-            json!({"error": "unknown_instance", "instanceId": "ghost"})
-        )
+        (status, &body["error"], &body["instanceId"]),
+        (404, &json!("unknown_instance"), &json!("ghost"))
+    );
+    // The error names the instances that do exist.
+    assert_eq!(
+        body["instances"],
+        json!(["fixture", "cat", "echo", "default"])
+    );
+    assert!(
+        body["message"]
+            .as_str()
+            .expect("message")
+            .contains("fixture"),
+        "{body}"
     );
     server.stop().await;
 }
@@ -442,7 +458,7 @@ async fn missing_working_directories_are_created_when_the_instance_says_so_and_s
     let root = tempfile::tempdir().expect("root");
     let secrets = tempfile::tempdir().expect("secrets");
     let creds = secrets.path().join("agent.env");
-    std::fs::write(&creds, "# API keys\nFROM_SECRET=s3cr3t-0123\n").expect("write");
+    std::fs::write(&creds, "# API keys\n\nexport FROM_SECRET='s3cr3t-0123'\n").expect("write");
     let (r, c2) = (root.path().to_owned(), creds.clone());
     let server = TestServer::start_with(move |c| {
         c.instances[0].workspace_roots = vec![r];
@@ -473,5 +489,115 @@ async fn missing_working_directories_are_created_when_the_instance_says_so_and_s
     )
     .expect("meta");
     assert!(!meta.contains("s3cr3t"), "{meta}");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_that_cannot_start_are_marked_unavailable_with_the_reason() {
+    let dir = tempfile::tempdir().expect("dir");
+    let not_executable = dir.path().join("agent.sh");
+    std::fs::write(&not_executable, "#!/bin/sh\n").expect("write");
+    let creds = dir.path().join("gone.env");
+    let (ne, cr, missing_root) = (
+        not_executable.clone(),
+        creds.clone(),
+        dir.path().join("no-such-root"),
+    );
+    let server = TestServer::start_with(move |c| {
+        let mut missing = instance("missing", "command");
+        missing.command = Some(vec!["/nonexistent/agent".into()]);
+        let mut not_exec = instance("not-exec", "thing");
+        not_exec.agent_path = Some(ne);
+        let mut nopath = instance("nopath", "claude-code");
+        nopath.env.insert("PATH".into(), "/nonexistent".into());
+        let mut no_creds = c.instances[0].clone();
+        no_creds.id = "no-creds".into();
+        no_creds.credentials_file = Some(cr);
+        let mut no_root = c.instances[0].clone();
+        no_root.id = "no-root".into();
+        no_root.workspace_roots = vec![missing_root];
+        c.instances
+            .extend([missing, not_exec, nopath, no_creds, no_root]);
+    })
+    .await;
+    let (status, body) = server.get_json("/instances").await;
+    assert_eq!(status, 200);
+    let by_id = |id: &str| {
+        body.as_array()
+            .expect("list")
+            .iter()
+            .find(|i| i["id"] == id)
+            .cloned()
+            .expect(id)
+    };
+    assert_eq!(by_id("fixture")["available"], true);
+    assert!(by_id("fixture").get("reason").is_none());
+    assert_eq!(by_id("fixture")["dialect"], "pi-rpc");
+    for (id, want) in [
+        ("missing", "command: /nonexistent/agent"),
+        ("not-exec", "agent_path"),
+        ("nopath", "agent: claude is not an executable found in PATH"),
+        ("no-creds", "credentials_file"),
+        ("no-root", "workspace_roots"),
+    ] {
+        let inst = by_id(id);
+        assert_eq!(inst["available"], false, "{inst}");
+        let reason = inst["reason"].as_str().expect("reason");
+        assert!(reason.contains(want), "{id}: {reason}");
+    }
+    assert!(
+        by_id("not-exec")["reason"]
+            .as_str()
+            .expect("reason")
+            .contains("not executable")
+    );
+
+    // A missing credentials file at session creation is a specific error.
+    let (status, body) = server
+        .post("/sessions", r#"{"instanceId":"no-creds"}"#)
+        .await;
+    assert_eq!(status, 500, "{body}");
+    assert_eq!(body["error"], "credentials_unavailable", "{body}");
+    assert_eq!(body["instanceId"], "no-creds");
+    assert_eq!(body["path"], json!(creds));
+    // Once the file is there, the instance is available again and the session starts.
+    std::fs::write(&creds, "FROM_X=1\n").expect("write");
+    let (_, body) = server.get_json("/instances").await;
+    assert!(
+        body.as_array()
+            .expect("list")
+            .iter()
+            .any(|i| i["id"] == "no-creds" && i["available"] == true),
+        "{body}"
+    );
+    let (status, body) = server
+        .post("/sessions", r#"{"instanceId":"no-creds"}"#)
+        .await;
+    assert_eq!(status, 201, "{body}");
+    // A malformed line is refused with its number, and never its content.
+    std::fs::write(&creds, "FROM_X=1\nnot-a-secret-assignment\n").expect("write");
+    let (status, body) = server
+        .post("/sessions", r#"{"instanceId":"no-creds"}"#)
+        .await;
+    assert_eq!(
+        (status, &body["error"]),
+        (500, &json!("credentials_unavailable"))
+    );
+    let message = body["message"].as_str().expect("message");
+    assert!(
+        message.contains("line 2") && !message.contains("not-a-secret"),
+        "{message}"
+    );
+
+    // A workspace root that does not exist is said to be missing, not "outside".
+    let cwd = dir.path().join("no-such-root/project");
+    let body = json!({"instanceId": "no-root", "cwd": cwd}).to_string();
+    let (status, body) = server.post("/sessions", &body).await;
+    assert_eq!(status, 400, "{body}");
+    let message = body["message"].as_str().expect("message");
+    assert!(
+        message.contains("does not exist") && !message.contains("outside"),
+        "{message}"
+    );
     server.stop().await;
 }

@@ -210,6 +210,7 @@ impl DurableRuntime {
             adapter: spec.adapter.clone(),
             approvals: spec.approvals.clone(),
             pending_file: spec.session_dir.join(store::PENDING_FILE),
+            instance_id: spec.instance_id.clone(),
             user_markers: true,
             container: self.container.is_some(),
         };

@@ -118,6 +118,9 @@ pub struct KeeperSpec {
     pub approvals: ApprovalPolicy,
     /// Where pending approval requests are written for the server.
     pub pending_file: PathBuf,
+    /// The session's instance, named in events (empty in specs of older servers).
+    #[serde(default)]
+    pub instance_id: String,
     /// Whether the server sends [`USER_MARKER`] lines (keepers of older servers did not
     /// understand them, and a server adopting such a keeper must not send them).
     #[serde(default)]
@@ -198,11 +201,14 @@ async fn keep(run_dir: &Path) -> io::Result<()> {
     };
     let (writer, _) = JournalWriter::open(&spec.journal_dir, limits)?;
     let adapter = moorline_adapters::build(&spec.adapter).map_err(io::Error::other)?;
-    let pipeline = Pipeline::new(
+    let mut pipeline = Pipeline::new(
         adapter.translator(),
         adapter.dialect(),
         spec.approvals.clone(),
     );
+    if !spec.instance_id.is_empty() {
+        pipeline = pipeline.for_instance(&spec.instance_id);
+    }
 
     let workspace = match &spec.workspace {
         Some(anchor) => Some(anchor.open().map_err(|e| {
@@ -461,6 +467,14 @@ impl OutputSink for KeeperSink {
 
     fn pending_changed(&mut self, pending: &[serde_json::Value]) {
         write_pending(&self.pending_file, pending);
+    }
+
+    fn auth_failed(&mut self) {
+        log(
+            &mut self.log,
+            "the agent reports that its credentials are missing or wrong",
+        );
+        crate::agentio::mark_auth_failed(&self.pending_file);
     }
 
     fn resolved(&mut self, resolution: Resolution) {

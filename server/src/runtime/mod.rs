@@ -268,6 +268,8 @@ impl Runtime for Unavailable {
 /// Everything a runtime needs to start one agent.
 #[derive(Debug, Clone)]
 pub struct SpawnSpec {
+    /// The session's instance (named in events).
+    pub instance_id: String,
     /// The session the agent belongs to.
     pub session_id: String,
     /// Counts the starts of this session (1 for the first).

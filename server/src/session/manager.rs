@@ -18,7 +18,8 @@ use super::pump::{OutputPump, stderr_reader, stdin_writer};
 use super::store::{self, JOURNAL_DIR, Meta};
 use super::{Lifecycle, Session, SessionSummary, State, Status, StopReason, now_ms};
 use crate::agentio::AgentIo;
-use crate::config::{Config, InstanceConfig, Limits};
+use crate::config::{Config, InstanceConfig, Limits, RuntimeConfig, Unusable};
+use crate::credentials::CredentialsError;
 use crate::fanout::Hub;
 use crate::journal::{self, JournalLimits, JournalTail, JournalWriter};
 use crate::metrics::Metrics;
@@ -35,6 +36,16 @@ pub struct Instance {
     pub adapter: Arc<dyn Adapter>,
     /// Where its agents run.
     pub runtime: Arc<dyn Runtime>,
+    /// The runtime settings its program is looked up with (`PATH`).
+    runtime_config: Arc<RuntimeConfig>,
+}
+
+impl Instance {
+    /// Whether sessions of this instance can start now, and if not why (checked afresh: a
+    /// missing binary or credentials file may have been fixed since startup).
+    pub fn usable(&self) -> Result<(), Unusable> {
+        self.config.check_usable(&self.runtime_config)
+    }
 }
 
 /// What a client asks for in `POST /sessions`.
@@ -59,8 +70,21 @@ pub enum SessionError {
     #[error("no such session")]
     NotFound,
     /// No instance with that id.
-    #[error("unknown instance {0:?}")]
-    UnknownInstance(String),
+    #[error("unknown instance {id:?} (instances: {})", known.join(", "))]
+    UnknownInstance {
+        /// What was asked for.
+        id: String,
+        /// The instances that exist (those the client may use).
+        known: Vec<String>,
+    },
+    /// The instance's credentials file is missing, unreadable or malformed.
+    #[error("instance {instance:?}: {source}")]
+    Credentials {
+        /// The instance.
+        instance: String,
+        /// What is wrong with the file.
+        source: CredentialsError,
+    },
     /// `max_sessions` agents already run.
     #[error("{limit} sessions are already running")]
     MaxSessions {
@@ -139,18 +163,25 @@ impl SessionManager {
         runtime_for: &(dyn Fn(&InstanceConfig) -> Arc<dyn Runtime> + Sync),
     ) -> Result<Arc<Self>, SessionError> {
         let mut instances = IndexMap::new();
+        let runtime_config = Arc::new(config.runtime.clone());
         for inst in &config.instances {
             let adapter = moorline_adapters::build(&inst.adapter_config())?;
             let runtime = runtime_for(inst);
-            tracing::info!(instance = %inst.id, agent = adapter.name(), runtime = runtime.name(), "instance ready");
-            instances.insert(
-                inst.id.clone(),
-                Arc::new(Instance {
-                    config: inst.clone(),
-                    adapter,
-                    runtime,
-                }),
-            );
+            let instance = Instance {
+                config: inst.clone(),
+                adapter,
+                runtime,
+                runtime_config: runtime_config.clone(),
+            };
+            match instance.usable() {
+                Ok(()) => {
+                    tracing::info!(instance = %inst.id, agent = instance.adapter.name(), runtime = instance.runtime.name(), "instance ready")
+                }
+                Err(why) => {
+                    tracing::warn!(instance = %inst.id, agent = instance.adapter.name(), key = why.key, reason = %why.reason, "instance unusable: its sessions cannot start until this is fixed")
+                }
+            }
+            instances.insert(inst.id.clone(), Arc::new(instance));
         }
         let agent_user = config
             .runtime
@@ -229,6 +260,14 @@ impl SessionManager {
             .or_else(|| self.instances.first().map(|(_, v)| v))
     }
 
+    /// The error for an instance that does not exist, naming those that do.
+    pub fn unknown_instance(&self, id: &str) -> SessionError {
+        SessionError::UnknownInstance {
+            id: id.to_owned(),
+            known: self.instances.keys().cloned().collect(),
+        }
+    }
+
     /// Fails with [`SessionError::MaxSessions`] if no agent could be started now.
     pub fn check_capacity(&self) -> Result<(), SessionError> {
         if self.slots.available_permits() == 0 {
@@ -247,10 +286,10 @@ impl SessionManager {
             Some(id) => self
                 .instances
                 .get(id)
-                .ok_or_else(|| SessionError::UnknownInstance(id.clone()))?,
+                .ok_or_else(|| self.unknown_instance(id))?,
             None => self
                 .default_instance()
-                .ok_or_else(|| SessionError::UnknownInstance("default".into()))?,
+                .ok_or_else(|| self.unknown_instance("default"))?,
         }
         .clone();
         super::env::check(
@@ -505,6 +544,8 @@ impl SessionManager {
             inputs: std::sync::atomic::AtomicU64::new(0),
             output_held: std::sync::atomic::AtomicBool::new(false),
             lines_lost: std::sync::atomic::AtomicU64::new(0),
+            activity: super::OutputActivity::default(),
+            activity_window: self.limits.activity_window(),
         });
         Ok(session)
     }
@@ -549,7 +590,12 @@ impl SessionManager {
         env.extend(session.env.iter().map(|(k, v)| (k.clone(), v.clone())));
         if let Some(file) = &instance.config.credentials_file {
             // Server-side secrets win over anything a client asked for.
-            env.extend(read_credentials(file)?);
+            let secrets =
+                crate::credentials::read(file).map_err(|source| SessionError::Credentials {
+                    instance: instance.config.id.clone(),
+                    source,
+                })?;
+            env.extend(secrets);
         }
         // Every start checks the working directory again: it may have been replaced since.
         let (workspace, user) = self.check_workspace(&instance.config, &session.cwd)?;
@@ -584,6 +630,7 @@ impl SessionManager {
         let agent = instance
             .runtime
             .spawn(SpawnSpec {
+                instance_id: instance.config.id.clone(),
                 session_id: session.id.clone(),
                 generation,
                 program: spec.program,
@@ -665,6 +712,8 @@ impl SessionManager {
         if fresh {
             // The previous run's requests died with it.
             let _ = std::fs::remove_file(session.dir.join(store::PENDING_FILE));
+            let _ = std::fs::remove_file(session.dir.join(store::AUTH_FAILED_FILE));
+            session.activity.reset();
         }
         session.persist();
         session
@@ -696,7 +745,8 @@ impl SessionManager {
                     instance.adapter.translator(),
                     instance.adapter.dialect(),
                     instance.config.approval_policy(),
-                );
+                )
+                .for_instance(&instance.config.id);
                 let io = AgentIo::new(
                     self.limits.max_line_bytes,
                     pipeline,
@@ -890,6 +940,17 @@ fn workspace_cwd(instance: &InstanceConfig, asked: &Path) -> Result<PathBuf, Ses
         .iter()
         .find_map(|root| Anchor::beneath(root, &resolved))
     else {
+        if let Some(root) = instance
+            .workspace_roots
+            .iter()
+            .find(|r| asked.starts_with(r) && !r.is_dir())
+        {
+            return Err(refuse(format!(
+                "the workspace root {} of instance {:?} does not exist",
+                root.display(),
+                instance.id
+            )));
+        }
         return Err(refuse(format!(
             "outside the workspace roots of instance {:?}",
             instance.id
@@ -938,23 +999,6 @@ fn anchor_of(instance: &InstanceConfig, cwd: &Path) -> Result<Anchor, SessionErr
         )));
     }
     Ok(Anchor::literal(cwd))
-}
-
-/// Reads a `KEY=VALUE` credentials file (blank lines and `#` comments ignored).
-fn read_credentials(path: &Path) -> Result<BTreeMap<String, String>, SessionError> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        SessionError::Io(io::Error::new(
-            e.kind(),
-            format!("credentials file {}: {e}", path.display()),
-        ))
-    })?;
-    Ok(text
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .filter_map(|l| l.split_once('='))
-        .map(|(k, v)| (k.trim().to_owned(), v.trim().trim_matches('"').to_owned()))
-        .collect())
 }
 
 /// Cap on the stderr file kept per session.

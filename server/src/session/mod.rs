@@ -137,10 +137,64 @@ pub struct SessionSummary {
     /// (moorline).
     #[serde(skip_serializing_if = "is_zero")]
     pub lines_lost: u64,
+    /// The current run reported that the instance's credentials are missing or wrong
+    /// (moorline; only present when true).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub auth_failed: bool,
+    /// The agent's working directory (moorline).
+    pub cwd: PathBuf,
+    /// When the session was created, ms since the epoch (moorline).
+    pub created_at: u64,
+    /// What a running agent is doing, as far as the server can tell (moorline; absent when
+    /// the agent does not run).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub activity: Option<Activity>,
 }
 
 fn is_zero(n: &u64) -> bool {
     *n == 0
+}
+
+/// What a running agent is doing, from what the server sees of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Activity {
+    /// An approval request waits for an answer.
+    Waiting,
+    /// A turn is in progress (pi RPC `agent_start` without its `agent_end` yet), or the agent
+    /// wrote output within `limits.activity_window_ms`.
+    Working,
+    /// Neither.
+    Idle,
+}
+
+/// What the output pumps record for [`Activity`]: cheap to update on every batch.
+#[derive(Debug, Default)]
+pub(crate) struct OutputActivity {
+    /// When the agent's output was last published (ms since the epoch).
+    last_output_ms: std::sync::atomic::AtomicU64,
+    /// Whether a pi RPC turn is open (`agent_start` seen, its `agent_end` not yet).
+    turn_open: std::sync::atomic::AtomicBool,
+}
+
+impl OutputActivity {
+    /// Notes a batch of output lines.
+    pub(crate) fn saw<'a>(&self, lines: impl IntoIterator<Item = &'a [u8]>) {
+        self.last_output_ms.store(now_ms(), Ordering::Relaxed);
+        for line in lines {
+            // pi RPC events start with their type (pi's own, and moorline's translations).
+            if line.starts_with(br#"{"type":"agent_start""#) {
+                self.turn_open.store(true, Ordering::Relaxed);
+            } else if line.starts_with(br#"{"type":"agent_end""#) {
+                self.turn_open.store(false, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// A new run starts with no turn open.
+    pub(crate) fn reset(&self) {
+        self.turn_open.store(false, Ordering::Relaxed);
+    }
 }
 
 /// Why an agent is being stopped, which decides what clients are told.
@@ -201,6 +255,10 @@ pub struct Session {
     output_held: std::sync::atomic::AtomicBool,
     /// Output lines given up because the journal stayed unwritable after the agent exited.
     lines_lost: std::sync::atomic::AtomicU64,
+    /// What the output says the agent is doing.
+    pub(crate) activity: OutputActivity,
+    /// How recent output must be for the agent to count as working.
+    activity_window: Duration,
 }
 
 impl Session {
@@ -322,7 +380,18 @@ impl Session {
         // Read outside the lock: it is a file.
         if summary.status == Status::Running {
             summary.pending_approvals = self.pending_approvals();
+            let recent = now_ms()
+                .saturating_sub(self.activity.last_output_ms.load(Ordering::Relaxed))
+                < self.activity_window.as_millis() as u64;
+            summary.activity = Some(if !summary.pending_approvals.is_empty() {
+                Activity::Waiting
+            } else if recent || self.activity.turn_open.load(Ordering::Relaxed) {
+                Activity::Working
+            } else {
+                Activity::Idle
+            });
         }
+        summary.auth_failed = self.dir.join(store::AUTH_FAILED_FILE).exists();
         summary
     }
 
@@ -345,6 +414,10 @@ impl Session {
             created_by: self.created_by.clone(),
             output_held: self.output_held.load(Ordering::SeqCst),
             lines_lost: self.lines_lost.load(Ordering::SeqCst),
+            auth_failed: false,
+            cwd: self.cwd.clone(),
+            created_at: self.created_at,
+            activity: None,
         }
     }
 

@@ -126,6 +126,7 @@ impl OutputPump {
                     self.metrics
                         .bytes_out
                         .inc_by(lines.iter().map(|l| l.len() as u64 + 1).sum());
+                    self.session.activity.saw(lines.iter().map(|l| l.as_ref()));
                     self.session.hub.publish(lines, &changes);
                 }
                 Err(e) => {
@@ -213,6 +214,9 @@ impl OutputSink for ServerSink<'_> {
         self.metrics.bytes_out.inc_by(batch.len() as u64);
         let bytes = batch.freeze();
         self.session
+            .activity
+            .saw(ends.iter().map(|&(s, e)| &bytes[s..e]));
+        self.session
             .hub
             .publish(ends.iter().map(|&(s, e)| bytes.slice(s..e)), &changes);
         Ok(())
@@ -231,6 +235,11 @@ impl OutputSink for ServerSink<'_> {
 
     fn pending_changed(&mut self, pending: &[serde_json::Value]) {
         write_pending(&self.session.dir.join(super::store::PENDING_FILE), pending);
+    }
+
+    fn auth_failed(&mut self) {
+        tracing::warn!(session = %self.session.id, instance = %self.session.instance_id, "the agent reports that its credentials are missing or wrong");
+        crate::agentio::mark_auth_failed(&self.session.dir.join(super::store::PENDING_FILE));
     }
 
     fn line_dropped(&mut self, reason: crate::framing::DropReason) {

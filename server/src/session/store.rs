@@ -21,6 +21,10 @@ pub const STDERR_FILE: &str = "stderr.log";
 /// Approval requests waiting for an answer, kept up to date by whoever runs the agent's stdio.
 pub const PENDING_FILE: &str = "pending.json";
 
+/// Present while the current run has reported an authentication failure (written by whoever
+/// runs the agent's pipeline: the server or a keeper).
+pub const AUTH_FAILED_FILE: &str = "auth-failed";
+
 /// A session's persistent record.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
