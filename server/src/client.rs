@@ -206,12 +206,17 @@ impl Client {
             .map_err(|e| ClientError::Other(format!("unexpected response: {e}")))
     }
 
-    /// `GET /sessions`.
-    pub async fn list(&self) -> Result<Value, ClientError> {
+    /// `GET path`, its JSON body (`null` when empty).
+    async fn get_json(&self, path: &str) -> Result<Value, ClientError> {
         Ok(self
-            .call(reqwest::Method::GET, "/sessions", None)
+            .call(reqwest::Method::GET, path, None)
             .await?
             .unwrap_or(Value::Null))
+    }
+
+    /// `GET /sessions`.
+    pub async fn list(&self) -> Result<Value, ClientError> {
+        self.get_json("/sessions").await
     }
 
     /// `POST /sessions`.
@@ -247,10 +252,7 @@ impl Client {
 
     /// `GET /instances`.
     pub async fn instances(&self) -> Result<Value, ClientError> {
-        Ok(self
-            .call(reqwest::Method::GET, "/instances", None)
-            .await?
-            .unwrap_or(Value::Null))
+        self.get_json("/instances").await
     }
 
     /// Answers a pending approval request of session `id`: `request` names it (its id), or,
@@ -428,10 +430,7 @@ impl Client {
 
     /// `GET /sessions/{id}`.
     pub async fn get(&self, id: &str) -> Result<Value, ClientError> {
-        Ok(self
-            .call(reqwest::Method::GET, &format!("/sessions/{id}"), None)
-            .await?
-            .unwrap_or(Value::Null))
+        self.get_json(&format!("/sessions/{id}")).await
     }
 
     /// `DELETE /sessions/{id}`.
