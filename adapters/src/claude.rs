@@ -315,11 +315,7 @@ impl Translator for NativeGuard {
     }
 
     fn client_line(&mut self, line: &[u8], out: &mut Outputs) {
-        match gate::parse_object(line) {
-            None => {}
-            Some(Err(rejection)) => out.client_json(&rejection.frame()),
-            Some(Ok(v)) => gate::apply(Self::screen(v), out),
-        }
+        gate::guard_line(line, out, Self::screen);
     }
 }
 

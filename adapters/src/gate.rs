@@ -85,6 +85,16 @@ pub fn parse_object(line: &[u8]) -> Option<Result<Value, Rejection>> {
     })
 }
 
+/// A native-dialect client line: parsed once, judged by `screen`, the verdict applied; blank
+/// lines are ignored and lines that are not JSON objects are refused.
+pub fn guard_line(line: &[u8], out: &mut Outputs, screen: impl FnOnce(Value) -> Verdict) {
+    match parse_object(line) {
+        None => {}
+        Some(Err(rejection)) => out.client_json(&rejection.frame()),
+        Some(Ok(v)) => apply(screen(v), out),
+    }
+}
+
 /// Applies a verdict: the forwarded value goes to the agent, rejections and replies to clients.
 pub fn apply(verdict: Verdict, out: &mut Outputs) {
     match verdict {
