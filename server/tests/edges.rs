@@ -264,11 +264,11 @@ async fn the_oldest_ended_sessions_go_beyond_the_cap() {
         "{list}"
     );
     for gone in &ended[..2] {
-        assert!(
-            !server.state.path().join("sessions").join(gone).exists(),
-            "{gone}'s directory and journal are removed"
-        );
         assert_eq!(server.get(&format!("/sessions/{gone}")).await.0, 404);
+        eventually("the directory and journal are removed", || async {
+            !server.state.path().join("sessions").join(gone).exists()
+        })
+        .await;
     }
     server.stop().await;
 }
@@ -279,11 +279,15 @@ async fn ended_sessions_age_out() {
     let running = server.session("fixture").await;
     let id = server.session("fixture").await;
     end(&server, &id).await;
-    eventually("the ended session is removed", || async {
-        server.get(&format!("/sessions/{id}")).await.0 == 404
-    })
+    // Forgotten first, then its directory and journal go.
+    eventually(
+        "the ended session is removed with its directory",
+        || async {
+            server.get(&format!("/sessions/{id}")).await.0 == 404
+                && !server.state.path().join("sessions").join(&id).exists()
+        },
+    )
     .await;
-    assert!(!server.state.path().join("sessions").join(&id).exists());
     // A running session never ages out.
     assert_eq!(summary(&server, &running).await["status"], "running");
     server.stop().await;
