@@ -183,29 +183,8 @@ impl TestServer {
         let stream = tokio::net::UnixStream::connect(socket)
             .await
             .expect("connect");
-        let mut request = format!("ws://localhost{path}")
-            .into_client_request()
-            .expect("request");
-        for (k, v) in headers {
-            request.headers_mut().insert(*k, v.parse().expect("header"));
-        }
-        match tokio::time::timeout(WAIT, tokio_tungstenite::client_async(request, stream))
-            .await
-            .expect("connect in time")
-        {
-            Ok((socket, _)) => Ok(Ws {
-                socket,
-                record: None,
-            }),
-            Err(tungstenite::Error::Http(resp)) => Err((
-                resp.status().as_u16(),
-                resp.body()
-                    .as_ref()
-                    .map(|b| String::from_utf8_lossy(b).into_owned())
-                    .unwrap_or_default(),
-            )),
-            Err(e) => panic!("websocket error: {e}"),
-        }
+        let request = ws_request(&format!("ws://localhost{path}"), headers);
+        handshake(tokio_tungstenite::client_async(request, stream)).await
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -304,6 +283,46 @@ pub fn http() -> reqwest::Client {
     reqwest::Client::new()
 }
 
+/// A WebSocket request for `url` with extra headers.
+fn ws_request(
+    url: &str,
+    headers: &[(&'static str, &str)],
+) -> tungstenite::handshake::client::Request {
+    let mut request = url.into_client_request().expect("request");
+    for (k, v) in headers {
+        request.headers_mut().insert(*k, v.parse().expect("header"));
+    }
+    request
+}
+
+/// Finishes a client handshake in time: the socket, or the HTTP status and body of a refusal.
+async fn handshake<S>(
+    connect: impl Future<
+        Output = Result<
+            (WebSocketStream<S>, tungstenite::handshake::client::Response),
+            tungstenite::Error,
+        >,
+    >,
+) -> Result<Ws<S>, (u16, String)> {
+    match tokio::time::timeout(WAIT, connect)
+        .await
+        .expect("connect in time")
+    {
+        Ok((socket, _)) => Ok(Ws {
+            socket,
+            record: None,
+        }),
+        Err(tungstenite::Error::Http(resp)) => Err((
+            resp.status().as_u16(),
+            resp.body()
+                .as_ref()
+                .map(|b| String::from_utf8_lossy(b).into_owned())
+                .unwrap_or_default(),
+        )),
+        Err(e) => panic!("websocket error: {e}"),
+    }
+}
+
 pub struct Ws<S = MaybeTlsStream<TcpStream>> {
     pub socket: WebSocketStream<S>,
     /// Every JSON frame read, when a test asks for them (`Some`).
@@ -322,27 +341,7 @@ impl Ws {
         url: &str,
         headers: &[(&'static str, &str)],
     ) -> Result<Self, (u16, String)> {
-        let mut request = url.into_client_request().expect("request");
-        for (k, v) in headers {
-            request.headers_mut().insert(*k, v.parse().expect("header"));
-        }
-        match tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(request))
-            .await
-            .expect("connect in time")
-        {
-            Ok((socket, _)) => Ok(Self {
-                socket,
-                record: None,
-            }),
-            Err(tungstenite::Error::Http(resp)) => Err((
-                resp.status().as_u16(),
-                resp.body()
-                    .as_ref()
-                    .map(|b| String::from_utf8_lossy(b).into_owned())
-                    .unwrap_or_default(),
-            )),
-            Err(e) => panic!("websocket error: {e}"),
-        }
+        handshake(tokio_tungstenite::connect_async(ws_request(url, headers))).await
     }
 }
 
