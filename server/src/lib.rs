@@ -8,7 +8,10 @@
 //! # Layout
 //! - [`config`]: layered configuration; the only module that reads the environment.
 //! - [`credentials`]: credentials files (dotenv syntax) of instances.
-//! - [`api`]: the REST route table and the error type that maps to amarre's statuses.
+//! - [`wire`]: the typed REST bodies, shared by the server, the client and the load generator.
+//! - [`api`]: the REST route table and its handlers.
+//! - `error`: the one error type of the HTTP edge and its mapping to amarre's statuses and
+//!   bodies, for REST and the WebSocket upgrade alike.
 //! - [`ws`]: the per-session WebSocket.
 //! - [`security`]: Host/Origin checks, the bearer token, and who a request comes from.
 //! - [`audit`]: the audit log of session changes and approval answers.
@@ -31,6 +34,7 @@ pub mod audit;
 pub mod client;
 pub mod config;
 pub mod credentials;
+mod error;
 pub mod fanout;
 pub mod framing;
 pub mod fsio;
@@ -39,6 +43,7 @@ pub mod metrics;
 pub mod runtime;
 pub mod security;
 pub mod session;
+pub mod wire;
 pub mod ws;
 
 use std::future::Future;

@@ -10,6 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use moorline::client::{Client, ClientError, format_instances, format_table};
 use moorline::config::{Config, EXAMPLE_CONFIG, EXIT_CONFIG, LogFormat, Overrides, Sources};
 use moorline::runtime::network;
+use moorline::wire::CreateSession;
 use moorline_adapters::pipeline::Decision;
 
 #[derive(Debug, Parser)]
@@ -365,19 +366,12 @@ fn answer(
             let resolved = client
                 .answer(&id, request.as_deref(), decision, message.as_deref())
                 .await?;
-            let settled = resolved["decision"].as_str().unwrap_or("?");
-            let by = match (resolved["by"].as_str(), resolved["user"].as_str()) {
-                (Some("client"), Some(user)) => user.to_owned(),
-                (Some(by), _) => by.to_owned(),
-                _ => "?".to_owned(),
-            };
-            println!(
-                "{}: {settled} (by {by})",
-                resolved["id"].as_str().unwrap_or("?")
-            );
-            if settled != decision.as_str() {
+            let by = resolved.settled_by();
+            println!("{}: {} (by {by})", resolved.id, resolved.decision.as_str());
+            if resolved.decision != decision {
                 return Err(moorline::client::ClientError::Other(format!(
-                    "the request was already settled: {settled} by {by}"
+                    "the request was already settled: {} by {by}",
+                    resolved.decision.as_str()
                 )));
             }
             Ok(())
@@ -524,8 +518,9 @@ fn client_command(f: impl FnOnce(&tokio::runtime::Runtime) -> Result<(), ClientE
 
 async fn sessions(conn: ConnArgs, action: SessionsCommand) -> Result<(), ClientError> {
     let client = Client::new(&conn.url, conn.token_file.as_deref())?;
-    let print =
-        |v: &serde_json::Value| println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+    fn print(v: &impl serde::Serialize) {
+        println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+    }
     match action {
         SessionsCommand::List { json } => {
             let list = client.list().await?;
@@ -550,7 +545,13 @@ async fn sessions(conn: ConnArgs, action: SessionsCommand) -> Result<(), ClientE
                         .map_err(|e| ClientError::Other(format!("--cwd {c}: {e}")))
                 })
                 .transpose()?;
-            print(&client.create(instance, name, cwd, env).await?);
+            let body = CreateSession {
+                instance_id: instance,
+                name,
+                cwd,
+                env,
+            };
+            print(&client.create(&body).await?);
         }
         SessionsCommand::Get { id } => print(&client.get(&id).await?),
         SessionsCommand::Rm { id } => client.delete(&id).await?,
