@@ -199,12 +199,7 @@ pub async fn run(
         );
     }
     let addr = tcp.as_ref().map(TcpListener::local_addr).transpose()?;
-    let names = {
-        let config = config.clone();
-        tokio::task::spawn_blocking(move || config.machine_names())
-            .await
-            .unwrap_or_default()
-    };
+    let names = config.machine_names().await;
     let policy = Arc::new(security::AccessPolicy::new(&config, token, addr, names));
     let metrics = Arc::new(metrics::Metrics::default());
     let tracker = TaskTracker::new();

@@ -201,30 +201,8 @@ struct ServeArgs {
     /// Configuration file (default: ~/.config/moorline/config.toml or /etc/moorline/config.toml).
     #[arg(long, short = 'c')]
     config: Option<PathBuf>,
-    /// Address to listen on.
-    #[arg(long)]
-    host: Option<String>,
-    /// Port to listen on.
-    #[arg(long)]
-    port: Option<u16>,
-    /// Where sessions are stored.
-    #[arg(long)]
-    state_dir: Option<PathBuf>,
-    /// File holding the bearer token clients must send.
-    #[arg(long)]
-    token_file: Option<PathBuf>,
-    /// Log format.
-    #[arg(long, value_enum)]
-    log_format: Option<LogFormatArg>,
-    /// Allow listening on a non-loopback address.
-    #[arg(long)]
-    allow_non_loopback: bool,
-}
-
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
-enum LogFormatArg {
-    Human,
-    Json,
+    #[command(flatten)]
+    overrides: Overrides,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -250,20 +228,7 @@ fn parse_env(s: &str) -> Result<(String, String), String> {
 
 impl ServeArgs {
     fn sources(&self) -> Sources {
-        Sources::from_process(
-            self.config.clone(),
-            Overrides {
-                host: self.host.clone(),
-                port: self.port,
-                state_dir: self.state_dir.clone(),
-                token_file: self.token_file.clone(),
-                log_format: self.log_format.map(|f| match f {
-                    LogFormatArg::Human => LogFormat::Human,
-                    LogFormatArg::Json => LogFormat::Json,
-                }),
-                allow_non_loopback: self.allow_non_loopback,
-            },
-        )
+        Sources::from_process(self.config.clone(), self.overrides.clone())
     }
 }
 

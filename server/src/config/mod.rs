@@ -17,17 +17,17 @@ use figment::{Figment, Metadata, Profile, Provider};
 use moorline_adapters::pipeline::{ApprovalPolicy, Decision};
 use serde::{Deserialize, Deserializer, Serialize};
 
+mod env;
+mod tailnet;
+
 /// The commented example configuration, which is also the documentation of every key.
-pub const EXAMPLE_CONFIG: &str = include_str!("../moorline.example.toml");
+pub const EXAMPLE_CONFIG: &str = include_str!("../../moorline.example.toml");
 
 /// Exit code for configuration errors (`EX_USAGE` from sysexits.h).
 pub const EXIT_CONFIG: i32 = 64;
 
-/// Environment variables with the `MOORLINE_` prefix that are not configuration keys.
-const RESERVED_ENV: &[&str] = &["MOORLINE_CONFIG", "MOORLINE_URL"];
-
 /// How log lines are written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     /// Human-readable lines.
@@ -713,20 +713,33 @@ impl ConfigError {
     }
 }
 
-/// Values given on the command line (the top layer).
-#[derive(Debug, Clone, Default)]
+/// Values given on the command line (the top layer): the flags of `moorline serve` and
+/// `check-config`, given to figment as they are (unset ones left out).
+#[derive(Debug, Clone, Default, Serialize, clap::Args)]
 pub struct Overrides {
-    /// `--host`.
+    /// Address to listen on.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub host: Option<String>,
-    /// `--port`.
+    /// Port to listen on.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub port: Option<u16>,
-    /// `--state-dir`.
+    /// Where sessions are stored.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub state_dir: Option<PathBuf>,
-    /// `--token-file`.
+    /// File holding the bearer token clients must send.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub token_file: Option<PathBuf>,
-    /// `--log-format`.
+    /// Log format.
+    #[arg(long, value_enum)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub log_format: Option<LogFormat>,
-    /// `--allow-non-loopback`.
+    /// Allow listening on a non-loopback address.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub allow_non_loopback: bool,
 }
 
@@ -814,7 +827,8 @@ impl Config {
             state_dir: sources.default_state_dir(),
             ..Config::default()
         };
-        let mut figment = Figment::new().merge(Layer::new("defaults", to_dict(&defaults)?));
+        let defaults = to_dict(&defaults, "internal: defaults")?;
+        let mut figment = Figment::new().merge(Layer::new("defaults", defaults));
         let file = match &sources.file {
             Some(path) if !path.is_file() => {
                 return Err(ConfigError::new(format!(
@@ -830,14 +844,12 @@ impl Config {
             figment = figment
                 .merge(<figment::providers::Toml as figment::providers::Format>::file_exact(path));
         }
-        let (env_layer, env_names) = env_layer(&sources.env)?;
-        figment = figment.merge(env_layer).merge(Layer::new(
-            "command-line flags",
-            overrides_dict(&sources.overrides),
-        ));
-        let mut config: Config = figment
-            .extract_lossy()
-            .map_err(|e| describe(e, &env_names))?;
+        for variable in env::variables(&sources.env)? {
+            figment = figment.merge(variable);
+        }
+        let flags = to_dict(&sources.overrides, "command-line flags")?;
+        figment = figment.merge(Layer::new("command-line flags", flags));
+        let mut config: Config = figment.extract_lossy().map_err(describe)?;
         if config.instances.is_empty() {
             config.instances.push(InstanceConfig::new("echo", "echo"));
         }
@@ -1042,7 +1054,7 @@ impl Config {
     }
 
     /// The names this machine answers to: its hostname and, if asked, its tailnet names.
-    pub fn machine_names(&self) -> Vec<String> {
+    pub async fn machine_names(&self) -> Vec<String> {
         let mut names = Vec::new();
         if let Ok(host) = nix::unistd::gethostname()
             && let Some(h) = host.to_str()
@@ -1050,58 +1062,10 @@ impl Config {
             names.push(h.to_owned());
         }
         if self.detect_tailnet_names {
-            names.extend(tailnet_names());
+            names.extend(tailnet::names("tailscale".as_ref(), tailnet::TIMEOUT).await);
         }
         names
     }
-}
-
-/// How long `tailscale status` may take at startup.
-const TAILSCALE_TIMEOUT: Duration = Duration::from_secs(3);
-
-/// Asks the local tailscaled for this machine's DNS name, if tailscale is installed. Gives up
-/// after [`TAILSCALE_TIMEOUT`]: a stuck tailscaled must not keep the server from serving.
-fn tailnet_names() -> Vec<String> {
-    use std::io::Read;
-    use std::process::{Command, Stdio};
-    let Ok(mut child) = Command::new("tailscale")
-        .args(["status", "--json", "--peers=false"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-    else {
-        return Vec::new();
-    };
-    let deadline = std::time::Instant::now() + TAILSCALE_TIMEOUT;
-    // Its answer (one machine, no peers) fits in the pipe, so waiting first cannot block it.
-    while matches!(child.try_wait(), Ok(None)) {
-        if std::time::Instant::now() > deadline {
-            tracing::warn!("`tailscale status` did not answer; not adding tailnet names");
-            let _ = child.kill();
-            let _ = child.wait();
-            return Vec::new();
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let mut stdout = Vec::new();
-    if let Some(mut out) = child.stdout.take() {
-        let _ = out.read_to_end(&mut stdout);
-    }
-    let Ok(status) = serde_json::from_slice::<serde_json::Value>(&stdout) else {
-        return Vec::new();
-    };
-    let mut names = Vec::new();
-    if let Some(dns) = status["Self"]["DNSName"].as_str() {
-        let dns = dns.trim_end_matches('.');
-        if !dns.is_empty() {
-            names.push(dns.to_owned());
-            if let Some(short) = dns.split('.').next() {
-                names.push(short.to_owned());
-            }
-        }
-    }
-    names
 }
 
 /// A figment layer built from a dictionary, with a name used in error messages.
@@ -1129,160 +1093,28 @@ impl Provider for Layer {
     }
 }
 
-fn to_dict(value: &impl Serialize) -> Result<Dict, ConfigError> {
+/// `value` as a figment dictionary (`what` names it in the error).
+fn to_dict(value: &impl Serialize, what: &str) -> Result<Dict, ConfigError> {
     match Value::serialize(value) {
         Ok(Value::Dict(_, dict)) => Ok(dict),
-        Ok(_) => Err(ConfigError::new("internal: defaults are not a table")),
-        Err(e) => Err(ConfigError::new(format!("internal: {e}"))),
+        Ok(_) => Err(ConfigError::new(format!("{what}: not a table"))),
+        Err(e) => Err(ConfigError::new(format!("{what}: {e}"))),
     }
 }
 
-fn overrides_dict(o: &Overrides) -> Dict {
-    let mut d = Dict::new();
-    if let Some(h) = &o.host {
-        d.insert("host".into(), h.clone().into());
-    }
-    if let Some(p) = o.port {
-        d.insert("port".into(), p.into());
-    }
-    if let Some(s) = &o.state_dir {
-        d.insert("state_dir".into(), s.to_string_lossy().into_owned().into());
-    }
-    if let Some(t) = &o.token_file {
-        d.insert("token_file".into(), t.to_string_lossy().into_owned().into());
-    }
-    if let Some(f) = o.log_format {
-        let name = match f {
-            LogFormat::Human => "human",
-            LogFormat::Json => "json",
-        };
-        d.insert("log_format".into(), name.into());
-    }
-    if o.allow_non_loopback {
-        d.insert("allow_non_loopback".into(), true.into());
-    }
-    d
-}
-
-/// Builds the environment layer. Values stay strings; the returned map remembers which
-/// variable set which key, for error messages.
-fn env_layer(
-    env: &BTreeMap<String, String>,
-) -> Result<(Layer, BTreeMap<String, String>), ConfigError> {
-    let mut dict = Dict::new();
-    let mut names = BTreeMap::new();
-    let mut set = |dict: &mut Dict, path: &[&str], value: Value, var: &str| {
-        names.insert(path.join("."), var.to_owned());
-        let mut cur = dict;
-        for key in &path[..path.len() - 1] {
-            let entry = cur
-                .entry((*key).to_owned())
-                .or_insert_with(|| Value::from(Dict::new()));
-            if !matches!(entry, Value::Dict(..)) {
-                *entry = Value::from(Dict::new());
-            }
-            let Value::Dict(_, inner) = entry else {
-                unreachable!("just made a dict")
-            };
-            cur = inner;
-        }
-        cur.insert(path[path.len() - 1].to_owned(), value);
-    };
-
-    // amarre's names first, so that MOORLINE_* wins when both are set.
-    for (var, path) in [
-        ("AMARRE_HOST", &["host"][..]),
-        ("AMARRE_PORT", &["port"][..]),
-        ("AMARRE_MAX_SESSIONS", &["limits", "max_sessions"][..]),
-    ] {
-        if let Some(v) = env.get(var) {
-            set(&mut dict, path, v.clone().into(), var);
-        }
-    }
-    if let Some(json) = env.get("AMARRE_INSTANCES_JSON") {
-        let instances = amarre_instances(json)?;
-        set(
-            &mut dict,
-            &["instances"],
-            instances,
-            "AMARRE_INSTANCES_JSON",
-        );
-    } else if env.contains_key("AMARRE_AGENT") || env.contains_key("AMARRE_AGENT_PATH") {
-        // amarre's legacy single-agent variables make one instance named "default".
-        let mut inst = Dict::new();
-        inst.insert("id".into(), "default".into());
-        let agent = env
-            .get("AMARRE_AGENT")
-            .cloned()
-            .unwrap_or_else(|| "pi".into());
-        inst.insert("agent".into(), agent.into());
-        if let Some(path) = env.get("AMARRE_AGENT_PATH") {
-            inst.insert("agent_path".into(), path.clone().into());
-        }
-        let var = if env.contains_key("AMARRE_AGENT_PATH") {
-            "AMARRE_AGENT_PATH"
-        } else {
-            "AMARRE_AGENT"
-        };
-        set(
-            &mut dict,
-            &["instances"],
-            Value::from(vec![Value::from(inst)]),
-            var,
-        );
-    }
-
-    for (var, value) in env {
-        let Some(rest) = var.strip_prefix("MOORLINE_") else {
-            continue;
-        };
-        if RESERVED_ENV.contains(&var.as_str()) {
-            continue;
-        }
-        let path: Vec<String> = rest.split("__").map(str::to_ascii_lowercase).collect();
-        if path.iter().any(String::is_empty) {
-            return Err(ConfigError::new(format!("{var}: malformed variable name")));
-        }
-        let refs: Vec<&str> = path.iter().map(String::as_str).collect();
-        set(&mut dict, &refs, value.clone().into(), var);
-    }
-    Ok((Layer::new("environment", dict), names))
-}
-
-/// Parses `AMARRE_INSTANCES_JSON` with amarre's error messages.
-fn amarre_instances(json: &str) -> Result<Value, ConfigError> {
-    let err = |m: String| ConfigError::new(format!("AMARRE_INSTANCES_JSON: {m}"));
-    let parsed: serde_json::Value =
-        serde_json::from_str(json).map_err(|e| err(format!("invalid JSON ({e})")))?;
-    let Some(items) = parsed.as_array().filter(|a| !a.is_empty()) else {
-        return Err(err("must be a non-empty array".into()));
-    };
-    for (i, item) in items.iter().enumerate() {
-        let Some(obj) = item.as_object() else {
-            return Err(err(format!("[{i}]: not an object")));
-        };
-        for key in ["id", "agent"] {
-            if !obj.get(key).is_some_and(serde_json::Value::is_string) {
-                return Err(err(format!("[{i}]: missing '{key}'")));
-            }
-        }
-    }
-    Value::serialize(&parsed).map_err(|e| err(e.to_string()))
-}
-
-/// Turns figment's error into one message per problem, naming the key and its source.
-fn describe(err: figment::Error, env_names: &BTreeMap<String, String>) -> ConfigError {
+/// Turns figment's error into one message per problem, naming the key and its source: the
+/// file, the variable (each is a provider named after itself) or the flags.
+fn describe(err: figment::Error) -> ConfigError {
     let lines: Vec<String> = err
         .into_iter()
         .map(|e| {
             let key = e.path.join(".");
-            let from = match (&e.metadata, env_names.get(&key)) {
-                (Some(m), Some(var)) if m.name == "environment" => format!(" (from {var})"),
-                (Some(m), _) => match &m.source {
+            let from = match &e.metadata {
+                Some(m) => match &m.source {
                     Some(src) => format!(" (in {} {src})", m.name),
                     None => format!(" (from {})", m.name),
                 },
-                (None, _) => String::new(),
+                None => String::new(),
             };
             if key.is_empty() {
                 format!("{}{from}", e.kind)
@@ -1572,6 +1404,77 @@ mod tests {
         .expect_err("dup")
         .to_string();
         assert!(e.contains("duplicate"), "{e}");
+        let mut s = env(&[("MOORLINE_LOG_FORMAT", "human")]);
+        s.overrides.log_format = Some(LogFormat::Json);
+        s.overrides.allow_non_loopback = true;
+        s.overrides.host = Some("0.0.0.0".into());
+        let c = Config::load(&s).expect("load");
+        assert_eq!(
+            (c.log_format, c.host.as_str()),
+            (LogFormat::Json, "0.0.0.0")
+        );
+        // An unset flag leaves the layers below alone.
+        let c = load(&[("MOORLINE_LOG_FORMAT", "json"), ("MOORLINE_HOST", "::1")]).expect("load");
+        assert_eq!((c.log_format, c.host.as_str()), (LogFormat::Json, "::1"));
+    }
+
+    #[test]
+    fn environment_values_are_numbers_and_booleans_only_where_the_key_wants_one() {
+        let c = load(&[
+            ("MOORLINE_TCP", "false"),
+            ("MOORLINE_UNIX_SOCKET", "/run/m/m.sock"),
+            ("MOORLINE_DETECT_TAILNET_NAMES", "true"),
+            ("MOORLINE_LIMITS__MAX_SESSIONS", "007"),
+            ("MOORLINE_LOG", "1"),
+            ("MOORLINE_ALLOWED_USERS", "[alice]"),
+            ("MOORLINE_RUNTIME__PASS_ENV", "PATH, LANG"),
+        ])
+        .expect("load");
+        assert!(!c.tcp && c.detect_tailnet_names);
+        assert_eq!(c.limits.max_sessions, 7);
+        // A string key keeps the text as written: no number, no JSON list.
+        assert_eq!(c.log, "1");
+        assert_eq!(c.allowed_users, ["[alice]"]);
+        assert_eq!(c.runtime.pass_env, ["PATH", "LANG"]);
+        let e = load(&[("MOORLINE_TCP", "yes please")])
+            .expect_err("not a boolean")
+            .to_string();
+        assert!(e.contains("tcp") && e.contains("MOORLINE_TCP"), "{e}");
+        // Only AMARRE_INSTANCES_JSON is JSON; a table or list key cannot come from a string.
+        let e = load(&[("MOORLINE_INSTANCES", r#"[{"id":"a","agent":"echo"}]"#)])
+            .expect_err("not JSON")
+            .to_string();
+        assert!(
+            e.contains("instances") && e.contains("MOORLINE_INSTANCES"),
+            "{e}"
+        );
+        let e = load(&[("MOORLINE_LIMITS____X", "1")])
+            .expect_err("malformed")
+            .to_string();
+        assert!(e.contains("MOORLINE_LIMITS____X: malformed"), "{e}");
+        // Not configuration keys.
+        load(&[("MOORLINE_URL", "unix:/x"), ("MOORLINE_CONFIG", "/x")]).expect("reserved");
+    }
+
+    #[test]
+    fn the_legacy_amarre_agent_variables_and_push_variables() {
+        let c = load(&[("AMARRE_AGENT", "echo"), ("AMARRE_PUSH_TOKENS_PATH", "/x")]).expect("load");
+        assert_eq!(
+            (
+                c.instances.len(),
+                c.instances[0].id.as_str(),
+                c.instances[0].agent.as_str()
+            ),
+            (1, "default", "echo")
+        );
+        assert_eq!(c.ignored_push_env, ["AMARRE_PUSH_TOKENS_PATH"]);
+        // MOORLINE_INSTANCES__… cannot build a list, but amarre's JSON beats the legacy pair.
+        let c = load(&[
+            ("AMARRE_AGENT", "pi"),
+            ("AMARRE_INSTANCES_JSON", r#"[{"id":"x","agent":"echo"}]"#),
+        ])
+        .expect("load");
+        assert_eq!(c.instances[0].id, "x");
     }
 }
 
