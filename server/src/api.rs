@@ -24,7 +24,7 @@ use crate::ws;
 
 /// Shared state of every handler.
 #[derive(Debug, Clone)]
-pub struct AppState {
+pub(crate) struct AppState {
     /// The sessions.
     pub sessions: Arc<SessionManager>,
     /// Limits (client counts, frame sizes).
@@ -38,7 +38,7 @@ pub struct AppState {
 }
 
 /// The whole HTTP surface, for the listener `via`.
-pub fn router(state: AppState, policy: Arc<AccessPolicy>, via: Via) -> Router {
+pub(crate) fn router(state: AppState, policy: Arc<AccessPolicy>, via: Via) -> Router {
     Router::new()
         .route("/", any(upgrade_required))
         .route("/healthz", get(healthz).fallback(not_found))
@@ -65,12 +65,12 @@ pub fn router(state: AppState, policy: Arc<AccessPolicy>, via: Via) -> Router {
 }
 
 /// `Not found\n`, as amarre answers unknown routes.
-pub async fn not_found() -> Response {
+pub(crate) async fn not_found() -> Response {
     text(StatusCode::NOT_FOUND, "Not found\n")
 }
 
 /// A plain-text response.
-pub fn text(status: StatusCode, body: &'static str) -> Response {
+pub(crate) fn text(status: StatusCode, body: &'static str) -> Response {
     (
         status,
         [(header::CONTENT_TYPE, "text/plain;charset=utf-8")],

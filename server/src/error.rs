@@ -11,7 +11,7 @@ use crate::wire::{BodyError, ErrorBody, Status};
 
 /// Every way a request can fail, with amarre's status codes and bodies.
 #[derive(Debug, thiserror::Error)]
-pub enum ApiError {
+pub(crate) enum ApiError {
     /// A session operation failed.
     #[error(transparent)]
     Session(#[from] SessionError),

@@ -1,6 +1,6 @@
 //! The REST wire: every request and response body of the control plane, as typed serde
-//! structs shared by the server ([`crate::api`]), the `moorline` client ([`crate::client`]) and
-//! the load generator, so a body is written down once.
+//! structs shared by the server (`api`), the `moorline` client ([`crate::client`]) and the load
+//! generator, so a body is written down once.
 //!
 //! Field order and omissions are part of amarre compatibility (see docs/PROTOCOL.md): keys are
 //! emitted in declaration order and optional moorline additions are left out when empty. This

@@ -40,10 +40,10 @@ use crate::security::Identity;
 use crate::session::{ClientGuard, Lifecycle, Session, SessionError, Status};
 
 /// Protocol version announced in `amarre.hello`.
-pub const PROTOCOL_VERSION: &str = "2.3.0";
+pub(crate) const PROTOCOL_VERSION: &str = "2.3.0";
 
 /// Capabilities announced in `amarre.hello`.
-pub const CAPABILITIES: &[&str] = &[
+pub(crate) const CAPABILITIES: &[&str] = &[
     "hello",
     "replay",
     "line_dropped",
@@ -53,7 +53,7 @@ pub const CAPABILITIES: &[&str] = &[
 ];
 
 /// Close code for a client that fell behind further than the journal reaches.
-pub const CLOSE_LAGGED: u16 = 1013;
+pub(crate) const CLOSE_LAGGED: u16 = 1013;
 
 /// Close codes used here (RFC 6455 §7.4.1).
 mod close_code {
@@ -142,14 +142,14 @@ impl<S: Send + Sync> FromRequestParts<S> for Options {
 /// socket: the stall rule needs to see the bytes it accepts, and a lingering close needs to
 /// half-close it.
 #[derive(Debug)]
-pub struct Upgrade {
+pub(crate) struct Upgrade {
     accept: HeaderValue,
     on_upgrade: hyper::upgrade::OnUpgrade,
 }
 
 /// The request is not a WebSocket upgrade.
 #[derive(Debug)]
-pub struct NotUpgrade;
+pub(crate) struct NotUpgrade;
 
 impl IntoResponse for NotUpgrade {
     fn into_response(self) -> Response {
