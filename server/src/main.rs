@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use moorline::client::{Client, ClientError, format_instances, format_table};
-use moorline::config::{Config, EXAMPLE_CONFIG, EXIT_CONFIG, LogFormat, Overrides, Sources};
+use moorline::config::{
+    Config, Connection, EXAMPLE_CONFIG, EXIT_CONFIG, LogFormat, Overrides, Sources,
+};
 use moorline::runtime::network;
 use moorline::wire::CreateSession;
 use moorline_adapters::pipeline::Decision;
@@ -46,14 +48,14 @@ enum Command {
     /// Manage sessions on a running server.
     Sessions {
         #[command(flatten)]
-        conn: ConnArgs,
+        conn: Connection,
         #[command(subcommand)]
         action: SessionsCommand,
     },
     /// List the server's instances: agent, dialect, runtime, workspace roots, availability.
     Instances {
         #[command(flatten)]
-        conn: ConnArgs,
+        conn: Connection,
         /// Print the JSON the server returned instead of a table.
         #[arg(long)]
         json: bool,
@@ -61,7 +63,7 @@ enum Command {
     /// Approve a pending approval request of a session (the only one, if REQUEST is left out).
     Approve {
         #[command(flatten)]
-        conn: ConnArgs,
+        conn: Connection,
         /// Session id.
         id: String,
         /// The request's id (see `moorline sessions get ID`); needed when several are pending.
@@ -70,7 +72,7 @@ enum Command {
     /// Deny a pending approval request of a session (the only one, if REQUEST is left out).
     Deny {
         #[command(flatten)]
-        conn: ConnArgs,
+        conn: Connection,
         /// Session id.
         id: String,
         /// The request's id; needed when several are pending.
@@ -83,7 +85,7 @@ enum Command {
     /// stdout one per line.
     Attach {
         #[command(flatten)]
-        conn: ConnArgs,
+        conn: Connection,
         /// Session id.
         id: String,
         /// Replay every retained line after this sequence number first (0: everything).
@@ -205,21 +207,6 @@ struct ServeArgs {
     overrides: Overrides,
 }
 
-#[derive(Debug, Clone, Args)]
-struct ConnArgs {
-    /// The server's URL: http://HOST:PORT, https://NAME, or unix:/PATH/TO/SOCKET.
-    #[arg(
-        long,
-        env = "MOORLINE_URL",
-        default_value = "http://127.0.0.1:8341",
-        global = true
-    )]
-    url: String,
-    /// File holding the bearer token.
-    #[arg(long, env = "MOORLINE_TOKEN_FILE", global = true)]
-    token_file: Option<PathBuf>,
-}
-
 fn parse_env(s: &str) -> Result<(String, String), String> {
     s.split_once('=')
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
@@ -319,7 +306,7 @@ fn main() -> ExitCode {
 
 /// `moorline approve` / `moorline deny`.
 fn answer(
-    conn: ConnArgs,
+    conn: Connection,
     id: String,
     request: Option<String>,
     decision: Decision,
@@ -481,7 +468,7 @@ fn client_command(f: impl FnOnce(&tokio::runtime::Runtime) -> Result<(), ClientE
     }
 }
 
-async fn sessions(conn: ConnArgs, action: SessionsCommand) -> Result<(), ClientError> {
+async fn sessions(conn: Connection, action: SessionsCommand) -> Result<(), ClientError> {
     let client = Client::new(&conn.url, conn.token_file.as_deref())?;
     fn print(v: &impl serde::Serialize) {
         println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());

@@ -743,6 +743,24 @@ pub struct Overrides {
     pub allow_non_loopback: bool,
 }
 
+/// Where the client commands (`moorline sessions`, `attach`, …) find the server. clap reads
+/// the flags and, in their absence, the variables; declared here so every environment
+/// variable moorline reads is named in this module.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Connection {
+    /// The server's URL: http://HOST:PORT, https://NAME, or unix:/PATH/TO/SOCKET.
+    #[arg(
+        long,
+        env = "MOORLINE_URL",
+        default_value = "http://127.0.0.1:8341",
+        global = true
+    )]
+    pub url: String,
+    /// File holding the bearer token.
+    #[arg(long, env = "MOORLINE_TOKEN_FILE", global = true)]
+    pub token_file: Option<PathBuf>,
+}
+
 /// Everything configuration is read from, captured once so loading is a pure function.
 #[derive(Debug, Clone, Default)]
 pub struct Sources {
