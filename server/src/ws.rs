@@ -31,7 +31,7 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
 use crate::agentio::Input;
-use crate::api::{ApiError, AppState, text};
+use crate::api::{ApiError, AppState};
 use crate::fanout::{Read, ReadLimit};
 use crate::framing::inbound_line;
 use crate::journal::DiskRead;
@@ -153,7 +153,11 @@ pub(crate) struct NotUpgrade;
 
 impl IntoResponse for NotUpgrade {
     fn into_response(self) -> Response {
-        text(StatusCode::BAD_REQUEST, "not a WebSocket upgrade\n")
+        ApiError::InvalidField {
+            field: "upgrade".into(),
+            message: "not a WebSocket upgrade".into(),
+        }
+        .into_response()
     }
 }
 

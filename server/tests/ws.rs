@@ -185,6 +185,41 @@ async fn connection_refusals_before_the_upgrade() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_has_the_same_status_and_body_over_rest_and_the_upgrade() {
+    let server = TestServer::start().await;
+    let id = server.session("fixture").await;
+    let path = format!("/sessions/{id}");
+    let evil = ("origin", "https://evil.example");
+    let resp = server
+        .http
+        .get(server.url(&path))
+        .header(evil.0, evil.1)
+        .send()
+        .await
+        .expect("get");
+    let rest = (
+        resp.status().as_u16(),
+        resp.json::<Value>().await.expect("json body"),
+    );
+    assert_eq!(
+        rest,
+        (
+            403,
+            json!({"error": "forbidden_origin", "origin": "https://evil.example"})
+        )
+    );
+    let (status, body) = Ws::try_connect(&server.ws_url(&path), &[evil])
+        .await
+        .err()
+        .expect("refused");
+    assert_eq!(
+        (status, serde_json::from_str::<Value>(&body).expect("json")),
+        rest
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_is_an_event_then_1011_and_other_sessions_live_on() {
     let server = TestServer::start().await;
     let a = server.session("fixture").await;
