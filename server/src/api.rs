@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Limits;
-pub(crate) use crate::error::ApiError;
+use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::security::{self, AccessPolicy, Identity, Via};
 use crate::session::{CreateRequest, SessionError, SessionManager};

@@ -31,7 +31,8 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
 use crate::agentio::Input;
-use crate::api::{ApiError, AppState};
+use crate::api::AppState;
+use crate::error::ApiError;
 use crate::fanout::{Read, ReadLimit};
 use crate::framing::inbound_line;
 use crate::journal::DiskRead;

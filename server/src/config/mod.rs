@@ -304,6 +304,13 @@ impl Config {
         }
     }
 
+    /// Where a session starts when neither the client nor its instance names a directory: the
+    /// server's own working directory (`WorkingDirectory=` under systemd; the user's home in
+    /// the NixOS module). Read at each use, like a shell's `$PWD`.
+    pub fn server_cwd(&self) -> std::io::Result<PathBuf> {
+        std::env::current_dir()
+    }
+
     /// The listening address as an IP.
     pub fn ip(&self) -> Result<IpAddr, ConfigError> {
         if self.host == "localhost" {
