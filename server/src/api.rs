@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::{Path, State};
-use axum::http::{HeaderValue, Method, StatusCode, header};
+use axum::http::{Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
 use axum::{Json, Router};
@@ -64,34 +64,18 @@ pub(crate) fn router(state: AppState, policy: Arc<AccessPolicy>, via: Via) -> Ro
         .with_state(state)
 }
 
-/// `Not found\n`, as amarre answers unknown routes.
-pub(crate) async fn not_found() -> Response {
-    text(StatusCode::NOT_FOUND, "Not found\n")
+/// An unknown route (or method): amarre's text `Not found`.
+async fn not_found() -> ApiError {
+    ApiError::NoRoute
 }
 
-/// A plain-text response.
-pub(crate) fn text(status: StatusCode, body: &'static str) -> Response {
-    (
-        status,
-        [(header::CONTENT_TYPE, "text/plain;charset=utf-8")],
-        body,
-    )
-        .into_response()
-}
-
-async fn upgrade_required() -> Response {
-    let mut resp = text(
-        StatusCode::UPGRADE_REQUIRED,
-        "Use /sessions/<id>; see docs/PROTOCOL.md\n",
-    );
-    let headers = resp.headers_mut();
-    headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    resp
+/// `/`: amarre's single-session URL, pointing to `/sessions/<id>`.
+async fn upgrade_required() -> ApiError {
+    ApiError::UpgradeRequired
 }
 
 async fn healthz() -> Response {
-    text(StatusCode::OK, "ok\n")
+    ([(header::CONTENT_TYPE, "text/plain;charset=utf-8")], "ok\n").into_response()
 }
 
 async fn metrics(State(app): State<AppState>) -> Response {
@@ -259,7 +243,7 @@ async fn session_route(
             crate::audit::session("delete", &identity.user, &id, session.instance_id());
             Ok(StatusCode::NO_CONTENT.into_response())
         }
-        _ => Ok(not_found().await),
+        _ => Err(ApiError::NoRoute),
     }
 }
 

@@ -1,6 +1,7 @@
 //! The one error type of the HTTP edge and its one mapping to a status and an
 //! [`ErrorBody`]: REST handlers, the access guard and the WebSocket upgrade all refuse through
-//! [`ApiError`], so the same failure gets the same answer on every route.
+//! [`ApiError`], so the same failure gets the same answer on every route. Two answers stay
+//! amarre's plain text: an unknown route, and `/` (which asks for `/sessions/<id>`).
 
 use axum::Json;
 use axum::http::{HeaderValue, StatusCode, header};
@@ -55,6 +56,12 @@ pub(crate) enum ApiError {
     /// Push notifications are not offered (amarre's answer when push is off).
     #[error("push notifications are disabled")]
     PushDisabled,
+    /// No such route, or not with this method: text `Not found`, as amarre answers.
+    #[error("Not found")]
+    NoRoute,
+    /// `/`, amarre v0.2's single-session WebSocket URL: text, pointing to `/sessions/<id>`.
+    #[error("Use /sessions/<id>; see docs/PROTOCOL.md")]
+    UpgradeRequired,
 }
 
 fn forbidden_user_message(user: &str, instance: Option<&str>) -> String {
@@ -76,11 +83,20 @@ impl From<BodyError> for ApiError {
     }
 }
 
+/// What an error is answered with: JSON, or amarre's plain text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Body {
+    /// `{"error": code, …}`.
+    Json(ErrorBody),
+    /// Plain text (an unknown route, `/`).
+    Text(&'static str),
+}
+
 impl ApiError {
     /// The status and body this error is answered with.
-    pub(crate) fn to_body(&self) -> (StatusCode, ErrorBody) {
+    pub(crate) fn answer(&self) -> (StatusCode, Body) {
         let message = || self.to_string();
-        match self {
+        let (status, body) = match self {
             ApiError::Session(e) => match e {
                 SessionError::NotFound => (StatusCode::NOT_FOUND, ErrorBody::NotFound),
                 SessionError::UnknownInstance { id, known } => (
@@ -173,17 +189,40 @@ impl ApiError {
             ),
             ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, ErrorBody::Unauthorized),
             ApiError::PushDisabled => (StatusCode::SERVICE_UNAVAILABLE, ErrorBody::PushDisabled),
-        }
+            ApiError::NoRoute => return (StatusCode::NOT_FOUND, Body::Text("Not found\n")),
+            ApiError::UpgradeRequired => {
+                return (
+                    StatusCode::UPGRADE_REQUIRED,
+                    Body::Text("Use /sessions/<id>; see docs/PROTOCOL.md\n"),
+                );
+            }
+        };
+        (status, Body::Json(body))
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let (status, body) = self.to_body();
-        let mut resp = (status, Json(body)).into_response();
-        if status == StatusCode::UNAUTHORIZED {
-            resp.headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        let (status, body) = self.answer();
+        let mut resp = match body {
+            Body::Json(body) => (status, Json(body)).into_response(),
+            Body::Text(text) => (
+                status,
+                [(header::CONTENT_TYPE, "text/plain;charset=utf-8")],
+                text,
+            )
+                .into_response(),
+        };
+        let headers = resp.headers_mut();
+        match status {
+            StatusCode::UNAUTHORIZED => {
+                headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            StatusCode::UPGRADE_REQUIRED => {
+                headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+                headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+            }
+            _ => {}
         }
         resp
     }
@@ -213,11 +252,15 @@ mod tests {
             (ApiError::PushDisabled, 503, "push_disabled"),
         ];
         for (err, status, code) in cases {
-            let (s, body) = err.to_body();
+            let (s, Body::Json(body)) = err.answer() else {
+                panic!("{err:?} is answered with text");
+            };
             let json = serde_json::to_value(&body).expect("json");
             assert_eq!((s.as_u16(), json["error"].as_str()), (status, Some(code)));
         }
-        let (_, body) = ApiError::NotRunning(Status::Crashed).to_body();
+        let (_, Body::Json(body)) = ApiError::NotRunning(Status::Crashed).answer() else {
+            panic!("text");
+        };
         assert_eq!(
             serde_json::to_value(&body).expect("json"),
             serde_json::json!({
@@ -225,6 +268,10 @@ mod tests {
                 "status": "crashed",
                 "message": "Session crashed; restart it first"
             })
+        );
+        assert_eq!(
+            ApiError::NoRoute.answer(),
+            (StatusCode::NOT_FOUND, Body::Text("Not found\n"))
         );
     }
 }
