@@ -295,7 +295,7 @@ impl Client {
                 "not an approval request: {chosen}"
             )));
         };
-        let mut socket = self.connect(id).await?;
+        let mut socket = self.connect(id, "", None).await?;
         socket
             .send(Message::text(line.to_string()))
             .await
@@ -338,19 +338,25 @@ impl Client {
         Ok(resolved)
     }
 
-    /// Opens the WebSocket of session `id` (no replay, no hello), over TCP, TLS or the Unix
-    /// socket as the URL says.
+    /// Opens the WebSocket of session `id` with `query` (`since=N&hello=1`, or empty), over
+    /// TCP, TLS or the Unix socket as the URL says. A refused upgrade is the server's answer,
+    /// as for REST.
     async fn connect(
         &self,
         id: &str,
+        query: &str,
+        config: Option<WebSocketConfig>,
     ) -> Result<WebSocketStream<tokio_tungstenite::MaybeTlsStream<Box<dyn Stream>>>, ClientError>
     {
-        let url = format!(
+        let mut url = format!(
             "{}/sessions/{id}",
             self.base
                 .replacen("http://", "ws://", 1)
                 .replacen("https://", "wss://", 1)
         );
+        if !query.is_empty() {
+            url = format!("{url}?{query}");
+        }
         let mut request = url
             .as_str()
             .into_client_request()
@@ -391,7 +397,7 @@ impl Client {
         let (socket, _) = tokio_tungstenite::client_async_tls_with_config(
             request,
             stream,
-            None,
+            config,
             Some(tokio_tungstenite::Connector::Rustls(self.tls.clone())),
         )
         .await
@@ -443,10 +449,6 @@ impl Client {
         render: bool,
     ) -> Result<(), ClientError> {
         let render = render && self.renders(id).await?;
-        let ws_base = self
-            .base
-            .replacen("http://", "ws://", 1)
-            .replacen("https://", "wss://", 1);
         let mut query = Vec::new();
         if let Some(s) = since {
             query.push(format!("since={s}"));
@@ -454,68 +456,15 @@ impl Client {
         if hello {
             query.push("hello=1".to_owned());
         }
-        let mut url = format!("{ws_base}/sessions/{id}");
-        if !query.is_empty() {
-            url = format!("{url}?{}", query.join("&"));
-        }
-        let mut request = url
-            .as_str()
-            .into_client_request()
-            .map_err(|e| ClientError::Other(format!("bad URL {url}: {e}")))?;
-        if let Some(t) = &self.token {
-            let value = format!("Bearer {}", t.expose())
-                .parse()
-                .map_err(|_| ClientError::Other("token is not a valid header value".into()))?;
-            request.headers_mut().insert("authorization", value);
-        }
+        // Frames as long as the agent's lines: the server bounds them.
         let config = WebSocketConfig::default()
             .max_message_size(None)
             .max_frame_size(None);
-        let refused = |e: tungstenite::Error| match e {
-            tungstenite::Error::Http(resp) => ClientError::Http {
-                status: resp.status().as_u16(),
-                body: resp
-                    .body()
-                    .as_ref()
-                    .map(|b| String::from_utf8_lossy(b).trim_end().to_owned())
-                    .unwrap_or_default(),
-            },
-            other => ClientError::Unreachable {
-                url: self.shown.clone(),
-                reason: other.to_string(),
-            },
-        };
-        match &self.unix {
-            Some(path) => {
-                let stream = tokio::net::UnixStream::connect(path).await.map_err(|e| {
-                    ClientError::Unreachable {
-                        url: self.shown.clone(),
-                        reason: e.to_string(),
-                    }
-                })?;
-                let (socket, _) =
-                    tokio_tungstenite::client_async_with_config(request, stream, Some(config))
-                        .await
-                        .map_err(refused)?;
-                if render {
-                    return pipe_rendered(socket, linger).await;
-                }
-                pipe_stdio(socket, linger).await
-            }
-            None => {
-                let (socket, _) = tokio_tungstenite::connect_async_tls_with_config(
-                    request,
-                    Some(config),
-                    false,
-                    Some(tokio_tungstenite::Connector::Rustls(self.tls.clone())),
-                )
-                .await
-                .map_err(refused)?;
-                if render {
-                    return pipe_rendered(socket, linger).await;
-                }
-                pipe_stdio(socket, linger).await
-            }
+        let socket = self.connect(id, &query.join("&"), Some(config)).await?;
+        if render {
+            pipe_rendered(socket, linger).await
+        } else {
+            pipe_stdio(socket, linger).await
         }
     }
 }
