@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::{FromRequestParts, Path, State};
+use axum::http::request::Parts;
 use axum::http::{Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
@@ -104,6 +105,24 @@ async fn me(identity: Identity) -> Json<Me> {
         via: identity.via.as_str().to_owned(),
         source: identity.source.as_str().to_owned(),
     })
+}
+
+/// The `{id}` of a session route. axum's own rejection (an id that is not UTF-8 once
+/// percent-decoded) would be a text 400; this one speaks the API's format.
+struct SessionId(String);
+
+impl<S: Send + Sync> FromRequestParts<S> for SessionId {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match Path::<String>::from_request_parts(parts, state).await {
+            Ok(Path(id)) => Ok(Self(id)),
+            Err(e) => Err(ApiError::InvalidField {
+                field: "id".into(),
+                message: e.body_text(),
+            }),
+        }
+    }
 }
 
 /// Whether `identity` may see and drive sessions of `session`'s instance (a session whose
@@ -223,7 +242,7 @@ async fn create_session(
 async fn session_route(
     State(app): State<AppState>,
     identity: Identity,
-    Path(id): Path<String>,
+    SessionId(id): SessionId,
     method: Method,
     options: Result<ws::Options, ApiError>,
     upgrade: Result<ws::Upgrade, ws::NotUpgrade>,
@@ -250,7 +269,7 @@ async fn session_route(
 async fn restart_session(
     State(app): State<AppState>,
     identity: Identity,
-    Path(id): Path<String>,
+    SessionId(id): SessionId,
 ) -> Result<Response, ApiError> {
     if let Some(session) = app.sessions.get(&id) {
         may_use(&identity, &session)?;
