@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::{FromRequestParts, Path, State};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, State};
 use axum::http::request::Parts;
 use axum::http::{Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -48,7 +49,11 @@ pub(crate) fn router(state: AppState, policy: Arc<AccessPolicy>, via: Via) -> Ro
         .route("/instances", get(list_instances).fallback(not_found))
         .route(
             "/sessions",
-            get(list_sessions).post(create_session).fallback(not_found),
+            get(list_sessions)
+                .post(create_session)
+                .fallback(not_found)
+                // Bodies are read only up to the limit: a larger one is refused unread.
+                .layer(DefaultBodyLimit::max(state.limits.max_request_bytes)),
         )
         .route("/sessions/{id}", any(session_route))
         .route(
@@ -180,21 +185,22 @@ async fn list_sessions(State(app): State<AppState>, identity: Identity) -> Respo
 async fn create_session(
     State(app): State<AppState>,
     identity: Identity,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     // Like amarre, a full server says so before looking at the body.
     app.sessions.check_capacity()?;
     let limits = &app.limits;
-    if body.len() > limits.max_request_bytes {
-        return Err(ApiError::InvalidField {
-            field: "body".into(),
-            message: format!(
-                "request of {} bytes exceeds the limit of {} bytes (limits.max_request_bytes)",
-                body.len(),
+    let body = body.map_err(|e| ApiError::InvalidField {
+        field: "body".into(),
+        message: if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            format!(
+                "the request exceeds the limit of {} bytes (limits.max_request_bytes)",
                 limits.max_request_bytes
-            ),
-        });
-    }
+            )
+        } else {
+            e.body_text()
+        },
+    })?;
     let body = CreateSession::from_body(&body)?;
     if let Some(name) = &body.name
         && name.len() > limits.max_name_bytes
