@@ -12,8 +12,7 @@ use moorline::config::{
     Config, Connection, EXAMPLE_CONFIG, EXIT_CONFIG, LogFormat, Overrides, Sources,
 };
 use moorline::runtime::network;
-use moorline::wire::CreateSession;
-use moorline_adapters::pipeline::Decision;
+use moorline::wire::{CreateSession, Decision};
 
 #[derive(Debug, Parser)]
 #[command(
