@@ -7,6 +7,8 @@
 //! `result` marked `is_error`), so a tool's output or a model's text that merely mentions
 //! "401" is never taken for one.
 
+use std::sync::LazyLock;
+
 use memchr::memmem;
 use serde_json::Value;
 
@@ -22,11 +24,18 @@ const MARKERS: &[&str] = &[
     "Unauthorized",
 ];
 
-/// True if `line` might report an authentication failure (a cheap check before parsing).
-pub fn may_be_auth_failure(line: &[u8]) -> bool {
+/// The [`MARKERS`]' searchers, built once: building one costs more than searching a line, and
+/// every output line of every agent is searched.
+static FINDERS: LazyLock<Vec<memmem::Finder<'static>>> = LazyLock::new(|| {
     MARKERS
         .iter()
-        .any(|m| memmem::find(line, m.as_bytes()).is_some())
+        .map(|m| memmem::Finder::new(m.as_bytes()))
+        .collect()
+});
+
+/// True if `line` might report an authentication failure (a cheap check before parsing).
+pub fn may_be_auth_failure(line: &[u8]) -> bool {
+    FINDERS.iter().any(|f| f.find(line).is_some())
 }
 
 /// True if `v`, an agent's output line, reports that its credentials are missing or wrong.
