@@ -33,9 +33,16 @@ static FINDERS: LazyLock<Vec<memmem::Finder<'static>>> = LazyLock::new(|| {
         .collect()
 });
 
+/// Every key [`is_auth_failure`] looks at contains one of these (`error`, `errorMessage`,
+/// `error_status`, `is_error`, `status`, `statusCode`, …): a line with neither is not searched
+/// for the seven [`MARKERS`], which would be seven passes over every output line.
+static KEY_FINDERS: LazyLock<[memmem::Finder<'static>; 2]> =
+    LazyLock::new(|| [memmem::Finder::new("rror"), memmem::Finder::new("tatus")]);
+
 /// True if `line` might report an authentication failure (a cheap check before parsing).
 pub fn may_be_auth_failure(line: &[u8]) -> bool {
-    FINDERS.iter().any(|f| f.find(line).is_some())
+    KEY_FINDERS.iter().any(|f| f.find(line).is_some())
+        && FINDERS.iter().any(|f| f.find(line).is_some())
 }
 
 /// True if `v`, an agent's output line, reports that its credentials are missing or wrong.
@@ -104,6 +111,16 @@ mod tests {
             assert!(may_be_auth_failure(v.to_string().as_bytes()), "{v}");
             assert!(is_auth_failure(&v), "{v}");
         }
+    }
+
+    #[test]
+    fn lines_without_an_error_or_status_key_are_not_parsed() {
+        assert!(!may_be_auth_failure(
+            br#"{"type":"text","text":"401 Unauthorized: Invalid API key"}"#
+        ));
+        assert!(may_be_auth_failure(
+            br#"{"type":"text","error":"401 Unauthorized"}"#
+        ));
     }
 
     #[test]

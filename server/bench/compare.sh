@@ -8,6 +8,9 @@
 #   server/bench/compare.sh [ROUNDS]        (default 3 rounds; the tmux and runc runtimes need
 #                                            tmux, and runc, tini and slirp4netns as root; a
 #                                            runtime that is not available is skipped)
+#
+# BEFORE=path/to/another/moorline adds that build, on the process runtime, as a fifth server
+# ("before"), so a change is measured against the build before it in the same run.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 rounds=${1:-3}
@@ -15,7 +18,7 @@ cargo build --release --quiet -p moorline --bin moorline --example loadgen --exa
 bin=target/release
 work=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
-servers="bare process tmux runc"
+servers="bare process tmux runc${BEFORE:+ before}"
 workloads=(--only spawn,rtt,pipelined,large,fanout --fanout-count 50000 --time-limit-secs 300)
 
 # Starts a server in the background, logging to $work/log; sets $pid and $url.
@@ -25,11 +28,11 @@ start_bare() {
   url=$(wait_for 'bare relay on ' | sed 's/.*bare relay on //')
 }
 start_moorline() {
-  local runtime=$1 network=${2:-isolated}
+  local runtime=$1 network=${2:-isolated} exe=${3:-$bin/moorline}
   rm -rf "$work/state"
   AMARRE_INSTANCES_JSON="[{\"id\":\"cat\",\"agent\":\"command\",\"command\":[\"/bin/cat\"],\"runtime\":\"$runtime\",\"network\":\"$network\"}]" \
     MOORLINE_DETECT_TAILNET_NAMES=false NO_COLOR=1 \
-    "$bin/moorline" serve --port 0 --state-dir "$work/state" >"$work/log" 2>&1 &
+    "$exe" serve --port 0 --state-dir "$work/state" >"$work/log" 2>&1 &
   pid=$!
   url=http://$(wait_for 'moorline listening' | sed 's/.*addr=\([0-9.:]*\).*/\1/')
 }
@@ -53,7 +56,7 @@ measure() {
   grep -E '^(spawn|rtt|pipe|large|fan)' "$out" | sed "s/^/$(printf '%-9s' "$name") /"
   awk -F'|' -v s="$name" '
     function trim(x) { gsub(/^ +| +$/, "", x); return x }
-    NF == 5 && $2 !~ /Workload|---/ { printf "%s\t%s %s\t%s\n", s, trim($2), trim($3), trim($4) }
+    NF == 5 && $2 !~ /Workload|---|Server memory|before the run|after the run/ { printf "%s\t%s %s\t%s\n", s, trim($2), trim($3), trim($4) }
     /^\| after the run \|/ { v = trim($3); sub(/ MiB/, "", v); printf "%s\tRSS after (MiB)\t%s\n", s, v }
     /^\| after the run \|/ { v = trim($4); sub(/ MiB/, "", v); printf "%s\tRSS peak (MiB)\t%s\n", s, v }
   ' "$out" >>"$work/figures"
@@ -65,6 +68,8 @@ for round in $(seq "$rounds"); do
   for server in $servers; do
     if [ "$server" = bare ]; then
       start_bare
+    elif [ "$server" = before ]; then
+      start_moorline process isolated "$BEFORE"
     else
       start_moorline "$server"
       if ! has_runtime "$server"; then
@@ -95,14 +100,18 @@ awk -F'\t' -v servers="$servers" '
   }
   END {
     ns = split(servers, s, " ")
+    before = servers ~ /before/
     printf "| figure |"; for (i = 1; i <= ns; i++) printf " %s |", s[i]
-    print " process / bare | tmux / process | runc / process |"
-    printf "|---|"; for (i = 1; i <= ns; i++) printf "---:|"; print "---:|---:|---:|"
+    printf " process / bare | tmux / process | runc / process |"
+    print before ? " process / before |" : ""
+    printf "|---|"; for (i = 1; i <= ns; i++) printf "---:|"
+    print before ? "---:|---:|---:|---:|" : "---:|---:|---:|"
     for (f = 1; f <= nf; f++) {
       name = order[f]
       printf "| %s |", name
       for (i = 1; i <= ns; i++) { m[s[i]] = median(s[i] SUBSEP name); printf " %s |", m[s[i]] == "" ? "-" : m[s[i]] }
-      printf " %s | %s | %s |\n", ratio(m["process"], m["bare"]), ratio(m["tmux"], m["process"]), ratio(m["runc"], m["process"])
+      printf " %s | %s | %s |", ratio(m["process"], m["bare"]), ratio(m["tmux"], m["process"]), ratio(m["runc"], m["process"])
+      print before ? " " ratio(m["process"], m["before"]) " |" : ""
       for (i = 1; i <= ns; i++) med[s[i], name] = m[s[i]]
     }
     print ""
