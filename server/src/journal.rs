@@ -23,7 +23,7 @@ pub const CHECKPOINT_BYTES: u64 = 64 * 1024;
 /// Disk space reserved ahead of the active segment's end, so a full disk fails the reservation
 /// instead of a write: a write cut short would show a reader (a server following a keeper's
 /// journal) lines that are then cut off again.
-const RESERVE_BYTES: u64 = 1 << 20;
+const RESERVE_BYTES: u64 = 256 * 1024;
 
 const SEGMENT_SUFFIX: &str = ".jsonl";
 
