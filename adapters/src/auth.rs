@@ -7,6 +7,8 @@
 //! `result` marked `is_error`), so a tool's output or a model's text that merely mentions
 //! "401" is never taken for one.
 
+use std::sync::LazyLock;
+
 use memchr::memmem;
 use serde_json::Value;
 
@@ -22,11 +24,25 @@ const MARKERS: &[&str] = &[
     "Unauthorized",
 ];
 
-/// True if `line` might report an authentication failure (a cheap check before parsing).
-pub fn may_be_auth_failure(line: &[u8]) -> bool {
+/// The [`MARKERS`]' searchers, built once: building one costs more than searching a line, and
+/// every output line of every agent is searched.
+static FINDERS: LazyLock<Vec<memmem::Finder<'static>>> = LazyLock::new(|| {
     MARKERS
         .iter()
-        .any(|m| memmem::find(line, m.as_bytes()).is_some())
+        .map(|m| memmem::Finder::new(m.as_bytes()))
+        .collect()
+});
+
+/// Every key [`is_auth_failure`] looks at contains one of these (`error`, `errorMessage`,
+/// `error_status`, `is_error`, `status`, `statusCode`, …): a line with neither is not searched
+/// for the seven [`MARKERS`], which would be seven passes over every output line.
+static KEY_FINDERS: LazyLock<[memmem::Finder<'static>; 2]> =
+    LazyLock::new(|| [memmem::Finder::new("rror"), memmem::Finder::new("tatus")]);
+
+/// True if `line` might report an authentication failure (a cheap check before parsing).
+pub fn may_be_auth_failure(line: &[u8]) -> bool {
+    KEY_FINDERS.iter().any(|f| f.find(line).is_some())
+        && FINDERS.iter().any(|f| f.find(line).is_some())
 }
 
 /// True if `v`, an agent's output line, reports that its credentials are missing or wrong.
@@ -95,6 +111,16 @@ mod tests {
             assert!(may_be_auth_failure(v.to_string().as_bytes()), "{v}");
             assert!(is_auth_failure(&v), "{v}");
         }
+    }
+
+    #[test]
+    fn lines_without_an_error_or_status_key_are_not_parsed() {
+        assert!(!may_be_auth_failure(
+            br#"{"type":"text","text":"401 Unauthorized: Invalid API key"}"#
+        ));
+        assert!(may_be_auth_failure(
+            br#"{"type":"text","error":"401 Unauthorized"}"#
+        ));
     }
 
     #[test]

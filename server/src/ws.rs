@@ -242,11 +242,13 @@ pub(crate) fn connect(
         let (inner, read) = into_io(upgraded, send_buffer);
         let io = Metered {
             inner,
+            prefix: read,
             progress: progress.clone(),
         };
-        let socket =
-            WebSocketStream::from_partially_read(io, read.to_vec(), Role::Server, Some(config))
-                .await;
+        // Not `from_partially_read`: its read buffer, built from a `Vec`, forgets its size once
+        // split, and every later read then asks the kernel for a few bytes (one `recv` per frame
+        // or more). The bytes read past the request are served by `Metered` instead.
+        let socket = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
         Client::new(app, session, guard, opts, newest, identity, progress)
             .run(socket)
             .await;
@@ -323,6 +325,8 @@ impl Progress {
 #[derive(Debug)]
 struct Metered<S> {
     inner: S,
+    /// Bytes the HTTP server read past the upgrade request, read before the socket.
+    prefix: Bytes,
     progress: Arc<Progress>,
 }
 
@@ -332,6 +336,11 @@ impl<S: AsyncRead + Unpin> AsyncRead for Metered<S> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            buf.put_slice(&self.prefix.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
         Pin::new(&mut self.inner).poll_read(cx, buf)
     }
 }
