@@ -14,10 +14,8 @@
 //! - [`audit`]: the audit log of session changes and approval answers.
 //! - [`session`]: the session registry and lifecycle; talks to agents only through runtimes.
 //! - [`runtime`]: where agents run, behind the [`runtime::Runtime`] trait.
-//! - [`agentio`]: the loop owning an agent's stdio: framing, translation and approvals.
-//! - [`framing`]: JSONL framing of agent output and client input.
-//! - [`fsio`]: atomic, private file writes.
-//! - [`journal`]: the durable per-session output log.
+//! - [`keeper`]: the session keeper and the leaf modules it shares with the server: the agent's
+//!   stdio loop, JSONL framing, the journal, process-group control, session directory layout.
 //! - [`fanout`]: delivery of output to clients, with replay.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`client`]: the `moorline sessions`, `instances`, `approve`/`deny` and `attach` commands.
@@ -25,21 +23,21 @@
 //! [`run`] takes already-bound [`Listeners`] (loopback TCP, a Unix socket, or both) and a
 //! shutdown future, so tests and the binary start servers the same way.
 
-pub mod agentio;
 pub mod api;
 pub mod audit;
 pub mod client;
 pub mod config;
 pub mod credentials;
 pub mod fanout;
-pub mod framing;
-pub mod fsio;
-pub mod journal;
+pub mod keeper;
 pub mod metrics;
 pub mod runtime;
 pub mod security;
 pub mod session;
 pub mod ws;
+
+// The keeper's leaf modules under the names the HTTP side still uses.
+pub use keeper::{agentio, framing, journal};
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
