@@ -84,6 +84,52 @@ impl AgentControl for GroupControl {
     }
 }
 
+/// Signals a container's init (tini, pid 1 of its pid namespace), known once the container
+/// runs: SIGTERM is passed on by tini to the agent's process group, SIGKILL ends the whole
+/// namespace. The init is the keeper's own child (see
+/// [`KeeperSpec::detached_pid_file`](super::protocol::KeeperSpec::detached_pid_file)), so its
+/// pid cannot be reused before the keeper reaps it, after which it is not signalled again.
+#[derive(Debug, Default)]
+pub struct InitControl {
+    pid: std::sync::OnceLock<Pid>,
+    gone: AtomicBool,
+}
+
+impl InitControl {
+    /// The container's init is `pid`.
+    pub fn started(&self, pid: Pid) {
+        let _ = self.pid.set(pid);
+    }
+
+    /// The init has been reaped.
+    pub fn reaped(&self) {
+        self.gone.store(true, Ordering::SeqCst);
+    }
+
+    fn signal(&self, sig: Signal) -> io::Result<()> {
+        let Some(&pid) = self.pid.get() else {
+            return Ok(());
+        };
+        if self.gone.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        match nix::sys::signal::kill(pid, sig) {
+            Ok(()) | Err(nix::errno::Errno::ESRCH) => Ok(()),
+            Err(e) => Err(io::Error::from(e)),
+        }
+    }
+}
+
+impl AgentControl for InitControl {
+    fn terminate(&self) -> io::Result<()> {
+        self.signal(Signal::SIGTERM)
+    }
+
+    fn kill(&self) -> io::Result<()> {
+        self.signal(Signal::SIGKILL)
+    }
+}
+
 /// Kills the process group of an agent a crashed server left behind, if `pid` is still the
 /// same process (same start time), never a recycled pid.
 pub fn kill_orphan(pid: u32, start: u64) -> bool {

@@ -32,7 +32,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use moorline_adapters::pipeline::{Pipeline, Resolution};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::net::UnixListener;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{Notify, mpsc};
@@ -178,7 +178,12 @@ fn start_agent(
     spec: &KeeperSpec,
     run_dir: &RunDir,
     stderr: &mut std::fs::File,
-) -> io::Result<(AgentPipes, Arc<GroupControl>)> {
+) -> io::Result<(AgentPipes, Arc<dyn AgentControl>)> {
+    if spec.detached_pid_file.is_some() {
+        // Orphans among our descendants (the container's init, once runc has left) become
+        // our children.
+        nix::sys::prctl::set_child_subreaper(true).map_err(io::Error::from)?;
+    }
     let workspace = match &spec.workspace {
         Some(anchor) => Some(anchor.open().map_err(|e| {
             io::Error::new(
@@ -227,18 +232,29 @@ fn start_agent(
     let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
         return Err(io::Error::other("agent has no stdio pipes"));
     };
-    let control = Arc::new(GroupControl::new(agent_pid));
-    let exit_control = control.clone();
-    let container = spec.container;
-    let exit = Box::pin(async move {
-        let info = match child.wait().await {
-            Ok(status) if container => ExitInfo::from_container_status(status),
-            Ok(status) => ExitInfo::from(status),
-            Err(_) => ExitInfo::UNKNOWN,
+    let (exit, control): (super::agentio::ExitFuture, Arc<dyn AgentControl>) =
+        match &spec.detached_pid_file {
+            Some(pid_file) => {
+                let control = Arc::new(super::group::InitControl::default());
+                let exit = container_exit(child, pid_file.clone(), control.clone());
+                (Box::pin(exit), control)
+            }
+            None => {
+                let control = Arc::new(GroupControl::new(agent_pid));
+                let exit_control = control.clone();
+                let container = spec.container;
+                let exit = async move {
+                    let info = match child.wait().await {
+                        Ok(status) if container => ExitInfo::from_container_status(status),
+                        Ok(status) => ExitInfo::from(status),
+                        Err(_) => ExitInfo::UNKNOWN,
+                    };
+                    exit_control.leader_exited();
+                    info
+                };
+                (Box::pin(exit), control)
+            }
         };
-        exit_control.leader_exited();
-        info
-    });
     let pipes = AgentPipes {
         stdout: Box::new(stdout),
         stdin: Box::new(stdin),
@@ -246,6 +262,50 @@ fn start_agent(
         control: control.clone(),
     };
     Ok((pipes, control))
+}
+
+/// How a detached container ends: `runc run --detach` fails (the container never ran), or its
+/// init, our child since runc left, exits. Its status is read as `runc run` would report it.
+async fn container_exit(
+    mut runc: tokio::process::Child,
+    pid_file: std::path::PathBuf,
+    control: Arc<super::group::InitControl>,
+) -> ExitInfo {
+    match runc.wait().await {
+        Ok(status) if status.success() => {}
+        Ok(status) => return ExitInfo::from_container_status(status),
+        Err(_) => return ExitInfo::UNKNOWN,
+    }
+    let Some(pid) = super::layout::read_pid(&pid_file).map(nix::unistd::Pid::from_raw) else {
+        return ExitInfo::UNKNOWN;
+    };
+    control.started(pid);
+    let info = match wait_child(pid).await {
+        Ok(status) => ExitInfo::from_container_status(status),
+        Err(_) => ExitInfo::UNKNOWN,
+    };
+    control.reaped();
+    info
+}
+
+/// Waits for child `pid` to exit and reaps it (on a blocking thread: `waitpid` is the wait).
+async fn wait_child(pid: nix::unistd::Pid) -> io::Result<std::process::ExitStatus> {
+    use nix::sys::wait::{WaitStatus, waitpid};
+    use std::os::unix::process::ExitStatusExt;
+    let waited = tokio::task::spawn_blocking(move || {
+        loop {
+            match waitpid(pid, None) {
+                Ok(WaitStatus::Exited(_, code)) => return Ok(code << 8),
+                Ok(WaitStatus::Signaled(_, sig, _)) => return Ok(sig as i32),
+                // Stopped or continued: not an end.
+                Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => return Err(io::Error::from(e)),
+            }
+        }
+    })
+    .await
+    .map_err(io::Error::other)??;
+    Ok(std::process::ExitStatus::from_raw(waited))
 }
 
 /// Binds the server's socket, owner only.
@@ -272,7 +332,7 @@ struct Server {
 async fn serve(
     io: AgentIo,
     pipes: AgentPipes,
-    control: &GroupControl,
+    control: &dyn AgentControl,
     sink: &mut KeeperSink,
     server: Server,
 ) -> io::Result<(ExitInfo, Option<tokio::task::JoinHandle<()>>)> {
@@ -293,7 +353,8 @@ async fn serve(
                     old.abort();
                 }
                 let (read, write) = stream.into_split();
-                server.outbox.connected();
+                let write = Arc::new(write);
+                server.outbox.connected(write.clone());
                 let lines = lines_tx.clone();
                 let mut log_file = server.log.try_clone()?;
                 let max = server.max_input_line;
@@ -347,6 +408,11 @@ struct OutboxInner {
     line_bytes: usize,
     /// Whether a server is connected (lines are only sent to one that is).
     connected: bool,
+    /// Its socket, for lines written at once when nothing else is queued or being sent.
+    socket: Option<Arc<OwnedWriteHalf>>,
+    /// Whether the sending task holds bytes taken from the queue (then nothing may overtake
+    /// them).
+    sending: bool,
     /// Whether output is held now, for a server that connects later.
     held: bool,
     resolutions: VecDeque<Resolution>,
@@ -359,10 +425,12 @@ impl Outbox {
 
     /// A server connected: it is told the journal's state, and to read the journal, since
     /// lines appended before it was accepted were sent to nobody.
-    fn connected(&self) {
+    fn connected(&self, socket: Arc<OwnedWriteHalf>) {
         {
             let mut inner = self.lock();
             inner.connected = true;
+            inner.socket = Some(socket);
+            inner.sending = false;
             if inner.held {
                 inner.bytes.push(protocol::HELD);
             }
@@ -374,27 +442,40 @@ impl Outbox {
     fn disconnected(&self) {
         let mut inner = self.lock();
         inner.connected = false;
+        inner.socket = None;
         inner.bytes.clear();
         inner.line_bytes = 0;
     }
 
     /// Lines just appended to the journal from `first_seq` on, with the index changes of the
-    /// append.
+    /// append. With nothing queued, they are written to the socket at once (no task switch on
+    /// the way to the server); whatever the socket does not take now is queued.
     fn lines(&self, first_seq: u64, changes: &[super::journal::IndexChange], lines: &[u8]) {
-        {
-            let mut inner = self.lock();
-            if !inner.connected {
-                return;
-            }
-            if inner.line_bytes + lines.len() <= OUTBOX_LINES {
-                let before = inner.bytes.len();
-                protocol::encode_lines(&mut inner.bytes, first_seq, changes, lines);
-                inner.line_bytes += inner.bytes.len() - before;
-            } else if inner.bytes.last() != Some(&protocol::DOORBELL) {
+        let mut inner = self.lock();
+        if !inner.connected {
+            return;
+        }
+        if inner.line_bytes + lines.len() > OUTBOX_LINES {
+            if inner.bytes.last() != Some(&protocol::DOORBELL) {
                 // The server is behind: it reads these from the journal.
                 inner.bytes.push(protocol::DOORBELL);
             }
+            drop(inner);
+            self.notify.notify_one();
+            return;
         }
+        let direct = inner.bytes.is_empty() && !inner.sending;
+        protocol::encode_lines(&mut inner.bytes, first_seq, changes, lines);
+        if direct && let Some(socket) = inner.socket.clone() {
+            if let Ok(n) = socket.try_write(&inner.bytes) {
+                inner.bytes.drain(..n);
+            }
+            if inner.bytes.is_empty() {
+                return;
+            }
+        }
+        inner.line_bytes = inner.bytes.len();
+        drop(inner);
         self.notify.notify_one();
     }
 
@@ -431,6 +512,7 @@ impl Outbox {
         let mut inner = self.lock();
         let mut out = std::mem::take(&mut inner.bytes);
         inner.line_bytes = 0;
+        inner.sending = true;
         let taken: Vec<Resolution> = inner.resolutions.drain(..).collect();
         for r in &taken {
             if let Ok(json) = serde_json::to_vec(r) {
@@ -440,6 +522,11 @@ impl Outbox {
             }
         }
         (out, taken)
+    }
+
+    /// The sending task has nothing left in hand: direct writes may go again.
+    fn sent(&self) {
+        self.lock().sending = false;
     }
 
     /// Settled approvals a server did not get: kept for the next one.
@@ -532,19 +619,36 @@ impl Drop for KeeperSink {
 }
 
 /// Sends the connected server whatever the outbox holds, as it comes.
-async fn send_outbox(mut write: OwnedWriteHalf, outbox: Arc<Outbox>) {
+async fn send_outbox(write: Arc<OwnedWriteHalf>, outbox: Arc<Outbox>) {
     loop {
         outbox.notify.notified().await;
-        let (out, taken) = outbox.take();
-        if out.is_empty() {
-            continue;
-        }
-        if write.write_all(&out).await.is_err() {
-            // Not delivered: keep the approvals for the next server.
-            outbox.give_back(taken);
-            return;
+        loop {
+            let (out, taken) = outbox.take();
+            if out.is_empty() {
+                outbox.sent();
+                break;
+            }
+            if write_all(&write, &out).await.is_err() {
+                // Not delivered: keep the approvals for the next server.
+                outbox.give_back(taken);
+                return;
+            }
         }
     }
+}
+
+/// Writes all of `buf` to a socket half shared with the outbox's direct writes.
+async fn write_all(write: &OwnedWriteHalf, mut buf: &[u8]) -> io::Result<()> {
+    while !buf.is_empty() {
+        write.writable().await?;
+        match write.try_write(buf) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => buf = &buf[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Reads the server's lines and passes on only complete ones. A partial line left when the

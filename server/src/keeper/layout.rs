@@ -130,6 +130,11 @@ impl RunDir {
         self.0.join("container.id")
     }
 
+    /// `container.pid`: the host pid of the container's init (`runc run --pid-file`).
+    pub fn container_pid(&self) -> PathBuf {
+        self.0.join("container.pid")
+    }
+
     /// `bundle/`: the OCI bundle of the current run (`runc`).
     pub fn bundle(&self) -> PathBuf {
         self.0.join("bundle")
@@ -156,9 +161,10 @@ impl RunDir {
     }
 
     /// Files of a previous run that must not be mistaken for this one's.
-    pub fn stale_files(&self) -> [PathBuf; 6] {
+    pub fn stale_files(&self) -> [PathBuf; 7] {
         [
             self.socket(),
+            self.container_pid(),
             self.exit(),
             self.keeper_pid(),
             self.agent_pid(),

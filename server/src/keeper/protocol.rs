@@ -111,6 +111,13 @@ pub struct KeeperSpec {
     /// the container's agent ([`ExitInfo::from_container_status`]).
     #[serde(default)]
     pub container: bool,
+    /// The program is `runc run --detach --pid-file FILE`: it returns once the container runs,
+    /// leaving the container's stdio on the keeper's pipes (no copying through runc), and
+    /// the keeper, a child subreaper, takes over the container's init (whose pid runc writes
+    /// to FILE) as its own child and waits for it. `None` (specs of older servers): the
+    /// program runs as long as the agent.
+    #[serde(default)]
+    pub detached_pid_file: Option<PathBuf>,
 }
 
 /// Reads the spec of a run directory, if there is a valid one.

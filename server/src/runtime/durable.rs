@@ -80,6 +80,8 @@ struct Launch {
     user: Option<(u32, u32)>,
     /// The container's cgroup, when its memory limit applies.
     oom_cgroup: Option<String>,
+    /// Where `runc run --detach` writes the container init's pid.
+    detached_pid_file: Option<PathBuf>,
 }
 
 impl DurableRuntime {
@@ -134,6 +136,7 @@ impl DurableRuntime {
             workspace: Some(spec.workspace.clone()),
             user: spec.user,
             oom_cgroup: None,
+            detached_pid_file: None,
         }
     }
 
@@ -183,13 +186,15 @@ impl DurableRuntime {
             },
         )?;
         std::fs::write(run_dir.container_id(), &id)?;
+        let pid_file = run_dir.container_pid();
         Ok(Launch {
             program: host.runc.program().to_owned(),
-            args: host.runc.run_args(&bundle, &id),
+            args: host.runc.detached_run_args(&bundle, &id, &pid_file),
             env,
             workspace: None,
             user: None,
             oom_cgroup,
+            detached_pid_file: Some(pid_file),
         })
     }
 
@@ -217,6 +222,7 @@ impl DurableRuntime {
             instance_id: spec.instance_id.clone(),
             user_markers: true,
             container: self.container.is_some(),
+            detached_pid_file: launch.detached_pid_file,
         }
     }
 

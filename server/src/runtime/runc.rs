@@ -61,6 +61,22 @@ impl Runc {
         ]
     }
 
+    /// Arguments of `runc run --detach` for a bundle: runc returns once the container runs,
+    /// after writing its init's pid to `pid_file`; the container keeps the caller's stdio.
+    pub fn detached_run_args(&self, bundle: &Path, id: &str, pid_file: &Path) -> Vec<String> {
+        vec![
+            "--root".into(),
+            self.root.display().to_string(),
+            "run".into(),
+            "--detach".into(),
+            "--pid-file".into(),
+            pid_file.display().to_string(),
+            "--bundle".into(),
+            bundle.display().to_string(),
+            id.into(),
+        ]
+    }
+
     fn command(&self) -> Command {
         let mut cmd = Command::new(&self.program);
         cmd.arg("--root")
