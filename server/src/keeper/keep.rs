@@ -660,7 +660,8 @@ async fn forward_lines(
     max: usize,
     log_file: &mut std::fs::File,
 ) {
-    let mut buf = BytesMut::with_capacity(64 * 1024);
+    // One read takes a whole 64 KiB line and its neighbours.
+    let mut buf = BytesMut::with_capacity(256 * 1024);
     let mut splitter = LineSplitter::new(max);
     let mut forwarded = 0u64;
     let mut user: Option<Arc<str>> = None;
