@@ -100,6 +100,10 @@ pub trait OutputSink: Send {
 
     /// The agent reported, for the first time this run, that its credentials are wrong.
     fn auth_failed(&mut self) {}
+
+    /// Committed lines may now be shown to clients: what their processing changed (pending
+    /// approvals, an authentication failure) has been reported.
+    fn flush(&mut self) {}
 }
 
 /// A line from a client, with who sent it.
@@ -197,12 +201,14 @@ impl AgentIo {
                     self.held.push_front((refused.batch, ends));
                     self.backoff = (self.backoff * 2).min(RETRY_MAX);
                     self.retry_at = Some(Instant::now() + self.backoff);
+                    sink.flush();
                     return false;
                 }
             }
         }
         tracing::info!("the journal takes output again");
         sink.held(None);
+        sink.flush();
         self.retry_at = None;
         true
     }
@@ -426,6 +432,7 @@ impl AgentIo {
         if self.pipeline.take_auth_failed() {
             sink.auth_failed();
         }
+        sink.flush();
     }
 
     /// A client line: through the pipeline to the agent (and maybe to clients).

@@ -448,33 +448,40 @@ impl Outbox {
     }
 
     /// Lines just appended to the journal from `first_seq` on, with the index changes of the
-    /// append. With nothing queued, they are written to the socket at once (no task switch on
-    /// the way to the server); whatever the socket does not take now is queued.
+    /// append: queued until [`Outbox::flush`].
     fn lines(&self, first_seq: u64, changes: &[super::journal::IndexChange], lines: &[u8]) {
         let mut inner = self.lock();
         if !inner.connected {
             return;
         }
-        if inner.line_bytes + lines.len() > OUTBOX_LINES {
-            if inner.bytes.last() != Some(&protocol::DOORBELL) {
-                // The server is behind: it reads these from the journal.
-                inner.bytes.push(protocol::DOORBELL);
-            }
-            drop(inner);
-            self.notify.notify_one();
+        if inner.line_bytes + lines.len() <= OUTBOX_LINES {
+            let before = inner.bytes.len();
+            protocol::encode_lines(&mut inner.bytes, first_seq, changes, lines);
+            inner.line_bytes += inner.bytes.len() - before;
+        } else if inner.bytes.last() != Some(&protocol::DOORBELL) {
+            // The server is behind: it reads these from the journal.
+            inner.bytes.push(protocol::DOORBELL);
+        }
+    }
+
+    /// Sends what is queued: written to the socket at once when the sending task holds nothing
+    /// (no task switch on the way to the server), else handed to that task.
+    fn flush(&self) {
+        let mut inner = self.lock();
+        if inner.bytes.is_empty() {
             return;
         }
-        let direct = inner.bytes.is_empty() && !inner.sending;
-        protocol::encode_lines(&mut inner.bytes, first_seq, changes, lines);
-        if direct && let Some(socket) = inner.socket.clone() {
+        if !inner.sending
+            && let Some(socket) = inner.socket.clone()
+        {
             if let Ok(n) = socket.try_write(&inner.bytes) {
                 inner.bytes.drain(..n);
             }
             if inner.bytes.is_empty() {
+                inner.line_bytes = 0;
                 return;
             }
         }
-        inner.line_bytes = inner.bytes.len();
         drop(inner);
         self.notify.notify_one();
     }
@@ -558,6 +565,12 @@ impl OutputSink for KeeperSink {
             }
             Err(error) => Err(Refused { batch, error }),
         }
+    }
+
+    fn flush(&mut self) {
+        // After the pending approvals and the authentication failure are on disk: a client
+        // that sees a line may ask for the summary those files feed.
+        self.outbox.flush();
     }
 
     fn held(&mut self, error: Option<&io::Error>) {

@@ -714,3 +714,92 @@ impl AgentControl for ContainerControl {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use moorline_adapters::pipeline::Resolution;
+
+    use super::Follower;
+    use crate::keeper::framing::DropReason;
+    use crate::keeper::journal::{
+        IndexChange, JournalIndex, JournalLimits, JournalTail, JournalWriter,
+    };
+    use crate::runtime::Delivery;
+
+    /// A session's end that keeps what it is given, as the hub does.
+    struct Published {
+        dir: std::path::PathBuf,
+        index: JournalIndex,
+        lines: Vec<Bytes>,
+    }
+
+    impl Delivery for Published {
+        fn tail(&self) -> JournalTail {
+            JournalTail::new(&self.dir, &self.index, self.lines.len() as u64 + 1)
+        }
+        fn journal_opened(&mut self, index: JournalIndex) {
+            self.index = index;
+        }
+        fn publish(&mut self, lines: Vec<Bytes>, changes: &[IndexChange]) {
+            self.index.apply_all(changes);
+            self.lines.extend(lines);
+        }
+        fn held(&mut self, _held: bool) {}
+        fn lost(&mut self, _lines: u64) {}
+        fn line_dropped(&mut self, _reason: DropReason) {}
+        fn resolved(&mut self, _resolution: &Resolution) {}
+    }
+
+    fn batch(lines: &[&str]) -> Vec<u8> {
+        lines
+            .iter()
+            .flat_map(|l| [l.as_bytes(), b"\n"].concat())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn keeper_lines_reach_the_session_once_and_in_order_whatever_was_missed() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let dir = tmp.path().join("journal");
+        let (mut writer, index) =
+            JournalWriter::open(&dir, JournalLimits::with_max_bytes(1 << 20)).expect("journal");
+        let mut published = Published {
+            dir: dir.clone(),
+            index,
+            lines: Vec::new(),
+        };
+        let batches = [batch(&["1", "2"]), batch(&["3", "4"]), batch(&["5"])];
+        let mut sent = Vec::new();
+        for b in &batches {
+            let first_seq = writer.next_seq();
+            let changes = writer.append(b, memchr::memchr_iter(b'\n', b).count() as u64);
+            sent.push((first_seq, changes.expect("append"), Bytes::from(b.clone())));
+        }
+        let mut follower = Follower {
+            session_id: "s",
+            next: 1,
+            output: &mut published,
+            broken: false,
+        };
+        // The first batch was appended before the server connected: only the second is sent.
+        // The gap is read from the journal, then the third batch (already read) is skipped.
+        let (first, changes, lines) = sent[1].clone();
+        follower.lines(first, &changes, lines).await;
+        let (first, changes, lines) = sent[2].clone();
+        follower.lines(first, &changes, lines).await;
+        // A batch that continues what was published is taken as it comes.
+        let more = batch(&["6", "7"]);
+        let first_seq = writer.next_seq();
+        let changes = writer.append(&more, 2).expect("append");
+        follower.lines(first_seq, &changes, Bytes::from(more)).await;
+        assert!(!follower.broken);
+        let got: Vec<&[u8]> = published.lines.iter().map(|l| l.as_ref()).collect();
+        assert_eq!(got, [&b"1"[..], b"2", b"3", b"4", b"5", b"6", b"7"]);
+        // The session's view of the journal is the writer's: a tail from it finds nothing new.
+        let mut tail = published.tail();
+        let (rest, _) = tail.poll(1 << 20).expect("poll");
+        assert!(rest.is_empty());
+        assert_eq!(tail.next_seq(), 8);
+    }
+}

@@ -227,6 +227,8 @@ impl AgentRun for ProcessRun {
             dir,
             journal,
             output,
+            unpublished: Vec::new(),
+            changes: Vec::new(),
         };
         // The agent's stdin stays open until it is stopped, so a shutdown is a SIGTERM, never
         // an end of input the agent might take for a normal end.
@@ -259,6 +261,10 @@ struct ProcessSink<'a> {
     dir: SessionDir,
     journal: JournalWriter,
     output: &'a mut dyn Delivery,
+    /// Lines in the journal, published at the next flush.
+    unpublished: Vec<bytes::Bytes>,
+    /// The index changes of their appends.
+    changes: Vec<crate::keeper::journal::IndexChange>,
 }
 
 impl OutputSink for ProcessSink<'_> {
@@ -270,9 +276,20 @@ impl OutputSink for ProcessSink<'_> {
             Err(error) => return Err(Refused { batch, error }),
         };
         let bytes = batch.freeze();
-        let lines = ends.iter().map(|&(s, e)| bytes.slice(s..e)).collect();
-        self.output.publish(lines, &changes);
+        self.unpublished
+            .extend(ends.iter().map(|&(s, e)| bytes.slice(s..e)));
+        self.changes.extend(changes);
         Ok(())
+    }
+
+    fn flush(&mut self) {
+        // After the pending approvals and the authentication failure are on disk: a client
+        // that sees a line may ask for the summary those files feed.
+        if !self.unpublished.is_empty() || !self.changes.is_empty() {
+            let lines = std::mem::take(&mut self.unpublished);
+            self.output.publish(lines, &self.changes);
+            self.changes.clear();
+        }
     }
 
     fn held(&mut self, error: Option<&io::Error>) {
