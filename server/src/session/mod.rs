@@ -538,6 +538,10 @@ impl Session {
         self.hub.release_memory();
         if stopping != Some(StopReason::Delete) {
             self.persist();
+        }
+        // A deleted session's clients were told so; a stopping server's clients are closed
+        // with 1001 (an exit event racing that close would be a lie about the agent).
+        if stopping.is_none() {
             self.lifecycle.send_replace(Lifecycle::Exited {
                 generation,
                 exit,
