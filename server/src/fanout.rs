@@ -2,7 +2,7 @@
 //!
 //! Clients *pull*: each one keeps a cursor (the next sequence number it wants) and reads from a
 //! shared, bounded in-memory window of recent lines; whatever has left the window is read back
-//! from the session's [`crate::journal`]. A single `watch` channel announces the newest
+//! from the session's [`crate::keeper::journal`]. A single `watch` channel announces the newest
 //! sequence number. So a slow client never slows the agent or other clients, costs no memory of
 //! its own beyond the batch it is sending, and is never silently skipped over: it is either caught
 //! up from disk or, if the journal no longer holds what it needs, told so and closed.
@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use bytes::Bytes;
 use tokio::sync::watch;
 
-use crate::journal::{self, Checkpoint, DiskRead, IndexChange, JournalIndex};
+use crate::keeper::journal::{self, Checkpoint, DiskRead, IndexChange, JournalIndex};
 
 /// How much one read hands a client at most (it always gets at least one line).
 #[derive(Debug, Clone, Copy)]
@@ -226,7 +226,7 @@ impl Hub {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::journal::{JournalLimits, JournalWriter};
+    use crate::keeper::journal::{JournalLimits, JournalWriter};
 
     struct Fixture {
         _tmp: tempfile::TempDir,

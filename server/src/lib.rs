@@ -10,14 +10,16 @@
 //! - [`config`]: layered configuration; the only module that reads the environment.
 //! - [`wire`]: the typed REST bodies, shared by the server, the client and the load generator.
 //! - [`client`]: the `moorline sessions`, `instances`, `approve`/`deny` and `attach` commands.
-//! - [`runtime`]: where agents run, behind the [`runtime::Runtime`] trait (and the keeper and
-//!   network helpers the binary starts).
+//! - [`runtime`]: where agents run, behind the [`runtime::Runtime`] trait (and the network
+//!   helpers the binary starts).
+//! - [`keeper`]: the session keeper and the leaf modules it shares with the server: the agent's
+//!   stdio loop, JSONL framing, the journal, process-group control, the session directory's
+//!   layout. It imports nothing from the server above it.
 //!
 //! Public though only the crate uses them (the server's core):
 //! - [`session`]: the session registry and lifecycle; talks to agents only through runtimes.
-//! - [`agentio`], [`framing`], [`journal`], [`fanout`], [`fsio`], [`credentials`], [`audit`]:
-//!   the agent's stdio loop, JSONL framing, the output journal, delivery to clients, private
-//!   file writes, instances' credentials files and the audit log.
+//! - [`fanout`], [`credentials`], [`audit`]: delivery to clients with replay, instances'
+//!   credentials files and the audit log.
 //!
 //! Private, the HTTP edge, which reaches agents only through sessions:
 //! - `api`: the REST route table and its handlers.
@@ -30,15 +32,12 @@
 //! [`run`] takes already-bound [`Listeners`] (loopback TCP, a Unix socket, or both) and a
 //! shutdown future, so tests and the binary start servers the same way.
 
-pub mod agentio;
 pub mod audit;
 pub mod client;
 pub mod config;
 pub mod credentials;
 pub mod fanout;
-pub mod framing;
-pub mod fsio;
-pub mod journal;
+pub mod keeper;
 pub mod runtime;
 pub mod session;
 pub mod wire;

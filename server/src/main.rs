@@ -236,12 +236,12 @@ fn main() -> ExitCode {
                 Err(_) => ExitCode::from(1),
             }
         }
-        Some(Command::Keeper { run_dir }) => moorline::runtime::keeper::keeper_main(&run_dir),
+        Some(Command::Keeper { run_dir }) => moorline::keeper::keeper_main(&run_dir),
         Some(Command::MountWorkspace { anchor, rootfs }) => {
             moorline::runtime::workspace::mount_main(&anchor, &rootfs)
         }
         Some(Command::KeeperPane { run_dir }) => match std::env::current_exe() {
-            Ok(exe) => moorline::runtime::keeper::pane_main(&run_dir, &exe),
+            Ok(exe) => moorline::keeper::pane_main(&run_dir, &exe),
             Err(e) => {
                 eprintln!("moorline: cannot find my own executable: {e}");
                 ExitCode::from(1)

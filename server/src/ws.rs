@@ -30,12 +30,12 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
-use crate::agentio::Input;
 use crate::api::AppState;
 use crate::error::ApiError;
 use crate::fanout::{Read, ReadLimit};
-use crate::framing::inbound_line;
-use crate::journal::DiskRead;
+use crate::keeper::agentio::Input;
+use crate::keeper::framing::inbound_line;
+use crate::keeper::journal::DiskRead;
 use crate::runtime::ExitInfo;
 use crate::security::Identity;
 use crate::session::{ClientGuard, Lifecycle, Session, SessionError, Status};

@@ -1,14 +1,14 @@
 //! The durable runtimes, `tmux` and `runc`: agents that outlive the server.
 //!
-//! Both start a keeper ([`super::keeper`]) from a pane of moorline's own tmux server; with `runc`
-//! the keeper runs the agent in a container. The server talks to the keeper over a Unix socket
-//! in the session's run directory and follows the journal the keeper writes, so a restarted
+//! Both start a keeper ([`crate::keeper`]) from a pane of moorline's own tmux server; with
+//! `runc` the keeper runs the agent in a container. The server talks to the keeper over a Unix
+//! socket in the session's run directory: client lines go to the keeper, and the keeper sends
+//! back every line right after appending it to the journal, so the server publishes it without
+//! reading it back. Only what the keeper could not send (nobody was connected, or the server
+//! fell behind) is read from the journal, from where the session's clients are; so a restarted
 //! server adopts running agents by reconnecting, without losing or duplicating a line.
 //!
-//! Run directory (`<session>/run/`): `keeper.json` (what to run), `stdin.sock`, `keeper.pid`,
-//! `agent.pid`, `container.id` (runc), `bundle/` (runc), `network.json`, `net.pid`, `net.log` and
-//! `resolv.conf` (runc, isolated network, see [`super::network`]), and `exit` once the agent has
-//! ended.
+//! The run directory's files are named in [`crate::keeper::layout::RunDir`].
 
 use std::collections::BTreeMap;
 use std::io;
@@ -17,30 +17,33 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use tokio::io::AsyncReadExt;
+use bytes::Bytes;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
-use super::keeper::{self, KeeperSpec};
 use super::network::{self, NetworkHook, NetworkPlan};
 use super::runc::{self, BundleSpec, Runc};
 use super::tmux::Tmux;
 use super::{
-    Adoption, Agent, AgentControl, Bell, ExitInfo, ExitReason, JournalFeed, Output, Runtime,
-    RuntimeError, SpawnSpec,
+    Adoption, Agent, AgentControl, AgentRun, Delivery, ExitInfo, ExitReason, Found, Input, RunEnd,
+    RunIo, Runtime, RuntimeError, SpawnFailure, SpawnSpec,
 };
 use crate::config::{NetworkMode, RuntimeConfig};
-use crate::session::store;
+use crate::keeper::agentio::Writer;
+use crate::keeper::group::{GroupControl, stop_network_helper};
+use crate::keeper::layout::{RunDir, STDERR_TAIL_BYTES, SessionDir};
+use crate::keeper::protocol::{self, Decoder, KeeperSpec, Message, user_marker};
 
-/// The run directory inside a session directory.
-pub const RUN_DIR: &str = "run";
-/// The per-session home of containers, inside a session directory.
-pub const HOME_DIR: &str = "home";
-const CONTAINER_ID_FILE: &str = "container.id";
 /// Longest Unix socket path the kernel accepts (`sockaddr_un.sun_path`, with its NUL).
 const MAX_SOCKET_PATH: usize = 107;
 /// How long a keeper gets to open its socket.
 const START_TIMEOUT: Duration = Duration::from_secs(15);
+/// Most bytes one read of a followed journal publishes at once.
+const FOLLOW_BATCH: usize = 1 << 20;
+/// Upper bound on one batched write to a keeper's socket.
+const STDIN_BATCH: usize = 256 * 1024;
 
 /// Container settings that come from the machine rather than the instance.
 #[derive(Debug, Clone)]
@@ -66,6 +69,21 @@ pub struct DurableRuntime {
     config: RuntimeConfig,
 }
 
+/// What the keeper is told to run: the agent itself, or `runc run` of its container.
+struct Launch {
+    program: PathBuf,
+    args: Vec<String>,
+    env: BTreeMap<String, String>,
+    /// The agent's workspace and user, when the keeper starts the agent itself (runc gets both
+    /// from the bundle and runs in the run directory).
+    workspace: Option<super::workspace::Anchor>,
+    user: Option<(u32, u32)>,
+    /// The container's cgroup, when its memory limit applies.
+    oom_cgroup: Option<String>,
+    /// Where `runc run --detach` writes the container init's pid.
+    detached_pid_file: Option<PathBuf>,
+}
+
 impl DurableRuntime {
     /// A runtime that runs keepers (and, with `container`, containers).
     pub fn new(
@@ -82,149 +100,141 @@ impl DurableRuntime {
         }
     }
 
-    fn spawn_error(program: &Path, msg: impl Into<String>) -> RuntimeError {
-        RuntimeError::Spawn {
-            program: program.display().to_string(),
-            source: io::Error::other(msg.into()),
-        }
-    }
-
-    /// The environment an agent starts with: only what was passed on purpose.
-    fn base_env(&self) -> BTreeMap<String, String> {
-        self.config.passed_env.clone()
-    }
-
-    async fn start(&self, spec: &SpawnSpec) -> io::Result<(PathBuf, Arc<dyn AgentControl>)> {
-        let run_dir = spec.session_dir.join(RUN_DIR);
-        let socket = run_dir.join(keeper::SOCKET_FILE);
+    /// Prepares the run directory, writes the keeper's spec and starts the keeper's pane.
+    async fn start(&self, spec: &SpawnSpec) -> Result<RunDir, SpawnFailure> {
+        let run_dir = spec.session_dir.run();
+        let socket = run_dir.socket();
         if socket.as_os_str().len() > MAX_SOCKET_PATH {
-            return Err(io::Error::other(format!(
-                "the session socket path {} is longer than {MAX_SOCKET_PATH} bytes; use a shorter state_dir",
-                socket.display()
-            )));
+            return Err(SpawnFailure::SocketPathTooLong {
+                path: socket,
+                max: MAX_SOCKET_PATH,
+            });
         }
-        std::fs::create_dir_all(&run_dir)?;
+        std::fs::create_dir_all(run_dir.path())?;
         // A previous run's network helper leaves with its container; make sure.
-        network::stop_helper(&run_dir);
-        for stale in [
-            keeper::SOCKET_FILE,
-            keeper::EXIT_FILE,
-            keeper::KEEPER_PID_FILE,
-            keeper::AGENT_PID_FILE,
-            CONTAINER_ID_FILE,
-            network::RESOLV_FILE,
-        ] {
-            let _ = std::fs::remove_file(run_dir.join(stale));
+        stop_network_helper(&run_dir);
+        for stale in run_dir.stale_files() {
+            let _ = std::fs::remove_file(stale);
         }
-        let mut env = self.base_env();
-        let stderr_file = spec.session_dir.join(store::STDERR_FILE);
-        // Without a container the keeper starts the agent in its workspace, as its user; runc
-        // gets both from the bundle and runs in the run directory.
-        let mut workspace = None;
-        let mut user = None;
-        let mut oom_cgroup = None;
-        let (program, args, control): (PathBuf, Vec<String>, Arc<dyn AgentControl>) =
-            match &self.container {
-                None => {
-                    env.extend(spec.env.clone());
-                    workspace = Some(spec.workspace.clone());
-                    user = spec.user;
-                    let control = Arc::new(GroupControl {
-                        pid_file: run_dir.join(keeper::AGENT_PID_FILE),
-                    });
-                    (spec.program.clone(), spec.args.clone(), control)
-                }
-                Some(host) => {
-                    let program = resolve(&spec.program, env.get("PATH").map(String::as_str))
-                        .ok_or_else(|| {
-                            io::Error::other(format!(
-                                "{} not found on this machine",
-                                spec.program.display()
-                            ))
-                        })?;
-                    let home = spec.session_dir.join(HOME_DIR);
-                    std::fs::create_dir_all(&home)?;
-                    let mut container_env = env.clone();
-                    container_env.insert("HOME".into(), runc::CONTAINER_HOME.into());
-                    container_env.extend(spec.env.clone());
-                    let id = container_id(&spec.session_id, spec.generation)?;
-                    let (hook, resolv) = self.isolated_network(host, spec, &run_dir)?;
-                    if spec.options.memory_limit.is_some() && host.limits_allowed {
-                        oom_cgroup = Some(runc::cgroups_path(&id));
-                    }
-                    let bundle = run_dir.join("bundle");
-                    runc::write_bundle(
-                        &bundle,
-                        &BundleSpec {
-                            container_id: id.clone(),
-                            session_id: spec.session_id.clone(),
-                            generation: spec.generation,
-                            program,
-                            args: spec.args.clone(),
-                            env: container_env,
-                            workspace: spec.workspace.clone(),
-                            moorline_exe: self.moorline_exe.clone(),
-                            user: spec.user,
-                            home,
-                            tini: host.tini.clone(),
-                            system_dirs: self.config.system_dirs.clone(),
-                            extra_rw: vec![spec.data_dir.clone()],
-                            network: spec.options.network,
-                            network_hook: hook,
-                            resolv_conf: resolv,
-                            pids_limit: spec.options.pids_limit,
-                            memory_limit: spec.options.memory_limit,
-                            rootless: host.rootless,
-                            limits_allowed: host.limits_allowed,
-                        },
-                    )?;
-                    std::fs::write(run_dir.join(CONTAINER_ID_FILE), &id)?;
-                    let control = Arc::new(ContainerControl {
-                        runc: host.runc.clone(),
-                        id: id.clone(),
-                    });
-                    (
-                        host.runc.program().to_owned(),
-                        host.runc.run_args(&bundle, &id),
-                        control,
-                    )
-                }
-            };
-        let keeper_spec = KeeperSpec {
-            session_id: spec.session_id.clone(),
-            program,
-            args,
+        let launch = match &self.container {
+            None => self.plain_launch(spec),
+            Some(host) => self.container_launch(host, spec, &run_dir)?,
+        };
+        protocol::write_spec(&run_dir, &self.keeper_spec(spec, &run_dir, launch))?;
+        self.open_pane(spec, &run_dir).await?;
+        Ok(run_dir)
+    }
+
+    /// Without a container the keeper starts the agent in its workspace, as its user.
+    fn plain_launch(&self, spec: &SpawnSpec) -> Launch {
+        let mut env = self.config.passed_env.clone();
+        env.extend(spec.env.clone());
+        Launch {
+            program: spec.program.clone(),
+            args: spec.args.clone(),
             env,
-            cwd: run_dir.clone(),
-            workspace,
-            user,
-            journal_dir: spec.journal_dir.clone(),
+            workspace: Some(spec.workspace.clone()),
+            user: spec.user,
+            oom_cgroup: None,
+            detached_pid_file: None,
+        }
+    }
+
+    /// With a container, the keeper runs `runc run` of a fresh bundle.
+    fn container_launch(
+        &self,
+        host: &ContainerHost,
+        spec: &SpawnSpec,
+        run_dir: &RunDir,
+    ) -> Result<Launch, SpawnFailure> {
+        let env = self.config.passed_env.clone();
+        let program = resolve(&spec.program, env.get("PATH").map(String::as_str))
+            .ok_or_else(|| SpawnFailure::NotFound(spec.program.clone()))?;
+        let home = spec.session_dir.home();
+        std::fs::create_dir_all(&home)?;
+        let mut container_env = env.clone();
+        container_env.insert("HOME".into(), runc::CONTAINER_HOME.into());
+        container_env.extend(spec.env.clone());
+        let id = container_id(&spec.session_id, spec.generation)?;
+        let (hook, resolv) = self.isolated_network(host, spec, run_dir)?;
+        let oom_cgroup = (spec.options.memory_limit.is_some() && host.limits_allowed)
+            .then(|| runc::cgroups_path(&id));
+        let bundle = run_dir.bundle();
+        runc::write_bundle(
+            &bundle,
+            &BundleSpec {
+                container_id: id.clone(),
+                session_id: spec.session_id.clone(),
+                generation: spec.generation,
+                program,
+                args: spec.args.clone(),
+                env: container_env,
+                workspace: spec.workspace.clone(),
+                moorline_exe: self.moorline_exe.clone(),
+                user: spec.user,
+                home,
+                tini: host.tini.clone(),
+                system_dirs: self.config.system_dirs.clone(),
+                extra_rw: vec![spec.session_dir.data()],
+                network: spec.options.network,
+                network_hook: hook,
+                resolv_conf: resolv,
+                pids_limit: spec.options.pids_limit,
+                memory_limit: spec.options.memory_limit,
+                rootless: host.rootless,
+                limits_allowed: host.limits_allowed,
+            },
+        )?;
+        std::fs::write(run_dir.container_id(), &id)?;
+        let pid_file = run_dir.container_pid();
+        Ok(Launch {
+            program: host.runc.program().to_owned(),
+            args: host.runc.detached_run_args(&bundle, &id, &pid_file),
+            env,
+            workspace: None,
+            user: None,
+            oom_cgroup,
+            detached_pid_file: Some(pid_file),
+        })
+    }
+
+    fn keeper_spec(&self, spec: &SpawnSpec, run_dir: &RunDir, launch: Launch) -> KeeperSpec {
+        KeeperSpec {
+            session_id: spec.session_id.clone(),
+            program: launch.program,
+            args: launch.args,
+            env: launch.env,
+            cwd: run_dir.path().to_owned(),
+            workspace: launch.workspace,
+            user: launch.user,
+            journal_dir: spec.session_dir.journal(),
             journal_max_bytes: spec.journal.max_bytes,
             journal_segment_bytes: spec.journal.segment_bytes,
             max_line: spec.max_line,
             max_input_line: spec.max_line.max(16 << 20),
-            stderr_file,
+            stderr_file: spec.session_dir.stderr(),
             exit_drain_ms: spec.exit_drain.as_millis() as u64,
             hold_after_exit_ms: spec.hold_after_exit.as_millis() as u64,
-            oom_cgroup,
+            oom_cgroup: launch.oom_cgroup,
             adapter: spec.adapter.clone(),
             approvals: spec.approvals.clone(),
-            pending_file: spec.session_dir.join(store::PENDING_FILE),
+            pending_file: spec.session_dir.pending(),
             instance_id: spec.instance_id.clone(),
             user_markers: true,
             container: self.container.is_some(),
-        };
-        // It holds the agent's environment (API keys): owner only.
-        crate::fsio::write_private(
-            &run_dir.join(keeper::SPEC_FILE),
-            &serde_json::to_vec_pretty(&keeper_spec).map_err(io::Error::other)?,
-        )?;
+            detached_pid_file: launch.detached_pid_file,
+        }
+    }
+
+    /// Starts the tmux session whose pane starts the keeper.
+    async fn open_pane(&self, spec: &SpawnSpec, run_dir: &RunDir) -> io::Result<()> {
         let argv = vec![
             self.moorline_exe.display().to_string(),
             "keeper-pane".into(),
-            run_dir.display().to_string(),
+            run_dir.path().display().to_string(),
         ];
-        let owner = owner(spec.session_dir.parent().unwrap_or(&spec.session_dir));
+        let sessions_dir = spec.session_dir.path();
+        let owner = owner(sessions_dir.parent().unwrap_or(sessions_dir));
         if self
             .tmux
             .new_session(&spec.session_id, &owner, &argv)
@@ -237,7 +247,35 @@ impl DurableRuntime {
                 .new_session(&spec.session_id, &owner, &argv)
                 .await?;
         }
-        Ok((run_dir, control))
+        Ok(())
+    }
+
+    /// Waits until the keeper takes connections. Its socket is a file another process creates:
+    /// polled (briefly, so a start costs little), until the keeper records an exit instead or
+    /// [`START_TIMEOUT`] passes.
+    async fn connect(
+        &self,
+        spec: &SpawnSpec,
+        run_dir: &RunDir,
+    ) -> Result<UnixStream, SpawnFailure> {
+        let socket = run_dir.socket();
+        let started = tokio::time::Instant::now();
+        loop {
+            match UnixStream::connect(&socket).await {
+                Ok(stream) => return Ok(stream),
+                Err(_) if protocol::read_exit(run_dir).is_some() => {
+                    return Err(SpawnFailure::KeeperFailed(
+                        spec.session_dir.stderr_tail(STDERR_TAIL_BYTES),
+                    ));
+                }
+                Err(_) if started.elapsed() > START_TIMEOUT => {
+                    return Err(SpawnFailure::KeeperTimeout(
+                        spec.session_dir.stderr_tail(STDERR_TAIL_BYTES),
+                    ));
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(1)).await,
+            }
+        }
     }
 
     /// What an `isolated` container needs: its network plan written for the hook, the hook,
@@ -247,20 +285,16 @@ impl DurableRuntime {
         &self,
         host: &ContainerHost,
         spec: &SpawnSpec,
-        run_dir: &Path,
-    ) -> io::Result<(Option<NetworkHook>, Option<PathBuf>)> {
+        run_dir: &RunDir,
+    ) -> Result<(Option<NetworkHook>, Option<PathBuf>), SpawnFailure> {
         if spec.options.network != NetworkMode::Isolated {
             return Ok((None, None));
         }
         let Some(slirp4netns) = &host.slirp4netns else {
-            return Err(io::Error::other(format!(
-                "network = \"isolated\" needs slirp4netns, which was not found ({}); install it, \
-                 set runtime.slirp4netns, or give the instance network = \"host\" or \"none\"",
-                self.config.slirp4netns.display()
-            )));
+            return Err(SpawnFailure::NoSlirp4netns(self.config.slirp4netns.clone()));
         };
         network::write_plan(
-            run_dir,
+            run_dir.path(),
             &NetworkPlan {
                 slirp4netns: slirp4netns.clone(),
                 host_ports: spec.options.host_ports.clone(),
@@ -272,124 +306,39 @@ impl DurableRuntime {
             .and_then(|host| network::container_resolv_conf(&host))
         {
             Some(text) => {
-                let path = run_dir.join(network::RESOLV_FILE);
+                let path = run_dir.resolv_conf();
                 std::fs::write(&path, text)?;
                 Some(path)
             }
             None => None,
         };
-        Ok((Some(NetworkHook::new(&self.moorline_exe, run_dir)), resolv))
+        Ok((
+            Some(NetworkHook::new(&self.moorline_exe, run_dir.path())),
+            resolv,
+        ))
     }
 
-    /// Connects to a keeper and turns the connection into an [`Agent`].
-    fn agent(&self, run_dir: &Path, stream: UnixStream, control: Arc<dyn AgentControl>) -> Agent {
-        let (mut read, write) = stream.into_split();
-        // Every message also counts as a ring: the pump reads the journal after each.
-        let (bell_tx, bell_rx) = mpsc::channel(4);
-        let (settled_tx, settled_rx) = mpsc::channel(1024);
-        let (exit_tx, exit_rx) = oneshot::channel();
-        let dir = run_dir.to_owned();
+    /// Turns a connection to a keeper into an [`Agent`].
+    fn agent(&self, session_id: &str, run_dir: RunDir, stream: UnixStream) -> Agent {
         // Keepers of older servers neither understand user markers nor report approvals.
-        let user_markers = keeper::read_spec(run_dir).is_some_and(|s| s.user_markers);
-        tokio::spawn(async move {
-            let mut buf = [0u8; 4096];
-            // A settled approval being read: bytes up to its newline.
-            let mut record: Option<Vec<u8>> = None;
-            // A `LOST` byte and the part of its count read so far.
-            let mut lost: Option<Vec<u8>> = None;
-            'read: loop {
-                let n = match read.read(&mut buf).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => n,
-                };
-                let mut grew = false;
-                for &b in &buf[..n] {
-                    if let Some(count) = lost.as_mut() {
-                        count.push(b);
-                        if count.len() == 8 {
-                            let mut le = [0u8; 8];
-                            le.copy_from_slice(count);
-                            lost = None;
-                            if bell_tx
-                                .send(Bell::Lost(u64::from_le_bytes(le)))
-                                .await
-                                .is_err()
-                            {
-                                break 'read;
-                            }
-                        }
-                        continue;
-                    }
-                    if let Some(r) = record.as_mut() {
-                        if b == b'\n' {
-                            if let Ok(resolution) = serde_json::from_slice(r) {
-                                let _ = settled_tx.try_send(resolution);
-                            }
-                            record = None;
-                        } else if r.len() > 64 * 1024 {
-                            // A record is a few hundred bytes; anything far larger is not one.
-                            record = None;
-                        } else {
-                            r.push(b);
-                        }
-                        continue;
-                    }
-                    let news = match b {
-                        keeper::RESOLUTION => {
-                            record = Some(Vec::new());
-                            continue;
-                        }
-                        Bell::HELD => Bell::Held,
-                        Bell::FLOWING => Bell::Flowing,
-                        Bell::LOST => {
-                            lost = Some(Vec::with_capacity(8));
-                            continue;
-                        }
-                        _ => {
-                            grew = true;
-                            continue;
-                        }
-                    };
-                    if bell_tx.send(news).await.is_err() {
-                        break 'read;
-                    }
-                }
-                // One pending ring is enough: the server reads everything new on it.
-                if grew {
-                    let _ = bell_tx.try_send(Bell::Grew);
-                }
-            }
-            // The keeper closes the connection after writing the exit file, or it died.
-            let _ = exit_tx.send(
-                keeper::read_exit(&dir)
-                    .unwrap_or_else(|| ExitInfo::UNKNOWN.because(ExitReason::KeeperLost)),
-            );
-        });
-        let pid = std::fs::read_to_string(run_dir.join(keeper::KEEPER_PID_FILE))
-            .ok()
-            .and_then(|p| p.trim().parse().ok());
-        Agent {
-            pid,
-            stdin: Box::new(write),
-            output: Output::Journal(JournalFeed {
-                doorbell: bell_rx,
-                resolutions: settled_rx,
-                user_markers,
-            }),
-            stderr: None,
-            exit: Box::pin(async move { exit_rx.await.unwrap_or(ExitInfo::UNKNOWN) }),
-            control,
-        }
-    }
-
-    fn control_for(&self, run_dir: &Path) -> Arc<dyn AgentControl> {
-        match &self.container {
+        let user_markers = protocol::read_spec(&run_dir).is_some_and(|s| s.user_markers);
+        let pid = crate::keeper::layout::read_pid(&run_dir.keeper_pid())
+            .and_then(|p| u32::try_from(p).ok());
+        let control: Arc<dyn AgentControl> = match &self.container {
             Some(host) => Arc::new(ContainerControl {
                 runc: host.runc.clone(),
-                id: std::fs::read_to_string(run_dir.join(CONTAINER_ID_FILE)).unwrap_or_default(),
+                id: std::fs::read_to_string(run_dir.container_id()).unwrap_or_default(),
             }),
-            None => Arc::new(GroupControl {
-                pid_file: run_dir.join(keeper::AGENT_PID_FILE),
+            None => Arc::new(GroupControl::from_pid_file(&run_dir.agent_pid())),
+        };
+        Agent {
+            pid,
+            control,
+            run: Box::new(KeeperRun {
+                session_id: session_id.to_owned(),
+                run_dir,
+                stream,
+                user_markers,
             }),
         }
     }
@@ -405,61 +354,44 @@ impl Runtime for DurableRuntime {
         }
     }
 
-    fn durable(&self) -> bool {
-        true
-    }
-
     async fn spawn(&self, spec: SpawnSpec) -> Result<Agent, RuntimeError> {
-        let (run_dir, control) = self
-            .start(&spec)
-            .await
-            .map_err(|e| Self::spawn_error(&spec.program, e.to_string()))?;
-        let socket = run_dir.join(keeper::SOCKET_FILE);
-        let started = tokio::time::Instant::now();
-        loop {
-            match UnixStream::connect(&socket).await {
-                Ok(stream) => return Ok(self.agent(&run_dir, stream, control)),
-                Err(_) if keeper::read_exit(&run_dir).is_some() => {
-                    let tail = store::stderr_tail(&spec.session_dir, store::STDERR_TAIL_BYTES);
+        let started = match self.start(&spec).await {
+            Ok(run_dir) => self.connect(&spec, &run_dir).await.map(|s| (run_dir, s)),
+            Err(e) => Err(e),
+        };
+        match started {
+            Ok((run_dir, stream)) => Ok(self.agent(&spec.session_id, run_dir, stream)),
+            Err(e) => {
+                if matches!(
+                    e,
+                    SpawnFailure::KeeperFailed(_) | SpawnFailure::KeeperTimeout(_)
+                ) {
                     self.cleanup(&spec.session_id, &spec.session_dir).await;
-                    return Err(Self::spawn_error(
-                        &spec.program,
-                        format!("the keeper failed: {tail}"),
-                    ));
                 }
-                Err(_) if started.elapsed() > START_TIMEOUT => {
-                    let tail = store::stderr_tail(&spec.session_dir, store::STDERR_TAIL_BYTES);
-                    self.cleanup(&spec.session_id, &spec.session_dir).await;
-                    return Err(Self::spawn_error(
-                        &spec.program,
-                        format!("the keeper did not start: {tail}"),
-                    ));
-                }
-                Err(_) => tokio::time::sleep(Duration::from_millis(1)).await,
+                Err(RuntimeError::spawn(&spec.program, e))
             }
         }
     }
 
-    async fn adopt(&self, _session_id: &str, session_dir: &Path) -> Adoption {
-        let run_dir = session_dir.join(RUN_DIR);
-        if let Ok(stream) = UnixStream::connect(run_dir.join(keeper::SOCKET_FILE)).await {
-            let control = self.control_for(&run_dir);
-            return Adoption::Running(self.agent(&run_dir, stream, control));
+    async fn adopt(&self, found: &Found) -> Adoption {
+        let run_dir = found.session_dir.run();
+        if let Ok(stream) = UnixStream::connect(run_dir.socket()).await {
+            return Adoption::Running(self.agent(&found.session_id, run_dir, stream));
         }
-        match keeper::read_exit(&run_dir) {
+        match protocol::read_exit(&run_dir) {
             Some(exit) => Adoption::Exited(exit),
             None => Adoption::Lost,
         }
     }
 
-    async fn cleanup(&self, session_id: &str, session_dir: &Path) {
-        let run_dir = session_dir.join(RUN_DIR);
+    async fn cleanup(&self, session_id: &str, session_dir: &SessionDir) {
+        let run_dir = session_dir.run();
         if let Some(host) = &self.container {
-            if let Ok(id) = std::fs::read_to_string(run_dir.join(CONTAINER_ID_FILE)) {
+            if let Ok(id) = std::fs::read_to_string(run_dir.container_id()) {
                 host.runc.delete(id.trim()).await;
             }
-            network::stop_helper(&run_dir);
-            let _ = std::fs::remove_dir_all(run_dir.join("bundle"));
+            stop_network_helper(&run_dir);
+            let _ = std::fs::remove_dir_all(run_dir.bundle());
         }
         self.tmux.kill_session(session_id).await;
     }
@@ -486,6 +418,235 @@ impl Runtime for DurableRuntime {
     }
 }
 
+/// One run of an agent under a keeper, seen through the keeper's socket.
+struct KeeperRun {
+    session_id: String,
+    run_dir: RunDir,
+    stream: UnixStream,
+    user_markers: bool,
+}
+
+#[async_trait]
+impl AgentRun for KeeperRun {
+    async fn run(self: Box<Self>, io: RunIo<'_>) -> RunEnd {
+        let Self {
+            session_id,
+            run_dir,
+            stream,
+            user_markers,
+        } = *self;
+        let RunIo {
+            input,
+            output,
+            shutdown,
+            ..
+        } = io;
+        let (mut read, write) = stream.into_split();
+        // Client lines go to the keeper; the writer lets go on shutdown (the agent keeps
+        // running).
+        let writer = tokio::spawn(stdin_writer(
+            session_id.clone(),
+            input,
+            Box::new(write),
+            shutdown.clone(),
+            user_markers,
+        ));
+        let mut follower = Follower {
+            session_id: &session_id,
+            next: 0,
+            output,
+            broken: false,
+        };
+        // Lines appended while no server listened are only in the journal.
+        follower.catch_up().await;
+        let mut decoder = Decoder::default();
+        loop {
+            loop {
+                match decoder.decode() {
+                    Ok(Some(message)) => follower.handle(message).await,
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::error!(session = %session_id, error = %e, "unreadable keeper message; following the journal alone");
+                        decoder = Decoder::default();
+                        follower.catch_up().await;
+                        break;
+                    }
+                }
+            }
+            tokio::select! {
+                read = read.read_buf(decoder.buffer()) => match read {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                },
+                () = shutdown.cancelled() => break,
+            }
+        }
+        writer.abort();
+        if shutdown.is_cancelled() {
+            // A stopping server hangs up on the keeper, which then closes its end: that is no
+            // exit. The next server adopts the agent, or reads how it ended.
+            tracing::debug!(session = %session_id, "server stopping; the agent keeps running");
+            return RunEnd::Detached;
+        }
+        // The keeper closes the connection after writing the exit file, or it died; what it
+        // appended but did not send is in the journal.
+        follower.catch_up().await;
+        let exit = protocol::read_exit(&run_dir)
+            .unwrap_or_else(|| ExitInfo::UNKNOWN.because(ExitReason::KeeperLost));
+        RunEnd::Exited {
+            exit,
+            by_shutdown: false,
+        }
+    }
+}
+
+/// Publishes a keeper's lines in order, exactly once: straight from its messages when they
+/// continue what was published, else from the journal.
+struct Follower<'a, 'o> {
+    session_id: &'a str,
+    /// Sequence number of the next line to publish.
+    next: u64,
+    output: &'a mut (dyn Delivery + 'o),
+    /// The journal could not be read: nothing more can be published in order.
+    broken: bool,
+}
+
+impl Follower<'_, '_> {
+    async fn handle(&mut self, message: Message) {
+        match message {
+            Message::Lines {
+                first_seq,
+                changes,
+                lines,
+            } => self.lines(first_seq, &changes, lines).await,
+            Message::Grew => self.catch_up().await,
+            Message::Held => self.output.held(true),
+            Message::Flowing => self.output.held(false),
+            Message::Lost(lines) => self.output.lost(lines),
+            Message::Resolved(r) => self.output.resolved(&r),
+        }
+    }
+
+    async fn lines(
+        &mut self,
+        first_seq: u64,
+        changes: &[crate::keeper::journal::IndexChange],
+        payload: Bytes,
+    ) {
+        if self.broken {
+            return;
+        }
+        let count = memchr::memchr_iter(b'\n', &payload).count() as u64;
+        if first_seq + count <= self.next {
+            // Already read from the journal.
+            return;
+        }
+        if first_seq != self.next {
+            // Lines were sent to nobody (or partly read already): the journal has them all.
+            self.catch_up().await;
+            return;
+        }
+        let mut lines = Vec::with_capacity(count as usize);
+        let mut start = 0;
+        for end in memchr::memchr_iter(b'\n', &payload) {
+            lines.push(payload.slice(start..end));
+            start = end + 1;
+        }
+        self.output.publish(lines, changes);
+        self.next += count;
+    }
+
+    /// Publishes everything the journal holds beyond what was published.
+    async fn catch_up(&mut self) {
+        if self.broken {
+            return;
+        }
+        let mut tail = self.output.tail();
+        loop {
+            let polled = tokio::task::spawn_blocking(move || {
+                let r = tail.poll(FOLLOW_BATCH);
+                (tail, r)
+            })
+            .await;
+            let Ok((t, result)) = polled else {
+                self.broken = true;
+                return;
+            };
+            tail = t;
+            match result {
+                Ok((lines, changes)) => {
+                    if lines.is_empty() && changes.is_empty() {
+                        break;
+                    }
+                    self.output.publish(lines, &changes);
+                }
+                Err(e) => {
+                    tracing::error!(session = %self.session_id, error = %e, "cannot read the session journal");
+                    self.broken = true;
+                    return;
+                }
+            }
+        }
+        self.next = tail.next_seq();
+    }
+}
+
+/// Writes client lines to a keeper's socket, batching whatever has queued up. With
+/// `user_markers`, a marker line naming the sender goes before the first line of each
+/// different sender, so the keeper knows who answered an approval.
+///
+/// A write error (the agent exited: EPIPE) ends the writer; lines still queued are dropped and
+/// senders see a closed channel. It never takes anything else down.
+async fn stdin_writer(
+    session: String,
+    mut rx: mpsc::Receiver<Input>,
+    mut stdin: Writer,
+    cancel: CancellationToken,
+    user_markers: bool,
+) {
+    let mut buf = Vec::with_capacity(64 * 1024);
+    // The sender the keeper last heard of on this connection.
+    let mut last_user: Option<Arc<str>> = None;
+    let mut add = |buf: &mut Vec<u8>, input: Input| {
+        if user_markers
+            && let Some(user) = input.user
+            && last_user.as_ref() != Some(&user)
+        {
+            buf.extend_from_slice(&user_marker(&user));
+            last_user = Some(user);
+        }
+        buf.extend_from_slice(&input.line);
+        buf.push(b'\n');
+    };
+    loop {
+        let first = tokio::select! {
+            line = rx.recv() => match line {
+                Some(line) => line,
+                None => break,
+            },
+            // The server is stopping; a durable agent keeps running without us.
+            () = cancel.cancelled() => return,
+        };
+        buf.clear();
+        add(&mut buf, first);
+        while buf.len() < STDIN_BATCH {
+            match rx.try_recv() {
+                Ok(line) => add(&mut buf, line),
+                Err(_) => break,
+            }
+        }
+        let written = async {
+            stdin.write_all(&buf).await?;
+            stdin.flush().await
+        };
+        if let Err(e) = written.await {
+            tracing::debug!(session = %session, error = %e, "agent stdin closed");
+            return;
+        }
+    }
+    let _ = stdin.shutdown().await;
+}
+
 /// How tmux sessions name the server they belong to: its sessions directory.
 fn owner(sessions_dir: &Path) -> String {
     sessions_dir.display().to_string()
@@ -493,9 +654,7 @@ fn owner(sessions_dir: &Path) -> String {
 
 /// A fresh container id: never reused, even for the same session and start number.
 fn container_id(session: &str, generation: u64) -> io::Result<String> {
-    let mut raw = [0u8; 3];
-    getrandom::fill(&mut raw).map_err(|e| io::Error::other(e.to_string()))?;
-    let suffix: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+    let suffix = crate::keeper::id::random_hex(3)?;
     Ok(format!(
         "{}{session}-{generation}-{suffix}",
         runc::ID_PREFIX
@@ -524,7 +683,7 @@ struct ContainerControl {
 impl ContainerControl {
     /// Sends `signal` through runc. A container may still be starting (a session deleted right
     /// after it was created): runc refuses to signal it until it runs, so keep trying for a
-    /// while.
+    /// while (polling: runc offers nothing to wait on).
     fn send(&self, signal: &'static str) {
         let runc = self.runc.clone();
         let id = self.id.trim().to_owned();
@@ -556,33 +715,91 @@ impl AgentControl for ContainerControl {
     }
 }
 
-/// Signals the process group of an agent the keeper started (the `tmux` runtime).
-#[derive(Debug)]
-struct GroupControl {
-    pid_file: PathBuf,
-}
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use moorline_adapters::pipeline::Resolution;
 
-impl GroupControl {
-    fn send(&self, signal: nix::sys::signal::Signal) -> io::Result<()> {
-        let Some(pid) = std::fs::read_to_string(&self.pid_file)
-            .ok()
-            .and_then(|p| p.trim().parse::<i32>().ok())
-        else {
-            return Ok(());
-        };
-        match nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), signal) {
-            Ok(()) | Err(nix::errno::Errno::ESRCH) => Ok(()),
-            Err(e) => Err(e.into()),
+    use super::Follower;
+    use crate::keeper::framing::DropReason;
+    use crate::keeper::journal::{
+        IndexChange, JournalIndex, JournalLimits, JournalTail, JournalWriter,
+    };
+    use crate::runtime::Delivery;
+
+    /// A session's end that keeps what it is given, as the hub does.
+    struct Published {
+        dir: std::path::PathBuf,
+        index: JournalIndex,
+        lines: Vec<Bytes>,
+    }
+
+    impl Delivery for Published {
+        fn tail(&self) -> JournalTail {
+            JournalTail::new(&self.dir, &self.index, self.lines.len() as u64 + 1)
         }
+        fn journal_opened(&mut self, index: JournalIndex) {
+            self.index = index;
+        }
+        fn publish(&mut self, lines: Vec<Bytes>, changes: &[IndexChange]) {
+            self.index.apply_all(changes);
+            self.lines.extend(lines);
+        }
+        fn held(&mut self, _held: bool) {}
+        fn lost(&mut self, _lines: u64) {}
+        fn line_dropped(&mut self, _reason: DropReason) {}
+        fn resolved(&mut self, _resolution: &Resolution) {}
     }
-}
 
-impl AgentControl for GroupControl {
-    fn terminate(&self) -> io::Result<()> {
-        self.send(nix::sys::signal::Signal::SIGTERM)
+    fn batch(lines: &[&str]) -> Vec<u8> {
+        lines
+            .iter()
+            .flat_map(|l| [l.as_bytes(), b"\n"].concat())
+            .collect()
     }
 
-    fn kill(&self) -> io::Result<()> {
-        self.send(nix::sys::signal::Signal::SIGKILL)
+    #[tokio::test]
+    async fn keeper_lines_reach_the_session_once_and_in_order_whatever_was_missed() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let dir = tmp.path().join("journal");
+        let (mut writer, index) =
+            JournalWriter::open(&dir, JournalLimits::with_max_bytes(1 << 20)).expect("journal");
+        let mut published = Published {
+            dir: dir.clone(),
+            index,
+            lines: Vec::new(),
+        };
+        let batches = [batch(&["1", "2"]), batch(&["3", "4"]), batch(&["5"])];
+        let mut sent = Vec::new();
+        for b in &batches {
+            let first_seq = writer.next_seq();
+            let changes = writer.append(b, memchr::memchr_iter(b'\n', b).count() as u64);
+            sent.push((first_seq, changes.expect("append"), Bytes::from(b.clone())));
+        }
+        let mut follower = Follower {
+            session_id: "s",
+            next: 1,
+            output: &mut published,
+            broken: false,
+        };
+        // The first batch was appended before the server connected: only the second is sent.
+        // The gap is read from the journal, then the third batch (already read) is skipped.
+        let (first, changes, lines) = sent[1].clone();
+        follower.lines(first, &changes, lines).await;
+        let (first, changes, lines) = sent[2].clone();
+        follower.lines(first, &changes, lines).await;
+        // A batch that continues what was published is taken as it comes.
+        let more = batch(&["6", "7"]);
+        let first_seq = writer.next_seq();
+        let changes = writer.append(&more, 2).expect("append");
+        follower.lines(first_seq, &changes, Bytes::from(more)).await;
+        assert!(!follower.broken);
+        let got: Vec<&[u8]> = published.lines.iter().map(|l| l.as_ref()).collect();
+        assert_eq!(got, [&b"1"[..], b"2", b"3", b"4", b"5", b"6", b"7"]);
+        // The session's view of the journal is the writer's: a tail from it finds nothing new.
+        let mut tail = published.tail();
+        let (rest, _) = tail.poll(1 << 20).expect("poll");
+        assert!(rest.is_empty());
+        assert_eq!(tail.next_seq(), 8);
     }
 }

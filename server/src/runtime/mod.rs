@@ -1,33 +1,41 @@
 //! Runtimes: where and how an agent process runs.
 //!
-//! Session logic talks to agents only through the [`Runtime`] trait: it asks for a process with
-//! a [`SpawnSpec`] and gets back an [`Agent`]: pipes for stdin and stdout, an exit future and a
-//! handle to signal it. Whether the agent is a plain child, a container, or something a human can
-//! attach to is the runtime's business.
+//! Session logic talks to agents only through the [`Runtime`] trait: it asks for an agent
+//! with a [`SpawnSpec`] and gets back an [`Agent`]: a handle to signal it and its
+//! [`AgentRun`], which moves client lines to the agent and the agent's journaled lines to the
+//! session's [`Delivery`] until it ends. Each runtime owns the whole lifecycle of its agents:
+//! starting them, delivering their output, adopting them after a server restart
+//! ([`Runtime::adopt`]), reconciling what it finds at startup, and cleaning up. Whether the
+//! agent is a plain child ([`process`]), or runs under a keeper that outlives the server,
+//! possibly in a container ([`durable`]), is the runtime's business.
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
-use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncRead, AsyncWrite};
+use bytes::Bytes;
+use moorline_adapters::pipeline::Resolution;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 pub mod durable;
-pub mod keeper;
 pub mod network;
-pub mod oom;
 pub mod process;
 pub mod runc;
 pub mod seccomp;
 pub mod tmux;
-pub mod workspace;
+
+pub use crate::keeper::workspace;
+pub use crate::keeper::{AgentControl, ExitInfo, ExitReason, Input};
 
 use crate::config::{Config, InstanceConfig, InstanceRuntime, RuntimeKind};
-use crate::journal::JournalLimits;
+use crate::keeper::framing::DropReason;
+use crate::keeper::journal::{IndexChange, JournalIndex, JournalLimits, JournalTail};
+use crate::keeper::layout::SessionDir;
 
 /// The runtimes available on this machine, and which one each instance gets.
 #[derive(Debug)]
@@ -131,21 +139,52 @@ impl Runtimes {
     }
 }
 
+/// Why runc cannot run containers here.
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    /// A program the container runtime needs is missing.
+    #[error("{} not found", .0.display())]
+    Missing(PathBuf),
+    /// runc's state directory cannot be created.
+    #[error("runc root {}: {source}", .path.display())]
+    Root {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+    /// runc does not run.
+    #[error("runc: {0}")]
+    Runc(io::Error),
+    /// The probe container could not be prepared.
+    #[error("preparing the probe container: {0}")]
+    Probe(io::Error),
+    /// The probe container failed.
+    #[error("{0}")]
+    ProbeFailed(String),
+    /// The probe container did not finish.
+    #[error("runc run did not finish in 20 s")]
+    ProbeTimeout,
+}
+
 /// The machine side of containers: runc, tini, and whether we run rootless.
-async fn container_host(config: &Config) -> Result<durable::ContainerHost, String> {
+async fn container_host(config: &Config) -> Result<durable::ContainerHost, HostError> {
     let rc = &config.runtime;
     let path = rc.passed_env.get("PATH").map(String::as_str);
-    let runc_bin = durable::resolve(&rc.runc, path)
-        .ok_or_else(|| format!("{} not found", rc.runc.display()))?;
-    let tini = durable::resolve(&rc.tini, path)
-        .ok_or_else(|| format!("{} not found", rc.tini.display()))?;
+    let runc_bin =
+        durable::resolve(&rc.runc, path).ok_or_else(|| HostError::Missing(rc.runc.clone()))?;
+    let tini =
+        durable::resolve(&rc.tini, path).ok_or_else(|| HostError::Missing(rc.tini.clone()))?;
     let root = rc
         .runc_root
         .clone()
         .unwrap_or_else(|| config.state_dir.join("runc"));
-    std::fs::create_dir_all(&root).map_err(|e| format!("runc root {}: {e}", root.display()))?;
+    std::fs::create_dir_all(&root).map_err(|source| HostError::Root {
+        path: root.clone(),
+        source,
+    })?;
     let runc = runc::Runc::new(runc_bin, root);
-    runc.version().await.map_err(|e| format!("runc: {e}"))?;
+    runc.version().await.map_err(HostError::Runc)?;
     let uid = nix::unistd::getuid();
     let rootless = (!uid.is_root()).then(|| (uid.as_raw(), nix::unistd::getgid().as_raw()));
     let slirp4netns = durable::resolve(&rc.slirp4netns, path);
@@ -189,15 +228,17 @@ async fn container_host(config: &Config) -> Result<durable::ContainerHost, Strin
 }
 
 /// Starts a throwaway container running `tini --version`, to know runc really works here.
-async fn probe(host: &durable::ContainerHost, config: &Config) -> Result<(), String> {
+async fn probe(host: &durable::ContainerHost, config: &Config) -> Result<(), HostError> {
     let dir = config.state_dir.join("probe");
     let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(dir.join("home")).map_err(|e| e.to_string())?;
+    std::fs::create_dir_all(dir.join("home")).map_err(HostError::Probe)?;
     // The workspace is opened without following symlinks: name it without any.
-    let dir = std::fs::canonicalize(&dir).map_err(|e| e.to_string())?;
-    let mut raw = [0u8; 3];
-    let _ = getrandom::fill(&mut raw);
-    let id = format!("moorline-probe-{:02x}{:02x}{:02x}", raw[0], raw[1], raw[2]);
+    let dir = std::fs::canonicalize(&dir).map_err(HostError::Probe)?;
+    let id = format!(
+        "{}probe-{}",
+        runc::ID_PREFIX,
+        crate::keeper::id::random_hex(3).map_err(HostError::Probe)?
+    );
     let bundle = dir.join("bundle");
     runc::write_bundle(
         &bundle,
@@ -209,7 +250,9 @@ async fn probe(host: &durable::ContainerHost, config: &Config) -> Result<(), Str
             args: vec!["--version".into()],
             env: BTreeMap::new(),
             workspace: workspace::Anchor::literal(&dir),
-            moorline_exe: config.moorline_exe().map_err(|e| e.to_string())?,
+            moorline_exe: config
+                .moorline_exe()
+                .map_err(|e| HostError::Probe(io::Error::other(e.to_string())))?,
             user: Some((65534, 65534)),
             home: dir.join("home"),
             tini: host.tini.clone(),
@@ -224,7 +267,7 @@ async fn probe(host: &durable::ContainerHost, config: &Config) -> Result<(), Str
             limits_allowed: false,
         },
     )
-    .map_err(|e| e.to_string())?;
+    .map_err(HostError::Probe)?;
     let out = tokio::time::timeout(
         std::time::Duration::from_secs(20),
         tokio::process::Command::new(host.runc.program())
@@ -238,9 +281,11 @@ async fn probe(host: &durable::ContainerHost, config: &Config) -> Result<(), Str
     let _ = std::fs::remove_dir_all(&dir);
     match out {
         Ok(Ok(o)) if o.status.success() => Ok(()),
-        Ok(Ok(o)) => Err(String::from_utf8_lossy(&o.stderr).trim().to_owned()),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err("runc run did not finish in 20 s".into()),
+        Ok(Ok(o)) => Err(HostError::ProbeFailed(
+            String::from_utf8_lossy(&o.stderr).trim().to_owned(),
+        )),
+        Ok(Err(e)) => Err(HostError::Runc(e)),
+        Err(_) => Err(HostError::ProbeTimeout),
     }
 }
 
@@ -255,13 +300,10 @@ impl Runtime for Unavailable {
     }
 
     async fn spawn(&self, spec: SpawnSpec) -> Result<Agent, RuntimeError> {
-        Err(RuntimeError::Spawn {
-            program: spec.program.display().to_string(),
-            source: io::Error::other(format!(
-                "the {} runtime is not usable on this machine (see the server log)",
-                self.0
-            )),
-        })
+        Err(RuntimeError::spawn(
+            &spec.program,
+            SpawnFailure::Unavailable(self.0),
+        ))
     }
 }
 
@@ -286,10 +328,8 @@ pub struct SpawnSpec {
     /// The agent's user and group, when moorline runs as root (never 0); `None`: moorline's
     /// own user.
     pub user: Option<(u32, u32)>,
-    /// The session's private directory (state, logs).
-    pub session_dir: PathBuf,
-    /// Where the session's output journal lives, for runtimes that write it themselves.
-    pub journal_dir: PathBuf,
+    /// The session's private directory: journal, state, logs.
+    pub session_dir: SessionDir,
     /// The journal's size limits.
     pub journal: JournalLimits,
     /// Longest output line forwarded.
@@ -300,169 +340,10 @@ pub struct SpawnSpec {
     pub hold_after_exit: std::time::Duration,
     /// Container and resource settings of the instance.
     pub options: InstanceRuntime,
-    /// The session's data directory (adapter files), visible to the agent at the same path.
-    pub data_dir: PathBuf,
-    /// The adapter, for runtimes whose keeper talks to the agent itself.
+    /// The adapter, which translates the agent's lines.
     pub adapter: moorline_adapters::AdapterConfig,
-    /// The approval rules, likewise.
+    /// The approval rules.
     pub approvals: moorline_adapters::pipeline::ApprovalPolicy,
-}
-
-/// How an agent ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ExitInfo {
-    /// Exit code, when it exited normally.
-    pub code: Option<i32>,
-    /// Number of the signal that killed it, if one did.
-    pub signal: Option<i32>,
-    /// Why it ended, when more is known than its code or signal.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reason: Option<ExitReason>,
-}
-
-/// Why an agent ended, beyond its exit code or signal (reported as `reason`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ExitReason {
-    /// The kernel killed it for going over its container's `memory_limit`.
-    OutOfMemory,
-    /// Its session keeper died: how the agent ended is unknown.
-    KeeperLost,
-}
-
-impl ExitReason {
-    /// The name clients see.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ExitReason::OutOfMemory => "out_of_memory",
-            ExitReason::KeeperLost => "keeper_lost",
-        }
-    }
-}
-
-impl ExitInfo {
-    /// How an agent ended when nobody could see it end (its exit status was lost).
-    pub const UNKNOWN: ExitInfo = ExitInfo {
-        code: None,
-        signal: None,
-        reason: None,
-    };
-
-    /// The same exit, with a reason.
-    pub fn because(self, reason: ExitReason) -> Self {
-        Self {
-            reason: Some(reason),
-            ..self
-        }
-    }
-
-    /// A clean exit: code 0.
-    pub fn is_success(&self) -> bool {
-        self.code == Some(0)
-    }
-
-    /// How a container ended, from the exit code of `runc run`: the container's init (tini)
-    /// exits with 128 + n when the agent was killed by signal n, and runc does the same when
-    /// init itself is killed. Such codes are read as signal deaths, as shells read them; a
-    /// program that really calls `exit(137)` cannot be told apart and is reported as killed
-    /// by SIGKILL.
-    pub fn from_container_status(status: std::process::ExitStatus) -> Self {
-        let info = Self::from(status);
-        match info.code {
-            Some(code @ 129..=192) => Self {
-                code: None,
-                signal: Some(code - 128),
-                ..info
-            },
-            _ => info,
-        }
-    }
-
-    /// The signal's name (`SIGKILL`), as amarre reports it.
-    pub fn signal_name(&self) -> Option<String> {
-        let sig = self.signal?;
-        Some(match nix::sys::signal::Signal::try_from(sig) {
-            Ok(s) => s.as_str().to_owned(),
-            Err(_) => format!("SIG{sig}"),
-        })
-    }
-}
-
-impl From<std::process::ExitStatus> for ExitInfo {
-    fn from(status: std::process::ExitStatus) -> Self {
-        use std::os::unix::process::ExitStatusExt;
-        Self {
-            code: status.code(),
-            signal: status.signal(),
-            reason: None,
-        }
-    }
-}
-
-impl fmt::Display for ExitInfo {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match (self.code, self.signal_name()) {
-            (Some(code), _) => write!(f, "exit code {code}")?,
-            (None, Some(sig)) => write!(f, "killed by {sig}")?,
-            (None, None) => f.write_str("unknown exit")?,
-        }
-        match self.reason {
-            Some(ExitReason::OutOfMemory) => f.write_str(" (out of memory)"),
-            Some(ExitReason::KeeperLost) => f.write_str(" (its keeper died)"),
-            None => Ok(()),
-        }
-    }
-}
-
-/// Boxed pipe ends, so runtimes can hand over whatever they use.
-pub type Reader = Box<dyn AsyncRead + Send + Unpin>;
-/// See [`Reader`].
-pub type Writer = Box<dyn AsyncWrite + Send + Unpin>;
-/// Resolves once the agent's main process has exited.
-pub type ExitFuture = Pin<Box<dyn Future<Output = ExitInfo> + Send>>;
-
-/// Where an agent's output comes from.
-pub enum Output {
-    /// The agent's stdout: the server frames it and writes the session's journal.
-    Pipe(Reader),
-    /// The runtime writes the session's journal itself (from a keeper process that outlives
-    /// the server); it tells the server what happened to it through its [`JournalFeed`].
-    Journal(JournalFeed),
-}
-
-/// What the server hears from a keeper that writes a session's journal.
-#[derive(Debug)]
-pub struct JournalFeed {
-    /// What happened to the journal: new lines, held or flowing output.
-    pub doorbell: tokio::sync::mpsc::Receiver<Bell>,
-    /// Approval requests the keeper's pipeline settled, for the audit log.
-    pub resolutions: tokio::sync::mpsc::Receiver<moorline_adapters::pipeline::Resolution>,
-    /// Whether the keeper understands user marker lines
-    /// ([`keeper::USER_MARKER`]) on its input.
-    pub user_markers: bool,
-}
-
-/// News from a runtime that writes the session's journal itself.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Bell {
-    /// New lines may have been appended.
-    Grew,
-    /// The journal refused a write: the agent's output is held until it can be written.
-    Held,
-    /// The journal takes output again.
-    Flowing,
-    /// Held output was given up (the agent exited and the journal stayed unwritable).
-    Lost(u64),
-}
-
-impl Bell {
-    /// The keeper's byte for a state change ([`Bell::Lost`] is followed by 8 bytes, the count
-    /// in little-endian); any other byte means [`Bell::Grew`].
-    pub const HELD: u8 = 2;
-    /// See [`Bell::HELD`].
-    pub const FLOWING: u8 = 3;
-    /// See [`Bell::HELD`].
-    pub const LOST: u8 = 4;
 }
 
 /// How a session's agent looked to a server that starts up and finds it.
@@ -476,47 +357,125 @@ pub enum Adoption {
     Lost,
 }
 
-/// A started agent.
+/// What a starting server knows of a session whose agent was running when the last server
+/// stopped.
+#[derive(Debug, Clone)]
+pub struct Found {
+    /// The session.
+    pub session_id: String,
+    /// Its directory.
+    pub session_dir: SessionDir,
+    /// The pid the last server recorded for its agent and that process's start time, if any.
+    pub pid: Option<(u32, u64)>,
+}
+
+/// A started (or adopted) agent.
 pub struct Agent {
     /// Its process id, where it has one the server can see.
     pub pid: Option<u32>,
-    /// Lines for the agent.
-    pub stdin: Writer,
-    /// The agent's JSONL output.
-    pub output: Output,
-    /// Its diagnostics, if the runtime passes them on.
-    pub stderr: Option<Reader>,
-    /// Resolves when it exits.
-    pub exit: ExitFuture,
     /// Signals it.
     pub control: Arc<dyn AgentControl>,
-}
-
-impl fmt::Debug for Output {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Output::Pipe(_) => "Pipe",
-            Output::Journal(_) => "Journal",
-        })
-    }
+    /// Moves its lines until it ends.
+    pub run: Box<dyn AgentRun>,
 }
 
 impl fmt::Debug for Agent {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Agent")
             .field("pid", &self.pid)
-            .field("output", &self.output)
             .field("control", &self.control)
             .finish_non_exhaustive()
     }
 }
 
-/// Stops an agent and everything it started.
-pub trait AgentControl: Send + Sync + fmt::Debug {
-    /// Asks the agent and its children to exit (SIGTERM to the whole group).
-    fn terminate(&self) -> io::Result<()>;
-    /// Kills the agent and its children (SIGKILL to the whole group).
-    fn kill(&self) -> io::Result<()>;
+/// One agent run, as its runtime drives it: client lines in, journaled output out, until the
+/// agent ends (or the server stops).
+#[async_trait]
+pub trait AgentRun: Send {
+    /// Runs until the agent has ended and all its output is delivered, or until the server
+    /// shuts down: then a runtime whose agents outlive the server lets go of it
+    /// ([`RunEnd::Detached`]), and one whose agents do not stops it first.
+    async fn run(self: Box<Self>, io: RunIo<'_>) -> RunEnd;
+}
+
+/// What a session gives an agent run.
+#[allow(missing_debug_implementations)] // a channel and a trait object: nothing to show
+pub struct RunIo<'a> {
+    /// Lines from clients, for the agent.
+    pub input: mpsc::Receiver<Input>,
+    /// Where the output goes.
+    pub output: &'a mut dyn Delivery,
+    /// Cancelled when the server shuts down.
+    pub shutdown: CancellationToken,
+    /// How long an agent gets between SIGTERM and SIGKILL when the server stops it.
+    pub stop_grace: Duration,
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunEnd {
+    /// The agent ended; `by_shutdown` when the server stopped it on its way out.
+    Exited {
+        /// How.
+        exit: ExitInfo,
+        /// Whether the server's shutdown stopped it.
+        by_shutdown: bool,
+    },
+    /// The server is stopping and the agent keeps running, for the next server to adopt.
+    Detached,
+}
+
+/// The session's end of a run: every line reaches it only once it is in the journal.
+pub trait Delivery: Send {
+    /// Where the session's clients are: a reader of the journal from the first line not yet
+    /// published (to catch up with lines another process appended).
+    fn tail(&self) -> JournalTail;
+    /// The journal was opened for writing (which may cut a torn last line): its index.
+    fn journal_opened(&mut self, index: JournalIndex);
+    /// Lines now in the journal, in order after those already published, and the index
+    /// changes their append made.
+    fn publish(&mut self, lines: Vec<Bytes>, changes: &[IndexChange]);
+    /// The journal refuses output (`true`: the agent is paused on it) or takes it again.
+    fn held(&mut self, held: bool);
+    /// Held output was given up.
+    fn lost(&mut self, lines: u64);
+    /// An output line was replaced by a `line_dropped` frame.
+    fn line_dropped(&mut self, reason: DropReason);
+    /// An approval request was settled (for the audit log).
+    fn resolved(&mut self, resolution: &Resolution);
+}
+
+/// Stops an agent: SIGTERM to its group, then after `grace` SIGKILL, returning once `ended`
+/// resolves. An agent that is still starting may lose the first SIGTERM (a container's init
+/// ignores signals until it has set up its handlers): it is asked once more shortly after.
+/// False if it did not end within ten seconds of the SIGKILL.
+pub async fn stop_agent(
+    control: &dyn AgentControl,
+    grace: Duration,
+    ended: impl Future<Output = ()>,
+) -> bool {
+    let mut ended = std::pin::pin!(ended);
+    if let Err(e) = control.terminate() {
+        tracing::warn!(error = %e, "SIGTERM failed");
+    }
+    let first = grace.min(Duration::from_millis(250));
+    if tokio::time::timeout(first, &mut ended).await.is_ok() {
+        return true;
+    }
+    let _ = control.terminate();
+    if tokio::time::timeout(grace - first, &mut ended)
+        .await
+        .is_ok()
+    {
+        return true;
+    }
+    tracing::info!("agent ignored SIGTERM; killing it");
+    if let Err(e) = control.kill() {
+        tracing::warn!(error = %e, "SIGKILL failed");
+    }
+    tokio::time::timeout(Duration::from_secs(10), &mut ended)
+        .await
+        .is_ok()
 }
 
 /// Errors starting an agent.
@@ -528,65 +487,82 @@ pub enum RuntimeError {
         /// What was run.
         program: String,
         /// Why it failed.
-        source: io::Error,
+        source: SpawnFailure,
     },
 }
 
-/// A place agents run.
+impl RuntimeError {
+    /// Starting `program` failed for `source`.
+    pub fn spawn(program: &Path, source: impl Into<SpawnFailure>) -> Self {
+        Self::Spawn {
+            program: program.display().to_string(),
+            source: source.into(),
+        }
+    }
+}
+
+/// Why an agent could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnFailure {
+    /// A system call failed.
+    #[error(transparent)]
+    Io(#[from] io::Error),
+    /// The instance asked for a runtime this machine lacks.
+    #[error("the {0} runtime is not usable on this machine (see the server log)")]
+    Unavailable(&'static str),
+    /// The program is nowhere in `PATH`.
+    #[error("{} not found on this machine", .0.display())]
+    NotFound(PathBuf),
+    /// The keeper's socket path would not fit a Unix socket address.
+    #[error(
+        "the session socket path {} is longer than {max} bytes; use a shorter state_dir",
+        .path.display()
+    )]
+    SocketPathTooLong {
+        /// The path.
+        path: PathBuf,
+        /// The longest path the kernel takes.
+        max: usize,
+    },
+    /// An isolated container needs slirp4netns, which is missing.
+    #[error(
+        "network = \"isolated\" needs slirp4netns, which was not found ({}); install it, set \
+         runtime.slirp4netns, or give the instance network = \"host\" or \"none\"",
+        .0.display()
+    )]
+    NoSlirp4netns(PathBuf),
+    /// The keeper ended before it took connections.
+    #[error("the keeper failed: {0}")]
+    KeeperFailed(String),
+    /// The keeper did not open its socket in time.
+    #[error("the keeper did not start: {0}")]
+    KeeperTimeout(String),
+}
+
+/// A place agents run. Each implementation owns its agents' whole lifecycle: starting them,
+/// delivering their output ([`AgentRun`]), finding them again after a server restart,
+/// and removing what they leave behind.
 #[async_trait]
 pub trait Runtime: Send + Sync + fmt::Debug {
     /// Short name reported to users (`process`, `tmux`, `runc`).
     fn name(&self) -> &'static str;
 
-    /// Whether agents keep running when the server stops (and can be adopted again).
-    fn durable(&self) -> bool {
-        false
-    }
-
     /// Starts an agent.
     async fn spawn(&self, spec: SpawnSpec) -> Result<Agent, RuntimeError>;
 
-    /// Finds the agent a previous server started for this session.
-    async fn adopt(&self, _session_id: &str, _session_dir: &Path) -> Adoption {
-        Adoption::Lost
+    /// At startup: what became of the agent of a session that was running when the last
+    /// server stopped. A runtime whose agents do not outlive the server makes sure nothing of
+    /// it is left, and reports it ended unseen.
+    async fn adopt(&self, _found: &Found) -> Adoption {
+        Adoption::Exited(ExitInfo::UNKNOWN)
     }
 
     /// Removes whatever the runtime keeps for a session whose agent has ended (containers,
     /// terminal sessions, cgroups). Called on delete and after an exit.
-    async fn cleanup(&self, _session_id: &str, _session_dir: &Path) {}
+    async fn cleanup(&self, _session_id: &str, _session_dir: &SessionDir) {}
 
     /// At startup, removes what the runtime finds of sessions not in `live` that belong to
     /// this server (whose session directories are in `sessions_dir`): other servers on the
     /// same machine may share the runtime's state.
     async fn reconcile(&self, _sessions_dir: &Path, _live: &[String]) {}
-}
-
-#[cfg(test)]
-mod tests {
-    use std::os::unix::process::ExitStatusExt;
-    use std::process::ExitStatus;
-
-    use super::ExitInfo;
-
-    #[test]
-    fn a_container_exit_code_above_128_is_the_signal_that_ended_the_agent() {
-        // Wait statuses: a normal exit with code c is c << 8; a death by signal n is n.
-        let container = |raw| ExitInfo::from_container_status(ExitStatus::from_raw(raw));
-        let killed = container(137 << 8);
-        assert_eq!((killed.code, killed.signal), (None, Some(9)));
-        assert_eq!(killed.signal_name().as_deref(), Some("SIGKILL"));
-        assert_eq!(
-            container(143 << 8).signal_name().as_deref(),
-            Some("SIGTERM")
-        );
-        for code in [0, 1, 127, 128, 193, 255] {
-            let info = container(code << 8);
-            assert_eq!((info.code, info.signal), (Some(code), None), "{code}");
-        }
-        // runc itself killed by a signal keeps that signal.
-        assert_eq!(container(9).signal, Some(9));
-        // Outside containers, codes are what they are.
-        let plain = ExitInfo::from(ExitStatus::from_raw(137 << 8));
-        assert_eq!((plain.code, plain.signal), (Some(137), None));
-    }
 }

@@ -33,14 +33,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-/// What the hook and the helper read from the run directory.
-pub const PLAN_FILE: &str = "network.json";
-/// The helper's process id (the leader of its process group, slirp4netns included).
-pub const HELPER_PID_FILE: &str = "net.pid";
-/// The helper's and slirp4netns' diagnostics.
-pub const LOG_FILE: &str = "net.log";
-/// The resolver file containers get when the host's names a loopback resolver.
-pub const RESOLV_FILE: &str = "resolv.conf";
+use crate::keeper::layout::RunDir;
+
 /// slirp4netns' built-in DNS forwarder, as the container sees it.
 pub const SLIRP_DNS: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 3);
 /// How long runc lets the hook run before it kills it and fails the start.
@@ -110,7 +104,7 @@ impl NetworkHook {
 /// Writes the plan the hook will read.
 pub fn write_plan(run_dir: &Path, plan: &NetworkPlan) -> io::Result<()> {
     let body = serde_json::to_vec(plan).map_err(io::Error::other)?;
-    crate::fsio::write_private(&run_dir.join(PLAN_FILE), &body)
+    crate::keeper::fsio::write_private(&RunDir::new(run_dir).network_plan(), &body)
 }
 
 /// The resolver configuration a container on the isolated network needs, when the host's
@@ -143,35 +137,6 @@ pub fn container_resolv_conf(host: &str) -> Option<String> {
         }
     }
     Some(out)
-}
-
-/// Kills a session's network helper and slirp4netns, if they still run. Called when the
-/// container has ended; the helper normally has left by itself already.
-pub fn stop_helper(run_dir: &Path) {
-    let pid_file = run_dir.join(HELPER_PID_FILE);
-    let Some(pid) = std::fs::read_to_string(&pid_file)
-        .ok()
-        .and_then(|p| p.trim().parse::<i32>().ok())
-    else {
-        return;
-    };
-    if is_helper(pid, run_dir) {
-        let _ = nix::sys::signal::killpg(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-    }
-    let _ = std::fs::remove_file(pid_file);
-}
-
-/// Whether `pid` is the network helper of `run_dir` (and not a process that reused its pid).
-fn is_helper(pid: i32, run_dir: &Path) -> bool {
-    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-        return false;
-    };
-    let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-    args.get(1) == Some(&&b"net-helper"[..])
-        && args.get(2) == Some(&run_dir.as_os_str().as_encoded_bytes())
 }
 
 /// The part of the OCI state runc gives hooks on stdin that the hook needs.
@@ -227,16 +192,16 @@ fn open_log(run_dir: &Path) -> Result<std::fs::File, NetworkError> {
     std::fs::OpenOptions::new()
         .create(true)
         .append(true)
-        .open(run_dir.join(LOG_FILE))
+        .open(RunDir::new(run_dir).network_log())
         .map_err(io_err(format!(
             "opening {}",
-            run_dir.join(LOG_FILE).display()
+            RunDir::new(run_dir).network_log().display()
         )))
 }
 
 /// What the log says since `start` (the helper's own words on why it failed).
 fn log_since(run_dir: &Path, start: u64) -> String {
-    let text = std::fs::read(run_dir.join(LOG_FILE)).unwrap_or_default();
+    let text = std::fs::read(RunDir::new(run_dir).network_log()).unwrap_or_default();
     let from = (start as usize).min(text.len());
     let tail = String::from_utf8_lossy(&text[from..]).trim().to_owned();
     if tail.is_empty() {
@@ -273,15 +238,16 @@ pub fn helper_main(run_dir: &Path, pid: i32, moorline_exe: &Path) -> ExitCode {
 
 async fn helper(run_dir: &Path, pid: i32, moorline_exe: &Path) -> Result<(), NetworkError> {
     let plan: NetworkPlan = serde_json::from_slice(
-        &std::fs::read(run_dir.join(PLAN_FILE)).map_err(io_err("reading the network plan"))?,
+        &std::fs::read(RunDir::new(run_dir).network_plan())
+            .map_err(io_err("reading the network plan"))?,
     )
     .map_err(|e| NetworkError::Failed(format!("bad network plan: {e}")))?;
     let container = rustix::process::Pid::from_raw(pid)
         .ok_or_else(|| NetworkError::Failed(format!("bad container pid {pid}")))?;
     let pidfd = rustix::process::pidfd_open(container, rustix::process::PidfdFlags::empty())
         .map_err(|e| io_err(format!("watching the container (pid {pid})"))(e.into()))?;
-    crate::fsio::write_private(
-        &run_dir.join(HELPER_PID_FILE),
+    crate::keeper::fsio::write_private(
+        &RunDir::new(run_dir).network_pid(),
         std::process::id().to_string().as_bytes(),
     )
     .map_err(io_err("writing net.pid"))?;
@@ -386,7 +352,7 @@ async fn helper(run_dir: &Path, pid: i32, moorline_exe: &Path) -> Result<(), Net
     }
     let _ = slirp.start_kill();
     let _ = slirp.wait().await;
-    let _ = std::fs::remove_file(run_dir.join(HELPER_PID_FILE));
+    let _ = std::fs::remove_file(RunDir::new(run_dir).network_pid());
     Ok(())
 }
 
@@ -574,13 +540,5 @@ mod tests {
         );
         assert_eq!(container_resolv_conf("nameserver 10.255.255.53\n"), None);
         assert_eq!(container_resolv_conf(""), None);
-    }
-
-    #[test]
-    fn only_the_named_helper_is_recognised() {
-        let tmp = tempfile::tempdir().expect("tmp");
-        assert!(!is_helper(std::process::id() as i32, tmp.path()));
-        // No pid file: nothing to do, nothing killed.
-        stop_helper(tmp.path());
     }
 }

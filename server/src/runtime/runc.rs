@@ -14,9 +14,10 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
 use oci_spec::runtime::{
-    HookBuilder, LinuxBuilder, LinuxCapabilities, LinuxIdMappingBuilder, LinuxMemoryBuilder,
-    LinuxNamespaceBuilder, LinuxNamespaceType, LinuxPidsBuilder, LinuxResourcesBuilder, Mount,
-    MountBuilder, ProcessBuilder, RootBuilder, Spec, UserBuilder,
+    Hook, HookBuilder, Linux, LinuxBuilder, LinuxCapabilities, LinuxIdMappingBuilder,
+    LinuxMemoryBuilder, LinuxNamespaceBuilder, LinuxNamespaceType, LinuxPidsBuilder,
+    LinuxResources, LinuxResourcesBuilder, Mount, MountBuilder, Process, ProcessBuilder,
+    RootBuilder, Spec, UserBuilder,
 };
 use tokio::process::Command;
 
@@ -54,6 +55,22 @@ impl Runc {
             "--root".into(),
             self.root.display().to_string(),
             "run".into(),
+            "--bundle".into(),
+            bundle.display().to_string(),
+            id.into(),
+        ]
+    }
+
+    /// Arguments of `runc run --detach` for a bundle: runc returns once the container runs,
+    /// after writing its init's pid to `pid_file`; the container keeps the caller's stdio.
+    pub fn detached_run_args(&self, bundle: &Path, id: &str, pid_file: &Path) -> Vec<String> {
+        vec![
+            "--root".into(),
+            self.root.display().to_string(),
+            "run".into(),
+            "--detach".into(),
+            "--pid-file".into(),
+            pid_file.display().to_string(),
             "--bundle".into(),
             bundle.display().to_string(),
             id.into(),
@@ -259,6 +276,74 @@ fn covered(path: &Path, dirs: &[PathBuf]) -> bool {
 
 /// Writes `bundle/config.json` and a fresh `bundle/rootfs`.
 pub fn write_bundle(bundle: &Path, spec: &BundleSpec) -> io::Result<()> {
+    let rootfs = fresh_rootfs(bundle)?;
+    let mut base = match spec.rootless {
+        Some((uid, gid)) => Spec::rootless(uid, gid),
+        None => Spec::default(),
+    };
+    let mounts = mounts(spec, &rootfs, base.mounts().clone().unwrap_or_default())?;
+    base.set_mounts(Some(mounts));
+    let (uid, gid) = agent_ids(spec)?;
+    if spec.rootless.is_none() {
+        std::os::unix::fs::chown(&spec.home, Some(uid), Some(gid))?;
+    }
+    base.set_process(Some(process(spec, uid, gid)?));
+    let mut hooks = base.hooks().clone().unwrap_or_default();
+    let mut hooked = false;
+    if spec.workspace.path() != Path::new("/") {
+        // After runc's own mounts, in the container's mount namespace, before pivot_root.
+        let mut create = hooks.create_container().clone().unwrap_or_default();
+        create.push(workspace_hook(spec, &rootfs)?);
+        hooks.set_create_container(Some(create));
+        hooked = true;
+    }
+    if let Some(hook) = &spec.network_hook {
+        // createRuntime: in the host's namespaces, once the container's exist, before the agent
+        // runs; a failure fails the start.
+        let mut create = hooks.create_runtime().clone().unwrap_or_default();
+        create.push(
+            HookBuilder::default()
+                .path(&hook.path)
+                .args(hook.args.clone())
+                .env(Vec::<String>::new())
+                .timeout(HOOK_TIMEOUT_SECS)
+                .build()
+                .map_err(oci)?,
+        );
+        hooks.set_create_runtime(Some(create));
+        hooked = true;
+    }
+    if hooked {
+        base.set_hooks(Some(hooks));
+    }
+    base.set_root(Some(
+        RootBuilder::default()
+            .path("rootfs")
+            .readonly(true)
+            .build()
+            .map_err(oci)?,
+    ));
+    base.set_hostname(Some(format!("moorline-{}", spec.session_id)));
+    base.set_version("1.0.2".into());
+    base.set_annotations(Some(
+        [
+            ("org.moorline.session", spec.session_id.clone()),
+            ("org.moorline.generation", spec.generation.to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect(),
+    ));
+    let defaults = base.linux().clone().unwrap_or_default();
+    base.set_linux(Some(linux(spec, &defaults)?));
+    // The spec holds the agent's environment (API keys): readable by its owner only.
+    let path = bundle.join("config.json");
+    base.save(&path).map_err(oci)?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+}
+
+/// An empty `bundle/rootfs` (the container's root is read-only: only mount points in it).
+fn fresh_rootfs(bundle: &Path) -> io::Result<PathBuf> {
     let _ = std::fs::remove_dir_all(bundle);
     let rootfs = bundle.join("rootfs");
     std::fs::create_dir_all(&rootfs)?;
@@ -267,12 +352,12 @@ pub fn write_bundle(bundle: &Path, spec: &BundleSpec) -> io::Result<()> {
     let tmp = rootfs.join("tmp");
     std::fs::create_dir(&tmp)?;
     std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o1777))?;
+    Ok(rootfs)
+}
 
-    let mut base = match spec.rootless {
-        Some((uid, gid)) => Spec::rootless(uid, gid),
-        None => Spec::default(),
-    };
-    let mut mounts: Vec<Mount> = base.mounts().clone().unwrap_or_default();
+/// What the container sees: runc's defaults, the system directories read-only, a private
+/// `/tmp`, its home, the session's data directory, and the agent and init programs.
+fn mounts(spec: &BundleSpec, rootfs: &Path, mut mounts: Vec<Mount>) -> io::Result<Vec<Mount>> {
     // Agents need neither POSIX message queues nor a view of the cgroup tree; leaving them out
     // also makes a container start a few milliseconds sooner.
     mounts.retain(|m| {
@@ -320,22 +405,24 @@ pub fn write_bundle(bundle: &Path, spec: &BundleSpec) -> io::Result<()> {
             mounts.push(bind(file, file, false)?);
         }
     }
-    base.set_mounts(Some(mounts));
+    Ok(mounts)
+}
 
-    let (uid, gid) = match (spec.rootless, spec.user) {
+/// Who the agent is inside the container; never root over the host's files.
+fn agent_ids(spec: &BundleSpec) -> io::Result<(u32, u32)> {
+    match (spec.rootless, spec.user) {
         // Container root is the only mapped id: this unprivileged user on the host.
-        (Some(_), _) => (0, 0),
+        (Some(_), _) => Ok((0, 0)),
         // As root, the agent runs as the user chosen for it, without any capability.
-        (None, Some((uid, gid))) if uid != 0 && gid != 0 => (uid, gid),
-        (None, _) => {
-            return Err(io::Error::other(
-                "refusing to run an agent as root (no unprivileged user was chosen for it)",
-            ));
-        }
-    };
-    if spec.rootless.is_none() {
-        std::os::unix::fs::chown(&spec.home, Some(uid), Some(gid))?;
+        (None, Some((uid, gid))) if uid != 0 && gid != 0 => Ok((uid, gid)),
+        (None, _) => Err(io::Error::other(
+            "refusing to run an agent as root (no unprivileged user was chosen for it)",
+        )),
     }
+}
+
+/// The agent under tini, in its workspace, without capabilities or new privileges.
+fn process(spec: &BundleSpec, uid: u32, gid: u32) -> io::Result<Process> {
     let mut args = vec![
         spec.tini.display().to_string(),
         "-g".into(),
@@ -344,17 +431,13 @@ pub fn write_bundle(bundle: &Path, spec: &BundleSpec) -> io::Result<()> {
     ];
     args.extend(spec.args.iter().cloned());
     let env: Vec<String> = spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
-    let empty = LinuxCapabilities::default();
-    let no_caps = {
-        let mut c = empty;
-        c.set_bounding(Some(Default::default()));
-        c.set_effective(Some(Default::default()));
-        c.set_inheritable(Some(Default::default()));
-        c.set_permitted(Some(Default::default()));
-        c.set_ambient(Some(Default::default()));
-        c
-    };
-    let process = ProcessBuilder::default()
+    let mut no_caps = LinuxCapabilities::default();
+    no_caps.set_bounding(Some(Default::default()));
+    no_caps.set_effective(Some(Default::default()));
+    no_caps.set_inheritable(Some(Default::default()));
+    no_caps.set_permitted(Some(Default::default()));
+    no_caps.set_ambient(Some(Default::default()));
+    ProcessBuilder::default()
         .terminal(false)
         .user(
             UserBuilder::default()
@@ -369,47 +452,26 @@ pub fn write_bundle(bundle: &Path, spec: &BundleSpec) -> io::Result<()> {
         .no_new_privileges(true)
         .capabilities(no_caps)
         .build()
-        .map_err(oci)?;
-    base.set_process(Some(process));
-    if spec.workspace.path() != Path::new("/") {
-        // After runc's own mounts, in the container's mount namespace, before pivot_root.
-        let anchor = serde_json::to_string(&spec.workspace).map_err(io::Error::other)?;
-        let mut hooks = base.hooks().clone().unwrap_or_default();
-        let mut create = hooks.create_container().clone().unwrap_or_default();
-        create.push(
-            HookBuilder::default()
-                .path(&spec.moorline_exe)
-                .args(vec![
-                    "moorline".into(),
-                    "mount-workspace".into(),
-                    anchor,
-                    rootfs.display().to_string(),
-                ])
-                .build()
-                .map_err(oci)?,
-        );
-        hooks.set_create_container(Some(create));
-        base.set_hooks(Some(hooks));
-    }
-    base.set_root(Some(
-        RootBuilder::default()
-            .path("rootfs")
-            .readonly(true)
-            .build()
-            .map_err(oci)?,
-    ));
-    base.set_hostname(Some(format!("moorline-{}", spec.session_id)));
-    base.set_version("1.0.2".into());
-    base.set_annotations(Some(
-        [
-            ("org.moorline.session", spec.session_id.clone()),
-            ("org.moorline.generation", spec.generation.to_string()),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v))
-        .collect(),
-    ));
+        .map_err(oci)
+}
 
+/// The hook that mounts the workspace, opened beneath its anchor (see [`super::workspace`]).
+fn workspace_hook(spec: &BundleSpec, rootfs: &Path) -> io::Result<Hook> {
+    let anchor = serde_json::to_string(&spec.workspace).map_err(io::Error::other)?;
+    HookBuilder::default()
+        .path(&spec.moorline_exe)
+        .args(vec![
+            "moorline".into(),
+            "mount-workspace".into(),
+            anchor,
+            rootfs.display().to_string(),
+        ])
+        .build()
+        .map_err(oci)
+}
+
+/// Namespaces, seccomp, id mappings (rootless) and resource limits.
+fn linux(spec: &BundleSpec, defaults: &Linux) -> io::Result<Linux> {
     let mut kinds = vec![
         LinuxNamespaceType::Pid,
         LinuxNamespaceType::Ipc,
@@ -418,22 +480,6 @@ pub fn write_bundle(bundle: &Path, spec: &BundleSpec) -> io::Result<()> {
     ];
     if spec.network != NetworkMode::Host {
         kinds.push(LinuxNamespaceType::Network);
-    }
-    if let Some(hook) = &spec.network_hook {
-        // createRuntime: in the host's namespaces, once the container's exist, before the agent
-        // runs; a failure fails the start.
-        let hook = HookBuilder::default()
-            .path(&hook.path)
-            .args(hook.args.clone())
-            .env(Vec::<String>::new())
-            .timeout(HOOK_TIMEOUT_SECS)
-            .build()
-            .map_err(oci)?;
-        let mut hooks = base.hooks().clone().unwrap_or_default();
-        let mut create = hooks.create_runtime().clone().unwrap_or_default();
-        create.push(hook);
-        hooks.set_create_runtime(Some(create));
-        base.set_hooks(Some(hooks));
     }
     if spec.rootless.is_some() {
         kinds.push(LinuxNamespaceType::User);
@@ -447,60 +493,54 @@ pub fn write_bundle(bundle: &Path, spec: &BundleSpec) -> io::Result<()> {
                 .map_err(oci)
         })
         .collect::<io::Result<Vec<_>>>()?;
-    let defaults = base.linux().clone().unwrap_or_default();
     let mut linux = LinuxBuilder::default()
         .namespaces(namespaces)
         .seccomp(super::seccomp::profile().map_err(oci)?)
         .masked_paths(defaults.masked_paths().clone().unwrap_or_default())
         .readonly_paths(defaults.readonly_paths().clone().unwrap_or_default());
     if let Some((uid, gid)) = spec.rootless {
+        let map = |host: u32| {
+            LinuxIdMappingBuilder::default()
+                .container_id(0u32)
+                .host_id(host)
+                .size(1u32)
+                .build()
+                .map_err(oci)
+        };
         linux = linux
-            .uid_mappings(vec![
-                LinuxIdMappingBuilder::default()
-                    .container_id(0u32)
-                    .host_id(uid)
-                    .size(1u32)
-                    .build()
-                    .map_err(oci)?,
-            ])
-            .gid_mappings(vec![
-                LinuxIdMappingBuilder::default()
-                    .container_id(0u32)
-                    .host_id(gid)
-                    .size(1u32)
-                    .build()
-                    .map_err(oci)?,
-            ]);
+            .uid_mappings(vec![map(uid)?])
+            .gid_mappings(vec![map(gid)?]);
     }
     if spec.limits_allowed {
-        let mut resources = LinuxResourcesBuilder::default();
-        if let Some(limit) = spec.pids_limit {
-            resources = resources.pids(
-                LinuxPidsBuilder::default()
-                    .limit(limit)
-                    .build()
-                    .map_err(oci)?,
-            );
-        }
-        if let Some(limit) = spec.memory_limit {
-            resources = resources.memory(
-                LinuxMemoryBuilder::default()
-                    .limit(limit)
-                    // Same as the limit: no swap on top of it.
-                    .swap(limit)
-                    .build()
-                    .map_err(oci)?,
-            );
-        }
         linux = linux
-            .resources(resources.build().map_err(oci)?)
+            .resources(resources(spec)?)
             .cgroups_path(PathBuf::from(cgroups_path(&spec.container_id)));
     }
-    base.set_linux(Some(linux.build().map_err(oci)?));
-    // The spec holds the agent's environment (API keys): readable by its owner only.
-    let path = bundle.join("config.json");
-    base.save(&path).map_err(oci)?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+    linux.build().map_err(oci)
+}
+
+/// The pids and memory limits (memory without swap on top).
+fn resources(spec: &BundleSpec) -> io::Result<LinuxResources> {
+    let mut resources = LinuxResourcesBuilder::default();
+    if let Some(limit) = spec.pids_limit {
+        resources = resources.pids(
+            LinuxPidsBuilder::default()
+                .limit(limit)
+                .build()
+                .map_err(oci)?,
+        );
+    }
+    if let Some(limit) = spec.memory_limit {
+        resources = resources.memory(
+            LinuxMemoryBuilder::default()
+                .limit(limit)
+                // Same as the limit: no swap on top of it.
+                .swap(limit)
+                .build()
+                .map_err(oci)?,
+        );
+    }
+    resources.build().map_err(oci)
 }
 
 #[cfg(test)]

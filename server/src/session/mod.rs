@@ -2,9 +2,14 @@
 //!
 //! A [`Session`] outlives the agent process it runs: after the agent exits, its output stays
 //! replayable and it can be restarted under the same id, continuing the same sequence numbers.
-//! The [`SessionManager`] owns the registry, enforces limits and persists sessions so a
-//! restarted server finds them again. Sessions know runtimes only through the
-//! [`Runtime`](crate::runtime::Runtime) trait.
+//! Sessions know runtimes only through the [`Runtime`](crate::runtime::Runtime) trait.
+//!
+//! - [`SessionManager`] (`registry`): the map of sessions, ids, limits, create/restart/delete;
+//! - `launch`: instances and the policy of a start (environment, credentials, working
+//!   directory), and wiring a started agent's run to its session;
+//! - `recovery`: what a starting server finds of the last one (adoption, reconciliation);
+//! - `delivery`: the session's end of an agent run (publishing journaled lines);
+//! - `store`: the session's metadata file.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -14,20 +19,24 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{OwnedSemaphorePermit, mpsc, watch};
 
-use crate::agentio::Input;
 use crate::fanout::Hub;
-use crate::journal::JournalWriter;
-use crate::runtime::{AgentControl, ExitInfo};
+use crate::keeper::layout::{STDERR_TAIL_BYTES, SessionDir};
+use crate::runtime::{AgentControl, ExitInfo, Input};
 
+mod delivery;
 pub mod env;
-mod manager;
-mod pump;
+mod error;
+mod launch;
+mod recovery;
+mod registry;
 pub mod store;
 #[cfg(test)]
 mod tests;
 
 pub use crate::wire::{Activity, SessionSummary, Status};
-pub use manager::{CreateRequest, Instance, SessionError, SessionManager};
+pub use error::SessionError;
+pub use launch::{CreateRequest, Instance};
+pub use registry::SessionManager;
 
 /// What clients of a session should know has happened. Sent on a `watch` channel: a client
 /// only needs the latest state.
@@ -120,11 +129,11 @@ pub struct Session {
     env: BTreeMap<String, String>,
     created_at: u64,
     created_by: Option<String>,
-    dir: PathBuf,
+    dir: SessionDir,
     hub: Arc<Hub>,
-    /// The journal's writer when the server writes it (`None` until needed, and while a
-    /// runtime's keeper writes it). Held by the output pump while an agent runs.
-    writer: Arc<tokio::sync::Mutex<Option<JournalWriter>>>,
+    /// Held by an agent's run for as long as it delivers output, so two runs of a session
+    /// never write its journal at once.
+    run_lock: Arc<tokio::sync::Mutex<()>>,
     state: Mutex<State>,
     lifecycle: watch::Sender<Lifecycle>,
     /// Held while an agent is being started.
@@ -210,7 +219,7 @@ impl Session {
 
     /// Approval requests of the running agent that wait for an answer.
     pub fn pending_approvals(&self) -> Vec<serde_json::Value> {
-        crate::agentio::read_pending(&self.dir.join(store::PENDING_FILE))
+        crate::keeper::agentio::read_pending(&self.dir.pending())
     }
 
     /// Why the last run failed to start, if it did.
@@ -274,7 +283,7 @@ impl Session {
                 Activity::Idle
             });
         }
-        summary.auth_failed = self.dir.join(store::AUTH_FAILED_FILE).exists();
+        summary.auth_failed = self.dir.auth_failed().exists();
         summary
     }
 
@@ -323,7 +332,7 @@ impl Session {
             exit_code: state.exit.and_then(|e| e.code),
             signal: state.exit.and_then(|e| e.signal),
             pid: state.pid,
-            pid_start: state.pid.and_then(store::process_start_time),
+            pid_start: state.pid.and_then(crate::keeper::group::process_start_time),
             ended_at: state.ended_at,
             exit_reason: state.exit.and_then(|e| e.reason),
         }
@@ -333,14 +342,6 @@ impl Session {
         if let Err(e) = store::save(&self.dir, &self.meta()) {
             tracing::error!(session = %self.id, error = %e, "cannot save session metadata");
         }
-    }
-
-    /// Waits until the agent of `generation` has finished, or `limit` passes.
-    async fn wait_finished(&self, generation: u64, limit: Duration) -> bool {
-        let mut rx = self.finished.subscribe();
-        tokio::time::timeout(limit, rx.wait_for(|g| *g >= generation))
-            .await
-            .is_ok_and(|r| r.is_ok())
     }
 
     /// Stops the running agent: SIGTERM to its group, `grace`, then SIGKILL. False if it was
@@ -357,30 +358,28 @@ impl Session {
         let Some(control) = control else {
             return true;
         };
-        if let Err(e) = control.terminate() {
-            tracing::warn!(session = %self.id, error = %e, "SIGTERM failed");
-        }
-        // An agent that is still starting may lose the first SIGTERM (a container's init
-        // ignores signals until it has set up its handlers): ask once more shortly after.
-        let first = grace.min(Duration::from_millis(250));
-        if self.wait_finished(generation, first).await {
-            return true;
-        }
-        let _ = control.terminate();
-        if self.wait_finished(generation, grace - first).await {
-            return true;
-        }
-        tracing::info!(session = %self.id, "agent ignored SIGTERM; killing it");
-        if let Err(e) = control.kill() {
-            tracing::warn!(session = %self.id, error = %e, "SIGKILL failed");
-        }
-        let finished = self
-            .wait_finished(generation, Duration::from_secs(10))
-            .await;
-        if !finished {
+        let mut finished = self.finished.subscribe();
+        let ended = async move {
+            let _ = finished.wait_for(|g| *g >= generation).await;
+        };
+        let stopped = crate::runtime::stop_agent(control.as_ref(), grace, ended).await;
+        if !stopped {
             tracing::error!(session = %self.id, "agent did not exit after SIGKILL");
         }
-        finished
+        stopped
+    }
+
+    /// Waits until the current run (if any) has ended or let go of its agent, up to `limit`.
+    async fn wait_run_over(&self, limit: Duration) {
+        let generation = {
+            let state = self.lock();
+            if state.status != Status::Running {
+                return;
+            }
+            state.generation
+        };
+        let mut finished = self.finished.subscribe();
+        let _ = tokio::time::timeout(limit, finished.wait_for(|g| *g >= generation)).await;
     }
 
     /// Records the end of an agent run and tells clients. `silent` means it never wrote a line:
@@ -390,7 +389,7 @@ impl Session {
         // failing to start.
         let untouched = self.inputs.load(Ordering::Relaxed) == 0 && self.lock().stopping.is_none();
         let error = (silent && untouched && !exit.is_success()).then(|| {
-            let tail = store::stderr_tail(&self.dir, store::STDERR_TAIL_BYTES);
+            let tail = self.dir.stderr_tail(STDERR_TAIL_BYTES);
             if tail.is_empty() {
                 format!("the agent exited before writing anything ({exit}) and wrote nothing to stderr")
             } else {
@@ -426,6 +425,10 @@ impl Session {
         self.hub.release_memory();
         if stopping != Some(StopReason::Delete) {
             self.persist();
+        }
+        // A deleted session's clients were told so; a stopping server's clients are closed
+        // with 1001 (an exit event racing that close would be a lie about the agent).
+        if stopping.is_none() {
             self.lifecycle.send_replace(Lifecycle::Exited {
                 generation,
                 exit,

@@ -6,24 +6,12 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
 use super::Status;
-
-/// File name of the metadata inside a session directory.
-pub const META_FILE: &str = "meta.json";
-/// Directory of the output journal inside a session directory.
-pub const JOURNAL_DIR: &str = "journal";
-/// The agent's stderr, kept for diagnosis.
-pub const STDERR_FILE: &str = "stderr.log";
-/// Approval requests waiting for an answer, kept up to date by whoever runs the agent's stdio.
-pub const PENDING_FILE: &str = "pending.json";
-
-/// Present while the current run has reported an authentication failure (written by whoever
-/// runs the agent's pipeline: the server or a keeper).
-pub const AUTH_FAILED_FILE: &str = "auth-failed";
+use crate::keeper::layout::SessionDir;
 
 /// A session's persistent record.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -66,40 +54,15 @@ pub struct Meta {
 
 /// Writes `meta` atomically (temporary file, then rename), readable only by the owner because
 /// it holds the session's environment.
-pub fn save(dir: &Path, meta: &Meta) -> io::Result<()> {
+pub fn save(dir: &SessionDir, meta: &Meta) -> io::Result<()> {
     let body = serde_json::to_vec_pretty(meta).map_err(io::Error::other)?;
-    crate::fsio::write_private(&dir.join(META_FILE), &body)
-}
-
-/// How much of an agent's stderr is quoted when it fails to start.
-pub const STDERR_TAIL_BYTES: u64 = 2048;
-
-/// The last `max_bytes` of a session's agent stderr, lossily decoded and trimmed: what a user
-/// needs to see why an agent did not start.
-pub fn stderr_tail(session_dir: &Path, max_bytes: u64) -> String {
-    use std::io::{Read, Seek, SeekFrom};
-    let Ok(mut file) = fs::File::open(session_dir.join(STDERR_FILE)) else {
-        return String::new();
-    };
-    let len = file.metadata().map_or(0, |m| m.len());
-    let _ = file.seek(SeekFrom::Start(len.saturating_sub(max_bytes)));
-    let mut tail = Vec::new();
-    let _ = file.read_to_end(&mut tail);
-    String::from_utf8_lossy(&tail).trim().to_owned()
+    crate::keeper::fsio::write_private(&dir.meta(), &body)
 }
 
 /// Reads a session's metadata.
-pub fn load(dir: &Path) -> io::Result<Meta> {
-    let body = fs::read(dir.join(META_FILE))?;
+pub fn load(dir: &SessionDir) -> io::Result<Meta> {
+    let body = fs::read(dir.meta())?;
     serde_json::from_slice(&body).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
-}
-
-/// Start time of process `pid` in clock ticks since boot, from `/proc/<pid>/stat`.
-pub fn process_start_time(pid: u32) -> Option<u64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) may contain spaces and parentheses: skip past its last ')'.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    rest.split(' ').nth(19)?.parse().ok()
 }
 
 #[cfg(test)]
@@ -109,6 +72,7 @@ mod tests {
     #[test]
     fn meta_round_trips_and_is_private() {
         let tmp = tempfile::tempdir().expect("tmp");
+        let dir = SessionDir::new(tmp.path());
         let meta = Meta {
             id: "0123456789ab".into(),
             name: Some("demo".into()),
@@ -126,31 +90,24 @@ mod tests {
             ended_at: None,
             exit_reason: None,
         };
-        save(tmp.path(), &meta).expect("save");
-        assert_eq!(load(tmp.path()).expect("load"), meta);
+        save(&dir, &meta).expect("save");
+        assert_eq!(load(&dir).expect("load"), meta);
         use std::os::unix::fs::PermissionsExt;
-        let mode = fs::metadata(tmp.path().join(META_FILE))
-            .expect("stat")
-            .permissions()
-            .mode();
+        let mode = fs::metadata(dir.meta()).expect("stat").permissions().mode();
         assert_eq!(mode & 0o077, 0);
     }
 
     #[test]
     fn meta_files_without_created_by_still_load() {
         let tmp = tempfile::tempdir().expect("tmp");
+        let dir = SessionDir::new(tmp.path());
         std::fs::write(
-            tmp.path().join(META_FILE),
+            dir.meta(),
             r#"{"id":"0123456789ab","name":null,"instanceId":"echo","cwd":"/tmp","env":{},
                "createdAt":1,"spawnedAt":2,"status":"exited","exitCode":0,"signal":null,
                "pid":null,"pidStart":null}"#,
         )
         .expect("write");
-        assert_eq!(load(tmp.path()).expect("load").created_by, None);
-    }
-
-    #[test]
-    fn start_time_of_this_process_is_readable() {
-        assert!(process_start_time(std::process::id()).is_some());
+        assert_eq!(load(&dir).expect("load").created_by, None);
     }
 }

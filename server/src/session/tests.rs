@@ -10,6 +10,7 @@ use tokio_util::task::TaskTracker;
 
 use super::{CreateRequest, Lifecycle, SessionManager, Status};
 use crate::config::{Config, InstanceConfig};
+use crate::keeper::agentio::AgentPipes;
 use crate::metrics::Metrics;
 use crate::runtime::{Agent, AgentControl, ExitInfo, Runtime, RuntimeError, SpawnSpec};
 
@@ -90,7 +91,7 @@ impl Runtime for FakeRuntime {
         "fake"
     }
 
-    async fn spawn(&self, _spec: SpawnSpec) -> Result<Agent, RuntimeError> {
+    async fn spawn(&self, spec: SpawnSpec) -> Result<Agent, RuntimeError> {
         if let Ok(permit) = self.gate.acquire().await {
             permit.forget();
         }
@@ -116,13 +117,22 @@ impl Runtime for FakeRuntime {
             exit: Some(test_exit_tx),
             control: control.clone(),
         }));
+        // The server's own stdio loop runs these pipes, as for the process runtime.
+        let run = crate::runtime::process::prepare_run(&spec)
+            .map_err(|e| RuntimeError::spawn(&spec.program, e))?
+            .attach(
+                AgentPipes {
+                    stdout: Box::new(server_stdout),
+                    stdin: Box::new(server_stdin),
+                    exit: Box::pin(async move { exit_rx.await.unwrap_or(ExitInfo::UNKNOWN) }),
+                    control: control.clone(),
+                },
+                None,
+            );
         Ok(Agent {
             pid: None,
-            stdin: Box::new(server_stdin),
-            output: crate::runtime::Output::Pipe(Box::new(server_stdout)),
-            stderr: None,
-            exit: Box::pin(async move { exit_rx.await.unwrap_or(ExitInfo::UNKNOWN) }),
             control,
+            run,
         })
     }
 }
@@ -226,7 +236,7 @@ async fn client_lines_reach_stdin_with_one_newline_each() {
         .stdin()
         .expect("running");
     for line in ["one", "two", "three"] {
-        let input = crate::agentio::Input {
+        let input = crate::runtime::Input {
             line: bytes::Bytes::from(line),
             user: Some("local".into()),
         };
@@ -357,7 +367,7 @@ async fn a_delete_during_a_restart_stops_the_agent_that_restart_started() {
     let _ = restart.await.expect("task");
     assert_eq!(restarted.control.signals().first(), Some(&"TERM"));
     assert!(h.manager.get(&id).is_none());
-    assert!(!session.dir.exists(), "nothing left on disk");
+    assert!(!session.dir.path().exists(), "nothing left on disk");
     // Its slot is free again.
     let (_, _next) = h.create().await;
 }

@@ -21,14 +21,37 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::pin::Pin;
+
 use bytes::{BufMut, Bytes, BytesMut};
 use moorline_adapters::pipeline::{Outputs, Pipeline, Resolution};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::framing::{DropReason, Frame, LineFramer, dropped_frame};
-use crate::runtime::{AgentControl, ExitFuture, ExitInfo, Reader, Writer};
+use super::exit::ExitInfo;
+use super::framing::{DropReason, Frame, LineFramer, dropped_frame};
+use super::group::AgentControl;
+
+/// Boxed pipe ends, so runtimes can hand over whatever they use.
+pub type Reader = Box<dyn AsyncRead + Send + Unpin>;
+/// See [`Reader`].
+pub type Writer = Box<dyn AsyncWrite + Send + Unpin>;
+/// Resolves once the agent's main process has exited.
+pub type ExitFuture = Pin<Box<dyn Future<Output = ExitInfo> + Send>>;
+
+/// An agent's end of the loop: its pipes, its exit, and how to signal its group.
+#[allow(missing_debug_implementations)] // pipes and a future: nothing to show
+pub struct AgentPipes {
+    /// The agent's stdout.
+    pub stdout: Reader,
+    /// The agent's stdin.
+    pub stdin: Writer,
+    /// Resolves when the agent's main process has exited.
+    pub exit: ExitFuture,
+    /// Kills leftovers that keep stdout open after the agent exited.
+    pub control: Arc<dyn AgentControl>,
+}
 
 /// Size of one read from an agent's stdout.
 const READ_CHUNK: usize = 256 * 1024;
@@ -77,6 +100,10 @@ pub trait OutputSink: Send {
 
     /// The agent reported, for the first time this run, that its credentials are wrong.
     fn auth_failed(&mut self) {}
+
+    /// Committed lines may now be shown to clients: what their processing changed (pending
+    /// approvals, an authentication failure) has been reported.
+    fn flush(&mut self) {}
 }
 
 /// A line from a client, with who sent it.
@@ -174,12 +201,14 @@ impl AgentIo {
                     self.held.push_front((refused.batch, ends));
                     self.backoff = (self.backoff * 2).min(RETRY_MAX);
                     self.retry_at = Some(Instant::now() + self.backoff);
+                    sink.flush();
                     return false;
                 }
             }
         }
         tracing::info!("the journal takes output again");
         sink.held(None);
+        sink.flush();
         self.retry_at = None;
         true
     }
@@ -203,16 +232,18 @@ impl AgentIo {
     /// Exit and end-of-output are awaited separately: a tool the agent started may keep stdout
     /// open after the agent exits. Such leftovers get `exit_drain` to finish, then the agent's
     /// process group is killed, then output is given up on after another `exit_drain`.
-    #[allow(clippy::too_many_arguments)]
     pub async fn run(
         mut self,
-        mut stdout: Reader,
+        pipes: AgentPipes,
         mut input: mpsc::Receiver<Input>,
-        mut stdin: Writer,
-        mut exit: ExitFuture,
-        control: Arc<dyn AgentControl>,
         sink: &mut dyn OutputSink,
     ) -> (ExitInfo, Totals) {
+        let AgentPipes {
+            mut stdout,
+            mut stdin,
+            mut exit,
+            control,
+        } = pipes;
         let mut buf = BytesMut::with_capacity(READ_CHUNK);
         let mut to_agent = BytesMut::new();
         let mut stdout_open = true;
@@ -401,6 +432,7 @@ impl AgentIo {
         if self.pipeline.take_auth_failed() {
             sink.auth_failed();
         }
+        sink.flush();
     }
 
     /// A client line: through the pipeline to the agent (and maybe to clients).
@@ -467,11 +499,10 @@ async fn sleep_until(deadline: Option<Instant>) {
     }
 }
 
-/// Records, beside the pending-approvals file `pending_file`, that the run reported an
-/// authentication failure (see [`crate::session::store::AUTH_FAILED_FILE`]).
-pub fn mark_auth_failed(pending_file: &Path) {
-    let path = pending_file.with_file_name(crate::session::store::AUTH_FAILED_FILE);
-    if let Err(e) = crate::fsio::write_private(&path, b"") {
+/// Records that the run reported an authentication failure (the session's
+/// [`auth_failed`](super::layout::SessionDir::auth_failed) file).
+pub fn mark_auth_failed(path: &Path) {
+    if let Err(e) = super::fsio::write_private(path, b"") {
         tracing::warn!(error = %e, "cannot record an authentication failure");
     }
 }
@@ -479,7 +510,7 @@ pub fn mark_auth_failed(pending_file: &Path) {
 /// Writes the pending approval requests where the server can read them (atomically).
 pub fn write_pending(path: &Path, pending: &[serde_json::Value]) {
     let body = serde_json::to_vec(pending).unwrap_or_default();
-    if let Err(e) = crate::fsio::write_private(path, &body) {
+    if let Err(e) = super::fsio::write_private(path, &body) {
         tracing::warn!(error = %e, "cannot record pending approvals");
     }
 }

@@ -56,24 +56,37 @@ pub enum Frame<'a> {
     },
 }
 
-/// Incremental splitter of a byte stream into [`Frame`]s.
-///
-/// Memory is bounded by the maximum line length plus one read: a line that grows past the
-/// maximum is discarded as it streams in (only its length and a preview are kept).
+/// A piece of a byte stream cut at `\n`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Piece<'a> {
+    /// A complete line, without its `\n`, at most the splitter's limit long.
+    Line(&'a [u8]),
+    /// A line longer than the limit: only its length and first [`PREVIEW_BYTES`] were kept.
+    TooLong {
+        /// Its length in bytes, without the terminating `\n`.
+        bytes: u64,
+        /// Its first [`PREVIEW_BYTES`] bytes.
+        preview: &'a [u8],
+    },
+}
+
+/// The one incremental line splitter: cuts a byte stream at `\n`, with memory bounded by the
+/// limit plus one read (a line that grows past the limit is discarded as it streams in).
+/// Agent output goes through it inside [`LineFramer`]; a keeper splits client input with it.
 #[derive(Debug)]
-pub struct LineFramer {
-    max_line: usize,
+pub struct LineSplitter {
+    limit: usize,
     /// Bytes of the current, still unterminated line.
     partial: BytesMut,
     /// Set while skipping the rest of an over-long line: bytes seen so far and its preview.
     discarding: Option<(u64, Vec<u8>)>,
 }
 
-impl LineFramer {
-    /// A framer that drops lines longer than `max_line` bytes.
-    pub fn new(max_line: usize) -> Self {
+impl LineSplitter {
+    /// A splitter that reports lines longer than `limit` bytes as [`Piece::TooLong`].
+    pub fn new(limit: usize) -> Self {
         Self {
-            max_line,
+            limit,
             partial: BytesMut::new(),
             discarding: None,
         }
@@ -85,7 +98,7 @@ impl LineFramer {
     }
 
     /// Splits `input` and calls `emit` for every line it completes.
-    pub fn feed(&mut self, mut input: &[u8], emit: &mut impl FnMut(Frame<'_>)) {
+    pub fn feed(&mut self, mut input: &[u8], emit: &mut impl FnMut(Piece<'_>)) {
         while !input.is_empty() {
             let Some(nl) = memchr(b'\n', input) else {
                 self.accumulate(input);
@@ -95,14 +108,13 @@ impl LineFramer {
             input = &input[nl + 1..];
             if let Some((seen, mut preview)) = self.discarding.take() {
                 fill_preview(&mut preview, piece);
-                emit(Frame::Dropped {
-                    reason: DropReason::TooLong,
+                emit(Piece::TooLong {
                     bytes: seen + piece.len() as u64,
                     preview: &preview,
                 });
             } else if self.partial.is_empty() {
-                self.emit_line(piece, emit);
-            } else if self.partial.len() + piece.len() > self.max_line + 1 {
+                self.emit_whole(piece, emit);
+            } else if self.partial.len() + piece.len() > self.limit {
                 let mut preview = std::mem::take(&mut self.partial);
                 let seen = (preview.len() + piece.len()) as u64;
                 if preview.len() < PREVIEW_BYTES {
@@ -110,15 +122,14 @@ impl LineFramer {
                     preview.extend_from_slice(&piece[..take]);
                 }
                 preview.truncate(PREVIEW_BYTES);
-                emit(Frame::Dropped {
-                    reason: DropReason::TooLong,
+                emit(Piece::TooLong {
                     bytes: seen,
                     preview: &preview,
                 });
             } else {
                 let mut line = std::mem::take(&mut self.partial);
                 line.extend_from_slice(piece);
-                self.emit_line(&line, emit);
+                emit(Piece::Line(&line));
                 // Reuse the allocation for the next line.
                 line.clear();
                 self.partial = line;
@@ -126,17 +137,37 @@ impl LineFramer {
         }
     }
 
-    /// Flushes an unterminated last line (the agent exited without a final `\n`).
-    pub fn finish(&mut self, emit: &mut impl FnMut(Frame<'_>)) {
+    /// Flushes an unterminated last line (the stream ended without a final `\n`).
+    pub fn finish(&mut self, emit: &mut impl FnMut(Piece<'_>)) {
         if let Some((seen, preview)) = self.discarding.take() {
-            emit(Frame::Dropped {
-                reason: DropReason::TooLong,
+            emit(Piece::TooLong {
                 bytes: seen,
                 preview: &preview,
             });
         } else if !self.partial.is_empty() {
             let line = std::mem::take(&mut self.partial);
-            self.emit_line(&line, emit);
+            self.emit_whole(&line, emit);
+        }
+    }
+
+    /// Forgets an unterminated line (its stream went away mid-line); returns its length.
+    pub fn discard(&mut self) -> u64 {
+        let n = match self.discarding.take() {
+            Some((seen, _)) => seen,
+            None => self.partial.len() as u64,
+        };
+        self.partial.clear();
+        n
+    }
+
+    fn emit_whole(&self, line: &[u8], emit: &mut impl FnMut(Piece<'_>)) {
+        if line.len() > self.limit {
+            emit(Piece::TooLong {
+                bytes: line.len() as u64,
+                preview: &line[..line.len().min(PREVIEW_BYTES)],
+            });
+        } else {
+            emit(Piece::Line(line));
         }
     }
 
@@ -146,8 +177,7 @@ impl LineFramer {
             fill_preview(preview, chunk);
             return;
         }
-        // A line of exactly `max_line` bytes may still be followed by a `\r`, hence the `+ 1`.
-        if self.partial.len() + chunk.len() > self.max_line + 1 {
+        if self.partial.len() + chunk.len() > self.limit {
             let seen = (self.partial.len() + chunk.len()) as u64;
             let mut preview = Vec::with_capacity(PREVIEW_BYTES);
             preview.extend_from_slice(&self.partial[..self.partial.len().min(PREVIEW_BYTES)]);
@@ -159,25 +189,73 @@ impl LineFramer {
             self.partial.extend_from_slice(chunk);
         }
     }
+}
 
-    fn emit_line(&self, raw: &[u8], emit: &mut impl FnMut(Frame<'_>)) {
-        let line = raw.strip_suffix(b"\r").unwrap_or(raw);
-        if line.is_empty() {
-            return;
+/// Incremental splitter of agent output into [`Frame`]s: a [`LineSplitter`] whose lines are
+/// then checked (UTF-8, length without a trailing `\r`, not empty).
+#[derive(Debug)]
+pub struct LineFramer {
+    max_line: usize,
+    splitter: LineSplitter,
+}
+
+impl LineFramer {
+    /// A framer that drops lines longer than `max_line` bytes.
+    pub fn new(max_line: usize) -> Self {
+        Self {
+            max_line,
+            // A line of exactly `max_line` bytes may still be followed by a `\r`.
+            splitter: LineSplitter::new(max_line + 1),
         }
-        let dropped = |reason| Frame::Dropped {
-            reason,
-            bytes: raw.len() as u64,
-            preview: &raw[..raw.len().min(PREVIEW_BYTES)],
-        };
-        if line.len() > self.max_line {
-            emit(dropped(DropReason::TooLong));
-            return;
+    }
+
+    /// Bytes currently buffered for an unterminated line.
+    pub fn buffered(&self) -> usize {
+        self.splitter.buffered()
+    }
+
+    /// Splits `input` and calls `emit` for every line it completes.
+    pub fn feed(&mut self, input: &[u8], emit: &mut impl FnMut(Frame<'_>)) {
+        let max_line = self.max_line;
+        self.splitter
+            .feed(input, &mut |piece| frame(max_line, piece, emit));
+    }
+
+    /// Flushes an unterminated last line (the agent exited without a final `\n`).
+    pub fn finish(&mut self, emit: &mut impl FnMut(Frame<'_>)) {
+        let max_line = self.max_line;
+        self.splitter
+            .finish(&mut |piece| frame(max_line, piece, emit));
+    }
+}
+
+fn frame(max_line: usize, piece: Piece<'_>, emit: &mut impl FnMut(Frame<'_>)) {
+    let raw = match piece {
+        Piece::Line(raw) => raw,
+        Piece::TooLong { bytes, preview } => {
+            return emit(Frame::Dropped {
+                reason: DropReason::TooLong,
+                bytes,
+                preview,
+            });
         }
-        match std::str::from_utf8(line) {
-            Ok(text) => emit(Frame::Line(text)),
-            Err(_) => emit(dropped(DropReason::InvalidUtf8)),
-        }
+    };
+    let line = raw.strip_suffix(b"\r").unwrap_or(raw);
+    if line.is_empty() {
+        return;
+    }
+    let dropped = |reason| Frame::Dropped {
+        reason,
+        bytes: raw.len() as u64,
+        preview: &raw[..raw.len().min(PREVIEW_BYTES)],
+    };
+    if line.len() > max_line {
+        emit(dropped(DropReason::TooLong));
+        return;
+    }
+    match std::str::from_utf8(line) {
+        Ok(text) => emit(Frame::Line(text)),
+        Err(_) => emit(dropped(DropReason::InvalidUtf8)),
     }
 }
 

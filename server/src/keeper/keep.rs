@@ -1,0 +1,720 @@
+//! The session keeper: a small process that owns one agent and outlives the server.
+//!
+//! Durable runtimes (`tmux`, `runc`) do not run agents as children of the server. Each agent run
+//! gets a keeper (`moorline keeper RUN_DIR`), started from a tmux pane but detached into a
+//! session of its own, so neither a server restart, nor Ctrl-C, Ctrl-Z, `tmux kill-session` or
+//! `tmux kill-server` in the pane reaches it. The keeper:
+//!
+//! - starts the agent (or `runc run`, which runs the agent in a container) with piped stdio;
+//! - listens on `RUN_DIR/stdin.sock` and forwards to the agent's stdin only **complete** lines,
+//!   so a server killed in the middle of sending a line never hands the agent half of it;
+//!   a line starting with [`USER_MARKER`] is not for the agent: it names the client whose
+//!   lines follow, so approval answers are recorded with who gave them;
+//! - frames the agent's stdout and appends it to the session's journal (the same code the
+//!   server uses), then sends the appended lines to the connected server
+//!   ([`LINES`](super::protocol::LINES)), so the server never reads back what it could be
+//!   told; lines no server could take are only rung ([`DOORBELL`](super::protocol::DOORBELL)),
+//!   and the server reads them from the journal;
+//! - reports every settled approval request to the server ([`RESOLUTION`](super::protocol::RESOLUTION), a JSON
+//!   `Resolution` and a newline), which writes the audit log;
+//! - appends the agent's stderr to the session's `stderr.log`;
+//! - when the agent exits, writes `RUN_DIR/exit` atomically and leaves.
+//!
+//! The pane itself runs `moorline keeper-pane RUN_DIR`: it starts the keeper and shows the
+//! agent's stderr to whoever attaches with `tmux attach`.
+
+use std::collections::VecDeque;
+use std::io;
+use std::path::Path;
+use std::process::{ExitCode, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use moorline_adapters::pipeline::{Pipeline, Resolution};
+use tokio::io::AsyncReadExt;
+use tokio::net::UnixListener;
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::{Notify, mpsc};
+
+use super::agentio::{AgentIo, AgentPipes, Input, OutputSink, Refused, write_pending};
+use super::exit::{ExitInfo, ExitReason};
+use super::framing::{LineSplitter, Piece};
+use super::group::{AgentControl, GroupControl};
+use super::journal::{JournalLimits, JournalWriter};
+use super::layout::RunDir;
+use super::protocol::{self, KeeperSpec, USER_MARKER};
+
+/// Settled approvals kept for a server that is not connected (the oldest go first).
+const RESOLUTION_BACKLOG: usize = 1024;
+/// Most bytes of lines waiting for the connected server; past that, lines are only rung and
+/// the server reads them from the journal (so a slow server never grows the keeper).
+const OUTBOX_LINES: usize = 4 << 20;
+
+/// `moorline keeper RUN_DIR`: runs the keeper until its agent has exited.
+pub fn keeper_main(run_dir: &Path) -> ExitCode {
+    // Leave the pane's session: hang-ups and terminal signals in tmux must not reach us.
+    let _ = nix::unistd::setsid();
+    let run_dir = RunDir::new(run_dir);
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("moorline keeper: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(keep(&run_dir)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("moorline keeper: {e}");
+            // Whatever happened, say how the agent ended, or that it never started.
+            let _ = protocol::write_exit(
+                &run_dir,
+                ExitInfo {
+                    code: Some(127),
+                    signal: None,
+                    reason: None,
+                },
+            );
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn log(stderr: &mut std::fs::File, msg: &str) {
+    use std::io::Write;
+    let _ = writeln!(stderr, "[moorline keeper] {msg}");
+}
+
+async fn keep(run_dir: &RunDir) -> io::Result<()> {
+    let spec = protocol::load_spec(run_dir)?;
+    let mut stderr = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&spec.stderr_file)?;
+    let limits = JournalLimits {
+        max_bytes: spec.journal_max_bytes,
+        segment_bytes: spec.journal_segment_bytes,
+    };
+    let (writer, _) = JournalWriter::open(&spec.journal_dir, limits)?;
+    let io = AgentIo::new(
+        spec.max_line,
+        pipeline(&spec)?,
+        Duration::from_millis(spec.exit_drain_ms),
+    )
+    .hold_after_exit(Duration::from_millis(spec.hold_after_exit_ms));
+    let (pipes, control) = start_agent(&spec, run_dir, &mut stderr)?;
+    // The socket appears only now, with the agent's and the keeper's pids on disk: the server
+    // reads them as soon as it can connect.
+    std::fs::write(run_dir.keeper_pid(), std::process::id().to_string())?;
+    let listener = listen(run_dir)?;
+    let oom = spec.oom_cgroup.as_deref().map(super::oom::OomWatch::start);
+    let outbox = Arc::new(Outbox::default());
+    let mut sink = KeeperSink {
+        writer,
+        outbox: outbox.clone(),
+        pending_file: spec.pending_file.clone(),
+        auth_failed_file: run_dir.session().auth_failed(),
+        log: stderr.try_clone()?,
+    };
+    let served = serve(
+        io,
+        pipes,
+        control.as_ref(),
+        &mut sink,
+        Server {
+            listener,
+            outbox,
+            max_input_line: spec.max_input_line,
+            log: stderr.try_clone()?,
+        },
+    )
+    .await?;
+    let (exit, connection) = served;
+    let exit = match oom {
+        Some(oom) if oom.fired() => exit.because(ExitReason::OutOfMemory),
+        _ => exit,
+    };
+    let _ = control.kill();
+    // The container is gone: so must be its network helper (it normally leaves by itself).
+    super::group::stop_network_helper(run_dir);
+    drop(sink);
+    record_exit(
+        run_dir,
+        exit,
+        Duration::from_millis(spec.hold_after_exit_ms),
+    )
+    .await?;
+    log(&mut stderr, &format!("agent finished: {exit}"));
+    let _ = std::fs::remove_file(run_dir.socket());
+    // The server learns of the exit when this connection closes, after the exit file exists.
+    if let Some(conn) = connection {
+        conn.abort();
+    }
+    Ok(())
+}
+
+/// The adapter's pipeline for this agent.
+fn pipeline(spec: &KeeperSpec) -> io::Result<Pipeline> {
+    let adapter = moorline_adapters::build(&spec.adapter).map_err(io::Error::other)?;
+    let pipeline = Pipeline::new(
+        adapter.translator(),
+        adapter.dialect(),
+        spec.approvals.clone(),
+    );
+    Ok(if spec.instance_id.is_empty() {
+        pipeline
+    } else {
+        pipeline.for_instance(&spec.instance_id)
+    })
+}
+
+/// Starts the agent (or `runc run`) with piped stdio in a process group of its own, and
+/// records its pid.
+fn start_agent(
+    spec: &KeeperSpec,
+    run_dir: &RunDir,
+    stderr: &mut std::fs::File,
+) -> io::Result<(AgentPipes, Arc<dyn AgentControl>)> {
+    if spec.detached_pid_file.is_some() {
+        // Orphans among our descendants (the container's init, once runc has left) become
+        // our children.
+        nix::sys::prctl::set_child_subreaper(true).map_err(io::Error::from)?;
+    }
+    let workspace = match &spec.workspace {
+        Some(anchor) => Some(anchor.open().map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("working directory {}: {e}", anchor.path().display()),
+            )
+        })?),
+        None => None,
+    };
+    let mut command = tokio::process::Command::new(&spec.program);
+    if let Some((uid, gid)) = spec.user {
+        command.uid(uid).gid(gid);
+    }
+    match &workspace {
+        Some(dir) => command.current_dir(super::workspace::fd_path(dir)),
+        None => command.current_dir(&spec.cwd),
+    };
+    let mut child = command
+        .args(&spec.args)
+        .env_clear()
+        .envs(&spec.env)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(stderr.try_clone()?))
+        .process_group(0)
+        .spawn()
+        .map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("cannot start {}: {e}", spec.program.display()),
+            )
+        })?;
+    drop(workspace);
+    let agent_pid = child.id();
+    if let Some(pid) = agent_pid {
+        std::fs::write(run_dir.agent_pid(), pid.to_string())?;
+    }
+    log(
+        stderr,
+        &format!(
+            "started {} (pid {})",
+            spec.program.display(),
+            agent_pid.unwrap_or(0)
+        ),
+    );
+    let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
+        return Err(io::Error::other("agent has no stdio pipes"));
+    };
+    let (exit, control): (super::agentio::ExitFuture, Arc<dyn AgentControl>) =
+        match &spec.detached_pid_file {
+            Some(pid_file) => {
+                let control = Arc::new(super::group::InitControl::default());
+                let exit = container_exit(child, pid_file.clone(), control.clone());
+                (Box::pin(exit), control)
+            }
+            None => {
+                let control = Arc::new(GroupControl::new(agent_pid));
+                let exit_control = control.clone();
+                let container = spec.container;
+                let exit = async move {
+                    let info = match child.wait().await {
+                        Ok(status) if container => ExitInfo::from_container_status(status),
+                        Ok(status) => ExitInfo::from(status),
+                        Err(_) => ExitInfo::UNKNOWN,
+                    };
+                    exit_control.leader_exited();
+                    info
+                };
+                (Box::pin(exit), control)
+            }
+        };
+    let pipes = AgentPipes {
+        stdout: Box::new(stdout),
+        stdin: Box::new(stdin),
+        exit,
+        control: control.clone(),
+    };
+    Ok((pipes, control))
+}
+
+/// How a detached container ends: `runc run --detach` fails (the container never ran), or its
+/// init, our child since runc left, exits. Its status is read as `runc run` would report it.
+async fn container_exit(
+    mut runc: tokio::process::Child,
+    pid_file: std::path::PathBuf,
+    control: Arc<super::group::InitControl>,
+) -> ExitInfo {
+    match runc.wait().await {
+        Ok(status) if status.success() => {}
+        Ok(status) => return ExitInfo::from_container_status(status),
+        Err(_) => return ExitInfo::UNKNOWN,
+    }
+    let Some(pid) = super::layout::read_pid(&pid_file).map(nix::unistd::Pid::from_raw) else {
+        return ExitInfo::UNKNOWN;
+    };
+    control.started(pid);
+    let info = match wait_child(pid).await {
+        Ok(status) => ExitInfo::from_container_status(status),
+        Err(_) => ExitInfo::UNKNOWN,
+    };
+    control.reaped();
+    info
+}
+
+/// Waits for child `pid` to exit and reaps it (on a blocking thread: `waitpid` is the wait).
+async fn wait_child(pid: nix::unistd::Pid) -> io::Result<std::process::ExitStatus> {
+    use nix::sys::wait::{WaitStatus, waitpid};
+    use std::os::unix::process::ExitStatusExt;
+    let waited = tokio::task::spawn_blocking(move || {
+        loop {
+            match waitpid(pid, None) {
+                Ok(WaitStatus::Exited(_, code)) => return Ok(code << 8),
+                Ok(WaitStatus::Signaled(_, sig, _)) => return Ok(sig as i32),
+                // Stopped or continued: not an end.
+                Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => return Err(io::Error::from(e)),
+            }
+        }
+    })
+    .await
+    .map_err(io::Error::other)??;
+    Ok(std::process::ExitStatus::from_raw(waited))
+}
+
+/// Binds the server's socket, owner only.
+fn listen(run_dir: &RunDir) -> io::Result<UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    let socket = run_dir.socket();
+    let _ = std::fs::remove_file(&socket);
+    let listener = UnixListener::bind(&socket)?;
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+/// The server side of the keeper: who connects, and what it is told.
+struct Server {
+    listener: UnixListener,
+    outbox: Arc<Outbox>,
+    max_input_line: usize,
+    log: std::fs::File,
+}
+
+/// Runs the agent's stdio until it has exited, taking server connections (a new one replaces
+/// the old) and keeping terminal signals away from the agent. Returns how it ended and the
+/// last connection.
+async fn serve(
+    io: AgentIo,
+    pipes: AgentPipes,
+    control: &dyn AgentControl,
+    sink: &mut KeeperSink,
+    server: Server,
+) -> io::Result<(ExitInfo, Option<tokio::task::JoinHandle<()>>)> {
+    // Terminal signals are ignored; SIGTERM is passed on to the agent's process group.
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let (lines_tx, lines_rx) = mpsc::channel::<Input>(1024);
+    let mut connection: Option<tokio::task::JoinHandle<()>> = None;
+    let mut run = Box::pin(io.run(pipes, lines_rx, sink));
+    let (exit, _) = loop {
+        tokio::select! {
+            done = &mut run => break done,
+            accepted = server.listener.accept() => {
+                let (stream, _) = accepted?;
+                if let Some(old) = connection.take() {
+                    old.abort();
+                }
+                let (read, write) = stream.into_split();
+                let write = Arc::new(write);
+                server.outbox.connected(write.clone());
+                let lines = lines_tx.clone();
+                let mut log_file = server.log.try_clone()?;
+                let max = server.max_input_line;
+                let outbox = server.outbox.clone();
+                connection = Some(tokio::spawn(async move {
+                    let send = send_outbox(write, outbox.clone());
+                    let read = forward_lines(read, lines, max, &mut log_file);
+                    tokio::select! {
+                        () = send => {}
+                        () = read => {}
+                    }
+                    outbox.disconnected();
+                }));
+            }
+            _ = hup.recv() => {}
+            _ = int.recv() => {}
+            _ = term.recv() => { let _ = control.terminate(); }
+        }
+    };
+    Ok((exit, connection))
+}
+
+/// Writes the exit file. The disk may still be full: the exit is worth retrying for `patience`
+/// (a poll of the file system, which has nothing to wait on).
+async fn record_exit(run_dir: &RunDir, exit: ExitInfo, patience: Duration) -> io::Result<()> {
+    let mut wait = Duration::from_millis(20);
+    let give_up = tokio::time::Instant::now() + patience;
+    while let Err(e) = protocol::write_exit(run_dir, exit) {
+        if tokio::time::Instant::now() >= give_up {
+            return Err(e);
+        }
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(Duration::from_secs(1));
+    }
+    Ok(())
+}
+
+/// What waits to be sent to the server: messages in order, and settled approvals (kept for the
+/// next server when nobody is connected).
+#[derive(Debug, Default)]
+struct Outbox {
+    notify: Notify,
+    inner: Mutex<OutboxInner>,
+}
+
+#[derive(Debug, Default)]
+struct OutboxInner {
+    /// Encoded messages.
+    bytes: Vec<u8>,
+    /// Bytes of [`protocol::LINES`] messages in `bytes`.
+    line_bytes: usize,
+    /// Whether a server is connected (lines are only sent to one that is).
+    connected: bool,
+    /// Its socket, for lines written at once when nothing else is queued or being sent.
+    socket: Option<Arc<OwnedWriteHalf>>,
+    /// Whether the sending task holds bytes taken from the queue (then nothing may overtake
+    /// them).
+    sending: bool,
+    /// Whether output is held now, for a server that connects later.
+    held: bool,
+    resolutions: VecDeque<Resolution>,
+}
+
+impl Outbox {
+    fn lock(&self) -> std::sync::MutexGuard<'_, OutboxInner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A server connected: it is told the journal's state, and to read the journal, since
+    /// lines appended before it was accepted were sent to nobody.
+    fn connected(&self, socket: Arc<OwnedWriteHalf>) {
+        {
+            let mut inner = self.lock();
+            inner.connected = true;
+            inner.socket = Some(socket);
+            inner.sending = false;
+            if inner.held {
+                inner.bytes.push(protocol::HELD);
+            }
+            inner.bytes.push(protocol::DOORBELL);
+        }
+        self.notify.notify_one();
+    }
+
+    fn disconnected(&self) {
+        let mut inner = self.lock();
+        inner.connected = false;
+        inner.socket = None;
+        inner.bytes.clear();
+        inner.line_bytes = 0;
+    }
+
+    /// Lines just appended to the journal from `first_seq` on, with the index changes of the
+    /// append: queued until [`Outbox::flush`].
+    fn lines(&self, first_seq: u64, changes: &[super::journal::IndexChange], lines: &[u8]) {
+        let mut inner = self.lock();
+        if !inner.connected {
+            return;
+        }
+        if inner.line_bytes + lines.len() <= OUTBOX_LINES {
+            let before = inner.bytes.len();
+            protocol::encode_lines(&mut inner.bytes, first_seq, changes, lines);
+            inner.line_bytes += inner.bytes.len() - before;
+        } else if inner.bytes.last() != Some(&protocol::DOORBELL) {
+            // The server is behind: it reads these from the journal.
+            inner.bytes.push(protocol::DOORBELL);
+        }
+    }
+
+    /// Sends what is queued: written to the socket at once when the sending task holds nothing
+    /// (no task switch on the way to the server), else handed to that task.
+    fn flush(&self) {
+        let mut inner = self.lock();
+        if inner.bytes.is_empty() {
+            return;
+        }
+        if !inner.sending
+            && let Some(socket) = inner.socket.clone()
+        {
+            if let Ok(n) = socket.try_write(&inner.bytes) {
+                inner.bytes.drain(..n);
+            }
+            if inner.bytes.is_empty() {
+                inner.line_bytes = 0;
+                return;
+            }
+        }
+        drop(inner);
+        self.notify.notify_one();
+    }
+
+    fn tell(&self, bytes: &[u8]) {
+        self.lock().bytes.extend_from_slice(bytes);
+        self.notify.notify_one();
+    }
+
+    fn held(&self, held: bool) {
+        let mut inner = self.lock();
+        inner.held = held;
+        inner.bytes.push(if held {
+            protocol::HELD
+        } else {
+            protocol::FLOWING
+        });
+        drop(inner);
+        self.notify.notify_one();
+    }
+
+    fn resolved(&self, resolution: Resolution) {
+        {
+            let mut inner = self.lock();
+            if inner.resolutions.len() >= RESOLUTION_BACKLOG {
+                inner.resolutions.pop_front();
+            }
+            inner.resolutions.push_back(resolution);
+        }
+        self.notify.notify_one();
+    }
+
+    /// What to send now, and the settled approvals it carries.
+    fn take(&self) -> (Vec<u8>, Vec<Resolution>) {
+        let mut inner = self.lock();
+        let mut out = std::mem::take(&mut inner.bytes);
+        inner.line_bytes = 0;
+        inner.sending = true;
+        let taken: Vec<Resolution> = inner.resolutions.drain(..).collect();
+        for r in &taken {
+            if let Ok(json) = serde_json::to_vec(r) {
+                out.push(protocol::RESOLUTION);
+                out.extend_from_slice(&json);
+                out.push(b'\n');
+            }
+        }
+        (out, taken)
+    }
+
+    /// The sending task has nothing left in hand: direct writes may go again.
+    fn sent(&self) {
+        self.lock().sending = false;
+    }
+
+    /// Settled approvals a server did not get: kept for the next one.
+    fn give_back(&self, taken: Vec<Resolution>) {
+        let mut inner = self.lock();
+        for r in taken.into_iter().rev() {
+            inner.resolutions.push_front(r);
+        }
+        inner.resolutions.truncate(RESOLUTION_BACKLOG);
+    }
+}
+
+/// The keeper's end of an [`AgentIo`]: the session journal, then the server.
+struct KeeperSink {
+    writer: JournalWriter,
+    outbox: Arc<Outbox>,
+    pending_file: std::path::PathBuf,
+    auth_failed_file: std::path::PathBuf,
+    log: std::fs::File,
+}
+
+impl OutputSink for KeeperSink {
+    fn commit(&mut self, batch: BytesMut, ends: &[(usize, usize)]) -> Result<(), Refused> {
+        let first_seq = self.writer.next_seq();
+        match self.writer.append(&batch, ends.len() as u64) {
+            Ok(changes) => {
+                self.outbox.lines(first_seq, &changes, &batch);
+                Ok(())
+            }
+            Err(error) => Err(Refused { batch, error }),
+        }
+    }
+
+    fn flush(&mut self) {
+        // After the pending approvals and the authentication failure are on disk: a client
+        // that sees a line may ask for the summary those files feed.
+        self.outbox.flush();
+    }
+
+    fn held(&mut self, error: Option<&io::Error>) {
+        match error {
+            Some(e) => {
+                eprintln!(
+                    "moorline keeper: cannot write the journal ({e}); holding the agent's output"
+                );
+                self.outbox.held(true);
+            }
+            None => {
+                eprintln!("moorline keeper: the journal takes output again");
+                self.outbox.held(false);
+            }
+        }
+    }
+
+    fn lost(&mut self, lines: u64) {
+        eprintln!(
+            "moorline keeper: {lines} output lines lost: the journal stayed unwritable after the agent exited"
+        );
+        let mut news = vec![protocol::LOST];
+        news.extend_from_slice(&lines.to_le_bytes());
+        self.outbox.tell(&news);
+    }
+
+    fn pending_changed(&mut self, pending: &[serde_json::Value]) {
+        write_pending(&self.pending_file, pending);
+    }
+
+    fn auth_failed(&mut self) {
+        log(
+            &mut self.log,
+            "the agent reports that its credentials are missing or wrong",
+        );
+        super::agentio::mark_auth_failed(&self.auth_failed_file);
+    }
+
+    fn resolved(&mut self, resolution: Resolution) {
+        // Also in the session's stderr log, in case no server hears of it.
+        log(
+            &mut self.log,
+            &format!(
+                "approval {} {} by {} ({})",
+                resolution.id,
+                resolution.decision,
+                resolution.by,
+                resolution.user.as_deref().unwrap_or("-")
+            ),
+        );
+        self.outbox.resolved(resolution);
+    }
+}
+
+impl Drop for KeeperSink {
+    fn drop(&mut self) {
+        let _ = self.writer.sync();
+    }
+}
+
+/// Sends the connected server whatever the outbox holds, as it comes.
+async fn send_outbox(write: Arc<OwnedWriteHalf>, outbox: Arc<Outbox>) {
+    loop {
+        outbox.notify.notified().await;
+        loop {
+            let (out, taken) = outbox.take();
+            if out.is_empty() {
+                outbox.sent();
+                break;
+            }
+            if write_all(&write, &out).await.is_err() {
+                // Not delivered: keep the approvals for the next server.
+                outbox.give_back(taken);
+                return;
+            }
+        }
+    }
+}
+
+/// Writes all of `buf` to a socket half shared with the outbox's direct writes.
+async fn write_all(write: &OwnedWriteHalf, mut buf: &[u8]) -> io::Result<()> {
+    while !buf.is_empty() {
+        write.writable().await?;
+        match write.try_write(buf) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => buf = &buf[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Reads the server's lines and passes on only complete ones. A partial line left when the
+/// server goes away is dropped, never forwarded. [`USER_MARKER`] lines set who sends the
+/// lines after them (until the next marker; nobody, on a new connection).
+async fn forward_lines(
+    mut read: OwnedReadHalf,
+    lines: mpsc::Sender<Input>,
+    max: usize,
+    log_file: &mut std::fs::File,
+) {
+    // One read takes a whole 64 KiB line and its neighbours.
+    let mut buf = BytesMut::with_capacity(256 * 1024);
+    let mut splitter = LineSplitter::new(max);
+    let mut forwarded = 0u64;
+    let mut user: Option<Arc<str>> = None;
+    let mut batch: Vec<Input> = Vec::new();
+    loop {
+        buf.clear();
+        match read.read_buf(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+        splitter.feed(&buf, &mut |piece| match piece {
+            Piece::Line(line) => {
+                if let Some((&USER_MARKER, name)) = line.split_first() {
+                    user = Some(Arc::from(String::from_utf8_lossy(name).as_ref()));
+                    return;
+                }
+                batch.push(Input {
+                    line: Bytes::copy_from_slice(line),
+                    user: user.clone(),
+                });
+            }
+            Piece::TooLong { .. } => {
+                log(
+                    log_file,
+                    &format!("dropping an input line longer than {max} bytes"),
+                );
+            }
+        });
+        for input in batch.drain(..) {
+            forwarded += 1;
+            if lines.send(input).await.is_err() {
+                return;
+            }
+        }
+    }
+    let partial = splitter.discard();
+    log(
+        log_file,
+        &format!(
+            "server disconnected; forwarded {forwarded} lines, dropped a partial line of {partial} bytes"
+        ),
+    );
+}
