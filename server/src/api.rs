@@ -44,6 +44,7 @@ pub fn router(state: AppState, policy: Arc<AccessPolicy>, via: Via) -> Router {
         .route("/me", get(me).fallback(not_found))
         .route("/metrics", get(metrics).fallback(not_found))
         .route("/instances", get(list_instances).fallback(not_found))
+        .route("/events", get(crate::stream::events).fallback(not_found))
         .route(
             "/sessions",
             get(list_sessions).post(create_session).fallback(not_found),

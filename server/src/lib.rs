@@ -10,6 +10,7 @@
 //! - [`credentials`]: credentials files (dotenv syntax) of instances.
 //! - [`api`]: the REST route table and the error type that maps to amarre's statuses.
 //! - [`ws`]: the per-session WebSocket.
+//! - [`events`]: the server-wide bus of session events; [`stream`] serves it at `/events`.
 //! - [`security`]: Host/Origin checks, the bearer token, and who a request comes from.
 //! - [`audit`]: the audit log of session changes and approval answers.
 //! - [`session`]: the session registry and lifecycle; talks to agents only through runtimes.
@@ -20,7 +21,8 @@
 //! - [`journal`]: the durable per-session output log.
 //! - [`fanout`]: delivery of output to clients, with replay.
 //! - [`metrics`]: Prometheus metrics.
-//! - [`client`]: the `moorline sessions`, `instances`, `approve`/`deny` and `attach` commands.
+//! - [`client`]: the `moorline sessions`, `instances`, `approve`/`deny` and `attach` commands;
+//!   [`watch`]: `moorline watch`.
 //!
 //! [`run`] takes already-bound [`Listeners`] (loopback TCP, a Unix socket, or both) and a
 //! shutdown future, so tests and the binary start servers the same way.
@@ -31,6 +33,7 @@ pub mod audit;
 pub mod client;
 pub mod config;
 pub mod credentials;
+pub mod events;
 pub mod fanout;
 pub mod framing;
 pub mod fsio;
@@ -39,6 +42,8 @@ pub mod metrics;
 pub mod runtime;
 pub mod security;
 pub mod session;
+pub mod stream;
+pub mod watch;
 pub mod ws;
 
 use std::future::Future;
@@ -215,6 +220,12 @@ pub async fn run(
         &|inst| runtimes.for_instance(inst),
     )
     .await?;
+    session::spawn_activity_sweeper(
+        &sessions,
+        config.limits.activity_window(),
+        &tracker,
+        cancel.clone(),
+    );
     let state = api::AppState {
         sessions: sessions.clone(),
         limits: Arc::new(config.limits.clone()),

@@ -341,6 +341,7 @@ impl DurableRuntime {
                         }
                         Bell::HELD => Bell::Held,
                         Bell::FLOWING => Bell::Flowing,
+                        Bell::PENDING => Bell::Pending,
                         Bell::LOST => {
                             lost = Some(Vec::with_capacity(8));
                             continue;

@@ -453,6 +453,8 @@ pub enum Bell {
     Flowing,
     /// Held output was given up (the agent exited and the journal stayed unwritable).
     Lost(u64),
+    /// The pending approvals file was rewritten.
+    Pending,
 }
 
 impl Bell {
@@ -463,6 +465,8 @@ impl Bell {
     pub const FLOWING: u8 = 3;
     /// See [`Bell::HELD`].
     pub const LOST: u8 = 4;
+    /// See [`Bell::HELD`].
+    pub const PENDING: u8 = 6;
 }
 
 /// How a session's agent looked to a server that starts up and finds it.

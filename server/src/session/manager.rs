@@ -147,6 +147,8 @@ pub struct SessionManager {
     tracker: TaskTracker,
     /// Cancelled when the server shuts down.
     cancel: CancellationToken,
+    /// Where sessions announce their changes.
+    events: crate::events::EventBus,
 }
 
 impl SessionManager {
@@ -204,6 +206,7 @@ impl SessionManager {
             metrics,
             tracker,
             cancel,
+            events: crate::events::EventBus::new(config.limits.event_backlog),
         });
         manager.load_existing().await?;
         manager.prune_ended().await;
@@ -214,6 +217,16 @@ impl SessionManager {
     /// Instances in configuration order.
     pub fn instances(&self) -> impl Iterator<Item = &Arc<Instance>> {
         self.instances.values()
+    }
+
+    /// The server-wide event bus sessions publish their changes on.
+    pub fn events(&self) -> &crate::events::EventBus {
+        &self.events
+    }
+
+    /// Every session, oldest first.
+    pub(crate) fn all(&self) -> Vec<Arc<Session>> {
+        self.read().values().cloned().collect()
     }
 
     /// The session with `id`.
@@ -341,6 +354,7 @@ impl SessionManager {
             return Err(e);
         }
         self.write().insert(id, session.clone());
+        session.publish_created();
         let summary = session.summary();
         self.prune_ended().await;
         Ok(summary)
@@ -412,6 +426,7 @@ impl SessionManager {
         }
         let permit = self.take_slot()?;
         self.start(&session, permit).await?;
+        session.publish_status();
         Ok(session.summary())
     }
 
@@ -436,6 +451,7 @@ impl SessionManager {
         if let Err(e) = std::fs::remove_dir_all(&session.dir) {
             tracing::warn!(session = %id, error = %e, "cannot remove session directory");
         }
+        session.publish_deleted();
         tracing::info!(session = %id, "session deleted");
         Ok(())
     }
@@ -546,6 +562,7 @@ impl SessionManager {
             lines_lost: std::sync::atomic::AtomicU64::new(0),
             activity: super::OutputActivity::default(),
             activity_window: self.limits.activity_window(),
+            events: self.events.clone(),
         });
         Ok(session)
     }

@@ -22,12 +22,14 @@ use crate::runtime::{AgentControl, ExitInfo};
 
 pub mod env;
 mod manager;
+mod notify;
 mod pump;
 pub mod store;
 #[cfg(test)]
 mod tests;
 
 pub use manager::{CreateRequest, Instance, SessionError, SessionManager};
+pub use notify::spawn_activity_sweeper;
 
 /// A session's status, as clients see it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -175,6 +177,11 @@ pub(crate) struct OutputActivity {
     last_output_ms: std::sync::atomic::AtomicU64,
     /// Whether a pi RPC turn is open (`agent_start` seen, its `agent_end` not yet).
     turn_open: std::sync::atomic::AtomicBool,
+    /// The activity last published on the event bus ([`notify`]).
+    published: std::sync::atomic::AtomicU8,
+    /// How many approval requests wait, and which (to announce only new ones).
+    pending: AtomicUsize,
+    known: Mutex<Vec<serde_json::Value>>,
 }
 
 impl OutputActivity {
@@ -194,6 +201,8 @@ impl OutputActivity {
     /// A new run starts with no turn open.
     pub(crate) fn reset(&self) {
         self.turn_open.store(false, Ordering::Relaxed);
+        self.pending.store(0, Ordering::Relaxed);
+        self.known.lock().unwrap_or_else(|p| p.into_inner()).clear();
     }
 }
 
@@ -259,6 +268,8 @@ pub struct Session {
     pub(crate) activity: OutputActivity,
     /// How recent output must be for the agent to count as working.
     activity_window: Duration,
+    /// Where the session announces its changes.
+    events: crate::events::EventBus,
 }
 
 impl Session {
@@ -544,6 +555,7 @@ impl Session {
                 exit,
                 last_seq: self.hub.last_seq(),
             });
+            self.publish_status();
         }
         self.finished.send_replace(generation);
     }
@@ -562,7 +574,7 @@ impl Drop for ClientGuard {
 }
 
 /// Milliseconds since the Unix epoch.
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)

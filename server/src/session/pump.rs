@@ -83,6 +83,7 @@ impl OutputPump {
                     Some(Bell::Held) => self.session.output_held(true, &self.metrics),
                     Some(Bell::Flowing) => self.session.output_held(false, &self.metrics),
                     Some(Bell::Lost(lines)) => self.session.output_lost(lines, &self.metrics),
+                    Some(Bell::Pending) => self.session.pending_file_changed(),
                 },
                 settled = resolutions.recv(), if settled_open => match settled {
                     Some(r) => self.session.audit_approval(&r),
@@ -128,6 +129,7 @@ impl OutputPump {
                         .inc_by(lines.iter().map(|l| l.len() as u64 + 1).sum());
                     self.session.activity.saw(lines.iter().map(|l| l.as_ref()));
                     self.session.hub.publish(lines, &changes);
+                    self.session.note_activity();
                 }
                 Err(e) => {
                     tracing::error!(session = %self.session.id, error = %e, "cannot read the session journal");
@@ -219,6 +221,7 @@ impl OutputSink for ServerSink<'_> {
         self.session
             .hub
             .publish(ends.iter().map(|&(s, e)| bytes.slice(s..e)), &changes);
+        self.session.note_activity();
         Ok(())
     }
 
@@ -235,6 +238,7 @@ impl OutputSink for ServerSink<'_> {
 
     fn pending_changed(&mut self, pending: &[serde_json::Value]) {
         write_pending(&self.session.dir.join(super::store::PENDING_FILE), pending);
+        self.session.pending_now(pending);
     }
 
     fn auth_failed(&mut self) {
@@ -258,6 +262,7 @@ impl Session {
     /// Writes the audit line of a settled approval request of this session.
     fn audit_approval(&self, resolution: &Resolution) {
         crate::audit::approval(&self.id, &self.instance_id, resolution);
+        self.publish_resolved(resolution);
     }
 }
 
