@@ -39,7 +39,15 @@ pub struct AppState {
 /// The whole HTTP surface, for the listener `via`.
 pub fn router(state: AppState, policy: Arc<AccessPolicy>, via: Via) -> Router {
     Router::new()
-        .route("/", any(upgrade_required))
+        .route("/", any(crate::web::root))
+        .route(
+            "/app/{*path}",
+            get(crate::web::app_file).fallback(not_found),
+        )
+        .route(
+            "/sw.js",
+            get(crate::web::service_worker).fallback(not_found),
+        )
         .route("/healthz", get(healthz).fallback(not_found))
         .route("/me", get(me).fallback(not_found))
         .route("/metrics", get(metrics).fallback(not_found))
@@ -50,6 +58,10 @@ pub fn router(state: AppState, policy: Arc<AccessPolicy>, via: Via) -> Router {
             get(list_sessions).post(create_session).fallback(not_found),
         )
         .route("/sessions/{id}", any(session_route))
+        .route(
+            "/sessions/{id}/stderr",
+            get(crate::web::session_stderr).fallback(not_found),
+        )
         .route(
             "/sessions/{id}/restart",
             post(restart_session).fallback(not_found),
@@ -219,7 +231,8 @@ pub fn text(status: StatusCode, body: &'static str) -> Response {
         .into_response()
 }
 
-async fn upgrade_required() -> Response {
+/// amarre's answer on `/`: use a session's WebSocket.
+pub(crate) async fn upgrade_required() -> Response {
     let mut resp = text(
         StatusCode::UPGRADE_REQUIRED,
         "Use /sessions/<id>; see docs/PROTOCOL.md\n",

@@ -10,6 +10,7 @@
 //! - [`credentials`]: credentials files (dotenv syntax) of instances.
 //! - [`api`]: the REST route table and the error type that maps to amarre's statuses.
 //! - [`ws`]: the per-session WebSocket.
+//! - [`web`]: the web app, embedded at build time, served at `/` to browsers.
 //! - [`events`]: the server-wide bus of session events; [`stream`] serves it at `/events`.
 //! - [`security`]: Host/Origin checks, the bearer token, and who a request comes from.
 //! - [`audit`]: the audit log of session changes and approval answers.
@@ -44,6 +45,7 @@ pub mod security;
 pub mod session;
 pub mod stream;
 pub mod watch;
+pub mod web;
 pub mod ws;
 
 use std::future::Future;

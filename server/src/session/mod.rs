@@ -341,6 +341,11 @@ impl Session {
         crate::agentio::read_pending(&self.dir.join(store::PENDING_FILE))
     }
 
+    /// The end of the agent's stderr (all runs), for a person finding out why it crashed.
+    pub fn stderr_tail(&self) -> String {
+        store::stderr_tail(&self.dir, store::STDERR_TAIL_BYTES)
+    }
+
     /// Why the last run failed to start, if it did.
     pub fn last_error(&self) -> Option<String> {
         self.lock().error.clone()
