@@ -594,7 +594,7 @@ async fn a_session_made_in_the_browser_streams_replies_and_runs_only_approved_to
         .expect("allow");
     wait_for(
         &b,
-        ".approval.allow .resolution",
+        ".approval[data-state=allow] .resolution",
         Some("Allowed by alice@example.com"),
     )
     .await;
@@ -615,7 +615,7 @@ async fn a_session_made_in_the_browser_streams_replies_and_runs_only_approved_to
         .expect("deny");
     wait_for(
         &b,
-        ".approval.deny .resolution",
+        ".approval[data-state=deny] .resolution",
         Some("Denied by alice@example.com"),
     )
     .await;
@@ -672,7 +672,7 @@ async fn two_browsers_see_one_card_and_who_answered_it_and_the_list_says_waiting
     for b in [&alice, &bob] {
         wait_for(
             b,
-            ".approval.allow .resolution",
+            ".approval[data-state=allow] .resolution",
             Some("Allowed by bob@example.com"),
         )
         .await;

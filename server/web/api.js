@@ -220,7 +220,15 @@ export function requestId(request) {
 /** The tool a request is about, and what it wants to do, for a card. */
 export function describeRequest(request) {
   if (request.type === 'extension_ui_request') {
-    return { tool: request.title || 'Approval', detail: request.message || '' };
+    let detail = request.message || '';
+    // pi's gate puts the tool's input in the message as JSON: show the command itself.
+    try {
+      const input = JSON.parse(detail);
+      if (input && typeof input === 'object') detail = input.command ?? input.path ?? JSON.stringify(input, null, 2);
+    } catch {
+      // plain text
+    }
+    return { tool: request.title || 'Approval', detail: String(detail) };
   }
   if (request.type === 'control_request') {
     const input = request.request?.input ?? {};

@@ -108,6 +108,10 @@ function title(s) {
   return s.name || s.id;
 }
 
+function agentLabel(s) {
+  return s.agent === s.instanceId ? s.agent : `${s.agent} · ${s.instanceId}`;
+}
+
 function shortPath(p) {
   if (!p) return '';
   const parts = p.split('/').filter(Boolean);
@@ -240,7 +244,7 @@ function SessionList({ store, host }) {
                 <${StatusBadges} s=${s} />
               </span>
               <span class="row-meta">
-                <span>${s.agent} · ${s.instanceId}</span>
+                <span>${agentLabel(s)}</span>
                 <span title=${s.cwd}>${shortPath(s.cwd)}</span>
                 ${pending > 0 && html`<span class="pending">${pending} pending</span>`}
                 <span>${ago(last)}</span>
@@ -369,7 +373,7 @@ function ApprovalCard({ session, request, resolution, onAnswer, live = true }) {
       setBusy(false);
     }
   };
-  return html`<article class=${`approval ${state}`} data-state=${state} data-request=${requestId(request)} aria-label=${`Approval: ${tool}`}>
+  return html`<article class="approval" data-state=${state} data-request=${requestId(request)} aria-label=${`Approval: ${tool}`}>
     <div class="approval-head">
       <span class="approval-tool">${tool}</span>
       ${session && html`<a class="approval-session" href=${`#/s/${session.id}`}>${title(session)}</a>`}
@@ -510,7 +514,8 @@ function Composer({ socket, working, running, raw, images }) {
       ${images &&
       !raw &&
       html`<label class="button icon attach" title="Attach images">
-        <span aria-hidden="true">＋</span><span class="sr-only">Attach images</span>
+        <svg aria-hidden="true" viewBox="0 0 24 24" width="22" height="22" fill="none" stroke="currentColor" stroke-width="2" stroke-linecap="round" stroke-linejoin="round"><path d="M21 11.5l-8.6 8.6a5.5 5.5 0 0 1-7.8-7.8l8.6-8.6a3.7 3.7 0 0 1 5.2 5.2l-8.6 8.6a1.8 1.8 0 0 1-2.6-2.6l7.9-7.9"/></svg>
+        <span class="sr-only">Attach images</span>
         <input type="file" accept="image/*" multiple class="sr-only" onChange=${(e) => setFiles([...files, ...e.target.files])} />
       </label>`}
       <textarea
@@ -610,7 +615,7 @@ function SessionView({ host, store, id, instances }) {
       <a class="back" href="#/" aria-label="All sessions">‹</a>
       <div class="session-title">
         <h2>${s ? title(s) : id}</h2>
-        ${s && html`<p class="row-meta"><span>${s.agent} · ${s.instanceId}</span><span title=${s.cwd}>${shortPath(s.cwd)}</span>${s.createdBy && html`<span>by ${s.createdBy}</span>`}</p>`}
+        ${s && html`<p class="row-meta"><span>${agentLabel(s)}</span><span title=${s.cwd}>${shortPath(s.cwd)}</span>${s.createdBy && html`<span>by ${s.createdBy}</span>`}</p>`}
       </div>
       ${s && html`<${StatusBadges} s=${s} />`}
     </div>
@@ -672,7 +677,9 @@ function App({ host }) {
 // The host this page came from. Others could be listed here later, each a base URL.
 const host = new Host(new URL('.', location.href));
 applyTheme(localStorage.getItem('moorline.theme') || 'auto');
-render(html`<${App} host=${host} />`, document.getElementById('app'));
+const root = document.getElementById('app');
+root.textContent = '';
+render(html`<${App} host=${host} />`, root);
 
 if ('serviceWorker' in navigator && window.isSecureContext) {
   navigator.serviceWorker.register('sw.js').catch(() => {});
