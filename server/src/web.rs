@@ -186,6 +186,37 @@ mod tests {
         assert!(sw.contains(build_id()) && !sw.contains("__BUILD__"));
     }
 
+    /// What a browser loads to show the app (docs/WEBAPP.md states the total).
+    const FIRST_LOAD: [&str; 9] = [
+        "index.html",
+        "app.css",
+        "app.js",
+        "api.js",
+        "conversation.js",
+        "markdown.js",
+        "vendor/preact-htm.js",
+        "icon.svg",
+        "manifest.webmanifest",
+    ];
+
+    #[test]
+    fn the_first_load_stays_small() {
+        let mut gzipped = 0;
+        for path in FIRST_LOAD {
+            let a = asset(path).unwrap_or_else(|| panic!("{path} is embedded"));
+            gzipped += a.gzip.map_or(a.body.len(), <[u8]>::len);
+        }
+        println!("first load: {gzipped} bytes gzipped");
+        assert!(gzipped < 48 * 1024, "first load grew to {gzipped} bytes");
+        // Every module the app imports is in the list above.
+        for a in ASSETS
+            .iter()
+            .filter(|a| a.path.ends_with(".js") && a.path != "sw.js")
+        {
+            assert!(FIRST_LOAD.contains(&a.path), "{} is not counted", a.path);
+        }
+    }
+
     #[test]
     fn browsers_get_html_and_other_clients_do_not() {
         let mut h = HeaderMap::new();
