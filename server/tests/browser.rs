@@ -732,6 +732,67 @@ async fn a_reload_in_the_middle_of_a_turn_shows_the_whole_conversation_once() {
     rig.server.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_reconnects_after_a_server_restart_without_losing_or_repeating_a_line() {
+    require_durable!();
+    let Some(driver) = Driver::start().await else {
+        return;
+    };
+    // A durable agent (tmux), so it outlives the server; the socket stays at one path, so the
+    // page's tailscale serve stand-in reaches the next server there.
+    let sandbox = common::Sandbox::new();
+    let socket_dir = tempfile::tempdir().expect("socket dir");
+    let socket = socket_dir.path().join("moorline.sock");
+    let config = |state: &Path| {
+        let mut c = common::test_config(state.to_owned());
+        sandbox.apply(&mut c);
+        c.instances[0].workspace_roots = vec![state.join("work")];
+        let mut tmux = common::instance("tmux", "fixture");
+        tmux.agent_path = Some(common::fixture_agent());
+        tmux.runtime = moorline::config::RuntimeKind::Tmux;
+        c.instances.insert(0, tmux);
+        c.unix_socket = Some(socket.clone());
+        c
+    };
+    let state = tempfile::tempdir().expect("state");
+    let first = config(state.path());
+    let server = TestServer::start_in(state, first).await;
+    let base = serve_as(&socket, "alice@example.com").await;
+    let id = server.session("tmux").await;
+    let b = driver.browser(1280, 900, false).await;
+    b.goto(&format!("{base}#/s/{id}")).await.expect("open");
+    wait_for(&b, ".link-state.live", None).await;
+    click(&b, ".session-actions button", Some("Raw JSONL")).await;
+    say(&b, r#"{"id":"before-restart"}"#).await;
+    wait_for(&b, ".raw li", Some("before-restart")).await;
+
+    let state = server.stop_keep_state().await;
+    wait_for(&b, ".link-state.reconnecting", None).await;
+    let again = config(state.path());
+    let server = TestServer::start_in(state, again).await;
+    // The page finds the new server by itself and asks for what it has not seen.
+    wait_for(&b, ".link-state.live", None).await;
+    say(&b, r#"{"id":"after-restart"}"#).await;
+    wait_for(&b, ".raw li", Some("after-restart")).await;
+    assert_eq!(count(&b, ".raw li", "before-restart").await, 1);
+    assert_eq!(count(&b, ".raw li", "after-restart").await, 1);
+    // Sequence numbers run on without a gap or a repeat.
+    let seqs = b
+        .execute(
+            "return [...document.querySelectorAll('.raw .seq')].map((e) => Number(e.textContent));",
+            vec![],
+        )
+        .await
+        .expect("seqs");
+    let seqs: Vec<u64> = serde_json::from_value(seqs).expect("numbers");
+    let expected: Vec<u64> = (1..=seqs.len() as u64).collect();
+    assert_eq!(seqs, expected);
+    b.close().await.expect("close");
+    let (status, _) = server.delete(&format!("/sessions/{id}")).await;
+    assert_eq!(status, 204);
+    server.stop().await;
+}
+
 // ---------------------------------------------------------------------------------------
 // Screenshots for the docs.
 
