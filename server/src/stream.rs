@@ -165,8 +165,10 @@ fn snapshot(app: &AppState, identity: &Identity, seq: u64) -> SseEvent {
     let mut sessions = app.sessions.list();
     sessions.retain(|s| visible(app, identity, &s.instance_id));
     let data = json!({"type": "snapshot", "seq": seq, "sessions": sessions});
+    // Browsers wait 3 s by default before reconnecting; a restarted server is back sooner.
     SseEvent::default()
         .id(token(app, seq))
+        .retry(std::time::Duration::from_secs(1))
         .data(data.to_string())
 }
 

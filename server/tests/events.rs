@@ -8,7 +8,7 @@ use std::collections::VecDeque;
 
 use common::{TestServer, WAIT};
 use moorline::watch::{SseFrame, SseParser};
-use serde_json::Value;
+use serde_json::{Value, json};
 use tokio::io::AsyncBufReadExt;
 
 /// An open `GET /events`.
@@ -26,6 +26,20 @@ impl Events {
         if let Some(id) = last_id {
             req = req.header("last-event-id", id);
         }
+        Self::from(req).await
+    }
+
+    /// `GET /events` through the server's Unix socket as tailnet user `login`.
+    async fn open_as(server: &TestServer, login: &str) -> Self {
+        let req = server
+            .unix_http()
+            .get("http://localhost/events")
+            .header("tailscale-user-login", login)
+            .header("x-forwarded-for", "100.64.0.9");
+        Self::from(req).await
+    }
+
+    async fn from(req: reqwest::RequestBuilder) -> Self {
         let resp = req.send().await.expect("GET /events");
         assert_eq!(resp.status(), 200);
         assert_eq!(
@@ -230,5 +244,57 @@ async fn a_keepers_approval_requests_are_events_too() {
     assert_ne!(activity["session"]["activity"], "waiting");
     let (status, _) = server.delete(&format!("/sessions/{id}")).await;
     assert_eq!(status, 204);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nobody_hears_of_sessions_they_may_not_see() {
+    let server = TestServer::start_unix(|c| {
+        c.allowed_users = vec!["alice@example.com".into(), "bob@example.com".into()];
+        // Only alice may use the fixture instance; both may use echo.
+        c.instances[0].allowed_users = vec!["alice@example.com".into()];
+    })
+    .await;
+    let mut alice = Events::open_as(&server, "alice@example.com").await;
+    let mut bob = Events::open_as(&server, "bob@example.com").await;
+    assert_eq!(alice.next().await["type"], "snapshot");
+    assert_eq!(bob.next().await["type"], "snapshot");
+    let create = |instance: &'static str| {
+        let http = server.unix_http();
+        async move {
+            let resp = http
+                .post("http://localhost/sessions")
+                .header("tailscale-user-login", "alice@example.com")
+                .header("x-forwarded-for", "100.64.0.9")
+                .body(json!({"instanceId": instance}).to_string())
+                .send()
+                .await
+                .expect("POST");
+            assert_eq!(resp.status(), 201);
+            let body: Value = resp.json().await.expect("json");
+            body["id"].as_str().expect("id").to_owned()
+        }
+    };
+    let hidden = create("fixture").await;
+    let shared = create("echo").await;
+    let seen = alice.next_of("session_created").await;
+    assert_eq!(seen["sessionId"], hidden.as_str());
+    assert_eq!(seen["session"]["createdBy"], "alice@example.com");
+    assert_eq!(
+        alice.next_of("session_created").await["sessionId"],
+        shared.as_str()
+    );
+    // Bob's first event is the shared session: the fixture one never reached him.
+    assert_eq!(bob.next().await["sessionId"], shared.as_str());
+    // Nor is it in his snapshot.
+    let mut late = Events::open_as(&server, "bob@example.com").await;
+    let snapshot = late.next().await;
+    let ids: Vec<&str> = snapshot["sessions"]
+        .as_array()
+        .expect("sessions")
+        .iter()
+        .filter_map(|s| s["id"].as_str())
+        .collect();
+    assert_eq!(ids, [shared.as_str()]);
     server.stop().await;
 }

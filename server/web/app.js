@@ -128,10 +128,8 @@ function StatusBadges({ s }) {
   </span>`;
 }
 
-/** Answers a request from outside its session view: a short-lived WebSocket. */
-function answerOnce(host, sessionId, request, allow) {
-  const answer = answerFor(request, allow);
-  if (!answer) return Promise.reject(new Error('This request needs its session view.'));
+/** Sends `answer` from outside the session view: a short-lived WebSocket. */
+function answerOnce(host, sessionId, request, answer) {
   return new Promise((resolve, reject) => {
     const url = host.url(`/sessions/${sessionId}`);
     url.protocol = url.protocol === 'https:' ? 'wss:' : 'ws:';
@@ -211,7 +209,7 @@ function NeedsYou({ store, host }) {
           key=${`${s.id}:${requestId(request)}`}
           session=${s}
           request=${request}
-          onAnswer=${(allow) => answerOnce(host, s.id, request, allow)}
+          onAnswer=${(answer) => answerOnce(host, s.id, request, answer)}
         />`,
     )}
   </section>`;
@@ -356,17 +354,47 @@ function resolutionText(r) {
   return `${verb} (${r.by})`;
 }
 
+/** The controls that answer `request`: Allow/Deny, or a pi dialog's choices or text. */
+function Answers({ request, busy, answer }) {
+  const [value, setValue] = useState('');
+  const method = request.type === 'extension_ui_request' ? request.method : 'confirm';
+  const reply = (fields) => answer({ type: 'extension_ui_response', id: request.id, ...fields });
+  if (method === 'select' && Array.isArray(request.options)) {
+    return html`<div class="approval-actions choices">
+      ${request.options.map(
+        (o) => html`<button type="button" disabled=${busy} onClick=${() => reply({ value: String(o) })}>${String(o)}</button>`,
+      )}
+      <button type="button" class="deny" disabled=${busy} onClick=${() => reply({ cancelled: true })}>Dismiss</button>
+    </div>`;
+  }
+  if (method === 'input' || method === 'editor') {
+    return html`<form class="approval-actions" onSubmit=${(e) => {
+      e.preventDefault();
+      reply({ value });
+    }}>
+      <input aria-label="Answer" value=${value} placeholder=${request.placeholder ?? ''} onInput=${(e) => setValue(e.target.value)} />
+      <button type="submit" class="primary" disabled=${busy}>Answer</button>
+      <button type="button" class="deny" disabled=${busy} onClick=${() => reply({ cancelled: true })}>Dismiss</button>
+    </form>`;
+  }
+  const allow = answerFor(request, true);
+  if (!allow) return html`<p class="muted">Answer this in the raw view.</p>`;
+  return html`<div class="approval-actions">
+    <button type="button" class="allow" disabled=${busy} onClick=${() => answer(allow)}>Allow</button>
+    <button type="button" class="deny" disabled=${busy} onClick=${() => answer(answerFor(request, false))}>Deny</button>
+  </div>`;
+}
+
 function ApprovalCard({ session, request, resolution, onAnswer, live = true }) {
   const [busy, setBusy] = useState(false);
   const [error, setError] = useState(null);
   const { tool, detail } = describeRequest(request);
-  const yesNo = answerFor(request, true) !== null && (request.method ?? 'confirm') === 'confirm';
   const state = resolution ? resolution.decision : 'pending';
-  const answer = async (allow) => {
+  const answer = async (value) => {
     setBusy(true);
     setError(null);
     try {
-      await onAnswer(allow);
+      await onAnswer(value);
     } catch (e) {
       setError(e.message);
     } finally {
@@ -381,12 +409,9 @@ function ApprovalCard({ session, request, resolution, onAnswer, live = true }) {
     ${detail && html`<pre class="approval-detail">${detail}</pre>`}
     ${resolution
       ? html`<p class="resolution" role="status">${resolutionText(resolution)}</p>`
-      : live && yesNo
-        ? html`<div class="approval-actions">
-            <button type="button" class="allow" disabled=${busy} onClick=${() => answer(true)}>Allow</button>
-            <button type="button" class="deny" disabled=${busy} onClick=${() => answer(false)}>Deny</button>
-          </div>`
-        : html`<p class="muted">${live ? 'Answer this in the raw view.' : 'Not answered; the agent is not running.'}</p>`}
+      : live
+        ? html`<${Answers} request=${request} busy=${busy} answer=${answer} />`
+        : html`<p class="muted">Not answered; the agent is not running.</p>`}
     ${error && html`<p class="error" role="alert">${error}</p>`}
   </article>`;
 }
@@ -441,8 +466,8 @@ function Item({ item, session, socket, running }) {
         request=${item.request}
         resolution=${item.resolution}
         live=${running}
-        onAnswer=${async (allow) => {
-          if (!socket.send(answerFor(item.request, allow))) throw new Error('Not connected; try again in a moment.');
+        onAnswer=${async (answer) => {
+          if (!socket.send(answer)) throw new Error('Not connected; try again in a moment.');
         }}
       />`;
     case 'turn_end':
@@ -642,7 +667,7 @@ function SessionView({ host, store, id, instances }) {
     <${Composer}
       socket=${socket}
       working=${conv.working}
-      running=${running && link === 'live'}
+      running=${running}
       raw=${raw}
       images=${instance?.dialect === 'pi-rpc'}
     />
