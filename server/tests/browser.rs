@@ -793,6 +793,46 @@ async fn the_page_reconnects_after_a_server_restart_without_losing_or_repeating_
     server.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_session_says_how_it_ended_and_can_be_restarted_and_deleted() {
+    let Some(driver) = Driver::start().await else {
+        return;
+    };
+    let server = TestServer::start().await;
+    let id = server.session("fixture").await;
+    let b = driver.browser(390, 844, true).await;
+    b.goto(&format!("{}#/s/{id}", server.url("/")))
+        .await
+        .expect("open");
+    wait_for(&b, ".link-state.live", None).await;
+    // The fixture agent opens in the conversation view; its lines are not pi RPC: raw view.
+    click(&b, ".session-actions button", Some("Raw JSONL")).await;
+    say(&b, r#"{"_emit":"stderr","text":"disk on fire"}"#).await;
+    say(&b, r#"{"_emit":"die","code":3}"#).await;
+    wait_for(&b, ".ended", Some("The agent crashed (exit code 3)")).await;
+    click(&b, ".ended button.link", None).await;
+    wait_for(&b, ".ended pre.stderr", Some("disk on fire")).await;
+    wait_for(&b, ".composer.off", Some("not running")).await;
+
+    click(&b, ".session-actions button.primary", Some("Restart")).await;
+    wait_for(&b, ".badge.status-running", None).await;
+    wait_for(&b, ".link-state.live", None).await;
+    say(&b, r#"{"id":"back"}"#).await;
+    wait_for(&b, ".raw li", Some(r#""back""#)).await;
+
+    click(&b, ".session-actions button.deny", Some("Delete")).await;
+    b.accept_alert().await.expect("confirm the delete");
+    wait_for(&b, "h2#sessions-h", None).await;
+    assert_eq!(
+        count(&b, &format!(".session-row[data-id='{id}']"), "").await,
+        0
+    );
+    let (status, _) = server.get(&format!("/sessions/{id}")).await;
+    assert_eq!(status, 404);
+    b.close().await.expect("close");
+    server.stop().await;
+}
+
 // ---------------------------------------------------------------------------------------
 // Screenshots for the docs.
 
