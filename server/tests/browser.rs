@@ -533,8 +533,23 @@ async fn the_root_url_is_the_app_for_browsers_and_amarres_426_for_other_clients(
         Some("running"),
     )
     .await;
-    b.close().await.expect("close");
+
+    // Installable: the service worker takes the app shell, so the app opens with the server
+    // gone (and says it cannot reach it).
+    let script = b
+        .execute_async(
+            "const done = arguments[0]; navigator.serviceWorker.ready.then((r) => done(r.active.scriptURL));",
+            vec![],
+        )
+        .await
+        .expect("a service worker");
+    assert_eq!(script, json!(server.url("/sw.js")));
+    let url = server.url("/");
     server.stop().await;
+    b.goto(&url).await.expect("open offline");
+    wait_for(&b, "h2#sessions-h", Some("Sessions")).await;
+    wait_for(&b, ".conn.off", None).await;
+    b.close().await.expect("close");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
