@@ -84,6 +84,18 @@ impl Session {
             return;
         }
         let session = self.summary();
+        // Requests this server has not seen arrive (an adopted agent's, from before a
+        // restart) are known from now on: the hint agrees, and they are not announced again.
+        if session.pending_approvals.len() != self.activity.pending.load(Ordering::Relaxed) {
+            self.activity
+                .pending
+                .store(session.pending_approvals.len(), Ordering::Relaxed);
+            *self
+                .activity
+                .known
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = session.pending_approvals.clone();
+        }
         let now = code(session.activity);
         if self.activity.published.swap(now, Ordering::Relaxed) != now {
             self.publish(EventKind::SessionActivity { session });
