@@ -28,7 +28,7 @@ include!(concat!(env!("OUT_DIR"), "/web_assets.rs"));
 /// style, no `eval`), requests to its own origin only (REST, `/events`, the WebSockets), and
 /// it cannot be framed.
 pub const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; \
-     img-src 'self' data: blob:; connect-src 'self'; manifest-src 'self'; worker-src 'self'; \
+     img-src 'self'; connect-src 'self'; manifest-src 'self'; worker-src 'self'; \
      base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
 
 /// The embedded file at `path` (below `server/web/`).

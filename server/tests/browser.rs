@@ -181,6 +181,20 @@ async fn wait_until_count(b: &Client, css: &str, text: &str, n: usize) {
     wait_n(b, css, Some(text), Some(n)).await;
 }
 
+/// What the page's Content-Security-Policy blocked so far (the browser's own reports).
+async fn csp_violations(b: &Client) -> Vec<String> {
+    let reports = b
+        .execute(
+            "const o = new ReportingObserver(() => {}, {types: ['csp-violation'], buffered: true}); \
+             o.observe(); const r = o.takeRecords(); o.disconnect(); \
+             return r.map((x) => `${x.body.effectiveDirective} ${x.body.blockedURL}`);",
+            vec![],
+        )
+        .await
+        .expect("reports");
+    serde_json::from_value(reports).expect("strings")
+}
+
 async fn page_text(b: &Client) -> String {
     match b.find(Locator::Css("body")).await {
         Ok(body) => body.text().await.unwrap_or_default(),
@@ -534,6 +548,8 @@ async fn the_root_url_is_the_app_for_browsers_and_amarres_426_for_other_clients(
     )
     .await;
 
+    assert_eq!(csp_violations(&b).await, Vec::<String>::new());
+
     // Installable: the service worker takes the app shell, so the app opens with the server
     // gone (and says it cannot reach it).
     let script = b
@@ -640,6 +656,8 @@ async fn a_session_made_in_the_browser_streams_replies_and_runs_only_approved_to
         !rig.work.join("denied.txt").exists(),
         "the denied command did not run"
     );
+    // The whole conversation rendered within the page's strict policy.
+    assert_eq!(csp_violations(&b).await, Vec::<String>::new());
     b.close().await.expect("close");
     rig.server.stop().await;
 }
