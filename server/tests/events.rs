@@ -298,3 +298,39 @@ async fn nobody_hears_of_sessions_they_may_not_see() {
     assert_eq!(ids, [shared.as_str()]);
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_settled_request_leaves_the_summary_while_another_still_waits() {
+    let server = TestServer::start().await;
+    let mut events = Events::open(&server, None).await;
+    let id = server.session("fixture").await;
+    let mut ws = server.ws(&id).await;
+    ws.send(r#"{"_emit":"ui_req","reqId":"A"}"#).await;
+    ws.send(r#"{"_emit":"ui_req","reqId":"B"}"#).await;
+    assert_eq!(
+        events.next_of("approval_pending").await["request"]["id"],
+        "A"
+    );
+    let second = events.next_of("approval_pending").await;
+    assert_eq!(second["request"]["id"], "B");
+    assert_eq!(
+        second["session"]["pendingApprovals"]
+            .as_array()
+            .map(Vec::len),
+        Some(2)
+    );
+    ws.send(r#"{"type":"extension_ui_response","id":"A","confirmed":true}"#)
+        .await;
+    let resolved = events.next_of("approval_resolved").await;
+    assert_eq!(resolved["resolution"]["id"], "A");
+    // Still waiting (for B), so no activity event follows: this summary must already be right.
+    let pending: Vec<&str> = resolved["session"]["pendingApprovals"]
+        .as_array()
+        .expect("B still waits")
+        .iter()
+        .filter_map(|r| r["id"].as_str())
+        .collect();
+    assert_eq!(pending, ["B"], "{resolved}");
+    assert_eq!(resolved["session"]["activity"], "waiting");
+    server.stop().await;
+}

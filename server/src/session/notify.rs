@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use moorline_adapters::pipeline::Resolution;
+use moorline_adapters::pipeline::{Decision, Resolution, answer_request};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -52,9 +52,14 @@ impl Session {
 
     /// An approval request was settled.
     pub(crate) fn publish_resolved(&self, resolution: &Resolution) {
+        let mut session = self.summary();
+        // The pending file may not be rewritten yet: the summary never lists a settled request.
+        session.pending_approvals.retain(|r| {
+            answer_request(r, Decision::Deny, "").is_none_or(|(id, _)| id != resolution.id)
+        });
         self.publish(EventKind::ApprovalResolved {
             resolution: resolution.clone(),
-            session: self.summary(),
+            session,
         });
     }
 
