@@ -719,6 +719,31 @@ async fn two_browsers_see_one_card_and_who_answered_it_and_the_list_says_waiting
         .expect("list");
     wait_for(&alice, &row, Some("running")).await;
     assert_eq!(count(&alice, &row, "waiting for you").await, 0);
+
+    // The next request is answered from the list itself: alice denies it there.
+    say(&bob, "RUNBASH: touch from-the-list.txt").await;
+    let card = wait_for(
+        &alice,
+        ".needs-you .approval[data-state=pending]",
+        Some("from-the-list.txt"),
+    )
+    .await;
+    card.find(Locator::Css("button.deny"))
+        .await
+        .expect("deny button")
+        .click()
+        .await
+        .expect("deny");
+    wait_for(
+        &bob,
+        ".approval[data-state=deny] .resolution",
+        Some("Denied by alice@example.com"),
+    )
+    .await;
+    wait_until_count(&bob, ".msg.assistant", "MOCK saw tool_result", 2).await;
+    assert!(!rig.work.join("from-the-list.txt").exists());
+    // Answered, it leaves the list.
+    wait_until_count(&alice, ".needs-you", "", 0).await;
     for b in [alice, bob] {
         b.close().await.expect("close");
     }
