@@ -760,6 +760,7 @@ async fn a_reload_in_the_middle_of_a_turn_shows_the_whole_conversation_once() {
     b.goto(&format!("{}#/s/{id}", rig.server.url("/")))
         .await
         .expect("open");
+    wait_for(&b, ".link-state.live", None).await;
     say(&b, "first question").await;
     wait_for(&b, ".msg.assistant", Some("MOCK reply to: first question")).await;
     // The turn stops at its approval: the agent is mid-turn.

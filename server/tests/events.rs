@@ -55,7 +55,12 @@ impl Events {
     }
 
     async fn next(&mut self) -> Value {
-        let frame = tokio::time::timeout(WAIT, async {
+        self.try_next(WAIT).await.expect("an event in time")
+    }
+
+    /// The next event, if one comes within `wait`.
+    async fn try_next(&mut self, wait: std::time::Duration) -> Option<Value> {
+        let frame = tokio::time::timeout(wait, async {
             loop {
                 if let Some(f) = self.ready.pop_front() {
                     return f;
@@ -70,18 +75,24 @@ impl Events {
             }
         })
         .await
-        .expect("an event in time");
+        .ok()?;
         self.last_id = frame.id.clone();
-        serde_json::from_str(&frame.data).expect("event JSON")
+        Some(serde_json::from_str(&frame.data).expect("event JSON"))
     }
 
     /// The next event of type `kind` (others are skipped).
     async fn next_of(&mut self, kind: &str) -> Value {
+        let mut seen = Vec::new();
+        let deadline = tokio::time::Instant::now() + WAIT;
         loop {
-            let v = self.next().await;
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let Some(v) = self.try_next(left).await else {
+                panic!("no {kind} event in time; saw {seen:?}");
+            };
             if v["type"] == kind {
                 return v;
             }
+            seen.push(format!("{} {}", v["type"], v["session"]["activity"]));
         }
     }
 }

@@ -89,18 +89,13 @@ impl Session {
             return;
         }
         let session = self.summary();
-        // Requests this server has not seen arrive (an adopted agent's, from before a
-        // restart) are known from now on: the hint agrees, and they are not announced again.
-        if session.pending_approvals.len() != self.activity.pending.load(Ordering::Relaxed) {
-            self.activity
-                .pending
-                .store(session.pending_approvals.len(), Ordering::Relaxed);
-            *self
-                .activity
-                .known
-                .lock()
-                .unwrap_or_else(|p| p.into_inner()) = session.pending_approvals.clone();
-        }
+        // The pending file can be ahead of what this server was told (a keeper's doorbell is
+        // on its way; an adopted agent's requests from before a restart): count them now, so
+        // the hint agrees and the next check costs no file read. They are still announced
+        // (`pending_now`) when their news arrives.
+        self.activity
+            .pending
+            .store(session.pending_approvals.len(), Ordering::Relaxed);
         let now = code(session.activity);
         if self.activity.published.swap(now, Ordering::Relaxed) != now {
             self.publish(EventKind::SessionActivity { session });
