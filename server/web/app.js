@@ -219,6 +219,10 @@ function SessionList({ store, host }) {
   useStore(store);
   useTick(30000);
   const sessions = store.list();
+  const waiting = sessions.filter((s) => s.activity === 'waiting').length;
+  useEffect(() => {
+    document.title = waiting ? `(${waiting}) moorline` : 'moorline';
+  }, [waiting]);
   // Waiting first, then running, newest first within each.
   const rank = (s) => (s.activity === 'waiting' ? 0 : s.status === 'running' ? 1 : 2);
   sessions.sort((a, b) => rank(a) - rank(b) || b.createdAt - a.createdAt);
@@ -632,6 +636,10 @@ function SessionView({ host, store, id, instances }) {
       setActionError(e.message);
     }
   };
+  const name = s ? title(s) : id;
+  useEffect(() => {
+    document.title = `${s?.activity === 'waiting' ? '● ' : ''}${name} · moorline`;
+  }, [name, s?.activity]);
   if (!s && store.loaded)
     return html`<main id="main"><p>No session ${id} here. <a href="#/">All sessions</a></p></main>`;
   const running = s?.status === 'running';
@@ -690,6 +698,15 @@ function App({ host }) {
     refreshInstances();
   }, [hash]);
   const route = hash.replace(/^#/, '') || '/';
+  // A new view: move focus to its heading, so keyboard and screen-reader users start there
+  // instead of on a link that is gone.
+  useEffect(() => {
+    const heading = document.querySelector('main h2');
+    if (heading && document.activeElement !== heading) {
+      heading.tabIndex = -1;
+      heading.focus({ preventScroll: true });
+    }
+  }, [route]);
   let view;
   const m = route.match(/^\/s\/([0-9a-f]+)$/);
   if (m) view = html`<${SessionView} key=${m[1]} host=${host} store=${store} id=${m[1]} instances=${instances} />`;
