@@ -63,10 +63,10 @@ impl Session {
         });
     }
 
-    /// What the agent is doing, as far as atomics tell (no file read): cheap enough for every
-    /// output batch.
-    fn activity_hint(&self) -> Option<Activity> {
-        if self.status() != Status::Running {
+    /// What the agent is doing, as far as atomics tell (no file read, no lock): cheap enough
+    /// for every output batch. `running`: whether the agent runs.
+    fn activity_hint(&self, running: bool) -> Option<Activity> {
+        if !running {
             return None;
         }
         let a = &self.activity;
@@ -82,9 +82,20 @@ impl Session {
     }
 
     /// Publishes a `session_activity` event if what the agent is doing changed since the
-    /// last one. Called after output, approval changes and by the sweeper.
+    /// last one. Called after approval changes and by the sweeper.
     pub(crate) fn note_activity(&self) {
-        let hint = code(self.activity_hint());
+        self.note_activity_if(self.status() == Status::Running);
+    }
+
+    /// [`Self::note_activity`] for the output pump, which only runs while the agent does: no
+    /// lock on the common path. (A batch racing the agent's exit is harmless: the summary
+    /// decides, and an ended session has no activity.)
+    pub(crate) fn note_output(&self) {
+        self.note_activity_if(true);
+    }
+
+    fn note_activity_if(&self, running: bool) {
+        let hint = code(self.activity_hint(running));
         if self.activity.published.load(Ordering::Relaxed) == hint {
             return;
         }

@@ -129,7 +129,7 @@ impl OutputPump {
                         .inc_by(lines.iter().map(|l| l.len() as u64 + 1).sum());
                     self.session.activity.saw(lines.iter().map(|l| l.as_ref()));
                     self.session.hub.publish(lines, &changes);
-                    self.session.note_activity();
+                    self.session.note_output();
                 }
                 Err(e) => {
                     tracing::error!(session = %self.session.id, error = %e, "cannot read the session journal");
@@ -221,7 +221,7 @@ impl OutputSink for ServerSink<'_> {
         self.session
             .hub
             .publish(ends.iter().map(|&(s, e)| bytes.slice(s..e)), &changes);
-        self.session.note_activity();
+        self.session.note_output();
         Ok(())
     }
 
