@@ -892,6 +892,42 @@ async fn a_crashed_session_says_how_it_ended_and_can_be_restarted_and_deleted() 
     server.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attached_image_goes_to_the_agent_with_the_prompt() {
+    let Some(rig) = rig(&[]).await else {
+        return;
+    };
+    let id = rig.session("picture").await;
+    let b = rig.driver.browser(390, 844, true).await;
+    b.goto(&format!("{}#/s/{id}", rig.server.url("/")))
+        .await
+        .expect("open");
+    wait_for(&b, ".link-state.live", None).await;
+    let image = Path::new(env!("CARGO_MANIFEST_DIR")).join("web/icon-192.png");
+    wait_for(&b, ".composer input[type=file]", None)
+        .await
+        .send_keys(&image.display().to_string())
+        .await
+        .expect("attach");
+    wait_for(&b, ".attachments .chip", Some("icon-192.png")).await;
+    say(&b, "what is in this picture").await;
+    // pi took the prompt with its image: its user message has both.
+    wait_for(&b, ".msg.user", Some("(+1 image)")).await;
+    wait_for(
+        &b,
+        ".msg.assistant",
+        Some("MOCK reply to: what is in this picture"),
+    )
+    .await;
+    assert_eq!(
+        count(&b, ".attachments", "").await,
+        0,
+        "sent attachments are cleared"
+    );
+    b.close().await.expect("close");
+    rig.server.stop().await;
+}
+
 // ---------------------------------------------------------------------------------------
 // Screenshots for the docs.
 
