@@ -101,9 +101,8 @@ fn main() {
         .expect("write");
     }
     table.push(']');
-    let code = format!(
-        "/// Every file of the web app.\npub(crate) static ASSETS: &[Asset] = {table};\n/// Names this build of the app.\npub(crate) const BUILD: &str = {build:?};\n"
-    );
+    let code =
+        format!("/// Every file of the web app.\npub(crate) static ASSETS: &[Asset] = {table};\n");
     std::fs::write(
         PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR")).join("web_assets.rs"),
         code,

@@ -99,9 +99,9 @@ use clap::{Parser, ValueEnum};
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use hdrhistogram::Histogram;
 use moorline::client::error_chain;
+use moorline::wire::CreateSession;
 use reqwest::header::AUTHORIZATION;
 use reqwest::{Method, StatusCode};
-use serde_json::{Value, json};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
@@ -118,6 +118,14 @@ type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// Size of the small frames of `rtt`, `pipelined` and `fanout`.
 const SMALL: usize = 64;
+
+/// What the load generator reads of a session summary or an instance: its id. Only that is
+/// read, because the bare relay it is compared with answers with a part of
+/// [`moorline::wire::SessionSummary`] and [`moorline::wire::InstanceSummary`].
+#[derive(Debug, serde::Deserialize)]
+struct Named {
+    id: String,
+}
 
 /// Returns an error with this message.
 fn fail<T>(message: impl Into<String>) -> Result<T> {
@@ -886,11 +894,8 @@ impl Target {
                 String::from_utf8_lossy(&body)
             ));
         }
-        let list: Value = serde_json::from_slice(&body)?;
-        let ids: Vec<&str> = list
-            .as_array()
-            .map(|a| a.iter().filter_map(|i| i.get("id")?.as_str()).collect())
-            .unwrap_or_default();
+        let list: Vec<Named> = serde_json::from_slice(&body)?;
+        let ids: Vec<&str> = list.iter().map(|i| i.id.as_str()).collect();
         if !ids.contains(&self.instance.as_str()) {
             return fail(format!(
                 "the server has no instance {:?} (it has {ids:?}); start it with one that runs /bin/cat",
@@ -902,7 +907,10 @@ impl Target {
 
     /// `POST /sessions`; returns the id and how long the request took.
     async fn create_session(&self) -> Result<(String, Duration)> {
-        let body = json!({ "instanceId": self.instance });
+        let body = CreateSession {
+            instance_id: Some(self.instance.clone()),
+            ..CreateSession::default()
+        };
         let start = Instant::now();
         let resp = self
             .request(Method::POST, "/sessions")
@@ -922,12 +930,8 @@ impl Target {
                 String::from_utf8_lossy(&body).trim()
             ));
         }
-        let summary: Value = serde_json::from_slice(&body)?;
-        let id = summary
-            .get("id")
-            .and_then(Value::as_str)
-            .ok_or("POST /sessions: no \"id\" in the answer")?
-            .to_owned();
+        let Named { id } = serde_json::from_slice(&body)
+            .map_err(|e| format!("POST /sessions: unexpected answer: {e}"))?;
         self.live
             .lock()
             .unwrap_or_else(PoisonError::into_inner)

@@ -4,12 +4,12 @@
 //! a human mode for pi RPC sessions on a terminal. Both speak to a server's TCP port
 //! (`http://`, `https://`) or to its Unix socket (`unix:/run/moorline/moorline.sock`).
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
+use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio_tungstenite::WebSocketStream;
@@ -18,7 +18,10 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{self, Message};
 
 use crate::config::{Secret, read_token_file};
-use moorline_adapters::pipeline::{Decision, answer_request, request_tool};
+use crate::wire::{
+    Activity, ApprovalResolved, CreateSession, Decision, InstanceSummary, SessionSummary,
+};
+use moorline_adapters::pipeline::{answer_request, request_tool};
 
 /// How long `approve`/`deny` wait for the server to confirm an answer.
 const ANSWER_WAIT: Duration = Duration::from_secs(10);
@@ -169,19 +172,20 @@ impl Client {
         })
     }
 
+    /// Sends a request with an optional JSON body; returns the response body (empty for 204).
     async fn call(
         &self,
         method: reqwest::Method,
         path: &str,
-        body: Option<Value>,
-    ) -> Result<Option<Value>, ClientError> {
+        body: Option<&CreateSession>,
+    ) -> Result<String, ClientError> {
         let url = format!("{}{path}", self.base);
         let mut req = self.http.request(method, &url);
         if let Some(t) = &self.token {
             req = req.bearer_auth(t.expose());
         }
         if let Some(b) = body {
-            req = req.json(&b);
+            req = req.json(b);
         }
         let resp = req.send().await.map_err(|e| ClientError::Unreachable {
             url: self.shown.clone(),
@@ -198,56 +202,35 @@ impl Client {
                 body: text.trim_end().to_owned(),
             });
         }
-        if text.is_empty() {
-            return Ok(None);
-        }
+        Ok(text)
+    }
+
+    /// [`Self::call`], its body read as a `T`.
+    async fn call_json<T: serde::de::DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&CreateSession>,
+    ) -> Result<T, ClientError> {
+        let text = self.call(method, path, body).await?;
         serde_json::from_str(&text)
-            .map(Some)
             .map_err(|e| ClientError::Other(format!("unexpected response: {e}")))
     }
 
-    /// `GET path`, its JSON body (`null` when empty).
-    async fn get_json(&self, path: &str) -> Result<Value, ClientError> {
-        Ok(self
-            .call(reqwest::Method::GET, path, None)
-            .await?
-            .unwrap_or(Value::Null))
+    /// `GET path`, its body read as a `T`.
+    async fn get_json<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        self.call_json(reqwest::Method::GET, path, None).await
     }
 
     /// `GET /sessions`.
-    pub async fn list(&self) -> Result<Value, ClientError> {
+    pub async fn list(&self) -> Result<Vec<SessionSummary>, ClientError> {
         self.get_json("/sessions").await
     }
 
     /// `POST /sessions`.
-    pub async fn create(
-        &self,
-        instance: Option<String>,
-        name: Option<String>,
-        cwd: Option<String>,
-        env: BTreeMap<String, String>,
-    ) -> Result<Value, ClientError> {
-        let mut body = serde_json::Map::new();
-        if let Some(i) = instance {
-            body.insert("instanceId".into(), i.into());
-        }
-        if let Some(n) = name {
-            body.insert("name".into(), n.into());
-        }
-        if let Some(c) = cwd {
-            body.insert("cwd".into(), c.into());
-        }
-        if !env.is_empty() {
-            body.insert("env".into(), serde_json::to_value(env).unwrap_or_default());
-        }
-        Ok(self
-            .call(
-                reqwest::Method::POST,
-                "/sessions",
-                Some(Value::Object(body)),
-            )
-            .await?
-            .unwrap_or(Value::Null))
+    pub async fn create(&self, body: &CreateSession) -> Result<SessionSummary, ClientError> {
+        self.call_json(reqwest::Method::POST, "/sessions", Some(body))
+            .await
     }
 
     /// Opens `GET /events` (server-sent events), resuming after `last_id` if given; the
@@ -279,7 +262,7 @@ impl Client {
     }
 
     /// `GET /instances`.
-    pub async fn instances(&self) -> Result<Value, ClientError> {
+    pub async fn instances(&self) -> Result<Vec<InstanceSummary>, ClientError> {
         self.get_json("/instances").await
     }
 
@@ -293,12 +276,8 @@ impl Client {
         request: Option<&str>,
         decision: Decision,
         message: Option<&str>,
-    ) -> Result<Value, ClientError> {
-        let summary = self.get(id).await?;
-        let pending: Vec<Value> = summary["pendingApprovals"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default();
+    ) -> Result<ApprovalResolved, ClientError> {
+        let pending = self.get(id).await?.pending_approvals;
         let described = |list: &[Value]| {
             list.iter()
                 .map(describe_request)
@@ -344,7 +323,7 @@ impl Client {
                 "not an approval request: {chosen}"
             )));
         };
-        let mut socket = self.connect(id).await?;
+        let mut socket = self.connect(id, "", None).await?;
         socket
             .send(Message::text(line.to_string()))
             .await
@@ -357,10 +336,12 @@ impl Client {
                         let Ok(v) = serde_json::from_str::<Value>(t.as_str()) else {
                             continue;
                         };
-                        if v["type"] == "amarre.approval_resolved" && v["id"] == request_id.as_str()
-                        {
-                            return Ok(v);
+                        if v["type"] != ApprovalResolved::TYPE || v["id"] != request_id.as_str() {
+                            continue;
                         }
+                        return serde_json::from_value::<ApprovalResolved>(v).map_err(|e| {
+                            ClientError::Other(format!("unexpected approval_resolved frame: {e}"))
+                        });
                     }
                     Ok(Message::Close(frame)) => {
                         let code = frame.map_or(1005, |f| u16::from(f.code));
@@ -385,19 +366,25 @@ impl Client {
         Ok(resolved)
     }
 
-    /// Opens the WebSocket of session `id` (no replay, no hello), over TCP, TLS or the Unix
-    /// socket as the URL says.
+    /// Opens the WebSocket of session `id` with `query` (`since=N&hello=1`, or empty), over
+    /// TCP, TLS or the Unix socket as the URL says. A refused upgrade is the server's answer,
+    /// as for REST.
     async fn connect(
         &self,
         id: &str,
+        query: &str,
+        config: Option<WebSocketConfig>,
     ) -> Result<WebSocketStream<tokio_tungstenite::MaybeTlsStream<Box<dyn Stream>>>, ClientError>
     {
-        let url = format!(
+        let mut url = format!(
             "{}/sessions/{id}",
             self.base
                 .replacen("http://", "ws://", 1)
                 .replacen("https://", "wss://", 1)
         );
+        if !query.is_empty() {
+            url = format!("{url}?{query}");
+        }
         let mut request = url
             .as_str()
             .into_client_request()
@@ -438,7 +425,7 @@ impl Client {
         let (socket, _) = tokio_tungstenite::client_async_tls_with_config(
             request,
             stream,
-            None,
+            config,
             Some(tokio_tungstenite::Connector::Rustls(self.tls.clone())),
         )
         .await
@@ -457,7 +444,7 @@ impl Client {
     }
 
     /// `GET /sessions/{id}`.
-    pub async fn get(&self, id: &str) -> Result<Value, ClientError> {
+    pub async fn get(&self, id: &str) -> Result<SessionSummary, ClientError> {
         self.get_json(&format!("/sessions/{id}")).await
     }
 
@@ -469,15 +456,13 @@ impl Client {
     }
 
     /// `POST /sessions/{id}/restart`.
-    pub async fn restart(&self, id: &str) -> Result<Value, ClientError> {
-        Ok(self
-            .call(
-                reqwest::Method::POST,
-                &format!("/sessions/{id}/restart"),
-                None,
-            )
-            .await?
-            .unwrap_or(Value::Null))
+    pub async fn restart(&self, id: &str) -> Result<SessionSummary, ClientError> {
+        self.call_json(
+            reqwest::Method::POST,
+            &format!("/sessions/{id}/restart"),
+            None,
+        )
+        .await
     }
 
     /// Connects to a session's WebSocket and pipes stdin lines to it and its frames to stdout,
@@ -492,10 +477,6 @@ impl Client {
         render: bool,
     ) -> Result<(), ClientError> {
         let render = render && self.renders(id).await?;
-        let ws_base = self
-            .base
-            .replacen("http://", "ws://", 1)
-            .replacen("https://", "wss://", 1);
         let mut query = Vec::new();
         if let Some(s) = since {
             query.push(format!("since={s}"));
@@ -503,68 +484,15 @@ impl Client {
         if hello {
             query.push("hello=1".to_owned());
         }
-        let mut url = format!("{ws_base}/sessions/{id}");
-        if !query.is_empty() {
-            url = format!("{url}?{}", query.join("&"));
-        }
-        let mut request = url
-            .as_str()
-            .into_client_request()
-            .map_err(|e| ClientError::Other(format!("bad URL {url}: {e}")))?;
-        if let Some(t) = &self.token {
-            let value = format!("Bearer {}", t.expose())
-                .parse()
-                .map_err(|_| ClientError::Other("token is not a valid header value".into()))?;
-            request.headers_mut().insert("authorization", value);
-        }
+        // Frames as long as the agent's lines: the server bounds them.
         let config = WebSocketConfig::default()
             .max_message_size(None)
             .max_frame_size(None);
-        let refused = |e: tungstenite::Error| match e {
-            tungstenite::Error::Http(resp) => ClientError::Http {
-                status: resp.status().as_u16(),
-                body: resp
-                    .body()
-                    .as_ref()
-                    .map(|b| String::from_utf8_lossy(b).trim_end().to_owned())
-                    .unwrap_or_default(),
-            },
-            other => ClientError::Unreachable {
-                url: self.shown.clone(),
-                reason: other.to_string(),
-            },
-        };
-        match &self.unix {
-            Some(path) => {
-                let stream = tokio::net::UnixStream::connect(path).await.map_err(|e| {
-                    ClientError::Unreachable {
-                        url: self.shown.clone(),
-                        reason: e.to_string(),
-                    }
-                })?;
-                let (socket, _) =
-                    tokio_tungstenite::client_async_with_config(request, stream, Some(config))
-                        .await
-                        .map_err(refused)?;
-                if render {
-                    return pipe_rendered(socket, linger).await;
-                }
-                pipe_stdio(socket, linger).await
-            }
-            None => {
-                let (socket, _) = tokio_tungstenite::connect_async_tls_with_config(
-                    request,
-                    Some(config),
-                    false,
-                    Some(tokio_tungstenite::Connector::Rustls(self.tls.clone())),
-                )
-                .await
-                .map_err(refused)?;
-                if render {
-                    return pipe_rendered(socket, linger).await;
-                }
-                pipe_stdio(socket, linger).await
-            }
+        let socket = self.connect(id, &query.join("&"), Some(config)).await?;
+        if render {
+            pipe_rendered(socket, linger).await
+        } else {
+            pipe_stdio(socket, linger).await
         }
     }
 }
@@ -635,13 +563,9 @@ impl Client {
         let summary = self.get(id).await?;
         let instances = self.instances().await?;
         let dialect = instances
-            .as_array()
             .into_iter()
-            .flatten()
-            .find(|i| i["id"] == summary["instanceId"])
-            .and_then(|i| i["dialect"].as_str())
-            .unwrap_or("pi-rpc")
-            .to_owned();
+            .find(|i| i.id == summary.instance_id)
+            .map_or_else(|| "pi-rpc".to_owned(), |i| i.dialect);
         if dialect != "pi-rpc" {
             eprintln!("moorline: the session speaks the {dialect} dialect; showing raw JSON");
         }
@@ -798,12 +722,15 @@ impl Renderer {
                 ),
                 _ => return String::new(),
             },
-            "amarre.approval_resolved" => {
-                let id = v["id"].as_str().unwrap_or("");
-                self.asks
-                    .retain(|a| answer_request(a, Decision::Deny, "").is_none_or(|(r, _)| r != id));
-                let who = v["user"].as_str().or(v["by"].as_str()).unwrap_or("?");
-                format!("  {} {id} ({who})", v["decision"].as_str().unwrap_or("?"))
+            ApprovalResolved::TYPE => {
+                let Ok(r) = ApprovalResolved::deserialize(v) else {
+                    return String::new();
+                };
+                self.asks.retain(|a| {
+                    answer_request(a, Decision::Deny, "").is_none_or(|(q, _)| q != r.id)
+                });
+                let who = r.user.as_deref().unwrap_or(&r.by);
+                format!("  {} {} ({who})", r.decision.as_str(), r.id)
             }
             "auto_retry_start" => format!(
                 "… retrying ({}/{}): {}",
@@ -934,7 +861,7 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 
 /// Renders the session list as a table: what a person needs to pick a session and see what
 /// it is doing.
-pub fn format_table(list: &Value) -> String {
+pub fn format_table(list: &[SessionSummary]) -> String {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
@@ -951,41 +878,37 @@ pub fn format_table(list: &Value) -> String {
         ]
         .map(str::to_owned),
     ];
-    for s in list.as_array().into_iter().flatten() {
-        let field = |k: &str| match &s[k] {
-            Value::String(v) => v.clone(),
-            Value::Null => "-".into(),
-            v => v.to_string(),
+    for s in list {
+        let activity = match s.activity {
+            Some(Activity::Waiting) => "waiting for approval",
+            Some(Activity::Working) => "working",
+            Some(Activity::Idle) => "idle",
+            None => "-",
         };
-        let pending = s["pendingApprovals"].as_array().map_or(0, Vec::len);
-        let activity = match s["activity"].as_str() {
-            Some("waiting") => "waiting for approval".to_owned(),
-            Some(a) => a.to_owned(),
-            None => "-".to_owned(),
-        };
-        let mut status = field("status");
-        if s["authFailed"] == true {
+        let mut status = s.status.as_str().to_owned();
+        if s.auth_failed {
             status.push_str(" (credentials wrong)");
         }
-        let age = s["createdAt"]
-            .as_u64()
-            .map_or_else(|| "-".into(), |t| format_age(now.saturating_sub(t)));
+        let age = match s.created_at {
+            0 => "-".into(),
+            t => format_age(now.saturating_sub(t)),
+        };
         rows.push([
-            field("id"),
-            field("name"),
-            field("instanceId"),
+            s.id.clone(),
+            s.name.clone().unwrap_or_else(|| "-".into()),
+            s.instance_id.clone(),
             status,
-            activity,
-            pending.to_string(),
+            activity.to_owned(),
+            s.pending_approvals.len().to_string(),
             age,
-            field("cwd"),
+            s.cwd.display().to_string(),
         ]);
     }
     columns(&rows)
 }
 
 /// Renders `GET /instances` as a table, with the reason of each unavailable instance below it.
-pub fn format_instances(list: &Value) -> String {
+pub fn format_instances(list: &[InstanceSummary]) -> String {
     let mut rows = vec![
         [
             "ID",
@@ -998,29 +921,27 @@ pub fn format_instances(list: &Value) -> String {
         .map(str::to_owned),
     ];
     let mut reasons = String::new();
-    for i in list.as_array().into_iter().flatten() {
-        let text = |k: &str| i[k].as_str().unwrap_or("-").to_owned();
-        let roots: Vec<&str> = i["workspaceRoots"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(Value::as_str)
+    for i in list {
+        let roots: Vec<String> = i
+            .workspace_roots
+            .iter()
+            .map(|r| r.display().to_string())
             .collect();
-        let available = i["available"] != false;
         rows.push([
-            text("id"),
-            text("agent"),
-            text("dialect"),
-            text("runtime"),
-            if available { "yes" } else { "no" }.to_owned(),
+            i.id.clone(),
+            i.agent.clone(),
+            i.dialect.clone(),
+            i.runtime.clone(),
+            if i.available { "yes" } else { "no" }.to_owned(),
             if roots.is_empty() {
                 "-".to_owned()
             } else {
                 roots.join(",")
             },
         ]);
-        if !available {
-            reasons.push_str(&format!("{}: {}\n", text("id"), text("reason")));
+        if !i.available {
+            let reason = i.reason.as_deref().unwrap_or("-");
+            reasons.push_str(&format!("{}: {reason}\n", i.id));
         }
     }
     let mut out = columns(&rows);

@@ -6,30 +6,36 @@
 //! numbers, so clients can reconnect and replay without losing a line.
 //!
 //! # Layout
+//! Public because the binary, the examples or the tests use them:
 //! - [`config`]: layered configuration; the only module that reads the environment.
-//! - [`credentials`]: credentials files (dotenv syntax) of instances.
-//! - [`api`]: the REST route table and the error type that maps to amarre's statuses.
-//! - [`ws`]: the per-session WebSocket.
-//! - [`web`]: the web app, embedded at build time, served at `/` to browsers.
-//! - [`events`]: the server-wide bus of session events; [`stream`] serves it at `/events`.
-//! - [`security`]: Host/Origin checks, the bearer token, and who a request comes from.
-//! - [`audit`]: the audit log of session changes and approval answers.
-//! - [`session`]: the session registry and lifecycle; talks to agents only through runtimes.
-//! - [`runtime`]: where agents run, behind the [`runtime::Runtime`] trait.
-//! - [`agentio`]: the loop owning an agent's stdio: framing, translation and approvals.
-//! - [`framing`]: JSONL framing of agent output and client input.
-//! - [`fsio`]: atomic, private file writes.
-//! - [`journal`]: the durable per-session output log.
-//! - [`fanout`]: delivery of output to clients, with replay.
-//! - [`metrics`]: Prometheus metrics.
+//! - [`wire`]: the typed REST bodies, shared by the server, the client and the load generator.
 //! - [`client`]: the `moorline sessions`, `instances`, `approve`/`deny` and `attach` commands;
 //!   [`watch`]: `moorline watch`.
+//! - [`events`]: the server-wide bus of session events (created, status, activity, approvals,
+//!   deleted), for the edge's `/events` and for anything else that follows sessions.
+//! - [`runtime`]: where agents run, behind the [`runtime::Runtime`] trait (and the keeper and
+//!   network helpers the binary starts).
+//!
+//! Public though only the crate uses them (the server's core):
+//! - [`session`]: the session registry and lifecycle; talks to agents only through runtimes.
+//! - [`agentio`], [`framing`], [`journal`], [`fanout`], [`fsio`], [`credentials`], [`audit`]:
+//!   the agent's stdio loop, JSONL framing, the output journal, delivery to clients, private
+//!   file writes, instances' credentials files and the audit log.
+//!
+//! Private, the HTTP edge, which reaches agents only through sessions:
+//! - `api`: the REST route table and its handlers.
+//! - `ws`: the per-session WebSocket.
+//! - `stream`: `GET /events`, the event bus as server-sent events.
+//! - `web`: the web app, embedded at build time, served at `/` to browsers.
+//! - `error`: the one error type of the edge and its one mapping to amarre's statuses and
+//!   bodies, for REST and the WebSocket upgrade alike.
+//! - `security`: Host/Origin checks, the bearer token, and who a request comes from.
+//! - `metrics`: Prometheus metrics.
 //!
 //! [`run`] takes already-bound [`Listeners`] (loopback TCP, a Unix socket, or both) and a
 //! shutdown future, so tests and the binary start servers the same way.
 
 pub mod agentio;
-pub mod api;
 pub mod audit;
 pub mod client;
 pub mod config;
@@ -39,14 +45,18 @@ pub mod fanout;
 pub mod framing;
 pub mod fsio;
 pub mod journal;
-pub mod metrics;
 pub mod runtime;
-pub mod security;
 pub mod session;
-pub mod stream;
 pub mod watch;
-pub mod web;
-pub mod ws;
+pub mod wire;
+
+mod api;
+mod error;
+mod metrics;
+mod security;
+mod stream;
+mod web;
+mod ws;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -201,12 +211,7 @@ pub async fn run(
         );
     }
     let addr = tcp.as_ref().map(TcpListener::local_addr).transpose()?;
-    let names = {
-        let config = config.clone();
-        tokio::task::spawn_blocking(move || config.machine_names())
-            .await
-            .unwrap_or_default()
-    };
+    let names = config.machine_names().await;
     let policy = Arc::new(security::AccessPolicy::new(&config, token, addr, names));
     let metrics = Arc::new(metrics::Metrics::default());
     let tracker = TaskTracker::new();

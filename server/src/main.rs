@@ -8,9 +8,11 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use moorline::client::{Client, ClientError, format_instances, format_table};
-use moorline::config::{Config, EXAMPLE_CONFIG, EXIT_CONFIG, LogFormat, Overrides, Sources};
+use moorline::config::{
+    Config, Connection, EXAMPLE_CONFIG, EXIT_CONFIG, LogFormat, Overrides, Sources,
+};
 use moorline::runtime::network;
-use moorline_adapters::pipeline::Decision;
+use moorline::wire::{CreateSession, Decision};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -45,14 +47,14 @@ enum Command {
     /// Manage sessions on a running server.
     Sessions {
         #[command(flatten)]
-        conn: ConnArgs,
+        conn: Connection,
         #[command(subcommand)]
         action: SessionsCommand,
     },
     /// List the server's instances: agent, dialect, runtime, workspace roots, availability.
     Instances {
         #[command(flatten)]
-        conn: ConnArgs,
+        conn: Connection,
         /// Print the JSON the server returned instead of a table.
         #[arg(long)]
         json: bool,
@@ -60,7 +62,7 @@ enum Command {
     /// Approve a pending approval request of a session (the only one, if REQUEST is left out).
     Approve {
         #[command(flatten)]
-        conn: ConnArgs,
+        conn: Connection,
         /// Session id.
         id: String,
         /// The request's id (see `moorline sessions get ID`); needed when several are pending.
@@ -69,7 +71,7 @@ enum Command {
     /// Deny a pending approval request of a session (the only one, if REQUEST is left out).
     Deny {
         #[command(flatten)]
-        conn: ConnArgs,
+        conn: Connection,
         /// Session id.
         id: String,
         /// The request's id; needed when several are pending.
@@ -82,7 +84,7 @@ enum Command {
     /// stdout one per line.
     Attach {
         #[command(flatten)]
-        conn: ConnArgs,
+        conn: Connection,
         /// Session id.
         id: String,
         /// Replay every retained line after this sequence number first (0: everything).
@@ -107,7 +109,7 @@ enum Command {
     /// reconnects and resumes by itself.
     Watch {
         #[command(flatten)]
-        conn: ConnArgs,
+        conn: Connection,
         /// Print each event's JSON as the server sent it.
         #[arg(long)]
         json: bool,
@@ -209,45 +211,8 @@ struct ServeArgs {
     /// Configuration file (default: ~/.config/moorline/config.toml or /etc/moorline/config.toml).
     #[arg(long, short = 'c')]
     config: Option<PathBuf>,
-    /// Address to listen on.
-    #[arg(long)]
-    host: Option<String>,
-    /// Port to listen on.
-    #[arg(long)]
-    port: Option<u16>,
-    /// Where sessions are stored.
-    #[arg(long)]
-    state_dir: Option<PathBuf>,
-    /// File holding the bearer token clients must send.
-    #[arg(long)]
-    token_file: Option<PathBuf>,
-    /// Log format.
-    #[arg(long, value_enum)]
-    log_format: Option<LogFormatArg>,
-    /// Allow listening on a non-loopback address.
-    #[arg(long)]
-    allow_non_loopback: bool,
-}
-
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
-enum LogFormatArg {
-    Human,
-    Json,
-}
-
-#[derive(Debug, Clone, Args)]
-struct ConnArgs {
-    /// The server's URL: http://HOST:PORT, https://NAME, or unix:/PATH/TO/SOCKET.
-    #[arg(
-        long,
-        env = "MOORLINE_URL",
-        default_value = "http://127.0.0.1:8341",
-        global = true
-    )]
-    url: String,
-    /// File holding the bearer token.
-    #[arg(long, env = "MOORLINE_TOKEN_FILE", global = true)]
-    token_file: Option<PathBuf>,
+    #[command(flatten)]
+    overrides: Overrides,
 }
 
 fn parse_env(s: &str) -> Result<(String, String), String> {
@@ -258,20 +223,7 @@ fn parse_env(s: &str) -> Result<(String, String), String> {
 
 impl ServeArgs {
     fn sources(&self) -> Sources {
-        Sources::from_process(
-            self.config.clone(),
-            Overrides {
-                host: self.host.clone(),
-                port: self.port,
-                state_dir: self.state_dir.clone(),
-                token_file: self.token_file.clone(),
-                log_format: self.log_format.map(|f| match f {
-                    LogFormatArg::Human => LogFormat::Human,
-                    LogFormatArg::Json => LogFormat::Json,
-                }),
-                allow_non_loopback: self.allow_non_loopback,
-            },
-        )
+        Sources::from_process(self.config.clone(), self.overrides.clone())
     }
 }
 
@@ -368,7 +320,7 @@ fn main() -> ExitCode {
 
 /// `moorline approve` / `moorline deny`.
 fn answer(
-    conn: ConnArgs,
+    conn: Connection,
     id: String,
     request: Option<String>,
     decision: Decision,
@@ -380,19 +332,12 @@ fn answer(
             let resolved = client
                 .answer(&id, request.as_deref(), decision, message.as_deref())
                 .await?;
-            let settled = resolved["decision"].as_str().unwrap_or("?");
-            let by = match (resolved["by"].as_str(), resolved["user"].as_str()) {
-                (Some("client"), Some(user)) => user.to_owned(),
-                (Some(by), _) => by.to_owned(),
-                _ => "?".to_owned(),
-            };
-            println!(
-                "{}: {settled} (by {by})",
-                resolved["id"].as_str().unwrap_or("?")
-            );
-            if settled != decision.as_str() {
+            let by = resolved.settled_by();
+            println!("{}: {} (by {by})", resolved.id, resolved.decision.as_str());
+            if resolved.decision != decision {
                 return Err(moorline::client::ClientError::Other(format!(
-                    "the request was already settled: {settled} by {by}"
+                    "the request was already settled: {} by {by}",
+                    resolved.decision.as_str()
                 )));
             }
             Ok(())
@@ -537,10 +482,11 @@ fn client_command(f: impl FnOnce(&tokio::runtime::Runtime) -> Result<(), ClientE
     }
 }
 
-async fn sessions(conn: ConnArgs, action: SessionsCommand) -> Result<(), ClientError> {
+async fn sessions(conn: Connection, action: SessionsCommand) -> Result<(), ClientError> {
     let client = Client::new(&conn.url, conn.token_file.as_deref())?;
-    let print =
-        |v: &serde_json::Value| println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+    fn print(v: &impl serde::Serialize) {
+        println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+    }
     match action {
         SessionsCommand::List { json } => {
             let list = client.list().await?;
@@ -565,7 +511,13 @@ async fn sessions(conn: ConnArgs, action: SessionsCommand) -> Result<(), ClientE
                         .map_err(|e| ClientError::Other(format!("--cwd {c}: {e}")))
                 })
                 .transpose()?;
-            print(&client.create(instance, name, cwd, env).await?);
+            let body = CreateSession {
+                instance_id: instance,
+                name,
+                cwd,
+                env,
+            };
+            print(&client.create(&body).await?);
         }
         SessionsCommand::Get { id } => print(&client.get(&id).await?),
         SessionsCommand::Rm { id } => client.delete(&id).await?,

@@ -41,12 +41,12 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use subtle::ConstantTimeEq;
 
-use crate::api::ApiError;
 use crate::config::{Config, Secret};
+use crate::error::ApiError;
 
 /// Which listener a request came in on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Via {
+pub(crate) enum Via {
     /// The TCP port.
     Tcp,
     /// The Unix socket.
@@ -55,7 +55,7 @@ pub enum Via {
 
 impl Via {
     /// `tcp` or `unix`.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Via::Tcp => "tcp",
             Via::Unix => "unix",
@@ -65,7 +65,7 @@ impl Via {
 
 /// Where an [`Identity`] comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Source {
+pub(crate) enum Source {
     /// A believed `Tailscale-User-Login` header.
     Tailnet,
     /// The bearer token.
@@ -78,7 +78,7 @@ pub enum Source {
 
 impl Source {
     /// The name used in `/me`.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Source::Tailnet => "tailnet",
             Source::Token => "token",
@@ -90,7 +90,7 @@ impl Source {
 
 /// Who a request comes from (see the module docs).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Identity {
+pub(crate) struct Identity {
     /// The tailnet login, or `token`, `local` or `anonymous`.
     pub user: Arc<str>,
     /// The display name from `Tailscale-User-Name`, with a tailnet login.
@@ -103,14 +103,17 @@ pub struct Identity {
 
 impl Identity {
     /// Whether this identity may act where `allowed` applies (empty: no restriction).
-    pub fn allowed_by(&self, allowed: &[String]) -> bool {
+    pub(crate) fn allowed_by(&self, allowed: &[String]) -> bool {
         allowed.is_empty()
             || self.source == Source::Token
             || allowed.iter().any(|a| a.eq_ignore_ascii_case(&self.user))
     }
 
     /// [`Self::allowed_by`] for an instance's sessions, as the API's 403.
-    pub fn check_instance(&self, instance: &crate::session::Instance) -> Result<(), ApiError> {
+    pub(crate) fn check_instance(
+        &self,
+        instance: &crate::session::Instance,
+    ) -> Result<(), ApiError> {
         if self.allowed_by(&instance.config.allowed_users) {
             return Ok(());
         }
@@ -141,7 +144,7 @@ impl<S: Send + Sync> FromRequestParts<S> for Identity {
 
 /// The access rules of one server.
 #[derive(Debug, Clone)]
-pub struct AccessPolicy {
+pub(crate) struct AccessPolicy {
     hosts: HashSet<String>,
     origins: HashSet<String>,
     token: Option<Secret>,
@@ -152,7 +155,7 @@ pub struct AccessPolicy {
 impl AccessPolicy {
     /// Rules from the configuration. `bound` is the TCP address actually listened on, if any;
     /// `names` are this machine's names (hostname, tailnet names).
-    pub fn new(
+    pub(crate) fn new(
         config: &Config,
         token: Option<Secret>,
         bound: Option<SocketAddr>,
@@ -179,7 +182,7 @@ impl AccessPolicy {
     /// Checks a request that came in `via` a listener and tells who sent it: the tailnet
     /// login, `token`, `anonymous` or `local` (see the module docs), refused with 403 if
     /// `allowed_users` does not let it in.
-    pub fn identify(
+    pub(crate) fn identify(
         &self,
         via: Via,
         path: &str,
@@ -236,12 +239,12 @@ impl AccessPolicy {
     }
 
     /// Whether a token is required.
-    pub fn requires_token(&self) -> bool {
+    pub(crate) fn requires_token(&self) -> bool {
         self.token.is_some()
     }
 
     /// Checks one request's headers. True if it carried the (configured) bearer token.
-    pub fn check(&self, path: &str, headers: &HeaderMap) -> Result<bool, ApiError> {
+    pub(crate) fn check(&self, path: &str, headers: &HeaderMap) -> Result<bool, ApiError> {
         let host = headers
             .get(header::HOST)
             .and_then(|h| h.to_str().ok())
@@ -316,7 +319,7 @@ impl AccessPolicy {
 /// `ReverseProxy` without `Rewrite`, nginx) puts its own observation last too, and every earlier
 /// entry is whatever the client claimed. Fails closed: an unreadable last entry, or interfaces
 /// that cannot be listed, count as this machine.
-pub fn forwarded_from_this_machine(headers: &HeaderMap) -> Option<String> {
+pub(crate) fn forwarded_from_this_machine(headers: &HeaderMap) -> Option<String> {
     let last = headers.get_all("x-forwarded-for").iter().next_back()?;
     let entry = String::from_utf8_lossy(last.as_bytes());
     let entry = entry.rsplit(',').next().unwrap_or_default().trim();
@@ -444,7 +447,7 @@ fn decode_word(word: &str) -> Option<String> {
 
 /// What the guard of one listener needs.
 #[derive(Debug, Clone)]
-pub struct Gate {
+pub(crate) struct Gate {
     /// The rules.
     pub policy: Arc<AccessPolicy>,
     /// The listener the guarded router serves.
@@ -452,7 +455,7 @@ pub struct Gate {
 }
 
 /// Middleware applying the policy to every request and recording its [`Identity`].
-pub async fn guard(State(gate): State<Gate>, mut req: Request, next: Next) -> Response {
+pub(crate) async fn guard(State(gate): State<Gate>, mut req: Request, next: Next) -> Response {
     match gate
         .policy
         .identify(gate.via, req.uri().path(), req.headers())

@@ -17,7 +17,8 @@ use axum::response::{IntoResponse, Response};
 use serde_json::json;
 use tokio::sync::broadcast;
 
-use crate::api::{ApiError, AppState};
+use crate::api::AppState;
+use crate::error::ApiError;
 use crate::events::{Event, Since};
 use crate::security::Identity;
 
@@ -35,7 +36,7 @@ fn since_param(query: Option<&str>) -> Option<&str> {
 }
 
 /// `GET /events`.
-pub async fn events(
+pub(crate) async fn events(
     State(app): State<AppState>,
     identity: Identity,
     headers: HeaderMap,

@@ -9,6 +9,8 @@ use axum::extract::Path;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
+use crate::error::ApiError;
+
 /// One embedded file.
 #[derive(Debug)]
 pub(crate) struct Asset {
@@ -27,26 +29,13 @@ include!(concat!(env!("OUT_DIR"), "/web_assets.rs"));
 /// What the app's page may load and do: its own scripts and styles only (no inline script or
 /// style, no `eval`), requests to its own origin only (REST, `/events`, the WebSockets), and
 /// it cannot be framed.
-pub const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; \
+pub(crate) const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; \
      img-src 'self'; connect-src 'self'; manifest-src 'self'; worker-src 'self'; \
      base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
 
 /// The embedded file at `path` (below `server/web/`).
 pub(crate) fn asset(path: &str) -> Option<&'static Asset> {
     ASSETS.iter().find(|a| a.path == path)
-}
-
-/// Every embedded file, for size reports: `(path, bytes, gzip bytes)`.
-pub fn sizes() -> Vec<(&'static str, usize, Option<usize>)> {
-    ASSETS
-        .iter()
-        .map(|a| (a.path, a.body.len(), a.gzip.map(<[u8]>::len)))
-        .collect()
-}
-
-/// Names this build of the app (it changes with any file).
-pub fn build_id() -> &'static str {
-    BUILD
 }
 
 /// Whether the request comes from a browser navigating to a page: it accepts HTML and is no
@@ -60,40 +49,44 @@ fn wants_html(headers: &HeaderMap) -> bool {
 }
 
 /// `/`: the app for browsers, amarre's `426` for everyone else.
-pub async fn root(method: Method, headers: HeaderMap) -> Response {
+pub(crate) async fn root(method: Method, headers: HeaderMap) -> Response {
     if matches!(method, Method::GET | Method::HEAD)
         && wants_html(&headers)
         && let Some(index) = asset("index.html")
     {
         return serve(index, &headers, method == Method::HEAD);
     }
-    crate::api::upgrade_required().await
+    ApiError::UpgradeRequired.into_response()
 }
 
 /// `/app/{*path}`.
-pub async fn app_file(method: Method, Path(path): Path<String>, headers: HeaderMap) -> Response {
+pub(crate) async fn app_file(
+    method: Method,
+    Path(path): Path<String>,
+    headers: HeaderMap,
+) -> Response {
     match asset(&path) {
         // The page itself is only ever `/`, so its relative URLs mean one thing.
         Some(a) if a.path != "index.html" => serve(a, &headers, method == Method::HEAD),
-        _ => crate::api::not_found().await,
+        _ => ApiError::NoRoute.into_response(),
     }
 }
 
 /// `/sw.js`: the service worker, at the root so that it may control `/`.
-pub async fn service_worker(method: Method, headers: HeaderMap) -> Response {
+pub(crate) async fn service_worker(method: Method, headers: HeaderMap) -> Response {
     match asset("sw.js") {
         Some(a) => serve(a, &headers, method == Method::HEAD),
-        None => crate::api::not_found().await,
+        None => ApiError::NoRoute.into_response(),
     }
 }
 
 /// `GET /sessions/{id}/stderr`: the end of the agent's stderr, as text, for the app's
 /// crash report. The same access rules as `GET /sessions/{id}`.
-pub async fn session_stderr(
+pub(crate) async fn session_stderr(
     axum::extract::State(app): axum::extract::State<crate::api::AppState>,
     identity: crate::security::Identity,
     Path(id): Path<String>,
-) -> Result<Response, crate::api::ApiError> {
+) -> Result<Response, ApiError> {
     let session = app
         .sessions
         .get(&id)
@@ -183,7 +176,8 @@ mod tests {
             assert!(a.gzip.is_some_and(|g| g.len() < a.body.len()), "{path}");
         }
         let sw = std::str::from_utf8(asset("sw.js").expect("sw").body).expect("utf-8");
-        assert!(sw.contains(build_id()) && !sw.contains("__BUILD__"));
+        // Named after this build, so a new build replaces the offline copy.
+        assert!(sw.contains("'moorline-") && !sw.contains("__BUILD__"));
     }
 
     /// What a browser loads to show the app (docs/WEBAPP.md states the total).

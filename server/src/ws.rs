@@ -31,19 +31,20 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
 use crate::agentio::Input;
-use crate::api::{AppState, text};
+use crate::api::AppState;
+use crate::error::ApiError;
 use crate::fanout::{Read, ReadLimit};
 use crate::framing::inbound_line;
 use crate::journal::DiskRead;
 use crate::runtime::ExitInfo;
 use crate::security::Identity;
-use crate::session::{ClientGuard, Lifecycle, Session, Status};
+use crate::session::{ClientGuard, Lifecycle, Session, SessionError, Status};
 
 /// Protocol version announced in `amarre.hello`.
-pub const PROTOCOL_VERSION: &str = "2.3.0";
+pub(crate) const PROTOCOL_VERSION: &str = "2.3.0";
 
 /// Capabilities announced in `amarre.hello`.
-pub const CAPABILITIES: &[&str] = &[
+pub(crate) const CAPABILITIES: &[&str] = &[
     "hello",
     "replay",
     "line_dropped",
@@ -53,7 +54,7 @@ pub const CAPABILITIES: &[&str] = &[
 ];
 
 /// Close code for a client that fell behind further than the journal reaches.
-pub const CLOSE_LAGGED: u16 = 1013;
+pub(crate) const CLOSE_LAGGED: u16 = 1013;
 
 /// Close codes used here (RFC 6455 §7.4.1).
 mod close_code {
@@ -100,49 +101,64 @@ fn into_io(upgraded: hyper::upgrade::Upgraded, send_buffer: usize) -> (Box<dyn I
     }
 }
 
-/// What a client asked for in the query string.
+/// What a client asked for in the query string (`?since=N`, `?hello=1`); unknown keys are
+/// ignored. Extracted only for an upgrade: REST routes ignore the query.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-struct Options {
+pub(crate) struct Options {
     since: Option<u64>,
     hello: bool,
 }
 
-fn parse_query(query: Option<&str>) -> Result<Options, &'static str> {
-    let mut opts = Options::default();
-    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
-        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-        match key {
-            "since" => {
-                opts.since = Some(
-                    value
-                        .parse()
-                        .map_err(|_| "since must be a sequence number\n")?,
-                );
-                opts.hello = true;
-            }
-            "hello" => opts.hello = !matches!(value, "0" | "false"),
-            _ => {}
+/// The query string as sent.
+#[derive(Debug, serde::Deserialize)]
+struct Query {
+    since: Option<u64>,
+    hello: Option<String>,
+}
+
+impl From<Query> for Options {
+    fn from(q: Query) -> Self {
+        Self {
+            since: q.since,
+            // `hello`, `hello=1`: yes; `hello=0`, `hello=false`: no. Replay implies it.
+            hello: q.since.is_some() || q.hello.is_some_and(|v| !matches!(&*v, "0" | "false")),
         }
     }
-    Ok(opts)
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Options {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, ApiError> {
+        let axum::extract::Query(query) = axum::extract::Query::<Query>::try_from_uri(&parts.uri)
+            .map_err(|e| ApiError::InvalidField {
+            field: "query".into(),
+            message: e.body_text(),
+        })?;
+        Ok(query.into())
+    }
 }
 
 /// A request to upgrade to a WebSocket (HTTP/1.1), taken apart so the server owns the raw
 /// socket: the stall rule needs to see the bytes it accepts, and a lingering close needs to
 /// half-close it.
 #[derive(Debug)]
-pub struct Upgrade {
+pub(crate) struct Upgrade {
     accept: HeaderValue,
     on_upgrade: hyper::upgrade::OnUpgrade,
 }
 
 /// The request is not a WebSocket upgrade.
 #[derive(Debug)]
-pub struct NotUpgrade;
+pub(crate) struct NotUpgrade;
 
 impl IntoResponse for NotUpgrade {
     fn into_response(self) -> Response {
-        text(StatusCode::BAD_REQUEST, "not a WebSocket upgrade\n")
+        ApiError::InvalidField {
+            field: "upgrade".into(),
+            message: "not a WebSocket upgrade".into(),
+        }
+        .into_response()
     }
 }
 
@@ -179,40 +195,25 @@ impl<S: Send + Sync> FromRequestParts<S> for Upgrade {
     }
 }
 
-/// Checks everything that can be refused with a plain HTTP answer, then upgrades.
-pub fn connect(
+/// Checks everything that can be refused with a plain HTTP answer (as an [`ApiError`], like
+/// every REST refusal), then upgrades.
+pub(crate) fn connect(
     app: AppState,
-    id: String,
-    query: Option<&str>,
+    id: &str,
+    opts: Options,
     upgrade: Upgrade,
     identity: Identity,
-) -> Response {
-    let opts = match parse_query(query) {
-        Ok(o) => o,
-        Err(msg) => return text(StatusCode::BAD_REQUEST, msg),
-    };
-    let Some(session) = app.sessions.get(&id) else {
-        return text(StatusCode::NOT_FOUND, "Session not found\n");
-    };
+) -> Result<Response, ApiError> {
+    let session = app.sessions.get(id).ok_or(SessionError::NotFound)?;
     let status = session.status();
     // A session that is not running can still be replayed by a client that asks for it.
     if status != Status::Running && opts.since.is_none() {
-        let body = format!("Session {}; restart it first\n", status.as_str());
-        return (
-            StatusCode::CONFLICT,
-            [("content-type", "text/plain;charset=utf-8")],
-            body,
-        )
-            .into_response();
+        return Err(ApiError::NotRunning(status));
     }
     let limit = app.limits.max_clients_per_session;
-    let Some(guard) = session.try_add_client(limit) else {
-        return (
-            StatusCode::TOO_MANY_REQUESTS,
-            axum::Json(json!({"error": "max_clients_reached", "limit": limit})),
-        )
-            .into_response();
-    };
+    let guard = session
+        .try_add_client(limit)
+        .ok_or(ApiError::MaxClients { limit })?;
     // Where live delivery starts: taken before the client can send anything, so the answer to
     // a line sent right after the handshake is never mistaken for older output.
     let newest = session.hub().last_seq();
@@ -252,7 +253,7 @@ pub fn connect(
         // Held until the client is closed, so shutdown waits for its close frame.
         drop(in_flight);
     });
-    (
+    Ok((
         StatusCode::SWITCHING_PROTOCOLS,
         [
             (header::CONNECTION, HeaderValue::from_static("upgrade")),
@@ -260,7 +261,7 @@ pub fn connect(
             (header::SEC_WEBSOCKET_ACCEPT, accept),
         ],
     )
-        .into_response()
+        .into_response())
 }
 
 /// What the client's socket has accepted: the stall rule measures progress, not speed.
@@ -752,22 +753,25 @@ mod tests {
 
     #[test]
     fn query_options() {
-        assert_eq!(parse_query(None), Ok(Options::default()));
-        assert_eq!(parse_query(Some("foo=1")), Ok(Options::default()));
-        assert_eq!(
-            parse_query(Some("since=5")),
-            Ok(Options {
-                since: Some(5),
-                hello: true
-            })
-        );
-        assert_eq!(
-            parse_query(Some("hello=1")),
-            Ok(Options {
-                since: None,
-                hello: true
-            })
-        );
-        assert!(parse_query(Some("since=x")).is_err());
+        let parse = |uri: &str| {
+            let uri: axum::http::Uri = uri.parse().expect("uri");
+            axum::extract::Query::<Query>::try_from_uri(&uri).map(|q| Options::from(q.0))
+        };
+        assert_eq!(parse("/s").ok(), Some(Options::default()));
+        assert_eq!(parse("/s?foo=1").ok(), Some(Options::default()));
+        let replay = Options {
+            since: Some(5),
+            hello: true,
+        };
+        assert_eq!(parse("/s?since=5").ok(), Some(replay));
+        let hello = Options {
+            since: None,
+            hello: true,
+        };
+        assert_eq!(parse("/s?hello=1").ok(), Some(hello));
+        assert_eq!(parse("/s?hello").ok(), Some(hello));
+        assert_eq!(parse("/s?hello=false").ok(), Some(Options::default()));
+        assert!(parse("/s?since=x").is_err());
+        assert!(parse("/s?since=").is_err());
     }
 }

@@ -307,7 +307,8 @@ async fn client_errors_are_clear() {
         .env("MOORLINE_URL", &served.url);
     let (code, _, err) = output(cmd).await;
     assert_eq!(code, 1);
-    assert!(err.contains("Session not found"), "{err}");
+    // The same answer as over REST.
+    assert!(err.contains("404") && err.contains("not_found"), "{err}");
     let _ = served.child.start_kill();
 }
 

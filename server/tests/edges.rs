@@ -203,6 +203,18 @@ fn ids(list: &Value) -> Vec<String> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_limit_above_axums_default_is_honoured() {
+    let server = TestServer::start_with(|c| c.limits.max_request_bytes = 3 << 20).await;
+    // Above axum's own 2 MiB default, below the configured limit: accepted. (A body above the
+    // limit is refused with the API's error: `names_and_requests_are_bounded`.)
+    let body = json!({"instanceId": "fixture", "pad": "x".repeat(5 << 19)}).to_string();
+    let (status, summary) = server.post("/sessions", &body).await;
+    assert_eq!(status, 201, "{summary}");
+    assert_eq!(summary["instanceId"], "fixture");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn names_and_requests_are_bounded() {
     let server = TestServer::start_with(|c| {
         c.limits.max_name_bytes = 16;

@@ -324,6 +324,12 @@ async fn amarre_route_quirks() {
         server.get(&format!("/sessions/{id}/restart")).await,
         (404, "Not found\n".into())
     );
+    // An id that is not UTF-8 once decoded gets the API's error format, not axum's text.
+    let (status, body) = server.get_json("/sessions/%FF").await;
+    assert_eq!(
+        (status, &body["error"], &body["field"]),
+        (400, &json!("invalid_request"), &json!("id"))
+    );
     assert_eq!(server.get("/healthz").await, (200, "ok\n".into()));
     assert_eq!(
         server.post("/push/tokens", "{}").await,

@@ -143,10 +143,17 @@ async fn oversized_frames_close_with_1009() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_refusals_before_the_upgrade() {
     let server = TestServer::start_with(|c| c.limits.max_clients_per_session = 2).await;
-    let refused = Ws::try_connect(&server.ws_url("/sessions/does-not-exist"), &[])
+    // The same error as over REST: one status, one body.
+    let (status, body) = Ws::try_connect(&server.ws_url("/sessions/does-not-exist"), &[])
         .await
-        .err();
-    assert_eq!(refused, Some((404, "Session not found\n".into())));
+        .err()
+        .expect("unknown session refused");
+    let rest = server.get_json("/sessions/does-not-exist").await;
+    assert_eq!(rest, (404, json!({"error": "not_found"})));
+    assert_eq!(
+        (status, serde_json::from_str::<Value>(&body).expect("json")),
+        rest
+    );
     let id = server.session("fixture").await;
     let _a = server.ws(&id).await;
     let _b = server.ws(&id).await;
@@ -159,10 +166,56 @@ async fn connection_refusals_before_the_upgrade() {
         serde_json::from_str::<Value>(&body).expect("json"),
         json!({"error": "max_clients_reached", "limit": 2})
     );
-    let refused = Ws::try_connect(&server.ws_url(&format!("/sessions/{id}?since=abc")), &[])
+    let (status, body) = Ws::try_connect(&server.ws_url(&format!("/sessions/{id}?since=abc")), &[])
         .await
-        .err();
-    assert_eq!(refused.map(|r| r.0), Some(400));
+        .err()
+        .expect("malformed since refused");
+    let body: Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(
+        (status, &body["error"], &body["field"]),
+        (400, &json!("invalid_request"), &json!("query"))
+    );
+    assert!(
+        body["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("since")),
+        "{body}"
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_has_the_same_status_and_body_over_rest_and_the_upgrade() {
+    let server = TestServer::start().await;
+    let id = server.session("fixture").await;
+    let path = format!("/sessions/{id}");
+    let evil = ("origin", "https://evil.example");
+    let resp = server
+        .http
+        .get(server.url(&path))
+        .header(evil.0, evil.1)
+        .send()
+        .await
+        .expect("get");
+    let rest = (
+        resp.status().as_u16(),
+        resp.json::<Value>().await.expect("json body"),
+    );
+    assert_eq!(
+        rest,
+        (
+            403,
+            json!({"error": "forbidden_origin", "origin": "https://evil.example"})
+        )
+    );
+    let (status, body) = Ws::try_connect(&server.ws_url(&path), &[evil])
+        .await
+        .err()
+        .expect("refused");
+    assert_eq!(
+        (status, serde_json::from_str::<Value>(&body).expect("json")),
+        rest
+    );
     server.stop().await;
 }
 
@@ -184,12 +237,20 @@ async fn a_crash_is_an_event_then_1011_and_other_sessions_live_on() {
         (summary["status"].as_str(), summary["exitCode"].as_i64()),
         (Some("crashed"), Some(7))
     );
-    let refused = Ws::try_connect(&server.ws_url(&format!("/sessions/{a}")), &[])
+    let (status, body) = Ws::try_connect(&server.ws_url(&format!("/sessions/{a}")), &[])
         .await
-        .err();
+        .err()
+        .expect("crashed session refused");
     assert_eq!(
-        refused,
-        Some((409, "Session crashed; restart it first\n".into()))
+        (status, serde_json::from_str::<Value>(&body).expect("json")),
+        (
+            409,
+            json!({
+                "error": "not_running",
+                "status": "crashed",
+                "message": "Session crashed; restart it first"
+            })
+        )
     );
     // B never saw A's traffic: its next frame is its own answer.
     wb.send(r#"{"id":"b"}"#).await;

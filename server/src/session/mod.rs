@@ -12,7 +12,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use serde::{Deserialize, Serialize};
 use tokio::sync::{OwnedSemaphorePermit, mpsc, watch};
 
 use crate::agentio::Input;
@@ -28,42 +27,9 @@ pub mod store;
 #[cfg(test)]
 mod tests;
 
+pub use crate::wire::{Activity, SessionSummary, Status};
 pub use manager::{CreateRequest, Instance, SessionError, SessionManager};
 pub use notify::spawn_activity_sweeper;
-
-/// A session's status, as clients see it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Status {
-    /// The agent is running.
-    Running,
-    /// The agent exited with code 0.
-    Exited,
-    /// The agent exited with another code, was killed, or was lost.
-    Crashed,
-    /// The session is being deleted.
-    Stopped,
-}
-
-impl Status {
-    /// Every status, for reports that list each one.
-    pub const ALL: [Status; 4] = [
-        Status::Running,
-        Status::Exited,
-        Status::Crashed,
-        Status::Stopped,
-    ];
-
-    /// The lowercase name used on the wire.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Status::Running => "running",
-            Status::Exited => "exited",
-            Status::Crashed => "crashed",
-            Status::Stopped => "stopped",
-        }
-    }
-}
 
 /// What clients of a session should know has happened. Sent on a `watch` channel: a client
 /// only needs the latest state.
@@ -85,89 +51,6 @@ pub enum Lifecycle {
     },
     /// The session was deleted.
     Deleted,
-}
-
-/// The summary clients get from the REST API. Field order and omissions follow amarre's
-/// SessionSummary exactly; moorline's additions come last.
-#[derive(Debug, Clone, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct SessionSummary {
-    /// 12 hex characters.
-    pub id: String,
-    /// Display name, if one was given.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub name: Option<String>,
-    /// Instance the session runs.
-    pub instance_id: String,
-    /// Current status.
-    pub status: Status,
-    /// The agent's name (`unknown` if its instance is no longer configured).
-    pub agent: String,
-    /// Last start, ms since the epoch.
-    pub spawned_at: u64,
-    /// Connected WebSocket clients.
-    pub clients: usize,
-    /// Exit code of the last run, if it exited normally.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub exit_code: Option<i32>,
-    /// Signal that ended the last run, if any (`SIGKILL`).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub signal: Option<String>,
-    /// Why the last run ended, beyond its code or signal: `out_of_memory`, `keeper_lost`
-    /// (moorline).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub reason: Option<&'static str>,
-    /// Sequence number of the newest output line (moorline).
-    pub last_seq: u64,
-    /// Runtime the agent runs in (moorline).
-    pub runtime: &'static str,
-    /// Why the last run failed to start, with the end of its stderr (moorline).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-    /// Approval requests waiting for an answer, as clients saw them (moorline).
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub pending_approvals: Vec<serde_json::Value>,
-    /// Who created the session: a tailnet login, `token` or `local` (moorline; absent for
-    /// sessions created before moorline recorded it).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub created_by: Option<String>,
-    /// The agent's output is held because the journal cannot be written (a full disk); the
-    /// agent is paused on its output until it can (moorline).
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    pub output_held: bool,
-    /// Output lines lost because the journal stayed unwritable after the agent exited
-    /// (moorline).
-    #[serde(skip_serializing_if = "is_zero")]
-    pub lines_lost: u64,
-    /// The current run reported that the instance's credentials are missing or wrong
-    /// (moorline; only present when true).
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    pub auth_failed: bool,
-    /// The agent's working directory (moorline).
-    pub cwd: PathBuf,
-    /// When the session was created, ms since the epoch (moorline).
-    pub created_at: u64,
-    /// What a running agent is doing, as far as the server can tell (moorline; absent when
-    /// the agent does not run).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub activity: Option<Activity>,
-}
-
-fn is_zero(n: &u64) -> bool {
-    *n == 0
-}
-
-/// What a running agent is doing, from what the server sees of it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Activity {
-    /// An approval request waits for an answer.
-    Waiting,
-    /// A turn is in progress (pi RPC `agent_start` without its `agent_end` yet), or the agent
-    /// wrote output within `limits.activity_window_ms`.
-    Working,
-    /// Neither.
-    Idle,
 }
 
 /// What the output pumps record for [`Activity`]: cheap to update on every batch.
@@ -422,9 +305,13 @@ impl Session {
             clients: self.clients.load(Ordering::SeqCst),
             exit_code: state.exit.and_then(|e| e.code),
             signal: state.exit.and_then(|e| e.signal_name()),
-            reason: state.exit.and_then(|e| e.reason).map(|r| r.as_str()),
+            reason: state.exit.and_then(|e| e.reason).map(|r| r.as_str().into()),
             last_seq: self.hub.last_seq(),
-            runtime: self.instance.as_ref().map_or("none", |i| i.runtime.name()),
+            runtime: self
+                .instance
+                .as_ref()
+                .map_or("none", |i| i.runtime.name())
+                .into(),
             error: state.error.clone(),
             pending_approvals: Vec::new(),
             created_by: self.created_by.clone(),

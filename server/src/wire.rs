@@ -1,0 +1,501 @@
+//! The REST wire: every request and response body of the control plane, as typed serde
+//! structs shared by the server (`api`), the `moorline` client ([`crate::client`]) and the load
+//! generator, so a body is written down once.
+//!
+//! Field order and omissions are part of amarre compatibility (see docs/PROTOCOL.md): keys are
+//! emitted in declaration order and optional moorline additions are left out when empty. This
+//! module is a leaf: it knows nothing of sessions, HTTP or configuration.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+pub use moorline_adapters::pipeline::Decision;
+
+/// A session's status, as clients see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// The agent is running.
+    Running,
+    /// The agent exited with code 0.
+    Exited,
+    /// The agent exited with another code, was killed, or was lost.
+    Crashed,
+    /// The session is being deleted.
+    Stopped,
+}
+
+impl Status {
+    /// Every status, for reports that list each one.
+    pub const ALL: [Status; 4] = [
+        Status::Running,
+        Status::Exited,
+        Status::Crashed,
+        Status::Stopped,
+    ];
+
+    /// The lowercase name used on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Running => "running",
+            Status::Exited => "exited",
+            Status::Crashed => "crashed",
+            Status::Stopped => "stopped",
+        }
+    }
+}
+
+/// What a running agent is doing, from what the server sees of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Activity {
+    /// An approval request waits for an answer.
+    Waiting,
+    /// A turn is in progress (pi RPC `agent_start` without its `agent_end` yet), or the agent
+    /// wrote output within `limits.activity_window_ms`.
+    Working,
+    /// Neither.
+    Idle,
+}
+
+/// The summary clients get from the REST API (`GET /sessions`, `GET /sessions/{id}`, the
+/// answers to `POST /sessions` and `POST /sessions/{id}/restart`). Field order and omissions
+/// follow amarre's SessionSummary exactly; moorline's additions come last.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SessionSummary {
+    /// 12 hex characters.
+    pub id: String,
+    /// Display name, if one was given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Instance the session runs.
+    pub instance_id: String,
+    /// Current status.
+    pub status: Status,
+    /// The agent's name (`unknown` if its instance is no longer configured).
+    pub agent: String,
+    /// Last start, ms since the epoch.
+    pub spawned_at: u64,
+    /// Connected WebSocket clients.
+    pub clients: usize,
+    /// Exit code of the last run, if it exited normally.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    /// Signal that ended the last run, if any (`SIGKILL`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<String>,
+    /// Why the last run ended, beyond its code or signal: `out_of_memory`, `keeper_lost`
+    /// (moorline).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<Cow<'static, str>>,
+    /// Sequence number of the newest output line (moorline).
+    #[serde(default)]
+    pub last_seq: u64,
+    /// Runtime the agent runs in (moorline).
+    #[serde(default)]
+    pub runtime: Cow<'static, str>,
+    /// Why the last run failed to start, with the end of its stderr (moorline).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Approval requests waiting for an answer, as clients saw them, each in its session's
+    /// dialect (moorline).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pending_approvals: Vec<serde_json::Value>,
+    /// Who created the session: a tailnet login, `token` or `local` (moorline; absent for
+    /// sessions created before moorline recorded it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_by: Option<String>,
+    /// The agent's output is held because the journal cannot be written (a full disk); the
+    /// agent is paused on its output until it can (moorline).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub output_held: bool,
+    /// Output lines lost because the journal stayed unwritable after the agent exited
+    /// (moorline).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub lines_lost: u64,
+    /// The current run reported that the instance's credentials are missing or wrong
+    /// (moorline; only present when true).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub auth_failed: bool,
+    /// The agent's working directory (moorline).
+    #[serde(default)]
+    pub cwd: PathBuf,
+    /// When the session was created, ms since the epoch (moorline).
+    #[serde(default)]
+    pub created_at: u64,
+    /// What a running agent is doing, as far as the server can tell (moorline; absent when
+    /// the agent does not run).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub activity: Option<Activity>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// The body of `POST /sessions`. Every field is optional; an empty body means all defaults.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CreateSession {
+    /// Instance to run; default: the instance named `default`, else the first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance_id: Option<String>,
+    /// Display name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Working directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<String>,
+    /// Environment on top of the instance's.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+}
+
+/// Why a `POST /sessions` body was refused, before any session code sees it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BodyError {
+    /// Not JSON at all.
+    #[error("request body is not valid JSON: {0}")]
+    Json(String),
+    /// A field has the wrong type.
+    #[error("{field}: {message}")]
+    Field {
+        /// Which field (`env.KEY` for an environment value).
+        field: String,
+        /// What is wrong.
+        message: &'static str,
+    },
+}
+
+impl CreateSession {
+    /// Reads a `POST /sessions` body. Any content type is accepted (`curl -d '{}'` sends a form
+    /// type); a blank body means `{}`, `null` means an absent field and unknown keys are
+    /// ignored, as amarre does. A field of the wrong type is refused with its name.
+    pub fn from_body(body: &[u8]) -> Result<Self, BodyError> {
+        use serde_json::Value;
+        if body.iter().all(u8::is_ascii_whitespace) {
+            return Ok(Self::default());
+        }
+        let value: Value =
+            serde_json::from_slice(body).map_err(|e| BodyError::Json(e.to_string()))?;
+        let Value::Object(mut obj) = value else {
+            return Err(field_error("body", "must be a JSON object"));
+        };
+        let env: Option<serde_json::Map<String, Value>> =
+            take(&mut obj, "env", "must be an object of strings")?;
+        let string = "must be a string";
+        let instance_id = take(&mut obj, "instanceId", string)?;
+        let name = take(&mut obj, "name", string)?;
+        let cwd = take(&mut obj, "cwd", string)?;
+        let env = env
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(k, v)| match v {
+                Value::String(v) => Ok((k, v)),
+                _ => Err(field_error(
+                    &format!("env.{k}"),
+                    "environment values must be strings",
+                )),
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Self {
+            instance_id,
+            name,
+            cwd,
+            env,
+        })
+    }
+}
+
+/// Field `key` of `obj` as a `T`; absent and `null` are `None`.
+fn take<T: serde::de::DeserializeOwned>(
+    obj: &mut serde_json::Map<String, serde_json::Value>,
+    key: &'static str,
+    message: &'static str,
+) -> Result<Option<T>, BodyError> {
+    match obj.remove(key) {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(v) => serde_json::from_value(v)
+            .map(Some)
+            .map_err(|_| field_error(key, message)),
+    }
+}
+
+fn field_error(field: &str, message: &'static str) -> BodyError {
+    BodyError::Field {
+        field: field.to_owned(),
+        message,
+    }
+}
+
+/// One entry of `GET /instances`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct InstanceSummary {
+    /// The instance's id, as `POST /sessions` names it.
+    pub id: String,
+    /// The agent it runs.
+    pub agent: String,
+    /// The runtime its agents run in.
+    pub runtime: String,
+    /// The dialect clients speak to it: `pi-rpc` or `native`.
+    pub dialect: String,
+    /// Directories a session's `cwd` may be under (empty: anywhere).
+    pub workspace_roots: Vec<PathBuf>,
+    /// Whether a session can start now.
+    pub available: bool,
+    /// Why not, when it cannot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// `GET /me`: who the server takes the caller for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Me {
+    /// A tailnet login, or `token`, `local` or `anonymous`.
+    pub user: String,
+    /// The display name, with a tailnet login (`null` otherwise).
+    pub name: Option<String>,
+    /// The listener: `tcp` or `unix`.
+    pub via: String,
+    /// What the identity rests on: `tailnet`, `token`, `local` or `anonymous`.
+    pub source: String,
+}
+
+/// The `amarre.approval_resolved` frame: how an approval request was settled, and by whom
+/// (another client may have answered first).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApprovalResolved {
+    /// The request's id, as `pendingApprovals` names it.
+    pub id: String,
+    /// Allowed or denied.
+    pub decision: Decision,
+    /// `client` (a person), `policy` or `timeout`.
+    pub by: String,
+    /// Who answered, when a client did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+}
+
+impl ApprovalResolved {
+    /// The frame's `type`.
+    pub const TYPE: &'static str = "amarre.approval_resolved";
+
+    /// Who settled it: the user when a client did, else `by`.
+    pub fn settled_by(&self) -> &str {
+        match (&*self.by, &self.user) {
+            ("client", Some(user)) => user,
+            (by, _) => by,
+        }
+    }
+}
+
+/// Every error body of the REST API and the WebSocket upgrade: `{"error": "<code>", ...}`,
+/// the code first, then what a client needs to act on it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "error", rename_all = "snake_case")]
+pub enum ErrorBody {
+    /// No session with that id.
+    NotFound,
+    /// No instance with that id.
+    UnknownInstance {
+        /// What was asked for.
+        #[serde(rename = "instanceId")]
+        instance_id: String,
+        /// The instances the client may use.
+        instances: Vec<String>,
+        /// A sentence for people.
+        message: String,
+    },
+    /// The instance's credentials file cannot be read.
+    CredentialsUnavailable {
+        /// The instance.
+        #[serde(rename = "instanceId")]
+        instance_id: String,
+        /// The file.
+        path: PathBuf,
+        /// A sentence for people.
+        message: String,
+    },
+    /// `limits.max_sessions` agents already run.
+    MaxSessionsReached {
+        /// The limit.
+        limit: usize,
+    },
+    /// `limits.max_clients_per_session` clients are already connected.
+    MaxClientsReached {
+        /// The limit.
+        limit: usize,
+    },
+    /// A restart of a running session.
+    AlreadyRunning,
+    /// A WebSocket to a session whose agent does not run, without `?since=`.
+    NotRunning {
+        /// The session's status.
+        status: Status,
+        /// A sentence for people.
+        message: String,
+    },
+    /// The session's instance is no longer configured.
+    InstanceGone {
+        /// The instance.
+        #[serde(rename = "instanceId")]
+        instance_id: String,
+    },
+    /// An environment variable a client may not set.
+    EnvNotAllowed {
+        /// The variable.
+        key: String,
+        /// Why not.
+        message: String,
+    },
+    /// A working directory that is refused.
+    InvalidCwd {
+        /// The directory asked for.
+        cwd: PathBuf,
+        /// Why not.
+        message: String,
+    },
+    /// The agent could not be started.
+    SpawnFailed {
+        /// Why.
+        message: String,
+    },
+    /// Anything else that is the server's fault.
+    Internal {
+        /// What.
+        message: String,
+    },
+    /// The body is not JSON.
+    InvalidJson {
+        /// The parser's complaint.
+        message: String,
+    },
+    /// A field of the body or the query has the wrong type or value.
+    InvalidRequest {
+        /// Which field.
+        field: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// The `Host` header names a host this server does not answer to.
+    ForbiddenHost {
+        /// The host.
+        host: String,
+    },
+    /// The `Origin` header names an origin that is not allowed.
+    ForbiddenOrigin {
+        /// The origin.
+        origin: String,
+    },
+    /// `allowed_users` does not list the caller.
+    ForbiddenUser {
+        /// The identity refused.
+        user: String,
+        /// A sentence for people.
+        message: String,
+        /// The instance whose `allowed_users` refused it; absent: the server's.
+        #[serde(
+            rename = "instanceId",
+            default,
+            skip_serializing_if = "Option::is_none"
+        )]
+        instance_id: Option<String>,
+    },
+    /// A token is required and was missing or wrong.
+    Unauthorized,
+    /// Push notifications are not offered.
+    PushDisabled,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn create_bodies() {
+        assert_eq!(CreateSession::from_body(b""), Ok(CreateSession::default()));
+        assert_eq!(
+            CreateSession::from_body(b"  \n"),
+            Ok(CreateSession::default())
+        );
+        let r = CreateSession::from_body(
+            br#"{"instanceId":"a","name":null,"cwd":"/tmp","env":{"K":"0123"},"extra":1}"#,
+        )
+        .expect("full");
+        assert_eq!(r.instance_id.as_deref(), Some("a"));
+        assert_eq!(r.name, None);
+        assert_eq!(r.env["K"], "0123");
+        assert!(matches!(
+            CreateSession::from_body(b"{"),
+            Err(BodyError::Json(_))
+        ));
+        let field = |body: &[u8]| match CreateSession::from_body(body) {
+            Err(BodyError::Field { field, message }) => (field, message),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(field(b"[]"), ("body".into(), "must be a JSON object"));
+        assert_eq!(field(br#"{"name":5}"#), ("name".into(), "must be a string"));
+        assert_eq!(
+            field(br#"{"env":"A=1"}"#),
+            ("env".into(), "must be an object of strings")
+        );
+        assert_eq!(
+            field(br#"{"env":{"A":1}}"#),
+            ("env.A".into(), "environment values must be strings")
+        );
+    }
+
+    #[test]
+    fn a_create_body_round_trips_and_leaves_out_what_is_unset() {
+        let body = CreateSession {
+            name: Some("n".into()),
+            ..CreateSession::default()
+        };
+        let json = serde_json::to_string(&body).expect("json");
+        assert_eq!(json, r#"{"name":"n"}"#);
+        assert_eq!(CreateSession::from_body(json.as_bytes()), Ok(body));
+    }
+
+    #[test]
+    fn error_bodies_put_the_code_first() {
+        let text = |b: &ErrorBody| serde_json::to_string(b).expect("json");
+        assert_eq!(text(&ErrorBody::NotFound), r#"{"error":"not_found"}"#);
+        assert_eq!(
+            text(&ErrorBody::MaxClientsReached { limit: 2 }),
+            r#"{"error":"max_clients_reached","limit":2}"#
+        );
+        assert_eq!(
+            text(&ErrorBody::UnknownInstance {
+                instance_id: "ghost".into(),
+                instances: vec!["a".into()],
+                message: "m".into()
+            }),
+            r#"{"error":"unknown_instance","instanceId":"ghost","instances":["a"],"message":"m"}"#
+        );
+        let back: ErrorBody =
+            serde_json::from_str(r#"{"error":"forbidden_user","user":"u","message":"m"}"#)
+                .expect("parse");
+        assert_eq!(
+            back,
+            ErrorBody::ForbiddenUser {
+                user: "u".into(),
+                message: "m".into(),
+                instance_id: None
+            }
+        );
+    }
+
+    #[test]
+    fn approval_answers_carry_a_decision() {
+        let r: ApprovalResolved = serde_json::from_str(
+            r#"{"type":"amarre.approval_resolved","id":"r1","decision":"allow","by":"client","user":"alice"}"#,
+        )
+        .expect("parse");
+        assert_eq!((r.decision, r.settled_by()), (Decision::Allow, "alice"));
+    }
+}
