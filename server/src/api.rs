@@ -42,11 +42,20 @@ pub(crate) struct AppState {
 /// The whole HTTP surface, for the listener `via`.
 pub(crate) fn router(state: AppState, policy: Arc<AccessPolicy>, via: Via) -> Router {
     Router::new()
-        .route("/", any(upgrade_required))
+        .route("/", any(crate::web::root))
+        .route(
+            "/app/{*path}",
+            get(crate::web::app_file).fallback(not_found),
+        )
+        .route(
+            "/sw.js",
+            get(crate::web::service_worker).fallback(not_found),
+        )
         .route("/healthz", get(healthz).fallback(not_found))
         .route("/me", get(me).fallback(not_found))
         .route("/metrics", get(metrics).fallback(not_found))
         .route("/instances", get(list_instances).fallback(not_found))
+        .route("/events", get(crate::stream::events).fallback(not_found))
         .route(
             "/sessions",
             get(list_sessions)
@@ -56,6 +65,10 @@ pub(crate) fn router(state: AppState, policy: Arc<AccessPolicy>, via: Via) -> Ro
                 .layer(DefaultBodyLimit::max(state.limits.max_request_bytes)),
         )
         .route("/sessions/{id}", any(session_route))
+        .route(
+            "/sessions/{id}/stderr",
+            get(crate::web::session_stderr).fallback(not_found),
+        )
         .route(
             "/sessions/{id}/restart",
             post(restart_session).fallback(not_found),
@@ -73,11 +86,6 @@ pub(crate) fn router(state: AppState, policy: Arc<AccessPolicy>, via: Via) -> Ro
 /// An unknown route (or method): amarre's text `Not found`.
 async fn not_found() -> ApiError {
     ApiError::NoRoute
-}
-
-/// `/`: amarre's single-session URL, pointing to `/sessions/<id>`.
-async fn upgrade_required() -> ApiError {
-    ApiError::UpgradeRequired
 }
 
 async fn healthz() -> Response {

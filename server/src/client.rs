@@ -233,6 +233,34 @@ impl Client {
             .await
     }
 
+    /// Opens `GET /events` (server-sent events), resuming after `last_id` if given; the
+    /// response streams until the server ends it. See [`crate::watch`].
+    pub async fn events(&self, last_id: Option<&str>) -> Result<reqwest::Response, ClientError> {
+        let mut req = self
+            .http
+            .get(format!("{}/events", self.base))
+            .header(reqwest::header::ACCEPT, "text/event-stream");
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t.expose());
+        }
+        if let Some(id) = last_id {
+            req = req.header("last-event-id", id);
+        }
+        let resp = req.send().await.map_err(|e| ClientError::Unreachable {
+            url: self.shown.clone(),
+            reason: error_chain(&e),
+        })?;
+        let status = resp.status();
+        if !status.is_success() {
+            let body = resp.text().await.unwrap_or_default();
+            return Err(ClientError::Http {
+                status: status.as_u16(),
+                body: body.trim_end().to_owned(),
+            });
+        }
+        Ok(resp)
+    }
+
     /// `GET /instances`.
     pub async fn instances(&self) -> Result<Vec<InstanceSummary>, ClientError> {
         self.get_json("/instances").await

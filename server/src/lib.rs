@@ -9,7 +9,10 @@
 //! Public because the binary, the examples or the tests use them:
 //! - [`config`]: layered configuration; the only module that reads the environment.
 //! - [`wire`]: the typed REST bodies, shared by the server, the client and the load generator.
-//! - [`client`]: the `moorline sessions`, `instances`, `approve`/`deny` and `attach` commands.
+//! - [`client`]: the `moorline sessions`, `instances`, `approve`/`deny` and `attach` commands;
+//!   [`watch`]: `moorline watch`.
+//! - [`events`]: the server-wide bus of session events (created, status, activity, approvals,
+//!   deleted), for the edge's `/events` and for anything else that follows sessions.
 //! - [`runtime`]: where agents run, behind the [`runtime::Runtime`] trait (and the network
 //!   helpers the binary starts).
 //! - [`keeper`]: the session keeper and the leaf modules it shares with the server: the agent's
@@ -24,6 +27,8 @@
 //! Private, the HTTP edge, which reaches agents only through sessions:
 //! - `api`: the REST route table and its handlers.
 //! - `ws`: the per-session WebSocket.
+//! - `stream`: `GET /events`, the event bus as server-sent events.
+//! - `web`: the web app, embedded at build time, served at `/` to browsers.
 //! - `error`: the one error type of the edge and its one mapping to amarre's statuses and
 //!   bodies, for REST and the WebSocket upgrade alike.
 //! - `security`: Host/Origin checks, the bearer token, and who a request comes from.
@@ -36,16 +41,20 @@ pub mod audit;
 pub mod client;
 pub mod config;
 pub mod credentials;
+pub mod events;
 pub mod fanout;
 pub mod keeper;
 pub mod runtime;
 pub mod session;
+pub mod watch;
 pub mod wire;
 
 mod api;
 mod error;
 mod metrics;
 mod security;
+mod stream;
+mod web;
 mod ws;
 
 use std::future::Future;
@@ -217,6 +226,12 @@ pub async fn run(
         &|inst| runtimes.for_instance(inst),
     )
     .await?;
+    session::spawn_activity_sweeper(
+        &sessions,
+        config.limits.activity_window(),
+        &tracker,
+        cancel.clone(),
+    );
     let state = api::AppState {
         sessions: sessions.clone(),
         limits: Arc::new(config.limits.clone()),

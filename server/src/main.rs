@@ -105,6 +105,15 @@ enum Command {
         #[arg(long)]
         raw: bool,
     },
+    /// Follow session events (created, status, activity, approvals, deleted), one line each;
+    /// reconnects and resumes by itself.
+    Watch {
+        #[command(flatten)]
+        conn: Connection,
+        /// Print each event's JSON as the server sent it.
+        #[arg(long)]
+        json: bool,
+    },
     /// moorline's built-in echo agent (used by the `echo` instance).
     #[command(name = "echo-agent", hide = true)]
     EchoAgent,
@@ -271,6 +280,12 @@ fn main() -> ExitCode {
                     print!("{}", format_instances(&list));
                 }
                 Ok(())
+            })
+        }),
+        Some(Command::Watch { conn, json }) => client_command(|rt| {
+            rt.block_on(async {
+                let client = Client::new(&conn.url, conn.token_file.as_deref())?;
+                moorline::watch::watch(&client, json, &mut tokio::io::stdout()).await
             })
         }),
         Some(Command::Approve { conn, id, request }) => {

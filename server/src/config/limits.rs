@@ -60,6 +60,9 @@ pub struct Limits {
     /// A running agent that wrote output this recently counts as `working` in session
     /// summaries (`activity`), even outside a turn the server can see.
     pub activity_window_ms: u64,
+    /// Events kept for `GET /events` clients that reconnect (`Last-Event-ID`); also how far a
+    /// connected one may fall behind before it is sent a fresh snapshot.
+    pub event_backlog: usize,
 }
 
 impl Limits {
@@ -118,6 +121,7 @@ impl Default for Limits {
             output_hold_after_exit_ms: 10_000,
             client_send_buffer_bytes: 128 * 1024,
             activity_window_ms: 5_000,
+            event_backlog: 1024,
         }
     }
 }

@@ -599,6 +599,7 @@ impl OutputSink for KeeperSink {
 
     fn pending_changed(&mut self, pending: &[serde_json::Value]) {
         write_pending(&self.pending_file, pending);
+        self.outbox.tell(&[protocol::PENDING]);
     }
 
     fn auth_failed(&mut self) {

@@ -12,7 +12,8 @@
 //!   behind): the server reads them from the journal;
 //! - [`HELD`], [`FLOWING`], [`LOST`] (+ 8 bytes, the count): the journal refused a write, takes
 //!   writes again, or held output was given up;
-//! - [`RESOLUTION`] + JSON + `\n`: a settled approval, for the audit log.
+//! - [`RESOLUTION`] + JSON + `\n`: a settled approval, for the audit log;
+//! - [`PENDING`]: the pending approvals file was rewritten (the server announces new requests).
 
 use std::collections::BTreeMap;
 use std::io;
@@ -42,6 +43,8 @@ pub const LOST: u8 = 4;
 pub const RESOLUTION: u8 = 5;
 /// Keeper-to-server byte that starts a batch of journaled lines ([`encode_lines`]).
 pub const LINES: u8 = 6;
+/// Keeper-to-server byte: the session's pending approvals file was rewritten.
+pub const PENDING: u8 = 7;
 
 /// The marker line (with its newline) announcing that `user` sends the lines that follow.
 pub fn user_marker(user: &str) -> Vec<u8> {
@@ -198,6 +201,8 @@ pub enum Message {
     Lost(u64),
     /// An approval request was settled.
     Resolved(Resolution),
+    /// The pending approvals file was rewritten.
+    Pending,
 }
 
 /// Why the keeper's stream cannot be read any further.
@@ -240,11 +245,12 @@ impl Decoder {
             };
             match tag {
                 LINES => return self.lines(),
-                HELD | FLOWING | DOORBELL => {
+                HELD | FLOWING | DOORBELL | PENDING => {
                     self.buf.advance(1);
                     return Ok(Some(match tag {
                         HELD => Message::Held,
                         FLOWING => Message::Flowing,
+                        PENDING => Message::Pending,
                         _ => Message::Grew,
                     }));
                 }

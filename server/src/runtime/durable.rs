@@ -524,6 +524,7 @@ impl Follower<'_, '_> {
             Message::Flowing => self.output.held(false),
             Message::Lost(lines) => self.output.lost(lines),
             Message::Resolved(r) => self.output.resolved(&r),
+            Message::Pending => self.output.pending_changed(),
         }
     }
 
@@ -749,6 +750,7 @@ mod tests {
         fn lost(&mut self, _lines: u64) {}
         fn line_dropped(&mut self, _reason: DropReason) {}
         fn resolved(&mut self, _resolution: &Resolution) {}
+        fn pending_changed(&mut self) {}
     }
 
     fn batch(lines: &[&str]) -> Vec<u8> {

@@ -443,6 +443,8 @@ pub trait Delivery: Send {
     fn line_dropped(&mut self, reason: DropReason);
     /// An approval request was settled (for the audit log).
     fn resolved(&mut self, resolution: &Resolution);
+    /// The session's pending approvals file was rewritten (new requests are announced).
+    fn pending_changed(&mut self);
 }
 
 /// Stops an agent: SIGTERM to its group, then after `grace` SIGKILL, returning once `ended`

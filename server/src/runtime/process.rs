@@ -305,6 +305,7 @@ impl OutputSink for ProcessSink<'_> {
 
     fn pending_changed(&mut self, pending: &[serde_json::Value]) {
         write_pending(&self.dir.pending(), pending);
+        self.output.pending_changed();
     }
 
     fn auth_failed(&mut self) {

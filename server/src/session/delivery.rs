@@ -118,6 +118,7 @@ impl Delivery for SessionDelivery {
             .inc_by(lines.iter().map(|l| l.len() as u64 + 1).sum());
         self.session.activity.saw(lines.iter().map(|l| l.as_ref()));
         self.session.hub.publish(lines, changes);
+        self.session.note_output();
     }
 
     fn held(&mut self, held: bool) {
@@ -137,5 +138,10 @@ impl Delivery for SessionDelivery {
 
     fn resolved(&mut self, resolution: &Resolution) {
         crate::audit::approval(&self.session.id, &self.session.instance_id, resolution);
+        self.session.publish_resolved(resolution);
+    }
+
+    fn pending_changed(&mut self) {
+        self.session.pending_file_changed();
     }
 }

@@ -27,6 +27,7 @@ mod delivery;
 pub mod env;
 mod error;
 mod launch;
+mod notify;
 mod recovery;
 mod registry;
 pub mod store;
@@ -36,6 +37,7 @@ mod tests;
 pub use crate::wire::{Activity, SessionSummary, Status};
 pub use error::SessionError;
 pub use launch::{CreateRequest, Instance};
+pub use notify::spawn_activity_sweeper;
 pub use registry::SessionManager;
 
 /// What clients of a session should know has happened. Sent on a `watch` channel: a client
@@ -67,6 +69,11 @@ pub(crate) struct OutputActivity {
     last_output_ms: std::sync::atomic::AtomicU64,
     /// Whether a pi RPC turn is open (`agent_start` seen, its `agent_end` not yet).
     turn_open: std::sync::atomic::AtomicBool,
+    /// The activity last published on the event bus ([`notify`]).
+    published: std::sync::atomic::AtomicU8,
+    /// How many approval requests wait, and which (to announce only new ones).
+    pending: AtomicUsize,
+    known: Mutex<Vec<serde_json::Value>>,
 }
 
 impl OutputActivity {
@@ -86,6 +93,8 @@ impl OutputActivity {
     /// A new run starts with no turn open.
     pub(crate) fn reset(&self) {
         self.turn_open.store(false, Ordering::Relaxed);
+        self.pending.store(0, Ordering::Relaxed);
+        self.known.lock().unwrap_or_else(|p| p.into_inner()).clear();
     }
 }
 
@@ -151,6 +160,8 @@ pub struct Session {
     pub(crate) activity: OutputActivity,
     /// How recent output must be for the agent to count as working.
     activity_window: Duration,
+    /// Where the session announces its changes.
+    events: crate::events::EventBus,
 }
 
 impl Session {
@@ -220,6 +231,11 @@ impl Session {
     /// Approval requests of the running agent that wait for an answer.
     pub fn pending_approvals(&self) -> Vec<serde_json::Value> {
         crate::keeper::agentio::read_pending(&self.dir.pending())
+    }
+
+    /// The end of the agent's stderr (all runs), for a person finding out why it crashed.
+    pub fn stderr_tail(&self) -> String {
+        self.dir.stderr_tail(STDERR_TAIL_BYTES)
     }
 
     /// Why the last run failed to start, if it did.
@@ -434,6 +450,7 @@ impl Session {
                 exit,
                 last_seq: self.hub.last_seq(),
             });
+            self.publish_status();
         }
         self.finished.send_replace(generation);
     }
@@ -452,7 +469,7 @@ impl Drop for ClientGuard {
 }
 
 /// Milliseconds since the Unix epoch.
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)

@@ -39,6 +39,8 @@ pub struct SessionManager {
     _lock: Flock<std::fs::File>,
     /// Cancelled when the server shuts down.
     cancel: CancellationToken,
+    /// Where sessions announce their changes.
+    events: crate::events::EventBus,
 }
 
 impl SessionManager {
@@ -67,6 +69,7 @@ impl SessionManager {
             sessions_dir,
             _lock: lock,
             cancel,
+            events: crate::events::EventBus::new(config.limits.event_backlog),
         });
         manager.recover().await?;
         manager.prune_ended().await;
@@ -77,6 +80,16 @@ impl SessionManager {
     /// Instances in configuration order.
     pub fn instances(&self) -> impl Iterator<Item = &Arc<Instance>> {
         self.launcher.instances.values()
+    }
+
+    /// The server-wide event bus sessions publish their changes on.
+    pub fn events(&self) -> &crate::events::EventBus {
+        &self.events
+    }
+
+    /// Every session, oldest first.
+    pub(crate) fn all(&self) -> Vec<Arc<Session>> {
+        self.read().values().cloned().collect()
     }
 
     /// The session with `id`.
@@ -173,6 +186,7 @@ impl SessionManager {
             return Err(e);
         }
         self.insert(session.clone());
+        session.publish_created();
         let summary = session.summary();
         self.prune_ended().await;
         Ok(summary)
@@ -245,6 +259,7 @@ impl SessionManager {
         }
         let permit = self.take_slot()?;
         self.launcher.start(&session, permit).await?;
+        session.publish_status();
         Ok(session.summary())
     }
 
@@ -269,6 +284,7 @@ impl SessionManager {
         if let Err(e) = std::fs::remove_dir_all(session.dir.path()) {
             tracing::warn!(session = %id, error = %e, "cannot remove session directory");
         }
+        session.publish_deleted();
         tracing::info!(session = %id, "session deleted");
         Ok(())
     }
@@ -379,6 +395,7 @@ impl SessionManager {
             lines_lost: std::sync::atomic::AtomicU64::new(0),
             activity: super::OutputActivity::default(),
             activity_window: self.launcher.limits.activity_window(),
+            events: self.events.clone(),
         });
         Ok(session)
     }
