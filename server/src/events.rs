@@ -1,8 +1,8 @@
 //! The server-wide session event bus: what happened to which session, for live lists.
 //!
 //! The session layer publishes a typed [`Event`] whenever something a list of sessions shows
-//! changes (created, status, activity, an approval waiting or settled, deleted); `GET /events`
-//! and anything else in the server (notifications, say) subscribe. Every event carries the
+//! changes (created, status, activity, an approval waiting or settled, a turn ended, deleted);
+//! `GET /events` and the notifier ([`crate::notifier`]) subscribe. Every event carries the
 //! session's summary as it was when the event was published, so a subscriber keeps a correct
 //! list by replacing rows, never by patching them.
 //!
@@ -55,6 +55,11 @@ pub enum EventKind {
         /// The session as it is now.
         session: SessionSummary,
     },
+    /// The agent finished a turn (pi RPC `agent_end`, or its translation).
+    TurnEnded {
+        /// The session as it is now.
+        session: SessionSummary,
+    },
     /// The session was deleted (by a client, or pruned).
     SessionDeleted {},
 }
@@ -68,6 +73,7 @@ impl EventKind {
             EventKind::SessionActivity { .. } => "session_activity",
             EventKind::ApprovalPending { .. } => "approval_pending",
             EventKind::ApprovalResolved { .. } => "approval_resolved",
+            EventKind::TurnEnded { .. } => "turn_ended",
             EventKind::SessionDeleted {} => "session_deleted",
         }
     }
@@ -79,7 +85,8 @@ impl EventKind {
             | EventKind::SessionStatus { session }
             | EventKind::SessionActivity { session }
             | EventKind::ApprovalPending { session, .. }
-            | EventKind::ApprovalResolved { session, .. } => Some(session),
+            | EventKind::ApprovalResolved { session, .. }
+            | EventKind::TurnEnded { session } => Some(session),
             EventKind::SessionDeleted {} => None,
         }
     }

@@ -21,6 +21,7 @@
 //! - [`journal`]: the durable per-session output log.
 //! - [`fanout`]: delivery of output to clients, with replay.
 //! - [`metrics`]: Prometheus metrics.
+//! - [`notifier`]: notifications (amarre's Expo push, Web Push, a webhook) from session events.
 //! - [`client`]: the `moorline sessions`, `instances`, `approve`/`deny` and `attach` commands;
 //!   [`watch`]: `moorline watch`.
 //!
@@ -39,6 +40,7 @@ pub mod framing;
 pub mod fsio;
 pub mod journal;
 pub mod metrics;
+pub mod notifier;
 pub mod runtime;
 pub mod security;
 pub mod session;
@@ -192,12 +194,6 @@ pub async fn run(
         )));
     }
     let token = config.read_token()?;
-    if !config.ignored_push_env.is_empty() {
-        tracing::warn!(
-            variables = %config.ignored_push_env.join(", "),
-            "push notifications are not available in this version; these variables are ignored"
-        );
-    }
     let addr = tcp.as_ref().map(TcpListener::local_addr).transpose()?;
     let names = {
         let config = config.clone();
@@ -226,7 +222,15 @@ pub async fn run(
         &tracker,
         cancel.clone(),
     );
+    let notifier = notifier::Notifier::start(
+        &config,
+        sessions.clone(),
+        metrics.clone(),
+        &tracker,
+        cancel.clone(),
+    );
     let state = api::AppState {
+        notifier,
         sessions: sessions.clone(),
         limits: Arc::new(config.limits.clone()),
         metrics,

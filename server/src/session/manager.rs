@@ -16,7 +16,7 @@ use tokio_util::task::TaskTracker;
 
 use super::pump::{OutputPump, stderr_reader, stdin_writer};
 use super::store::{self, JOURNAL_DIR, Meta};
-use super::{Lifecycle, Session, SessionSummary, State, Status, StopReason, now_ms};
+use super::{Lifecycle, NOTICES, Session, SessionSummary, State, Status, StopReason, now_ms};
 use crate::agentio::AgentIo;
 use crate::config::{Config, InstanceConfig, Limits, RuntimeConfig, Unusable};
 use crate::credentials::CredentialsError;
@@ -558,6 +558,8 @@ impl SessionManager {
             finished: watch::channel(0).0,
             clients: AtomicUsize::new(0),
             inputs: std::sync::atomic::AtomicU64::new(0),
+            last_input_ms: std::sync::atomic::AtomicU64::new(0),
+            notices: tokio::sync::broadcast::channel(NOTICES).0,
             output_held: std::sync::atomic::AtomicBool::new(false),
             lines_lost: std::sync::atomic::AtomicU64::new(0),
             activity: super::OutputActivity::default(),

@@ -50,6 +50,15 @@ impl Session {
         self.publish(EventKind::SessionDeleted {});
     }
 
+    /// Notes a batch of output lines, and announces a turn that ended in it.
+    pub(crate) fn saw_output<'a>(&self, lines: impl IntoIterator<Item = &'a [u8]>) {
+        if self.activity.saw(lines) {
+            self.publish(EventKind::TurnEnded {
+                session: self.summary(),
+            });
+        }
+    }
+
     /// An approval request was settled.
     pub(crate) fn publish_resolved(&self, resolution: &Resolution) {
         self.publish(EventKind::ApprovalResolved {

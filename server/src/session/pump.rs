@@ -127,7 +127,7 @@ impl OutputPump {
                     self.metrics
                         .bytes_out
                         .inc_by(lines.iter().map(|l| l.len() as u64 + 1).sum());
-                    self.session.activity.saw(lines.iter().map(|l| l.as_ref()));
+                    self.session.saw_output(lines.iter().map(|l| l.as_ref()));
                     self.session.hub.publish(lines, &changes);
                     self.session.note_activity();
                 }
@@ -216,8 +216,7 @@ impl OutputSink for ServerSink<'_> {
         self.metrics.bytes_out.inc_by(batch.len() as u64);
         let bytes = batch.freeze();
         self.session
-            .activity
-            .saw(ends.iter().map(|&(s, e)| &bytes[s..e]));
+            .saw_output(ends.iter().map(|&(s, e)| &bytes[s..e]));
         self.session
             .hub
             .publish(ends.iter().map(|&(s, e)| bytes.slice(s..e)), &changes);
