@@ -47,6 +47,10 @@ pub enum EventKind {
         request: serde_json::Value,
         /// The session as it is now.
         session: SessionSummary,
+        /// Client lines the session had received when the request appeared
+        /// ([`crate::session::Session::input_seq`]): later input means a person is at work.
+        #[serde(skip)]
+        inputs: u64,
     },
     /// An approval request was settled: by whom and how.
     ApprovalResolved {

@@ -416,7 +416,9 @@ impl Notifier {
             }
             for request in session.pending_approvals() {
                 let sent = lock(&self.sent);
-                rules.arm(session.id(), &request, now, &|k| sent.contains(k));
+                rules.arm(session.id(), &request, now, session.input_seq(), &|k| {
+                    sent.contains(k)
+                });
                 waiting.push(rules::request_key(
                     session.id(),
                     &request_id(&request).unwrap_or_default(),
@@ -451,7 +453,7 @@ impl Notifier {
         if !still {
             return self.count(trigger, "answered");
         }
-        if session.last_input_ms() > armed.armed_ms {
+        if session.input_seq() > armed.inputs {
             return self.count(trigger, "client_active");
         }
         let summary = session.summary();

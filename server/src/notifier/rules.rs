@@ -37,8 +37,8 @@ pub(crate) enum Decision {
 pub(crate) struct Armed {
     pub(crate) session_id: String,
     pub(crate) request_id: String,
-    /// When it appeared, ms since the epoch: client input after it counts as activity.
-    pub(crate) armed_ms: u64,
+    /// The session's client line count when it appeared: more input since is activity.
+    pub(crate) inputs: u64,
     pub(crate) due_ms: u64,
     pub(crate) request: Value,
 }
@@ -82,8 +82,10 @@ impl Rules {
     ) -> Vec<Decision> {
         let sid = &event.session_id;
         match &event.kind {
-            EventKind::ApprovalPending { request, .. } => {
-                self.arm(sid, request, event.at, &already_sent);
+            EventKind::ApprovalPending {
+                request, inputs, ..
+            } => {
+                self.arm(sid, request, event.at, *inputs, &already_sent);
                 Vec::new()
             }
             EventKind::ApprovalResolved { resolution, .. } => {
@@ -149,13 +151,14 @@ impl Rules {
         }
     }
 
-    /// Arms `request` of session `sid`, which appeared at `at` (ms), unless it is armed or
-    /// was notified already.
+    /// Arms `request` of session `sid`, which appeared at `at` (ms) after the session had
+    /// received `inputs` client lines, unless it is armed or was notified already.
     pub(crate) fn arm(
         &mut self,
         sid: &str,
         request: &Value,
         at: u64,
+        inputs: u64,
         already_sent: &impl Fn(&str) -> bool,
     ) {
         let Some((id, _)) = moorline_adapters::pipeline::answer_request(
@@ -173,7 +176,7 @@ impl Rules {
             .or_insert_with(|| Armed {
                 session_id: sid.to_owned(),
                 request_id: id,
-                armed_ms: at,
+                inputs,
                 due_ms: at.saturating_add(self.grace_ms),
                 request: request.clone(),
             });
@@ -242,6 +245,7 @@ mod tests {
         EventKind::ApprovalPending {
             request: json!({"type":"extension_ui_request","id":id,"method":"confirm","title":"Run bash?","message":"ls"}),
             session: summary("s"),
+            inputs: 4,
         }
     }
 
@@ -275,7 +279,7 @@ mod tests {
         ));
         let due = r.take_due(1_200);
         assert_eq!(due.len(), 1, "one per request, the answered one not at all");
-        assert_eq!((due[0].request_id.as_str(), due[0].armed_ms), ("A", 1_000));
+        assert_eq!((due[0].request_id.as_str(), due[0].inputs), ("A", 4));
         assert_eq!(due[0].key(), "s1/request/A");
         assert!(r.take_due(5_000).is_empty() && r.next_due().is_none());
     }
@@ -363,6 +367,7 @@ mod tests {
         let notify = EventKind::ApprovalPending {
             request: json!({"type":"extension_ui_request","id":"N","method":"notify","message":"hi"}),
             session: summary("s"),
+            inputs: 0,
         };
         r.on_event(&event(notify), |_| false);
         assert!(r.next_due().is_none());

@@ -558,7 +558,7 @@ impl SessionManager {
             finished: watch::channel(0).0,
             clients: AtomicUsize::new(0),
             inputs: std::sync::atomic::AtomicU64::new(0),
-            last_input_ms: std::sync::atomic::AtomicU64::new(0),
+            input_seq: std::sync::atomic::AtomicU64::new(0),
             notices: tokio::sync::broadcast::channel(NOTICES).0,
             output_held: std::sync::atomic::AtomicBool::new(false),
             lines_lost: std::sync::atomic::AtomicU64::new(0),

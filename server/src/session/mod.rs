@@ -267,8 +267,8 @@ pub struct Session {
     clients: AtomicUsize,
     /// Client lines sent to the current run; with no output either, an exit is a start failure.
     inputs: std::sync::atomic::AtomicU64,
-    /// When a client last sent a line (ms since the epoch; 0: never): a person is at work.
-    last_input_ms: std::sync::atomic::AtomicU64,
+    /// Client lines sent to the session over its whole life: a person at work moves it.
+    input_seq: std::sync::atomic::AtomicU64,
     /// Frames for the connected clients only, never journaled (`amarre.push_sent`).
     notices: tokio::sync::broadcast::Sender<Arc<str>>,
     /// The agent's output is held: its journal cannot be written (a full disk).
@@ -340,12 +340,13 @@ impl Session {
     /// Counts a client line sent to the agent.
     pub fn count_input(&self) {
         self.inputs.fetch_add(1, Ordering::Relaxed);
-        self.last_input_ms.store(now_ms(), Ordering::Relaxed);
+        self.input_seq.fetch_add(1, Ordering::SeqCst);
     }
 
-    /// When a client last sent the agent a line, ms since the epoch (0: never).
-    pub fn last_input_ms(&self) -> u64 {
-        self.last_input_ms.load(Ordering::Relaxed)
+    /// How many lines clients have sent the session, ever: compared with the count when an
+    /// approval request appeared, it tells whether a client was active since.
+    pub fn input_seq(&self) -> u64 {
+        self.input_seq.load(Ordering::SeqCst)
     }
 
     /// Connected WebSocket clients.

@@ -125,7 +125,11 @@ impl Session {
             self.activity
                 .published
                 .store(code(session.activity), Ordering::Relaxed);
-            self.publish(EventKind::ApprovalPending { request, session });
+            self.publish(EventKind::ApprovalPending {
+                request,
+                session,
+                inputs: self.input_seq(),
+            });
         }
         self.note_activity();
     }
