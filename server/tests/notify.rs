@@ -755,3 +755,90 @@ async fn a_subscription_that_is_gone_is_removed_and_bad_ones_are_refused() {
     .await;
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_identity_notifications_go_to_the_users_allowed_on_the_instance() {
+    const ALICE: (&str, &str) = ("tailscale-user-login", "alice@example.com");
+    const BOB: (&str, &str) = ("tailscale-user-login", "bob@example.com");
+    let expo = StandIn::expo().await;
+    let server = TestServer::start_with(|c| {
+        with_expo(&expo, 15_000)(c);
+        c.trust_tailscale_headers_on_tcp = true;
+        c.instances[0].allowed_users = vec!["alice@example.com".into()];
+    })
+    .await;
+    let request = |method: reqwest::Method, path: &str, who: (&str, &str), body: Option<Value>| {
+        let mut req = server
+            .http
+            .request(method, server.url(path))
+            .header(who.0, who.1);
+        if let Some(b) = body {
+            req = req.body(b.to_string());
+        }
+        async move {
+            let resp = req.send().await.expect("request");
+            let status = resp.status().as_u16();
+            (status, resp.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    let alice_token = "ExponentPushToken[alice]";
+    let bob_token = "ExponentPushToken[bob]";
+    for (who, token) in [(ALICE, alice_token), (BOB, bob_token)] {
+        let (status, _) = request(
+            reqwest::Method::POST,
+            "/push/tokens",
+            who,
+            Some(json!({ "token": token })),
+        )
+        .await;
+        assert_eq!(status, 201);
+    }
+    // Each sees (and can remove) only their own.
+    let (_, mine) = request(reqwest::Method::GET, "/push/tokens", BOB, None).await;
+    assert_eq!(mine.as_array().map(Vec::len), Some(1));
+    assert_eq!(mine[0]["token"], bob_token);
+    assert!(mine[0].get("user").is_none(), "owners are never listed");
+    let encoded = alice_token.replace('[', "%5B").replace(']', "%5D");
+    let (status, _) = request(
+        reqwest::Method::DELETE,
+        &format!("/push/tokens/{encoded}"),
+        BOB,
+        None,
+    )
+    .await;
+    assert_eq!(status, 204);
+    assert_eq!(
+        server
+            .get_json("/push/tokens")
+            .await
+            .1
+            .as_array()
+            .map(Vec::len),
+        Some(2)
+    );
+
+    // Alice's session crashes: only Alice, who may use its instance, hears of it.
+    let (status, created) = request(
+        reqwest::Method::POST,
+        "/sessions",
+        ALICE,
+        Some(json!({"instanceId": "fixture"})),
+    )
+    .await;
+    assert_eq!(status, 201, "{created}");
+    let id = created["id"].as_str().expect("id");
+    let mut ws = Ws::try_connect(&server.ws_url(&format!("/sessions/{id}")), &[ALICE])
+        .await
+        .expect("alice connects");
+    ws.send(r#"{"_emit":"die"}"#).await;
+    let calls = expo.wait_for(1).await;
+    let to: Vec<Value> = calls[0]
+        .json()
+        .as_array()
+        .expect("messages")
+        .iter()
+        .map(|m| m["to"].clone())
+        .collect();
+    assert_eq!(to, [json!(alice_token)]);
+    server.stop().await;
+}
