@@ -1466,6 +1466,37 @@ mod tests {
     }
 
     #[test]
+    fn amarre_push_variables_and_notify_keys() {
+        let c = load(&[
+            ("AMARRE_PUSH_TOKENS_PATH", "/x/tokens.json"),
+            ("AMARRE_PUSH_GRACE_MS", "200"),
+            ("AMARRE_PUSH_EXPO_URL", "http://127.0.0.1:9/send"),
+            ("MOORLINE_NOTIFY__WEBHOOK_URL", "https://ntfy.sh/topic"),
+        ])
+        .expect("load");
+        assert!(c.notify.expo_enabled());
+        assert_eq!(
+            c.notify.expo_tokens_path.as_deref(),
+            Some(Path::new("/x/tokens.json"))
+        );
+        assert_eq!(c.notify.grace_ms, 200);
+        assert_eq!(c.notify.expo_url, "http://127.0.0.1:9/send");
+        assert_eq!(
+            c.notify.webhook_url.as_deref(),
+            Some("https://ntfy.sh/topic")
+        );
+        assert!(!load(&[]).expect("defaults").notify.expo_enabled());
+        let e = load(&[("MOORLINE_NOTIFY__WEBHOOK_URL", "ntfy.sh/topic")])
+            .expect_err("not a URL")
+            .to_string();
+        assert!(e.contains("notify.webhook_url"), "{e}");
+        let e = load(&[("AMARRE_PUSH_GRACE_MS", "soon")])
+            .expect_err("not a number")
+            .to_string();
+        assert!(e.contains("AMARRE_PUSH_GRACE_MS"), "{e}");
+    }
+
+    #[test]
     fn no_configuration_gives_loopback_8341_and_an_echo_instance() {
         let c = load(&[("HOME", "/home/u")]).expect("load");
         assert_eq!(
