@@ -842,3 +842,58 @@ async fn with_identity_notifications_go_to_the_users_allowed_on_the_instance() {
     assert_eq!(to, [json!(alice_token)]);
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_notification_is_never_sent_again_after_a_restart() {
+    require_durable!();
+    let sandbox = common::Sandbox::new();
+    let hook = StandIn::ok().await;
+    let tweak = |c: &mut Config| {
+        sandbox.apply(c);
+        // An agent in tmux outlives the server, its request still waiting.
+        let mut durable = common::instance("durable", "fixture");
+        durable.agent_path = Some(common::fixture_agent());
+        durable.runtime = moorline::config::RuntimeKind::Tmux;
+        durable.workspace_roots = vec![std::env::temp_dir()];
+        c.instances.push(durable);
+        c.notify.webhook_url = Some(hook.url.clone());
+        c.notify.grace_ms = 200;
+    };
+    let server = TestServer::start_with(tweak).await;
+    let work = common::workspace();
+    let (status, body) = server
+        .post(
+            "/sessions",
+            &json!({"instanceId": "durable", "cwd": work.path()}).to_string(),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let id = body["id"].as_str().expect("id").to_owned();
+    let mut ws = server.ws(&id).await;
+    ws.send(r#"{"_emit":"ui_req","reqId":"R1"}"#).await;
+    let first = hook.wait_for(1).await;
+    assert_eq!(first[0].json()["requestId"], "R1");
+    drop(ws);
+
+    let state = server.stop_keep_state().await;
+    let mut config = common::test_config(state.path().to_owned());
+    tweak(&mut config);
+    let server = TestServer::start_in(state, config).await;
+    // The adopted agent's request still waits; the new server knows it was notified.
+    eventually("the request to be seen again, as notified", || async {
+        decided(&server, "awaiting_input", "duplicate").await >= 1
+    })
+    .await;
+    let (_, summary) = server.get_json(&format!("/sessions/{id}")).await;
+    assert_eq!(summary["pendingApprovals"][0]["id"], "R1", "{summary}");
+    // Another session's request, due after R1 would have been: the only one this server sends.
+    let other = server.session("fixture").await;
+    let mut ws = server.ws(&other).await;
+    ws.send(r#"{"_emit":"ui_req","reqId":"R2"}"#).await;
+    let calls = hook.wait_for(2).await;
+    assert_eq!(calls[1].json()["requestId"], "R2");
+    assert_eq!(decided(&server, "awaiting_input", "queued").await, 1);
+    assert_eq!(hook.calls().len(), 2);
+    assert_eq!(server.delete(&format!("/sessions/{id}")).await.0, 204);
+    server.stop().await;
+}

@@ -416,9 +416,12 @@ impl Notifier {
             }
             for request in session.pending_approvals() {
                 let sent = lock(&self.sent);
-                rules.arm(session.id(), &request, now, session.input_seq(), &|k| {
+                let armed = rules.arm(session.id(), &request, now, session.input_seq(), &|k| {
                     sent.contains(k)
                 });
+                if armed == rules::Armament::Sent {
+                    self.count(Trigger::AwaitingInput, "duplicate");
+                }
                 waiting.push(rules::request_key(
                     session.id(),
                     &request_id(&request).unwrap_or_default(),

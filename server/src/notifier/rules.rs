@@ -54,6 +54,17 @@ pub(crate) fn request_key(session: &str, request: &str) -> String {
     format!("{session}/request/{request}")
 }
 
+/// What [`Rules::arm`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Armament {
+    /// Armed (or it already was).
+    Armed,
+    /// Notified before (by this or an earlier run of the server): never again.
+    Sent,
+    /// Not a dialog request.
+    NotADialog,
+}
+
 /// The rules' state: the armed requests.
 #[derive(Debug)]
 pub(crate) struct Rules {
@@ -85,7 +96,12 @@ impl Rules {
             EventKind::ApprovalPending {
                 request, inputs, ..
             } => {
-                self.arm(sid, request, event.at, *inputs, &already_sent);
+                if self.arm(sid, request, event.at, *inputs, &already_sent) == Armament::Sent {
+                    return vec![Decision::Skip {
+                        trigger: Trigger::AwaitingInput,
+                        outcome: "duplicate",
+                    }];
+                }
                 Vec::new()
             }
             EventKind::ApprovalResolved { resolution, .. } => {
@@ -160,16 +176,16 @@ impl Rules {
         at: u64,
         inputs: u64,
         already_sent: &impl Fn(&str) -> bool,
-    ) {
+    ) -> Armament {
         let Some((id, _)) = moorline_adapters::pipeline::answer_request(
             request,
             moorline_adapters::pipeline::Decision::Deny,
             "",
         ) else {
-            return;
+            return Armament::NotADialog;
         };
         if already_sent(&request_key(sid, &id)) {
-            return;
+            return Armament::Sent;
         }
         self.armed
             .entry((sid.to_owned(), id.clone()))
@@ -180,6 +196,7 @@ impl Rules {
                 due_ms: at.saturating_add(self.grace_ms),
                 request: request.clone(),
             });
+        Armament::Armed
     }
 
     /// Forgets every armed request of `sid`.
@@ -287,7 +304,14 @@ mod tests {
     #[test]
     fn requests_sent_before_a_restart_are_not_armed_again() {
         let mut r = rules();
-        r.on_event(&event(ask("A")), |k| k == "s1/request/A");
+        let d = r.on_event(&event(ask("A")), |k| k == "s1/request/A");
+        assert!(matches!(
+            d[..],
+            [Decision::Skip {
+                outcome: "duplicate",
+                ..
+            }]
+        ));
         assert!(r.next_due().is_none());
     }
 
