@@ -1,9 +1,9 @@
 //! Notifications: telling the person when an agent needs them, on their phone or desktop.
 //!
-//! The notifier follows the session event bus ([`crate::events`]), decides with [`rules`]
+//! The notifier follows the session event bus ([`crate::events`]), decides with `rules`
 //! when something is worth a notification (the same for every channel), and hands each one to
 //! a bounded queue. A dispatcher delivers it through every channel: amarre's Expo push
-//! ([`expo`]), Web Push for the web app ([`webpush`]) and a generic webhook ([`webhook`]), each
+//! (`expo`), Web Push for the web app (`webpush`) and a generic webhook (`webhook`), each
 //! delivery retried with backoff, none ever waited on by a session. What was sent is kept on
 //! disk ([`store`]), so a restarted server never sends it again.
 //!
