@@ -491,11 +491,15 @@ async fn restart_session(
     Ok(Json(summary).into_response())
 }
 
-/// Whose push registrations a caller sees: with a tailnet identity its own, else all.
+/// Whose push registrations a caller sees: `local` (no identity) and the bearer token all of
+/// them, a tailnet login (or `anonymous`) its own.
 fn caller(identity: &Identity) -> crate::notifier::Caller<'_> {
     crate::notifier::Caller {
         user: &identity.user,
-        own_only: identity.source == security::Source::Tailnet,
+        own_only: !matches!(
+            identity.source,
+            security::Source::Local | security::Source::Token
+        ),
     }
 }
 
