@@ -592,8 +592,13 @@ impl Notifier {
             () = self.cancel.cancelled() => return,
         };
         let Ok(permit) = permit else { return };
+        let cancel = self.cancel.clone();
         tracker.spawn(async move {
-            delivery.await;
+            // A stopping server does not wait for a slow push service.
+            tokio::select! {
+                () = delivery => {}
+                () = cancel.cancelled() => {}
+            }
             drop(permit);
         });
     }
