@@ -125,7 +125,8 @@ pub struct Notifier {
     web: Option<WebPush>,
     webhook: Option<webhook::Webhook>,
     sent: Mutex<Sent>,
-    http: reqwest::Client,
+    /// `None`: TLS could not be set up; deliveries fail (and are counted).
+    http: Option<reqwest::Client>,
     metrics: Arc<Metrics>,
     sessions: Arc<SessionManager>,
     queue: mpsc::Sender<Arc<Notification>>,
@@ -195,19 +196,9 @@ impl Notifier {
             tracing::error!(error = %e, "cannot read which notifications were sent; starting afresh");
             Sent::default()
         });
-        let http = crate::client::tls_config()
-            .map_err(|e| e.to_string())
-            .and_then(|tls| {
-                reqwest::Client::builder()
-                    .tls_backend_preconfigured(tls)
-                    .redirect(reqwest::redirect::Policy::none())
-                    .build()
-                    .map_err(|e| e.to_string())
-            })
-            .unwrap_or_else(|e| {
-                tracing::error!(error = %e, "cannot set up HTTPS for notifications");
-                reqwest::Client::new()
-            });
+        let http = http_client()
+            .inspect_err(|e| tracing::error!(error = %e, "cannot set up HTTPS: no notification can be delivered"))
+            .ok();
         let (queue, rx) = mpsc::channel(nc.queue);
         let notifier = Arc::new(Self {
             paths,
@@ -542,6 +533,10 @@ impl Notifier {
                 },
                 () = self.cancel.cancelled() => return,
             };
+            if self.http.is_none() {
+                self.count_delivery("all", "failed");
+                continue;
+            }
             if let Some(tokens) = self.expo_targets(&n) {
                 self.spawn_delivery(&tracker, &slots, {
                     let this = self.clone();
@@ -571,9 +566,11 @@ impl Notifier {
                 self.spawn_delivery(&tracker, &slots, async move {
                     if let Some(hook) = &this.webhook {
                         let timeout = this.timeout();
-                        let _ = this
-                            .retrying("webhook", || hook.send(&this.http, &n, timeout))
-                            .await;
+                        if let Some(http) = &this.http {
+                            let _ = this
+                                .retrying("webhook", || hook.send(http, &n, timeout))
+                                .await;
+                        }
                     }
                 })
                 .await;
@@ -657,15 +654,14 @@ impl Notifier {
     /// Sends `n` to `tokens` in chunks of 100, prunes the tokens Expo no longer knows, and
     /// tells the session's clients (`amarre.push_sent`) when at least one ticket was ok.
     async fn deliver_expo(&self, n: &Notification, tokens: Vec<String>) {
+        let Some(http) = &self.http else { return };
         let url = self.config.expo_url.clone();
         let timeout = self.timeout();
         let mut ok = 0;
         let mut gone = Vec::new();
         for chunk in tokens.chunks(expo::CHUNK) {
             if let Ok(tickets) = self
-                .retrying("expo", || {
-                    expo::send_chunk(&self.http, &url, chunk, n, timeout)
-                })
+                .retrying("expo", || expo::send_chunk(http, &url, chunk, n, timeout))
                 .await
             {
                 ok += tickets.ok;
@@ -699,12 +695,14 @@ impl Notifier {
     }
 
     async fn deliver_web(&self, n: &Notification, sub: &WebSubscription) {
-        let Some(web) = &self.web else { return };
+        let (Some(web), Some(http)) = (&self.web, &self.http) else {
+            return;
+        };
         let timeout = self.timeout();
         let subject = self.config.vapid_subject.clone();
         let sent = self
             .retrying("web_push", || {
-                webpush::send(&self.http, &web.vapid, &subject, sub, n, timeout)
+                webpush::send(http, &web.vapid, &subject, sub, n, timeout)
             })
             .await;
         if let Err(Failure::Gone(_)) = sent {
@@ -714,6 +712,16 @@ impl Notifier {
             tracing::info!("a Web Push subscription is gone; removed it");
         }
     }
+}
+
+/// The client deliveries use: rustls with the system's roots, no redirects followed.
+fn http_client() -> Result<reqwest::Client, String> {
+    let tls = crate::client::tls_config().map_err(|e| e.to_string())?;
+    reqwest::Client::builder()
+        .tls_backend_preconfigured(tls)
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .map_err(|e| e.to_string())
 }
 
 /// An approval request's id, as `amarre.approval_resolved` and pending lists name it.
