@@ -101,10 +101,9 @@ impl Webhook {
             }
             req.json(&doc)
         };
-        let resp = req
-            .send()
-            .await
-            .map_err(|e| Failure::Retry(format!("cannot reach the webhook: {e}")))?;
+        let resp = req.send().await.map_err(|e| {
+            Failure::Retry(format!("cannot reach the webhook: {}", e.without_url()))
+        })?;
         let status = resp.status();
         if status.is_success() {
             return Ok(());

@@ -127,10 +127,12 @@ pub(crate) async fn send(
     let mut request = reqwest::Request::try_from(request)
         .map_err(|e| Failure::Fail(format!("bad request: {e}")))?;
     *request.timeout_mut() = Some(timeout);
-    let resp = http
-        .execute(request)
-        .await
-        .map_err(|e| Failure::Retry(format!("cannot reach the push service: {e}")))?;
+    let resp = http.execute(request).await.map_err(|e| {
+        Failure::Retry(format!(
+            "cannot reach the push service: {}",
+            e.without_url()
+        ))
+    })?;
     let status = resp.status();
     match status.as_u16() {
         200..=299 => Ok(()),
