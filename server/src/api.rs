@@ -23,10 +23,13 @@ use crate::security::{self, AccessPolicy, Identity, Via};
 use crate::session::{CreateRequest, SessionError, SessionManager};
 use crate::wire::{CreateSession, InstanceSummary, Me};
 use crate::ws;
+use serde_json::{Value, json};
 
 /// Shared state of every handler.
 #[derive(Debug, Clone)]
 pub(crate) struct AppState {
+    /// Notifications and their registrations.
+    pub notifier: Arc<crate::notifier::Notifier>,
     /// The sessions.
     pub sessions: Arc<SessionManager>,
     /// Limits (client counts, frame sizes).
@@ -73,8 +76,15 @@ pub(crate) fn router(state: AppState, policy: Arc<AccessPolicy>, via: Via) -> Ro
             "/sessions/{id}/restart",
             post(restart_session).fallback(not_found),
         )
-        .route("/push/tokens", any(push_disabled))
-        .route("/push/tokens/{*token}", any(push_disabled))
+        .route("/push/tokens", any(push_tokens))
+        .route("/push/tokens/{*token}", any(push_token))
+        .route("/push/web/key", get(web_push_key).fallback(not_found))
+        .route(
+            "/push/web/subscriptions",
+            post(web_subscribe)
+                .delete(web_unsubscribe)
+                .fallback(not_found),
+        )
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(
             security::Gate { policy, via },
@@ -293,7 +303,149 @@ async fn restart_session(
     Ok(Json(summary).into_response())
 }
 
-/// moorline does not send push notifications; amarre answers this when push is off.
-async fn push_disabled() -> ApiError {
-    ApiError::PushDisabled
+/// Whose push registrations a caller sees: `local` (no identity) and the bearer token all of
+/// them, a tailnet login (or `anonymous`) its own.
+fn caller(identity: &Identity) -> crate::notifier::Caller<'_> {
+    crate::notifier::Caller {
+        user: &identity.user,
+        own_only: !matches!(
+            identity.source,
+            security::Source::Local | security::Source::Token
+        ),
+    }
+}
+
+/// A push request's body as amarre reads it: JSON whatever the content type, anything else
+/// (or a body over `limits.max_request_bytes`) an empty object.
+fn lenient_object(body: &[u8], limit: usize) -> serde_json::Map<String, Value> {
+    if body.len() > limit {
+        return serde_json::Map::new();
+    }
+    match serde_json::from_slice(body) {
+        Ok(Value::Object(obj)) => obj,
+        _ => serde_json::Map::new(),
+    }
+}
+
+/// `/push/tokens`: amarre's Expo token list (GET) and registration (POST).
+async fn push_tokens(
+    State(app): State<AppState>,
+    identity: Identity,
+    method: Method,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let notifier = &app.notifier;
+    if !notifier.expo_enabled() {
+        return Err(ApiError::PushDisabled);
+    }
+    match method {
+        Method::GET | Method::HEAD => {
+            let tokens = notifier
+                .expo_tokens(caller(&identity))
+                .ok_or(ApiError::PushDisabled)?;
+            let list: Vec<Value> = tokens.iter().map(|t| t.public()).collect();
+            Ok(Json(list).into_response())
+        }
+        Method::POST => {
+            let obj = lenient_object(&body, app.limits.max_request_bytes);
+            let text = |k: &str| obj.get(k).and_then(Value::as_str).map(str::to_owned);
+            let req = crate::notifier::TokenRequest {
+                token: text("token").unwrap_or_default(),
+                device_name: text("deviceName"),
+                platform: text("platform"),
+            };
+            let (token, created) = notifier
+                .register_expo(caller(&identity), req)
+                .ok_or(ApiError::PushDisabled)?
+                .map_err(|()| ApiError::InvalidToken)?;
+            let status = if created {
+                StatusCode::CREATED
+            } else {
+                StatusCode::OK
+            };
+            Ok((status, Json(token.public())).into_response())
+        }
+        _ => Err(ApiError::NoRoute),
+    }
+}
+
+/// `DELETE /push/tokens/<urlencoded token>`: 204 whether or not it was registered.
+async fn push_token(
+    State(app): State<AppState>,
+    identity: Identity,
+    method: Method,
+    Path(token): Path<String>,
+) -> Result<Response, ApiError> {
+    if !app.notifier.expo_enabled() {
+        return Err(ApiError::PushDisabled);
+    }
+    if method != Method::DELETE {
+        return Err(ApiError::NoRoute);
+    }
+    app.notifier
+        .unregister_expo(caller(&identity), &token)
+        .ok_or(ApiError::PushDisabled)?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// `GET /push/web/key`: the VAPID public key browsers subscribe with.
+async fn web_push_key(State(app): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let key = app
+        .notifier
+        .web_public_key()
+        .ok_or(ApiError::PushDisabled)?;
+    Ok(Json(json!({"publicKey": key})))
+}
+
+/// `POST /push/web/subscriptions`: a browser's `PushSubscription` (its JSON form).
+async fn web_subscribe(
+    State(app): State<AppState>,
+    identity: Identity,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    if app.notifier.web_public_key().is_none() {
+        return Err(ApiError::PushDisabled);
+    }
+    let obj = lenient_object(&body, app.limits.max_request_bytes);
+    let endpoint = obj
+        .get("endpoint")
+        .and_then(Value::as_str)
+        .ok_or_else(|| ApiError::InvalidSubscription("endpoint: missing".into()))?;
+    let keys: crate::notifier::store::WebKeys = obj
+        .get("keys")
+        .cloned()
+        .and_then(|k| serde_json::from_value(k).ok())
+        .ok_or_else(|| ApiError::InvalidSubscription("keys: must hold p256dh and auth".into()))?;
+    let created = app
+        .notifier
+        .subscribe_web(caller(&identity), endpoint.to_owned(), keys)
+        .ok_or(ApiError::PushDisabled)?
+        .map_err(ApiError::InvalidSubscription)?;
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((
+        status,
+        Json(json!({"endpoint": endpoint, "user": &*identity.user})),
+    )
+        .into_response())
+}
+
+/// `DELETE /push/web/subscriptions` with `{"endpoint": …}`: 204 whether or not it existed.
+async fn web_unsubscribe(
+    State(app): State<AppState>,
+    identity: Identity,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let obj = lenient_object(&body, app.limits.max_request_bytes);
+    let endpoint = obj
+        .get("endpoint")
+        .and_then(Value::as_str)
+        .ok_or_else(|| ApiError::InvalidSubscription("endpoint: missing".into()))?;
+    app.notifier
+        .unsubscribe_web(caller(&identity), endpoint)
+        .ok_or(ApiError::PushDisabled)?;
+    Ok(StatusCode::NO_CONTENT.into_response())
 }

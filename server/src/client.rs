@@ -117,7 +117,7 @@ pub fn install_tls_provider() {
 /// TLS for `https://` URLs, such as a server on another machine behind `tailscale serve`:
 /// certificates are checked against the system's trusted roots (`SSL_CERT_FILE` and
 /// `SSL_CERT_DIR` are honoured).
-fn tls_config() -> Result<rustls::ClientConfig, ClientError> {
+pub(crate) fn tls_config() -> Result<rustls::ClientConfig, ClientError> {
     use rustls_platform_verifier::BuilderVerifierExt;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     rustls::ClientConfig::builder_with_provider(provider)

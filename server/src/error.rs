@@ -56,6 +56,12 @@ pub(crate) enum ApiError {
     /// Push notifications are not offered (amarre's answer when push is off).
     #[error("push notifications are disabled")]
     PushDisabled,
+    /// Not an Expo push token (amarre's 400).
+    #[error("not an Expo push token")]
+    InvalidToken,
+    /// A Web Push subscription that cannot be used.
+    #[error("{0}")]
+    InvalidSubscription(String),
     /// No such route, or not with this method: text `Not found`, as amarre answers.
     #[error("Not found")]
     NoRoute,
@@ -189,6 +195,11 @@ impl ApiError {
             ),
             ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, ErrorBody::Unauthorized),
             ApiError::PushDisabled => (StatusCode::SERVICE_UNAVAILABLE, ErrorBody::PushDisabled),
+            ApiError::InvalidToken => (StatusCode::BAD_REQUEST, ErrorBody::InvalidToken),
+            ApiError::InvalidSubscription(m) => (
+                StatusCode::BAD_REQUEST,
+                ErrorBody::InvalidSubscription { message: m.clone() },
+            ),
             ApiError::NoRoute => return (StatusCode::NOT_FOUND, Body::Text("Not found\n")),
             ApiError::UpgradeRequired => {
                 return (
@@ -250,6 +261,12 @@ mod tests {
             ),
             (ApiError::Unauthorized, 401, "unauthorized"),
             (ApiError::PushDisabled, 503, "push_disabled"),
+            (ApiError::InvalidToken, 400, "invalid_token"),
+            (
+                ApiError::InvalidSubscription("endpoint: missing".into()),
+                400,
+                "invalid_subscription",
+            ),
         ];
         for (err, status, code) in cases {
             let (s, Body::Json(body)) = err.answer() else {

@@ -1,8 +1,8 @@
 //! The server-wide session event bus: what happened to which session, for live lists.
 //!
 //! The session layer publishes a typed [`Event`] whenever something a list of sessions shows
-//! changes (created, status, activity, an approval waiting or settled, deleted); `GET /events`
-//! and anything else in the server (notifications, say) subscribe. Every event carries the
+//! changes (created, status, activity, an approval waiting or settled, a turn ended, deleted);
+//! `GET /events` and the notifier ([`crate::notifier`]) subscribe. Every event carries the
 //! session's summary as it was when the event was published, so a subscriber keeps a correct
 //! list by replacing rows, never by patching them.
 //!
@@ -47,11 +47,20 @@ pub enum EventKind {
         request: serde_json::Value,
         /// The session as it is now.
         session: SessionSummary,
+        /// Client lines the session had received when the request appeared
+        /// ([`crate::session::Session::input_seq`]): later input means a person is at work.
+        #[serde(skip)]
+        inputs: u64,
     },
     /// An approval request was settled: by whom and how.
     ApprovalResolved {
         /// The settlement (request id, decision, `by`, `user`, tool; never the tool's input).
         resolution: Resolution,
+        /// The session as it is now.
+        session: SessionSummary,
+    },
+    /// The agent finished a turn (pi RPC `agent_end`, or its translation).
+    TurnEnded {
         /// The session as it is now.
         session: SessionSummary,
     },
@@ -68,6 +77,7 @@ impl EventKind {
             EventKind::SessionActivity { .. } => "session_activity",
             EventKind::ApprovalPending { .. } => "approval_pending",
             EventKind::ApprovalResolved { .. } => "approval_resolved",
+            EventKind::TurnEnded { .. } => "turn_ended",
             EventKind::SessionDeleted {} => "session_deleted",
         }
     }
@@ -79,7 +89,8 @@ impl EventKind {
             | EventKind::SessionStatus { session }
             | EventKind::SessionActivity { session }
             | EventKind::ApprovalPending { session, .. }
-            | EventKind::ApprovalResolved { session, .. } => Some(session),
+            | EventKind::ApprovalResolved { session, .. }
+            | EventKind::TurnEnded { session } => Some(session),
             EventKind::SessionDeleted {} => None,
         }
     }

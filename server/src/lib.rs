@@ -23,6 +23,7 @@
 //! - [`session`]: the session registry and lifecycle; talks to agents only through runtimes.
 //! - [`fanout`], [`credentials`], [`audit`]: delivery to clients with replay, instances'
 //!   credentials files and the audit log.
+//! - [`notifier`]: notifications (amarre's Expo push, Web Push, a webhook) from session events.
 //!
 //! Private, the HTTP edge, which reaches agents only through sessions:
 //! - `api`: the REST route table and its handlers.
@@ -44,6 +45,7 @@ pub mod credentials;
 pub mod events;
 pub mod fanout;
 pub mod keeper;
+pub mod notifier;
 pub mod runtime;
 pub mod session;
 pub mod watch;
@@ -203,12 +205,6 @@ pub async fn run(
         )));
     }
     let token = config.read_token()?;
-    if !config.ignored_push_env.is_empty() {
-        tracing::warn!(
-            variables = %config.ignored_push_env.join(", "),
-            "push notifications are not available in this version; these variables are ignored"
-        );
-    }
     let addr = tcp.as_ref().map(TcpListener::local_addr).transpose()?;
     let names = config.machine_names().await;
     let policy = Arc::new(security::AccessPolicy::new(&config, token, addr, names));
@@ -232,7 +228,15 @@ pub async fn run(
         &tracker,
         cancel.clone(),
     );
+    let notifier = notifier::Notifier::start(
+        &config,
+        sessions.clone(),
+        metrics.clone(),
+        &tracker,
+        cancel.clone(),
+    );
     let state = api::AppState {
+        notifier,
         sessions: sessions.clone(),
         limits: Arc::new(config.limits.clone()),
         metrics,

@@ -11,6 +11,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 type Labels = [(&'static str, &'static str); 1];
+type Labels2 = [(&'static str, &'static str); 2];
 
 /// Every metric moorline exports.
 #[derive(Debug)]
@@ -42,6 +43,12 @@ pub struct Metrics {
     pub agent_exits: Family<Labels, Counter>,
     /// Time from `POST /sessions` to a running agent.
     pub spawn_seconds: Histogram,
+    /// Notification decisions, by trigger and outcome (`queued`, `dropped`, `answered`,
+    /// `client_active`, `watched`, `duplicate`, `gone`).
+    pub notifications: Family<Labels2, Counter>,
+    /// Notification deliveries, by channel and result (`sent`, `retried`, `failed`, `gone`,
+    /// `pruned`).
+    pub notification_deliveries: Family<Labels2, Counter>,
 }
 
 impl Default for Metrics {
@@ -60,6 +67,18 @@ impl Default for Metrics {
         let output_holds = Counter::default();
         let output_held = Gauge::default();
         let spawn_seconds = Histogram::new(exponential_buckets(0.0001, 2.0, 18));
+        let notifications = Family::<Labels2, Counter>::default();
+        let notification_deliveries = Family::<Labels2, Counter>::default();
+        registry.register(
+            "notifications",
+            "Notification decisions by trigger and outcome",
+            notifications.clone(),
+        );
+        registry.register(
+            "notification_deliveries",
+            "Notification deliveries by channel and result",
+            notification_deliveries.clone(),
+        );
         registry.register("sessions", "Sessions by status", sessions.clone());
         registry.register("clients", "Connected WebSocket clients", clients.clone());
         registry.register(
@@ -120,6 +139,8 @@ impl Default for Metrics {
             output_holds,
             output_held,
             spawn_seconds,
+            notifications,
+            notification_deliveries,
         }
     }
 }

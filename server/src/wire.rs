@@ -301,6 +301,13 @@ impl ApprovalResolved {
 pub enum ErrorBody {
     /// No session with that id.
     NotFound,
+    /// Not an Expo push token (amarre's `POST /push/tokens`).
+    InvalidToken,
+    /// A Web Push subscription that cannot be used.
+    InvalidSubscription {
+        /// What is wrong with it.
+        message: String,
+    },
     /// No instance with that id.
     UnknownInstance {
         /// What was asked for.

@@ -472,6 +472,8 @@ impl Client {
         let hub = self.session.hub().clone();
         let mut seq_rx = hub.subscribe();
         let mut lifecycle = self.session.lifecycle();
+        let mut notices = self.session.notices();
+        let mut notices_open = true;
         let limit = ReadLimit::default();
         let check = check_every(self.app.limits.client_stall());
         let newest = self.newest;
@@ -556,6 +558,17 @@ impl Client {
                         Lifecycle::Running { .. } => {}
                     }
                 }
+                notice = notices.recv(), if notices_open => match notice {
+                    Ok(frame) => {
+                        let frame = Message::Text(Utf8Bytes::from(&*frame));
+                        if let Err(end) = self.send_batch(sink, vec![frame]).await {
+                            return end;
+                        }
+                    }
+                    // Missed notices are not worth a disconnection.
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => notices_open = false,
+                },
                 () = self.app.shutdown.cancelled() => {
                     return End::Close(close_code::AWAY, "server shutting down".into());
                 }

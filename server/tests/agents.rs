@@ -112,6 +112,16 @@ async fn start_in(
     program: &str,
     dialect: Option<&str>,
 ) -> Option<(TestServer, Mock, Option<Sandbox>, tempfile::TempDir)> {
+    start_configured(kind, program, dialect, |_| {}).await
+}
+
+/// [`start_in`], with the server's configuration tweaked.
+async fn start_configured(
+    kind: &str,
+    program: &str,
+    dialect: Option<&str>,
+    tweak: impl FnOnce(&mut moorline::Config),
+) -> Option<(TestServer, Mock, Option<Sandbox>, tempfile::TempDir)> {
     if let Some(why) = missing(program) {
         eprintln!("SKIPPED: {why}");
         return None;
@@ -130,6 +140,7 @@ async fn start_in(
             None => common::pass_env(c, &["PATH", "HOME"]),
         }
         c.instances.push(inst);
+        tweak(c);
     })
     .await;
     let work = common::workspace();
@@ -825,4 +836,62 @@ async fn pi_auth_failure_is_reported() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn codex_auth_failure_is_reported() {
     auth_failure_is_reported("codex", "codex").await;
+}
+
+/// A real pi's tool call, unanswered past the grace period, is notified once: the text names
+/// the tool and the command, with the API key on that command masked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pi_approval_unanswered_is_notified_with_the_command_and_no_secret() {
+    let (tx, mut posts) = tokio::sync::mpsc::channel::<Value>(8);
+    let hook = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let hook_url = format!("http://{}/hook", hook.local_addr().expect("addr"));
+    let app = axum::Router::new().fallback(move |body: axum::body::Bytes| {
+        let tx = tx.clone();
+        async move {
+            let _ = tx
+                .send(serde_json::from_slice(&body).unwrap_or(Value::Null))
+                .await;
+            "ok"
+        }
+    });
+    tokio::spawn(async move {
+        let _ = axum::serve(hook, app).await;
+    });
+    let Some((server, _mock, _sandbox, work)) = start_configured("pi", "pi", None, |c| {
+        c.notify.webhook_url = Some(hook_url);
+        c.notify.grace_ms = 300;
+        c.notify.max_text_chars = 200;
+    })
+    .await
+    else {
+        return;
+    };
+    let id = create(&server, "pi", work.path()).await;
+    let mut ws = server.ws(&id).await;
+    let key = "sk-proj-0123456789abcdefghij";
+    ws.send_json(&prompt(
+        "p1",
+        &format!("RUNBASH: curl -H 'Authorization: Bearer {key}' https://api.example/v1"),
+    ))
+    .await;
+    let ask = until(&mut ws, "an approval request", is_confirm).await;
+    let post = tokio::time::timeout(common::WAIT, posts.recv())
+        .await
+        .expect("a notification in time")
+        .expect("a post");
+    assert_eq!(post["trigger"], "awaiting_input");
+    assert_eq!(post["sessionId"], id.as_str());
+    assert_eq!(post["requestId"], ask["id"]);
+    assert_eq!(post["tool"], "bash");
+    let text = post["message"].as_str().expect("message");
+    assert!(text.contains("bash wants to run curl"), "{text}");
+    assert!(text.contains("https://api.example/v1"), "{text}");
+    assert!(!text.contains(key), "the key leaked: {text}");
+    // Answering now ends it; nothing more is sent for this request.
+    ws.send_json(&answer(&ask, false)).await;
+    turn_text(&mut ws).await;
+    assert!(posts.try_recv().is_err());
+    server.stop().await;
 }

@@ -540,20 +540,31 @@ async fn attach_reports_an_error_close_once() {
 }
 
 #[tokio::test]
-async fn push_variables_are_named_in_a_startup_warning() {
+async fn amarre_push_variables_turn_expo_push_on() {
+    let dir = tempfile::tempdir().expect("dir");
+    let tokens = dir.path().join("push/tokens.json");
     let (mut served, startup) = serve_with(|cmd| {
-        cmd.env("AMARRE_PUSH_EXPO_TOKEN", "x")
-            .env("AMARRE_PUSH_ENABLED", "1");
+        cmd.env("AMARRE_PUSH_TOKENS_PATH", &tokens)
+            .env("AMARRE_PUSH_GRACE_MS", "250");
     })
     .await;
-    let warning = startup
+    let line = startup
         .iter()
-        .find(|l| l.contains("push notifications"))
-        .unwrap_or_else(|| panic!("no push warning in {startup:?}"));
+        .find(|l| l.contains("notifications"))
+        .unwrap_or_else(|| panic!("no notifications line in {startup:?}"));
     assert!(
-        warning.contains("AMARRE_PUSH_ENABLED") && warning.contains("AMARRE_PUSH_EXPO_TOKEN"),
-        "{warning}"
+        line.contains("expo=true") && line.contains("grace_ms=250"),
+        "{line}"
     );
+    let resp = common::http()
+        .post(format!("{}/push/tokens", served.url))
+        .body(r#"{"token":"ExponentPushToken[abc]"}"#)
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(resp.status().as_u16(), 201);
+    let stored = std::fs::read_to_string(&tokens).expect("the token store");
+    assert!(stored.contains("ExponentPushToken[abc]"), "{stored}");
     let _ = served.child.start_kill();
 }
 

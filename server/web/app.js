@@ -16,6 +16,7 @@ import {
 import { Host, answerFor, describeRequest, requestId } from './api.js';
 import { Conversation } from './conversation.js';
 import { markdown } from './markdown.js';
+import { NotificationToggle } from './notify.js';
 
 // ---------------------------------------------------------------------------------------
 // State shared by the views: the host's sessions, kept live from GET /events.
@@ -165,7 +166,7 @@ function applyTheme(theme) {
   else document.documentElement.dataset.theme = theme;
 }
 
-function Header({ store, me }) {
+function Header({ store, me, host }) {
   useStore(store);
   const [theme, setTheme] = useState(() => localStorage.getItem('moorline.theme') || 'auto');
   useEffect(() => {
@@ -185,6 +186,7 @@ function Header({ store, me }) {
     </span>
     <span class="spacer"></span>
     ${me && html`<span class="me" title=${`Signed in as ${me.user}`}>${me.name || me.user}</span>`}
+    <${NotificationToggle} base=${host.base} />
     <button class="icon" type="button" onClick=${() => setTheme(next)} aria-label=${`Theme: ${theme}. Switch to ${next}`}>
       ${theme === 'dark' ? '☾' : theme === 'light' ? '☀' : '◐'}
     </button>
@@ -712,7 +714,7 @@ function App({ host }) {
   if (m) view = html`<${SessionView} key=${m[1]} host=${host} store=${store} id=${m[1]} instances=${instances} />`;
   else if (route === '/new') view = html`<${NewSession} host=${host} instances=${instances} />`;
   else view = html`<${SessionList} store=${store} host=${host} />`;
-  return html`<${Header} store=${store} me=${me} />
+  return html`<${Header} store=${store} me=${me} host=${host} />
     ${view}`;
 }
 

@@ -1,6 +1,8 @@
 // moorline's service worker: keeps the app shell so the app opens offline (or on a flaky
 // link) and shows what it last knew. Network first: a reachable server always serves the
 // current build. Only the shell is cached; the API, /events and WebSockets are never touched.
+importScripts('app/sw-push.js');
+
 const CACHE = 'moorline-__BUILD__';
 const SHELL = [
   './',
@@ -8,6 +10,8 @@ const SHELL = [
   'app/api.js',
   'app/conversation.js',
   'app/markdown.js',
+  'app/notify.js',
+  'app/sw-push.js',
   'app/app.css',
   'app/vendor/preact-htm.js',
   'app/icon.svg',

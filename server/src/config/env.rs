@@ -27,6 +27,9 @@ const AMARRE_KEYS: &[(&str, &str)] = &[
     ("AMARRE_HOST", "host"),
     ("AMARRE_PORT", "port"),
     ("AMARRE_MAX_SESSIONS", "limits.max_sessions"),
+    ("AMARRE_PUSH_TOKENS_PATH", "notify.expo_tokens_path"),
+    ("AMARRE_PUSH_GRACE_MS", "notify.grace_ms"),
+    ("AMARRE_PUSH_EXPO_URL", "notify.expo_url"),
 ];
 
 /// One variable's contribution: its value at its key.

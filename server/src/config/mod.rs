@@ -17,6 +17,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 mod env;
 mod instance;
 mod limits;
+mod notify;
 mod runtime;
 mod sources;
 mod tailnet;
@@ -25,6 +26,7 @@ mod tests;
 
 pub use instance::{InstanceConfig, InstanceRuntime, NetworkMode, RuntimeKind, Unusable};
 pub use limits::Limits;
+pub use notify::{NotifyConfig, WebhookFormat};
 pub use runtime::RuntimeConfig;
 pub use sources::{Connection, Overrides, Sources};
 
@@ -100,10 +102,8 @@ pub struct Config {
     /// files; defaults to the running executable.
     #[serde(skip)]
     pub moorline_exe: Option<PathBuf>,
-    /// amarre's push notification variables (`AMARRE_PUSH_*`) found in the environment. Push
-    /// is not available yet, so the server says at startup that they are ignored.
-    #[serde(skip)]
-    pub ignored_push_env: Vec<String>,
+    /// Notifications: when they are sent and through which channels.
+    pub notify: NotifyConfig,
 }
 
 impl Default for Config {
@@ -128,7 +128,7 @@ impl Default for Config {
             runtime: RuntimeConfig::default(),
             instances: Vec::new(),
             moorline_exe: None,
-            ignored_push_env: Vec::new(),
+            notify: NotifyConfig::default(),
         }
     }
 }
@@ -183,6 +183,7 @@ impl Config {
             ));
         }
         self.runtime.agent_ids()?;
+        self.notify.validate()?;
         self.validate_listeners()?;
         let mut ids = BTreeSet::new();
         for (i, inst) in self.instances.iter().enumerate() {

@@ -178,12 +178,6 @@ impl Config {
             .iter()
             .filter_map(|k| Some((k.clone(), sources.env.get(k)?.clone())))
             .collect();
-        config.ignored_push_env = sources
-            .env
-            .keys()
-            .filter(|k| k.starts_with("AMARRE_PUSH_"))
-            .cloned()
-            .collect();
         config.validate()?;
         Ok(config)
     }

@@ -317,7 +317,7 @@ fn the_legacy_amarre_agent_variables_and_push_variables() {
         ),
         (1, "default", "echo")
     );
-    assert_eq!(c.ignored_push_env, ["AMARRE_PUSH_TOKENS_PATH"]);
+    assert!(c.notify.expo_enabled());
     // MOORLINE_INSTANCES__… cannot build a list, but amarre's JSON beats the legacy pair.
     let c = load(&[
         ("AMARRE_AGENT", "pi"),
@@ -325,4 +325,35 @@ fn the_legacy_amarre_agent_variables_and_push_variables() {
     ])
     .expect("load");
     assert_eq!(c.instances[0].id, "x");
+}
+
+#[test]
+fn amarre_push_variables_and_notify_keys() {
+    let c = load(&[
+        ("AMARRE_PUSH_TOKENS_PATH", "/x/tokens.json"),
+        ("AMARRE_PUSH_GRACE_MS", "200"),
+        ("AMARRE_PUSH_EXPO_URL", "http://127.0.0.1:9/send"),
+        ("MOORLINE_NOTIFY__WEBHOOK_URL", "https://ntfy.sh/topic"),
+    ])
+    .expect("load");
+    assert!(c.notify.expo_enabled());
+    assert_eq!(
+        c.notify.expo_tokens_path.as_deref(),
+        Some(Path::new("/x/tokens.json"))
+    );
+    assert_eq!(c.notify.grace_ms, 200);
+    assert_eq!(c.notify.expo_url, "http://127.0.0.1:9/send");
+    assert_eq!(
+        c.notify.webhook_url.as_deref(),
+        Some("https://ntfy.sh/topic")
+    );
+    assert!(!load(&[]).expect("defaults").notify.expo_enabled());
+    let e = load(&[("MOORLINE_NOTIFY__WEBHOOK_URL", "ntfy.sh/topic")])
+        .expect_err("not a URL")
+        .to_string();
+    assert!(e.contains("notify.webhook_url"), "{e}");
+    let e = load(&[("AMARRE_PUSH_GRACE_MS", "soon")])
+        .expect_err("not a number")
+        .to_string();
+    assert!(e.contains("AMARRE_PUSH_GRACE_MS"), "{e}");
 }

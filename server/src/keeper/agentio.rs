@@ -414,6 +414,9 @@ impl AgentIo {
         self.totals.lines += ends.len() as u64;
         let rest = batch.split_off(batch.len());
         self.arena = rest;
+        // Requests are listed as pending before any client can see them: a client that reacts
+        // at once finds them in the summary, and its reaction counts as activity after them.
+        self.report_pending(sink);
         if !ends.is_empty() {
             self.commit(batch, &ends, sink);
         }
@@ -421,14 +424,19 @@ impl AgentIo {
         self.report(sink);
     }
 
+    /// Tells the sink whether the pending set changed.
+    fn report_pending(&mut self, sink: &mut dyn OutputSink) {
+        if self.pipeline.take_changed() {
+            sink.pending_changed(&self.pipeline.pending());
+        }
+    }
+
     /// Tells the sink what the pipeline settled and whether the pending set changed.
     fn report(&mut self, sink: &mut dyn OutputSink) {
         for resolution in self.pipeline.take_resolutions() {
             sink.resolved(resolution);
         }
-        if self.pipeline.take_changed() {
-            sink.pending_changed(&self.pipeline.pending());
-        }
+        self.report_pending(sink);
         if self.pipeline.take_auth_failed() {
             sink.auth_failed();
         }

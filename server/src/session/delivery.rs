@@ -116,7 +116,7 @@ impl Delivery for SessionDelivery {
         self.metrics
             .bytes_out
             .inc_by(lines.iter().map(|l| l.len() as u64 + 1).sum());
-        self.session.activity.saw(lines.iter().map(|l| l.as_ref()));
+        self.session.saw_output(lines.iter().map(|l| l.as_ref()));
         self.session.hub.publish(lines, changes);
         self.session.note_output();
     }

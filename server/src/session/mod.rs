@@ -40,6 +40,10 @@ pub use launch::{CreateRequest, Instance};
 pub use notify::spawn_activity_sweeper;
 pub use registry::SessionManager;
 
+/// Client-only frames ([`Session::notify_clients`]) a slow client may have queued before it
+/// misses some: they are rare (one per notification).
+const NOTICES: usize = 16;
+
 /// What clients of a session should know has happened. Sent on a `watch` channel: a client
 /// only needs the latest state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,17 +81,20 @@ pub(crate) struct OutputActivity {
 }
 
 impl OutputActivity {
-    /// Notes a batch of output lines.
-    pub(crate) fn saw<'a>(&self, lines: impl IntoIterator<Item = &'a [u8]>) {
+    /// Notes a batch of output lines; true if a turn ended in it.
+    pub(crate) fn saw<'a>(&self, lines: impl IntoIterator<Item = &'a [u8]>) -> bool {
         self.last_output_ms.store(now_ms(), Ordering::Relaxed);
+        let mut ended = false;
         for line in lines {
             // pi RPC events start with their type (pi's own, and moorline's translations).
             if line.starts_with(br#"{"type":"agent_start""#) {
                 self.turn_open.store(true, Ordering::Relaxed);
             } else if line.starts_with(br#"{"type":"agent_end""#) {
                 self.turn_open.store(false, Ordering::Relaxed);
+                ended = true;
             }
         }
+        ended
     }
 
     /// A new run starts with no turn open.
@@ -152,6 +159,10 @@ pub struct Session {
     clients: AtomicUsize,
     /// Client lines sent to the current run; with no output either, an exit is a start failure.
     inputs: std::sync::atomic::AtomicU64,
+    /// Client lines sent to the session over its whole life: a person at work moves it.
+    input_seq: std::sync::atomic::AtomicU64,
+    /// Frames for the connected clients only, never journaled (`amarre.push_sent`).
+    notices: tokio::sync::broadcast::Sender<Arc<str>>,
     /// The agent's output is held: its journal cannot be written (a full disk).
     output_held: std::sync::atomic::AtomicBool,
     /// Output lines given up because the journal stayed unwritable after the agent exited.
@@ -221,6 +232,40 @@ impl Session {
     /// Counts a client line sent to the agent.
     pub fn count_input(&self) {
         self.inputs.fetch_add(1, Ordering::Relaxed);
+        self.input_seq.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// How many lines clients have sent the session, ever: compared with the count when an
+    /// approval request appeared, it tells whether a client was active since.
+    pub fn input_seq(&self) -> u64 {
+        self.input_seq.load(Ordering::SeqCst)
+    }
+
+    /// Connected WebSocket clients.
+    pub fn clients(&self) -> usize {
+        self.clients.load(Ordering::SeqCst)
+    }
+
+    /// The session's display name, if it has one.
+    pub fn name(&self) -> Option<&str> {
+        self.name.as_deref()
+    }
+
+    /// Values of the environment the session was created with, which a client-visible text
+    /// about it must not contain.
+    pub fn env_values(&self) -> impl Iterator<Item = &str> {
+        self.env.values().map(String::as_str)
+    }
+
+    /// Sends `frame` to the clients connected now (not journaled, not replayed). Returns how
+    /// many will get it.
+    pub fn notify_clients(&self, frame: impl Into<Arc<str>>) -> usize {
+        self.notices.send(frame.into()).unwrap_or(0)
+    }
+
+    /// Frames sent with [`Self::notify_clients`] from now on.
+    pub fn notices(&self) -> tokio::sync::broadcast::Receiver<Arc<str>> {
+        self.notices.subscribe()
     }
 
     /// How the last run ended, if it has.

@@ -50,6 +50,15 @@ impl Session {
         self.publish(EventKind::SessionDeleted {});
     }
 
+    /// Notes a batch of output lines, and announces a turn that ended in it.
+    pub(crate) fn saw_output<'a>(&self, lines: impl IntoIterator<Item = &'a [u8]>) {
+        if self.activity.saw(lines) {
+            self.publish(EventKind::TurnEnded {
+                session: self.summary(),
+            });
+        }
+    }
+
     /// An approval request was settled.
     pub(crate) fn publish_resolved(&self, resolution: &Resolution) {
         let mut session = self.summary();
@@ -139,7 +148,11 @@ impl Session {
             self.activity
                 .published
                 .store(code(session.activity), Ordering::Relaxed);
-            self.publish(EventKind::ApprovalPending { request, session });
+            self.publish(EventKind::ApprovalPending {
+                request,
+                session,
+                inputs: self.input_seq(),
+            });
         }
         self.note_activity();
     }

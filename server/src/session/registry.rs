@@ -394,6 +394,8 @@ impl SessionManager {
             output_held: std::sync::atomic::AtomicBool::new(false),
             lines_lost: std::sync::atomic::AtomicU64::new(0),
             activity: super::OutputActivity::default(),
+            input_seq: std::sync::atomic::AtomicU64::new(0),
+            notices: tokio::sync::broadcast::channel(super::NOTICES).0,
             activity_window: self.launcher.limits.activity_window(),
             events: self.events.clone(),
         });
