@@ -236,6 +236,39 @@ async fn spawn_failures_are_reported_and_hold_no_slot() {
     server.stop().await;
 }
 
+/// As root, agents run as an unprivileged user: a program that user cannot reach is refused
+/// with a message that says so, not a bare "Permission denied".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_program_the_agent_user_cannot_reach_is_explained() {
+    if !nix::unistd::geteuid().is_root() {
+        return; // Only root runs agents as another user.
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let private = tempfile::tempdir().expect("dir");
+    std::fs::set_permissions(private.path(), std::fs::Permissions::from_mode(0o700))
+        .expect("chmod");
+    let program = private.path().join("agent");
+    std::fs::copy("/bin/cat", &program).expect("copy");
+    let server = TestServer::start_with(|c| {
+        let mut hidden = instance("hidden", "command");
+        hidden.command = Some(vec![program.display().to_string()]);
+        c.instances.push(hidden);
+    })
+    .await;
+    let (status, body) = server.post("/sessions", r#"{"instanceId":"hidden"}"#).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (500, Some("spawn_failed")),
+        "{body}"
+    );
+    let message = body["message"].as_str().expect("message");
+    assert!(
+        message.contains("runs as uid 65534") && message.contains("every directory above"),
+        "{body}"
+    );
+    server.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_sessions_counts_running_agents() {
     let server = TestServer::start_with(|c| c.limits.max_sessions = 1).await;

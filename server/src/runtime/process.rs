@@ -90,7 +90,20 @@ impl Runtime for ProcessRuntime {
             .process_group(0)
             // A safety net only: sessions stop agents explicitly with TERM, grace, KILL.
             .kill_on_drop(true);
-        let mut child = command.spawn().map_err(spawn_error)?;
+        let mut child = command.spawn().map_err(|e| match spec.user {
+            // The agent runs as another user, who must reach the program through every
+            // directory above it: say so, or "Permission denied" reads like a broken binary.
+            Some((uid, _)) if e.kind() == io::ErrorKind::PermissionDenied => {
+                spawn_error(io::Error::new(
+                    e.kind(),
+                    format!(
+                        "{e}; the agent runs as uid {uid}, which needs search permission on \
+                         every directory above the program and read+execute on the program"
+                    ),
+                ))
+            }
+            _ => spawn_error(e),
+        })?;
         drop(workspace);
         let pid = child.id();
         let (Some(stdin), Some(stdout), stderr) =
