@@ -20,6 +20,7 @@ use std::collections::{BTreeMap, VecDeque};
 
 use serde_json::{Value, json};
 
+use crate::conversation::{self as conv, Continuation, ConversationPlace};
 use crate::gate::{self, Rejection, Verdict};
 use crate::pipeline::{Decision, Dialect, Outputs, Translator, claude_permission_answer};
 use crate::pirpc::{self, Conversation};
@@ -31,6 +32,8 @@ pub struct ClaudeAdapter {
     launch: LaunchSettings,
     /// Clients speak pi-rpc rather than the agent's own protocol.
     pi_rpc: bool,
+    /// What this start does with the conversation.
+    continuation: Continuation,
 }
 
 impl ClaudeAdapter {
@@ -39,6 +42,7 @@ impl ClaudeAdapter {
         Ok(Self {
             launch: LaunchSettings::new(config, "claude"),
             pi_rpc: pirpc::wants_pi_rpc(config, "claude-code")?,
+            continuation: config.continuation.clone(),
         })
     }
 }
@@ -70,6 +74,19 @@ impl Adapter for ClaudeAdapter {
         if let Some(m) = &self.launch.model {
             args.extend(["--model".into(), m.clone()]);
         }
+        // Claude keeps its conversation under the id it is given: continue it, or name the
+        // new one so the next start can find it.
+        let conversation = match (&self.continuation.resume, &self.continuation.fresh_id) {
+            (Some(id), _) => {
+                args.extend(["--resume".into(), id.clone()]);
+                Some(id.clone())
+            }
+            (None, Some(id)) => {
+                args.extend(["--session-id".into(), id.clone()]);
+                Some(id.clone())
+            }
+            (None, None) => None,
+        };
         args.extend(self.launch.args.iter().cloned());
         let mut env = ctx.env.clone();
         for (k, v) in [
@@ -88,6 +105,7 @@ impl Adapter for ClaudeAdapter {
             args,
             env,
             files: Vec::new(),
+            conversation,
         })
     }
 
@@ -110,6 +128,37 @@ impl Adapter for ClaudeAdapter {
     fn protected_env(&self) -> &'static [&'static str] {
         // Another API endpoint, key or configuration directory, or permission settings.
         &["ANTHROPIC_*", "CLAUDE_*", "DISABLE_*"]
+    }
+
+    /// Claude writes its transcript, once the conversation has a message, to
+    /// `$HOME/.claude/projects/<the cwd, spelled with dashes>/<id>.jsonl`; without it,
+    /// `--resume` fails.
+    fn find_conversation(&self, place: &ConversationPlace<'_>) -> Result<Option<String>, String> {
+        let Some(id) = place.recorded else {
+            return Ok(None);
+        };
+        if !conv::plain_id(id) {
+            return Err(format!(
+                "the recorded conversation id {id:?} is not Claude Code's"
+            ));
+        }
+        let Some(home) = place.home else {
+            return Err("the agent's home directory is not known".into());
+        };
+        let projects = home.join(".claude").join("projects");
+        let file = format!("{id}.jsonl");
+        let found = std::fs::read_dir(&projects).ok().is_some_and(|dirs| {
+            dirs.flatten()
+                .any(|d| std::fs::symlink_metadata(d.path().join(&file)).is_ok_and(|m| m.is_file()))
+        });
+        if found {
+            Ok(Some(id.to_owned()))
+        } else {
+            Err(format!(
+                "Claude Code's transcript of conversation {id} is not in {}",
+                projects.display()
+            ))
+        }
     }
 }
 

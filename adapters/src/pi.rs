@@ -8,10 +8,11 @@
 //! go through [`crate::gate::pi_rpc_command`]: `bash`, which pi runs with no tool call and so
 //! no gate, never reaches it.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde_json::{Value, json};
 
+use crate::conversation::{Continuation, ConversationPlace};
 use crate::pipeline::{Outputs, Translator, ready_frame};
 use crate::{Adapter, AdapterConfig, AdapterError, LaunchContext, LaunchSettings, LaunchSpec};
 
@@ -25,6 +26,13 @@ pub const GATE_FILE: &str = "pi/permission-gate.ts";
 pub struct PiAdapter {
     launch: LaunchSettings,
     provider: Option<String>,
+    /// What this start does with the conversation.
+    continuation: Continuation,
+}
+
+/// Where pi keeps a session's conversations (`--session-dir`).
+fn sessions_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join(crate::AGENT_STATE_DIR).join("pi-sessions")
 }
 
 impl PiAdapter {
@@ -33,6 +41,7 @@ impl PiAdapter {
         Self {
             launch: LaunchSettings::new(config, "pi"),
             provider: config.provider.clone(),
+            continuation: config.continuation.clone(),
         }
     }
 }
@@ -81,23 +90,56 @@ impl Adapter for PiAdapter {
                 "PI_CODING_AGENT_DIR".into(),
                 ctx.data_dir.join("pi/agent").display().to_string(),
             );
-            // That directory is moorline's, read-only to the agent: pi keeps its sessions in
-            // the agent's own state directory instead.
-            args.extend([
-                "--session-dir".into(),
-                ctx.data_dir
-                    .join(crate::AGENT_STATE_DIR)
-                    .join("pi-sessions")
-                    .display()
-                    .to_string(),
-            ]);
+        }
+        // pi keeps its sessions in the agent's own state directory (the configuration
+        // directory is moorline's, read-only to the agent): one session's, so the newest file
+        // there is this session's conversation.
+        args.extend([
+            "--session-dir".into(),
+            sessions_dir(ctx.data_dir).display().to_string(),
+        ]);
+        if let Some(file) = &self.continuation.resume {
+            args.extend(["--session".into(), file.clone()]);
         }
         Ok(LaunchSpec {
             program: self.launch.program.clone(),
             args,
             env,
             files,
+            conversation: self.continuation.resume.clone(),
         })
+    }
+
+    /// The newest session file pi wrote in the session's directory for them.
+    fn find_conversation(&self, place: &ConversationPlace<'_>) -> Result<Option<String>, String> {
+        let dir = sessions_dir(place.data_dir);
+        // Only regular files and real directories: the agent owns this directory.
+        let entries = |dir: &Path| -> Vec<(std::fs::Metadata, PathBuf)> {
+            std::fs::read_dir(dir)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter_map(|e| Some((std::fs::symlink_metadata(e.path()).ok()?, e.path())))
+                .collect()
+        };
+        let mut files = Vec::new();
+        for (meta, path) in entries(&dir) {
+            if meta.is_dir() {
+                files.extend(entries(&path).into_iter().filter(|(m, _)| m.is_file()));
+            } else if meta.is_file() {
+                files.push((meta, path));
+            }
+        }
+        let newest = files
+            .into_iter()
+            .filter(|(m, p)| m.len() > 0 && p.extension().is_some_and(|x| x == "jsonl"))
+            .map(|(m, p)| (m.modified().ok(), p))
+            .max();
+        match (newest, place.recorded) {
+            (Some((_, file)), _) => Ok(Some(file.display().to_string())),
+            (None, None) => Ok(None),
+            (None, Some(file)) => Err(format!("pi's session file {file} is gone")),
+        }
     }
 
     fn protected_env(&self) -> &'static [&'static str] {

@@ -18,7 +18,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::Limits;
 use crate::metrics::Metrics;
 use crate::security::{self, AccessPolicy, Identity, Via};
-use crate::session::{CreateRequest, SessionError, SessionManager};
+use crate::session::{ConversationRequest, CreateRequest, SessionError, SessionManager};
 use crate::ws;
 
 /// Shared state of every handler.
@@ -369,6 +369,37 @@ async fn create_session(
 
 /// Parses a `POST /sessions` body. Any content type is accepted (`curl -d '{}'` sends a form
 /// type); an empty body means `{}`.
+/// A restart's body: nothing, or `{"conversation": "resume" | "new"}`.
+fn parse_restart(body: &[u8], max_bytes: usize) -> Result<ConversationRequest, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(ConversationRequest::default());
+    }
+    if body.len() > max_bytes {
+        return Err(ApiError::InvalidField {
+            field: "body".into(),
+            message: format!(
+                "request of {} bytes exceeds the limit of {max_bytes} bytes (limits.max_request_bytes)",
+                body.len()
+            ),
+        });
+    }
+    let value: Value =
+        serde_json::from_slice(body).map_err(|e| ApiError::InvalidJson(e.to_string()))?;
+    let Value::Object(obj) = value else {
+        return Err(ApiError::InvalidField {
+            field: "body".into(),
+            message: "must be a JSON object".into(),
+        });
+    };
+    match obj.get("conversation") {
+        None | Some(Value::Null) => Ok(ConversationRequest::default()),
+        Some(v) => serde_json::from_value(v.clone()).map_err(|_| ApiError::InvalidField {
+            field: "conversation".into(),
+            message: "must be \"resume\" or \"new\"".into(),
+        }),
+    }
+}
+
 fn parse_create(body: &[u8]) -> Result<CreateRequest, ApiError> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(CreateRequest::default());
@@ -454,11 +485,13 @@ async fn restart_session(
     State(app): State<AppState>,
     identity: Identity,
     Path(id): Path<String>,
+    body: Bytes,
 ) -> Result<Response, ApiError> {
     if let Some(session) = app.sessions.get(&id) {
         may_use(&identity, &session)?;
     }
-    let summary = app.sessions.restart(&id).await?;
+    let conversation = parse_restart(&body, app.limits.max_request_bytes)?;
+    let summary = app.sessions.restart(&id, conversation).await?;
     crate::audit::session("restart", &identity.user, &id, &summary.instance_id);
     Ok(Json(summary).into_response())
 }

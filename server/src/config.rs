@@ -611,6 +611,8 @@ impl InstanceConfig {
             base_url: self.base_url.clone(),
             dialect: self.dialect.clone(),
             provider: self.provider.clone(),
+            // Decided per start, by the session.
+            continuation: Default::default(),
         }
     }
 

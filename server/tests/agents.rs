@@ -826,3 +826,117 @@ async fn pi_auth_failure_is_reported() {
 async fn codex_auth_failure_is_reported() {
     auth_failure_is_reported("codex", "codex").await;
 }
+
+/// Kills the session's agent the hard way (its container, or its process group) and waits
+/// for clients to hear that it crashed.
+async fn kill_agent(server: &TestServer, sandbox: Option<&Sandbox>, id: &str, ws: &mut Ws) {
+    match sandbox {
+        Some(sandbox) => {
+            let containers = sandbox.containers();
+            assert_eq!(containers.len(), 1, "one container: {containers:?}");
+            let killed = std::process::Command::new("runc")
+                .arg("--root")
+                .arg(sandbox.runc_root.path())
+                .args(["kill", &containers[0], "KILL"])
+                .status()
+                .expect("runc kill");
+            assert!(killed.success(), "runc kill");
+        }
+        None => {
+            let meta: Value = serde_json::from_slice(
+                &std::fs::read(
+                    server
+                        .state
+                        .path()
+                        .join("sessions")
+                        .join(id)
+                        .join("meta.json"),
+                )
+                .expect("meta.json"),
+            )
+            .expect("meta");
+            let pid = meta["pid"].as_i64().expect("pid") as i32;
+            nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            )
+            .expect("kill -9 the agent's group");
+        }
+    }
+    loop {
+        let v = ws.json().await;
+        if v["type"] == "amarre.session_event" {
+            assert_ne!(v["event"], "running", "{v}");
+            return;
+        }
+    }
+}
+
+/// Restarts a session (`body`: the restart's request) and returns its summary and a client
+/// that sees everything the new run wrote.
+async fn restart(server: &TestServer, id: &str, body: &str) -> (Value, Ws) {
+    let (_, before) = server.get_json(&format!("/sessions/{id}")).await;
+    let since = before["lastSeq"].as_u64().expect("lastSeq");
+    let (status, summary) = server.post(&format!("/sessions/{id}/restart"), body).await;
+    assert_eq!(status, 200, "{summary}");
+    let ws = server.ws_query(id, &format!("?since={since}")).await;
+    (summary, ws)
+}
+
+/// "remember PINEAPPLE", the agent killed, the session restarted: the next model request
+/// carries the earlier conversation (the mock answers `RECALL:` from what it was sent), and
+/// the summary says `resumed`. Asking for a new conversation gives one without it.
+async fn conversation_survives_a_restart(kind: &str, program: &str) {
+    let Some((server, _mock, sandbox, work)) = start(kind, program).await else {
+        return;
+    };
+    let id = create(&server, kind, work.path()).await;
+    let (_, summary) = server.get_json(&format!("/sessions/{id}")).await;
+    assert_eq!(summary["conversation"], "new", "{kind}: {summary}");
+    let mut ws = server.ws(&id).await;
+    ws.send_json(&prompt("p1", "remember PINEAPPLE")).await;
+    let text = turn_text(&mut ws).await;
+    assert!(text.contains("PINEAPPLE"), "{kind}: {text}");
+
+    kill_agent(&server, sandbox.as_ref(), &id, &mut ws).await;
+    let (summary, mut ws) = restart(&server, &id, "").await;
+    assert_eq!(summary["conversation"], "resumed", "{kind}: {summary}");
+    ws.send_json(&prompt("p2", "RECALL: PINEAPPLE")).await;
+    let text = turn_text(&mut ws).await;
+    assert!(
+        text.contains("MOCK recall PINEAPPLE: yes"),
+        "{kind}: the model was not sent the earlier conversation: {text}"
+    );
+    let (_, summary) = server.get_json(&format!("/sessions/{id}")).await;
+    assert_eq!(summary["conversation"], "resumed", "{kind}: {summary}");
+
+    // A fresh conversation, asked for.
+    kill_agent(&server, sandbox.as_ref(), &id, &mut ws).await;
+    let (summary, mut ws) = restart(&server, &id, r#"{"conversation":"new"}"#).await;
+    assert_eq!(summary["conversation"], "new", "{kind}: {summary}");
+    ws.send_json(&prompt("p3", "RECALL: PINEAPPLE")).await;
+    let text = turn_text(&mut ws).await;
+    assert!(
+        text.contains("MOCK recall PINEAPPLE: no"),
+        "{kind}: a new conversation carried the old one: {text}"
+    );
+    let (_, summary) = server.get_json(&format!("/sessions/{id}")).await;
+    assert_eq!(summary["conversation"], "new", "{kind}: {summary}");
+    assert_eq!(server.delete(&format!("/sessions/{id}")).await.0, 204);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pi_conversation_survives_a_restart() {
+    conversation_survives_a_restart("pi", "pi").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claude_code_conversation_survives_a_restart() {
+    conversation_survives_a_restart("claude-code", "claude").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn codex_conversation_survives_a_restart() {
+    conversation_survives_a_restart("codex", "codex").await;
+}

@@ -354,6 +354,14 @@ impl Runtime for DurableRuntime {
         }
     }
 
+    fn agent_home(&self, session_dir: &SessionDir) -> Option<PathBuf> {
+        match &self.container {
+            // Containers get the session's own home.
+            Some(_) => Some(session_dir.home()),
+            None => self.config.passed_env.get("HOME").map(PathBuf::from),
+        }
+    }
+
     async fn spawn(&self, spec: SpawnSpec) -> Result<Agent, RuntimeError> {
         let started = match self.start(&spec).await {
             Ok(run_dir) => self.connect(&spec, &run_dir).await.map(|s| (run_dir, s)),

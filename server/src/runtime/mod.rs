@@ -557,6 +557,12 @@ pub trait Runtime: Send + Sync + fmt::Debug {
         Adoption::Exited(ExitInfo::UNKNOWN)
     }
 
+    /// The directory a session's agent sees as `$HOME`, as a path on this machine (agents
+    /// keep their conversations there), if it has one.
+    fn agent_home(&self, _session_dir: &SessionDir) -> Option<PathBuf> {
+        None
+    }
+
     /// Removes whatever the runtime keeps for a session whose agent has ended (containers,
     /// terminal sessions, cgroups). Called on delete and after an exit.
     async fn cleanup(&self, _session_id: &str, _session_dir: &SessionDir) {}

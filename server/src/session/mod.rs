@@ -158,6 +158,31 @@ pub struct SessionSummary {
     /// the agent does not run).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub activity: Option<Activity>,
+    /// Whether the last start continued the agent's earlier conversation (moorline).
+    pub conversation: ConversationState,
+}
+
+/// Whether a run continues the agent's earlier conversation, as the summary says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ConversationState {
+    /// It continues the conversation of the session's earlier run.
+    Resumed,
+    /// It began a new conversation (a new session, a client asked for one, the agent cannot
+    /// continue one, or continuing failed and clients were told).
+    New,
+}
+
+/// What a start should do with the agent's earlier conversation (`POST
+/// /sessions/{id}/restart` `{"conversation": …}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ConversationRequest {
+    /// Continue it when there is one (restarts do unless asked otherwise).
+    #[default]
+    Resume,
+    /// Begin a new one.
+    New,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -401,6 +426,11 @@ impl Session {
             });
         }
         summary.auth_failed = self.dir.auth_failed().exists();
+        summary.conversation =
+            match crate::keeper::agentio::read_conversation(&self.dir.conversation()).resumed {
+                true => ConversationState::Resumed,
+                false => ConversationState::New,
+            };
         summary
     }
 
@@ -427,6 +457,7 @@ impl Session {
             cwd: self.cwd.clone(),
             created_at: self.created_at,
             activity: None,
+            conversation: ConversationState::New,
         }
     }
 

@@ -16,7 +16,10 @@ use tokio_util::task::TaskTracker;
 
 use super::launch::{CreateRequest, Instance, Launcher};
 use super::store::Meta;
-use super::{Lifecycle, Session, SessionError, SessionSummary, State, Status, StopReason, now_ms};
+use super::{
+    ConversationRequest, Lifecycle, Session, SessionError, SessionSummary, State, Status,
+    StopReason, now_ms,
+};
 use crate::config::{Config, InstanceConfig};
 use crate::fanout::Hub;
 use crate::keeper::journal;
@@ -167,7 +170,11 @@ impl SessionManager {
                 return Err(e);
             }
         };
-        if let Err(e) = self.launcher.start(&session, permit).await {
+        if let Err(e) = self
+            .launcher
+            .start(&session, permit, ConversationRequest::New)
+            .await
+        {
             // A failed spawn leaves nothing behind: no session, no slot, no directory.
             let _ = std::fs::remove_dir_all(dir.path());
             return Err(e);
@@ -231,8 +238,13 @@ impl SessionManager {
         });
     }
 
-    /// Starts the agent of a session whose agent is not running.
-    pub async fn restart(&self, id: &str) -> Result<SessionSummary, SessionError> {
+    /// Starts the agent of a session whose agent is not running, continuing its conversation
+    /// unless `conversation` asks for a new one.
+    pub async fn restart(
+        &self,
+        id: &str,
+        conversation: ConversationRequest,
+    ) -> Result<SessionSummary, SessionError> {
         let session = self.get(id).ok_or(SessionError::NotFound)?;
         if session.instance.is_none() {
             return Err(SessionError::InstanceGone(session.instance_id.clone()));
@@ -244,7 +256,7 @@ impl SessionManager {
             }
         }
         let permit = self.take_slot()?;
-        self.launcher.start(&session, permit).await?;
+        self.launcher.start(&session, permit, conversation).await?;
         Ok(session.summary())
     }
 
