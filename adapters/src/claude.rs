@@ -155,7 +155,8 @@ impl Adapter for ClaudeAdapter {
             Ok(Some(id.to_owned()))
         } else {
             Err(format!(
-                "Claude Code's transcript of conversation {id} is not in {}",
+                "Claude Code's transcript of conversation {id} is not in {} (Claude writes it \
+                 with the first message; or it was removed)",
                 projects.display()
             ))
         }

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Value, json};
 
-use crate::conversation::{Continuation, ConversationPlace};
+use crate::conversation::{Continuation, ConversationNews, ConversationPlace};
 use crate::pipeline::{Outputs, Translator, ready_frame};
 use crate::{Adapter, AdapterConfig, AdapterError, LaunchContext, LaunchSettings, LaunchSpec};
 
@@ -138,7 +138,10 @@ impl Adapter for PiAdapter {
         match (newest, place.recorded) {
             (Some((_, file)), _) => Ok(Some(file.display().to_string())),
             (None, None) => Ok(None),
-            (None, Some(file)) => Err(format!("pi's session file {file} is gone")),
+            (None, Some(file)) => Err(format!(
+                "pi's session file {file} is not there (pi writes it with the first message; \
+                 or it was removed)"
+            )),
         }
     }
 
@@ -148,7 +151,10 @@ impl Adapter for PiAdapter {
     }
 
     fn translator(&self) -> Box<dyn Translator> {
-        Box::new(ReadyProbe::default())
+        Box::new(ReadyProbe {
+            resumed: self.continuation.resume.is_some(),
+            ..ReadyProbe::default()
+        })
     }
 }
 
@@ -161,6 +167,10 @@ const PROBE_ID: &str = "moorline-ready";
 #[derive(Debug, Default)]
 pub struct ReadyProbe {
     ready: bool,
+    /// pi was started on an earlier session file.
+    resumed: bool,
+    /// The session file `get_state` named, not yet reported for the session's record.
+    news: Option<ConversationNews>,
 }
 
 impl Translator for ReadyProbe {
@@ -176,6 +186,12 @@ impl Translator for ReadyProbe {
             && v["type"] == "response"
         {
             self.ready = true;
+            self.news = v["data"]["sessionFile"]
+                .as_str()
+                .map(|file| ConversationNews {
+                    id: file.to_owned(),
+                    resumed: self.resumed,
+                });
             let mut ready = ready_frame();
             ready["model"] = v["data"]["model"].clone();
             out.client_json(&ready);
@@ -208,6 +224,10 @@ impl Translator for ReadyProbe {
 
     fn passes_agent_lines_through(&self) -> bool {
         self.ready
+    }
+
+    fn take_conversation(&mut self) -> Option<ConversationNews> {
+        self.news.take()
     }
 }
 

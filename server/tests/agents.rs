@@ -940,3 +940,70 @@ async fn claude_code_conversation_survives_a_restart() {
 async fn codex_conversation_survives_a_restart() {
     conversation_survives_a_restart("codex", "codex").await;
 }
+
+/// Removes where the agent kept the session's conversation (in a container, the session's
+/// own home and data directory).
+fn lose_conversation(server: &TestServer, kind: &str, id: &str) {
+    let dir = server.state.path().join("sessions").join(id);
+    let gone = match kind {
+        "claude-code" => dir.join("home/.claude/projects"),
+        "pi" => dir.join("data/state/pi-sessions"),
+        _ => dir.join("home/.codex/sessions"),
+    };
+    assert!(
+        gone.is_dir(),
+        "{kind}: {} holds the conversation",
+        gone.display()
+    );
+    std::fs::remove_dir_all(&gone).expect("remove the conversation");
+}
+
+/// A conversation that cannot be continued any more: clients are told
+/// (`amarre.resume_failed`), the agent starts a new one, and the summary says `new`.
+async fn lost_conversation_is_told(kind: &str, program: &str) {
+    let Some((server, _mock, sandbox, work)) = start(kind, program).await else {
+        return;
+    };
+    if sandbox.is_none() {
+        eprintln!("SKIPPED: the agent's home is the server's without runc");
+        return;
+    }
+    let id = create(&server, kind, work.path()).await;
+    let mut ws = server.ws(&id).await;
+    ws.send_json(&prompt("p1", "remember PINEAPPLE")).await;
+    turn_text(&mut ws).await;
+    kill_agent(&server, sandbox.as_ref(), &id, &mut ws).await;
+    lose_conversation(&server, kind, &id);
+
+    let (_, mut ws) = restart(&server, &id, "").await;
+    let told = until(&mut ws, "amarre.resume_failed", |v| {
+        v["type"] == "amarre.resume_failed"
+    })
+    .await;
+    assert!(
+        told["reason"].as_str().is_some_and(|r| !r.is_empty()),
+        "{kind}: {told}"
+    );
+    ws.send_json(&prompt("p2", "RECALL: PINEAPPLE")).await;
+    let text = turn_text(&mut ws).await;
+    assert!(text.contains("MOCK recall PINEAPPLE: no"), "{kind}: {text}");
+    let (_, summary) = server.get_json(&format!("/sessions/{id}")).await;
+    assert_eq!(summary["conversation"], "new", "{kind}: {summary}");
+    assert_eq!(server.delete(&format!("/sessions/{id}")).await.0, 204);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pi_lost_conversation_is_told() {
+    lost_conversation_is_told("pi", "pi").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claude_code_lost_conversation_is_told() {
+    lost_conversation_is_told("claude-code", "claude").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn codex_lost_conversation_is_told() {
+    lost_conversation_is_told("codex", "codex").await;
+}
