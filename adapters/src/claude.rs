@@ -855,6 +855,89 @@ impl Translator for PiRpcTranslator {
 mod tests {
     use super::*;
 
+    fn launch_with(continuation: Continuation) -> LaunchSpec {
+        let env = BTreeMap::new();
+        ClaudeAdapter::new(&AdapterConfig {
+            agent: "claude-code".into(),
+            continuation,
+            ..Default::default()
+        })
+        .expect("adapter")
+        .launch(&LaunchContext {
+            instance_id: "i",
+            session_id: "s",
+            cwd: std::path::Path::new("/w"),
+            env: &env,
+            moorline_exe: std::path::Path::new("/m"),
+            data_dir: std::path::Path::new("/d"),
+        })
+        .expect("launch")
+    }
+
+    /// A new conversation gets the id the server chose; a continued one is resumed by id.
+    #[test]
+    fn names_new_conversations_and_resumes_old_ones() {
+        let fresh = launch_with(Continuation {
+            fresh_id: Some("N".into()),
+            ..Continuation::default()
+        });
+        assert!(fresh.args.windows(2).any(|w| w == ["--session-id", "N"]));
+        assert!(!fresh.args.iter().any(|a| a == "--resume"));
+        assert_eq!(fresh.conversation.as_deref(), Some("N"));
+        let resumed = launch_with(Continuation {
+            resume: Some("R".into()),
+            fresh_id: Some("N".into()),
+            lost: None,
+        });
+        assert!(resumed.args.windows(2).any(|w| w == ["--resume", "R"]));
+        assert!(!resumed.args.iter().any(|a| a == "--session-id"));
+        assert_eq!(resumed.conversation.as_deref(), Some("R"));
+    }
+
+    /// The transcript decides: there, it is continued; gone, the reason says where it was
+    /// looked for; a recorded id that could name a path is refused.
+    #[test]
+    fn finds_the_transcript_under_the_home() {
+        let home = tempfile_dir();
+        let adapter = ClaudeAdapter::new(&AdapterConfig {
+            agent: "claude-code".into(),
+            ..Default::default()
+        })
+        .expect("adapter");
+        let place = |recorded| ConversationPlace {
+            data_dir: std::path::Path::new("/d"),
+            home: Some(home.as_path()),
+            cwd: std::path::Path::new("/w"),
+            recorded,
+        };
+        assert_eq!(adapter.find_conversation(&place(None)), Ok(None));
+        let err = adapter
+            .find_conversation(&place(Some("abc-1")))
+            .expect_err("no transcript");
+        assert!(err.contains(".claude/projects"), "{err}");
+        let project = home.join(".claude/projects/-w");
+        std::fs::create_dir_all(&project).expect("mkdir");
+        std::fs::write(project.join("abc-1.jsonl"), "{}\n").expect("write");
+        assert_eq!(
+            adapter.find_conversation(&place(Some("abc-1"))),
+            Ok(Some("abc-1".into()))
+        );
+        assert!(adapter.find_conversation(&place(Some("../x"))).is_err());
+        let _ = std::fs::remove_dir_all(&home);
+    }
+
+    /// A fresh directory under the system's temporary directory.
+    fn tempfile_dir() -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "moorline-claude-test-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        dir
+    }
+
     /// What clients see of a recorded Claude Code session replayed through the translator:
     /// the prompts (`in` lines) go through `client_line` as pi prompts, Claude's lines through
     /// `agent_line`.

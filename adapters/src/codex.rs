@@ -807,6 +807,88 @@ impl Translator for PiRpcTranslator {
 mod tests {
     use super::*;
 
+    fn json_lines(lines: &[Vec<u8>]) -> Vec<Value> {
+        lines
+            .iter()
+            .map(|l| serde_json::from_slice(l).expect("json"))
+            .collect()
+    }
+
+    /// A start that continues a thread asks `thread/resume`; when Codex cannot, clients are
+    /// told and a new thread starts; either way the thread is reported for the record.
+    #[test]
+    fn resuming_a_thread_and_falling_back_to_a_new_one() {
+        let adapter = CodexAdapter::new(&AdapterConfig {
+            agent: "codex".into(),
+            continuation: Continuation {
+                resume: Some("T0".into()),
+                ..Continuation::default()
+            },
+            ..Default::default()
+        })
+        .expect("adapter");
+        let mut t = adapter.translator();
+        let mut out = Outputs::default();
+        t.start(&mut out);
+        let sent = json_lines(&out.to_agent);
+        assert_eq!(sent[2]["method"], "thread/resume");
+        assert_eq!(sent[2]["params"]["threadId"], "T0");
+        assert_eq!(sent[2]["params"]["approvalPolicy"], APPROVAL_POLICY);
+
+        let mut out = Outputs::default();
+        t.agent_line(
+            r#"{"id":"moorline-thread","error":{"code":-32600,"message":"no rollout found for thread id T0"}}"#,
+            &mut out,
+        );
+        let told = json_lines(&out.to_clients);
+        assert_eq!(told[0]["type"], "amarre.resume_failed");
+        assert_eq!(told[0]["conversation"], "T0");
+        assert!(
+            told[0]["reason"]
+                .as_str()
+                .expect("reason")
+                .contains("no rollout")
+        );
+        assert_eq!(json_lines(&out.to_agent)[0]["method"], "thread/start");
+        assert_eq!(t.take_conversation(), None, "no thread yet");
+
+        let mut out = Outputs::default();
+        t.agent_line(
+            r#"{"id":"moorline-thread","result":{"thread":{"id":"T1"},"model":"m"}}"#,
+            &mut out,
+        );
+        assert_eq!(json_lines(&out.to_clients)[0]["type"], "amarre.agent_ready");
+        assert_eq!(
+            t.take_conversation(),
+            Some(conv::ConversationNews {
+                id: "T1".into(),
+                resumed: false
+            })
+        );
+        assert_eq!(t.take_conversation(), None, "reported once");
+    }
+
+    #[test]
+    fn a_resumed_thread_is_reported_as_resumed() {
+        let mut t = PiRpcTranslator {
+            resuming: Some("T0".into()),
+            ..PiRpcTranslator::default()
+        };
+        let mut out = Outputs::default();
+        t.start(&mut out);
+        t.agent_line(
+            r#"{"id":"moorline-thread","result":{"thread":{"id":"T0"},"model":"m"}}"#,
+            &mut out,
+        );
+        assert_eq!(
+            t.take_conversation(),
+            Some(conv::ConversationNews {
+                id: "T0".into(),
+                resumed: true
+            })
+        );
+    }
+
     /// Replays a recorded Codex session (fixtures/transcripts/codex.jsonl) through the
     /// translator and checks what clients would have seen.
     #[test]

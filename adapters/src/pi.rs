@@ -235,7 +235,81 @@ impl Translator for ReadyProbe {
 mod tests {
     use super::*;
     use std::collections::BTreeMap;
-    use std::path::Path;
+
+    /// The newest non-empty session file in the session's directory is continued with
+    /// `--session`; none there while one was recorded is a lost conversation.
+    #[test]
+    fn continues_the_newest_session_file() {
+        let data = std::env::temp_dir().join(format!("moorline-pi-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&data);
+        let sessions = sessions_dir(&data);
+        std::fs::create_dir_all(&sessions).expect("mkdir");
+        let adapter = PiAdapter::new(&AdapterConfig {
+            agent: "pi".into(),
+            ..Default::default()
+        });
+        let place = |recorded| ConversationPlace {
+            data_dir: &data,
+            home: None,
+            cwd: Path::new("/w"),
+            recorded,
+        };
+        assert_eq!(adapter.find_conversation(&place(None)), Ok(None));
+        assert!(adapter.find_conversation(&place(Some("/x.jsonl"))).is_err());
+        std::fs::write(sessions.join("empty.jsonl"), "").expect("write");
+        let file = sessions.join("a.jsonl");
+        std::fs::write(&file, "{}\n").expect("write");
+        let found = adapter.find_conversation(&place(None)).expect("found");
+        assert_eq!(found.as_deref(), Some(file.to_str().expect("utf-8")));
+
+        let resumed = PiAdapter::new(&AdapterConfig {
+            agent: "pi".into(),
+            continuation: Continuation {
+                resume: found.clone(),
+                ..Continuation::default()
+            },
+            ..Default::default()
+        });
+        let env = BTreeMap::new();
+        let spec = resumed
+            .launch(&LaunchContext {
+                instance_id: "i",
+                session_id: "s",
+                cwd: Path::new("/w"),
+                env: &env,
+                moorline_exe: Path::new("/m"),
+                data_dir: &data,
+            })
+            .expect("launch");
+        assert!(
+            spec.args
+                .windows(2)
+                .any(|w| w[0] == "--session" && Some(w[1].as_str()) == found.as_deref())
+        );
+        let _ = std::fs::remove_dir_all(&data);
+    }
+
+    /// `get_state`'s session file is reported once, for the session's record.
+    #[test]
+    fn reports_the_session_file() {
+        let mut probe = ReadyProbe {
+            resumed: true,
+            ..ReadyProbe::default()
+        };
+        let mut out = Outputs::default();
+        probe.agent_line(
+            r#"{"id":"moorline-ready","type":"response","command":"get_state","success":true,"data":{"model":null,"sessionFile":"/d/state/pi-sessions/x.jsonl"}}"#,
+            &mut out,
+        );
+        assert_eq!(
+            probe.take_conversation(),
+            Some(ConversationNews {
+                id: "/d/state/pi-sessions/x.jsonl".into(),
+                resumed: true
+            })
+        );
+        assert_eq!(probe.take_conversation(), None);
+    }
 
     #[test]
     fn launches_rpc_mode_with_only_the_gate() {
