@@ -440,13 +440,15 @@ impl Client {
         Ok(())
     }
 
-    /// `POST /sessions/{id}/restart`.
-    pub async fn restart(&self, id: &str) -> Result<Value, ClientError> {
+    /// `POST /sessions/{id}/restart`, continuing the agent's conversation unless
+    /// `new_conversation`.
+    pub async fn restart(&self, id: &str, new_conversation: bool) -> Result<Value, ClientError> {
+        let conversation = if new_conversation { "new" } else { "resume" };
         Ok(self
             .call(
                 reqwest::Method::POST,
                 &format!("/sessions/{id}/restart"),
-                None,
+                Some(serde_json::json!({ "conversation": conversation })),
             )
             .await?
             .unwrap_or(Value::Null))

@@ -188,10 +188,13 @@ enum SessionsCommand {
         /// Session id.
         id: String,
     },
-    /// Start the agent of a session that exited or crashed.
+    /// Start the agent of a session that exited or crashed, on its earlier conversation.
     Restart {
         /// Session id.
         id: String,
+        /// Start a new conversation instead of continuing the earlier one.
+        #[arg(long)]
+        new_conversation: bool,
     },
 }
 
@@ -554,7 +557,10 @@ async fn sessions(conn: ConnArgs, action: SessionsCommand) -> Result<(), ClientE
         }
         SessionsCommand::Get { id } => print(&client.get(&id).await?),
         SessionsCommand::Rm { id } => client.delete(&id).await?,
-        SessionsCommand::Restart { id } => print(&client.restart(&id).await?),
+        SessionsCommand::Restart {
+            id,
+            new_conversation,
+        } => print(&client.restart(&id, new_conversation).await?),
     }
     Ok(())
 }

@@ -279,6 +279,18 @@ async fn quickstart_sessions_attach_and_sigterm() {
         1
     );
 
+    // restart asks the server (here: the agent still runs), with or without a new
+    // conversation.
+    let (code, _, err) = run(vec![
+        "sessions".into(),
+        "restart".into(),
+        id.clone(),
+        "--new-conversation".into(),
+    ])
+    .await;
+    assert_ne!(code, 0);
+    assert!(err.contains("already_running"), "{err}");
+
     // SIGTERM: clients are closed with 1001, never 1006, and the server exits 0.
     let ws_url = served.url.replacen("http://", "ws://", 1);
     let mut ws = Ws::connect(&format!("{ws_url}/sessions/{id}")).await;
