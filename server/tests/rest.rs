@@ -55,7 +55,8 @@ async fn session_lifecycle_over_rest() {
             "createdBy",
             "cwd",
             "createdAt",
-            "activity"
+            "activity",
+            "conversation"
         ]
     );
     // Just started and silent (the fixture writes nothing until asked): idle.
