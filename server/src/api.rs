@@ -17,6 +17,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::Limits;
 use crate::metrics::Metrics;
+use crate::projects::{NewProject, ProjectError};
 use crate::security::{self, AccessPolicy, Identity, Via};
 use crate::session::{ConversationRequest, CreateRequest, SessionError, SessionManager};
 use crate::ws;
@@ -53,6 +54,14 @@ pub fn router(state: AppState, policy: Arc<AccessPolicy>, via: Via) -> Router {
             "/sessions/{id}/restart",
             post(restart_session).fallback(not_found),
         )
+        .route(
+            "/projects",
+            get(list_projects).post(add_project).fallback(not_found),
+        )
+        .route(
+            "/projects/{id}",
+            axum::routing::delete(remove_project).fallback(not_found),
+        )
         .route("/push/tokens", any(push_disabled))
         .route("/push/tokens/{*token}", any(push_disabled))
         .fallback(not_found)
@@ -63,9 +72,43 @@ pub fn router(state: AppState, policy: Arc<AccessPolicy>, via: Via) -> Router {
         .with_state(state)
 }
 
+/// The status and body of a project error.
+fn project_error(e: &ProjectError) -> (StatusCode, Value) {
+    let message = e.to_string();
+    match e {
+        ProjectError::NotFound(id) => (
+            StatusCode::NOT_FOUND,
+            json!({"error": "unknown_project", "project": id, "message": message}),
+        ),
+        ProjectError::Exists(id) => (
+            StatusCode::CONFLICT,
+            json!({"error": "project_exists", "project": id, "message": message}),
+        ),
+        ProjectError::Invalid { field, message } => (
+            StatusCode::BAD_REQUEST,
+            json!({"error": "invalid_request", "field": field, "message": message}),
+        ),
+        ProjectError::BranchInUse(branch) => (
+            StatusCode::CONFLICT,
+            json!({"error": "branch_in_use", "branch": branch, "message": message}),
+        ),
+        ProjectError::Git(_) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            json!({"error": "git_failed", "message": message}),
+        ),
+        ProjectError::Io(_) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            json!({"error": "internal", "message": message}),
+        ),
+    }
+}
+
 /// Every way a request can fail, with amarre's status codes and bodies.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
+    /// A project operation failed.
+    #[error(transparent)]
+    Project(#[from] ProjectError),
     /// A session operation failed.
     #[error(transparent)]
     Session(#[from] SessionError),
@@ -160,7 +203,9 @@ impl IntoResponse for ApiError {
                     StatusCode::INTERNAL_SERVER_ERROR,
                     json!({"error": "internal", "message": e.to_string()}),
                 ),
+                SessionError::Project(e) => project_error(e),
             },
+            ApiError::Project(e) => project_error(e),
             ApiError::InvalidJson(m) => (
                 StatusCode::BAD_REQUEST,
                 json!({"error": "invalid_json", "message": m}),
@@ -449,6 +494,8 @@ fn parse_create(body: &[u8]) -> Result<CreateRequest, ApiError> {
         cwd: string("cwd")?.map(PathBuf::from),
         env,
         created_by: None,
+        project: string("project")?,
+        branch: string("branch")?,
     })
 }
 
@@ -473,9 +520,21 @@ async fn session_route(
     match method {
         Method::GET | Method::HEAD => Ok(Json(session.summary()).into_response()),
         Method::DELETE => {
-            app.sessions.delete(&id).await?;
+            // `?force=1`: remove the session's worktree even when it holds work.
+            let force = query
+                .as_deref()
+                .is_some_and(|q| q.split('&').any(|kv| kv == "force=1" || kv == "force=true"));
+            let removal = app.sessions.delete_with(&id, force).await?;
             crate::audit::session("delete", &identity.user, &id, session.instance_id());
-            Ok(StatusCode::NO_CONTENT.into_response())
+            Ok(match removal {
+                crate::projects::Removal::Removed => StatusCode::NO_CONTENT.into_response(),
+                crate::projects::Removal::Kept(why) => Json(json!({
+                    "deleted": true,
+                    "worktree": "kept",
+                    "message": why,
+                }))
+                .into_response(),
+            })
         }
         _ => Ok(not_found().await),
     }
@@ -494,6 +553,56 @@ async fn restart_session(
     let summary = app.sessions.restart(&id, conversation).await?;
     crate::audit::session("restart", &identity.user, &id, &summary.instance_id);
     Ok(Json(summary).into_response())
+}
+
+async fn list_projects(State(app): State<AppState>, _identity: Identity) -> Response {
+    Json(app.sessions.projects().list()).into_response()
+}
+
+/// Registers a repository inside the workspace roots of the project's default instance (or
+/// the server's default instance).
+async fn add_project(
+    State(app): State<AppState>,
+    identity: Identity,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    if body.len() > app.limits.max_request_bytes {
+        return Err(ApiError::InvalidField {
+            field: "body".into(),
+            message: format!(
+                "request of {} bytes exceeds the limit of {} bytes (limits.max_request_bytes)",
+                body.len(),
+                app.limits.max_request_bytes
+            ),
+        });
+    }
+    let req: NewProject =
+        serde_json::from_slice(&body).map_err(|e| ApiError::InvalidJson(e.to_string()))?;
+    let instance = app
+        .sessions
+        .instance_for(req.default_instance.as_deref())
+        .ok_or_else(|| {
+            app.sessions
+                .unknown_instance(req.default_instance.as_deref().unwrap_or("default"))
+        })?;
+    identity.check_instance(instance)?;
+    let roots = instance.config.workspace_roots.clone();
+    let projects = app.sessions.projects().clone();
+    let project = tokio::task::spawn_blocking(move || projects.add(req, &roots))
+        .await
+        .map_err(|e| ApiError::Session(SessionError::Io(std::io::Error::other(e))))??;
+    crate::audit::project("add", &identity.user, &project.id);
+    Ok((StatusCode::CREATED, Json(project)).into_response())
+}
+
+async fn remove_project(
+    State(app): State<AppState>,
+    identity: Identity,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    app.sessions.remove_project(&id)?;
+    crate::audit::project("remove", &identity.user, &id);
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 /// moorline does not send push notifications; amarre answers this when push is off.

@@ -31,6 +31,7 @@ pub mod credentials;
 pub mod fanout;
 pub mod keeper;
 pub mod metrics;
+pub mod projects;
 pub mod runtime;
 pub mod security;
 pub mod session;

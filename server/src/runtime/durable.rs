@@ -175,7 +175,15 @@ impl DurableRuntime {
                 home,
                 tini: host.tini.clone(),
                 system_dirs: self.config.system_dirs.clone(),
-                extra_rw: vec![spec.session_dir.data()],
+                extra_rw: [spec.session_dir.data()]
+                    .into_iter()
+                    .chain(spec.git_dir.clone())
+                    .collect(),
+                extra_ro: spec
+                    .git_dir
+                    .iter()
+                    .flat_map(|g| [g.join("config"), g.join("hooks")])
+                    .collect(),
                 network: spec.options.network,
                 network_hook: hook,
                 resolv_conf: resolv,

@@ -258,6 +258,7 @@ async fn probe(host: &durable::ContainerHost, config: &Config) -> Result<(), Hos
             tini: host.tini.clone(),
             system_dirs: config.runtime.system_dirs.clone(),
             extra_rw: Vec::new(),
+            extra_ro: Vec::new(),
             network: crate::config::NetworkMode::Host,
             network_hook: None,
             resolv_conf: None,
@@ -344,6 +345,9 @@ pub struct SpawnSpec {
     pub adapter: moorline_adapters::AdapterConfig,
     /// The approval rules.
     pub approvals: moorline_adapters::pipeline::ApprovalPolicy,
+    /// The repository's common git directory when the workspace is a worktree of it: git in
+    /// the worktree needs it (containers bind it read-write, its config and hooks read-only).
+    pub git_dir: Option<PathBuf>,
 }
 
 /// How a session's agent looked to a server that starts up and finds it.

@@ -57,6 +57,11 @@ pub struct CreateRequest {
     pub env: BTreeMap<String, String>,
     /// Who asks (a tailnet login, `token` or `local`), recorded as the session's creator.
     pub created_by: Option<String>,
+    /// The project to work in: the session gets a worktree of its own as its `cwd`.
+    pub project: Option<String>,
+    /// The worktree's branch (default `moorline/<session id>`, new from the project's
+    /// default branch).
+    pub branch: Option<String>,
 }
 
 /// Starts agents for sessions: the part of session management that is policy, not
@@ -265,6 +270,7 @@ impl Launcher {
                 options: instance.config.runtime_options(),
                 adapter: adapter_config,
                 approvals: instance.config.approval_policy(),
+                git_dir: session.worktree.as_ref().map(|w| w.git_dir.clone()),
             })
             .await?;
         self.run_agent(

@@ -160,6 +160,19 @@ pub struct SessionSummary {
     pub activity: Option<Activity>,
     /// Whether the last start continued the agent's earlier conversation (moorline).
     pub conversation: ConversationState,
+    /// The project the session works in (moorline; absent outside projects).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub project: Option<String>,
+    /// The branch of its worktree (moorline; with `project`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub branch: Option<String>,
+    /// Whether its worktree has uncommitted changes (moorline; with `project`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dirty: Option<bool>,
+    /// How many commits its branch has that the project's default branch lacks (moorline;
+    /// with `project`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ahead: Option<u64>,
 }
 
 /// Whether a run continues the agent's earlier conversation, as the summary says.
@@ -268,6 +281,8 @@ pub struct Session {
     /// `None` when the session's instance is no longer configured.
     instance: Option<Arc<Instance>>,
     cwd: PathBuf,
+    /// The session's own git worktree (its `cwd`), when it works in a project.
+    pub(crate) worktree: Option<crate::projects::Worktree>,
     env: BTreeMap<String, String>,
     created_at: u64,
     created_by: Option<String>,
@@ -431,6 +446,15 @@ impl Session {
                 true => ConversationState::Resumed,
                 false => ConversationState::New,
             };
+        if let Some(worktree) = &self.worktree {
+            summary.project = Some(worktree.project.clone());
+            summary.branch = Some(worktree.branch.clone());
+            // Asked of git each time: the agent changes the tree as it works.
+            if let Ok(state) = crate::projects::Projects::state(worktree) {
+                summary.dirty = Some(state.dirty);
+                summary.ahead = Some(state.ahead);
+            }
+        }
         summary
     }
 
@@ -458,6 +482,10 @@ impl Session {
             created_at: self.created_at,
             activity: None,
             conversation: ConversationState::New,
+            project: None,
+            branch: None,
+            dirty: None,
+            ahead: None,
         }
     }
 
@@ -479,6 +507,7 @@ impl Session {
             pid_start: state.pid.and_then(crate::keeper::group::process_start_time),
             ended_at: state.ended_at,
             exit_reason: state.exit.and_then(|e| e.reason),
+            worktree: self.worktree.clone(),
         }
     }
 
