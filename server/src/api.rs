@@ -62,6 +62,11 @@ pub fn router(state: AppState, policy: Arc<AccessPolicy>, via: Via) -> Router {
             "/projects/{id}",
             axum::routing::delete(remove_project).fallback(not_found),
         )
+        .route("/sessions/{id}/diff", get(session_diff).fallback(not_found))
+        .route(
+            "/sessions/{id}/files",
+            get(session_files).fallback(not_found),
+        )
         .route("/push/tokens", any(push_disabled))
         .route("/push/tokens/{*token}", any(push_disabled))
         .fallback(not_found)
@@ -603,6 +608,124 @@ async fn remove_project(
     app.sessions.remove_project(&id)?;
     crate::audit::project("remove", &identity.user, &id);
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// The value of `key` in a query string (no decoding beyond `%XX` and `+`).
+fn query_value(query: Option<&str>, key: &str) -> Option<String> {
+    query?.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        (k == key).then(|| percent_decode(v))
+    })
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(b)) => {
+                out.push(b);
+                i += 3;
+                continue;
+            }
+            (b'+', _) => out.push(b' '),
+            (b, _) => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// `GET /sessions/{id}/diff`: the changes of the session's worktree against the project's
+/// default branch, or with `?uncommitted=1` only what is not committed.
+async fn session_diff(
+    State(app): State<AppState>,
+    identity: Identity,
+    Path(id): Path<String>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    let session = app.sessions.get(&id).ok_or(SessionError::NotFound)?;
+    may_use(&identity, &session)?;
+    let Some(worktree) = session.worktree().cloned() else {
+        return Ok((
+            StatusCode::CONFLICT,
+            Json(json!({"error": "not_in_project", "message": "the session does not work in a project's worktree"})),
+        )
+            .into_response());
+    };
+    let uncommitted = matches!(
+        query_value(query.as_deref(), "uncommitted").as_deref(),
+        Some("1" | "true")
+    );
+    let diff = tokio::task::spawn_blocking(move || crate::projects::diff(&worktree, uncommitted))
+        .await
+        .map_err(|e| ApiError::Session(SessionError::Io(std::io::Error::other(e))))??;
+    if diff.len() > app.limits.max_file_bytes {
+        return Ok(too_large(diff.len() as u64, app.limits.max_file_bytes));
+    }
+    Ok(([(header::CONTENT_TYPE, "text/x-diff; charset=utf-8")], diff).into_response())
+}
+
+fn too_large(size: u64, limit: usize) -> Response {
+    (
+        StatusCode::PAYLOAD_TOO_LARGE,
+        Json(json!({
+            "error": "too_large",
+            "size": size,
+            "limit": limit,
+            "message": format!("{size} bytes exceeds limits.max_file_bytes ({limit})"),
+        })),
+    )
+        .into_response()
+}
+
+/// `GET /sessions/{id}/files?path=…`: a directory's listing (JSON) or a file's contents,
+/// read-only and never outside the session's working directory.
+async fn session_files(
+    State(app): State<AppState>,
+    identity: Identity,
+    Path(id): Path<String>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    use crate::projects::files::{self, FileError, Found};
+    let session = app.sessions.get(&id).ok_or(SessionError::NotFound)?;
+    may_use(&identity, &session)?;
+    let root = session.cwd().to_owned();
+    let path = query_value(query.as_deref(), "path").unwrap_or_default();
+    let limit = app.limits.max_file_bytes as u64;
+    let asked = path.clone();
+    let found = tokio::task::spawn_blocking(move || files::read(&root, &asked, limit))
+        .await
+        .map_err(|e| ApiError::Session(SessionError::Io(std::io::Error::other(e))))?;
+    Ok(match found {
+        Ok(Found::Dir(entries)) => Json(json!({"path": path, "entries": entries})).into_response(),
+        Ok(Found::File(body)) => {
+            ([(header::CONTENT_TYPE, "application/octet-stream")], body).into_response()
+        }
+        Err(e @ FileError::Escapes(_)) => (
+            StatusCode::BAD_REQUEST,
+            Json(
+                json!({"error": "path_outside_workspace", "path": path, "message": e.to_string()}),
+            ),
+        )
+            .into_response(),
+        Err(e @ FileError::NotFound(_)) => (
+            StatusCode::NOT_FOUND,
+            Json(json!({"error": "no_such_file", "path": path, "message": e.to_string()})),
+        )
+            .into_response(),
+        Err(FileError::TooLarge { size, .. }) => too_large(size, app.limits.max_file_bytes),
+        Err(e @ FileError::Io(_)) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Json(json!({"error": "internal", "message": e.to_string()})),
+        )
+            .into_response(),
+    })
 }
 
 /// moorline does not send push notifications; amarre answers this when push is off.

@@ -214,3 +214,99 @@ async fn sessions_in_a_project_work_in_worktrees_of_their_own() {
     assert_eq!(server.delete("/projects/app").await.0, 404);
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_diff_shows_the_work_and_files_stay_inside_the_workspace() {
+    let (_root, repo) = repository();
+    let server = TestServer::start().await;
+    let (status, _) = server
+        .post("/projects", &json!({"path": repo, "id": "app"}).to_string())
+        .await;
+    assert_eq!(status, 201);
+    let (_, s) = server
+        .post(
+            "/sessions",
+            &json!({"instanceId": "fixture", "project": "app"}).to_string(),
+        )
+        .await;
+    let id = s["id"].as_str().expect("id").to_owned();
+    let dir = PathBuf::from(s["cwd"].as_str().expect("cwd"));
+
+    // Uncommitted: a change and a new file.
+    edit(&dir, "story.txt", "once upon a time\n");
+    edit(&dir, "new.txt", "fresh\n");
+    let (status, diff) = server
+        .get(&format!("/sessions/{id}/diff?uncommitted=1"))
+        .await;
+    assert_eq!(status, 200, "{diff}");
+    assert!(diff.contains("-once\n+once upon a time"), "{diff}");
+    assert!(
+        diff.contains("+++ b/new.txt") && diff.contains("+fresh"),
+        "{diff}"
+    );
+    // Committed: the diff against the base still has it, the uncommitted one is empty.
+    git(&dir, &["add", "-A"]);
+    git(&dir, &["commit", "-q", "-m", "work"]);
+    let (_, diff) = server.get(&format!("/sessions/{id}/diff")).await;
+    assert!(
+        diff.contains("+once upon a time") && diff.contains("+fresh"),
+        "{diff}"
+    );
+    let (_, diff) = server
+        .get(&format!("/sessions/{id}/diff?uncommitted=1"))
+        .await;
+    assert_eq!(diff, "", "nothing uncommitted");
+
+    // Files: listing and reading inside; nothing outside, whatever the path says.
+    let (status, listing) = server.get_json(&format!("/sessions/{id}/files")).await;
+    assert_eq!(status, 200, "{listing}");
+    let names: Vec<&str> = listing["entries"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .filter_map(|e| e["name"].as_str())
+        .collect();
+    assert!(
+        names.contains(&"story.txt") && names.contains(&"new.txt"),
+        "{listing}"
+    );
+    let (status, text) = server
+        .get(&format!("/sessions/{id}/files?path=story.txt"))
+        .await;
+    assert_eq!((status, text.as_str()), (200, "once upon a time\n"));
+    std::os::unix::fs::symlink("/etc", dir.join("etc-link")).expect("symlink");
+    for path in [
+        "../app/story.txt",
+        "/etc/passwd",
+        "etc-link/passwd",
+        "etc-link",
+        "a/../../x",
+    ] {
+        let (status, body) = server
+            .get_json(&format!("/sessions/{id}/files?path={path}"))
+            .await;
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (400, Some("path_outside_workspace")),
+            "{path}: {body}"
+        );
+    }
+    let (status, body) = server
+        .get_json(&format!("/sessions/{id}/files?path=missing.txt"))
+        .await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (404, Some("no_such_file"))
+    );
+
+    // A session outside projects has no diff.
+    let other = server.session("fixture").await;
+    let (status, body) = server.get_json(&format!("/sessions/{other}/diff")).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (409, Some("not_in_project"))
+    );
+    let (status, _) = server.delete(&format!("/sessions/{id}?force=1")).await;
+    assert_eq!(status, 204);
+    server.stop().await;
+}

@@ -7,12 +7,13 @@
 //! holds work that is not merged anywhere else (kept and reported; a forced delete removes it
 //! anyway). A leaf: it knows nothing of sessions or HTTP.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Mutex;
 
 use indexmap::IndexMap;
 use serde::{Deserialize, Serialize};
 
+pub mod files;
 pub mod git;
 
 use git::{Git, GitError};
@@ -360,6 +361,13 @@ impl Projects {
     }
 }
 
+/// The worktree's changes: against its base (everything its branch and working tree add),
+/// or (`uncommitted`) only what is not committed yet.
+pub fn diff(worktree: &Worktree, uncommitted: bool) -> Result<String, ProjectError> {
+    let git = Git::as_owner(&worktree.path)?;
+    Ok(git.diff((!uncommitted).then_some(worktree.base.as_str()))?)
+}
+
 fn valid_id_char(c: char) -> bool {
     c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-')
 }
@@ -369,12 +377,4 @@ pub fn valid_id(id: &str) -> bool {
     (1..=64).contains(&id.len())
         && id.chars().all(valid_id_char)
         && id.starts_with(|c: char| c.is_ascii_alphanumeric())
-}
-
-/// Whether `path` is `root` or inside it, after resolving what exists of it.
-pub fn within(root: &Path, path: &Path) -> bool {
-    match (std::fs::canonicalize(root), std::fs::canonicalize(path)) {
-        (Ok(r), Ok(p)) => p.starts_with(r),
-        _ => false,
-    }
 }

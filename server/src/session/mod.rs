@@ -328,6 +328,16 @@ impl Session {
             .map_or("unknown", |i| i.adapter.name())
     }
 
+    /// The agent's working directory.
+    pub fn cwd(&self) -> &std::path::Path {
+        &self.cwd
+    }
+
+    /// The session's own worktree, when it works in a project.
+    pub fn worktree(&self) -> Option<&crate::projects::Worktree> {
+        self.worktree.as_ref()
+    }
+
     /// The instance id.
     pub fn instance_id(&self) -> &str {
         &self.instance_id
