@@ -1007,3 +1007,91 @@ async fn claude_code_lost_conversation_is_told() {
 async fn codex_lost_conversation_is_told() {
     lost_conversation_is_told("codex", "codex").await;
 }
+
+/// Runs git in `dir` as the user agents run as in tests (the repository's owner).
+fn git_as_agent(dir: &Path, args: &[&str]) -> String {
+    let mut cmd = std::process::Command::new("git");
+    cmd.arg("-C")
+        .arg(dir)
+        .args(["-c", "user.name=T", "-c", "user.email=t@example.com"])
+        .args(args)
+        .env("HOME", "/nonexistent");
+    if nix::unistd::geteuid().is_root() {
+        use std::os::unix::process::CommandExt;
+        cmd.uid(common::TEST_UID).gid(common::TEST_UID);
+    }
+    let out = cmd.output().expect("git");
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A session in a project: the agent (pi, in its container when runc works) works in its own
+/// worktree, and `git commit` there lands on the session's branch of the repository.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_commits_in_its_worktree() {
+    let Some((server, _mock, _sandbox, work)) = start("pi", "pi").await else {
+        return;
+    };
+    let repo = work.path().join("app");
+    std::fs::create_dir(&repo).expect("mkdir");
+    if nix::unistd::geteuid().is_root() {
+        std::os::unix::fs::chown(&repo, Some(common::TEST_UID), Some(common::TEST_UID))
+            .expect("chown");
+    }
+    git_as_agent(&repo, &["init", "-q", "-b", "main"]);
+    git_as_agent(&repo, &["commit", "-q", "--allow-empty", "-m", "first"]);
+    let (status, body) = server
+        .post(
+            "/projects",
+            &json!({"path": repo, "id": "app", "defaultInstance": "pi"}).to_string(),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let (status, s) = server
+        .post("/sessions", &json!({"project": "app"}).to_string())
+        .await;
+    assert_eq!(status, 201, "{s}");
+    let id = s["id"].as_str().expect("id").to_owned();
+    let mut ws = server.ws(&id).await;
+    ws.send_json(&prompt(
+        "p1",
+        "RUNBASH: echo agent > made.txt && git add made.txt && git -c user.name=A -c user.email=a@example.com commit -qm by-the-agent && git status --porcelain && pwd",
+    ))
+    .await;
+    let ask = until(&mut ws, "an approval request", is_confirm).await;
+    ws.send_json(&answer(&ask, true)).await;
+    let text = turn_text(&mut ws).await;
+    assert!(text.contains("MOCK saw tool_result"), "{text}");
+    assert!(
+        text.contains(&id),
+        "the command ran in the worktree: {text}"
+    );
+    assert_eq!(
+        git_as_agent(
+            &repo,
+            &["log", "-1", "--format=%s", &format!("moorline/{id}")]
+        )
+        .trim(),
+        "by-the-agent",
+        "the commit is on the session's branch: {text}"
+    );
+    assert!(
+        !repo.join("made.txt").exists(),
+        "the main tree is untouched"
+    );
+    let (_, s) = server.get_json(&format!("/sessions/{id}")).await;
+    assert_eq!(
+        (s["dirty"].as_bool(), s["ahead"].as_u64()),
+        (Some(false), Some(1)),
+        "{s}"
+    );
+    let (status, diff) = server.get(&format!("/sessions/{id}/diff")).await;
+    assert!(status == 200 && diff.contains("+agent"), "{diff}");
+    let (status, body) = server.delete(&format!("/sessions/{id}")).await;
+    assert_eq!(status, 200, "committed work is kept: {body}");
+    server.stop().await;
+}
