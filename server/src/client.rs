@@ -1,4 +1,4 @@
-//! The client side of the `moorline` command: `sessions list|new|get|rm|restart` and
+//! The client side of the `moorline` command: `sessions list|new|get|rm|restart`, `projects` and
 //! `instances` over REST; `approve`/`deny`, which answer a pending approval over the session's
 //! WebSocket in its dialect; and `attach`, a websocat for moorline that is usable in pipes, with
 //! a human mode for pi RPC sessions on a terminal. Both speak to a server's TCP port
@@ -226,8 +226,15 @@ impl Client {
         name: Option<String>,
         cwd: Option<String>,
         env: BTreeMap<String, String>,
+        project: Option<(String, Option<String>)>,
     ) -> Result<Value, ClientError> {
         let mut body = serde_json::Map::new();
+        if let Some((project, branch)) = project {
+            body.insert("project".into(), project.into());
+            if let Some(b) = branch {
+                body.insert("branch".into(), b.into());
+            }
+        }
         if let Some(i) = instance {
             body.insert("instanceId".into(), i.into());
         }
@@ -435,9 +442,39 @@ impl Client {
 
     /// `DELETE /sessions/{id}`.
     pub async fn delete(&self, id: &str) -> Result<(), ClientError> {
-        self.call(reqwest::Method::DELETE, &format!("/sessions/{id}"), None)
-            .await?;
-        Ok(())
+        self.delete_with(id, false).await.map(drop)
+    }
+
+    /// `DELETE /sessions/{id}` (`force`: `?force=1`, its worktree goes even with work in it);
+    /// the server's answer when it kept the session's worktree.
+    pub async fn delete_with(&self, id: &str, force: bool) -> Result<Option<Value>, ClientError> {
+        let query = if force { "?force=1" } else { "" };
+        self.call(
+            reqwest::Method::DELETE,
+            &format!("/sessions/{id}{query}"),
+            None,
+        )
+        .await
+    }
+
+    /// `GET /projects`.
+    pub async fn projects(&self) -> Result<Value, ClientError> {
+        self.get_json("/projects").await
+    }
+
+    /// `POST /projects`.
+    pub async fn add_project(&self, body: Value) -> Result<Value, ClientError> {
+        Ok(self
+            .call(reqwest::Method::POST, "/projects", Some(body))
+            .await?
+            .unwrap_or(Value::Null))
+    }
+
+    /// `DELETE /projects/{id}`.
+    pub async fn remove_project(&self, id: &str) -> Result<(), ClientError> {
+        self.call(reqwest::Method::DELETE, &format!("/projects/{id}"), None)
+            .await
+            .map(drop)
     }
 
     /// `POST /sessions/{id}/restart`, continuing the agent's conversation unless

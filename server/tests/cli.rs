@@ -279,6 +279,13 @@ async fn quickstart_sessions_attach_and_sigterm() {
         1
     );
 
+    // Projects: none yet; a directory that is no repository is refused with the reason.
+    let (code, out, _) = run(vec!["projects".into(), "list".into()]).await;
+    assert_eq!((code, out.trim()), (0, "[]"));
+    let (code, _, err) = run(vec!["projects".into(), "add".into(), "/".into()]).await;
+    assert_ne!(code, 0);
+    assert!(err.contains("path"), "{err}");
+
     // restart asks the server (here: the agent still runs), with or without a new
     // conversation.
     let (code, _, err) = run(vec![
