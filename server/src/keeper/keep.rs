@@ -8,7 +8,7 @@
 //! - starts the agent (or `runc run`, which runs the agent in a container) with piped stdio;
 //! - listens on `RUN_DIR/stdin.sock` and forwards to the agent's stdin only **complete** lines,
 //!   so a server killed in the middle of sending a line never hands the agent half of it;
-//!   a line starting with [`USER_MARKER`](super::protocol::USER_MARKER) is not for the agent: it names the client whose
+//!   a line starting with [`USER_MARKER`] is not for the agent: it names the client whose
 //!   lines follow, so approval answers are recorded with who gave them;
 //! - frames the agent's stdout and appends it to the session's journal (the same code the
 //!   server uses), then sends the appended lines to the connected server
