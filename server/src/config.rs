@@ -241,6 +241,10 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// File holding a bearer token that every request must carry. No file: no token.
     pub token_file: Option<PathBuf>,
+    /// Credentials for cloning projects from URLs: a git credential store file
+    /// (`https://user:token@host` lines), read by git at each clone. Clients never send
+    /// credentials; none: only repositories that need none can be cloned.
+    pub git_credentials_file: Option<PathBuf>,
     /// Extra names accepted in the `Host` header (loopback names, this machine's hostname and
     /// its tailnet names are always accepted).
     #[serde(deserialize_with = "string_list")]
@@ -684,6 +688,7 @@ impl Default for Config {
             allow_non_loopback: false,
             state_dir: PathBuf::from("/var/lib/moorline"),
             token_file: None,
+            git_credentials_file: None,
             allowed_hosts: Vec::new(),
             allowed_origins: Vec::new(),
             detect_tailnet_names: true,

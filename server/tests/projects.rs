@@ -310,3 +310,90 @@ async fn the_diff_shows_the_work_and_files_stay_inside_the_workspace() {
     assert_eq!(status, 204);
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_project_can_be_cloned_but_never_with_a_clients_credentials() {
+    let (root, repo) = repository();
+    // The server's own credentials (a store file), used by every clone; file:// needs none,
+    // but the clone goes through them.
+    let secrets = tempfile::tempdir().expect("secrets");
+    let store = secrets.path().join("git-credentials");
+    std::fs::write(&store, "https://moorline:token@example.com\n").expect("store");
+    let store_for_config = store.clone();
+    let server =
+        TestServer::start_with(move |c| c.git_credentials_file = Some(store_for_config)).await;
+    let target = root.path().join("copy");
+    let clone =
+        |url: String, path: &Path| json!({"url": url, "path": path, "id": "copy"}).to_string();
+    for (url, why) in [
+        (
+            "https://user:secret@example.com/x.git".to_owned(),
+            "credentials",
+        ),
+        ("ext::sh -c touch% /tmp/pwned".to_owned(), "URL"),
+        ("file:///etc".to_owned(), "workspace roots"),
+    ] {
+        let (status, body) = server.post("/projects", &clone(url.clone(), &target)).await;
+        assert_eq!(
+            (status, body["field"].as_str()),
+            (400, Some("url")),
+            "{url}: {body}"
+        );
+        assert!(
+            body["message"].as_str().expect("message").contains(why),
+            "{body}"
+        );
+    }
+    let (status, body) = server
+        .post(
+            "/projects",
+            &clone(format!("file://{}", repo.display()), &repo),
+        )
+        .await;
+    assert_eq!(
+        (status, body["field"].as_str()),
+        (400, Some("path")),
+        "{body}"
+    );
+    assert!(!target.exists(), "nothing was cloned");
+
+    let (status, project) = server
+        .post(
+            "/projects",
+            &clone(format!("file://{}", repo.display()), &target),
+        )
+        .await;
+    assert_eq!(status, 201, "{project}");
+    assert_eq!(project["defaultBranch"], "main");
+    assert_eq!(
+        std::fs::read_to_string(target.join("story.txt")).expect("cloned"),
+        "once\n"
+    );
+    if nix::unistd::geteuid().is_root() {
+        use std::os::unix::fs::MetadataExt;
+        let owner = std::fs::metadata(target.join(".git/HEAD"))
+            .expect("meta")
+            .uid();
+        assert_eq!(
+            owner,
+            common::TEST_UID,
+            "the clone belongs to the workspace's owner"
+        );
+    }
+    assert!(
+        !std::fs::read_to_string(target.join(".git/config"))
+            .expect("config")
+            .contains("token"),
+        "no credentials in the clone"
+    );
+    let (status, s) = server
+        .post(
+            "/sessions",
+            &json!({"instanceId": "fixture", "project": "copy"}).to_string(),
+        )
+        .await;
+    assert_eq!(status, 201, "{s}");
+    let id = s["id"].as_str().expect("id");
+    assert_eq!(server.delete(&format!("/sessions/{id}")).await.0, 204);
+    server.stop().await;
+}

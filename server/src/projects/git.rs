@@ -197,3 +197,72 @@ impl Git {
         Ok(diff)
     }
 }
+
+/// Clones `url` into `path` (which must not exist) as `owner` (who owns the directory it
+/// goes in), so git trusts and owns everything it makes. Credentials (if any) come from
+/// `credentials`, a git credential store file of the server's, copied for the clone's
+/// duration into a private file of the owner's that is removed right after. Only `https`,
+/// `http`, `ssh`, `git` and `file` transports are allowed.
+pub fn clone_into(
+    url: &str,
+    path: &Path,
+    credentials: Option<&Path>,
+    owner: Option<(u32, u32)>,
+) -> Result<(), GitError> {
+    let parent = path.parent().unwrap_or(Path::new("/"));
+    let mut args: Vec<String> = vec![
+        // No helper from anywhere else: the server's credentials only.
+        "-c".into(),
+        "credential.helper=".into(),
+        "-c".into(),
+        "protocol.allow=never".into(),
+    ];
+    for transport in ["https", "http", "ssh", "git", "file"] {
+        args.extend(["-c".into(), format!("protocol.{transport}.allow=always")]);
+    }
+    let copy = match credentials {
+        Some(file) => Some(private_copy(file, owner).map_err(GitError::Spawn)?),
+        None => None,
+    };
+    if let Some(copy) = &copy {
+        args.extend([
+            "-c".into(),
+            format!("credential.helper=store --file={}", copy.display()),
+        ]);
+    }
+    args.extend([
+        "clone".into(),
+        "--quiet".into(),
+        "--".into(),
+        url.into(),
+        path.to_string_lossy().into_owned(),
+    ]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let cloned = Git::new(parent, owner.filter(|&(uid, _)| uid != 0)).run(&args);
+    if let Some(copy) = copy {
+        let _ = std::fs::remove_file(copy);
+    }
+    cloned.map(drop)
+}
+
+/// A copy of the credentials file only `owner` can read, in the server's temporary directory
+/// (which containers do not see).
+fn private_copy(file: &Path, owner: Option<(u32, u32)>) -> std::io::Result<PathBuf> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let body = std::fs::read(file)?;
+    let mut raw = [0u8; 8];
+    getrandom::fill(&mut raw).map_err(|e| std::io::Error::other(e.to_string()))?;
+    let name: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+    let copy = std::env::temp_dir().join(format!("moorline-git-credentials-{name}"));
+    let mut out = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&copy)?;
+    if let Some((uid, gid)) = owner {
+        std::os::unix::fs::fchown(&out, Some(uid), Some(gid))?;
+    }
+    out.write_all(&body)?;
+    Ok(copy)
+}

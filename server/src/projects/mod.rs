@@ -7,7 +7,7 @@
 //! holds work that is not merged anywhere else (kept and reported; a forced delete removes it
 //! anyway). A leaf: it knows nothing of sessions or HTTP.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use indexmap::IndexMap;
@@ -41,8 +41,13 @@ pub struct Project {
 pub struct NewProject {
     /// Its name (default: the repository directory's name).
     pub id: Option<String>,
-    /// An existing repository (the top of its main working tree).
+    /// An existing repository (the top of its main working tree), or with `url` where to
+    /// clone it (a directory that does not exist yet).
     pub path: PathBuf,
+    /// Clone this repository into `path` first (`https://`, `http://`, `ssh://`, `git://`,
+    /// or `file://` inside the workspace roots; credentials come from the server's
+    /// `git_credentials_file`, never from the URL).
+    pub url: Option<String>,
     /// Default: the branch checked out in `path`.
     pub default_branch: Option<String>,
     /// The instance sessions run by default.
@@ -118,12 +123,15 @@ pub enum ProjectError {
 #[derive(Debug)]
 pub struct Projects {
     file: PathBuf,
+    /// The server's git credential store, for clones.
+    credentials: Option<PathBuf>,
     map: Mutex<IndexMap<String, Project>>,
 }
 
 impl Projects {
-    /// The projects recorded in `file` (none if it does not exist).
-    pub fn open(file: PathBuf) -> Result<Self, ProjectError> {
+    /// The projects recorded in `file` (none if it does not exist); clones read
+    /// `credentials`.
+    pub fn open(file: PathBuf, credentials: Option<PathBuf>) -> Result<Self, ProjectError> {
         let map = match std::fs::read(&file) {
             Ok(body) => serde_json::from_slice::<Vec<Project>>(&body)
                 .map_err(|e| ProjectError::Io(std::io::Error::other(e)))?
@@ -135,6 +143,7 @@ impl Projects {
         };
         Ok(Self {
             file,
+            credentials,
             map: Mutex::new(map),
         })
     }
@@ -170,12 +179,30 @@ impl Projects {
         if !req.path.is_absolute() {
             return Err(invalid("path", "must be an absolute path".into()));
         }
-        let path = std::fs::canonicalize(&req.path)
-            .map_err(|e| invalid("path", format!("{}: {e}", req.path.display())))?;
         let roots: Vec<PathBuf> = roots
             .iter()
             .filter_map(|r| std::fs::canonicalize(r).ok())
             .collect();
+        let cloned = match &req.url {
+            Some(url) => {
+                self.clone_for(url, &req.path, &roots)?;
+                Some(req.path.clone())
+            }
+            None => None,
+        };
+        let registered = self.register(req, &roots);
+        if let (Err(_), Some(clone)) = (&registered, cloned) {
+            // A clone for a project that could not be registered is nobody's.
+            let _ = std::fs::remove_dir_all(clone);
+        }
+        registered
+    }
+
+    /// Registers the existing repository `req.path`.
+    fn register(&self, req: NewProject, roots: &[PathBuf]) -> Result<Project, ProjectError> {
+        let invalid = |field, message: String| ProjectError::Invalid { field, message };
+        let path = std::fs::canonicalize(&req.path)
+            .map_err(|e| invalid("path", format!("{}: {e}", req.path.display())))?;
         if !roots.iter().any(|r| path.starts_with(r) && &path != r) {
             return Err(invalid(
                 "path",
@@ -254,6 +281,76 @@ impl Projects {
             return Err(e);
         }
         Ok(project)
+    }
+
+    /// Clones `url` into `path`, a new directory in an existing one inside `roots`, owned by
+    /// whoever owns that directory.
+    fn clone_for(&self, url: &str, path: &Path, roots: &[PathBuf]) -> Result<(), ProjectError> {
+        let invalid = |field, message: String| ProjectError::Invalid { field, message };
+        let (scheme, rest) = url
+            .split_once("://")
+            .ok_or_else(|| invalid("url", "must be a URL (https://…, ssh://…)".into()))?;
+        if !["https", "http", "ssh", "git", "file"].contains(&scheme) {
+            return Err(invalid(
+                "url",
+                format!("the {scheme}:// transport is not allowed"),
+            ));
+        }
+        let authority = rest.split('/').next().unwrap_or("");
+        if scheme != "ssh" && authority.contains('@') {
+            return Err(invalid(
+                "url",
+                "credentials never come from clients: put them in the server's \
+                 git_credentials_file"
+                    .into(),
+            ));
+        }
+        if scheme == "file" {
+            // The server reads it: only what the instance's sessions could read anyway.
+            let source =
+                std::fs::canonicalize(rest).map_err(|e| invalid("url", format!("{rest}: {e}")))?;
+            if !roots.iter().any(|r| source.starts_with(r)) {
+                return Err(invalid(
+                    "url",
+                    "a file:// repository must lie inside the workspace roots".into(),
+                ));
+            }
+        }
+        let (Some(parent), Some(_)) = (path.parent(), path.file_name()) else {
+            return Err(invalid("path", "names no directory to clone into".into()));
+        };
+        if path.exists() {
+            return Err(invalid(
+                "path",
+                "exists already: a clone needs a new directory".into(),
+            ));
+        }
+        let parent = std::fs::canonicalize(parent)
+            .map_err(|e| invalid("path", format!("{}: {e}", parent.display())))?;
+        if !roots.iter().any(|r| parent.starts_with(r)) {
+            return Err(invalid(
+                "path",
+                "must lie inside one of the instance's workspace_roots".into(),
+            ));
+        }
+        let owner = {
+            use std::os::unix::fs::MetadataExt;
+            let meta = std::fs::metadata(&parent)?;
+            nix::unistd::geteuid()
+                .is_root()
+                .then_some((meta.uid(), meta.gid()))
+        };
+        let target = parent.join(path.file_name().unwrap_or_default());
+        git::clone_into(url, &target, self.credentials.as_deref(), owner).map_err(|e| {
+            // Nothing half-cloned stays behind.
+            let _ = std::fs::remove_dir_all(&target);
+            // git's own words only (the arguments name the credentials file).
+            let why = match e {
+                GitError::Failed { stderr, .. } => stderr,
+                e => e.to_string(),
+            };
+            invalid("url", format!("cannot clone: {why}"))
+        })
     }
 
     /// Forgets a project (its repository and worktrees stay on disk).

@@ -68,7 +68,10 @@ impl SessionManager {
         let lock = lock_state_dir(&config.state_dir)?;
         // Runtimes mark what they start with this path: one spelling for it, whatever the cwd.
         let sessions_dir = std::fs::canonicalize(&sessions_dir)?;
-        let projects = Arc::new(Projects::open(config.state_dir.join(PROJECTS_FILE))?);
+        let projects = Arc::new(Projects::open(
+            config.state_dir.join(PROJECTS_FILE),
+            config.git_credentials_file.clone(),
+        )?);
         let manager = Arc::new(Self {
             projects,
             slots: Arc::new(Semaphore::new(config.limits.max_sessions)),
