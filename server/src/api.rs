@@ -696,6 +696,22 @@ async fn session_files(
     let session = app.sessions.get(&id).ok_or(SessionError::NotFound)?;
     may_use(&identity, &session)?;
     let root = session.cwd().to_owned();
+    // A workspace is a project's worktree or a directory inside a workspace root, never a
+    // directory the operator chose for an instance (it may be anything, the server's own).
+    let in_roots = session.instance().is_some_and(|i| {
+        i.config
+            .workspace_roots
+            .iter()
+            .filter_map(|r| std::fs::canonicalize(r).ok())
+            .any(|r| root.starts_with(&r))
+    });
+    if session.worktree().is_none() && !in_roots {
+        return Ok((
+            StatusCode::CONFLICT,
+            Json(json!({"error": "no_workspace", "message": "the session's working directory is neither a project's worktree nor inside a workspace root"})),
+        )
+            .into_response());
+    }
     let path = query_value(query.as_deref(), "path").unwrap_or_default();
     let limit = app.limits.max_file_bytes as u64;
     let asked = path.clone();

@@ -306,6 +306,13 @@ async fn the_diff_shows_the_work_and_files_stay_inside_the_workspace() {
         (status, body["error"].as_str()),
         (409, Some("not_in_project"))
     );
+    // Nor files, when it works outside the workspace roots (here: the server's directory).
+    let (status, body) = server.get_json(&format!("/sessions/{other}/files")).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (409, Some("no_workspace")),
+        "{body}"
+    );
     let (status, _) = server.delete(&format!("/sessions/{id}?force=1")).await;
     assert_eq!(status, 204);
     server.stop().await;
