@@ -354,7 +354,12 @@ fn dialect_name(dialect: moorline_adapters::pipeline::Dialect) -> &'static str {
 }
 
 async fn list_sessions(State(app): State<AppState>, identity: Identity) -> Response {
-    let mut list = app.sessions.list();
+    // Summaries of sessions in projects ask git about their worktrees: off the async workers.
+    let sessions = app.sessions.clone();
+    let mut list = match tokio::task::spawn_blocking(move || sessions.list()).await {
+        Ok(list) => list,
+        Err(_) => app.sessions.list(),
+    };
     list.retain(|s| {
         app.sessions
             .get(&s.id)
@@ -523,7 +528,19 @@ async fn session_route(
     let session = app.sessions.get(&id).ok_or(SessionError::NotFound)?;
     may_use(&identity, &session)?;
     match method {
-        Method::GET | Method::HEAD => Ok(Json(session.summary()).into_response()),
+        Method::GET | Method::HEAD => {
+            let summary = match session.worktree() {
+                // git is asked about the worktree: off the async workers.
+                Some(_) => {
+                    let session = session.clone();
+                    tokio::task::spawn_blocking(move || session.summary())
+                        .await
+                        .map_err(|e| SessionError::Io(std::io::Error::other(e)))?
+                }
+                None => session.summary(),
+            };
+            Ok(Json(summary).into_response())
+        }
         Method::DELETE => {
             // `?force=1`: remove the session's worktree even when it holds work.
             let force = query
