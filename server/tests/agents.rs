@@ -1095,3 +1095,41 @@ async fn an_agent_commits_in_its_worktree() {
     assert_eq!(status, 200, "committed work is kept: {body}");
     server.stop().await;
 }
+
+/// The conversation outlives the server too: a new server adopts the session (its agent still
+/// runs in its container), and after the agent is killed, a restart continues the
+/// conversation the first server's run recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pi_conversation_survives_a_server_restart() {
+    let Some((server, mock, sandbox, work)) = start("pi", "pi").await else {
+        return;
+    };
+    let Some(sandbox) = sandbox else {
+        eprintln!("SKIPPED: without runc the agent ends with the server");
+        return;
+    };
+    let id = create(&server, "pi", work.path()).await;
+    let mut ws = server.ws(&id).await;
+    ws.send_json(&prompt("p1", "remember PINEAPPLE")).await;
+    turn_text(&mut ws).await;
+    drop(ws);
+    let state = server.stop_keep_state().await;
+
+    let mut config = common::test_config(state.path().to_owned());
+    sandbox.apply(&mut config);
+    config
+        .instances
+        .push(agent_instance("pi", &mock, Some(&sandbox)));
+    let server = TestServer::start_in(state, config).await;
+    let (_, summary) = server.get_json(&format!("/sessions/{id}")).await;
+    assert_eq!(summary["status"], "running", "adopted: {summary}");
+    let mut ws = server.ws(&id).await;
+    kill_agent(&server, Some(&sandbox), &id, &mut ws).await;
+    let (summary, mut ws) = restart(&server, &id, "").await;
+    assert_eq!(summary["conversation"], "resumed", "{summary}");
+    ws.send_json(&prompt("p2", "RECALL: PINEAPPLE")).await;
+    let text = turn_text(&mut ws).await;
+    assert!(text.contains("MOCK recall PINEAPPLE: yes"), "{text}");
+    assert_eq!(server.delete(&format!("/sessions/{id}")).await.0, 204);
+    server.stop().await;
+}
