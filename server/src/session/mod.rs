@@ -34,7 +34,7 @@ pub mod store;
 #[cfg(test)]
 mod tests;
 
-pub use crate::wire::{Activity, SessionSummary, Status};
+pub use crate::wire::{Activity, ConversationRequest, ConversationState, SessionSummary, Status};
 pub use error::SessionError;
 pub use launch::{CreateRequest, Instance};
 pub use notify::spawn_activity_sweeper;
@@ -142,6 +142,8 @@ pub struct Session {
     /// `None` when the session's instance is no longer configured.
     instance: Option<Arc<Instance>>,
     cwd: PathBuf,
+    /// The session's own git worktree (its `cwd`), when it works in a project.
+    pub(crate) worktree: Option<crate::projects::Worktree>,
     env: BTreeMap<String, String>,
     created_at: u64,
     created_by: Option<String>,
@@ -191,6 +193,16 @@ impl Session {
         self.instance
             .as_ref()
             .map_or("unknown", |i| i.adapter.name())
+    }
+
+    /// The agent's working directory.
+    pub fn cwd(&self) -> &std::path::Path {
+        &self.cwd
+    }
+
+    /// The session's own worktree, when it works in a project.
+    pub fn worktree(&self) -> Option<&crate::projects::Worktree> {
+        self.worktree.as_ref()
     }
 
     /// The instance id.
@@ -345,6 +357,20 @@ impl Session {
             });
         }
         summary.auth_failed = self.dir.auth_failed().exists();
+        summary.conversation =
+            match crate::keeper::agentio::read_conversation(&self.dir.conversation()).resumed {
+                true => ConversationState::Resumed,
+                false => ConversationState::New,
+            };
+        if let Some(worktree) = &self.worktree {
+            summary.project = Some(worktree.project.clone());
+            summary.branch = Some(worktree.branch.clone());
+            // Asked of git each time: the agent changes the tree as it works.
+            if let Ok(state) = crate::projects::Projects::state(worktree) {
+                summary.dirty = Some(state.dirty);
+                summary.ahead = Some(state.ahead);
+            }
+        }
         summary
     }
 
@@ -375,6 +401,11 @@ impl Session {
             cwd: self.cwd.clone(),
             created_at: self.created_at,
             activity: None,
+            conversation: ConversationState::New,
+            project: None,
+            branch: None,
+            dirty: None,
+            ahead: None,
         }
     }
 
@@ -396,6 +427,7 @@ impl Session {
             pid_start: state.pid.and_then(crate::keeper::group::process_start_time),
             ended_at: state.ended_at,
             exit_reason: state.exit.and_then(|e| e.reason),
+            worktree: self.worktree.clone(),
         }
     }
 
