@@ -385,6 +385,27 @@ mod tests {
                 400,
                 "invalid_subscription",
             ),
+            (
+                ProjectError::NotFound("p".into()).into(),
+                404,
+                "unknown_project",
+            ),
+            (
+                SessionError::Project(ProjectError::BranchInUse("b".into())).into(),
+                409,
+                "branch_in_use",
+            ),
+            (ApiError::NotInProject, 409, "not_in_project"),
+            (ApiError::NoWorkspace, 409, "no_workspace"),
+            (ApiError::TooLarge { size: 9, limit: 8 }, 413, "too_large"),
+            (
+                ApiError::File {
+                    path: "../x".into(),
+                    error: FileError::Escapes("../x".into()),
+                },
+                400,
+                "path_outside_workspace",
+            ),
         ];
         for (err, status, code) in cases {
             let (s, Body::Json(body)) = err.answer() else {

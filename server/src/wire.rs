@@ -732,6 +732,46 @@ mod tests {
     }
 
     #[test]
+    fn restart_bodies() {
+        assert_eq!(Restart::from_body(b" "), Ok(Restart::default()));
+        assert_eq!(
+            Restart::from_body(br#"{"conversation":"new","x":1}"#),
+            Ok(Restart {
+                conversation: Some(ConversationRequest::New)
+            })
+        );
+        assert_eq!(
+            Restart::from_body(br#"{"conversation":null}"#),
+            Ok(Restart::default())
+        );
+        assert_eq!(
+            Restart::from_body(br#"{"conversation":"old"}"#),
+            Err(field_error("conversation", "must be \"resume\" or \"new\""))
+        );
+        assert!(matches!(Restart::from_body(b"{"), Err(BodyError::Json(_))));
+    }
+
+    #[test]
+    fn project_fields_of_a_summary_are_left_out_outside_projects() {
+        let summary: SessionSummary = serde_json::from_str(
+            r#"{"id":"a","instanceId":"i","status":"running","agent":"pi","spawnedAt":1,"clients":0}"#,
+        )
+        .expect("parse");
+        assert_eq!(summary.conversation, ConversationState::New);
+        let json = serde_json::to_string(&summary).expect("json");
+        assert!(json.ends_with(r#""conversation":"new"}"#), "{json}");
+        let kept = DeletedKeptWorktree {
+            deleted: true,
+            worktree: WorktreeFate::Kept,
+            message: "m".into(),
+        };
+        assert_eq!(
+            serde_json::to_string(&kept).expect("json"),
+            r#"{"deleted":true,"worktree":"kept","message":"m"}"#
+        );
+    }
+
+    #[test]
     fn approval_answers_carry_a_decision() {
         let r: ApprovalResolved = serde_json::from_str(
             r#"{"type":"amarre.approval_resolved","id":"r1","decision":"allow","by":"client","user":"alice"}"#,
