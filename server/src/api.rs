@@ -215,7 +215,7 @@ fn dialect_name(dialect: moorline_adapters::pipeline::Dialect) -> &'static str {
 async fn list_sessions(State(app): State<AppState>, identity: Identity) -> Response {
     // Summaries of sessions in projects ask git about their worktrees: off the async workers.
     let sessions = app.sessions.clone();
-    let mut list = match tokio::task::spawn_blocking(move || sessions.list()).await {
+    let mut list = match tokio::task::spawn_blocking(move || sessions.fresh_list()).await {
         Ok(list) => list,
         Err(_) => app.sessions.list(),
     };
@@ -304,9 +304,7 @@ async fn session_route(
                 // git is asked about the worktree: off the async workers.
                 Some(_) => {
                     let session = session.clone();
-                    tokio::task::spawn_blocking(move || session.summary())
-                        .await
-                        .map_err(|e| SessionError::Io(std::io::Error::other(e)))?
+                    blocking(move || session.fresh_summary()).await?
                 }
                 None => session.summary(),
             };

@@ -144,6 +144,9 @@ pub struct Session {
     cwd: PathBuf,
     /// The session's own git worktree (its `cwd`), when it works in a project.
     pub(crate) worktree: Option<crate::projects::Worktree>,
+    /// What git last said of the worktree (dirty, ahead), for summaries built where git must
+    /// not run: events come from the output path. Refreshed by [`Session::fresh_summary`].
+    pub(crate) tree: Mutex<Option<crate::projects::TreeState>>,
     env: BTreeMap<String, String>,
     created_at: u64,
     created_by: Option<String>,
@@ -365,13 +368,23 @@ impl Session {
         if let Some(worktree) = &self.worktree {
             summary.project = Some(worktree.project.clone());
             summary.branch = Some(worktree.branch.clone());
-            // Asked of git each time: the agent changes the tree as it works.
-            if let Ok(state) = crate::projects::Projects::state(worktree) {
+            if let Some(state) = *self.tree.lock().unwrap_or_else(|p| p.into_inner()) {
                 summary.dirty = Some(state.dirty);
                 summary.ahead = Some(state.ahead);
             }
         }
         summary
+    }
+
+    /// [`Session::summary`] with its worktree's state asked of git now (the agent changes the
+    /// tree as it works). It runs git: call it off the async workers.
+    pub fn fresh_summary(&self) -> SessionSummary {
+        if let Some(worktree) = &self.worktree
+            && let Ok(state) = crate::projects::Projects::state(worktree)
+        {
+            *self.tree.lock().unwrap_or_else(|p| p.into_inner()) = Some(state);
+        }
+        self.summary()
     }
 
     fn summary_of(&self, state: &State) -> SessionSummary {

@@ -139,6 +139,13 @@ impl SessionManager {
         sessions.iter().map(|s| s.summary()).collect()
     }
 
+    /// [`SessionManager::list`], asking git about the worktrees of sessions in projects
+    /// ([`Session::fresh_summary`]): call it off the async workers.
+    pub fn fresh_list(&self) -> Vec<SessionSummary> {
+        let sessions: Vec<Arc<Session>> = self.read().values().cloned().collect();
+        sessions.iter().map(|s| s.fresh_summary()).collect()
+    }
+
     /// Counts of sessions by status, for metrics.
     pub fn count_by_status(&self) -> BTreeMap<&'static str, usize> {
         let mut counts: BTreeMap<&'static str, usize> =
@@ -209,17 +216,23 @@ impl SessionManager {
         };
         let (instance, cwd) = self.launcher.admit(&req)?;
         let (id, dir) = self.allocate_id()?;
+        // What git says of a new worktree, for the summary answered below.
+        let mut tree = None;
         let (cwd, worktree) = match project {
             Some(project) => {
                 let branch = req.branch.clone();
                 let name = id.clone();
                 let made = tokio::task::spawn_blocking(move || {
                     Projects::create_worktree(&project, &name, branch.as_deref())
+                        .map(|w| (Projects::state(&w).ok(), w))
                 })
                 .await
                 .map_err(|e| SessionError::Io(io::Error::other(e)))?;
                 match made {
-                    Ok(w) => (w.path.clone(), Some(w)),
+                    Ok((state, w)) => {
+                        tree = state;
+                        (w.path.clone(), Some(w))
+                    }
                     Err(e) => {
                         let _ = std::fs::remove_dir_all(dir.path());
                         return Err(e.into());
@@ -257,6 +270,7 @@ impl SessionManager {
                 return Err(e);
             }
         };
+        *session.tree.lock().unwrap_or_else(|p| p.into_inner()) = tree;
         if let Err(e) = self
             .launcher
             .start(&session, permit, ConversationRequest::New)
@@ -481,6 +495,7 @@ impl SessionManager {
             instance_id: meta.instance_id.clone(),
             cwd: meta.cwd.clone(),
             worktree: meta.worktree.clone(),
+            tree: Mutex::new(None),
             env: meta.env.clone(),
             created_at: meta.created_at,
             created_by: meta.created_by.clone(),
