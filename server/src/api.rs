@@ -311,7 +311,7 @@ async fn session_route(
             Ok(Json(summary).into_response())
         }
         Method::DELETE => {
-            let Query(DeleteQuery { force }) = Query::from_request_parts_of(&uri)?;
+            let Query(DeleteQuery { force }) = Query::from_uri(&uri)?;
             let removal = app.sessions.delete_with(&id, force.is_set()).await?;
             crate::audit::session("delete", &identity.user, &id, session.instance_id());
             Ok(match removal {
@@ -363,7 +363,7 @@ fn request_body(body: Result<Bytes, BytesRejection>, limits: &Limits) -> Result<
 struct Query<T>(T);
 
 impl<T: serde::de::DeserializeOwned> Query<T> {
-    fn from_request_parts_of(uri: &Uri) -> Result<Self, ApiError> {
+    fn from_uri(uri: &Uri) -> Result<Self, ApiError> {
         axum::extract::Query::<T>::try_from_uri(uri)
             .map(|q| Self(q.0))
             .map_err(|e| ApiError::InvalidField {
@@ -377,7 +377,7 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequestParts<S> for Que
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, ApiError> {
-        Self::from_request_parts_of(&parts.uri)
+        Self::from_uri(&parts.uri)
     }
 }
 

@@ -200,8 +200,24 @@ async fn sessions_in_a_project_work_in_worktrees_of_their_own() {
     assert!(!b_dir.exists(), "forced: b's uncommitted change is gone");
     let (_, c) = server.post("/sessions", &create(None)).await;
     let c_id = c["id"].as_str().expect("id");
-    let (status, _) = server.delete(&format!("/sessions/{c_id}")).await;
-    assert_eq!(status, 204);
+    // The typed client (`moorline sessions rm`, `projects list`) reads the same answers.
+    let client = moorline::client::Client::new(&server.url(""), None).expect("client");
+    let projects = client.projects().await.expect("projects");
+    assert_eq!(
+        projects
+            .iter()
+            .map(|p| (p.id.as_str(), p.default_branch.as_str()))
+            .collect::<Vec<_>>(),
+        [("app", "main")]
+    );
+    assert!(
+        client
+            .delete_with(c_id, false)
+            .await
+            .expect("delete")
+            .is_none(),
+        "a clean worktree: nothing kept to report"
+    );
     assert!(
         !worktrees.join(c_id).exists(),
         "a clean worktree is removed"
