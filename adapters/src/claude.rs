@@ -20,6 +20,7 @@ use std::collections::{BTreeMap, VecDeque};
 
 use serde_json::{Value, json};
 
+use crate::conversation::{self as conv, Continuation, ConversationPlace};
 use crate::gate::{self, Rejection, Verdict};
 use crate::pipeline::{Decision, Dialect, Outputs, Translator, claude_permission_answer};
 use crate::pirpc::{self, Conversation};
@@ -31,6 +32,8 @@ pub struct ClaudeAdapter {
     launch: LaunchSettings,
     /// Clients speak pi-rpc rather than the agent's own protocol.
     pi_rpc: bool,
+    /// What this start does with the conversation.
+    continuation: Continuation,
 }
 
 impl ClaudeAdapter {
@@ -39,6 +42,7 @@ impl ClaudeAdapter {
         Ok(Self {
             launch: LaunchSettings::new(config, "claude"),
             pi_rpc: pirpc::wants_pi_rpc(config, "claude-code")?,
+            continuation: config.continuation.clone(),
         })
     }
 }
@@ -70,6 +74,19 @@ impl Adapter for ClaudeAdapter {
         if let Some(m) = &self.launch.model {
             args.extend(["--model".into(), m.clone()]);
         }
+        // Claude keeps its conversation under the id it is given: continue it, or name the
+        // new one so the next start can find it.
+        let conversation = match (&self.continuation.resume, &self.continuation.fresh_id) {
+            (Some(id), _) => {
+                args.extend(["--resume".into(), id.clone()]);
+                Some(id.clone())
+            }
+            (None, Some(id)) => {
+                args.extend(["--session-id".into(), id.clone()]);
+                Some(id.clone())
+            }
+            (None, None) => None,
+        };
         args.extend(self.launch.args.iter().cloned());
         let mut env = ctx.env.clone();
         for (k, v) in [
@@ -88,6 +105,7 @@ impl Adapter for ClaudeAdapter {
             args,
             env,
             files: Vec::new(),
+            conversation,
         })
     }
 
@@ -110,6 +128,38 @@ impl Adapter for ClaudeAdapter {
     fn protected_env(&self) -> &'static [&'static str] {
         // Another API endpoint, key or configuration directory, or permission settings.
         &["ANTHROPIC_*", "CLAUDE_*", "DISABLE_*"]
+    }
+
+    /// Claude writes its transcript, once the conversation has a message, to
+    /// `$HOME/.claude/projects/<the cwd, spelled with dashes>/<id>.jsonl`; without it,
+    /// `--resume` fails.
+    fn find_conversation(&self, place: &ConversationPlace<'_>) -> Result<Option<String>, String> {
+        let Some(id) = place.recorded else {
+            return Ok(None);
+        };
+        if !conv::plain_id(id) {
+            return Err(format!(
+                "the recorded conversation id {id:?} is not Claude Code's"
+            ));
+        }
+        let Some(home) = place.home else {
+            return Err("the agent's home directory is not known".into());
+        };
+        let projects = home.join(".claude").join("projects");
+        let file = format!("{id}.jsonl");
+        let found = std::fs::read_dir(&projects).ok().is_some_and(|dirs| {
+            dirs.flatten()
+                .any(|d| std::fs::symlink_metadata(d.path().join(&file)).is_ok_and(|m| m.is_file()))
+        });
+        if found {
+            Ok(Some(id.to_owned()))
+        } else {
+            Err(format!(
+                "Claude Code's transcript of conversation {id} is not in {} (Claude writes it \
+                 with the first message; or it was removed)",
+                projects.display()
+            ))
+        }
     }
 }
 
@@ -804,6 +854,89 @@ impl Translator for PiRpcTranslator {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn launch_with(continuation: Continuation) -> LaunchSpec {
+        let env = BTreeMap::new();
+        ClaudeAdapter::new(&AdapterConfig {
+            agent: "claude-code".into(),
+            continuation,
+            ..Default::default()
+        })
+        .expect("adapter")
+        .launch(&LaunchContext {
+            instance_id: "i",
+            session_id: "s",
+            cwd: std::path::Path::new("/w"),
+            env: &env,
+            moorline_exe: std::path::Path::new("/m"),
+            data_dir: std::path::Path::new("/d"),
+        })
+        .expect("launch")
+    }
+
+    /// A new conversation gets the id the server chose; a continued one is resumed by id.
+    #[test]
+    fn names_new_conversations_and_resumes_old_ones() {
+        let fresh = launch_with(Continuation {
+            fresh_id: Some("N".into()),
+            ..Continuation::default()
+        });
+        assert!(fresh.args.windows(2).any(|w| w == ["--session-id", "N"]));
+        assert!(!fresh.args.iter().any(|a| a == "--resume"));
+        assert_eq!(fresh.conversation.as_deref(), Some("N"));
+        let resumed = launch_with(Continuation {
+            resume: Some("R".into()),
+            fresh_id: Some("N".into()),
+            lost: None,
+        });
+        assert!(resumed.args.windows(2).any(|w| w == ["--resume", "R"]));
+        assert!(!resumed.args.iter().any(|a| a == "--session-id"));
+        assert_eq!(resumed.conversation.as_deref(), Some("R"));
+    }
+
+    /// The transcript decides: there, it is continued; gone, the reason says where it was
+    /// looked for; a recorded id that could name a path is refused.
+    #[test]
+    fn finds_the_transcript_under_the_home() {
+        let home = tempfile_dir();
+        let adapter = ClaudeAdapter::new(&AdapterConfig {
+            agent: "claude-code".into(),
+            ..Default::default()
+        })
+        .expect("adapter");
+        let place = |recorded| ConversationPlace {
+            data_dir: std::path::Path::new("/d"),
+            home: Some(home.as_path()),
+            cwd: std::path::Path::new("/w"),
+            recorded,
+        };
+        assert_eq!(adapter.find_conversation(&place(None)), Ok(None));
+        let err = adapter
+            .find_conversation(&place(Some("abc-1")))
+            .expect_err("no transcript");
+        assert!(err.contains(".claude/projects"), "{err}");
+        let project = home.join(".claude/projects/-w");
+        std::fs::create_dir_all(&project).expect("mkdir");
+        std::fs::write(project.join("abc-1.jsonl"), "{}\n").expect("write");
+        assert_eq!(
+            adapter.find_conversation(&place(Some("abc-1"))),
+            Ok(Some("abc-1".into()))
+        );
+        assert!(adapter.find_conversation(&place(Some("../x"))).is_err());
+        let _ = std::fs::remove_dir_all(&home);
+    }
+
+    /// A fresh directory under the system's temporary directory.
+    fn tempfile_dir() -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "moorline-claude-test-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        dir
+    }
 
     /// What clients see of a recorded Claude Code session replayed through the translator:
     /// the prompts (`in` lines) go through `client_line` as pi prompts, Claude's lines through

@@ -18,6 +18,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use serde_json::{Value, json};
 
+use crate::conversation::{self as conv, Continuation, ConversationPlace};
 use crate::gate::{self, Rejection, Verdict};
 use crate::pipeline::{Decision, Dialect, Outputs, Translator, codex_approval_answer};
 use crate::pirpc::{self, Conversation};
@@ -29,6 +30,8 @@ pub struct CodexAdapter {
     launch: LaunchSettings,
     /// Clients speak pi-rpc rather than the agent's own protocol.
     pi_rpc: bool,
+    /// What this start does with the conversation.
+    continuation: Continuation,
 }
 
 impl CodexAdapter {
@@ -37,6 +40,7 @@ impl CodexAdapter {
         Ok(Self {
             launch: LaunchSettings::new(config, "codex"),
             pi_rpc: pirpc::wants_pi_rpc(config, "codex")?,
+            continuation: config.continuation.clone(),
         })
     }
 }
@@ -82,6 +86,7 @@ impl Adapter for CodexAdapter {
             args,
             env: ctx.env.clone(),
             files: Vec::new(),
+            conversation: self.continuation.resume.clone(),
         })
     }
 
@@ -95,7 +100,10 @@ impl Adapter for CodexAdapter {
 
     fn translator(&self) -> Box<dyn Translator> {
         if self.pi_rpc {
-            Box::new(PiRpcTranslator::default())
+            Box::new(PiRpcTranslator {
+                resuming: self.continuation.resume.clone(),
+                ..PiRpcTranslator::default()
+            })
         } else {
             Box::new(NativeGuard)
         }
@@ -104,6 +112,18 @@ impl Adapter for CodexAdapter {
     fn protected_env(&self) -> &'static [&'static str] {
         // Another Codex home holds another configuration (approval policy, providers).
         &["CODEX_*", "OPENAI_*"]
+    }
+
+    /// The thread the last run reported (`thread/start`'s answer); whether Codex still has
+    /// it shows when `thread/resume` answers. In `native`, clients start and resume threads
+    /// themselves.
+    fn find_conversation(&self, place: &ConversationPlace<'_>) -> Result<Option<String>, String> {
+        match place.recorded {
+            _ if !self.pi_rpc => Ok(None),
+            None => Ok(None),
+            Some(id) if conv::plain_id(id) => Ok(Some(id.to_owned())),
+            Some(id) => Err(format!("the recorded thread id {id:?} is not Codex's")),
+        }
     }
 }
 
@@ -410,6 +430,10 @@ pub struct PiRpcTranslator {
     model: Option<String>,
     /// Commands of the running turn that started and have not ended, by item id.
     running: BTreeSet<String>,
+    /// The thread to continue, until Codex has answered `thread/resume`.
+    resuming: Option<String>,
+    /// The thread Codex runs, not yet reported for the session's record.
+    news: Option<conv::ConversationNews>,
 }
 
 /// Why moorline sent Codex a request.
@@ -588,8 +612,16 @@ impl Translator for PiRpcTranslator {
             // The background-terminal methods an abort needs are experimental.
             "capabilities": {"experimentalApi": true, "requestAttestation": false}}}));
         out.agent_json(&json!({"method": "initialized"}));
-        out.agent_json(&json!({"id": THREAD, "method": "thread/start",
-            "params": {"approvalPolicy": APPROVAL_POLICY, "sandbox": SANDBOX}}));
+        match &self.resuming {
+            Some(thread) => out.agent_json(&json!({"id": THREAD, "method": "thread/resume",
+                "params": {"threadId": thread, "approvalPolicy": APPROVAL_POLICY, "sandbox": SANDBOX}})),
+            None => out.agent_json(&json!({"id": THREAD, "method": "thread/start",
+                "params": {"approvalPolicy": APPROVAL_POLICY, "sandbox": SANDBOX}})),
+        }
+    }
+
+    fn take_conversation(&mut self) -> Option<conv::ConversationNews> {
+        self.news.take()
     }
 
     fn agent_line(&mut self, line: &str, out: &mut Outputs) {
@@ -624,6 +656,15 @@ impl Translator for PiRpcTranslator {
             (None, Some(id)) => {
                 let id = id.as_str().unwrap_or("").to_owned();
                 if id == THREAD {
+                    let resumed = self.resuming.take();
+                    if let (Some(thread), Some(err)) = (&resumed, v.get("error")) {
+                        // The thread cannot be continued: say so, and start a new one.
+                        let reason = err["message"].as_str().unwrap_or("thread/resume failed");
+                        out.client_json(&conv::resume_failed_frame(Some(thread), reason));
+                        out.agent_json(&json!({"id": THREAD, "method": "thread/start",
+                            "params": {"approvalPolicy": APPROVAL_POLICY, "sandbox": SANDBOX}}));
+                        return;
+                    }
                     if let Some(err) = v.get("error") {
                         // Without a thread no prompt can run: say why, drop what waited.
                         self.queue.clear();
@@ -632,6 +673,10 @@ impl Translator for PiRpcTranslator {
                         return;
                     }
                     self.thread = v["result"]["thread"]["id"].as_str().map(str::to_owned);
+                    self.news = self.thread.clone().map(|id| conv::ConversationNews {
+                        id,
+                        resumed: resumed.is_some(),
+                    });
                     self.model = v["result"]["model"].as_str().map(str::to_owned);
                     let mut ready = crate::pipeline::ready_frame();
                     ready["model"] = json!({"id": self.model});
@@ -761,6 +806,88 @@ impl Translator for PiRpcTranslator {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn json_lines(lines: &[Vec<u8>]) -> Vec<Value> {
+        lines
+            .iter()
+            .map(|l| serde_json::from_slice(l).expect("json"))
+            .collect()
+    }
+
+    /// A start that continues a thread asks `thread/resume`; when Codex cannot, clients are
+    /// told and a new thread starts; either way the thread is reported for the record.
+    #[test]
+    fn resuming_a_thread_and_falling_back_to_a_new_one() {
+        let adapter = CodexAdapter::new(&AdapterConfig {
+            agent: "codex".into(),
+            continuation: Continuation {
+                resume: Some("T0".into()),
+                ..Continuation::default()
+            },
+            ..Default::default()
+        })
+        .expect("adapter");
+        let mut t = adapter.translator();
+        let mut out = Outputs::default();
+        t.start(&mut out);
+        let sent = json_lines(&out.to_agent);
+        assert_eq!(sent[2]["method"], "thread/resume");
+        assert_eq!(sent[2]["params"]["threadId"], "T0");
+        assert_eq!(sent[2]["params"]["approvalPolicy"], APPROVAL_POLICY);
+
+        let mut out = Outputs::default();
+        t.agent_line(
+            r#"{"id":"moorline-thread","error":{"code":-32600,"message":"no rollout found for thread id T0"}}"#,
+            &mut out,
+        );
+        let told = json_lines(&out.to_clients);
+        assert_eq!(told[0]["type"], "amarre.resume_failed");
+        assert_eq!(told[0]["conversation"], "T0");
+        assert!(
+            told[0]["reason"]
+                .as_str()
+                .expect("reason")
+                .contains("no rollout")
+        );
+        assert_eq!(json_lines(&out.to_agent)[0]["method"], "thread/start");
+        assert_eq!(t.take_conversation(), None, "no thread yet");
+
+        let mut out = Outputs::default();
+        t.agent_line(
+            r#"{"id":"moorline-thread","result":{"thread":{"id":"T1"},"model":"m"}}"#,
+            &mut out,
+        );
+        assert_eq!(json_lines(&out.to_clients)[0]["type"], "amarre.agent_ready");
+        assert_eq!(
+            t.take_conversation(),
+            Some(conv::ConversationNews {
+                id: "T1".into(),
+                resumed: false
+            })
+        );
+        assert_eq!(t.take_conversation(), None, "reported once");
+    }
+
+    #[test]
+    fn a_resumed_thread_is_reported_as_resumed() {
+        let mut t = PiRpcTranslator {
+            resuming: Some("T0".into()),
+            ..PiRpcTranslator::default()
+        };
+        let mut out = Outputs::default();
+        t.start(&mut out);
+        t.agent_line(
+            r#"{"id":"moorline-thread","result":{"thread":{"id":"T0"},"model":"m"}}"#,
+            &mut out,
+        );
+        assert_eq!(
+            t.take_conversation(),
+            Some(conv::ConversationNews {
+                id: "T0".into(),
+                resumed: true
+            })
+        );
+    }
 
     /// Replays a recorded Codex session (fixtures/transcripts/codex.jsonl) through the
     /// translator and checks what clients would have seen.

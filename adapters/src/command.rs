@@ -38,6 +38,7 @@ impl Adapter for CommandAdapter {
             args: self.args.clone(),
             env: ctx.env.clone(),
             files: Vec::new(),
+            conversation: None,
         })
     }
 }

@@ -27,6 +27,7 @@ impl Adapter for EchoAdapter {
             args: vec![SUBCOMMAND.to_owned()],
             env: ctx.env.clone(),
             files: Vec::new(),
+            conversation: None,
         })
     }
 }

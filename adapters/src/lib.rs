@@ -26,12 +26,14 @@ pub mod auth;
 pub mod claude;
 pub mod codex;
 pub mod command;
+pub mod conversation;
 pub mod echo;
 pub mod gate;
 pub mod pi;
 pub mod pipeline;
 pub mod pirpc;
 
+use conversation::{ConversationPlace, Noticed};
 use pipeline::{Dialect, Passthrough, Translator};
 
 /// What an adapter needs to know to launch one session's agent.
@@ -69,6 +71,9 @@ pub struct LaunchSpec {
     pub env: BTreeMap<String, String>,
     /// Files to write before starting, relative to [`LaunchContext::data_dir`].
     pub files: Vec<(PathBuf, Vec<u8>)>,
+    /// The conversation this run continues or begins, when known before it starts (the
+    /// server records it).
+    pub conversation: Option<String>,
 }
 
 /// Errors an adapter reports.
@@ -113,6 +118,49 @@ pub trait Adapter: Send + Sync + fmt::Debug {
     fn protected_env(&self) -> &'static [&'static str] {
         &[]
     }
+
+    /// The conversation a start of this session would continue, found where the agent keeps
+    /// it: `Ok(None)` when there is none to continue (or the agent cannot continue one),
+    /// `Err(why)` when the session had one that cannot be continued any more.
+    fn find_conversation(&self, _place: &ConversationPlace<'_>) -> Result<Option<String>, String> {
+        Ok(None)
+    }
+}
+
+/// An adapter whose translator first tells clients that the session's conversation was lost.
+#[derive(Debug)]
+struct LostConversation {
+    inner: Arc<dyn Adapter>,
+    notice: serde_json::Value,
+}
+
+impl Adapter for LostConversation {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+
+    fn launch(&self, ctx: &LaunchContext<'_>) -> Result<LaunchSpec, AdapterError> {
+        self.inner.launch(ctx)
+    }
+
+    fn dialect(&self) -> Dialect {
+        self.inner.dialect()
+    }
+
+    fn translator(&self) -> Box<dyn Translator> {
+        Box::new(Noticed {
+            inner: self.inner.translator(),
+            notice: Some(self.notice.clone()),
+        })
+    }
+
+    fn protected_env(&self) -> &'static [&'static str] {
+        self.inner.protected_env()
+    }
+
+    fn find_conversation(&self, place: &ConversationPlace<'_>) -> Result<Option<String>, String> {
+        self.inner.find_conversation(place)
+    }
 }
 
 /// The adapter-related part of an instance's configuration.
@@ -135,6 +183,9 @@ pub struct AdapterConfig {
     pub dialect: Option<String>,
     /// The model provider, for agents that support several (pi).
     pub provider: Option<String>,
+    /// What this start does with the conversation (set by the server per start).
+    #[serde(default)]
+    pub continuation: conversation::Continuation,
 }
 
 /// What an instance says about how to launch an agent program.
@@ -169,8 +220,22 @@ impl LaunchSettings {
 /// Agent kinds built into moorline.
 pub const KINDS: &[&str] = &["echo", "command", "pi", "claude-code", "codex"];
 
-/// Builds the adapter an instance asks for.
+/// Builds the adapter an instance asks for, for the start its `continuation` describes.
 pub fn build(config: &AdapterConfig) -> Result<Arc<dyn Adapter>, AdapterError> {
+    let adapter = build_kind(config)?;
+    Ok(match &config.continuation.lost {
+        Some(reason) => Arc::new(LostConversation {
+            inner: adapter,
+            notice: conversation::resume_failed_frame(
+                config.continuation.resume.as_deref(),
+                reason,
+            ),
+        }),
+        None => adapter,
+    })
+}
+
+fn build_kind(config: &AdapterConfig) -> Result<Arc<dyn Adapter>, AdapterError> {
     let known = matches!(config.agent.as_str(), "pi" | "claude-code" | "codex");
     if let (Some(path), false) = (&config.agent_path, known) {
         // amarre's agentPath names the adapter module to load; for moorline it names an

@@ -8,10 +8,11 @@
 //! go through [`crate::gate::pi_rpc_command`]: `bash`, which pi runs with no tool call and so
 //! no gate, never reaches it.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde_json::{Value, json};
 
+use crate::conversation::{Continuation, ConversationNews, ConversationPlace};
 use crate::pipeline::{Outputs, Translator, ready_frame};
 use crate::{Adapter, AdapterConfig, AdapterError, LaunchContext, LaunchSettings, LaunchSpec};
 
@@ -25,6 +26,13 @@ pub const GATE_FILE: &str = "pi/permission-gate.ts";
 pub struct PiAdapter {
     launch: LaunchSettings,
     provider: Option<String>,
+    /// What this start does with the conversation.
+    continuation: Continuation,
+}
+
+/// Where pi keeps a session's conversations (`--session-dir`).
+fn sessions_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join(crate::AGENT_STATE_DIR).join("pi-sessions")
 }
 
 impl PiAdapter {
@@ -33,6 +41,7 @@ impl PiAdapter {
         Self {
             launch: LaunchSettings::new(config, "pi"),
             provider: config.provider.clone(),
+            continuation: config.continuation.clone(),
         }
     }
 }
@@ -81,23 +90,59 @@ impl Adapter for PiAdapter {
                 "PI_CODING_AGENT_DIR".into(),
                 ctx.data_dir.join("pi/agent").display().to_string(),
             );
-            // That directory is moorline's, read-only to the agent: pi keeps its sessions in
-            // the agent's own state directory instead.
-            args.extend([
-                "--session-dir".into(),
-                ctx.data_dir
-                    .join(crate::AGENT_STATE_DIR)
-                    .join("pi-sessions")
-                    .display()
-                    .to_string(),
-            ]);
+        }
+        // pi keeps its sessions in the agent's own state directory (the configuration
+        // directory is moorline's, read-only to the agent): one session's, so the newest file
+        // there is this session's conversation.
+        args.extend([
+            "--session-dir".into(),
+            sessions_dir(ctx.data_dir).display().to_string(),
+        ]);
+        if let Some(file) = &self.continuation.resume {
+            args.extend(["--session".into(), file.clone()]);
         }
         Ok(LaunchSpec {
             program: self.launch.program.clone(),
             args,
             env,
             files,
+            conversation: self.continuation.resume.clone(),
         })
+    }
+
+    /// The newest session file pi wrote in the session's directory for them.
+    fn find_conversation(&self, place: &ConversationPlace<'_>) -> Result<Option<String>, String> {
+        let dir = sessions_dir(place.data_dir);
+        // Only regular files and real directories: the agent owns this directory.
+        let entries = |dir: &Path| -> Vec<(std::fs::Metadata, PathBuf)> {
+            std::fs::read_dir(dir)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter_map(|e| Some((std::fs::symlink_metadata(e.path()).ok()?, e.path())))
+                .collect()
+        };
+        let mut files = Vec::new();
+        for (meta, path) in entries(&dir) {
+            if meta.is_dir() {
+                files.extend(entries(&path).into_iter().filter(|(m, _)| m.is_file()));
+            } else if meta.is_file() {
+                files.push((meta, path));
+            }
+        }
+        let newest = files
+            .into_iter()
+            .filter(|(m, p)| m.len() > 0 && p.extension().is_some_and(|x| x == "jsonl"))
+            .map(|(m, p)| (m.modified().ok(), p))
+            .max();
+        match (newest, place.recorded) {
+            (Some((_, file)), _) => Ok(Some(file.display().to_string())),
+            (None, None) => Ok(None),
+            (None, Some(file)) => Err(format!(
+                "pi's session file {file} is not there (pi writes it with the first message; \
+                 or it was removed)"
+            )),
+        }
     }
 
     fn protected_env(&self) -> &'static [&'static str] {
@@ -106,7 +151,10 @@ impl Adapter for PiAdapter {
     }
 
     fn translator(&self) -> Box<dyn Translator> {
-        Box::new(ReadyProbe::default())
+        Box::new(ReadyProbe {
+            resumed: self.continuation.resume.is_some(),
+            ..ReadyProbe::default()
+        })
     }
 }
 
@@ -119,6 +167,10 @@ const PROBE_ID: &str = "moorline-ready";
 #[derive(Debug, Default)]
 pub struct ReadyProbe {
     ready: bool,
+    /// pi was started on an earlier session file.
+    resumed: bool,
+    /// The session file `get_state` named, not yet reported for the session's record.
+    news: Option<ConversationNews>,
 }
 
 impl Translator for ReadyProbe {
@@ -134,6 +186,12 @@ impl Translator for ReadyProbe {
             && v["type"] == "response"
         {
             self.ready = true;
+            self.news = v["data"]["sessionFile"]
+                .as_str()
+                .map(|file| ConversationNews {
+                    id: file.to_owned(),
+                    resumed: self.resumed,
+                });
             let mut ready = ready_frame();
             ready["model"] = v["data"]["model"].clone();
             out.client_json(&ready);
@@ -167,13 +225,91 @@ impl Translator for ReadyProbe {
     fn passes_agent_lines_through(&self) -> bool {
         self.ready
     }
+
+    fn take_conversation(&mut self) -> Option<ConversationNews> {
+        self.news.take()
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::collections::BTreeMap;
-    use std::path::Path;
+
+    /// The newest non-empty session file in the session's directory is continued with
+    /// `--session`; none there while one was recorded is a lost conversation.
+    #[test]
+    fn continues_the_newest_session_file() {
+        let data = std::env::temp_dir().join(format!("moorline-pi-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&data);
+        let sessions = sessions_dir(&data);
+        std::fs::create_dir_all(&sessions).expect("mkdir");
+        let adapter = PiAdapter::new(&AdapterConfig {
+            agent: "pi".into(),
+            ..Default::default()
+        });
+        let place = |recorded| ConversationPlace {
+            data_dir: &data,
+            home: None,
+            cwd: Path::new("/w"),
+            recorded,
+        };
+        assert_eq!(adapter.find_conversation(&place(None)), Ok(None));
+        assert!(adapter.find_conversation(&place(Some("/x.jsonl"))).is_err());
+        std::fs::write(sessions.join("empty.jsonl"), "").expect("write");
+        let file = sessions.join("a.jsonl");
+        std::fs::write(&file, "{}\n").expect("write");
+        let found = adapter.find_conversation(&place(None)).expect("found");
+        assert_eq!(found.as_deref(), Some(file.to_str().expect("utf-8")));
+
+        let resumed = PiAdapter::new(&AdapterConfig {
+            agent: "pi".into(),
+            continuation: Continuation {
+                resume: found.clone(),
+                ..Continuation::default()
+            },
+            ..Default::default()
+        });
+        let env = BTreeMap::new();
+        let spec = resumed
+            .launch(&LaunchContext {
+                instance_id: "i",
+                session_id: "s",
+                cwd: Path::new("/w"),
+                env: &env,
+                moorline_exe: Path::new("/m"),
+                data_dir: &data,
+            })
+            .expect("launch");
+        assert!(
+            spec.args
+                .windows(2)
+                .any(|w| w[0] == "--session" && Some(w[1].as_str()) == found.as_deref())
+        );
+        let _ = std::fs::remove_dir_all(&data);
+    }
+
+    /// `get_state`'s session file is reported once, for the session's record.
+    #[test]
+    fn reports_the_session_file() {
+        let mut probe = ReadyProbe {
+            resumed: true,
+            ..ReadyProbe::default()
+        };
+        let mut out = Outputs::default();
+        probe.agent_line(
+            r#"{"id":"moorline-ready","type":"response","command":"get_state","success":true,"data":{"model":null,"sessionFile":"/d/state/pi-sessions/x.jsonl"}}"#,
+            &mut out,
+        );
+        assert_eq!(
+            probe.take_conversation(),
+            Some(ConversationNews {
+                id: "/d/state/pi-sessions/x.jsonl".into(),
+                resumed: true
+            })
+        );
+        assert_eq!(probe.take_conversation(), None);
+    }
 
     #[test]
     fn launches_rpc_mode_with_only_the_gate() {

@@ -68,6 +68,11 @@ pub trait Translator: Send {
     fn passes_agent_lines_through(&self) -> bool {
         self.passes_through()
     }
+
+    /// A conversation the agent reported since the last call (for the session's record).
+    fn take_conversation(&mut self) -> Option<crate::conversation::ConversationNews> {
+        None
+    }
 }
 
 /// Lines pass through untouched: for agents that speak the client dialect themselves.
@@ -477,6 +482,11 @@ impl Pipeline {
     /// True once after the run first reported an authentication failure.
     pub fn take_auth_failed(&mut self) -> bool {
         std::mem::take(&mut self.auth_news)
+    }
+
+    /// A conversation the agent reported since the last call, for the session's record.
+    pub fn take_conversation(&mut self) -> Option<crate::conversation::ConversationNews> {
+        self.translator.take_conversation()
     }
 
     /// Starts a run: the translator's handshake, if it has one.

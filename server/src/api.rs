@@ -9,7 +9,7 @@ use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, State};
 use axum::http::request::Parts;
-use axum::http::{Method, StatusCode, header};
+use axum::http::{Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
 use axum::{Json, Router};
@@ -19,9 +19,13 @@ use tokio_util::task::TaskTracker;
 use crate::config::Limits;
 use crate::error::ApiError;
 use crate::metrics::Metrics;
+use crate::projects::Removal;
 use crate::security::{self, AccessPolicy, Identity, Via};
 use crate::session::{CreateRequest, SessionError, SessionManager};
-use crate::wire::{CreateSession, InstanceSummary, Me};
+use crate::wire::{
+    CreateSession, DeletedKeptWorktree, InstanceSummary, Listing, Me, NewProject, Project, Restart,
+    WorktreeFate,
+};
 use crate::ws;
 use serde_json::{Value, json};
 
@@ -74,7 +78,25 @@ pub(crate) fn router(state: AppState, policy: Arc<AccessPolicy>, via: Via) -> Ro
         )
         .route(
             "/sessions/{id}/restart",
-            post(restart_session).fallback(not_found),
+            post(restart_session)
+                .fallback(not_found)
+                .layer(DefaultBodyLimit::max(state.limits.max_request_bytes)),
+        )
+        .route(
+            "/projects",
+            get(list_projects)
+                .post(add_project)
+                .fallback(not_found)
+                .layer(DefaultBodyLimit::max(state.limits.max_request_bytes)),
+        )
+        .route(
+            "/projects/{id}",
+            axum::routing::delete(remove_project).fallback(not_found),
+        )
+        .route("/sessions/{id}/diff", get(session_diff).fallback(not_found))
+        .route(
+            "/sessions/{id}/files",
+            get(session_files).fallback(not_found),
         )
         .route("/push/tokens", any(push_tokens))
         .route("/push/tokens/{*token}", any(push_token))
@@ -191,7 +213,12 @@ fn dialect_name(dialect: moorline_adapters::pipeline::Dialect) -> &'static str {
 }
 
 async fn list_sessions(State(app): State<AppState>, identity: Identity) -> Response {
-    let mut list = app.sessions.list();
+    // Summaries of sessions in projects ask git about their worktrees: off the async workers.
+    let sessions = app.sessions.clone();
+    let mut list = match tokio::task::spawn_blocking(move || sessions.fresh_list()).await {
+        Ok(list) => list,
+        Err(_) => app.sessions.list(),
+    };
     list.retain(|s| {
         app.sessions
             .get(&s.id)
@@ -208,18 +235,7 @@ async fn create_session(
     // Like amarre, a full server says so before looking at the body.
     app.sessions.check_capacity()?;
     let limits = &app.limits;
-    let body = body.map_err(|e| ApiError::InvalidField {
-        field: "body".into(),
-        message: if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            format!(
-                "the request exceeds the limit of {} bytes (limits.max_request_bytes)",
-                limits.max_request_bytes
-            )
-        } else {
-            e.body_text()
-        },
-    })?;
-    let body = CreateSession::from_body(&body)?;
+    let body = CreateSession::from_body(&request_body(body, limits)?)?;
     if let Some(name) = &body.name
         && name.len() > limits.max_name_bytes
     {
@@ -255,6 +271,8 @@ async fn create_session(
         cwd: body.cwd.map(PathBuf::from),
         env: body.env,
         created_by: Some(identity.user.to_string()),
+        project: body.project,
+        branch: body.branch,
     };
     let summary = app.sessions.create(req).await?;
     crate::audit::session("create", &identity.user, &summary.id, &summary.instance_id);
@@ -268,6 +286,7 @@ async fn session_route(
     identity: Identity,
     SessionId(id): SessionId,
     method: Method,
+    uri: Uri,
     options: Result<ws::Options, ApiError>,
     upgrade: Result<ws::Upgrade, ws::NotUpgrade>,
 ) -> Result<Response, ApiError> {
@@ -280,11 +299,30 @@ async fn session_route(
     let session = app.sessions.get(&id).ok_or(SessionError::NotFound)?;
     may_use(&identity, &session)?;
     match method {
-        Method::GET | Method::HEAD => Ok(Json(session.summary()).into_response()),
+        Method::GET | Method::HEAD => {
+            let summary = match session.worktree() {
+                // git is asked about the worktree: off the async workers.
+                Some(_) => {
+                    let session = session.clone();
+                    blocking(move || session.fresh_summary()).await?
+                }
+                None => session.summary(),
+            };
+            Ok(Json(summary).into_response())
+        }
         Method::DELETE => {
-            app.sessions.delete(&id).await?;
+            let Query(DeleteQuery { force }) = Query::from_uri(&uri)?;
+            let removal = app.sessions.delete_with(&id, force.is_set()).await?;
             crate::audit::session("delete", &identity.user, &id, session.instance_id());
-            Ok(StatusCode::NO_CONTENT.into_response())
+            Ok(match removal {
+                Removal::Removed => StatusCode::NO_CONTENT.into_response(),
+                Removal::Kept(message) => Json(DeletedKeptWorktree {
+                    deleted: true,
+                    worktree: WorktreeFate::Kept,
+                    message,
+                })
+                .into_response(),
+            })
         }
         _ => Err(ApiError::NoRoute),
     }
@@ -294,13 +332,195 @@ async fn restart_session(
     State(app): State<AppState>,
     identity: Identity,
     SessionId(id): SessionId,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     if let Some(session) = app.sessions.get(&id) {
         may_use(&identity, &session)?;
     }
-    let summary = app.sessions.restart(&id).await?;
+    let body = Restart::from_body(&request_body(body, &app.limits)?)?;
+    let conversation = body.conversation.unwrap_or_default();
+    let summary = app.sessions.restart(&id, conversation).await?;
     crate::audit::session("restart", &identity.user, &id, &summary.instance_id);
     Ok(Json(summary).into_response())
+}
+
+/// A request body read up to `limits.max_request_bytes` (the route's `DefaultBodyLimit`).
+fn request_body(body: Result<Bytes, BytesRejection>, limits: &Limits) -> Result<Bytes, ApiError> {
+    body.map_err(|e| ApiError::InvalidField {
+        field: "body".into(),
+        message: if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            format!(
+                "the request exceeds the limit of {} bytes (limits.max_request_bytes)",
+                limits.max_request_bytes
+            )
+        } else {
+            e.body_text()
+        },
+    })
+}
+
+/// A typed query string whose rejection speaks the API's error format (axum's own is text).
+struct Query<T>(T);
+
+impl<T: serde::de::DeserializeOwned> Query<T> {
+    fn from_uri(uri: &Uri) -> Result<Self, ApiError> {
+        axum::extract::Query::<T>::try_from_uri(uri)
+            .map(|q| Self(q.0))
+            .map_err(|e| ApiError::InvalidField {
+                field: "query".into(),
+                message: e.body_text(),
+            })
+    }
+}
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequestParts<S> for Query<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, ApiError> {
+        Self::from_uri(&parts.uri)
+    }
+}
+
+/// A yes/no query parameter: `1` and `true` are yes; absent and anything else no.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(transparent)]
+struct Flag(Option<String>);
+
+impl Flag {
+    fn is_set(&self) -> bool {
+        matches!(self.0.as_deref(), Some("1" | "true"))
+    }
+}
+
+/// `DELETE /sessions/{id}?force=1`: remove the session's worktree even when it holds work.
+#[derive(Debug, serde::Deserialize)]
+struct DeleteQuery {
+    #[serde(default)]
+    force: Flag,
+}
+
+/// `GET /sessions/{id}/diff?uncommitted=1`: only what is not committed.
+#[derive(Debug, serde::Deserialize)]
+struct DiffQuery {
+    #[serde(default)]
+    uncommitted: Flag,
+}
+
+/// `GET /sessions/{id}/files?path=P`: relative to the session's working directory.
+#[derive(Debug, serde::Deserialize)]
+struct FilesQuery {
+    #[serde(default)]
+    path: String,
+}
+
+async fn list_projects(State(app): State<AppState>, _identity: Identity) -> Json<Vec<Project>> {
+    Json(app.sessions.projects().list())
+}
+
+/// Registers a repository inside the workspace roots of the project's default instance (or
+/// the server's default instance), cloning it first when the body has a `url`.
+async fn add_project(
+    State(app): State<AppState>,
+    identity: Identity,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = request_body(body, &app.limits)?;
+    let req: NewProject =
+        serde_json::from_slice(&body).map_err(|e| ApiError::InvalidJson(e.to_string()))?;
+    let instance = app
+        .sessions
+        .instance_for(req.default_instance.as_deref())
+        .ok_or_else(|| {
+            app.sessions
+                .unknown_instance(req.default_instance.as_deref().unwrap_or("default"))
+        })?;
+    identity.check_instance(instance)?;
+    let roots = instance.config.workspace_roots.clone();
+    let projects = app.sessions.projects().clone();
+    let project = blocking(move || projects.add(req, &roots)).await??;
+    crate::audit::project("add", &identity.user, &project.id);
+    Ok((StatusCode::CREATED, Json(project)).into_response())
+}
+
+async fn remove_project(
+    State(app): State<AppState>,
+    identity: Identity,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    app.sessions.remove_project(&id)?;
+    crate::audit::project("remove", &identity.user, &id);
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Runs git or file work off the async workers.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| SessionError::Io(std::io::Error::other(e)).into())
+}
+
+/// `GET /sessions/{id}/diff`: the changes of the session's worktree against the project's
+/// default branch, or with `?uncommitted=1` only what is not committed.
+async fn session_diff(
+    State(app): State<AppState>,
+    identity: Identity,
+    SessionId(id): SessionId,
+    Query(DiffQuery { uncommitted }): Query<DiffQuery>,
+) -> Result<Response, ApiError> {
+    let session = app.sessions.get(&id).ok_or(SessionError::NotFound)?;
+    may_use(&identity, &session)?;
+    let worktree = session.worktree().cloned().ok_or(ApiError::NotInProject)?;
+    let diff = blocking(move || crate::projects::diff(&worktree, uncommitted.is_set())).await??;
+    let limit = app.limits.max_file_bytes as u64;
+    if diff.len() as u64 > limit {
+        return Err(ApiError::TooLarge {
+            size: diff.len() as u64,
+            limit,
+        });
+    }
+    Ok(([(header::CONTENT_TYPE, "text/x-diff; charset=utf-8")], diff).into_response())
+}
+
+/// `GET /sessions/{id}/files?path=…`: a directory's listing (JSON) or a file's contents,
+/// read-only and never outside the session's working directory.
+async fn session_files(
+    State(app): State<AppState>,
+    identity: Identity,
+    SessionId(id): SessionId,
+    Query(FilesQuery { path }): Query<FilesQuery>,
+) -> Result<Response, ApiError> {
+    use crate::projects::files::{self, Found};
+    let session = app.sessions.get(&id).ok_or(SessionError::NotFound)?;
+    may_use(&identity, &session)?;
+    let root = session.cwd().to_owned();
+    // A workspace is a project's worktree or a directory inside a workspace root, never a
+    // directory the operator chose for an instance (it may be anything, the server's own).
+    let in_roots = session.instance().is_some_and(|i| {
+        i.config
+            .workspace_roots
+            .iter()
+            .filter_map(|r| std::fs::canonicalize(r).ok())
+            .any(|r| root.starts_with(&r))
+    });
+    if session.worktree().is_none() && !in_roots {
+        return Err(ApiError::NoWorkspace);
+    }
+    let limit = app.limits.max_file_bytes as u64;
+    let asked = path.clone();
+    let found = blocking(move || files::read(&root, &asked, limit))
+        .await?
+        .map_err(|error| ApiError::File {
+            path: path.clone(),
+            error,
+        })?;
+    Ok(match found {
+        Found::Dir(entries) => Json(Listing { path, entries }).into_response(),
+        Found::File(body) => {
+            ([(header::CONTENT_TYPE, "application/octet-stream")], body).into_response()
+        }
+    })
 }
 
 /// Whose push registrations a caller sees: `local` (no identity) and the bearer token all of

@@ -31,6 +31,18 @@ pub fn session(action: &str, user: &str, session: &str, instance: &str) {
     );
 }
 
+/// A project was added or removed.
+pub fn project(action: &str, user: &str, project: &str) {
+    tracing::info!(
+        target: "moorline::audit",
+        action,
+        user,
+        project,
+        at_ms = now_ms(),
+        "audit: project {action}"
+    );
+}
+
 /// An approval request of `session` was settled.
 pub fn approval(session: &str, instance: &str, r: &Resolution) {
     tracing::info!(

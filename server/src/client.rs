@@ -1,4 +1,4 @@
-//! The client side of the `moorline` command: `sessions list|new|get|rm|restart` and
+//! The client side of the `moorline` command: `sessions list|new|get|rm|restart`, `projects` and
 //! `instances` over REST; `approve`/`deny`, which answer a pending approval over the session's
 //! WebSocket in its dialect; and `attach`, a websocat for moorline that is usable in pipes, with
 //! a human mode for pi RPC sessions on a terminal. Both speak to a server's TCP port
@@ -19,9 +19,13 @@ use tokio_tungstenite::tungstenite::{self, Message};
 
 use crate::config::{Secret, read_token_file};
 use crate::wire::{
-    Activity, ApprovalResolved, CreateSession, Decision, InstanceSummary, SessionSummary,
+    Activity, ApprovalResolved, ConversationRequest, CreateSession, Decision, DeletedKeptWorktree,
+    InstanceSummary, NewProject, Project, Restart, SessionSummary,
 };
 use moorline_adapters::pipeline::{answer_request, request_tool};
+
+/// No request body (`call` with nothing to send).
+const NO_BODY: Option<&()> = None;
 
 /// How long `approve`/`deny` wait for the server to confirm an answer.
 const ANSWER_WAIT: Duration = Duration::from_secs(10);
@@ -173,11 +177,11 @@ impl Client {
     }
 
     /// Sends a request with an optional JSON body; returns the response body (empty for 204).
-    async fn call(
+    async fn call<B: serde::Serialize + ?Sized>(
         &self,
         method: reqwest::Method,
         path: &str,
-        body: Option<&CreateSession>,
+        body: Option<&B>,
     ) -> Result<String, ClientError> {
         let url = format!("{}{path}", self.base);
         let mut req = self.http.request(method, &url);
@@ -206,11 +210,11 @@ impl Client {
     }
 
     /// [`Self::call`], its body read as a `T`.
-    async fn call_json<T: serde::de::DeserializeOwned>(
+    async fn call_json<T: serde::de::DeserializeOwned, B: serde::Serialize + ?Sized>(
         &self,
         method: reqwest::Method,
         path: &str,
-        body: Option<&CreateSession>,
+        body: Option<&B>,
     ) -> Result<T, ClientError> {
         let text = self.call(method, path, body).await?;
         serde_json::from_str(&text)
@@ -219,7 +223,7 @@ impl Client {
 
     /// `GET path`, its body read as a `T`.
     async fn get_json<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
-        self.call_json(reqwest::Method::GET, path, None).await
+        self.call_json(reqwest::Method::GET, path, NO_BODY).await
     }
 
     /// `GET /sessions`.
@@ -450,17 +454,68 @@ impl Client {
 
     /// `DELETE /sessions/{id}`.
     pub async fn delete(&self, id: &str) -> Result<(), ClientError> {
-        self.call(reqwest::Method::DELETE, &format!("/sessions/{id}"), None)
-            .await?;
-        Ok(())
+        self.delete_with(id, false).await.map(drop)
     }
 
-    /// `POST /sessions/{id}/restart`.
-    pub async fn restart(&self, id: &str) -> Result<SessionSummary, ClientError> {
+    /// `DELETE /sessions/{id}` (`force`: `?force=1`, its worktree goes even with work in it);
+    /// the server's answer when it kept the session's worktree.
+    pub async fn delete_with(
+        &self,
+        id: &str,
+        force: bool,
+    ) -> Result<Option<DeletedKeptWorktree>, ClientError> {
+        let query = if force { "?force=1" } else { "" };
+        let text = self
+            .call(
+                reqwest::Method::DELETE,
+                &format!("/sessions/{id}{query}"),
+                NO_BODY,
+            )
+            .await?;
+        if text.trim().is_empty() {
+            return Ok(None);
+        }
+        serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|e| ClientError::Other(format!("unexpected response: {e}")))
+    }
+
+    /// `GET /projects`.
+    pub async fn projects(&self) -> Result<Vec<Project>, ClientError> {
+        self.get_json("/projects").await
+    }
+
+    /// `POST /projects`.
+    pub async fn add_project(&self, body: &NewProject) -> Result<Project, ClientError> {
+        self.call_json(reqwest::Method::POST, "/projects", Some(body))
+            .await
+    }
+
+    /// `DELETE /projects/{id}`.
+    pub async fn remove_project(&self, id: &str) -> Result<(), ClientError> {
+        self.call(reqwest::Method::DELETE, &format!("/projects/{id}"), NO_BODY)
+            .await
+            .map(drop)
+    }
+
+    /// `POST /sessions/{id}/restart`, continuing the agent's conversation unless
+    /// `new_conversation`.
+    pub async fn restart(
+        &self,
+        id: &str,
+        new_conversation: bool,
+    ) -> Result<SessionSummary, ClientError> {
+        let body = Restart {
+            conversation: Some(if new_conversation {
+                ConversationRequest::New
+            } else {
+                ConversationRequest::Resume
+            }),
+        };
         self.call_json(
             reqwest::Method::POST,
             &format!("/sessions/{id}/restart"),
-            None,
+            Some(&body),
         )
         .await
     }

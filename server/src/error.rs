@@ -7,6 +7,8 @@ use axum::Json;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
+use crate::projects::ProjectError;
+use crate::projects::files::FileError;
 use crate::session::SessionError;
 use crate::wire::{BodyError, ErrorBody, Status};
 
@@ -16,6 +18,33 @@ pub(crate) enum ApiError {
     /// A session operation failed.
     #[error(transparent)]
     Session(#[from] SessionError),
+    /// A project operation failed.
+    #[error(transparent)]
+    Project(#[from] ProjectError),
+    /// A diff of a session that does not work in a project's worktree.
+    #[error("the session does not work in a project's worktree")]
+    NotInProject,
+    /// Files of a session whose working directory is no workspace.
+    #[error(
+        "the session's working directory is neither a project's worktree nor inside a workspace root"
+    )]
+    NoWorkspace,
+    /// A diff over `limits.max_file_bytes`.
+    #[error("{size} bytes exceeds limits.max_file_bytes ({limit})")]
+    TooLarge {
+        /// Its size.
+        size: u64,
+        /// The limit.
+        limit: u64,
+    },
+    /// A path of a session's workspace could not be read.
+    #[error("{error}")]
+    File {
+        /// The path asked for.
+        path: String,
+        /// Why not.
+        error: FileError,
+    },
     /// The request body is not valid JSON.
     #[error("request body is not valid JSON: {0}")]
     InvalidJson(String),
@@ -74,6 +103,49 @@ fn forbidden_user_message(user: &str, instance: Option<&str>) -> String {
     match instance {
         Some(i) => format!("{user} is not allowed to use instance {i:?} (see its allowed_users)"),
         None => format!("{user} is not allowed to use this server (see allowed_users)"),
+    }
+}
+
+/// The status and body of a project error (on its own or as a session's).
+fn project_answer(e: &ProjectError) -> (StatusCode, ErrorBody) {
+    let message = e.to_string();
+    match e {
+        ProjectError::NotFound(id) => (
+            StatusCode::NOT_FOUND,
+            ErrorBody::UnknownProject {
+                project: id.clone(),
+                message,
+            },
+        ),
+        ProjectError::Exists(id) => (
+            StatusCode::CONFLICT,
+            ErrorBody::ProjectExists {
+                project: id.clone(),
+                message,
+            },
+        ),
+        ProjectError::Invalid { field, message } => (
+            StatusCode::BAD_REQUEST,
+            ErrorBody::InvalidRequest {
+                field: (*field).to_owned(),
+                message: message.clone(),
+            },
+        ),
+        ProjectError::BranchInUse(branch) => (
+            StatusCode::CONFLICT,
+            ErrorBody::BranchInUse {
+                branch: branch.clone(),
+                message,
+            },
+        ),
+        ProjectError::Git(_) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorBody::GitFailed { message },
+        ),
+        ProjectError::Io(_) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorBody::Internal { message },
+        ),
     }
 }
 
@@ -151,6 +223,52 @@ impl ApiError {
                     ErrorBody::SpawnFailed { message: message() },
                 ),
                 SessionError::Io(_) | SessionError::StateDirInUse(_) => (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    ErrorBody::Internal { message: message() },
+                ),
+                SessionError::Project(e) => project_answer(e),
+            },
+            ApiError::Project(e) => project_answer(e),
+            ApiError::NotInProject => (
+                StatusCode::CONFLICT,
+                ErrorBody::NotInProject { message: message() },
+            ),
+            ApiError::NoWorkspace => (
+                StatusCode::CONFLICT,
+                ErrorBody::NoWorkspace { message: message() },
+            ),
+            ApiError::TooLarge { size, limit } => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                ErrorBody::TooLarge {
+                    size: *size,
+                    limit: *limit,
+                    message: message(),
+                },
+            ),
+            ApiError::File { path, error } => match error {
+                FileError::Escapes(_) => (
+                    StatusCode::BAD_REQUEST,
+                    ErrorBody::PathOutsideWorkspace {
+                        path: path.clone(),
+                        message: message(),
+                    },
+                ),
+                FileError::NotFound(_) => (
+                    StatusCode::NOT_FOUND,
+                    ErrorBody::NoSuchFile {
+                        path: path.clone(),
+                        message: message(),
+                    },
+                ),
+                FileError::TooLarge { size, limit, .. } => (
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    ErrorBody::TooLarge {
+                        size: *size,
+                        limit: *limit,
+                        message: message(),
+                    },
+                ),
+                FileError::Io(_) => (
                     StatusCode::INTERNAL_SERVER_ERROR,
                     ErrorBody::Internal { message: message() },
                 ),
@@ -266,6 +384,27 @@ mod tests {
                 ApiError::InvalidSubscription("endpoint: missing".into()),
                 400,
                 "invalid_subscription",
+            ),
+            (
+                ProjectError::NotFound("p".into()).into(),
+                404,
+                "unknown_project",
+            ),
+            (
+                SessionError::Project(ProjectError::BranchInUse("b".into())).into(),
+                409,
+                "branch_in_use",
+            ),
+            (ApiError::NotInProject, 409, "not_in_project"),
+            (ApiError::NoWorkspace, 409, "no_workspace"),
+            (ApiError::TooLarge { size: 9, limit: 8 }, 413, "too_large"),
+            (
+                ApiError::File {
+                    path: "../x".into(),
+                    error: FileError::Escapes("../x".into()),
+                },
+                400,
+                "path_outside_workspace",
             ),
         ];
         for (err, status, code) in cases {

@@ -24,6 +24,8 @@
 //! - [`fanout`], [`credentials`], [`audit`]: delivery to clients with replay, instances'
 //!   credentials files and the audit log.
 //! - [`notifier`]: notifications (amarre's Expo push, Web Push, a webhook) from session events.
+//! - [`projects`]: git repositories sessions work in, a worktree per session (through the real
+//!   `git`), and the read-only diff and file views of a session's workspace.
 //!
 //! Private, the HTTP edge, which reaches agents only through sessions:
 //! - `api`: the REST route table and its handlers.
@@ -46,6 +48,7 @@ pub mod events;
 pub mod fanout;
 pub mod keeper;
 pub mod notifier;
+pub mod projects;
 pub mod runtime;
 pub mod session;
 pub mod watch;

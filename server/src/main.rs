@@ -12,7 +12,7 @@ use moorline::config::{
     Config, Connection, EXAMPLE_CONFIG, EXIT_CONFIG, LogFormat, Overrides, Sources,
 };
 use moorline::runtime::network;
-use moorline::wire::{CreateSession, Decision};
+use moorline::wire::{CreateSession, Decision, NewProject};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -50,6 +50,13 @@ enum Command {
         conn: Connection,
         #[command(subcommand)]
         action: SessionsCommand,
+    },
+    /// Manage projects (git repositories sessions get worktrees of) on a running server.
+    Projects {
+        #[command(flatten)]
+        conn: Connection,
+        #[command(subcommand)]
+        action: ProjectsCommand,
     },
     /// List the server's instances: agent, dialect, runtime, workspace roots, availability.
     Instances {
@@ -166,6 +173,31 @@ enum Command {
 }
 
 #[derive(Debug, Subcommand)]
+enum ProjectsCommand {
+    /// List projects (JSON).
+    List,
+    /// Register an existing repository inside a workspace root.
+    Add {
+        /// The repository (a relative path is taken from the current directory).
+        path: String,
+        /// Its name (default: the directory's name).
+        #[arg(long)]
+        id: Option<String>,
+        /// The branch sessions start from (default: the one checked out).
+        #[arg(long)]
+        default_branch: Option<String>,
+        /// The instance its sessions run by default.
+        #[arg(long)]
+        instance: Option<String>,
+    },
+    /// Forget a project (its repository and worktrees stay).
+    Rm {
+        /// Project id.
+        id: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum SessionsCommand {
     /// List sessions.
     List {
@@ -188,21 +220,34 @@ enum SessionsCommand {
         /// Environment variable for the agent, KEY=VALUE (repeatable).
         #[arg(long = "env", value_name = "KEY=VALUE", value_parser = parse_env)]
         env: Vec<(String, String)>,
+        /// Work in this project, in a git worktree of the session's own (instead of --cwd).
+        #[arg(long, conflicts_with = "cwd")]
+        project: Option<String>,
+        /// With --project: the worktree's branch (default: a new moorline/<session id>).
+        #[arg(long, requires = "project")]
+        branch: Option<String>,
     },
     /// Show one session.
     Get {
         /// Session id.
         id: String,
     },
-    /// Delete a session: stop its agent and remove its output.
+    /// Delete a session: stop its agent and remove its output (and its worktree, unless it
+    /// holds work).
     Rm {
         /// Session id.
         id: String,
+        /// Remove the session's worktree even when it holds uncommitted or unmerged work.
+        #[arg(long)]
+        force: bool,
     },
-    /// Start the agent of a session that exited or crashed.
+    /// Start the agent of a session that exited or crashed, on its earlier conversation.
     Restart {
         /// Session id.
         id: String,
+        /// Start a new conversation instead of continuing the earlier one.
+        #[arg(long)]
+        new_conversation: bool,
     },
 }
 
@@ -265,6 +310,9 @@ fn main() -> ExitCode {
         }
         Some(Command::Sessions { conn, action }) => {
             client_command(|rt| rt.block_on(sessions(conn, action)))
+        }
+        Some(Command::Projects { conn, action }) => {
+            client_command(|rt| rt.block_on(projects(conn, action)))
         }
         Some(Command::Instances { conn, json }) => client_command(|rt| {
             rt.block_on(async {
@@ -482,6 +530,35 @@ fn client_command(f: impl FnOnce(&tokio::runtime::Runtime) -> Result<(), ClientE
     }
 }
 
+async fn projects(conn: Connection, action: ProjectsCommand) -> Result<(), ClientError> {
+    let client = Client::new(&conn.url, conn.token_file.as_deref())?;
+    fn print(v: &impl serde::Serialize) {
+        println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+    }
+    match action {
+        ProjectsCommand::List => print(&client.projects().await?),
+        ProjectsCommand::Add {
+            path,
+            id,
+            default_branch,
+            instance,
+        } => {
+            let path = std::path::absolute(&path)
+                .map_err(|e| ClientError::Other(format!("{path}: {e}")))?;
+            let body = NewProject {
+                id,
+                path,
+                default_branch,
+                default_instance: instance,
+                ..NewProject::default()
+            };
+            print(&client.add_project(&body).await?);
+        }
+        ProjectsCommand::Rm { id } => client.remove_project(&id).await?,
+    }
+    Ok(())
+}
+
 async fn sessions(conn: Connection, action: SessionsCommand) -> Result<(), ClientError> {
     let client = Client::new(&conn.url, conn.token_file.as_deref())?;
     fn print(v: &impl serde::Serialize) {
@@ -501,6 +578,8 @@ async fn sessions(conn: Connection, action: SessionsCommand) -> Result<(), Clien
             name,
             cwd,
             env,
+            project,
+            branch,
         } => {
             let env: BTreeMap<String, String> = env.into_iter().collect();
             // A relative directory means one relative to where the command runs.
@@ -516,12 +595,22 @@ async fn sessions(conn: Connection, action: SessionsCommand) -> Result<(), Clien
                 name,
                 cwd,
                 env,
+                project,
+                branch,
             };
             print(&client.create(&body).await?);
         }
         SessionsCommand::Get { id } => print(&client.get(&id).await?),
-        SessionsCommand::Rm { id } => client.delete(&id).await?,
-        SessionsCommand::Restart { id } => print(&client.restart(&id).await?),
+        SessionsCommand::Rm { id, force } => {
+            if let Some(kept) = client.delete_with(&id, force).await? {
+                // Deleted, but its worktree was kept: say why.
+                eprintln!("moorline: {}", kept.message);
+            }
+        }
+        SessionsCommand::Restart {
+            id,
+            new_conversation,
+        } => print(&client.restart(&id, new_conversation).await?),
     }
     Ok(())
 }

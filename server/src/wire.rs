@@ -131,6 +131,170 @@ pub struct SessionSummary {
     /// the agent does not run).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub activity: Option<Activity>,
+    /// Whether the last start continued the agent's earlier conversation (moorline).
+    #[serde(default)]
+    pub conversation: ConversationState,
+    /// The project the session works in (moorline; absent outside projects).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub project: Option<String>,
+    /// The branch of its worktree (moorline; with `project`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub branch: Option<String>,
+    /// Whether its worktree has uncommitted changes (moorline; with `project`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dirty: Option<bool>,
+    /// How many commits its branch has that the project's default branch lacks (moorline;
+    /// with `project`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ahead: Option<u64>,
+}
+
+/// Whether a run continues the agent's earlier conversation, as the summary says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ConversationState {
+    /// It continues the conversation of the session's earlier run.
+    Resumed,
+    /// It began a new conversation (a new session, a client asked for one, the agent cannot
+    /// continue one, or continuing failed and clients were told).
+    #[default]
+    New,
+}
+
+/// What a start should do with the agent's earlier conversation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ConversationRequest {
+    /// Continue it when there is one (restarts do unless asked otherwise).
+    #[default]
+    Resume,
+    /// Begin a new one.
+    New,
+}
+
+/// The body of `POST /sessions/{id}/restart`: nothing, or `{"conversation": "resume" | "new"}`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Restart {
+    /// What to do with the agent's conversation; absent or `null`: resume it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conversation: Option<ConversationRequest>,
+}
+
+impl Restart {
+    /// Reads a restart body: blank means `{}`, as for `POST /sessions`; unknown keys are
+    /// ignored.
+    pub fn from_body(body: &[u8]) -> Result<Self, BodyError> {
+        if body.iter().all(u8::is_ascii_whitespace) {
+            return Ok(Self::default());
+        }
+        let value: serde_json::Value =
+            serde_json::from_slice(body).map_err(|e| BodyError::Json(e.to_string()))?;
+        let serde_json::Value::Object(mut obj) = value else {
+            return Err(field_error("body", "must be a JSON object"));
+        };
+        Ok(Self {
+            conversation: take(&mut obj, "conversation", "must be \"resume\" or \"new\"")?,
+        })
+    }
+}
+
+/// The answer to `DELETE /sessions/{id}` when the session is gone but its worktree was kept
+/// (it holds uncommitted or unmerged work); a full removal answers `204` with no body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeletedKeptWorktree {
+    /// Always `true`: the session itself is deleted.
+    pub deleted: bool,
+    /// What became of the worktree.
+    pub worktree: WorktreeFate,
+    /// Why it was kept.
+    pub message: String,
+}
+
+/// What became of a deleted session's worktree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WorktreeFate {
+    /// It stays on disk with its branch.
+    Kept,
+}
+
+/// A registered project, as `GET /projects` and `POST /projects` show it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Project {
+    /// Its name: lowercase letters, digits, `.`, `_` and `-`.
+    pub id: String,
+    /// The repository's main working tree.
+    pub path: PathBuf,
+    /// The branch new session branches start from.
+    pub default_branch: String,
+    /// The instance sessions of the project run when the client names none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_instance: Option<String>,
+    /// Where the sessions' worktrees are created (`<path>.worktrees` unless given).
+    pub worktrees_dir: PathBuf,
+}
+
+/// The body of `POST /projects`; unknown keys are refused.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NewProject {
+    /// Its name (default: the repository directory's name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// An existing repository (the top of its main working tree), or with `url` where to
+    /// clone it (a directory that does not exist yet).
+    pub path: PathBuf,
+    /// Clone this repository into `path` first (`https://`, `http://`, `ssh://`, `git://`,
+    /// or `file://` inside the workspace roots; credentials come from the server's
+    /// `git_credentials_file`, never from the URL).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// Default: the branch checked out in `path`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_branch: Option<String>,
+    /// The instance sessions run by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_instance: Option<String>,
+    /// Where worktrees go (inside the same workspace roots).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worktrees_dir: Option<PathBuf>,
+}
+
+/// `GET /sessions/{id}/files` for a directory: its entries, sorted by name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Listing {
+    /// The path asked for, relative to the session's working directory.
+    pub path: String,
+    /// What it holds.
+    pub entries: Vec<FileEntry>,
+}
+
+/// One entry of a directory [`Listing`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileEntry {
+    /// Its name.
+    pub name: String,
+    /// What it is.
+    #[serde(rename = "type")]
+    pub kind: FileKind,
+    /// Its size in bytes (files).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
+}
+
+/// What a [`FileEntry`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FileKind {
+    /// A regular file.
+    File,
+    /// A directory.
+    Dir,
+    /// A symbolic link (never followed).
+    Symlink,
+    /// Anything else.
+    Other,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -153,6 +317,12 @@ pub struct CreateSession {
     /// Environment on top of the instance's.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
+    /// The project to work in, in a worktree of its own (moorline; not with `cwd`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub project: Option<String>,
+    /// The worktree's branch (moorline; with `project`; default: `moorline/<session id>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub branch: Option<String>,
 }
 
 /// Why a `POST /sessions` body was refused, before any session code sees it.
@@ -191,6 +361,8 @@ impl CreateSession {
         let instance_id = take(&mut obj, "instanceId", string)?;
         let name = take(&mut obj, "name", string)?;
         let cwd = take(&mut obj, "cwd", string)?;
+        let project = take(&mut obj, "project", string)?;
+        let branch = take(&mut obj, "branch", string)?;
         let env = env
             .unwrap_or_default()
             .into_iter()
@@ -207,6 +379,8 @@ impl CreateSession {
             name,
             cwd,
             env,
+            project,
+            branch,
         })
     }
 }
@@ -417,6 +591,66 @@ pub enum ErrorBody {
     Unauthorized,
     /// Push notifications are not offered.
     PushDisabled,
+    /// No project with that id.
+    UnknownProject {
+        /// What was asked for.
+        project: String,
+        /// A sentence for people.
+        message: String,
+    },
+    /// A project with that id exists.
+    ProjectExists {
+        /// The id.
+        project: String,
+        /// A sentence for people.
+        message: String,
+    },
+    /// The branch asked for is checked out in another worktree.
+    BranchInUse {
+        /// The branch.
+        branch: String,
+        /// A sentence for people.
+        message: String,
+    },
+    /// git failed (a worktree, a clone, a diff).
+    GitFailed {
+        /// What git said.
+        message: String,
+    },
+    /// A diff of a session that does not work in a project's worktree.
+    NotInProject {
+        /// A sentence for people.
+        message: String,
+    },
+    /// Files of a session whose working directory is neither a project's worktree nor inside
+    /// a workspace root.
+    NoWorkspace {
+        /// A sentence for people.
+        message: String,
+    },
+    /// A file or diff over `limits.max_file_bytes`.
+    TooLarge {
+        /// Its size in bytes.
+        size: u64,
+        /// The limit.
+        limit: u64,
+        /// A sentence for people.
+        message: String,
+    },
+    /// A path that would leave the session's workspace (absolute, `..`, a symlink).
+    PathOutsideWorkspace {
+        /// The path asked for.
+        path: String,
+        /// A sentence for people.
+        message: String,
+    },
+    /// Nothing at that path of the session's workspace.
+    NoSuchFile {
+        /// The path asked for.
+        path: String,
+        /// A sentence for people.
+        message: String,
+    },
 }
 
 #[cfg(test)]
@@ -494,6 +728,46 @@ mod tests {
                 message: "m".into(),
                 instance_id: None
             }
+        );
+    }
+
+    #[test]
+    fn restart_bodies() {
+        assert_eq!(Restart::from_body(b" "), Ok(Restart::default()));
+        assert_eq!(
+            Restart::from_body(br#"{"conversation":"new","x":1}"#),
+            Ok(Restart {
+                conversation: Some(ConversationRequest::New)
+            })
+        );
+        assert_eq!(
+            Restart::from_body(br#"{"conversation":null}"#),
+            Ok(Restart::default())
+        );
+        assert_eq!(
+            Restart::from_body(br#"{"conversation":"old"}"#),
+            Err(field_error("conversation", "must be \"resume\" or \"new\""))
+        );
+        assert!(matches!(Restart::from_body(b"{"), Err(BodyError::Json(_))));
+    }
+
+    #[test]
+    fn project_fields_of_a_summary_are_left_out_outside_projects() {
+        let summary: SessionSummary = serde_json::from_str(
+            r#"{"id":"a","instanceId":"i","status":"running","agent":"pi","spawnedAt":1,"clients":0}"#,
+        )
+        .expect("parse");
+        assert_eq!(summary.conversation, ConversationState::New);
+        let json = serde_json::to_string(&summary).expect("json");
+        assert!(json.ends_with(r#""conversation":"new"}"#), "{json}");
+        let kept = DeletedKeptWorktree {
+            deleted: true,
+            worktree: WorktreeFate::Kept,
+            message: "m".into(),
+        };
+        assert_eq!(
+            serde_json::to_string(&kept).expect("json"),
+            r#"{"deleted":true,"worktree":"kept","message":"m"}"#
         );
     }
 

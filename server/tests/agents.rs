@@ -838,6 +838,313 @@ async fn codex_auth_failure_is_reported() {
     auth_failure_is_reported("codex", "codex").await;
 }
 
+/// Kills the session's agent the hard way (its container, or its process group) and waits
+/// for clients to hear that it crashed.
+async fn kill_agent(server: &TestServer, sandbox: Option<&Sandbox>, id: &str, ws: &mut Ws) {
+    match sandbox {
+        Some(sandbox) => {
+            let containers = sandbox.containers();
+            assert_eq!(containers.len(), 1, "one container: {containers:?}");
+            let killed = std::process::Command::new("runc")
+                .arg("--root")
+                .arg(sandbox.runc_root.path())
+                .args(["kill", &containers[0], "KILL"])
+                .status()
+                .expect("runc kill");
+            assert!(killed.success(), "runc kill");
+        }
+        None => {
+            let meta: Value = serde_json::from_slice(
+                &std::fs::read(
+                    server
+                        .state
+                        .path()
+                        .join("sessions")
+                        .join(id)
+                        .join("meta.json"),
+                )
+                .expect("meta.json"),
+            )
+            .expect("meta");
+            let pid = meta["pid"].as_i64().expect("pid") as i32;
+            nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            )
+            .expect("kill -9 the agent's group");
+        }
+    }
+    loop {
+        let v = ws.json().await;
+        if v["type"] == "amarre.session_event" {
+            assert_ne!(v["event"], "running", "{v}");
+            return;
+        }
+    }
+}
+
+/// Restarts a session (`body`: the restart's request) and returns its summary and a client
+/// that sees everything the new run wrote.
+async fn restart(server: &TestServer, id: &str, body: &str) -> (Value, Ws) {
+    let (_, before) = server.get_json(&format!("/sessions/{id}")).await;
+    let since = before["lastSeq"].as_u64().expect("lastSeq");
+    let (status, summary) = server.post(&format!("/sessions/{id}/restart"), body).await;
+    assert_eq!(status, 200, "{summary}");
+    let ws = server.ws_query(id, &format!("?since={since}")).await;
+    (summary, ws)
+}
+
+/// "remember PINEAPPLE", the agent killed, the session restarted: the next model request
+/// carries the earlier conversation (the mock answers `RECALL:` from what it was sent), and
+/// the summary says `resumed`. Asking for a new conversation gives one without it.
+async fn conversation_survives_a_restart(kind: &str, program: &str) {
+    let Some((server, _mock, sandbox, work)) = start(kind, program).await else {
+        return;
+    };
+    let id = create(&server, kind, work.path()).await;
+    let (_, summary) = server.get_json(&format!("/sessions/{id}")).await;
+    assert_eq!(summary["conversation"], "new", "{kind}: {summary}");
+    let mut ws = server.ws(&id).await;
+    ws.send_json(&prompt("p1", "remember PINEAPPLE")).await;
+    let text = turn_text(&mut ws).await;
+    assert!(text.contains("PINEAPPLE"), "{kind}: {text}");
+
+    kill_agent(&server, sandbox.as_ref(), &id, &mut ws).await;
+    let (summary, mut ws) = restart(&server, &id, "").await;
+    assert_eq!(summary["conversation"], "resumed", "{kind}: {summary}");
+    ws.send_json(&prompt("p2", "RECALL: PINEAPPLE")).await;
+    let text = turn_text(&mut ws).await;
+    assert!(
+        text.contains("MOCK recall PINEAPPLE: yes"),
+        "{kind}: the model was not sent the earlier conversation: {text}"
+    );
+    let (_, summary) = server.get_json(&format!("/sessions/{id}")).await;
+    assert_eq!(summary["conversation"], "resumed", "{kind}: {summary}");
+
+    // A fresh conversation, asked for.
+    kill_agent(&server, sandbox.as_ref(), &id, &mut ws).await;
+    let (summary, mut ws) = restart(&server, &id, r#"{"conversation":"new"}"#).await;
+    assert_eq!(summary["conversation"], "new", "{kind}: {summary}");
+    ws.send_json(&prompt("p3", "RECALL: PINEAPPLE")).await;
+    let text = turn_text(&mut ws).await;
+    assert!(
+        text.contains("MOCK recall PINEAPPLE: no"),
+        "{kind}: a new conversation carried the old one: {text}"
+    );
+    let (_, summary) = server.get_json(&format!("/sessions/{id}")).await;
+    assert_eq!(summary["conversation"], "new", "{kind}: {summary}");
+    assert_eq!(server.delete(&format!("/sessions/{id}")).await.0, 204);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pi_conversation_survives_a_restart() {
+    conversation_survives_a_restart("pi", "pi").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claude_code_conversation_survives_a_restart() {
+    conversation_survives_a_restart("claude-code", "claude").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn codex_conversation_survives_a_restart() {
+    conversation_survives_a_restart("codex", "codex").await;
+}
+
+/// Removes where the agent kept the session's conversation (in a container, the session's
+/// own home and data directory).
+fn lose_conversation(server: &TestServer, kind: &str, id: &str) {
+    let dir = server.state.path().join("sessions").join(id);
+    let gone = match kind {
+        "claude-code" => dir.join("home/.claude/projects"),
+        "pi" => dir.join("data/state/pi-sessions"),
+        _ => dir.join("home/.codex/sessions"),
+    };
+    assert!(
+        gone.is_dir(),
+        "{kind}: {} holds the conversation",
+        gone.display()
+    );
+    std::fs::remove_dir_all(&gone).expect("remove the conversation");
+}
+
+/// A conversation that cannot be continued any more: clients are told
+/// (`amarre.resume_failed`), the agent starts a new one, and the summary says `new`.
+async fn lost_conversation_is_told(kind: &str, program: &str) {
+    let Some((server, _mock, sandbox, work)) = start(kind, program).await else {
+        return;
+    };
+    if sandbox.is_none() {
+        eprintln!("SKIPPED: the agent's home is the server's without runc");
+        return;
+    }
+    let id = create(&server, kind, work.path()).await;
+    let mut ws = server.ws(&id).await;
+    ws.send_json(&prompt("p1", "remember PINEAPPLE")).await;
+    turn_text(&mut ws).await;
+    kill_agent(&server, sandbox.as_ref(), &id, &mut ws).await;
+    lose_conversation(&server, kind, &id);
+
+    let (_, mut ws) = restart(&server, &id, "").await;
+    let told = until(&mut ws, "amarre.resume_failed", |v| {
+        v["type"] == "amarre.resume_failed"
+    })
+    .await;
+    assert!(
+        told["reason"].as_str().is_some_and(|r| !r.is_empty()),
+        "{kind}: {told}"
+    );
+    ws.send_json(&prompt("p2", "RECALL: PINEAPPLE")).await;
+    let text = turn_text(&mut ws).await;
+    assert!(text.contains("MOCK recall PINEAPPLE: no"), "{kind}: {text}");
+    let (_, summary) = server.get_json(&format!("/sessions/{id}")).await;
+    assert_eq!(summary["conversation"], "new", "{kind}: {summary}");
+    assert_eq!(server.delete(&format!("/sessions/{id}")).await.0, 204);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pi_lost_conversation_is_told() {
+    lost_conversation_is_told("pi", "pi").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claude_code_lost_conversation_is_told() {
+    lost_conversation_is_told("claude-code", "claude").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn codex_lost_conversation_is_told() {
+    lost_conversation_is_told("codex", "codex").await;
+}
+
+/// Runs git in `dir` as the user agents run as in tests (the repository's owner).
+fn git_as_agent(dir: &Path, args: &[&str]) -> String {
+    let mut cmd = std::process::Command::new("git");
+    cmd.arg("-C")
+        .arg(dir)
+        .args(["-c", "user.name=T", "-c", "user.email=t@example.com"])
+        .args(args)
+        .env("HOME", "/nonexistent");
+    if nix::unistd::geteuid().is_root() {
+        use std::os::unix::process::CommandExt;
+        cmd.uid(common::TEST_UID).gid(common::TEST_UID);
+    }
+    let out = cmd.output().expect("git");
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A session in a project: the agent (pi, in its container when runc works) works in its own
+/// worktree, and `git commit` there lands on the session's branch of the repository.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_commits_in_its_worktree() {
+    let Some((server, _mock, _sandbox, work)) = start("pi", "pi").await else {
+        return;
+    };
+    let repo = work.path().join("app");
+    std::fs::create_dir(&repo).expect("mkdir");
+    if nix::unistd::geteuid().is_root() {
+        std::os::unix::fs::chown(&repo, Some(common::TEST_UID), Some(common::TEST_UID))
+            .expect("chown");
+    }
+    git_as_agent(&repo, &["init", "-q", "-b", "main"]);
+    git_as_agent(&repo, &["commit", "-q", "--allow-empty", "-m", "first"]);
+    let (status, body) = server
+        .post(
+            "/projects",
+            &json!({"path": repo, "id": "app", "defaultInstance": "pi"}).to_string(),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let (status, s) = server
+        .post("/sessions", &json!({"project": "app"}).to_string())
+        .await;
+    assert_eq!(status, 201, "{s}");
+    let id = s["id"].as_str().expect("id").to_owned();
+    let mut ws = server.ws(&id).await;
+    ws.send_json(&prompt(
+        "p1",
+        "RUNBASH: echo agent > made.txt && git add made.txt && git -c user.name=A -c user.email=a@example.com commit -qm by-the-agent && git status --porcelain && pwd",
+    ))
+    .await;
+    let ask = until(&mut ws, "an approval request", is_confirm).await;
+    ws.send_json(&answer(&ask, true)).await;
+    let text = turn_text(&mut ws).await;
+    assert!(text.contains("MOCK saw tool_result"), "{text}");
+    assert!(
+        text.contains(&id),
+        "the command ran in the worktree: {text}"
+    );
+    assert_eq!(
+        git_as_agent(
+            &repo,
+            &["log", "-1", "--format=%s", &format!("moorline/{id}")]
+        )
+        .trim(),
+        "by-the-agent",
+        "the commit is on the session's branch: {text}"
+    );
+    assert!(
+        !repo.join("made.txt").exists(),
+        "the main tree is untouched"
+    );
+    let (_, s) = server.get_json(&format!("/sessions/{id}")).await;
+    assert_eq!(
+        (s["dirty"].as_bool(), s["ahead"].as_u64()),
+        (Some(false), Some(1)),
+        "{s}"
+    );
+    let (status, diff) = server.get(&format!("/sessions/{id}/diff")).await;
+    assert!(status == 200 && diff.contains("+agent"), "{diff}");
+    let (status, body) = server.delete(&format!("/sessions/{id}")).await;
+    assert_eq!(status, 200, "committed work is kept: {body}");
+    server.stop().await;
+}
+
+/// The conversation outlives the server too: a new server adopts the session (its agent still
+/// runs in its container), and after the agent is killed, a restart continues the
+/// conversation the first server's run recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pi_conversation_survives_a_server_restart() {
+    let Some((server, mock, sandbox, work)) = start("pi", "pi").await else {
+        return;
+    };
+    let Some(sandbox) = sandbox else {
+        eprintln!("SKIPPED: without runc the agent ends with the server");
+        return;
+    };
+    let id = create(&server, "pi", work.path()).await;
+    let mut ws = server.ws(&id).await;
+    ws.send_json(&prompt("p1", "remember PINEAPPLE")).await;
+    turn_text(&mut ws).await;
+    drop(ws);
+    let state = server.stop_keep_state().await;
+
+    let mut config = common::test_config(state.path().to_owned());
+    sandbox.apply(&mut config);
+    config
+        .instances
+        .push(agent_instance("pi", &mock, Some(&sandbox)));
+    let server = TestServer::start_in(state, config).await;
+    let (_, summary) = server.get_json(&format!("/sessions/{id}")).await;
+    assert_eq!(summary["status"], "running", "adopted: {summary}");
+    let mut ws = server.ws(&id).await;
+    kill_agent(&server, Some(&sandbox), &id, &mut ws).await;
+    let (summary, mut ws) = restart(&server, &id, "").await;
+    assert_eq!(summary["conversation"], "resumed", "{summary}");
+    ws.send_json(&prompt("p2", "RECALL: PINEAPPLE")).await;
+    let text = turn_text(&mut ws).await;
+    assert!(text.contains("MOCK recall PINEAPPLE: yes"), "{text}");
+    assert_eq!(server.delete(&format!("/sessions/{id}")).await.0, 204);
+    server.stop().await;
+}
+
 /// A real pi's tool call, unanswered past the grace period, is notified once: the text names
 /// the tool and the command, with the API key on that command masked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

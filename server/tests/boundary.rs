@@ -178,6 +178,7 @@ fn run_container(
             tini: which("tini"),
             system_dirs: Config::default().runtime.system_dirs,
             extra_rw: Vec::new(),
+            extra_ro: Vec::new(),
             network: moorline::config::NetworkMode::None,
             network_hook: None,
             resolv_conf: None,

@@ -279,6 +279,25 @@ async fn quickstart_sessions_attach_and_sigterm() {
         1
     );
 
+    // Projects: none yet; a directory that is no repository is refused with the reason.
+    let (code, out, _) = run(vec!["projects".into(), "list".into()]).await;
+    assert_eq!((code, out.trim()), (0, "[]"));
+    let (code, _, err) = run(vec!["projects".into(), "add".into(), "/".into()]).await;
+    assert_ne!(code, 0);
+    assert!(err.contains("path"), "{err}");
+
+    // restart asks the server (here: the agent still runs), with or without a new
+    // conversation.
+    let (code, _, err) = run(vec![
+        "sessions".into(),
+        "restart".into(),
+        id.clone(),
+        "--new-conversation".into(),
+    ])
+    .await;
+    assert_ne!(code, 0);
+    assert!(err.contains("already_running"), "{err}");
+
     // SIGTERM: clients are closed with 1001, never 1006, and the server exits 0.
     let ws_url = served.url.replacen("http://", "ws://", 1);
     let mut ws = Ws::connect(&format!("{ws_url}/sessions/{id}")).await;

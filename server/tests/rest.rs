@@ -55,7 +55,8 @@ async fn session_lifecycle_over_rest() {
             "createdBy",
             "cwd",
             "createdAt",
-            "activity"
+            "activity",
+            "conversation"
         ]
     );
     // Just started and silent (the fixture writes nothing until asked): idle.
@@ -311,12 +312,28 @@ async fn restart_rules() {
         (status, body["status"].as_str(), body["exitCode"].as_i64()),
         (200, Some("crashed"), Some(7))
     );
+    // What to do with the conversation is "resume" (the default) or "new", nothing else.
+    let (status, body) = server
+        .post(
+            &format!("/sessions/{id}/restart"),
+            r#"{"conversation":"old"}"#,
+        )
+        .await;
+    assert_eq!(
+        (status, body["error"].as_str(), body["field"].as_str()),
+        (400, Some("invalid_request"), Some("conversation")),
+        "{body}"
+    );
+    let (status, body) = server.post(&format!("/sessions/{id}/restart"), "[]").await;
+    assert_eq!(status, 400, "{body}");
     let (status, body) = server.post(&format!("/sessions/{id}/restart"), "").await;
     assert_eq!((status, body["status"].as_str()), (200, Some("running")));
     assert!(
         body.get("exitCode").is_none(),
         "exit code cleared on restart"
     );
+    // An agent moorline cannot continue a conversation of always starts a new one.
+    assert_eq!(body["conversation"], "new", "{body}");
     let mut ws = server.ws(&id).await;
     ws.send(r#"{"id":"2"}"#).await;
     assert_eq!(ws.json().await["echo"]["id"], "2");

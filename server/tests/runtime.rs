@@ -469,6 +469,7 @@ fn start_container(
             tini: which("tini"),
             system_dirs: Config::default().runtime.system_dirs,
             extra_rw: Vec::new(),
+            extra_ro: Vec::new(),
             network: moorline::config::NetworkMode::Host,
             network_hook: None,
             resolv_conf: None,

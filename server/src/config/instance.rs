@@ -285,6 +285,8 @@ impl InstanceConfig {
             base_url: self.base_url.clone(),
             dialect: self.dialect.clone(),
             provider: self.provider.clone(),
+            // Decided per start, by the session.
+            continuation: Default::default(),
         }
     }
 

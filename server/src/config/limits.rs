@@ -48,6 +48,9 @@ pub struct Limits {
     /// Largest `POST /sessions` body accepted (it bounds the working directory and
     /// environment a client can make the server store); larger ones are refused with 400.
     pub max_request_bytes: usize,
+    /// Largest file (`GET /sessions/{id}/files`) or diff (`GET /sessions/{id}/diff`) returned;
+    /// larger ones are refused with 413.
+    pub max_file_bytes: usize,
     /// Ended (exited or crashed) sessions kept; beyond it the oldest are removed, with their
     /// journals.
     pub max_ended_sessions: usize,
@@ -116,6 +119,7 @@ impl Default for Limits {
             close_linger_ms: 3_000,
             max_name_bytes: 256,
             max_request_bytes: 64 * 1024,
+            max_file_bytes: 1 << 20,
             max_ended_sessions: 100,
             ended_session_ttl_ms: 0,
             output_hold_after_exit_ms: 10_000,

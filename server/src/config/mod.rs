@@ -62,6 +62,10 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// File holding a bearer token that every request must carry. No file: no token.
     pub token_file: Option<PathBuf>,
+    /// Credentials for cloning projects from URLs: a git credential store file
+    /// (`https://user:token@host` lines), read by git at each clone. Clients never send
+    /// credentials; none: only repositories that need none can be cloned.
+    pub git_credentials_file: Option<PathBuf>,
     /// Extra names accepted in the `Host` header (loopback names, this machine's hostname and
     /// its tailnet names are always accepted).
     #[serde(deserialize_with = "string_list")]
@@ -114,6 +118,7 @@ impl Default for Config {
             allow_non_loopback: false,
             state_dir: PathBuf::from("/var/lib/moorline"),
             token_file: None,
+            git_credentials_file: None,
             allowed_hosts: Vec::new(),
             allowed_origins: Vec::new(),
             detect_tailnet_names: true,
@@ -171,6 +176,7 @@ impl Config {
             ("limits.max_env_name_bytes", l.max_env_name_bytes),
             ("limits.max_name_bytes", l.max_name_bytes),
             ("limits.max_request_bytes", l.max_request_bytes),
+            ("limits.max_file_bytes", l.max_file_bytes),
         ] {
             if value == 0 {
                 return Err(ConfigError::new(format!("{key}: must be at least 1")));

@@ -24,6 +24,7 @@ use std::time::Duration;
 use std::pin::Pin;
 
 use bytes::{BufMut, Bytes, BytesMut};
+use moorline_adapters::conversation::ConversationNews;
 use moorline_adapters::pipeline::{Outputs, Pipeline, Resolution};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
@@ -100,6 +101,9 @@ pub trait OutputSink: Send {
 
     /// The agent reported, for the first time this run, that its credentials are wrong.
     fn auth_failed(&mut self) {}
+
+    /// The agent named the conversation it runs (once it had started).
+    fn conversation(&mut self, _news: ConversationNews) {}
 
     /// Committed lines may now be shown to clients: what their processing changed (pending
     /// approvals, an authentication failure) has been reported.
@@ -440,6 +444,9 @@ impl AgentIo {
         if self.pipeline.take_auth_failed() {
             sink.auth_failed();
         }
+        if let Some(news) = self.pipeline.take_conversation() {
+            sink.conversation(news);
+        }
         sink.flush();
     }
 
@@ -513,6 +520,43 @@ pub fn mark_auth_failed(path: &Path) {
     if let Err(e) = super::fsio::write_private(path, b"") {
         tracing::warn!(error = %e, "cannot record an authentication failure");
     }
+}
+
+/// What a session records of its agent's conversation (its
+/// [`conversation`](super::layout::SessionDir::conversation) file).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ConversationRecord {
+    /// The conversation's id as its adapter names it, once known.
+    #[serde(default)]
+    pub id: Option<String>,
+    /// Whether the run that recorded it continued an earlier conversation.
+    #[serde(default)]
+    pub resumed: bool,
+}
+
+impl From<ConversationNews> for ConversationRecord {
+    fn from(news: ConversationNews) -> Self {
+        Self {
+            id: Some(news.id),
+            resumed: news.resumed,
+        }
+    }
+}
+
+/// Records the conversation of the current run (atomically).
+pub fn record_conversation(path: &Path, record: &ConversationRecord) {
+    let body = serde_json::to_vec(record).unwrap_or_default();
+    if let Err(e) = super::fsio::write_private(path, &body) {
+        tracing::warn!(error = %e, "cannot record the agent's conversation");
+    }
+}
+
+/// Reads a session's conversation record (none: a new conversation, no id).
+pub fn read_conversation(path: &Path) -> ConversationRecord {
+    std::fs::read(path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
 }
 
 /// Writes the pending approval requests where the server can read them (atomically).

@@ -118,6 +118,7 @@ async fn keep(run_dir: &RunDir) -> io::Result<()> {
         outbox: outbox.clone(),
         pending_file: spec.pending_file.clone(),
         auth_failed_file: run_dir.session().auth_failed(),
+        conversation_file: run_dir.session().conversation(),
         log: stderr.try_clone()?,
     };
     let served = serve(
@@ -552,6 +553,7 @@ struct KeeperSink {
     outbox: Arc<Outbox>,
     pending_file: std::path::PathBuf,
     auth_failed_file: std::path::PathBuf,
+    conversation_file: std::path::PathBuf,
     log: std::fs::File,
 }
 
@@ -608,6 +610,10 @@ impl OutputSink for KeeperSink {
             "the agent reports that its credentials are missing or wrong",
         );
         super::agentio::mark_auth_failed(&self.auth_failed_file);
+    }
+
+    fn conversation(&mut self, news: moorline_adapters::conversation::ConversationNews) {
+        super::agentio::record_conversation(&self.conversation_file, &news.into());
     }
 
     fn resolved(&mut self, resolution: Resolution) {

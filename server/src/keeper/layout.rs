@@ -64,6 +64,13 @@ impl SessionDir {
         self.0.join("auth-failed")
     }
 
+    /// `conversation.json`: the agent's conversation the last run continued or began
+    /// ([`ConversationRecord`](super::agentio::ConversationRecord)), so the next start can
+    /// continue it.
+    pub fn conversation(&self) -> PathBuf {
+        self.0.join("conversation.json")
+    }
+
     /// `data/`: session-private files adapters ask for (visible to the agent).
     pub fn data(&self) -> PathBuf {
         self.0.join("data")

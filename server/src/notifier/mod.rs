@@ -762,6 +762,11 @@ pub(crate) mod tests {
             cwd: "/tmp".into(),
             created_at: 0,
             activity: None,
+            conversation: Default::default(),
+            project: None,
+            branch: None,
+            dirty: None,
+            ahead: None,
         }
     }
 }

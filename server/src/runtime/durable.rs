@@ -175,7 +175,15 @@ impl DurableRuntime {
                 home,
                 tini: host.tini.clone(),
                 system_dirs: self.config.system_dirs.clone(),
-                extra_rw: vec![spec.session_dir.data()],
+                extra_rw: [spec.session_dir.data()]
+                    .into_iter()
+                    .chain(spec.git_dir.clone())
+                    .collect(),
+                extra_ro: spec
+                    .git_dir
+                    .iter()
+                    .flat_map(|g| [g.join("config"), g.join("hooks")])
+                    .collect(),
                 network: spec.options.network,
                 network_hook: hook,
                 resolv_conf: resolv,
@@ -351,6 +359,14 @@ impl Runtime for DurableRuntime {
             "runc"
         } else {
             "tmux"
+        }
+    }
+
+    fn agent_home(&self, session_dir: &SessionDir) -> Option<PathBuf> {
+        match &self.container {
+            // Containers get the session's own home.
+            Some(_) => Some(session_dir.home()),
+            None => self.config.passed_env.get("HOME").map(PathBuf::from),
         }
     }
 

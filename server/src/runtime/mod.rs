@@ -258,6 +258,7 @@ async fn probe(host: &durable::ContainerHost, config: &Config) -> Result<(), Hos
             tini: host.tini.clone(),
             system_dirs: config.runtime.system_dirs.clone(),
             extra_rw: Vec::new(),
+            extra_ro: Vec::new(),
             network: crate::config::NetworkMode::Host,
             network_hook: None,
             resolv_conf: None,
@@ -344,6 +345,9 @@ pub struct SpawnSpec {
     pub adapter: moorline_adapters::AdapterConfig,
     /// The approval rules.
     pub approvals: moorline_adapters::pipeline::ApprovalPolicy,
+    /// The repository's common git directory when the workspace is a worktree of it: git in
+    /// the worktree needs it (containers bind it read-write, its config and hooks read-only).
+    pub git_dir: Option<PathBuf>,
 }
 
 /// How a session's agent looked to a server that starts up and finds it.
@@ -557,6 +561,12 @@ pub trait Runtime: Send + Sync + fmt::Debug {
     /// it is left, and reports it ended unseen.
     async fn adopt(&self, _found: &Found) -> Adoption {
         Adoption::Exited(ExitInfo::UNKNOWN)
+    }
+
+    /// The directory a session's agent sees as `$HOME`, as a path on this machine (agents
+    /// keep their conversations there), if it has one.
+    fn agent_home(&self, _session_dir: &SessionDir) -> Option<PathBuf> {
+        None
     }
 
     /// Removes whatever the runtime keeps for a session whose agent has ended (containers,

@@ -61,6 +61,10 @@ impl Runtime for ProcessRuntime {
         "process"
     }
 
+    fn agent_home(&self, _session_dir: &SessionDir) -> Option<PathBuf> {
+        self.base_env.get("HOME").map(PathBuf::from)
+    }
+
     async fn spawn(&self, spec: SpawnSpec) -> Result<Agent, RuntimeError> {
         let spawn_error = |source: io::Error| RuntimeError::spawn(&spec.program, source);
         let prepared = prepare_run(&spec).map_err(spawn_error)?;
@@ -324,6 +328,10 @@ impl OutputSink for ProcessSink<'_> {
     fn auth_failed(&mut self) {
         tracing::warn!(session = %self.session_id, "the agent reports that its credentials are missing or wrong");
         mark_auth_failed(&self.dir.auth_failed());
+    }
+
+    fn conversation(&mut self, news: moorline_adapters::conversation::ConversationNews) {
+        crate::keeper::agentio::record_conversation(&self.dir.conversation(), &news.into());
     }
 
     fn line_dropped(&mut self, reason: DropReason) {

@@ -232,6 +232,10 @@ pub struct BundleSpec {
     /// directory, where adapters keep agent configuration (rewritten at every start, so an
     /// agent cannot change its own next launch).
     pub extra_rw: Vec<PathBuf>,
+    /// Host paths bound read-only at the same path, over what `extra_rw` binds (the git
+    /// configuration and hooks of a worktree's repository: an agent must not plant commands
+    /// that git runs for someone else).
+    pub extra_ro: Vec<PathBuf>,
     /// Network mode.
     pub network: NetworkMode,
     /// With `network = "isolated"`: the hook that connects the container's network namespace
@@ -395,6 +399,11 @@ fn mounts(spec: &BundleSpec, rootfs: &Path, mut mounts: Vec<Mount>) -> io::Resul
     for dir in &spec.extra_rw {
         if dir.is_dir() {
             mounts.push(bind(dir, dir, true)?);
+        }
+    }
+    for path in &spec.extra_ro {
+        if path.exists() {
+            mounts.push(bind(path, path, false)?);
         }
     }
     if let Some(file) = &spec.resolv_conf {
@@ -562,6 +571,7 @@ mod tests {
             tini: "/usr/bin/tini".into(),
             system_dirs: vec!["/usr".into(), "/bin".into(), "/nonexistent".into()],
             extra_rw: Vec::new(),
+            extra_ro: Vec::new(),
             network: NetworkMode::None,
             network_hook: None,
             resolv_conf: None,

@@ -69,6 +69,9 @@ pub enum SessionError {
         "another moorline server is using the state directory {0} (two servers on one state directory would corrupt each other's sessions)"
     )]
     StateDirInUse(PathBuf),
+    /// The session's project or worktree.
+    #[error(transparent)]
+    Project(#[from] crate::projects::ProjectError),
     /// The state directory is unusable.
     #[error("state directory: {0}")]
     Io(#[from] io::Error),

@@ -8,14 +8,16 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use indexmap::IndexMap;
+use moorline_adapters::conversation::{Continuation, ConversationPlace};
 use moorline_adapters::{Adapter, LaunchContext};
 use tokio::sync::{OwnedMutexGuard, OwnedSemaphorePermit, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::delivery::Run;
-use super::{Lifecycle, Session, SessionError, Status, now_ms};
+use super::{ConversationRequest, Lifecycle, Session, SessionError, Status, now_ms};
 use crate::config::{Config, InstanceConfig, Limits, RuntimeConfig, Unusable};
+use crate::keeper::agentio::{ConversationRecord, read_conversation, record_conversation};
 use crate::keeper::journal::JournalLimits;
 use crate::metrics::Metrics;
 use crate::runtime::workspace::{self, Anchor};
@@ -55,6 +57,11 @@ pub struct CreateRequest {
     pub env: BTreeMap<String, String>,
     /// Who asks (a tailnet login, `token` or `local`), recorded as the session's creator.
     pub created_by: Option<String>,
+    /// The project to work in: the session gets a worktree of its own as its `cwd`.
+    pub project: Option<String>,
+    /// The worktree's branch (default `moorline/<session id>`, new from the project's
+    /// default branch).
+    pub branch: Option<String>,
 }
 
 /// Starts agents for sessions: the part of session management that is policy, not
@@ -178,6 +185,7 @@ impl Launcher {
         &self,
         session: &Arc<Session>,
         permit: OwnedSemaphorePermit,
+        conversation: ConversationRequest,
     ) -> Result<(), SessionError> {
         let Some(instance) = session.instance.clone() else {
             return Err(SessionError::InstanceGone(session.instance_id.clone()));
@@ -195,7 +203,7 @@ impl Launcher {
             if matches!(*session.lifecycle.borrow(), Lifecycle::Deleted) {
                 Err(SessionError::NotFound)
             } else {
-                self.launch(session, &instance, permit).await
+                self.launch(session, &instance, permit, conversation).await
             }
         };
         session.lock().starting = false;
@@ -207,13 +215,20 @@ impl Launcher {
         session: &Arc<Session>,
         instance: &Arc<Instance>,
         permit: OwnedSemaphorePermit,
+        conversation: ConversationRequest,
     ) -> Result<(), SessionError> {
         let started = Instant::now();
         let env = environment(instance, session)?;
         // Every start checks the working directory again: it may have been replaced since.
         let (workspace, user) = self.check_workspace(&instance.config, &session.cwd)?;
         let data_dir = session.dir.data();
-        let spec = instance.adapter.launch(&LaunchContext {
+        let continuation = continuation(session, instance, &data_dir, conversation)?;
+        let resumed = continuation.resume.is_some();
+        let mut adapter_config = instance.config.adapter_config();
+        adapter_config.continuation = continuation;
+        // This start's adapter: it knows which conversation it continues.
+        let adapter = moorline_adapters::build(&adapter_config)?;
+        let spec = adapter.launch(&LaunchContext {
             instance_id: &instance.config.id,
             session_id: &session.id,
             cwd: &session.cwd,
@@ -230,6 +245,13 @@ impl Launcher {
             std::fs::write(&path, contents)?;
         }
         agent_state_dir(&data_dir, user)?;
+        record_conversation(
+            &session.dir.conversation(),
+            &ConversationRecord {
+                id: spec.conversation.clone(),
+                resumed,
+            },
+        );
         // The previous run may still be publishing its last lines.
         let run_lock = session.run_lock.clone().lock_owned().await;
         let generation = session.lock().generation + 1;
@@ -250,11 +272,19 @@ impl Launcher {
                 exit_drain: self.limits.exit_drain(),
                 hold_after_exit: self.limits.output_hold_after_exit(),
                 options: instance.config.runtime_options(),
-                adapter: instance.config.adapter_config(),
+                adapter: adapter_config,
                 approvals: instance.config.approval_policy(),
+                git_dir: session.worktree.as_ref().map(|w| w.git_dir.clone()),
             })
             .await?;
-        self.run_agent(session, instance, agent, Some(permit), run_lock, true);
+        self.run_agent(
+            session,
+            instance,
+            agent,
+            Some(permit),
+            run_lock,
+            Some(adapter.as_ref()),
+        );
         self.metrics
             .spawn_seconds
             .observe(started.elapsed().as_secs_f64());
@@ -283,8 +313,8 @@ impl Launcher {
         Ok((anchor, user))
     }
 
-    /// Wires a started (or adopted, `fresh` false) agent to its session: its input channel,
-    /// the session's state, and its run.
+    /// Wires a started agent (`started`: the adapter of its start) or an adopted one
+    /// (`None`) to its session: its input channel, the session's state, and its run.
     pub(super) fn run_agent(
         &self,
         session: &Arc<Session>,
@@ -292,8 +322,9 @@ impl Launcher {
         agent: Agent,
         permit: Option<OwnedSemaphorePermit>,
         run_lock: OwnedMutexGuard<()>,
-        fresh: bool,
+        started: Option<&dyn Adapter>,
     ) {
+        let fresh = started.is_some();
         let (tx, rx) = mpsc::channel(self.limits.inbound_queue);
         session
             .inputs
@@ -331,15 +362,58 @@ impl Launcher {
             metrics: self.metrics.clone(),
             shutdown: self.stop_runs.clone(),
             stop_grace: self.limits.stop_grace(),
-            greeting_lines: fresh.then(|| {
+            greeting_lines: started.map(|adapter| {
                 let mut greeting = moorline_adapters::pipeline::Outputs::default();
-                instance.adapter.translator().start(&mut greeting);
+                adapter.translator().start(&mut greeting);
                 greeting.to_clients.len() as u64
             }),
         };
         self.tracker.spawn(run.drive(agent.run, rx));
         tracing::info!(session = %session.id, instance = %instance.config.id, runtime = instance.runtime.name(), pid = ?agent.pid, generation, adopted = !fresh, "agent running");
     }
+}
+
+/// What a start does with the agent's conversation: continue the one its adapter finds for
+/// the session (unless a new one was asked for), or begin a new one, with an id chosen here
+/// for agents that take one. A conversation that cannot be continued is reported, never
+/// dropped silently: the adapter tells clients when the agent starts.
+fn continuation(
+    session: &Session,
+    instance: &Instance,
+    data_dir: &Path,
+    asked: ConversationRequest,
+) -> Result<Continuation, SessionError> {
+    let fresh = crate::keeper::id::random_hex(16)?;
+    let mut continuation = Continuation {
+        // A version 4 UUID, as Claude Code wants its session ids.
+        fresh_id: Some(format!(
+            "{}-{}-4{}-8{}-{}",
+            &fresh[0..8],
+            &fresh[8..12],
+            &fresh[13..16],
+            &fresh[17..20],
+            &fresh[20..32]
+        )),
+        ..Continuation::default()
+    };
+    if asked == ConversationRequest::New {
+        return Ok(continuation);
+    }
+    let recorded = read_conversation(&session.dir.conversation());
+    let home = instance.runtime.agent_home(&session.dir);
+    match instance.adapter.find_conversation(&ConversationPlace {
+        data_dir,
+        home: home.as_deref(),
+        cwd: &session.cwd,
+        recorded: recorded.id.as_deref(),
+    }) {
+        Ok(found) => continuation.resume = found,
+        Err(why) => {
+            tracing::warn!(session = %session.id, reason = %why, "the agent's conversation cannot be continued: it starts a new one");
+            continuation.lost = Some(why);
+        }
+    }
+    Ok(continuation)
 }
 
 /// The environment of a start: the instance's, the session's, then the instance's

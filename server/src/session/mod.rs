@@ -34,7 +34,7 @@ pub mod store;
 #[cfg(test)]
 mod tests;
 
-pub use crate::wire::{Activity, SessionSummary, Status};
+pub use crate::wire::{Activity, ConversationRequest, ConversationState, SessionSummary, Status};
 pub use error::SessionError;
 pub use launch::{CreateRequest, Instance};
 pub use notify::spawn_activity_sweeper;
@@ -142,6 +142,11 @@ pub struct Session {
     /// `None` when the session's instance is no longer configured.
     instance: Option<Arc<Instance>>,
     cwd: PathBuf,
+    /// The session's own git worktree (its `cwd`), when it works in a project.
+    pub(crate) worktree: Option<crate::projects::Worktree>,
+    /// What git last said of the worktree (dirty, ahead), for summaries built where git must
+    /// not run: events come from the output path. Refreshed by [`Session::fresh_summary`].
+    pub(crate) tree: Mutex<Option<crate::projects::TreeState>>,
     env: BTreeMap<String, String>,
     created_at: u64,
     created_by: Option<String>,
@@ -191,6 +196,16 @@ impl Session {
         self.instance
             .as_ref()
             .map_or("unknown", |i| i.adapter.name())
+    }
+
+    /// The agent's working directory.
+    pub fn cwd(&self) -> &std::path::Path {
+        &self.cwd
+    }
+
+    /// The session's own worktree, when it works in a project.
+    pub fn worktree(&self) -> Option<&crate::projects::Worktree> {
+        self.worktree.as_ref()
     }
 
     /// The instance id.
@@ -345,7 +360,31 @@ impl Session {
             });
         }
         summary.auth_failed = self.dir.auth_failed().exists();
+        summary.conversation =
+            match crate::keeper::agentio::read_conversation(&self.dir.conversation()).resumed {
+                true => ConversationState::Resumed,
+                false => ConversationState::New,
+            };
+        if let Some(worktree) = &self.worktree {
+            summary.project = Some(worktree.project.clone());
+            summary.branch = Some(worktree.branch.clone());
+            if let Some(state) = *self.tree.lock().unwrap_or_else(|p| p.into_inner()) {
+                summary.dirty = Some(state.dirty);
+                summary.ahead = Some(state.ahead);
+            }
+        }
         summary
+    }
+
+    /// [`Session::summary`] with its worktree's state asked of git now (the agent changes the
+    /// tree as it works). It runs git: call it off the async workers.
+    pub fn fresh_summary(&self) -> SessionSummary {
+        if let Some(worktree) = &self.worktree
+            && let Ok(state) = crate::projects::Projects::state(worktree)
+        {
+            *self.tree.lock().unwrap_or_else(|p| p.into_inner()) = Some(state);
+        }
+        self.summary()
     }
 
     fn summary_of(&self, state: &State) -> SessionSummary {
@@ -375,6 +414,11 @@ impl Session {
             cwd: self.cwd.clone(),
             created_at: self.created_at,
             activity: None,
+            conversation: ConversationState::New,
+            project: None,
+            branch: None,
+            dirty: None,
+            ahead: None,
         }
     }
 
@@ -396,6 +440,7 @@ impl Session {
             pid_start: state.pid.and_then(crate::keeper::group::process_start_time),
             ended_at: state.ended_at,
             exit_reason: state.exit.and_then(|e| e.reason),
+            worktree: self.worktree.clone(),
         }
     }
 

@@ -46,7 +46,7 @@ impl SessionManager {
                 }
                 let run_lock = session.run_lock.clone().lock_owned().await;
                 self.launcher
-                    .run_agent(&session, inst, agent, permit, run_lock, false);
+                    .run_agent(&session, inst, agent, permit, run_lock, None);
             }
             tracing::info!(session = %session.id, status = session.status().as_str(), last_seq = session.hub.last_seq(), "session loaded");
             live.push(session.id.clone());

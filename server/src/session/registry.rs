@@ -16,16 +16,22 @@ use tokio_util::task::TaskTracker;
 
 use super::launch::{CreateRequest, Instance, Launcher};
 use super::store::Meta;
-use super::{Lifecycle, Session, SessionError, SessionSummary, State, Status, StopReason, now_ms};
+use super::{
+    ConversationRequest, Lifecycle, Session, SessionError, SessionSummary, State, Status,
+    StopReason, now_ms,
+};
 use crate::config::{Config, InstanceConfig};
 use crate::fanout::Hub;
 use crate::keeper::journal;
 use crate::keeper::layout::SessionDir;
 use crate::metrics::Metrics;
+use crate::projects::{ProjectError, Projects, Removal};
 use crate::runtime::{ExitInfo, Runtime};
 
 /// The state directory's lock file.
 const LOCK_FILE: &str = "lock";
+/// The registered projects, in the state directory.
+const PROJECTS_FILE: &str = "projects.json";
 
 /// All sessions of a server.
 #[derive(Debug)]
@@ -35,6 +41,8 @@ pub struct SessionManager {
     /// One permit per running agent.
     pub(super) slots: Arc<Semaphore>,
     pub(super) sessions_dir: PathBuf,
+    /// The projects sessions can work in.
+    projects: Arc<Projects>,
     /// Held for the manager's lifetime: one server per state directory.
     _lock: Flock<std::fs::File>,
     /// Cancelled when the server shuts down.
@@ -62,7 +70,12 @@ impl SessionManager {
         let lock = lock_state_dir(&config.state_dir)?;
         // Runtimes mark what they start with this path: one spelling for it, whatever the cwd.
         let sessions_dir = std::fs::canonicalize(&sessions_dir)?;
+        let projects = Arc::new(Projects::open(
+            config.state_dir.join(PROJECTS_FILE),
+            config.git_credentials_file.clone(),
+        )?);
         let manager = Arc::new(Self {
+            projects,
             slots: Arc::new(Semaphore::new(config.limits.max_sessions)),
             launcher,
             sessions: RwLock::new(IndexMap::new()),
@@ -75,6 +88,28 @@ impl SessionManager {
         manager.prune_ended().await;
         manager.spawn_pruner();
         Ok(manager)
+    }
+
+    /// The projects.
+    pub fn projects(&self) -> &Arc<Projects> {
+        &self.projects
+    }
+
+    /// Forgets a project no session works in.
+    pub fn remove_project(&self, id: &str) -> Result<(), SessionError> {
+        let in_use = self
+            .read()
+            .values()
+            .any(|s| s.worktree.as_ref().is_some_and(|w| w.project == id));
+        if in_use {
+            return Err(ProjectError::Invalid {
+                field: "id",
+                message: format!("sessions still work in project {id:?}: delete them first"),
+            }
+            .into());
+        }
+        self.projects.remove(id)?;
+        Ok(())
     }
 
     /// Instances in configuration order.
@@ -102,6 +137,13 @@ impl SessionManager {
         // Summaries read files: not under the registry's lock.
         let sessions: Vec<Arc<Session>> = self.read().values().cloned().collect();
         sessions.iter().map(|s| s.summary()).collect()
+    }
+
+    /// [`SessionManager::list`], asking git about the worktrees of sessions in projects
+    /// ([`Session::fresh_summary`]): call it off the async workers.
+    pub fn fresh_list(&self) -> Vec<SessionSummary> {
+        let sessions: Vec<Arc<Session>> = self.read().values().cloned().collect();
+        sessions.iter().map(|s| s.fresh_summary()).collect()
     }
 
     /// Counts of sessions by status, for metrics.
@@ -148,11 +190,57 @@ impl SessionManager {
     }
 
     /// Creates a session and starts its agent.
-    pub async fn create(&self, req: CreateRequest) -> Result<SessionSummary, SessionError> {
+    pub async fn create(&self, mut req: CreateRequest) -> Result<SessionSummary, SessionError> {
         // Like amarre, the limit is checked before anything else.
         let permit = self.take_slot()?;
+        let project = match &req.project {
+            Some(name) => {
+                let project = self.projects.get(name)?;
+                if req.cwd.is_some() {
+                    return Err(ProjectError::Invalid {
+                        field: "cwd",
+                        message: "a session in a project works in its own worktree: give \
+                                  project or cwd, not both"
+                            .into(),
+                    }
+                    .into());
+                }
+                if req.instance_id.is_none() {
+                    req.instance_id = project.default_instance.clone();
+                }
+                // The repository must be a place the instance's sessions may work in.
+                req.cwd = Some(project.path.clone());
+                Some(project)
+            }
+            None => None,
+        };
         let (instance, cwd) = self.launcher.admit(&req)?;
         let (id, dir) = self.allocate_id()?;
+        // What git says of a new worktree, for the summary answered below.
+        let mut tree = None;
+        let (cwd, worktree) = match project {
+            Some(project) => {
+                let branch = req.branch.clone();
+                let name = id.clone();
+                let made = tokio::task::spawn_blocking(move || {
+                    Projects::create_worktree(&project, &name, branch.as_deref())
+                        .map(|w| (Projects::state(&w).ok(), w))
+                })
+                .await
+                .map_err(|e| SessionError::Io(io::Error::other(e)))?;
+                match made {
+                    Ok((state, w)) => {
+                        tree = state;
+                        (w.path.clone(), Some(w))
+                    }
+                    Err(e) => {
+                        let _ = std::fs::remove_dir_all(dir.path());
+                        return Err(e.into());
+                    }
+                }
+            }
+            None => (cwd, None),
+        };
         let created_at = now_ms();
         let session = match self.open_session(
             Meta {
@@ -171,18 +259,27 @@ impl SessionManager {
                 pid_start: None,
                 ended_at: None,
                 exit_reason: None,
+                worktree: worktree.clone(),
             },
             dir.clone(),
         ) {
             Ok(s) => s,
             Err(e) => {
                 let _ = std::fs::remove_dir_all(dir.path());
+                discard_worktree(worktree).await;
                 return Err(e);
             }
         };
-        if let Err(e) = self.launcher.start(&session, permit).await {
-            // A failed spawn leaves nothing behind: no session, no slot, no directory.
+        *session.tree.lock().unwrap_or_else(|p| p.into_inner()) = tree;
+        if let Err(e) = self
+            .launcher
+            .start(&session, permit, ConversationRequest::New)
+            .await
+        {
+            // A failed spawn leaves nothing behind: no session, no slot, no directory, no
+            // worktree.
             let _ = std::fs::remove_dir_all(dir.path());
+            discard_worktree(worktree).await;
             return Err(e);
         }
         self.insert(session.clone());
@@ -245,8 +342,13 @@ impl SessionManager {
         });
     }
 
-    /// Starts the agent of a session whose agent is not running.
-    pub async fn restart(&self, id: &str) -> Result<SessionSummary, SessionError> {
+    /// Starts the agent of a session whose agent is not running, continuing its conversation
+    /// unless `conversation` asks for a new one.
+    pub async fn restart(
+        &self,
+        id: &str,
+        conversation: ConversationRequest,
+    ) -> Result<SessionSummary, SessionError> {
         let session = self.get(id).ok_or(SessionError::NotFound)?;
         if session.instance.is_none() {
             return Err(SessionError::InstanceGone(session.instance_id.clone()));
@@ -258,14 +360,20 @@ impl SessionManager {
             }
         }
         let permit = self.take_slot()?;
-        self.launcher.start(&session, permit).await?;
+        self.launcher.start(&session, permit, conversation).await?;
         session.publish_status();
         Ok(session.summary())
     }
 
     /// Deletes a session: stops its agent (TERM, grace, KILL), closes its clients with 1000,
-    /// and removes everything it stored.
+    /// and removes everything it stored, but a worktree holding work.
     pub async fn delete(&self, id: &str) -> Result<(), SessionError> {
+        self.delete_with(id, false).await.map(drop)
+    }
+
+    /// [`SessionManager::delete`]; a worktree with uncommitted changes or commits its base
+    /// lacks is kept (the answer says why) unless `force`.
+    pub async fn delete_with(&self, id: &str, force: bool) -> Result<Removal, SessionError> {
         let session = self
             .write()
             .shift_remove(id)
@@ -284,9 +392,29 @@ impl SessionManager {
         if let Err(e) = std::fs::remove_dir_all(session.dir.path()) {
             tracing::warn!(session = %id, error = %e, "cannot remove session directory");
         }
+        let removal = match session.worktree.clone() {
+            Some(worktree) => {
+                let removed = tokio::task::spawn_blocking(move || {
+                    Projects::remove_worktree(&worktree, force)
+                })
+                .await
+                .map_err(|e| SessionError::Io(io::Error::other(e)))?;
+                match removed {
+                    Ok(removal) => removal,
+                    Err(e) => {
+                        tracing::warn!(session = %id, error = %e, "cannot remove the session's worktree");
+                        Removal::Kept(format!("the worktree could not be removed: {e}"))
+                    }
+                }
+            }
+            None => Removal::Removed,
+        };
+        if let Removal::Kept(why) = &removal {
+            tracing::info!(session = %id, reason = %why, "worktree kept");
+        }
         session.publish_deleted();
         tracing::info!(session = %id, "session deleted");
-        Ok(())
+        Ok(removal)
     }
 
     /// Ends every agent run for the server's shutdown: each runtime stops the agents that would
@@ -366,6 +494,8 @@ impl SessionManager {
             instance: self.launcher.instances.get(&meta.instance_id).cloned(),
             instance_id: meta.instance_id.clone(),
             cwd: meta.cwd.clone(),
+            worktree: meta.worktree.clone(),
+            tree: Mutex::new(None),
             env: meta.env.clone(),
             created_at: meta.created_at,
             created_by: meta.created_by.clone(),
@@ -400,6 +530,14 @@ impl SessionManager {
             events: self.events.clone(),
         });
         Ok(session)
+    }
+}
+
+/// Removes the worktree of a session that never started (nothing in it is anybody's work).
+async fn discard_worktree(worktree: Option<crate::projects::Worktree>) {
+    if let Some(worktree) = worktree {
+        let _ =
+            tokio::task::spawn_blocking(move || Projects::remove_worktree(&worktree, true)).await;
     }
 }
 

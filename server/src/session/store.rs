@@ -50,6 +50,9 @@ pub struct Meta {
     /// Why the last run ended, beyond its code or signal.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exit_reason: Option<crate::runtime::ExitReason>,
+    /// The session's own worktree, when it works in a project.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worktree: Option<crate::projects::Worktree>,
 }
 
 /// Writes `meta` atomically (temporary file, then rename), readable only by the owner because
@@ -74,6 +77,7 @@ mod tests {
         let tmp = tempfile::tempdir().expect("tmp");
         let dir = SessionDir::new(tmp.path());
         let meta = Meta {
+            worktree: None,
             id: "0123456789ab".into(),
             name: Some("demo".into()),
             instance_id: "echo".into(),

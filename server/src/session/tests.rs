@@ -324,7 +324,9 @@ async fn max_sessions_counts_running_agents_only() {
         .expect("exited");
     let (_, _second) = h.create().await;
     assert!(matches!(
-        h.manager.restart(&id).await,
+        h.manager
+            .restart(&id, super::ConversationRequest::Resume)
+            .await,
         Err(super::SessionError::MaxSessions { .. })
     ));
 }
@@ -350,7 +352,11 @@ async fn a_delete_during_a_restart_stops_the_agent_that_restart_started() {
     let restart = tokio::spawn({
         let manager = h.manager.clone();
         let id = id.clone();
-        async move { manager.restart(&id).await }
+        async move {
+            manager
+                .restart(&id, super::ConversationRequest::Resume)
+                .await
+        }
     });
     while !session.lock().starting {
         assert!(!restart.is_finished(), "{:?}", restart.await);
