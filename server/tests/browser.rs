@@ -891,6 +891,64 @@ async fn a_crashed_session_says_how_it_ended_and_can_be_restarted_and_deleted() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_in_a_project_gets_its_worktree_and_the_page_shows_its_diff() {
+    let Some(driver) = Driver::start().await else {
+        return;
+    };
+    let (_root, repo) = common::repository();
+    let server = TestServer::start().await;
+    let (status, body) = server
+        .post("/projects", &json!({"path": repo, "id": "app"}).to_string())
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let b = driver.browser(390, 844, true).await;
+    b.goto(&format!("{}#/new", server.url("/")))
+        .await
+        .expect("open");
+    wait_for(&b, "select#instance", None)
+        .await
+        .select_by_value("fixture")
+        .await
+        .expect("instance");
+    wait_for(&b, "select#project", None)
+        .await
+        .select_by_value("app")
+        .await
+        .expect("project");
+    wait_for(&b, "input#branch", None)
+        .await
+        .send_keys("story-edit")
+        .await
+        .expect("branch");
+    click(&b, "form.new-session button[type=submit]", None).await;
+    wait_for(&b, ".diff-view", Some("on story-edit")).await;
+    let url = b.current_url().await.expect("url");
+    let id = url
+        .fragment()
+        .and_then(|f| f.strip_prefix("/s/"))
+        .expect("session page")
+        .to_owned();
+    // The worktree is the session's own: a change there is not in the repository.
+    let summary = server.get_json(&format!("/sessions/{id}")).await.1;
+    let worktree = PathBuf::from(summary["cwd"].as_str().expect("cwd"));
+    assert_ne!(worktree, repo, "{summary}");
+    common::edit(&worktree, "story.txt", "once upon a time\n");
+    click(&b, ".diff-view button", Some("Uncommitted")).await;
+    wait_for(&b, "pre.diff .add", Some("+once upon a time")).await;
+    wait_for(&b, "pre.diff .del", Some("-once")).await;
+    assert_eq!(
+        std::fs::read_to_string(repo.join("story.txt")).expect("read"),
+        "once\n",
+        "the main working tree is untouched"
+    );
+    assert!(csp_violations(&b).await.is_empty());
+    b.close().await.expect("close");
+    let (status, body) = server.delete(&format!("/sessions/{id}?force=1")).await;
+    assert!(matches!(status, 200 | 204), "{status} {body}");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_attached_image_goes_to_the_agent_with_the_prompt() {
     let Some(rig) = rig(&[]).await else {
         return;

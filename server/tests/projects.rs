@@ -5,66 +5,9 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
-use common::TestServer;
+use common::{TestServer, edit, git, repository};
 use serde_json::{Value, json};
-
-/// Runs git in `dir` as the test user agents run as (who owns the repository).
-fn git(dir: &Path, args: &[&str]) -> String {
-    let mut cmd = Command::new("git");
-    cmd.arg("-C")
-        .arg(dir)
-        .args(["-c", "user.name=T", "-c", "user.email=t@example.com"])
-        .args(args)
-        .env("HOME", "/nonexistent")
-        .env("GIT_CONFIG_NOSYSTEM", "1");
-    if nix::unistd::geteuid().is_root() {
-        use std::os::unix::process::CommandExt;
-        cmd.uid(common::TEST_UID).gid(common::TEST_UID);
-    }
-    let out = cmd.output().expect("git");
-    assert!(
-        out.status.success(),
-        "git {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// A repository with one commit on `main`, inside a workspace the agents' user owns.
-fn repository() -> (tempfile::TempDir, PathBuf) {
-    let root = common::workspace();
-    let repo = root.path().join("app");
-    std::fs::create_dir(&repo).expect("mkdir");
-    if nix::unistd::geteuid().is_root() {
-        std::os::unix::fs::chown(&repo, Some(common::TEST_UID), Some(common::TEST_UID))
-            .expect("chown");
-    }
-    git(&repo, &["init", "-q", "-b", "main"]);
-    std::fs::write(repo.join("story.txt"), "once\n").expect("write");
-    if nix::unistd::geteuid().is_root() {
-        std::os::unix::fs::chown(
-            repo.join("story.txt"),
-            Some(common::TEST_UID),
-            Some(common::TEST_UID),
-        )
-        .expect("chown");
-    }
-    git(&repo, &["add", "story.txt"]);
-    git(&repo, &["commit", "-q", "-m", "first"]);
-    (root, repo)
-}
-
-/// Writes a file in a worktree as its owner would.
-fn edit(dir: &Path, name: &str, text: &str) {
-    let path = dir.join(name);
-    std::fs::write(&path, text).expect("write");
-    if nix::unistd::geteuid().is_root() {
-        std::os::unix::fs::chown(&path, Some(common::TEST_UID), Some(common::TEST_UID))
-            .expect("chown");
-    }
-}
 
 async fn summary(server: &TestServer, id: &str) -> Value {
     server.get_json(&format!("/sessions/{id}")).await.1

@@ -49,8 +49,26 @@ export class Host {
   remove(id) {
     return this.request('DELETE', `/sessions/${id}`);
   }
-  restart(id) {
-    return this.request('POST', `/sessions/${id}/restart`);
+  /** `conversation`: 'resume' (the default: continue the agent's conversation) or 'new'. */
+  restart(id, conversation = 'resume') {
+    return this.request('POST', `/sessions/${id}/restart`, { conversation });
+  }
+  projects() {
+    return this.request('GET', '/projects');
+  }
+  /** The session's worktree against its base branch (`uncommitted`: only what is not committed). */
+  async diff(id, uncommitted = false) {
+    const resp = await fetch(this.url(`/sessions/${id}/diff${uncommitted ? '?uncommitted=1' : ''}`));
+    const text = await resp.text();
+    if (!resp.ok) {
+      let message = text;
+      try {
+        const body = JSON.parse(text);
+        message = body.message || body.error;
+      } catch {}
+      throw new Error(message || resp.statusText);
+    }
+    return text;
   }
   async stderr(id) {
     const resp = await fetch(this.url(`/sessions/${id}/stderr`));

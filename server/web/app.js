@@ -283,6 +283,13 @@ function NewSession({ host, instances }) {
   const usable = instances.filter((i) => i.available);
   const [instanceId, setInstance] = useState(() => (usable[0] || instances[0])?.id ?? '');
   const [cwd, setCwd] = useState('');
+  const [projects, setProjects] = useState([]);
+  const [projectId, setProject] = useState('');
+  const [branch, setBranch] = useState('');
+  useEffect(() => {
+    host.projects().then(setProjects, () => setProjects([]));
+  }, []);
+  const project = projects.find((p) => p.id === projectId);
   const [name, setName] = useState('');
   const [error, setError] = useState(null);
   const [busy, setBusy] = useState(false);
@@ -297,10 +304,13 @@ function NewSession({ host, instances }) {
     setError(null);
     try {
       const body = { instanceId };
-      if (cwd.trim()) body.cwd = cwd.trim();
+      if (project) {
+        body.project = project.id;
+        if (branch.trim()) body.branch = branch.trim();
+      } else if (cwd.trim()) body.cwd = cwd.trim();
       if (name.trim()) body.name = name.trim();
       const s = await host.create(body);
-      rememberCwd(instanceId, s.cwd);
+      if (!project) rememberCwd(instanceId, s.cwd);
       go(`#/s/${s.id}`);
     } catch (err) {
       setError(err.message);
@@ -326,17 +336,35 @@ function NewSession({ host, instances }) {
           ? ` Working directories inside ${instance.workspaceRoots.join(', ')}.`
           : ' Runs in its configured directory.'}
       </p>`}
-      <label for="cwd">Working directory</label>
-      <input
-        id="cwd"
-        list="cwds"
-        value=${cwd}
-        onInput=${(e) => setCwd(e.target.value)}
-        placeholder=${instance?.workspaceRoots?.[0] ?? 'the instance default'}
-        disabled=${!instance?.workspaceRoots?.length}
-        autocomplete="off"
-        spellcheck="false"
-      />
+      ${projects.length > 0 &&
+      html`<label for="project">Project</label>
+        <select id="project" value=${projectId} onChange=${(e) => setProject(e.target.value)}>
+          <option value="">None: choose a working directory</option>
+          ${projects.map((p) => html`<option value=${p.id}>${p.id} — ${shortPath(p.path)}</option>`)}
+        </select>
+        ${project &&
+        html`<p class="hint">A worktree of its own on a new branch from ${project.defaultBranch}.</p>
+          <label for="branch">Branch <span class="muted">(optional)</span></label>
+          <input
+            id="branch"
+            value=${branch}
+            onInput=${(e) => setBranch(e.target.value)}
+            placeholder="moorline/<session id>"
+            autocomplete="off"
+            spellcheck="false"
+          />`}`}
+      ${!project &&
+      html`<label for="cwd">Working directory</label>
+        <input
+          id="cwd"
+          list="cwds"
+          value=${cwd}
+          onInput=${(e) => setCwd(e.target.value)}
+          placeholder=${instance?.workspaceRoots?.[0] ?? 'the instance default'}
+          disabled=${!instance?.workspaceRoots?.length}
+          autocomplete="off"
+          spellcheck="false"
+        />`}
       <datalist id="cwds">${[...new Set(offered)].map((c) => html`<option value=${c} />`)}</datalist>
       <label for="name">Name <span class="muted">(optional)</span></label>
       <input id="name" value=${name} onInput=${(e) => setName(e.target.value)} maxlength="256" autocomplete="off" />
@@ -582,6 +610,45 @@ function Ended({ host, s }) {
   </section>`;
 }
 
+/** The session's worktree changes, fetched when asked for. */
+function Diff({ host, s }) {
+  const [diff, setDiff] = useState(null);
+  const [error, setError] = useState(null);
+  const [uncommitted, setUncommitted] = useState(false);
+  const load = async (only) => {
+    setError(null);
+    setUncommitted(only);
+    try {
+      setDiff(await host.diff(s.id, only));
+    } catch (e) {
+      setError(e.message);
+    }
+  };
+  const state = [
+    s.branch && `on ${s.branch}`,
+    s.ahead !== undefined && `${s.ahead} ahead`,
+    s.dirty !== undefined && (s.dirty ? 'uncommitted changes' : 'clean'),
+  ].filter(Boolean);
+  return html`<section class="diff-view" aria-label="Changes">
+    <p class="row-meta"><span>${s.project}</span>${state.map((t) => html`<span>${t}</span>`)}</p>
+    <div class="session-actions">
+      <button type="button" aria-pressed=${diff !== null && !uncommitted} onClick=${() => load(false)}>Diff</button>
+      <button type="button" aria-pressed=${diff !== null && uncommitted} onClick=${() => load(true)}>Uncommitted</button>
+      ${diff !== null && html`<button type="button" onClick=${() => setDiff(null)}>Hide</button>`}
+    </div>
+    ${error && html`<p class="error" role="alert">${error}</p>`}
+    ${diff !== null &&
+    (diff
+      ? html`<pre class="diff" aria-label=${uncommitted ? 'Uncommitted changes' : `Changes against ${s.branch ? 'the base branch' : 'its base'}`}>${diff
+          .split('\n')
+          .map((line) => {
+            const kind = line.startsWith('+++') || line.startsWith('---') ? 'file' : line[0] === '+' ? 'add' : line[0] === '-' ? 'del' : line.startsWith('@@') ? 'hunk' : '';
+            return html`<span class=${kind}>${line}\n</span>`;
+          })}</pre>`
+      : html`<p class="muted">No changes.</p>`)}
+  </section>`;
+}
+
 function SessionView({ host, store, id, instances }) {
   useStore(store);
   const s = store.sessions.get(id);
@@ -630,10 +697,10 @@ function SessionView({ host, store, id, instances }) {
     go('#/');
   };
   const [actionError, setActionError] = useState(null);
-  const restart = async () => {
+  const restart = async (conversation) => {
     setActionError(null);
     try {
-      await host.restart(id);
+      await host.restart(id, conversation);
     } catch (e) {
       setActionError(e.message);
     }
@@ -657,10 +724,13 @@ function SessionView({ host, store, id, instances }) {
     <div class="session-actions">
       <span class=${`link-state ${link}`} role="status">${link === 'live' ? 'live' : link === 'ended' ? 'replayed' : `${link}…`}</span>
       <button type="button" aria-pressed=${raw} onClick=${() => setRaw(!raw)}>${raw ? 'Conversation' : 'Raw JSONL'}</button>
-      ${s && !running && html`<button type="button" class="primary" onClick=${restart}>Restart</button>`}
+      ${s && !running && html`<button type="button" class="primary" onClick=${() => restart('resume')}>Restart</button>
+        <button type="button" onClick=${() => restart('new')} title="Start the agent with an empty conversation">Restart fresh</button>`}
       <button type="button" class="deny" onClick=${remove}>Delete</button>
     </div>
     ${actionError && html`<p class="error" role="alert">${actionError}</p>`}
+    ${s?.conversation === 'resumed' && html`<p class="notice">The agent continues its earlier conversation.</p>`}
+    ${s?.project && html`<${Diff} host=${host} s=${s} />`}
     ${gap > 0 && html`<p class="notice warn">${gap} earlier output lines are no longer kept.</p>`}
     ${raw
       ? html`<ol class="raw" aria-label="Raw output" role="log">

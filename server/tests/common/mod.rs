@@ -608,3 +608,55 @@ impl Drop for Sandbox {
             .output();
     }
 }
+
+// Git repositories for project tests, owned by the user agents run as.
+
+/// Runs git in `dir` as the test user agents run as (who owns the repository).
+pub fn git(dir: &std::path::Path, args: &[&str]) -> String {
+    let mut cmd = std::process::Command::new("git");
+    cmd.arg("-C")
+        .arg(dir)
+        .args(["-c", "user.name=T", "-c", "user.email=t@example.com"])
+        .args(args)
+        .env("HOME", "/nonexistent")
+        .env("GIT_CONFIG_NOSYSTEM", "1");
+    if nix::unistd::geteuid().is_root() {
+        use std::os::unix::process::CommandExt;
+        cmd.uid(TEST_UID).gid(TEST_UID);
+    }
+    let out = cmd.output().expect("git");
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A repository with one commit on `main`, inside a workspace the agents' user owns.
+pub fn repository() -> (tempfile::TempDir, PathBuf) {
+    let root = workspace();
+    let repo = root.path().join("app");
+    std::fs::create_dir(&repo).expect("mkdir");
+    if nix::unistd::geteuid().is_root() {
+        std::os::unix::fs::chown(&repo, Some(TEST_UID), Some(TEST_UID)).expect("chown");
+    }
+    git(&repo, &["init", "-q", "-b", "main"]);
+    std::fs::write(repo.join("story.txt"), "once\n").expect("write");
+    if nix::unistd::geteuid().is_root() {
+        std::os::unix::fs::chown(repo.join("story.txt"), Some(TEST_UID), Some(TEST_UID))
+            .expect("chown");
+    }
+    git(&repo, &["add", "story.txt"]);
+    git(&repo, &["commit", "-q", "-m", "first"]);
+    (root, repo)
+}
+
+/// Writes a file in a worktree as its owner would.
+pub fn edit(dir: &std::path::Path, name: &str, text: &str) {
+    let path = dir.join(name);
+    std::fs::write(&path, text).expect("write");
+    if nix::unistd::geteuid().is_root() {
+        std::os::unix::fs::chown(&path, Some(TEST_UID), Some(TEST_UID)).expect("chown");
+    }
+}
