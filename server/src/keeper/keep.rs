@@ -32,9 +32,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use moorline_adapters::pipeline::{Pipeline, Resolution};
-use tokio::io::AsyncReadExt;
 use tokio::net::UnixListener;
-use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{Notify, mpsc};
 
 use super::agentio::{AgentIo, AgentPipes, Input, OutputSink, Refused, write_pending};
@@ -44,6 +42,7 @@ use super::group::{AgentControl, GroupControl};
 use super::journal::{JournalLimits, JournalWriter};
 use super::layout::RunDir;
 use super::protocol::{self, KeeperSpec, USER_MARKER};
+use super::socket::{SocketReader, SocketWriter};
 
 /// Settled approvals kept for a server that is not connected (the oldest go first).
 const RESOLUTION_BACKLOG: usize = 1024;
@@ -352,7 +351,7 @@ async fn serve(
                 if let Some(old) = connection.take() {
                     old.abort();
                 }
-                let (read, write) = stream.into_split();
+                let (read, write) = super::socket::split_tokio(stream)?;
                 let write = Arc::new(write);
                 server.outbox.connected(write.clone());
                 let lines = lines_tx.clone();
@@ -409,7 +408,7 @@ struct OutboxInner {
     /// Whether a server is connected (lines are only sent to one that is).
     connected: bool,
     /// Its socket, for lines written at once when nothing else is queued or being sent.
-    socket: Option<Arc<OwnedWriteHalf>>,
+    socket: Option<Arc<SocketWriter>>,
     /// Whether the sending task holds bytes taken from the queue (then nothing may overtake
     /// them).
     sending: bool,
@@ -425,7 +424,7 @@ impl Outbox {
 
     /// A server connected: it is told the journal's state, and to read the journal, since
     /// lines appended before it was accepted were sent to nobody.
-    fn connected(&self, socket: Arc<OwnedWriteHalf>) {
+    fn connected(&self, socket: Arc<SocketWriter>) {
         {
             let mut inner = self.lock();
             inner.connected = true;
@@ -633,7 +632,7 @@ impl Drop for KeeperSink {
 }
 
 /// Sends the connected server whatever the outbox holds, as it comes.
-async fn send_outbox(write: Arc<OwnedWriteHalf>, outbox: Arc<Outbox>) {
+async fn send_outbox(write: Arc<SocketWriter>, outbox: Arc<Outbox>) {
     loop {
         outbox.notify.notified().await;
         loop {
@@ -642,7 +641,7 @@ async fn send_outbox(write: Arc<OwnedWriteHalf>, outbox: Arc<Outbox>) {
                 outbox.sent();
                 break;
             }
-            if write_all(&write, &out).await.is_err() {
+            if write.write_all(&out).await.is_err() {
                 // Not delivered: keep the approvals for the next server.
                 outbox.give_back(taken);
                 return;
@@ -651,42 +650,27 @@ async fn send_outbox(write: Arc<OwnedWriteHalf>, outbox: Arc<Outbox>) {
     }
 }
 
-/// Writes all of `buf` to a socket half shared with the outbox's direct writes.
-async fn write_all(write: &OwnedWriteHalf, mut buf: &[u8]) -> io::Result<()> {
-    while !buf.is_empty() {
-        write.writable().await?;
-        match write.try_write(buf) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => buf = &buf[n..],
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
 /// Reads the server's lines and passes on only complete ones. A partial line left when the
 /// server goes away is dropped, never forwarded. [`USER_MARKER`] lines set who sends the
 /// lines after them (until the next marker; nobody, on a new connection).
 async fn forward_lines(
-    mut read: OwnedReadHalf,
+    read: SocketReader,
     lines: mpsc::Sender<Input>,
     max: usize,
     log_file: &mut std::fs::File,
 ) {
     // One read takes a whole 64 KiB line and its neighbours.
-    let mut buf = BytesMut::with_capacity(256 * 1024);
+    let mut buf = vec![0u8; 256 * 1024];
     let mut splitter = LineSplitter::new(max);
     let mut forwarded = 0u64;
     let mut user: Option<Arc<str>> = None;
     let mut batch: Vec<Input> = Vec::new();
     loop {
-        buf.clear();
-        match read.read_buf(&mut buf).await {
+        let n = match read.read(&mut buf).await {
             Ok(0) | Err(_) => break,
-            Ok(_) => {}
-        }
-        splitter.feed(&buf, &mut |piece| match piece {
+            Ok(n) => n,
+        };
+        splitter.feed(&buf[..n], &mut |piece| match piece {
             Piece::Line(line) => {
                 if let Some((&USER_MARKER, name)) = line.split_first() {
                     user = Some(Arc::from(String::from_utf8_lossy(name).as_ref()));
