@@ -42,7 +42,7 @@ use super::group::{AgentControl, GroupControl};
 use super::journal::{JournalLimits, JournalWriter};
 use super::layout::RunDir;
 use super::protocol::{self, KeeperSpec, USER_MARKER};
-use super::socket::{SocketReader, SocketWriter};
+use super::socket::{RoomWait, SocketReader, SocketWriter};
 
 /// Settled approvals kept for a server that is not connected (the oldest go first).
 const RESOLUTION_BACKLOG: usize = 1024;
@@ -401,9 +401,10 @@ struct Outbox {
 
 #[derive(Debug, Default)]
 struct OutboxInner {
-    /// Encoded messages.
-    bytes: Vec<u8>,
-    /// Bytes of [`protocol::LINES`] messages in `bytes`.
+    /// Encoded messages, in order; a [`protocol::LINES`] message is its head and the journal
+    /// batch itself (never copied: both are written with one vectored write).
+    queue: VecDeque<Bytes>,
+    /// Bytes of [`protocol::LINES`] messages in `queue`.
     line_bytes: usize,
     /// Whether a server is connected (lines are only sent to one that is).
     connected: bool,
@@ -415,6 +416,18 @@ struct OutboxInner {
     /// Whether output is held now, for a server that connects later.
     held: bool,
     resolutions: VecDeque<Resolution>,
+}
+
+impl OutboxInner {
+    fn push_tag(&mut self, tag: u8) {
+        self.queue.push_back(Bytes::copy_from_slice(&[tag]));
+    }
+
+    fn last_is_doorbell(&self) -> bool {
+        self.queue
+            .back()
+            .is_some_and(|b| b[..] == [protocol::DOORBELL])
+    }
 }
 
 impl Outbox {
@@ -431,9 +444,9 @@ impl Outbox {
             inner.socket = Some(socket);
             inner.sending = false;
             if inner.held {
-                inner.bytes.push(protocol::HELD);
+                inner.push_tag(protocol::HELD);
             }
-            inner.bytes.push(protocol::DOORBELL);
+            inner.push_tag(protocol::DOORBELL);
         }
         self.notify.notify_one();
     }
@@ -442,24 +455,26 @@ impl Outbox {
         let mut inner = self.lock();
         inner.connected = false;
         inner.socket = None;
-        inner.bytes.clear();
+        inner.queue.clear();
         inner.line_bytes = 0;
     }
 
     /// Lines just appended to the journal from `first_seq` on, with the index changes of the
     /// append: queued until [`Outbox::flush`].
-    fn lines(&self, first_seq: u64, changes: &[super::journal::IndexChange], lines: &[u8]) {
+    fn lines(&self, first_seq: u64, changes: &[super::journal::IndexChange], lines: Bytes) {
         let mut inner = self.lock();
         if !inner.connected {
             return;
         }
         if inner.line_bytes + lines.len() <= OUTBOX_LINES {
-            let before = inner.bytes.len();
-            protocol::encode_lines(&mut inner.bytes, first_seq, changes, lines);
-            inner.line_bytes += inner.bytes.len() - before;
-        } else if inner.bytes.last() != Some(&protocol::DOORBELL) {
+            let mut head = Vec::new();
+            protocol::encode_lines_header(&mut head, first_seq, changes, lines.len());
+            inner.line_bytes += head.len() + lines.len();
+            inner.queue.push_back(Bytes::from(head));
+            inner.queue.push_back(lines);
+        } else if !inner.last_is_doorbell() {
             // The server is behind: it reads these from the journal.
-            inner.bytes.push(protocol::DOORBELL);
+            inner.push_tag(protocol::DOORBELL);
         }
     }
 
@@ -467,16 +482,16 @@ impl Outbox {
     /// (no task switch on the way to the server), else handed to that task.
     fn flush(&self) {
         let mut inner = self.lock();
-        if inner.bytes.is_empty() {
+        if inner.queue.is_empty() {
             return;
         }
         if !inner.sending
             && let Some(socket) = inner.socket.clone()
         {
-            if let Ok(n) = socket.try_write(&inner.bytes) {
-                inner.bytes.drain(..n);
+            if let Ok(n) = socket.try_write_vectored(&slices(&inner.queue)) {
+                consume(&mut inner.queue, n);
             }
-            if inner.bytes.is_empty() {
+            if inner.queue.is_empty() {
                 inner.line_bytes = 0;
                 return;
             }
@@ -486,14 +501,14 @@ impl Outbox {
     }
 
     fn tell(&self, bytes: &[u8]) {
-        self.lock().bytes.extend_from_slice(bytes);
+        self.lock().queue.push_back(Bytes::copy_from_slice(bytes));
         self.notify.notify_one();
     }
 
     fn held(&self, held: bool) {
         let mut inner = self.lock();
         inner.held = held;
-        inner.bytes.push(if held {
+        inner.push_tag(if held {
             protocol::HELD
         } else {
             protocol::FLOWING
@@ -514,17 +529,19 @@ impl Outbox {
     }
 
     /// What to send now, and the settled approvals it carries.
-    fn take(&self) -> (Vec<u8>, Vec<Resolution>) {
+    fn take(&self) -> (VecDeque<Bytes>, Vec<Resolution>) {
         let mut inner = self.lock();
-        let mut out = std::mem::take(&mut inner.bytes);
+        let mut out = std::mem::take(&mut inner.queue);
         inner.line_bytes = 0;
         inner.sending = true;
         let taken: Vec<Resolution> = inner.resolutions.drain(..).collect();
         for r in &taken {
             if let Ok(json) = serde_json::to_vec(r) {
-                out.push(protocol::RESOLUTION);
-                out.extend_from_slice(&json);
-                out.push(b'\n');
+                let mut record = Vec::with_capacity(json.len() + 2);
+                record.push(protocol::RESOLUTION);
+                record.extend_from_slice(&json);
+                record.push(b'\n');
+                out.push_back(Bytes::from(record));
             }
         }
         (out, taken)
@@ -545,6 +562,53 @@ impl Outbox {
     }
 }
 
+/// Most buffers given to one vectored write.
+const MAX_SLICES: usize = 64;
+
+/// The first buffers of `queue`, for a vectored write.
+fn slices(queue: &VecDeque<Bytes>) -> Vec<io::IoSlice<'_>> {
+    queue
+        .iter()
+        .take(MAX_SLICES)
+        .map(|b| io::IoSlice::new(b))
+        .collect()
+}
+
+/// Drops the first `n` bytes of `queue` (written).
+fn consume(queue: &mut VecDeque<Bytes>, mut n: usize) {
+    while n > 0 {
+        let Some(front) = queue.front_mut() else {
+            return;
+        };
+        if front.len() <= n {
+            n -= front.len();
+            queue.pop_front();
+        } else {
+            bytes::Buf::advance(front, n);
+            return;
+        }
+    }
+}
+
+/// Writes all of `queue` to the socket, in order, waiting for room as needed.
+async fn write_queue(write: &SocketWriter, mut queue: VecDeque<Bytes>) -> io::Result<()> {
+    let mut wait = RoomWait::default();
+    while !queue.is_empty() {
+        let written = match write.try_write_vectored(&slices(&queue)) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                write.room(&mut wait).await?;
+                0
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => 0,
+            Err(e) => return Err(e),
+        };
+        consume(&mut queue, written);
+    }
+    Ok(())
+}
+
 /// The keeper's end of an [`AgentIo`]: the session journal, then the server.
 struct KeeperSink {
     writer: JournalWriter,
@@ -559,7 +623,7 @@ impl OutputSink for KeeperSink {
         let first_seq = self.writer.next_seq();
         match self.writer.append(&batch, ends.len() as u64) {
             Ok(changes) => {
-                self.outbox.lines(first_seq, &changes, &batch);
+                self.outbox.lines(first_seq, &changes, batch.freeze());
                 Ok(())
             }
             Err(error) => Err(Refused { batch, error }),
@@ -641,7 +705,7 @@ async fn send_outbox(write: Arc<SocketWriter>, outbox: Arc<Outbox>) {
                 outbox.sent();
                 break;
             }
-            if write.write_all(&out).await.is_err() {
+            if write_queue(&write, out).await.is_err() {
                 // Not delivered: keep the approvals for the next server.
                 outbox.give_back(taken);
                 return;

@@ -98,20 +98,25 @@ impl SocketWriter {
         registered(self.sock.try_clone()?, Interest::WRITABLE)
     }
 
+    /// Waits for room after a write found none. `wait` keeps the registration for the
+    /// caller's next wait; dropping it stops listening.
+    pub async fn room(&self, wait: &mut RoomWait) -> io::Result<()> {
+        let fd = match &wait.0 {
+            Some(fd) => fd,
+            None => wait.0.insert(self.register()?),
+        };
+        fd.writable().await?.clear_ready();
+        Ok(())
+    }
+
     /// Writes all of `buf`, waiting for room as needed.
     pub async fn write_all(&self, mut buf: &[u8]) -> io::Result<()> {
-        let mut waiting: Option<AsyncFd<UnixStream>> = None;
+        let mut wait = RoomWait::default();
         while !buf.is_empty() {
             match self.try_write(buf) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => buf = &buf[n..],
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    let fd = match &waiting {
-                        Some(fd) => fd,
-                        None => waiting.insert(self.register()?),
-                    };
-                    fd.writable().await?.clear_ready();
-                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.room(&mut wait).await?,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
@@ -119,6 +124,10 @@ impl SocketWriter {
         Ok(())
     }
 }
+
+/// A writer's registration for writability, kept while its owner waits for room.
+#[derive(Debug, Default)]
+pub struct RoomWait(Option<AsyncFd<UnixStream>>);
 
 impl tokio::io::AsyncWrite for SocketWriter {
     fn poll_write(
