@@ -112,7 +112,7 @@ async fn keep(run_dir: &RunDir) -> io::Result<()> {
     let listener = listen(run_dir)?;
     let oom = spec.oom_cgroup.as_deref().map(super::oom::OomWatch::start);
     let outbox = Arc::new(Outbox::default());
-    let mut sink = KeeperSink {
+    let sink = KeeperSink {
         writer,
         outbox: outbox.clone(),
         pending_file: spec.pending_file.clone(),
@@ -123,7 +123,7 @@ async fn keep(run_dir: &RunDir) -> io::Result<()> {
         io,
         pipes,
         control.as_ref(),
-        &mut sink,
+        sink,
         Server {
             listener,
             outbox,
@@ -132,7 +132,7 @@ async fn keep(run_dir: &RunDir) -> io::Result<()> {
         },
     )
     .await?;
-    let (exit, connection) = served;
+    let (exit, connection, sink) = served;
     let exit = match oom {
         Some(oom) if oom.fired() => exit.because(ExitReason::OutOfMemory),
         _ => exit,
@@ -326,15 +326,15 @@ struct Server {
 }
 
 /// Runs the agent's stdio until it has exited, taking server connections (a new one replaces
-/// the old) and keeping terminal signals away from the agent. Returns how it ended and the
-/// last connection.
+/// the old) and keeping terminal signals away from the agent. Returns how it ended, the last
+/// connection and the sink.
 async fn serve(
     io: AgentIo,
     pipes: AgentPipes,
     control: &dyn AgentControl,
-    sink: &mut KeeperSink,
+    mut sink: KeeperSink,
     server: Server,
-) -> io::Result<(ExitInfo, Option<tokio::task::JoinHandle<()>>)> {
+) -> io::Result<(ExitInfo, Option<tokio::task::JoinHandle<()>>, KeeperSink)> {
     // Terminal signals are ignored; SIGTERM is passed on to the agent's process group.
     use tokio::signal::unix::{SignalKind, signal};
     let mut hup = signal(SignalKind::hangup())?;
@@ -342,10 +342,16 @@ async fn serve(
     let mut term = signal(SignalKind::terminate())?;
     let (lines_tx, lines_rx) = mpsc::channel::<Input>(1024);
     let mut connection: Option<tokio::task::JoinHandle<()>> = None;
-    let mut run = Box::pin(io.run(pipes, lines_rx, sink));
-    let (exit, _) = loop {
+    // A task of its own, like the connection's: a line the connection task hands over wakes
+    // it in the scheduler's queue, where the runtime's own future (this loop) would be woken
+    // through the reactor (one more `epoll_wait` per line).
+    let mut run = tokio::spawn(async move {
+        let (exit, _) = io.run(pipes, lines_rx, &mut sink).await;
+        (exit, sink)
+    });
+    let (exit, sink) = loop {
         tokio::select! {
-            done = &mut run => break done,
+            done = &mut run => break done.map_err(io::Error::other)?,
             accepted = server.listener.accept() => {
                 let (stream, _) = accepted?;
                 if let Some(old) = connection.take() {
@@ -373,7 +379,7 @@ async fn serve(
             _ = term.recv() => { let _ = control.terminate(); }
         }
     };
-    Ok((exit, connection))
+    Ok((exit, connection, sink))
 }
 
 /// Writes the exit file. The disk may still be full: the exit is worth retrying for `patience`
