@@ -55,7 +55,7 @@ impl SocketReader {
     pub async fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
         loop {
             let mut guard = self.fd.readable().await?;
-            match guard.try_io(|s| (&*s.get_ref()).read(buf)) {
+            match guard.try_io(|s| s.get_ref().read(buf)) {
                 Ok(Ok(n)) => {
                     // A short read emptied the socket: wait for the next edge rather than
                     // asking the kernel again only to hear `EAGAIN` (as tokio's own streams do).
