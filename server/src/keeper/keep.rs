@@ -773,3 +773,46 @@ async fn forward_lines(
         ),
     );
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+
+    use bytes::Bytes;
+
+    use super::{consume, slices};
+
+    fn rest(queue: &VecDeque<Bytes>) -> Vec<u8> {
+        queue.iter().flat_map(|b| b.iter().copied()).collect()
+    }
+
+    #[test]
+    fn a_partial_write_leaves_exactly_the_unwritten_bytes_in_order() {
+        let all = b"\x06head|lines one\nlines two\n\x01".to_vec();
+        for written in 0..=all.len() {
+            let mut queue: VecDeque<Bytes> =
+                [&b"\x06head|"[..], b"lines one\nlines two\n", b"\x01"]
+                    .into_iter()
+                    .map(Bytes::from_static)
+                    .collect();
+            consume(&mut queue, written);
+            assert_eq!(
+                rest(&queue),
+                all[written..],
+                "after writing {written} bytes"
+            );
+            assert!(
+                queue.iter().all(|b| !b.is_empty()),
+                "no empty buffer is left queued"
+            );
+        }
+    }
+
+    #[test]
+    fn a_vectored_write_is_offered_the_queue_in_order() {
+        let queue: VecDeque<Bytes> = (0..100u8).map(|i| Bytes::from(vec![i])).collect();
+        let offered = slices(&queue);
+        assert_eq!(offered.len(), super::MAX_SLICES);
+        assert!(offered.iter().enumerate().all(|(i, s)| s[..] == [i as u8]));
+    }
+}
