@@ -354,10 +354,18 @@ async fn serve(
             done = &mut run => break done.map_err(io::Error::other)?,
             accepted = server.listener.accept() => {
                 let (stream, _) = accepted?;
+                let (read, write) = match super::socket::split_tokio(stream) {
+                    Ok(halves) => halves,
+                    Err(e) => {
+                        // Out of descriptors, say: refuse this server, keep the agent.
+                        let mut log_file = server.log.try_clone()?;
+                        log(&mut log_file, &format!("cannot take a server connection: {e}"));
+                        continue;
+                    }
+                };
                 if let Some(old) = connection.take() {
                     old.abort();
                 }
-                let (read, write) = super::socket::split_tokio(stream)?;
                 let write = Arc::new(write);
                 server.outbox.connected(write.clone());
                 let lines = lines_tx.clone();
