@@ -32,9 +32,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use moorline_adapters::pipeline::{Pipeline, Resolution};
-use tokio::io::AsyncReadExt;
 use tokio::net::UnixListener;
-use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{Notify, mpsc};
 
 use super::agentio::{AgentIo, AgentPipes, Input, OutputSink, Refused, write_pending};
@@ -44,6 +42,7 @@ use super::group::{AgentControl, GroupControl};
 use super::journal::{JournalLimits, JournalWriter};
 use super::layout::RunDir;
 use super::protocol::{self, KeeperSpec, USER_MARKER};
+use super::socket::{RoomWait, SocketReader, SocketWriter};
 
 /// Settled approvals kept for a server that is not connected (the oldest go first).
 const RESOLUTION_BACKLOG: usize = 1024;
@@ -113,7 +112,7 @@ async fn keep(run_dir: &RunDir) -> io::Result<()> {
     let listener = listen(run_dir)?;
     let oom = spec.oom_cgroup.as_deref().map(super::oom::OomWatch::start);
     let outbox = Arc::new(Outbox::default());
-    let mut sink = KeeperSink {
+    let sink = KeeperSink {
         writer,
         outbox: outbox.clone(),
         pending_file: spec.pending_file.clone(),
@@ -125,7 +124,7 @@ async fn keep(run_dir: &RunDir) -> io::Result<()> {
         io,
         pipes,
         control.as_ref(),
-        &mut sink,
+        sink,
         Server {
             listener,
             outbox,
@@ -134,7 +133,7 @@ async fn keep(run_dir: &RunDir) -> io::Result<()> {
         },
     )
     .await?;
-    let (exit, connection) = served;
+    let (exit, connection, sink) = served;
     let exit = match oom {
         Some(oom) if oom.fired() => exit.because(ExitReason::OutOfMemory),
         _ => exit,
@@ -328,15 +327,15 @@ struct Server {
 }
 
 /// Runs the agent's stdio until it has exited, taking server connections (a new one replaces
-/// the old) and keeping terminal signals away from the agent. Returns how it ended and the
-/// last connection.
+/// the old) and keeping terminal signals away from the agent. Returns how it ended, the last
+/// connection and the sink.
 async fn serve(
     io: AgentIo,
     pipes: AgentPipes,
     control: &dyn AgentControl,
-    sink: &mut KeeperSink,
+    mut sink: KeeperSink,
     server: Server,
-) -> io::Result<(ExitInfo, Option<tokio::task::JoinHandle<()>>)> {
+) -> io::Result<(ExitInfo, Option<tokio::task::JoinHandle<()>>, KeeperSink)> {
     // Terminal signals are ignored; SIGTERM is passed on to the agent's process group.
     use tokio::signal::unix::{SignalKind, signal};
     let mut hup = signal(SignalKind::hangup())?;
@@ -344,16 +343,30 @@ async fn serve(
     let mut term = signal(SignalKind::terminate())?;
     let (lines_tx, lines_rx) = mpsc::channel::<Input>(1024);
     let mut connection: Option<tokio::task::JoinHandle<()>> = None;
-    let mut run = Box::pin(io.run(pipes, lines_rx, sink));
-    let (exit, _) = loop {
+    // A task of its own, like the connection's: a line the connection task hands over wakes
+    // it in the scheduler's queue, where the runtime's own future (this loop) would be woken
+    // through the reactor (one more `epoll_wait` per line).
+    let mut run = tokio::spawn(async move {
+        let (exit, _) = io.run(pipes, lines_rx, &mut sink).await;
+        (exit, sink)
+    });
+    let (exit, sink) = loop {
         tokio::select! {
-            done = &mut run => break done,
+            done = &mut run => break done.map_err(io::Error::other)?,
             accepted = server.listener.accept() => {
                 let (stream, _) = accepted?;
+                let (read, write) = match super::socket::split_tokio(stream) {
+                    Ok(halves) => halves,
+                    Err(e) => {
+                        // Out of descriptors, say: refuse this server, keep the agent.
+                        let mut log_file = server.log.try_clone()?;
+                        log(&mut log_file, &format!("cannot take a server connection: {e}"));
+                        continue;
+                    }
+                };
                 if let Some(old) = connection.take() {
                     old.abort();
                 }
-                let (read, write) = stream.into_split();
                 let write = Arc::new(write);
                 server.outbox.connected(write.clone());
                 let lines = lines_tx.clone();
@@ -375,7 +388,7 @@ async fn serve(
             _ = term.recv() => { let _ = control.terminate(); }
         }
     };
-    Ok((exit, connection))
+    Ok((exit, connection, sink))
 }
 
 /// Writes the exit file. The disk may still be full: the exit is worth retrying for `patience`
@@ -403,20 +416,33 @@ struct Outbox {
 
 #[derive(Debug, Default)]
 struct OutboxInner {
-    /// Encoded messages.
-    bytes: Vec<u8>,
-    /// Bytes of [`protocol::LINES`] messages in `bytes`.
+    /// Encoded messages, in order; a [`protocol::LINES`] message is its head and the journal
+    /// batch itself (never copied: both are written with one vectored write).
+    queue: VecDeque<Bytes>,
+    /// Bytes of [`protocol::LINES`] messages in `queue`.
     line_bytes: usize,
     /// Whether a server is connected (lines are only sent to one that is).
     connected: bool,
     /// Its socket, for lines written at once when nothing else is queued or being sent.
-    socket: Option<Arc<OwnedWriteHalf>>,
+    socket: Option<Arc<SocketWriter>>,
     /// Whether the sending task holds bytes taken from the queue (then nothing may overtake
     /// them).
     sending: bool,
     /// Whether output is held now, for a server that connects later.
     held: bool,
     resolutions: VecDeque<Resolution>,
+}
+
+impl OutboxInner {
+    fn push_tag(&mut self, tag: u8) {
+        self.queue.push_back(Bytes::copy_from_slice(&[tag]));
+    }
+
+    fn last_is_doorbell(&self) -> bool {
+        self.queue
+            .back()
+            .is_some_and(|b| b[..] == [protocol::DOORBELL])
+    }
 }
 
 impl Outbox {
@@ -426,16 +452,16 @@ impl Outbox {
 
     /// A server connected: it is told the journal's state, and to read the journal, since
     /// lines appended before it was accepted were sent to nobody.
-    fn connected(&self, socket: Arc<OwnedWriteHalf>) {
+    fn connected(&self, socket: Arc<SocketWriter>) {
         {
             let mut inner = self.lock();
             inner.connected = true;
             inner.socket = Some(socket);
             inner.sending = false;
             if inner.held {
-                inner.bytes.push(protocol::HELD);
+                inner.push_tag(protocol::HELD);
             }
-            inner.bytes.push(protocol::DOORBELL);
+            inner.push_tag(protocol::DOORBELL);
         }
         self.notify.notify_one();
     }
@@ -444,24 +470,26 @@ impl Outbox {
         let mut inner = self.lock();
         inner.connected = false;
         inner.socket = None;
-        inner.bytes.clear();
+        inner.queue.clear();
         inner.line_bytes = 0;
     }
 
     /// Lines just appended to the journal from `first_seq` on, with the index changes of the
     /// append: queued until [`Outbox::flush`].
-    fn lines(&self, first_seq: u64, changes: &[super::journal::IndexChange], lines: &[u8]) {
+    fn lines(&self, first_seq: u64, changes: &[super::journal::IndexChange], lines: Bytes) {
         let mut inner = self.lock();
         if !inner.connected {
             return;
         }
         if inner.line_bytes + lines.len() <= OUTBOX_LINES {
-            let before = inner.bytes.len();
-            protocol::encode_lines(&mut inner.bytes, first_seq, changes, lines);
-            inner.line_bytes += inner.bytes.len() - before;
-        } else if inner.bytes.last() != Some(&protocol::DOORBELL) {
+            let mut head = Vec::new();
+            protocol::encode_lines_header(&mut head, first_seq, changes, lines.len());
+            inner.line_bytes += head.len() + lines.len();
+            inner.queue.push_back(Bytes::from(head));
+            inner.queue.push_back(lines);
+        } else if !inner.last_is_doorbell() {
             // The server is behind: it reads these from the journal.
-            inner.bytes.push(protocol::DOORBELL);
+            inner.push_tag(protocol::DOORBELL);
         }
     }
 
@@ -469,16 +497,16 @@ impl Outbox {
     /// (no task switch on the way to the server), else handed to that task.
     fn flush(&self) {
         let mut inner = self.lock();
-        if inner.bytes.is_empty() {
+        if inner.queue.is_empty() {
             return;
         }
         if !inner.sending
             && let Some(socket) = inner.socket.clone()
         {
-            if let Ok(n) = socket.try_write(&inner.bytes) {
-                inner.bytes.drain(..n);
+            if let Ok(n) = socket.try_write_vectored(&slices(&inner.queue)) {
+                consume(&mut inner.queue, n);
             }
-            if inner.bytes.is_empty() {
+            if inner.queue.is_empty() {
                 inner.line_bytes = 0;
                 return;
             }
@@ -488,14 +516,14 @@ impl Outbox {
     }
 
     fn tell(&self, bytes: &[u8]) {
-        self.lock().bytes.extend_from_slice(bytes);
+        self.lock().queue.push_back(Bytes::copy_from_slice(bytes));
         self.notify.notify_one();
     }
 
     fn held(&self, held: bool) {
         let mut inner = self.lock();
         inner.held = held;
-        inner.bytes.push(if held {
+        inner.push_tag(if held {
             protocol::HELD
         } else {
             protocol::FLOWING
@@ -516,17 +544,19 @@ impl Outbox {
     }
 
     /// What to send now, and the settled approvals it carries.
-    fn take(&self) -> (Vec<u8>, Vec<Resolution>) {
+    fn take(&self) -> (VecDeque<Bytes>, Vec<Resolution>) {
         let mut inner = self.lock();
-        let mut out = std::mem::take(&mut inner.bytes);
+        let mut out = std::mem::take(&mut inner.queue);
         inner.line_bytes = 0;
         inner.sending = true;
         let taken: Vec<Resolution> = inner.resolutions.drain(..).collect();
         for r in &taken {
             if let Ok(json) = serde_json::to_vec(r) {
-                out.push(protocol::RESOLUTION);
-                out.extend_from_slice(&json);
-                out.push(b'\n');
+                let mut record = Vec::with_capacity(json.len() + 2);
+                record.push(protocol::RESOLUTION);
+                record.extend_from_slice(&json);
+                record.push(b'\n');
+                out.push_back(Bytes::from(record));
             }
         }
         (out, taken)
@@ -547,6 +577,53 @@ impl Outbox {
     }
 }
 
+/// Most buffers given to one vectored write.
+const MAX_SLICES: usize = 64;
+
+/// The first buffers of `queue`, for a vectored write.
+fn slices(queue: &VecDeque<Bytes>) -> Vec<io::IoSlice<'_>> {
+    queue
+        .iter()
+        .take(MAX_SLICES)
+        .map(|b| io::IoSlice::new(b))
+        .collect()
+}
+
+/// Drops the first `n` bytes of `queue` (written).
+fn consume(queue: &mut VecDeque<Bytes>, mut n: usize) {
+    while n > 0 {
+        let Some(front) = queue.front_mut() else {
+            return;
+        };
+        if front.len() <= n {
+            n -= front.len();
+            queue.pop_front();
+        } else {
+            bytes::Buf::advance(front, n);
+            return;
+        }
+    }
+}
+
+/// Writes all of `queue` to the socket, in order, waiting for room as needed.
+async fn write_queue(write: &SocketWriter, mut queue: VecDeque<Bytes>) -> io::Result<()> {
+    let mut wait = RoomWait::default();
+    while !queue.is_empty() {
+        let written = match write.try_write_vectored(&slices(&queue)) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                write.room(&mut wait).await?;
+                0
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => 0,
+            Err(e) => return Err(e),
+        };
+        consume(&mut queue, written);
+    }
+    Ok(())
+}
+
 /// The keeper's end of an [`AgentIo`]: the session journal, then the server.
 struct KeeperSink {
     writer: JournalWriter,
@@ -562,7 +639,7 @@ impl OutputSink for KeeperSink {
         let first_seq = self.writer.next_seq();
         match self.writer.append(&batch, ends.len() as u64) {
             Ok(changes) => {
-                self.outbox.lines(first_seq, &changes, &batch);
+                self.outbox.lines(first_seq, &changes, batch.freeze());
                 Ok(())
             }
             Err(error) => Err(Refused { batch, error }),
@@ -639,7 +716,7 @@ impl Drop for KeeperSink {
 }
 
 /// Sends the connected server whatever the outbox holds, as it comes.
-async fn send_outbox(write: Arc<OwnedWriteHalf>, outbox: Arc<Outbox>) {
+async fn send_outbox(write: Arc<SocketWriter>, outbox: Arc<Outbox>) {
     loop {
         outbox.notify.notified().await;
         loop {
@@ -648,7 +725,7 @@ async fn send_outbox(write: Arc<OwnedWriteHalf>, outbox: Arc<Outbox>) {
                 outbox.sent();
                 break;
             }
-            if write_all(&write, &out).await.is_err() {
+            if write_queue(&write, out).await.is_err() {
                 // Not delivered: keep the approvals for the next server.
                 outbox.give_back(taken);
                 return;
@@ -657,42 +734,27 @@ async fn send_outbox(write: Arc<OwnedWriteHalf>, outbox: Arc<Outbox>) {
     }
 }
 
-/// Writes all of `buf` to a socket half shared with the outbox's direct writes.
-async fn write_all(write: &OwnedWriteHalf, mut buf: &[u8]) -> io::Result<()> {
-    while !buf.is_empty() {
-        write.writable().await?;
-        match write.try_write(buf) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => buf = &buf[n..],
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
 /// Reads the server's lines and passes on only complete ones. A partial line left when the
 /// server goes away is dropped, never forwarded. [`USER_MARKER`] lines set who sends the
 /// lines after them (until the next marker; nobody, on a new connection).
 async fn forward_lines(
-    mut read: OwnedReadHalf,
+    read: SocketReader,
     lines: mpsc::Sender<Input>,
     max: usize,
     log_file: &mut std::fs::File,
 ) {
     // One read takes a whole 64 KiB line and its neighbours.
-    let mut buf = BytesMut::with_capacity(256 * 1024);
+    let mut buf = vec![0u8; 256 * 1024];
     let mut splitter = LineSplitter::new(max);
     let mut forwarded = 0u64;
     let mut user: Option<Arc<str>> = None;
     let mut batch: Vec<Input> = Vec::new();
     loop {
-        buf.clear();
-        match read.read_buf(&mut buf).await {
+        let n = match read.read(&mut buf).await {
             Ok(0) | Err(_) => break,
-            Ok(_) => {}
-        }
-        splitter.feed(&buf, &mut |piece| match piece {
+            Ok(n) => n,
+        };
+        splitter.feed(&buf[..n], &mut |piece| match piece {
             Piece::Line(line) => {
                 if let Some((&USER_MARKER, name)) = line.split_first() {
                     user = Some(Arc::from(String::from_utf8_lossy(name).as_ref()));
@@ -724,4 +786,47 @@ async fn forward_lines(
             "server disconnected; forwarded {forwarded} lines, dropped a partial line of {partial} bytes"
         ),
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+
+    use bytes::Bytes;
+
+    use super::{consume, slices};
+
+    fn rest(queue: &VecDeque<Bytes>) -> Vec<u8> {
+        queue.iter().flat_map(|b| b.iter().copied()).collect()
+    }
+
+    #[test]
+    fn a_partial_write_leaves_exactly_the_unwritten_bytes_in_order() {
+        let all = b"\x06head|lines one\nlines two\n\x01".to_vec();
+        for written in 0..=all.len() {
+            let mut queue: VecDeque<Bytes> =
+                [&b"\x06head|"[..], b"lines one\nlines two\n", b"\x01"]
+                    .into_iter()
+                    .map(Bytes::from_static)
+                    .collect();
+            consume(&mut queue, written);
+            assert_eq!(
+                rest(&queue),
+                all[written..],
+                "after writing {written} bytes"
+            );
+            assert!(
+                queue.iter().all(|b| !b.is_empty()),
+                "no empty buffer is left queued"
+            );
+        }
+    }
+
+    #[test]
+    fn a_vectored_write_is_offered_the_queue_in_order() {
+        let queue: VecDeque<Bytes> = (0..100u8).map(|i| Bytes::from(vec![i])).collect();
+        let offered = slices(&queue);
+        assert_eq!(offered.len(), super::MAX_SLICES);
+        assert!(offered.iter().enumerate().all(|(i, s)| s[..] == [i as u8]));
+    }
 }

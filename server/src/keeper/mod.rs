@@ -17,6 +17,7 @@
 //! - [`exit`]: how an agent ended;
 //! - [`workspace`]: opening an agent's working directory without trusting a path twice;
 //! - [`oom`]: whether a container's agent was killed for its memory limit;
+//! - [`socket`]: the keeper's socket, registered with the reactor only for what is awaited;
 //! - [`fsio`], [`id`]: atomic private writes, random ids.
 
 pub mod agentio;
@@ -31,6 +32,7 @@ pub mod layout;
 pub mod oom;
 pub mod pane;
 pub mod protocol;
+pub mod socket;
 pub mod workspace;
 
 pub use agentio::{ExitFuture, Input, Reader, Writer};

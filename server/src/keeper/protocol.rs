@@ -159,7 +159,20 @@ pub fn write_exit(run_dir: &RunDir, exit: ExitInfo) -> io::Result<()> {
 /// (`u32`), the changes (25 bytes each), payload length (`u32`), then the lines, each followed
 /// by `\n` (exactly as in the journal). All integers little-endian.
 pub fn encode_lines(out: &mut Vec<u8>, first_seq: u64, changes: &[IndexChange], lines: &[u8]) {
-    out.reserve(1 + 8 + 4 + changes.len() * 25 + 4 + lines.len());
+    out.reserve(lines.len());
+    encode_lines_header(out, first_seq, changes, lines.len());
+    out.extend_from_slice(lines);
+}
+
+/// Appends the head of a [`LINES`] message ([`encode_lines`] without the lines), for a sender
+/// that writes the lines from where they already are.
+pub fn encode_lines_header(
+    out: &mut Vec<u8>,
+    first_seq: u64,
+    changes: &[IndexChange],
+    payload_len: usize,
+) {
+    out.reserve(1 + 8 + 4 + changes.len() * 25 + 4);
     out.push(LINES);
     out.put_u64_le(first_seq);
     out.put_u32_le(changes.len() as u32);
@@ -175,8 +188,7 @@ pub fn encode_lines(out: &mut Vec<u8>, first_seq: u64, changes: &[IndexChange], 
         out.put_u64_le(b);
         out.put_u64_le(c);
     }
-    out.put_u32_le(lines.len() as u32);
-    out.extend_from_slice(lines);
+    out.put_u32_le(payload_len as u32);
 }
 
 /// What a keeper tells the server.

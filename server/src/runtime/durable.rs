@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -42,6 +42,8 @@ const MAX_SOCKET_PATH: usize = 107;
 const START_TIMEOUT: Duration = Duration::from_secs(15);
 /// Most bytes one read of a followed journal publishes at once.
 const FOLLOW_BATCH: usize = 1 << 20;
+/// Most bytes one read of a keeper's socket takes.
+const READ_CHUNK: usize = 256 * 1024;
 /// Upper bound on one batched write to a keeper's socket.
 const STDIN_BATCH: usize = 256 * 1024;
 
@@ -457,7 +459,16 @@ impl AgentRun for KeeperRun {
             shutdown,
             ..
         } = io;
-        let (mut read, write) = stream.into_split();
+        let (read, write) = match crate::keeper::socket::split_tokio(stream) {
+            Ok(halves) => halves,
+            Err(e) => {
+                tracing::error!(session = %session_id, error = %e, "cannot use the keeper's socket");
+                return RunEnd::Exited {
+                    exit: ExitInfo::UNKNOWN.because(ExitReason::KeeperLost),
+                    by_shutdown: false,
+                };
+            }
+        };
         // Client lines go to the keeper; the writer lets go on shutdown (the agent keeps
         // running).
         let writer = tokio::spawn(stdin_writer(
@@ -476,6 +487,8 @@ impl AgentRun for KeeperRun {
         // Lines appended while no server listened are only in the journal.
         follower.catch_up().await;
         let mut decoder = Decoder::default();
+        // Read into a buffer initialized once, then appended to the decoder's.
+        let mut scratch = vec![0u8; READ_CHUNK];
         loop {
             loop {
                 match decoder.decode() {
@@ -490,9 +503,9 @@ impl AgentRun for KeeperRun {
                 }
             }
             tokio::select! {
-                read = read.read_buf(decoder.buffer()) => match read {
+                read = read.read(&mut scratch) => match read {
                     Ok(0) | Err(_) => break,
-                    Ok(_) => {}
+                    Ok(n) => decoder.buffer().extend_from_slice(&scratch[..n]),
                 },
                 () = shutdown.cancelled() => break,
             }
