@@ -177,7 +177,15 @@ async fn sessions_in_a_project_work_in_worktrees_of_their_own() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_diff_shows_the_work_and_files_stay_inside_the_workspace() {
     let (_root, repo) = repository();
-    let server = TestServer::start().await;
+    let server = TestServer::start_with(|c| {
+        // An instance whose sessions start in a directory the operator chose, outside every
+        // workspace root (whatever directory the tests run from).
+        let mut outside = common::instance("outside", "fixture");
+        outside.agent_path = Some(common::fixture_agent());
+        outside.cwd = Some("/usr".into());
+        c.instances.push(outside);
+    })
+    .await;
     let (status, _) = server
         .post("/projects", &json!({"path": repo, "id": "app"}).to_string())
         .await;
@@ -259,13 +267,13 @@ async fn the_diff_shows_the_work_and_files_stay_inside_the_workspace() {
     );
 
     // A session outside projects has no diff.
-    let other = server.session("fixture").await;
+    let other = server.session("outside").await;
     let (status, body) = server.get_json(&format!("/sessions/{other}/diff")).await;
     assert_eq!(
         (status, body["error"].as_str()),
         (409, Some("not_in_project"))
     );
-    // Nor files, when it works outside the workspace roots (here: the server's directory).
+    // Nor files, when it works outside the workspace roots (the instance's own directory).
     let (status, body) = server.get_json(&format!("/sessions/{other}/files")).await;
     assert_eq!(
         (status, body["error"].as_str()),
