@@ -413,8 +413,23 @@ struct FilesQuery {
     path: String,
 }
 
-async fn list_projects(State(app): State<AppState>, _identity: Identity) -> Json<Vec<Project>> {
-    Json(app.sessions.projects().list())
+/// The projects whose instance the caller may use: a project names paths on this machine, so a
+/// user an instance's `allowed_users` leaves out does not see its projects either.
+async fn list_projects(State(app): State<AppState>, identity: Identity) -> Json<Vec<Project>> {
+    let mut list = app.sessions.projects().list();
+    list.retain(|p| may_use_project(&app, &identity, p).is_ok());
+    Json(list)
+}
+
+/// Whether `identity` may use `project`: judged by the instance its sessions run by default.
+fn may_use_project(app: &AppState, identity: &Identity, project: &Project) -> Result<(), ApiError> {
+    match app
+        .sessions
+        .instance_for(project.default_instance.as_deref())
+    {
+        Some(instance) => identity.check_instance(instance),
+        None => Ok(()),
+    }
 }
 
 /// Registers a repository inside the workspace roots of the project's default instance (or
@@ -447,6 +462,15 @@ async fn remove_project(
     identity: Identity,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
+    if let Some(project) = app
+        .sessions
+        .projects()
+        .list()
+        .into_iter()
+        .find(|p| p.id == id)
+    {
+        may_use_project(&app, &identity, &project)?;
+    }
     app.sessions.remove_project(&id)?;
     crate::audit::project("remove", &identity.user, &id);
     Ok(StatusCode::NO_CONTENT)

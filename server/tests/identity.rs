@@ -564,3 +564,63 @@ async fn approvals_record_who_answered_in_a_keeper() {
     eventually("bob's answer in the audit log", bobs).await;
     server.stop().await;
 }
+
+/// Projects name paths on this machine: a user an instance leaves out neither sees nor removes
+/// the projects whose sessions run by that instance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn projects_are_shown_only_to_users_of_their_instance() {
+    let (root, repo) = common::repository();
+    let server = TestServer::start_unix(|c| {
+        c.allowed_users = vec!["alice@example.com".into(), "bob@example.com".into()];
+        c.instances[0].allowed_users = vec!["alice@example.com".into()];
+        // The repository's directory, apart from the one holding the socket.
+        c.instances[0].workspace_roots = vec![root.path().to_owned()];
+    })
+    .await;
+    let bob = ("tailscale-user-login", "bob@example.com");
+    let body = serde_json::json!({"path": repo, "id": "app", "defaultInstance": "fixture"});
+    let (status, created) = unix(
+        &server,
+        reqwest::Method::POST,
+        "/projects",
+        &[bob],
+        Some(&body.to_string()),
+    )
+    .await;
+    assert_eq!(
+        status, 403,
+        "bob may not use the fixture instance: {created}"
+    );
+    let (status, created) = unix(
+        &server,
+        reqwest::Method::POST,
+        "/projects",
+        &[ALICE],
+        Some(&body.to_string()),
+    )
+    .await;
+    assert_eq!(status, 201, "{created}");
+    let (_, listed) = unix(&server, reqwest::Method::GET, "/projects", &[ALICE], None).await;
+    assert_eq!(listed.as_array().map(Vec::len), Some(1), "{listed}");
+    let (_, listed) = unix(&server, reqwest::Method::GET, "/projects", &[bob], None).await;
+    assert_eq!(listed, serde_json::json!([]));
+    let (status, _) = unix(
+        &server,
+        reqwest::Method::DELETE,
+        "/projects/app",
+        &[bob],
+        None,
+    )
+    .await;
+    assert_eq!(status, 403);
+    let (status, _) = unix(
+        &server,
+        reqwest::Method::DELETE,
+        "/projects/app",
+        &[ALICE],
+        None,
+    )
+    .await;
+    assert_eq!(status, 204);
+    server.stop().await;
+}
