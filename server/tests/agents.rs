@@ -7,47 +7,11 @@
 
 mod common;
 
-use std::io::BufRead;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
 
 use common::{Sandbox, TestServer, Ws, instance};
 use moorline::config::{InstanceConfig, RuntimeKind};
 use serde_json::{Value, json};
-
-/// The scripted model API, killed when dropped.
-struct Mock {
-    child: Child,
-    addr: String,
-}
-
-impl Mock {
-    fn start() -> Self {
-        let exe = common::fixture_agent().with_file_name("mock-model-api");
-        let mut child = std::process::Command::new(exe)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("mock-model-api");
-        let mut line = String::new();
-        std::io::BufReader::new(child.stdout.take().expect("stdout"))
-            .read_line(&mut line)
-            .expect("listening line");
-        let addr = line
-            .trim()
-            .strip_prefix("listening ")
-            .expect("address")
-            .to_owned();
-        Self { child, addr }
-    }
-}
-
-impl Drop for Mock {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn find(program: &str) -> Option<PathBuf> {
     std::env::var("PATH")
@@ -58,7 +22,11 @@ fn find(program: &str) -> Option<PathBuf> {
 }
 
 /// The agent's instance, in a container when possible.
-fn agent_instance(kind: &str, mock: &Mock, sandbox: Option<&Sandbox>) -> InstanceConfig {
+fn agent_instance(
+    kind: &str,
+    mock: &common::MockModel,
+    sandbox: Option<&Sandbox>,
+) -> InstanceConfig {
     let mut inst = instance(kind, kind);
     inst.runtime = if sandbox.is_some() {
         RuntimeKind::Runc
@@ -102,7 +70,12 @@ fn missing(program: &str) -> Option<String> {
 async fn start(
     kind: &str,
     program: &str,
-) -> Option<(TestServer, Mock, Option<Sandbox>, tempfile::TempDir)> {
+) -> Option<(
+    TestServer,
+    common::MockModel,
+    Option<Sandbox>,
+    tempfile::TempDir,
+)> {
     start_in(kind, program, None).await
 }
 
@@ -111,7 +84,12 @@ async fn start_in(
     kind: &str,
     program: &str,
     dialect: Option<&str>,
-) -> Option<(TestServer, Mock, Option<Sandbox>, tempfile::TempDir)> {
+) -> Option<(
+    TestServer,
+    common::MockModel,
+    Option<Sandbox>,
+    tempfile::TempDir,
+)> {
     start_configured(kind, program, dialect, |_| {}).await
 }
 
@@ -121,12 +99,17 @@ async fn start_configured(
     program: &str,
     dialect: Option<&str>,
     tweak: impl FnOnce(&mut moorline::Config),
-) -> Option<(TestServer, Mock, Option<Sandbox>, tempfile::TempDir)> {
+) -> Option<(
+    TestServer,
+    common::MockModel,
+    Option<Sandbox>,
+    tempfile::TempDir,
+)> {
     if let Some(why) = missing(program) {
         eprintln!("SKIPPED: {why}");
         return None;
     }
-    let mock = Mock::start();
+    let mock = common::MockModel::start();
     let sandbox = common::durable_unavailable().is_none().then(Sandbox::new);
     if sandbox.is_none() {
         eprintln!("note: runc is not usable here; running {kind} as a plain process");
@@ -411,7 +394,7 @@ async fn codex_streams_asks_and_obeys() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn claude_code_api_retries_reach_clients() {
     let Some(why) = missing("claude") else {
-        let mock = Mock::start();
+        let mock = common::MockModel::start();
         let sandbox = common::durable_unavailable().is_none().then(Sandbox::new);
         let mut inst = agent_instance("claude-code", &mock, sandbox.as_ref());
         // Claude's backoff starts near half a second and doubles: few retries, a short test.
@@ -537,7 +520,7 @@ async fn codex_abort_stops_the_approved_command() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn claude_code_native_dialect_keeps_claudes_protocol_and_survives_garbage() {
     let Some(mock_check) = missing("claude") else {
-        let mock = Mock::start();
+        let mock = common::MockModel::start();
         let mut inst = agent_instance("claude-code", &mock, None);
         inst.id = "native".into();
         inst.dialect = Some("native".into());

@@ -12,7 +12,6 @@
 
 mod common;
 
-use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
@@ -227,45 +226,12 @@ async fn say(b: &Client, text: &str) {
 // ---------------------------------------------------------------------------------------
 // The agent: pi against the scripted model API.
 
-struct Mock {
-    child: std::process::Child,
-    addr: String,
-}
-
-impl Mock {
-    fn start() -> Self {
-        let exe = common::fixture_agent().with_file_name("mock-model-api");
-        let mut child = std::process::Command::new(exe)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("mock-model-api");
-        let mut line = String::new();
-        std::io::BufReader::new(child.stdout.take().expect("stdout"))
-            .read_line(&mut line)
-            .expect("listening line");
-        let addr = line
-            .trim()
-            .strip_prefix("listening ")
-            .expect("address")
-            .to_owned();
-        Self { child, addr }
-    }
-}
-
-impl Drop for Mock {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// Everything a browser test needs: the driver, a server with a `pi` instance (and the
 /// fixture ones), the model API, and a workspace for the agent.
 struct Rig {
     driver: Driver,
     server: TestServer,
-    _mock: Mock,
+    _mock: common::MockModel,
     work: PathBuf,
     /// tailscale serve stand-ins, one per user: (login, base URL).
     users: Vec<(String, String)>,
@@ -277,7 +243,7 @@ async fn rig(users: &[&str]) -> Option<Rig> {
         eprintln!("SKIPPED: pi is not installed (see .ci/run for the pinned npm packages)");
         return None;
     }
-    let mock = Mock::start();
+    let mock = common::MockModel::start();
     let server = TestServer::start_unix(|c| {
         common::pass_env(c, &["PATH", "HOME"]);
         let mut pi = common::instance("pi", "pi");

@@ -564,3 +564,31 @@ pub(crate) fn now_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
 }
+
+/// Runs `tick` every `period` until `cancel` fires or the manager is dropped: the server's
+/// periodic sweeps (quiet agents turning idle, pruning ended sessions). The task holds the
+/// manager only while a tick runs.
+fn periodically<F, Fut>(
+    manager: &Arc<SessionManager>,
+    tracker: &tokio_util::task::TaskTracker,
+    period: Duration,
+    cancel: tokio_util::sync::CancellationToken,
+    tick: F,
+) where
+    F: Fn(Arc<SessionManager>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let manager = Arc::downgrade(manager);
+    tracker.spawn(async move {
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(period) => {}
+                () = cancel.cancelled() => return,
+            }
+            let Some(manager) = manager.upgrade() else {
+                return;
+            };
+            tick(manager).await;
+        }
+    });
+}

@@ -173,19 +173,9 @@ pub fn spawn_activity_sweeper(
     cancel: CancellationToken,
 ) {
     let every = (window / 4).clamp(Duration::from_millis(100), Duration::from_secs(1));
-    let manager = Arc::downgrade(manager);
-    tracker.spawn(async move {
-        loop {
-            tokio::select! {
-                () = tokio::time::sleep(every) => {}
-                () = cancel.cancelled() => return,
-            }
-            let Some(manager) = manager.upgrade() else {
-                return;
-            };
-            for session in manager.all() {
-                session.note_activity();
-            }
+    super::periodically(manager, tracker, every, cancel, |manager| async move {
+        for session in manager.all() {
+            session.note_activity();
         }
     });
 }

@@ -326,20 +326,13 @@ impl SessionManager {
             0 => Duration::from_secs(60),
             ttl => Duration::from_millis((ttl / 4).clamp(100, 60_000)),
         };
-        let manager = Arc::downgrade(self);
-        let cancel = self.cancel.clone();
-        self.launcher.tracker.spawn(async move {
-            loop {
-                tokio::select! {
-                    () = tokio::time::sleep(every) => {}
-                    () = cancel.cancelled() => return,
-                }
-                let Some(manager) = manager.upgrade() else {
-                    return;
-                };
-                manager.prune_ended().await;
-            }
-        });
+        super::periodically(
+            self,
+            &self.launcher.tracker,
+            every,
+            self.cancel.clone(),
+            |manager| async move { manager.prune_ended().await },
+        );
     }
 
     /// Starts the agent of a session whose agent is not running, continuing its conversation

@@ -660,3 +660,40 @@ pub fn edit(dir: &std::path::Path, name: &str, text: &str) {
         std::os::unix::fs::chown(&path, Some(TEST_UID), Some(TEST_UID)).expect("chown");
     }
 }
+
+/// The scripted model API (`fixtures/`), on 127.0.0.1:0, killed when dropped.
+pub struct MockModel {
+    child: std::process::Child,
+    /// `127.0.0.1:PORT`.
+    pub addr: String,
+}
+
+impl MockModel {
+    pub fn start() -> Self {
+        let exe = fixture_agent().with_file_name("mock-model-api");
+        let mut child = std::process::Command::new(exe)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("mock-model-api");
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().expect("stdout")),
+            &mut line,
+        )
+        .expect("listening line");
+        let addr = line
+            .trim()
+            .strip_prefix("listening ")
+            .expect("address")
+            .to_owned();
+        Self { child, addr }
+    }
+}
+
+impl Drop for MockModel {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
