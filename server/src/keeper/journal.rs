@@ -95,10 +95,20 @@ impl JournalIndex {
         self.segments.iter().map(|s| s.first_seq).collect()
     }
 
+    /// Applies one change. Applying one it already has (a follower told the same thing by the
+    /// writer and by its own read of the files) changes nothing, so checkpoints stay in order.
     fn apply(&mut self, change: &IndexChange) {
         match change {
-            IndexChange::Checkpoint(c) => self.checkpoints.push_back(*c),
-            IndexChange::NewSegment(s) => self.segments.push_back(*s),
+            IndexChange::Checkpoint(c) => {
+                if self.checkpoints.back().is_none_or(|last| last.seq < c.seq) {
+                    self.checkpoints.push_back(*c);
+                }
+            }
+            IndexChange::NewSegment(s) => {
+                if self.segments.back().is_none_or(|last| last.first_seq < s.first_seq) {
+                    self.segments.push_back(*s);
+                }
+            }
             IndexChange::Grow { segment, bytes } => {
                 if let Some(s) = self
                     .segments
@@ -177,12 +187,15 @@ impl JournalWriter {
                 bytes: 0,
             };
             let file = create_segment(dir, 1)?;
-            index.apply(&IndexChange::NewSegment(active));
-            index.apply(&IndexChange::Checkpoint(Checkpoint {
-                seq: 1,
-                segment: 1,
-                offset: 0,
-            }));
+            let start = [
+                IndexChange::NewSegment(active),
+                IndexChange::Checkpoint(Checkpoint {
+                    seq: 1,
+                    segment: 1,
+                    offset: 0,
+                }),
+            ];
+            index.apply_all(&start);
             let writer = Self {
                 dir: dir.to_owned(),
                 limits,
@@ -191,7 +204,10 @@ impl JournalWriter {
                 closed: VecDeque::new(),
                 next_seq: 1,
                 last_checkpoint_offset: Some(0),
-                unreported: Vec::new(),
+                // A follower that only hears of appends (the server following a keeper) must
+                // learn of the first segment and checkpoint too, or it could not find the first
+                // lines on disk for a client that falls behind early.
+                unreported: start.to_vec(),
                 reserved: 0,
             };
             return Ok((writer, index));
@@ -743,6 +759,48 @@ mod tests {
             assert_eq!(got.len() as u64, 2001 - from);
             assert_eq!(got[0], Bytes::from(format!("{{\"n\":{from}}}")));
         }
+    }
+
+    /// The server follows a keeper's journal only through the changes of its appends: those
+    /// alone must let it read every line back from disk, including the first ones of a batch.
+    #[test]
+    fn a_follower_of_the_appends_alone_can_read_every_line_back() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let limits = JournalLimits {
+            max_bytes: 1 << 30,
+            segment_bytes: 1 << 20,
+        };
+        let (mut w, _) = JournalWriter::open(tmp.path(), limits).expect("open");
+        let mut follower = JournalIndex::default();
+        let big = "x".repeat(64 * 1024);
+        let lines: Vec<String> = (1..=40).map(|i| format!("{i} {big}")).collect();
+        // The first append carries two lines, as when the agent wrote them at once.
+        for chunk in [&lines[..2], &lines[2..5], &lines[5..]] {
+            let (b, n) = batch(chunk);
+            follower.apply_all(&w.append(&b, n).expect("append"));
+        }
+        assert_eq!(follower.first_seq(), Some(1));
+        for from in [1, 2, 3, 17, 40] {
+            let DiskRead::Lines(got) = read_all(tmp.path(), &follower, from, from) else {
+                panic!("line {from} gone")
+            };
+            assert!(got[0].starts_with(format!("{from} ").as_bytes()), "line {from}");
+        }
+    }
+
+    #[test]
+    fn applying_a_change_twice_changes_nothing() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let (mut w, mut index) =
+            JournalWriter::open(tmp.path(), JournalLimits::with_max_bytes(1 << 20)).expect("open");
+        let (b, n) = batch(&["a".into(), "b".into()]);
+        let changes = w.append(&b, n).expect("append");
+        // The writer's own index already holds the first segment and checkpoint.
+        index.apply_all(&changes);
+        index.apply_all(&changes);
+        assert_eq!(index.segment_starts(), vec![1]);
+        assert_eq!(index.checkpoints.len(), 1);
+        assert_eq!(index.bytes(), 4);
     }
 
     #[test]
