@@ -687,70 +687,135 @@ async fn linger<S: AsyncRead + AsyncWrite + Unpin>(io: &mut S, linger: Duration)
     .await;
 }
 
-/// Forwards client frames to the agent until the client leaves or breaks a rule.
+/// Most frames one batch of client input takes, and about the most bytes (a single larger frame
+/// still goes alone): what a burst costs the agent's input queue stays bounded.
+const INPUT_BATCH_LINES: usize = 256;
+const INPUT_BATCH_BYTES: usize = 64 * 1024;
+
+/// What one frame from a client comes to.
+enum Frame {
+    /// A line for the agent.
+    Line(Bytes),
+    /// Nothing to forward (a control frame).
+    Skip,
+    /// The client leaves or broke a rule.
+    End(End),
+}
+
+/// Forwards client frames to the agent until the client leaves or breaks a rule. Frames that
+/// have already arrived are forwarded together, as one [`Input`].
 async fn read_client(client: &Client, stream: &mut SplitStream<Socket>) -> End {
     let stdin: Option<mpsc::Sender<Input>> = client.session.stdin();
     let metrics = &client.app.metrics;
-    // Pongs owed since the socket last accepted a byte. tungstenite queues one per ping in its
-    // write buffer; a client that pings without reading would grow it without bound.
-    let mut owed = 0usize;
-    let mut written = client.progress.written();
+    let mut pongs = PongDebt::new(client.progress.written());
     loop {
-        let message = match stream.next().await {
+        let first = match stream.next().await {
             None => return End::Gone,
-            Some(Ok(m)) => m,
-            Some(Err(e)) => return read_error(client, e),
+            Some(next) => client_frame(client, next, &mut pongs),
         };
-        let data: Bytes = match message {
-            Message::Text(text) => Bytes::from(text),
-            // amarre forwards binary frames as text; only valid UTF-8 can be a JSON line.
-            Message::Binary(bin) => {
-                if std::str::from_utf8(&bin).is_err() {
-                    return End::Close(
-                        close_code::INVALID,
-                        "binary frame is not valid UTF-8".into(),
-                    );
+        let mut lines = match first {
+            Frame::Line(line) => vec![line],
+            Frame::Skip => continue,
+            Frame::End(end) => return end,
+        };
+        let mut bytes = lines[0].len();
+        let mut end = None;
+        // Whatever else is already buffered joins this batch, without waiting for more.
+        while lines.len() < INPUT_BATCH_LINES && bytes < INPUT_BATCH_BYTES {
+            use futures_util::FutureExt;
+            let Some(next) = stream.next().now_or_never() else {
+                break;
+            };
+            match next.map(|next| client_frame(client, next, &mut pongs)) {
+                Some(Frame::Line(line)) => {
+                    bytes += line.len();
+                    lines.push(line);
                 }
-                bin
+                Some(Frame::Skip) => {}
+                Some(Frame::End(e)) => {
+                    end = Some(e);
+                    break;
+                }
+                None => {
+                    end = Some(End::Gone);
+                    break;
+                }
             }
-            // tungstenite answers the close on the next read, which then ends the stream.
-            Message::Close(_) => continue,
-            Message::Ping(payload) => {
-                let now = client.progress.written();
-                if now != written {
-                    written = now;
-                    owed = 0;
-                }
-                owed += payload.len() + 2;
-                if owed > WRITE_BUFFER {
-                    tracing::warn!(session = %client.session.id(), owed, "client sends pings but reads no pongs; disconnecting it");
-                    metrics
-                        .clients_dropped
-                        .get_or_create(&[("reason", "unread_pongs")])
-                        .inc();
-                    return End::Gone;
-                }
-                continue;
-            }
-            Message::Pong(_) | Message::Frame(_) => continue,
-        };
-        let Some(tx) = &stdin else {
-            // Like amarre: frames for a session whose agent is not running are dropped.
-            continue;
-        };
-        let line = data.slice_ref(inbound_line(&data));
-        metrics.lines_in.inc();
-        metrics.bytes_in.inc_by(line.len() as u64 + 1);
-        client.session.count_input();
-        let input = Input {
-            line,
-            user: Some(client.identity.user.clone()),
-        };
-        if tx.send(input).await.is_err() {
-            // The agent exited; the writer half reports it.
-            continue;
+        }
+        // Like amarre: frames for a session whose agent is not running are dropped.
+        if let Some(tx) = &stdin {
+            let n = lines.len() as u64;
+            metrics.lines_in.inc_by(n);
+            metrics.bytes_in.inc_by(bytes as u64 + n);
+            client.session.count_inputs(n);
+            let input = Input {
+                lines,
+                user: Some(client.identity.user.clone()),
+            };
+            // An error means the agent exited; the writer half reports it.
+            let _ = tx.send(input).await;
+        }
+        if let Some(end) = end {
+            return end;
         }
     }
+}
+
+/// Pongs owed since the socket last accepted a byte. tungstenite queues one per ping in its
+/// write buffer; a client that pings without reading would grow it without bound.
+struct PongDebt {
+    owed: usize,
+    written: u64,
+}
+
+impl PongDebt {
+    fn new(written: u64) -> Self {
+        Self { owed: 0, written }
+    }
+}
+
+/// Checks one frame from a client and says what it comes to.
+fn client_frame(
+    client: &Client,
+    next: Result<Message, tokio_tungstenite::tungstenite::Error>,
+    pongs: &mut PongDebt,
+) -> Frame {
+    let data: Bytes = match next {
+        Err(e) => return Frame::End(read_error(client, e)),
+        Ok(Message::Text(text)) => Bytes::from(text),
+        // amarre forwards binary frames as text; only valid UTF-8 can be a JSON line.
+        Ok(Message::Binary(bin)) => {
+            if std::str::from_utf8(&bin).is_err() {
+                return Frame::End(End::Close(
+                    close_code::INVALID,
+                    "binary frame is not valid UTF-8".into(),
+                ));
+            }
+            bin
+        }
+        // tungstenite answers the close on the next read, which then ends the stream.
+        Ok(Message::Close(_) | Message::Pong(_) | Message::Frame(_)) => return Frame::Skip,
+        Ok(Message::Ping(payload)) => {
+            let now = client.progress.written();
+            if now != pongs.written {
+                pongs.written = now;
+                pongs.owed = 0;
+            }
+            pongs.owed += payload.len() + 2;
+            if pongs.owed > WRITE_BUFFER {
+                tracing::warn!(session = %client.session.id(), owed = pongs.owed, "client sends pings but reads no pongs; disconnecting it");
+                client
+                    .app
+                    .metrics
+                    .clients_dropped
+                    .get_or_create(&[("reason", "unread_pongs")])
+                    .inc();
+                return Frame::End(End::Gone);
+            }
+            return Frame::Skip;
+        }
+    };
+    Frame::Line(data.slice_ref(inbound_line(&data)))
 }
 
 fn read_error(client: &Client, err: tokio_tungstenite::tungstenite::Error) -> End {

@@ -110,13 +110,26 @@ pub trait OutputSink: Send {
     fn flush(&mut self) {}
 }
 
-/// A line from a client, with who sent it.
+/// Lines from one client, in order, with who sent them.
+///
+/// A burst of frames travels as one batch: a queue operation per line cost more than the rest
+/// of a short line's way to the agent.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Input {
-    /// The line, without its newline.
-    pub line: Bytes,
+    /// The lines, each without its newline.
+    pub lines: Vec<Bytes>,
     /// The sender's identity (a tailnet login, `token` or `local`); `None` when unknown.
     pub user: Option<Arc<str>>,
+}
+
+impl Input {
+    /// A single line.
+    pub fn line(line: Bytes, user: Option<Arc<str>>) -> Self {
+        Self {
+            lines: vec![line],
+            user,
+        }
+    }
 }
 
 /// Counts what an agent run produced.
@@ -458,18 +471,19 @@ impl AgentIo {
         to_agent: &mut BytesMut,
         sink: &mut dyn OutputSink,
     ) {
-        let line = &input.line[..];
-        if self.pipeline.passes_through_client_line(line) {
-            if stdin_open {
-                to_agent.extend_from_slice(line);
-                to_agent.put_u8(b'\n');
+        for line in &input.lines {
+            if self.pipeline.passes_through_client_line(line) {
+                if stdin_open {
+                    to_agent.extend_from_slice(line);
+                    to_agent.put_u8(b'\n');
+                }
+                continue;
             }
-            return;
+            let mut outs = Outputs::default();
+            self.pipeline
+                .client_line_from(line, input.user.as_deref(), &mut outs);
+            self.route(outs, stdin_open, to_agent, sink);
         }
-        let mut outs = Outputs::default();
-        self.pipeline
-            .client_line_from(line, input.user.as_deref(), &mut outs);
-        self.route(outs, stdin_open, to_agent, sink);
     }
 
     fn route(

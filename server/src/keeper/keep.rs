@@ -760,10 +760,12 @@ async fn forward_lines(
                     user = Some(Arc::from(String::from_utf8_lossy(name).as_ref()));
                     return;
                 }
-                batch.push(Input {
-                    line: Bytes::copy_from_slice(line),
-                    user: user.clone(),
-                });
+                // The lines of one sender read at once travel together.
+                let line = Bytes::copy_from_slice(line);
+                match batch.last_mut() {
+                    Some(last) if last.user == user => last.lines.push(line),
+                    _ => batch.push(Input::line(line, user.clone())),
+                }
             }
             Piece::TooLong { .. } => {
                 log(
@@ -773,7 +775,7 @@ async fn forward_lines(
             }
         });
         for input in batch.drain(..) {
-            forwarded += 1;
+            forwarded += input.lines.len() as u64;
             if lines.send(input).await.is_err() {
                 return;
             }

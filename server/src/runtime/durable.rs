@@ -645,8 +645,10 @@ async fn stdin_writer(
             buf.extend_from_slice(&user_marker(&user));
             last_user = Some(user);
         }
-        buf.extend_from_slice(&input.line);
-        buf.push(b'\n');
+        for line in &input.lines {
+            buf.extend_from_slice(line);
+            buf.push(b'\n');
+        }
     };
     loop {
         let first = tokio::select! {

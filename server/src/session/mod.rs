@@ -244,10 +244,10 @@ impl Session {
         self.lock().stdin.clone()
     }
 
-    /// Counts a client line sent to the agent.
-    pub fn count_input(&self) {
-        self.inputs.fetch_add(1, Ordering::Relaxed);
-        self.input_seq.fetch_add(1, Ordering::SeqCst);
+    /// Counts client lines sent to the agent.
+    pub fn count_inputs(&self, lines: u64) {
+        self.inputs.fetch_add(lines, Ordering::Relaxed);
+        self.input_seq.fetch_add(lines, Ordering::SeqCst);
     }
 
     /// How many lines clients have sent the session, ever: compared with the count when an

@@ -236,10 +236,7 @@ async fn client_lines_reach_stdin_with_one_newline_each() {
         .stdin()
         .expect("running");
     for line in ["one", "two", "three"] {
-        let input = crate::runtime::Input {
-            line: bytes::Bytes::from(line),
-            user: Some("local".into()),
-        };
+        let input = crate::runtime::Input::line(bytes::Bytes::from(line), Some("local".into()));
         stdin.send(input).await.expect("send");
     }
     let mut got = vec![0u8; 14];
