@@ -695,6 +695,36 @@ mod tests {
             .collect()
     }
 
+    /// Only lines that neither the request nor the authentication checks could want skip the
+    /// pipeline, for every dialect.
+    #[test]
+    fn only_lines_without_any_marker_skip_the_pipeline() {
+        let auth = r#"{"type":"message_end","error":"401 Unauthorized: invalid API key"}"#;
+        for (dialect, request) in [
+            (Dialect::PiRpc, confirm("r1", "bash")),
+            (
+                Dialect::ClaudeNative,
+                r#"{"type":"control_request","request_id":"c1","request":{"subtype":"can_use_tool","tool_name":"Bash"}}"#.to_owned(),
+            ),
+            (
+                Dialect::CodexNative,
+                r#"{"id":3,"method":"item/commandExecution/requestApproval","params":{}}"#.to_owned(),
+            ),
+        ] {
+            let p = Pipeline::new(Box::new(Passthrough), dialect, ApprovalPolicy::default());
+            assert!(p.passes_through_agent_line(r#"{"type":"message_update","text":"hello"}"#));
+            // Another dialect's marker alone does not stop a line.
+            let others: Vec<&str> = ["extension_ui_request", "can_use_tool", "requestApproval"]
+                .into_iter()
+                .filter(|m| !request.contains(m))
+                .collect();
+            let note = json!({ "note": others.join(" ") }).to_string();
+            assert!(p.passes_through_agent_line(&note), "{dialect:?}: {note}");
+            assert!(!p.passes_through_agent_line(&request), "{dialect:?} request");
+            assert!(!p.passes_through_agent_line(auth), "{dialect:?} auth failure");
+        }
+    }
+
     #[test]
     fn the_first_answer_wins_and_everyone_is_told() {
         let mut p = pi();
