@@ -39,6 +39,12 @@ pub struct Limits {
     /// system's autotuning). Small enough that a slow reader's progress is seen well within
     /// `client_stall_ms`.
     pub client_send_buffer_bytes: usize,
+    /// Capacity of the pipes to and from each agent (0: the system's 64 KiB). Larger pipes
+    /// carry a long line in one write and one read instead of a wake-up per 64 KiB; they are
+    /// charged to the server's user only as they fill. An unprivileged server gets at most
+    /// `/proc/sys/fs/pipe-max-size` (1 MiB by default); a size the kernel refuses leaves the
+    /// default.
+    pub agent_pipe_bytes: usize,
     /// How long output the journal cannot take (a full disk) is still held for, once the
     /// agent has exited; while it runs, its output is held (and the agent paused) as long as
     /// it takes.
@@ -124,6 +130,7 @@ impl Default for Limits {
             ended_session_ttl_ms: 0,
             output_hold_after_exit_ms: 10_000,
             client_send_buffer_bytes: 128 * 1024,
+            agent_pipe_bytes: 1 << 20,
             activity_window_ms: 5_000,
             event_backlog: 1024,
         }

@@ -110,6 +110,23 @@ pub trait OutputSink: Send {
     fn flush(&mut self) {}
 }
 
+/// Gives the pipes to and from an agent `bytes` of capacity, so a long line passes in one
+/// write and one read rather than a wake-up per 64 KiB. True if the kernel agreed for all; a
+/// refusal (beyond `/proc/sys/fs/pipe-max-size` for an unprivileged process, or past the user's
+/// pipe budget) leaves a pipe as it was, which only costs speed. `0` changes nothing.
+pub fn widen_pipes(pipes: &[std::os::fd::BorrowedFd<'_>], bytes: usize) -> bool {
+    use nix::fcntl::{FcntlArg, fcntl};
+    let Ok(size) = i32::try_from(bytes) else {
+        return false;
+    };
+    // Every pipe is tried, whatever an earlier one got.
+    let refused = pipes
+        .iter()
+        .filter(|fd| size != 0 && fcntl(fd, FcntlArg::F_SETPIPE_SZ(size)).is_err())
+        .count();
+    refused == 0
+}
+
 /// Lines from one client, in order, with who sent them.
 ///
 /// A burst of frames travels as one batch: a queue operation per line cost more than the rest
@@ -587,4 +604,30 @@ pub fn read_pending(path: &std::path::Path) -> Vec<serde_json::Value> {
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok())
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsFd;
+
+    use nix::fcntl::{FcntlArg, fcntl};
+
+    use super::widen_pipes;
+
+    fn capacity(fd: &std::os::fd::OwnedFd) -> i32 {
+        fcntl(fd, FcntlArg::F_GETPIPE_SZ).expect("F_GETPIPE_SZ")
+    }
+
+    #[test]
+    fn agent_pipes_get_the_configured_capacity_or_keep_theirs() {
+        let (read, write) = nix::unistd::pipe().expect("pipe");
+        let before = capacity(&read);
+        assert!(widen_pipes(&[read.as_fd(), write.as_fd()], 0));
+        assert_eq!(capacity(&read), before, "0 keeps the system's size");
+        assert!(widen_pipes(&[read.as_fd()], 256 * 1024));
+        assert_eq!(capacity(&write), 256 * 1024, "both ends are one pipe");
+        // A size no pipe can have (2 GiB): refused, and the pipe stays as it was.
+        assert!(!widen_pipes(&[read.as_fd()], 1 << 31));
+        assert_eq!(capacity(&read), 256 * 1024);
+    }
 }

@@ -232,6 +232,12 @@ fn start_agent(
     let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
         return Err(io::Error::other("agent has no stdio pipes"));
     };
+    {
+        use std::os::fd::AsFd;
+        if !super::agentio::widen_pipes(&[stdin.as_fd(), stdout.as_fd()], spec.pipe_bytes) {
+            log(stderr, &format!("the kernel refused pipes of {} bytes", spec.pipe_bytes));
+        }
+    }
     let (exit, control): (super::agentio::ExitFuture, Arc<dyn AgentControl>) =
         match &spec.detached_pid_file {
             Some(pid_file) => {

@@ -84,6 +84,9 @@ pub struct KeeperSpec {
     pub journal_segment_bytes: u64,
     /// Longest output line forwarded.
     pub max_line: usize,
+    /// Capacity of the agent's stdin and stdout pipes (0: the system's default).
+    #[serde(default)]
+    pub pipe_bytes: usize,
     /// Longest input line accepted from the server.
     pub max_input_line: usize,
     /// The session's stderr log.

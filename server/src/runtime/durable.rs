@@ -221,6 +221,7 @@ impl DurableRuntime {
             journal_max_bytes: spec.journal.max_bytes,
             journal_segment_bytes: spec.journal.segment_bytes,
             max_line: spec.max_line,
+            pipe_bytes: spec.pipe_bytes,
             max_input_line: spec.max_line.max(16 << 20),
             stderr_file: spec.session_dir.stderr(),
             exit_drain_ms: spec.exit_drain.as_millis() as u64,

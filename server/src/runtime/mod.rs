@@ -333,6 +333,8 @@ pub struct SpawnSpec {
     pub session_dir: SessionDir,
     /// The journal's size limits.
     pub journal: JournalLimits,
+    /// Capacity of the agent's stdin and stdout pipes (`limits.agent_pipe_bytes`).
+    pub pipe_bytes: usize,
     /// Longest output line forwarded.
     pub max_line: usize,
     /// After the agent exits, how long its leftovers get to close its output.

@@ -30,7 +30,7 @@ use super::{
     SpawnSpec,
 };
 use crate::keeper::agentio::{
-    AgentIo, AgentPipes, OutputSink, Reader, Refused, mark_auth_failed, write_pending,
+    AgentIo, AgentPipes, OutputSink, Reader, Refused, mark_auth_failed, widen_pipes, write_pending,
 };
 use crate::keeper::framing::DropReason;
 use crate::keeper::group::{GroupControl, kill_orphan};
@@ -115,6 +115,12 @@ impl Runtime for ProcessRuntime {
         else {
             return Err(spawn_error(io::Error::other("child has no stdio pipes")));
         };
+        {
+            use std::os::fd::AsFd;
+            if !widen_pipes(&[stdin.as_fd(), stdout.as_fd()], spec.pipe_bytes) {
+                tracing::debug!(bytes = spec.pipe_bytes, "the kernel refused the agent's pipe size");
+            }
+        }
         let control = Arc::new(GroupControl::new(pid));
         let exit_control = control.clone();
         let exit = Box::pin(async move {

@@ -269,6 +269,7 @@ impl Launcher {
                 session_dir: session.dir.clone(),
                 journal: self.journal_limits(),
                 max_line: self.limits.max_line_bytes,
+                pipe_bytes: self.limits.agent_pipe_bytes,
                 exit_drain: self.limits.exit_drain(),
                 hold_after_exit: self.limits.output_hold_after_exit(),
                 options: instance.config.runtime_options(),
