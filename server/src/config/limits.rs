@@ -129,7 +129,7 @@ impl Default for Limits {
             max_ended_sessions: 100,
             ended_session_ttl_ms: 0,
             output_hold_after_exit_ms: 10_000,
-            client_send_buffer_bytes: 128 * 1024,
+            client_send_buffer_bytes: 256 * 1024,
             agent_pipe_bytes: 1 << 20,
             activity_window_ms: 5_000,
             event_backlog: 1024,
