@@ -19,7 +19,7 @@ bin=target/release
 work=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
 servers="bare process tmux runc${BEFORE:+ before}"
-workloads=(--only spawn,rtt,pipelined,large,fanout --fanout-count 50000 --time-limit-secs 300)
+workloads=(--only spawn,rtt,pipelined,large,fanout --large-count 4000 --fanout-count 50000 --time-limit-secs 300)
 
 # Starts a server in the background, logging to $work/log; sets $pid and $url.
 start_bare() {
