@@ -65,6 +65,12 @@ pub(crate) enum ApiError {
         /// The limit.
         limit: usize,
     },
+    /// `limits.max_event_streams` streams of events are already open.
+    #[error("{limit} event streams are already open")]
+    MaxEventStreams {
+        /// The limit.
+        limit: usize,
+    },
     /// The `Host` header names a host this server does not answer to.
     #[error("host {0:?} is not allowed")]
     ForbiddenHost(String),
@@ -294,6 +300,10 @@ impl ApiError {
             ApiError::MaxClients { limit } => (
                 StatusCode::TOO_MANY_REQUESTS,
                 ErrorBody::MaxClientsReached { limit: *limit },
+            ),
+            ApiError::MaxEventStreams { limit } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                ErrorBody::MaxEventStreamsReached { limit: *limit },
             ),
             ApiError::ForbiddenHost(h) => (
                 StatusCode::FORBIDDEN,

@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 
 use moorline_adapters::pipeline::Resolution;
 use serde::Serialize;
-use tokio::sync::broadcast;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast};
 
 use crate::session::SessionSummary;
 
@@ -133,6 +133,8 @@ pub struct EventBus {
 #[derive(Debug)]
 struct Inner {
     epoch: String,
+    /// One permit per open stream of events (`limits.max_event_streams`).
+    streams: Arc<Semaphore>,
     tx: broadcast::Sender<Arc<Event>>,
     ring: Mutex<Ring>,
 }
@@ -149,6 +151,11 @@ impl EventBus {
     /// A bus that retains the last `capacity` events for resuming subscribers, which is also
     /// how far a live subscriber may fall behind before it is told it lagged.
     pub fn new(capacity: usize) -> Self {
+        Self::with_stream_limit(capacity, Semaphore::MAX_PERMITS)
+    }
+
+    /// A bus as [`EventBus::new`] that admits at most `max_streams` streams at once.
+    pub fn with_stream_limit(capacity: usize, max_streams: usize) -> Self {
         let capacity = capacity.max(1);
         let mut raw = [0u8; 4];
         // Any value that differs between runs will do; the time is the fallback.
@@ -159,6 +166,7 @@ impl EventBus {
         Self {
             inner: Arc::new(Inner {
                 epoch,
+                streams: Arc::new(Semaphore::new(max_streams.min(Semaphore::MAX_PERMITS))),
                 tx: broadcast::channel(capacity).0,
                 ring: Mutex::new(Ring {
                     last: 0,
@@ -167,6 +175,12 @@ impl EventBus {
                 }),
             }),
         }
+    }
+
+    /// A place for one more stream of events, held until the stream ends; `None` when
+    /// `limits.max_event_streams` are open.
+    pub fn admit_stream(&self) -> Option<OwnedSemaphorePermit> {
+        self.inner.streams.clone().try_acquire_owned().ok()
     }
 
     /// Names this run of the server: event numbers from another run mean nothing here.

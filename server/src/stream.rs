@@ -15,7 +15,7 @@ use axum::http::HeaderMap;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
-use tokio::sync::broadcast;
+use tokio::sync::{OwnedSemaphorePermit, broadcast};
 
 use crate::api::AppState;
 use crate::error::ApiError;
@@ -43,6 +43,9 @@ pub(crate) async fn events(
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
     let bus = app.sessions.events().clone();
+    let permit = bus.admit_stream().ok_or(ApiError::MaxEventStreams {
+        limit: app.limits.max_event_streams,
+    })?;
     // `Last-Event-ID` (what EventSource sends) wins over `?since=`; an unreadable header is
     // a fresh start, an unreadable parameter a client error.
     let header = headers
@@ -81,6 +84,7 @@ pub(crate) async fn events(
         identity,
         rx,
         queue,
+        _permit: permit,
     };
     let stream = futures_util::stream::unfold(state, |mut s| async move {
         let frame = s.next().await?;
@@ -102,6 +106,8 @@ struct Stream {
     identity: Identity,
     rx: broadcast::Receiver<Arc<Event>>,
     queue: VecDeque<SseEvent>,
+    /// This stream's place among `limits.max_event_streams`, given back when it ends.
+    _permit: OwnedSemaphorePermit,
 }
 
 impl Stream {

@@ -512,6 +512,11 @@ pub enum ErrorBody {
         /// The limit.
         limit: usize,
     },
+    /// `limits.max_event_streams` streams of `GET /events` are already open.
+    MaxEventStreamsReached {
+        /// The limit.
+        limit: usize,
+    },
     /// A restart of a running session.
     AlreadyRunning,
     /// A WebSocket to a session whose agent does not run, without `?since=`.

@@ -23,7 +23,6 @@ use futures_util::{SinkExt, StreamExt};
 use hyper_util::rt::TokioIo;
 use serde_json::json;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -38,7 +37,7 @@ use crate::keeper::framing::inbound_line;
 use crate::keeper::journal::DiskRead;
 use crate::runtime::ExitInfo;
 use crate::security::Identity;
-use crate::session::{ClientGuard, Lifecycle, Session, SessionError, Status};
+use crate::session::{ClientGuard, InputSender, Lifecycle, Session, SessionError, Status};
 
 /// Protocol version announced in `amarre.hello`.
 pub(crate) const PROTOCOL_VERSION: &str = "2.3.0";
@@ -705,7 +704,7 @@ enum Frame {
 /// Forwards client frames to the agent until the client leaves or breaks a rule. Frames that
 /// have already arrived are forwarded together, as one [`Input`].
 async fn read_client(client: &Client, stream: &mut SplitStream<Socket>) -> End {
-    let stdin: Option<mpsc::Sender<Input>> = client.session.stdin();
+    let stdin: Option<InputSender> = client.session.stdin();
     let metrics = &client.app.metrics;
     let mut pongs = PongDebt::new(client.progress.written());
     loop {
@@ -751,6 +750,7 @@ async fn read_client(client: &Client, stream: &mut SplitStream<Socket>) -> End {
             let input = Input {
                 lines,
                 user: Some(client.identity.user.clone()),
+                budget: None,
             };
             // An error means the agent exited; the writer half reports it.
             let _ = tx.send(input).await;

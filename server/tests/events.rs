@@ -345,3 +345,34 @@ async fn a_settled_request_leaves_the_summary_while_another_still_waits() {
     assert_eq!(resolved["session"]["activity"], "waiting");
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_beyond_the_limit_are_refused_until_one_closes() {
+    let server = TestServer::start_with(|c| c.limits.max_event_streams = 2).await;
+    let mut first = Events::open(&server, None).await;
+    let mut second = Events::open(&server, None).await;
+    assert_eq!(first.next().await["type"], "snapshot");
+    assert_eq!(second.next().await["type"], "snapshot");
+
+    let (status, body) = server.get_json("/events").await;
+    assert_eq!(status, 429);
+    assert_eq!(body["error"], "max_event_streams_reached");
+    assert_eq!(body["limit"], 2);
+
+    // A client that leaves gives its place back (once the server sees the connection close).
+    drop(first);
+    let admitted = tokio::time::timeout(WAIT, async {
+        loop {
+            let resp = server.http.get(server.url("/events")).send().await.expect("GET");
+            if resp.status() == 200 {
+                return;
+            }
+            assert_eq!(resp.status(), 429);
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    assert!(admitted.is_ok(), "a stream was admitted after one closed");
+    drop(second);
+    server.stop().await;
+}

@@ -21,8 +21,12 @@ pub struct Limits {
     pub backlog_bytes: usize,
     /// Output kept on disk per session for replay; the oldest output is deleted beyond it.
     pub journal_max_bytes: u64,
-    /// Client lines queued for an agent's stdin before clients are slowed down.
+    /// Batches of client lines queued for an agent's stdin before clients are slowed down.
     pub inbound_queue: usize,
+    /// Bytes of client lines queued for an agent's stdin before clients are slowed down (their
+    /// connections are no longer read, so TCP holds them back). A single larger frame still
+    /// passes, alone.
+    pub inbound_queue_bytes: usize,
     /// Time an agent gets to exit after SIGTERM before it is killed.
     pub stop_grace_ms: u64,
     /// A client that accepts no data for this long is disconnected.
@@ -72,6 +76,9 @@ pub struct Limits {
     /// Events kept for `GET /events` clients that reconnect (`Last-Event-ID`); also how far a
     /// connected one may fall behind before it is sent a fresh snapshot.
     pub event_backlog: usize,
+    /// Most `GET /events` streams open at once; one more is refused with 429. Each open
+    /// stream holds a task and a subscription for as long as its client stays.
+    pub max_event_streams: usize,
 }
 
 impl Limits {
@@ -116,6 +123,7 @@ impl Default for Limits {
             backlog_bytes: 4 << 20,
             journal_max_bytes: 256 << 20,
             inbound_queue: 1024,
+            inbound_queue_bytes: 4 << 20,
             stop_grace_ms: 5_000,
             client_stall_ms: 30_000,
             exit_drain_ms: 500,
@@ -133,6 +141,7 @@ impl Default for Limits {
             agent_pipe_bytes: 1 << 20,
             activity_window_ms: 5_000,
             event_backlog: 1024,
+            max_event_streams: 64,
         }
     }
 }

@@ -173,6 +173,7 @@ impl Config {
             ("limits.max_line_bytes", l.max_line_bytes),
             ("limits.backlog_bytes", l.backlog_bytes),
             ("limits.inbound_queue", l.inbound_queue),
+            ("limits.inbound_queue_bytes", l.inbound_queue_bytes),
             ("limits.max_env_name_bytes", l.max_env_name_bytes),
             ("limits.max_name_bytes", l.max_name_bytes),
             ("limits.max_request_bytes", l.max_request_bytes),

@@ -131,12 +131,14 @@ pub fn widen_pipes(pipes: &[std::os::fd::BorrowedFd<'_>], bytes: usize) -> bool 
 ///
 /// A burst of frames travels as one batch: a queue operation per line cost more than the rest
 /// of a short line's way to the agent.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct Input {
     /// The lines, each without its newline.
     pub lines: Vec<Bytes>,
     /// The sender's identity (a tailnet login, `token` or `local`); `None` when unknown.
     pub user: Option<Arc<str>>,
+    /// Its share of the queue's byte budget, given back when the input is taken off it.
+    pub budget: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl Input {
@@ -145,7 +147,13 @@ impl Input {
         Self {
             lines: vec![line],
             user,
+            budget: None,
         }
+    }
+
+    /// Bytes of its lines.
+    pub fn bytes(&self) -> usize {
+        self.lines.iter().map(Bytes::len).sum()
     }
 }
 

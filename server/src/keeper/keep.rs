@@ -769,7 +769,9 @@ async fn forward_lines(
                 // The lines of one sender read at once travel together.
                 let line = Bytes::copy_from_slice(line);
                 match batch.last_mut() {
-                    Some(last) if last.user == user => last.lines.push(line),
+                    Some(last) if last.user == user && last.lines.len() < 256 => {
+                        last.lines.push(line)
+                    }
                     _ => batch.push(Input::line(line, user.clone())),
                 }
             }

@@ -327,6 +327,7 @@ impl Launcher {
     ) {
         let fresh = started.is_some();
         let (tx, rx) = mpsc::channel(self.limits.inbound_queue);
+        let tx = super::InputSender::new(tx, self.limits.inbound_queue_bytes);
         session
             .inputs
             .store(0, std::sync::atomic::Ordering::Relaxed);

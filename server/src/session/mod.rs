@@ -122,7 +122,7 @@ struct State {
     /// True while a start is in progress, so concurrent restarts do not race.
     starting: bool,
     stopping: Option<StopReason>,
-    stdin: Option<mpsc::Sender<Input>>,
+    stdin: Option<InputSender>,
     control: Option<Arc<dyn AgentControl>>,
     /// The slot this running agent holds against `max_sessions`; dropped when it exits.
     permit: Option<OwnedSemaphorePermit>,
@@ -240,7 +240,7 @@ impl Session {
     }
 
     /// The sender for the running agent's stdin, if it runs.
-    pub fn stdin(&self) -> Option<mpsc::Sender<Input>> {
+    pub fn stdin(&self) -> Option<InputSender> {
         self.lock().stdin.clone()
     }
 
@@ -543,6 +543,50 @@ impl Session {
             self.publish_status();
         }
         self.finished.send_replace(generation);
+    }
+}
+
+/// The way into a running agent's stdin: a queue bounded in batches (`limits.inbound_queue`)
+/// and in bytes (`limits.inbound_queue_bytes`). A sender that finds it full waits, and so
+/// stops reading its client's connection: a fast client is held back by TCP instead of
+/// filling the server's memory.
+#[derive(Debug, Clone)]
+pub struct InputSender {
+    tx: mpsc::Sender<Input>,
+    budget: Arc<tokio::sync::Semaphore>,
+    capacity: u32,
+}
+
+/// The agent's stdin is gone (it exited); the input was dropped.
+#[derive(Debug, thiserror::Error)]
+#[error("the agent no longer takes input")]
+pub struct InputClosed;
+
+impl InputSender {
+    pub(crate) fn new(tx: mpsc::Sender<Input>, bytes: usize) -> Self {
+        let capacity = u32::try_from(bytes.clamp(1, tokio::sync::Semaphore::MAX_PERMITS))
+            .unwrap_or(u32::MAX);
+        Self {
+            tx,
+            budget: Arc::new(tokio::sync::Semaphore::new(capacity as usize)),
+            capacity,
+        }
+    }
+
+    /// Queues `input` once the budget has room for it (all of it, for one larger than the
+    /// whole budget).
+    pub async fn send(&self, mut input: Input) -> Result<(), InputClosed> {
+        let want = u32::try_from(input.bytes())
+            .unwrap_or(u32::MAX)
+            .clamp(1, self.capacity);
+        let permit = tokio::select! {
+            permit = self.budget.clone().acquire_many_owned(want) => {
+                permit.map_err(|_| InputClosed)?
+            }
+            () = self.tx.closed() => return Err(InputClosed),
+        };
+        input.budget = Some(permit);
+        self.tx.send(input).await.map_err(|_| InputClosed)
     }
 }
 

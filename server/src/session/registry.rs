@@ -82,7 +82,10 @@ impl SessionManager {
             sessions_dir,
             _lock: lock,
             cancel,
-            events: crate::events::EventBus::new(config.limits.event_backlog),
+            events: crate::events::EventBus::with_stream_limit(
+                config.limits.event_backlog,
+                config.limits.max_event_streams,
+            ),
         });
         manager.recover().await?;
         manager.prune_ended().await;

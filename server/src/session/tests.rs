@@ -374,3 +374,32 @@ async fn a_delete_during_a_restart_stops_the_agent_that_restart_started() {
     // Its slot is free again.
     let (_, _next) = h.create().await;
 }
+
+/// Client input waits for room in the queue's byte budget (so a fast client is held back by
+/// TCP, not buffered in memory); one input larger than the whole budget passes alone; a
+/// sender waiting on an agent that exits is told, not left hanging.
+#[tokio::test]
+async fn client_input_queues_within_a_byte_budget() {
+    use futures_util::FutureExt;
+
+    use super::InputSender;
+    use crate::runtime::Input;
+
+    let line = |n: usize| Input::line(bytes::Bytes::from(vec![b'x'; n]), None);
+    let (tx, mut rx) = mpsc::channel(1024);
+    let sender = InputSender::new(tx, 100);
+    sender.send(line(60)).await.expect("room for the first");
+    let mut second = Box::pin(sender.send(line(60)));
+    assert!(second.as_mut().now_or_never().is_none(), "40 bytes left: it waits");
+    let first = rx.recv().await.expect("queued");
+    assert_eq!(first.bytes(), 60);
+    drop(first);
+    second.await.expect("room once the first was taken");
+    drop(rx.recv().await);
+
+    sender.send(line(500)).await.expect("a large input passes alone");
+    let mut waiting = Box::pin(sender.send(line(1)));
+    assert!(waiting.as_mut().now_or_never().is_none(), "the budget is spent");
+    drop(rx);
+    assert!(waiting.await.is_err(), "the agent is gone");
+}
