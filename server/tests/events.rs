@@ -363,7 +363,12 @@ async fn streams_beyond_the_limit_are_refused_until_one_closes() {
     drop(first);
     let admitted = tokio::time::timeout(WAIT, async {
         loop {
-            let resp = server.http.get(server.url("/events")).send().await.expect("GET");
+            let resp = server
+                .http
+                .get(server.url("/events"))
+                .send()
+                .await
+                .expect("GET");
             if resp.status() == 200 {
                 return;
             }

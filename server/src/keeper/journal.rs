@@ -105,7 +105,11 @@ impl JournalIndex {
                 }
             }
             IndexChange::NewSegment(s) => {
-                if self.segments.back().is_none_or(|last| last.first_seq < s.first_seq) {
+                if self
+                    .segments
+                    .back()
+                    .is_none_or(|last| last.first_seq < s.first_seq)
+                {
                     self.segments.push_back(*s);
                 }
             }
@@ -784,7 +788,10 @@ mod tests {
             let DiskRead::Lines(got) = read_all(tmp.path(), &follower, from, from) else {
                 panic!("line {from} gone")
             };
-            assert!(got[0].starts_with(format!("{from} ").as_bytes()), "line {from}");
+            assert!(
+                got[0].starts_with(format!("{from} ").as_bytes()),
+                "line {from}"
+            );
         }
     }
 

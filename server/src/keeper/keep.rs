@@ -235,7 +235,10 @@ fn start_agent(
     {
         use std::os::fd::AsFd;
         if !super::agentio::widen_pipes(&[stdin.as_fd(), stdout.as_fd()], spec.pipe_bytes) {
-            log(stderr, &format!("the kernel refused pipes of {} bytes", spec.pipe_bytes));
+            log(
+                stderr,
+                &format!("the kernel refused pipes of {} bytes", spec.pipe_bytes),
+            );
         }
     }
     let (exit, control): (super::agentio::ExitFuture, Arc<dyn AgentControl>) =

@@ -118,7 +118,10 @@ impl Runtime for ProcessRuntime {
         {
             use std::os::fd::AsFd;
             if !widen_pipes(&[stdin.as_fd(), stdout.as_fd()], spec.pipe_bytes) {
-                tracing::debug!(bytes = spec.pipe_bytes, "the kernel refused the agent's pipe size");
+                tracing::debug!(
+                    bytes = spec.pipe_bytes,
+                    "the kernel refused the agent's pipe size"
+                );
             }
         }
         let control = Arc::new(GroupControl::new(pid));

@@ -564,8 +564,8 @@ pub struct InputClosed;
 
 impl InputSender {
     pub(crate) fn new(tx: mpsc::Sender<Input>, bytes: usize) -> Self {
-        let capacity = u32::try_from(bytes.clamp(1, tokio::sync::Semaphore::MAX_PERMITS))
-            .unwrap_or(u32::MAX);
+        let capacity =
+            u32::try_from(bytes.clamp(1, tokio::sync::Semaphore::MAX_PERMITS)).unwrap_or(u32::MAX);
         Self {
             tx,
             budget: Arc::new(tokio::sync::Semaphore::new(capacity as usize)),

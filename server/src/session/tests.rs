@@ -390,16 +390,25 @@ async fn client_input_queues_within_a_byte_budget() {
     let sender = InputSender::new(tx, 100);
     sender.send(line(60)).await.expect("room for the first");
     let mut second = Box::pin(sender.send(line(60)));
-    assert!(second.as_mut().now_or_never().is_none(), "40 bytes left: it waits");
+    assert!(
+        second.as_mut().now_or_never().is_none(),
+        "40 bytes left: it waits"
+    );
     let first = rx.recv().await.expect("queued");
     assert_eq!(first.bytes(), 60);
     drop(first);
     second.await.expect("room once the first was taken");
     drop(rx.recv().await);
 
-    sender.send(line(500)).await.expect("a large input passes alone");
+    sender
+        .send(line(500))
+        .await
+        .expect("a large input passes alone");
     let mut waiting = Box::pin(sender.send(line(1)));
-    assert!(waiting.as_mut().now_or_never().is_none(), "the budget is spent");
+    assert!(
+        waiting.as_mut().now_or_never().is_none(),
+        "the budget is spent"
+    );
     drop(rx);
     assert!(waiting.await.is_err(), "the agent is gone");
 }
