@@ -545,23 +545,71 @@ impl Client {
             .max_frame_size(None);
         let socket = self.connect(id, &query.join("&"), Some(config)).await?;
         if render {
-            pipe_rendered(socket, linger).await
+            // Human mode for the pi RPC dialect: streamed text joined, tool calls and results
+            // summarised, approvals asked inline (y/n), typed lines sent as prompts.
+            pipe(socket, linger, &mut Renderer::default()).await
         } else {
-            pipe_stdio(socket, linger).await
+            pipe(socket, linger, &mut Raw).await
         }
     }
 }
 
-/// Pipes stdin lines to `socket` and its frames to stdout, one per line (see
-/// [`Client::attach`]).
-async fn pipe_stdio<S: AsyncRead + AsyncWrite + Unpin>(
+/// What `attach` makes of typed lines and of the frames it receives: the lines themselves
+/// (raw JSON, one per line) or, for people, [`Renderer`]'s view of the pi RPC dialect.
+trait View {
+    /// For a typed line: what to send (if anything) and a note to print.
+    fn typed(&mut self, line: &str) -> (Option<String>, Option<String>);
+    /// What to print for a received text frame (empty: nothing).
+    fn received(&mut self, text: &str) -> String;
+    /// What to print when the connection closes, and whether to say on stderr that it closed.
+    fn closing(&self) -> (&'static str, bool);
+}
+
+/// Frames and typed lines as they are, for pipes and scripts.
+struct Raw;
+
+impl View for Raw {
+    fn typed(&mut self, line: &str) -> (Option<String>, Option<String>) {
+        (Some(line.to_owned()), None)
+    }
+
+    fn received(&mut self, text: &str) -> String {
+        format!("{text}\n")
+    }
+
+    fn closing(&self) -> (&'static str, bool) {
+        ("", true)
+    }
+}
+
+impl View for Renderer {
+    fn typed(&mut self, line: &str) -> (Option<String>, Option<String>) {
+        Renderer::typed(self, line)
+    }
+
+    fn received(&mut self, text: &str) -> String {
+        serde_json::from_str::<Value>(text).map_or_else(|_| String::new(), |v| self.frame(&v))
+    }
+
+    fn closing(&self) -> (&'static str, bool) {
+        (if self.in_text { "\n" } else { "" }, false)
+    }
+}
+
+/// Pipes stdin lines to `socket` and its frames to stdout through `view` (see
+/// [`Client::attach`]). The end of input ends the connection, like websocat (the server's
+/// close answers ours), unless `linger` asks to wait that long for more output.
+async fn pipe<S: AsyncRead + AsyncWrite + Unpin>(
     socket: WebSocketStream<S>,
     linger: Option<Duration>,
+    view: &mut dyn View,
 ) -> Result<(), ClientError> {
     let (mut sink, mut stream) = socket.split();
     let mut stdin = BufReader::new(tokio::io::stdin()).lines();
     let mut stdout = tokio::io::stdout();
     let mut stdin_open = true;
+    let out_err = |e: std::io::Error| ClientError::Other(e.to_string());
+    let closed = |e: tungstenite::Error| ClientError::Closed(e.to_string());
     loop {
         let idle = async {
             match (stdin_open, linger) {
@@ -569,44 +617,56 @@ async fn pipe_stdio<S: AsyncRead + AsyncWrite + Unpin>(
                 _ => std::future::pending().await,
             }
         };
-        tokio::select! {
+        let print = tokio::select! {
             line = stdin.next_line(), if stdin_open => match line {
                 Ok(Some(line)) => {
-                    sink.send(Message::text(line)).await.map_err(|e| ClientError::Closed(e.to_string()))?;
+                    let (send, note) = view.typed(&line);
+                    if let Some(note) = note {
+                        stdout.write_all(note.as_bytes()).await.map_err(out_err)?;
+                        stdout.flush().await.map_err(out_err)?;
+                    }
+                    if let Some(send) = send {
+                        sink.send(Message::text(send)).await.map_err(closed)?;
+                    }
+                    String::new()
                 }
                 Ok(None) | Err(_) => {
                     stdin_open = false;
                     if linger.is_none() {
-                        // Like websocat: the end of input ends the connection (the server's
-                        // close answers ours). `--linger` waits for more output instead.
                         let _ = sink.send(normal_close()).await;
                     }
+                    String::new()
                 }
             },
             frame = stream.next() => match frame {
-                Some(Ok(Message::Text(t))) => {
-                    let mut out = t.as_bytes().to_vec();
-                    out.push(b'\n');
-                    stdout.write_all(&out).await.map_err(|e| ClientError::Other(e.to_string()))?;
-                    stdout.flush().await.map_err(|e| ClientError::Other(e.to_string()))?;
-                }
+                Some(Ok(Message::Text(t))) => view.received(t.as_str()),
                 Some(Ok(Message::Close(frame))) => {
-                    let (code, reason) = frame.map_or((1005, String::new()), |f| (u16::from(f.code), f.reason.to_string()));
+                    let (code, reason) = frame.map_or((1005, String::new()), |f| {
+                        (u16::from(f.code), f.reason.to_string())
+                    });
+                    let (last, announce) = view.closing();
+                    let _ = stdout.write_all(last.as_bytes()).await;
                     // An error close is reported once, by the caller that prints the error.
                     if code != 1000 {
                         return Err(ClientError::Closed(format!("{code} {reason}")));
                     }
-                    eprintln!("moorline: connection closed: {code} {reason}");
+                    if announce {
+                        eprintln!("moorline: connection closed: {code} {reason}");
+                    }
                     return Ok(());
                 }
-                Some(Ok(_)) => {}
-                Some(Err(e)) => return Err(ClientError::Closed(e.to_string())),
+                Some(Ok(_)) => String::new(),
+                Some(Err(e)) => return Err(closed(e)),
                 None => return Err(ClientError::Closed("connection lost".into())),
             },
             () = idle => {
                 let _ = sink.send(Message::Close(None)).await;
                 return Ok(());
             }
+        };
+        if !print.is_empty() {
+            stdout.write_all(print.as_bytes()).await.map_err(out_err)?;
+            stdout.flush().await.map_err(out_err)?;
         }
     }
 }
@@ -635,73 +695,6 @@ fn normal_close() -> Message {
         code: tungstenite::protocol::frame::coding::CloseCode::Normal,
         reason: "".into(),
     }))
-}
-
-/// Human mode of `attach` for the pi RPC dialect: streamed text joined, tool calls and
-/// results summarised, approvals asked inline (y/n), typed lines sent as prompts.
-async fn pipe_rendered<S: AsyncRead + AsyncWrite + Unpin>(
-    socket: WebSocketStream<S>,
-    linger: Option<Duration>,
-) -> Result<(), ClientError> {
-    let (mut sink, mut stream) = socket.split();
-    let mut stdin = BufReader::new(tokio::io::stdin()).lines();
-    let mut stdout = tokio::io::stdout();
-    let mut view = Renderer::default();
-    let mut stdin_open = true;
-    let out_err = |e: std::io::Error| ClientError::Other(e.to_string());
-    loop {
-        let idle = async {
-            match (stdin_open, linger) {
-                (false, Some(d)) => tokio::time::sleep(d).await,
-                _ => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            line = stdin.next_line(), if stdin_open => match line {
-                Ok(Some(line)) => {
-                    let (send, note) = view.typed(&line);
-                    if let Some(note) = note {
-                        stdout.write_all(note.as_bytes()).await.map_err(out_err)?;
-                        stdout.flush().await.map_err(out_err)?;
-                    }
-                    if let Some(send) = send {
-                        sink.send(Message::text(send)).await.map_err(|e| ClientError::Closed(e.to_string()))?;
-                    }
-                }
-                Ok(None) | Err(_) => {
-                    stdin_open = false;
-                    if linger.is_none() {
-                        let _ = sink.send(normal_close()).await;
-                    }
-                }
-            },
-            frame = stream.next() => match frame {
-                Some(Ok(Message::Text(t))) => {
-                    if let Ok(v) = serde_json::from_str::<Value>(t.as_str()) {
-                        let text = view.frame(&v);
-                        if !text.is_empty() {
-                            stdout.write_all(text.as_bytes()).await.map_err(out_err)?;
-                            stdout.flush().await.map_err(out_err)?;
-                        }
-                    }
-                }
-                Some(Ok(Message::Close(frame))) => {
-                    let (code, reason) = frame.map_or((1005, String::new()), |f| (u16::from(f.code), f.reason.to_string()));
-                    if view.in_text {
-                        let _ = stdout.write_all(b"\n").await;
-                    }
-                    return if code == 1000 { Ok(()) } else { Err(ClientError::Closed(format!("{code} {reason}"))) };
-                }
-                Some(Ok(_)) => {}
-                Some(Err(e)) => return Err(ClientError::Closed(e.to_string())),
-                None => return Err(ClientError::Closed("connection lost".into())),
-            },
-            () = idle => {
-                let _ = sink.send(Message::Close(None)).await;
-                return Ok(());
-            }
-        }
-    }
 }
 
 /// What the human mode shows of pi RPC frames, and what it makes of typed lines.
