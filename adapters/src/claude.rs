@@ -765,21 +765,9 @@ impl Translator for PiRpcTranslator {
     }
 
     fn client_line(&mut self, line: &[u8], out: &mut Outputs) {
-        let Some(cmd) = pirpc::parse_command(line, out) else {
+        let Some((cmd, id, kind)) = self.conversation.take_command(line, out) else {
             return;
         };
-        if let Err(rejection) = crate::gate::pi_rpc_command(&cmd)
-            && rejection.reason == crate::gate::RUNS_WITHOUT_APPROVAL
-        {
-            // `bash` and the like would bypass approval in pi; they are never translated.
-            crate::gate::refuse_pi_rpc(&cmd, &rejection, out);
-            return;
-        }
-        let id = cmd["id"].clone();
-        let kind = cmd["type"].as_str().unwrap_or("").to_owned();
-        if self.conversation.answer(out, &id, &kind) {
-            return;
-        }
         match kind.as_str() {
             "prompt" | "steer" | "follow_up" => {
                 pirpc::respond(out, &id, &kind, Ok(None));

@@ -211,6 +211,27 @@ impl Conversation {
         out.client_json(&end);
     }
 
+    /// The first steps of a translator with a client line, whatever agent it translates for:
+    /// the line parsed as a command; refused if it would run without approval; answered here
+    /// if it only reads the conversation. `Some((command, id, type))` when the translator
+    /// must act on it.
+    pub fn take_command(&self, line: &[u8], out: &mut Outputs) -> Option<(Value, Value, String)> {
+        let cmd = parse_command(line, out)?;
+        if let Err(rejection) = crate::gate::pi_rpc_command(&cmd)
+            && rejection.reason == crate::gate::RUNS_WITHOUT_APPROVAL
+        {
+            // `bash` and the like would bypass approval in pi; they are never translated.
+            crate::gate::refuse_pi_rpc(&cmd, &rejection, out);
+            return None;
+        }
+        let id = cmd["id"].clone();
+        let kind = cmd["type"].as_str().unwrap_or("").to_owned();
+        if self.answer(out, &id, &kind) {
+            return None;
+        }
+        Some((cmd, id, kind))
+    }
+
     /// Answers the commands that only read the conversation; false if `command` is not one.
     pub fn answer(&self, out: &mut Outputs, id: &Value, command: &str) -> bool {
         let data = match command {
