@@ -897,3 +897,40 @@ async fn a_notification_is_never_sent_again_after_a_restart() {
     assert_eq!(server.delete(&format!("/sessions/{id}")).await.0, 204);
     server.stop().await;
 }
+
+/// A notification already queued when the server is told to stop still goes out (here: its
+/// retry), within `notify.shutdown_grace_ms`; the stop waits for it, not longer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_server_still_delivers_what_it_had_queued() {
+    let hook = StandIn::start(|_, n| {
+        if n == 0 {
+            (503, String::new())
+        } else {
+            (200, "{}".into())
+        }
+    })
+    .await;
+    let url = hook.url.clone();
+    let server = TestServer::start_with(move |c| {
+        c.notify.webhook_url = Some(url);
+        // Long enough that the stop below comes first.
+        c.notify.retry_base_ms = 500;
+        c.notify.shutdown_grace_ms = 5_000;
+    })
+    .await;
+    let id = server.session("fixture").await;
+    let mut ws = server.ws(&id).await;
+    ws.send(r#"{"_emit":"die"}"#).await;
+    next_of(&mut ws, "amarre.session_event").await;
+    // The first attempt failed; the retry is due in 500 ms. Stop now.
+    assert_eq!(hook.wait_for(1).await.len(), 1);
+    drop(ws);
+    server.stop().await;
+    let calls = hook.calls();
+    assert_eq!(
+        calls.len(),
+        2,
+        "the retry went out before the server stopped"
+    );
+    assert_eq!(calls[1].json()["trigger"], "crashed");
+}

@@ -63,6 +63,9 @@ pub struct NotifyConfig {
     pub retry_base_ms: u64,
     /// Time limit of one delivery request.
     pub timeout_ms: u64,
+    /// How long a stopping server still gives the notifications queued before the stop (and
+    /// their retries) to go out.
+    pub shutdown_grace_ms: u64,
 }
 
 impl Default for NotifyConfig {
@@ -85,6 +88,7 @@ impl Default for NotifyConfig {
             attempts: 4,
             retry_base_ms: 1_000,
             timeout_ms: 10_000,
+            shutdown_grace_ms: 3_000,
         }
     }
 }

@@ -130,7 +130,10 @@ pub struct Notifier {
     metrics: Arc<Metrics>,
     sessions: Arc<SessionManager>,
     queue: mpsc::Sender<Arc<Notification>>,
+    /// The server is stopping: no new notification is taken.
     cancel: CancellationToken,
+    /// `notify.shutdown_grace_ms` after `cancel`: deliveries still running are given up.
+    give_up: CancellationToken,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -200,6 +203,17 @@ impl Notifier {
             .inspect_err(|e| tracing::error!(error = %e, "cannot set up HTTPS: no notification can be delivered"))
             .ok();
         let (queue, rx) = mpsc::channel(nc.queue);
+        let give_up = CancellationToken::new();
+        // Not tracked: a server with nothing left to deliver stops without waiting for it.
+        tokio::spawn({
+            let (cancel, give_up) = (cancel.clone(), give_up.clone());
+            let grace = Duration::from_millis(nc.shutdown_grace_ms);
+            async move {
+                cancel.cancelled().await;
+                tokio::time::sleep(grace).await;
+                give_up.cancel();
+            }
+        });
         let notifier = Arc::new(Self {
             paths,
             expo,
@@ -211,6 +225,7 @@ impl Notifier {
             sessions,
             queue,
             cancel,
+            give_up,
             config: nc,
         });
         tracing::info!(
@@ -531,7 +546,14 @@ impl Notifier {
                     Some(n) => n,
                     None => return,
                 },
-                () = self.cancel.cancelled() => return,
+                () = self.cancel.cancelled() => {
+                    // What was queued before the stop still goes out, within the grace.
+                    rx.close();
+                    match rx.try_recv() {
+                        Ok(n) => n,
+                        Err(_) => return,
+                    }
+                }
             };
             if self.http.is_none() {
                 self.count_delivery("all", "failed");
@@ -586,15 +608,15 @@ impl Notifier {
     ) {
         let permit = tokio::select! {
             p = slots.clone().acquire_owned() => p,
-            () = self.cancel.cancelled() => return,
+            () = self.give_up.cancelled() => return,
         };
         let Ok(permit) = permit else { return };
-        let cancel = self.cancel.clone();
+        let give_up = self.give_up.clone();
         tracker.spawn(async move {
-            // A stopping server does not wait for a slow push service.
+            // A stopping server waits for a slow push service only as long as the grace.
             tokio::select! {
                 () = delivery => {}
-                () = cancel.cancelled() => {}
+                () = give_up.cancelled() => {}
             }
             drop(permit);
         });
@@ -624,7 +646,7 @@ impl Notifier {
                     self.count_delivery(channel, "retried");
                     tokio::select! {
                         () = tokio::time::sleep(wait) => {}
-                        () = self.cancel.cancelled() => return Err(Failure::Fail("server stopping".into())),
+                        () = self.give_up.cancelled() => return Err(Failure::Fail("server stopping".into())),
                     }
                     wait = wait.saturating_mul(2);
                 }
