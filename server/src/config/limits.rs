@@ -43,9 +43,11 @@ pub struct Limits {
     /// system's autotuning). Small enough that a slow reader's progress is seen well within
     /// `client_stall_ms`.
     pub client_send_buffer_bytes: usize,
-    /// Capacity of the pipes to and from each agent (0: the system's 64 KiB). Larger pipes
-    /// carry a long line in one write and one read instead of a wake-up per 64 KiB; they are
-    /// charged to the server's user only as they fill. An unprivileged server gets at most
+    /// Capacity of the pipes to and from each agent (0: the system's 64 KiB), and the send
+    /// buffer of both ends of a keeper's socket, which extends them in the durable runtimes
+    /// (capped by `net.core.wmem_max`). Larger pipes carry a long line in one write and one
+    /// read instead of a wake-up per 64 KiB; they are charged to the server's user only as
+    /// they fill. An unprivileged server gets at most
     /// `/proc/sys/fs/pipe-max-size` (1 MiB by default); a size the kernel refuses leaves the
     /// default.
     pub agent_pipe_bytes: usize,

@@ -129,6 +129,7 @@ async fn keep(run_dir: &RunDir) -> io::Result<()> {
             listener,
             outbox,
             max_input_line: spec.max_input_line,
+            send_buffer: spec.pipe_bytes,
             log: stderr.try_clone()?,
         },
     )
@@ -332,6 +333,8 @@ struct Server {
     listener: UnixListener,
     outbox: Arc<Outbox>,
     max_input_line: usize,
+    /// Send buffer of each server connection (the agent's pipe size).
+    send_buffer: usize,
     log: std::fs::File,
 }
 
@@ -364,6 +367,7 @@ async fn serve(
             done = &mut run => break done.map_err(io::Error::other)?,
             accepted = server.listener.accept() => {
                 let (stream, _) = accepted?;
+                super::socket::widen_send_buffer(&stream, server.send_buffer);
                 let (read, write) = match super::socket::split_tokio(stream) {
                     Ok(halves) => halves,
                     Err(e) => {

@@ -39,6 +39,15 @@ fn registered(sock: UnixStream, interest: Interest) -> io::Result<AsyncFd<UnixSt
     AsyncFd::with_interest(sock, interest)
 }
 
+/// Gives this end of a keeper's socket a send buffer of `bytes` (the agent's pipe size,
+/// `limits.agent_pipe_bytes`), so a 64 KiB line and its neighbours are in flight at once
+/// instead of a wake-up each. The kernel caps it at `net.core.wmem_max`; `0` or a refusal
+/// leaves the default, which only costs speed.
+pub fn widen_send_buffer(stream: &impl std::os::fd::AsFd, bytes: usize) -> bool {
+    use nix::sys::socket::{setsockopt, sockopt::SndBuf};
+    bytes == 0 || setsockopt(stream, SndBuf, &bytes).is_ok()
+}
+
 /// Splits a connected tokio socket (taken off its reactor registration) into its directions.
 pub fn split_tokio(stream: tokio::net::UnixStream) -> io::Result<(SocketReader, SocketWriter)> {
     split(stream.into_std()?)
@@ -196,5 +205,26 @@ mod tests {
         assert_eq!(got.len(), expected.len());
         assert!(got == expected, "bytes arrive whole and in order");
         drop(b_write);
+    }
+
+    #[test]
+    fn the_send_buffer_grows_as_far_as_the_kernel_allows() {
+        use nix::sys::socket::{getsockopt, sockopt::SndBuf};
+        let (a, _b) = std::os::unix::net::UnixStream::pair().expect("pair");
+        let before = getsockopt(&a, SndBuf).expect("SO_SNDBUF");
+        assert!(super::widen_send_buffer(&a, 0));
+        assert_eq!(
+            getsockopt(&a, SndBuf).expect("SO_SNDBUF"),
+            before,
+            "0 keeps it"
+        );
+        // What an unprivileged process may ask for here (the kernel doubles what it grants).
+        let max: usize = std::fs::read_to_string("/proc/sys/net/core/wmem_max")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(before);
+        let want = max.min(1 << 20);
+        assert!(super::widen_send_buffer(&a, want));
+        assert!(getsockopt(&a, SndBuf).expect("SO_SNDBUF") >= want);
     }
 }

@@ -331,8 +331,12 @@ impl DurableRuntime {
 
     /// Turns a connection to a keeper into an [`Agent`].
     fn agent(&self, session_id: &str, run_dir: RunDir, stream: UnixStream) -> Agent {
+        let spec = protocol::read_spec(&run_dir);
         // Keepers of older servers neither understand user markers nor report approvals.
-        let user_markers = protocol::read_spec(&run_dir).is_some_and(|s| s.user_markers);
+        let user_markers = spec.as_ref().is_some_and(|s| s.user_markers);
+        if let Some(spec) = &spec {
+            crate::keeper::socket::widen_send_buffer(&stream, spec.pipe_bytes);
+        }
         let pid = crate::keeper::layout::read_pid(&run_dir.keeper_pid())
             .and_then(|p| u32::try_from(p).ok());
         let control: Arc<dyn AgentControl> = match &self.container {
