@@ -122,6 +122,18 @@ impl StandIn {
         Self::start(|_, _| (201, String::new())).await
     }
 
+    /// A service that is down for the first request (503) and takes the others.
+    async fn down_once() -> Self {
+        Self::start(|_, n| {
+            if n == 0 {
+                (503, String::new())
+            } else {
+                (200, "{}".into())
+            }
+        })
+        .await
+    }
+
     fn calls(&self) -> Vec<Call> {
         self.calls.lock().expect("lock").clone()
     }
@@ -569,14 +581,7 @@ async fn deleting_a_session_cancels_its_pending_notification() {
 async fn a_crash_is_notified_once_and_ntfy_gets_its_own_format_after_a_retry() {
     let expo = StandIn::expo().await;
     // ntfy is down once, then takes it.
-    let ntfy = StandIn::start(|_, n| {
-        if n == 0 {
-            (503, String::new())
-        } else {
-            (200, "{}".into())
-        }
-    })
-    .await;
+    let ntfy = StandIn::down_once().await;
     let topic = format!("{}/moorline-alerts", ntfy.url);
     let server = TestServer::start_with(|c| {
         with_expo(&expo, 15_000)(c);
@@ -902,14 +907,7 @@ async fn a_notification_is_never_sent_again_after_a_restart() {
 /// retry), within `notify.shutdown_grace_ms`; the stop waits for it, not longer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopping_server_still_delivers_what_it_had_queued() {
-    let hook = StandIn::start(|_, n| {
-        if n == 0 {
-            (503, String::new())
-        } else {
-            (200, "{}".into())
-        }
-    })
-    .await;
+    let hook = StandIn::down_once().await;
     let url = hook.url.clone();
     let server = TestServer::start_with(move |c| {
         c.notify.webhook_url = Some(url);
