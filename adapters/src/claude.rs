@@ -693,6 +693,10 @@ impl PiRpcTranslator {
 }
 
 impl Translator for PiRpcTranslator {
+    fn restore_messages(&mut self, messages: Vec<Value>) {
+        self.conversation.restore(messages);
+    }
+
     fn start(&mut self, out: &mut Outputs) {
         // Claude prints nothing before its first message: it is ready once it runs.
         out.client_json(&crate::pipeline::ready_frame());
@@ -875,7 +879,7 @@ mod tests {
         let resumed = launch_with(Continuation {
             resume: Some("R".into()),
             fresh_id: Some("N".into()),
-            lost: None,
+            ..Continuation::default()
         });
         assert!(resumed.args.windows(2).any(|w| w == ["--resume", "R"]));
         assert!(!resumed.args.iter().any(|a| a == "--session-id"));

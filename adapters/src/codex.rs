@@ -606,6 +606,10 @@ impl PiRpcTranslator {
 }
 
 impl Translator for PiRpcTranslator {
+    fn restore_messages(&mut self, messages: Vec<Value>) {
+        self.conversation.restore(messages);
+    }
+
     fn start(&mut self, out: &mut Outputs) {
         out.agent_json(&json!({"id": INIT, "method": "initialize",
             "params": {"clientInfo": {"name": "moorline", "title": "moorline", "version": env!("CARGO_PKG_VERSION")},

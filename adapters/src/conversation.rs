@@ -32,6 +32,10 @@ pub struct Continuation {
     /// agent starts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lost: Option<String>,
+    /// With `resume`: the sequence number of the session's first journal line of the
+    /// conversation, from where its messages can be read back for `get_messages`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub history_from: Option<u64>,
 }
 
 /// Where an adapter looks for a session's conversation.
@@ -112,6 +116,10 @@ impl Translator for Noticed {
 
     fn take_conversation(&mut self) -> Option<ConversationNews> {
         self.inner.take_conversation()
+    }
+
+    fn restore_messages(&mut self, messages: Vec<Value>) {
+        self.inner.restore_messages(messages);
     }
 }
 

@@ -73,6 +73,11 @@ pub trait Translator: Send {
     fn take_conversation(&mut self) -> Option<crate::conversation::ConversationNews> {
         None
     }
+
+    /// The messages (pi's shapes) of the conversation this run continues, oldest first, for a
+    /// translator that answers `get_messages` itself. Agents that keep their history answer
+    /// from it and ignore this.
+    fn restore_messages(&mut self, _messages: Vec<Value>) {}
 }
 
 /// Lines pass through untouched: for agents that speak the client dialect themselves.
@@ -487,6 +492,12 @@ impl Pipeline {
     /// A conversation the agent reported since the last call, for the session's record.
     pub fn take_conversation(&mut self) -> Option<crate::conversation::ConversationNews> {
         self.translator.take_conversation()
+    }
+
+    /// The messages of the conversation this run continues (see
+    /// [`Translator::restore_messages`]).
+    pub fn restore_messages(&mut self, messages: Vec<Value>) {
+        self.translator.restore_messages(messages);
     }
 
     /// Starts a run: the translator's handshake, if it has one.

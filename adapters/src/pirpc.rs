@@ -87,6 +87,19 @@ pub fn unsupported(out: &mut Outputs, id: &Value, agent: &str, command: &str) {
     respond(out, id, command, Err(error));
 }
 
+/// The message of a pi RPC `message_end` event line (what `get_messages` lists), if `line` is
+/// one: what a session's journal holds of its conversation, read back when a run continues it.
+pub fn ended_message(line: &[u8]) -> Option<Value> {
+    static MARKER: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+        std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"message_end"));
+    MARKER.find(line)?;
+    let mut event: Value = serde_json::from_slice(line).ok()?;
+    if event["type"] != "message_end" {
+        return None;
+    }
+    Some(event["message"].take()).filter(Value::is_object)
+}
+
 /// The conversation as pi's clients see it: every message so far (`get_messages`) and those of
 /// the run in flight (`agent_end`), kept in pi's message shapes, and the events announcing them
 /// in pi's order. A run (`agent_start` … `agent_end`) holds one or more turns; as in pi, a turn
@@ -112,6 +125,11 @@ impl Conversation {
     /// True before the first message.
     pub fn is_empty(&self) -> bool {
         self.history.is_empty()
+    }
+
+    /// Takes the messages of the conversation a run continues as its history.
+    pub fn restore(&mut self, messages: Vec<Value>) {
+        self.history = messages;
     }
 
     fn record(&mut self, message: Value) {
@@ -472,5 +490,37 @@ mod tests {
         let answer = &frames(&out)[0];
         assert_eq!(answer["id"], 7);
         assert_eq!(answer["data"]["text"], "TWO");
+    }
+}
+
+#[cfg(test)]
+mod history_tests {
+    use super::*;
+
+    /// What a resumed run's translator is given back: the messages of `message_end` events,
+    /// in order; other lines (and look-alikes) are not messages.
+    #[test]
+    fn ended_messages_are_read_back_and_answer_get_messages() {
+        let user = json!({"role": "user", "content": [{"type": "text", "text": "remember X"}]});
+        let reply = json!({"role": "assistant", "content": [{"type": "text", "text": "ok"}]});
+        let lines = [
+            json!({"type": "agent_start"}).to_string(),
+            json!({"type": "message_end", "message": user}).to_string(),
+            json!({"type": "message_update", "note": "message_end"}).to_string(),
+            json!({"type": "message_end", "message": reply}).to_string(),
+            "not json, message_end".to_owned(),
+        ];
+        let messages: Vec<Value> = lines
+            .iter()
+            .filter_map(|l| ended_message(l.as_bytes()))
+            .collect();
+        assert_eq!(messages, vec![user.clone(), reply.clone()]);
+
+        let mut conversation = Conversation::default();
+        conversation.restore(messages);
+        let mut out = Outputs::default();
+        assert!(conversation.answer(&mut out, &json!("m"), "get_messages"));
+        let answer: Value = serde_json::from_slice(&out.to_clients[0]).expect("json");
+        assert_eq!(answer["data"]["messages"], json!([user, reply]));
     }
 }

@@ -895,6 +895,23 @@ async fn conversation_survives_a_restart(kind: &str, program: &str) {
     kill_agent(&server, sandbox.as_ref(), &id, &mut ws).await;
     let (summary, mut ws) = restart(&server, &id, "").await;
     assert_eq!(summary["conversation"], "resumed", "{kind}: {summary}");
+    // A client that opens the session now sees the conversation so far.
+    ws.send_json(&json!({"id": "m1", "type": "get_messages"}))
+        .await;
+    let reply = until(&mut ws, "get_messages", |v| {
+        v["type"] == "response" && v["id"] == "m1"
+    })
+    .await;
+    let messages = reply["data"]["messages"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        messages
+            .iter()
+            .any(|m| m["role"] == "user" && m.to_string().contains("remember PINEAPPLE")),
+        "{kind}: the resumed conversation's messages: {reply}"
+    );
     ws.send_json(&prompt("p2", "RECALL: PINEAPPLE")).await;
     let text = turn_text(&mut ws).await;
     assert!(

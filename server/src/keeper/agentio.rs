@@ -571,12 +571,17 @@ pub struct ConversationRecord {
     /// Whether the run that recorded it continued an earlier conversation.
     #[serde(default)]
     pub resumed: bool,
+    /// Sequence number of the session's first journal line of this conversation: its messages
+    /// are read back from there when a later run continues it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_seq: Option<u64>,
 }
 
 impl From<ConversationNews> for ConversationRecord {
     fn from(news: ConversationNews) -> Self {
         Self {
             id: Some(news.id),
+            first_seq: None,
             resumed: news.resumed,
         }
     }
@@ -588,6 +593,40 @@ pub fn record_conversation(path: &Path, record: &ConversationRecord) {
     if let Err(e) = super::fsio::write_private(path, &body) {
         tracing::warn!(error = %e, "cannot record the agent's conversation");
     }
+}
+
+/// Records what the agent said of its conversation, keeping where in the journal it began.
+pub fn record_conversation_news(path: &Path, news: ConversationNews) {
+    let first_seq = read_conversation(path).first_seq;
+    record_conversation(
+        path,
+        &ConversationRecord {
+            first_seq,
+            ..news.into()
+        },
+    );
+}
+
+/// Gives a run that continues a conversation that conversation's messages, read back from the
+/// session's journal, for translators that answer `get_messages` themselves (Claude Code's and
+/// Codex's in the pi RPC dialect; pi answers from its own session file).
+pub fn restore_history(
+    pipeline: &mut Pipeline,
+    journal_dir: &Path,
+    continuation: &moorline_adapters::conversation::Continuation,
+) {
+    let (Some(_), Some(from)) = (&continuation.resume, continuation.history_from) else {
+        return;
+    };
+    let mut messages = Vec::new();
+    let read = super::journal::visit_from(journal_dir, from, |line| {
+        messages.extend(moorline_adapters::pirpc::ended_message(line));
+    });
+    if let Err(e) = read {
+        tracing::warn!(error = %e, "cannot read the conversation back from the journal");
+        return;
+    }
+    pipeline.restore_messages(messages);
 }
 
 /// Reads a session's conversation record (none: a new conversation, no id).

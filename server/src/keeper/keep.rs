@@ -161,11 +161,12 @@ async fn keep(run_dir: &RunDir) -> io::Result<()> {
 /// The adapter's pipeline for this agent.
 fn pipeline(spec: &KeeperSpec) -> io::Result<Pipeline> {
     let adapter = moorline_adapters::build(&spec.adapter).map_err(io::Error::other)?;
-    let pipeline = Pipeline::new(
+    let mut pipeline = Pipeline::new(
         adapter.translator(),
         adapter.dialect(),
         spec.approvals.clone(),
     );
+    super::agentio::restore_history(&mut pipeline, &spec.journal_dir, &spec.adapter.continuation);
     Ok(if spec.instance_id.is_empty() {
         pipeline
     } else {
@@ -703,7 +704,7 @@ impl OutputSink for KeeperSink {
     }
 
     fn conversation(&mut self, news: moorline_adapters::conversation::ConversationNews) {
-        super::agentio::record_conversation(&self.conversation_file, &news.into());
+        super::agentio::record_conversation_news(&self.conversation_file, news);
     }
 
     fn resolved(&mut self, resolution: Resolution) {

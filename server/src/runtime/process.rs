@@ -30,7 +30,8 @@ use super::{
     SpawnSpec,
 };
 use crate::keeper::agentio::{
-    AgentIo, AgentPipes, OutputSink, Reader, Refused, mark_auth_failed, widen_pipes, write_pending,
+    AgentIo, AgentPipes, OutputSink, Reader, Refused, mark_auth_failed, restore_history,
+    widen_pipes, write_pending,
 };
 use crate::keeper::framing::DropReason;
 use crate::keeper::group::{GroupControl, kill_orphan};
@@ -167,12 +168,17 @@ pub(crate) fn prepare_run(spec: &SpawnSpec) -> io::Result<PreparedRun> {
     // The server writes this journal; opening it also cuts a torn last line.
     let (journal, index) = JournalWriter::open(&spec.session_dir.journal(), spec.journal)?;
     let adapter = moorline_adapters::build(&spec.adapter).map_err(io::Error::other)?;
-    let pipeline = Pipeline::new(
+    let mut pipeline = Pipeline::new(
         adapter.translator(),
         adapter.dialect(),
         spec.approvals.clone(),
     )
     .for_instance(&spec.instance_id);
+    restore_history(
+        &mut pipeline,
+        &spec.session_dir.journal(),
+        &spec.adapter.continuation,
+    );
     let io = AgentIo::new(spec.max_line, pipeline, spec.exit_drain)
         .hold_after_exit(spec.hold_after_exit);
     Ok(PreparedRun {
@@ -340,7 +346,7 @@ impl OutputSink for ProcessSink<'_> {
     }
 
     fn conversation(&mut self, news: moorline_adapters::conversation::ConversationNews) {
-        crate::keeper::agentio::record_conversation(&self.dir.conversation(), &news.into());
+        crate::keeper::agentio::record_conversation_news(&self.dir.conversation(), news);
     }
 
     fn line_dropped(&mut self, reason: DropReason) {

@@ -245,11 +245,17 @@ impl Launcher {
             std::fs::write(&path, contents)?;
         }
         agent_state_dir(&data_dir, user)?;
+        // A new conversation begins with this run's first line.
+        let first_seq = match resumed {
+            true => adapter_config.continuation.history_from,
+            false => Some(session.hub().last_seq() + 1),
+        };
         record_conversation(
             &session.dir.conversation(),
             &ConversationRecord {
                 id: spec.conversation.clone(),
                 resumed,
+                first_seq,
             },
         );
         // The previous run may still be publishing its last lines.
@@ -409,7 +415,11 @@ fn continuation(
         cwd: &session.cwd,
         recorded: recorded.id.as_deref(),
     }) {
-        Ok(found) => continuation.resume = found,
+        Ok(found) => {
+            // Its messages are in the journal from where it began (if that was recorded).
+            continuation.history_from = found.as_ref().and(recorded.first_seq);
+            continuation.resume = found;
+        }
         Err(why) => {
             tracing::warn!(session = %session.id, reason = %why, "the agent's conversation cannot be continued: it starts a new one");
             continuation.lost = Some(why);
