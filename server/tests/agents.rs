@@ -826,8 +826,27 @@ async fn codex_auth_failure_is_reported() {
 async fn kill_agent(server: &TestServer, sandbox: Option<&Sandbox>, id: &str, ws: &mut Ws) {
     match sandbox {
         Some(sandbox) => {
-            let containers = sandbox.containers();
-            assert_eq!(containers.len(), 1, "one container: {containers:?}");
+            // A session just created may still be starting its container.
+            let running = |id: &str| {
+                std::process::Command::new("runc")
+                    .arg("--root")
+                    .arg(sandbox.runc_root.path())
+                    .args(["state", id])
+                    .output()
+                    .ok()
+                    .and_then(|o| serde_json::from_slice::<Value>(&o.stdout).ok())
+                    .is_some_and(|state| state["status"] == "running")
+            };
+            let deadline = std::time::Instant::now() + common::WAIT;
+            let containers = loop {
+                let containers = sandbox.containers();
+                assert!(containers.len() <= 1, "one container: {containers:?}");
+                if containers.first().is_some_and(|c| running(c)) {
+                    break containers;
+                }
+                assert!(std::time::Instant::now() < deadline, "the container runs");
+                tokio::task::yield_now().await;
+            };
             let killed = std::process::Command::new("runc")
                 .arg("--root")
                 .arg(sandbox.runc_root.path())
@@ -950,6 +969,39 @@ async fn claude_code_conversation_survives_a_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn codex_conversation_survives_a_restart() {
     conversation_survives_a_restart("codex", "codex").await;
+}
+
+/// A conversation nobody said anything in has nothing to continue (Claude Code writes no
+/// transcript before the first message): a restart starts a new one without telling clients
+/// one was lost, and it works.
+async fn empty_conversation_restarts_quietly(kind: &str, program: &str) {
+    let Some((server, _mock, sandbox, work)) = start(kind, program).await else {
+        return;
+    };
+    let id = create(&server, kind, work.path()).await;
+    let mut ws = server.ws(&id).await;
+    kill_agent(&server, sandbox.as_ref(), &id, &mut ws).await;
+    let (summary, mut ws) = restart(&server, &id, "").await;
+    assert_eq!(summary["conversation"], "new", "{kind}: {summary}");
+    ws.send_json(&prompt("p1", "RECALL: PINEAPPLE")).await;
+    // Everything the new run wrote, up to the end of its first turn.
+    until(&mut ws, "the first turn's end", |v| {
+        assert_ne!(v["type"], "amarre.resume_failed", "{kind}: {v}");
+        v["type"] == "agent_end"
+    })
+    .await;
+    assert_eq!(server.delete(&format!("/sessions/{id}")).await.0, 204);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claude_code_empty_conversation_restarts_quietly() {
+    empty_conversation_restarts_quietly("claude-code", "claude").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn codex_empty_conversation_restarts_quietly() {
+    empty_conversation_restarts_quietly("codex", "codex").await;
 }
 
 /// Removes where the agent kept the session's conversation (in a container, the session's

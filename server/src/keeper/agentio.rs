@@ -629,6 +629,21 @@ pub fn restore_history(
     pipeline.restore_messages(messages);
 }
 
+/// True if the session's journal shows that nobody said anything in the conversation that
+/// began at line `from` (no user message since), and still holds every line from there. Such a
+/// conversation has nothing to continue: agents keep none of it (Claude Code writes its
+/// transcript with the first message).
+pub fn nothing_said_since(journal_dir: &Path, from: u64) -> bool {
+    let retained = super::journal::scan_index(journal_dir)
+        .is_ok_and(|(index, _)| index.first_seq().is_none_or(|first| first <= from));
+    let mut said = false;
+    let read = super::journal::visit_from(journal_dir, from, |line| {
+        said = said
+            || moorline_adapters::pirpc::ended_message(line).is_some_and(|m| m["role"] == "user");
+    });
+    retained && read.is_ok() && !said
+}
+
 /// Reads a session's conversation record (none: a new conversation, no id).
 pub fn read_conversation(path: &Path) -> ConversationRecord {
     std::fs::read(path)

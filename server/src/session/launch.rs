@@ -17,7 +17,9 @@ use tokio_util::task::TaskTracker;
 use super::delivery::Run;
 use super::{ConversationRequest, Lifecycle, Session, SessionError, Status, now_ms};
 use crate::config::{Config, InstanceConfig, Limits, RuntimeConfig, Unusable};
-use crate::keeper::agentio::{ConversationRecord, read_conversation, record_conversation};
+use crate::keeper::agentio::{
+    ConversationRecord, nothing_said_since, read_conversation, record_conversation,
+};
 use crate::keeper::journal::JournalLimits;
 use crate::metrics::Metrics;
 use crate::runtime::workspace::{self, Anchor};
@@ -408,6 +410,15 @@ fn continuation(
         return Ok(continuation);
     }
     let recorded = read_conversation(&session.dir.conversation());
+    // The journal speaks pi RPC for these: it shows whether anything was said.
+    let pi_rpc = instance.adapter.dialect() == moorline_adapters::pipeline::Dialect::PiRpc;
+    if let Some(from) = recorded.first_seq
+        && pi_rpc
+        && nothing_said_since(&session.dir.journal(), from)
+    {
+        // Nothing was said in it: a new conversation, without a word about a lost one.
+        return Ok(continuation);
+    }
     let home = instance.runtime.agent_home(&session.dir);
     match instance.adapter.find_conversation(&ConversationPlace {
         data_dir,
