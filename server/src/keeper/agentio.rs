@@ -621,6 +621,7 @@ pub fn restore_history(
     let mut messages = Vec::new();
     let read = super::journal::visit_from(journal_dir, from, |line| {
         messages.extend(moorline_adapters::pirpc::ended_message(line));
+        std::ops::ControlFlow::Continue(())
     });
     if let Err(e) = read {
         tracing::warn!(error = %e, "cannot read the conversation back from the journal");
@@ -637,9 +638,14 @@ pub fn nothing_said_since(journal_dir: &Path, from: u64) -> bool {
     let retained = super::journal::scan_index(journal_dir)
         .is_ok_and(|(index, _)| index.first_seq().is_none_or(|first| first <= from));
     let mut said = false;
+    // The first user message settles it: the rest is not read.
     let read = super::journal::visit_from(journal_dir, from, |line| {
-        said = said
-            || moorline_adapters::pirpc::ended_message(line).is_some_and(|m| m["role"] == "user");
+        said = moorline_adapters::pirpc::ended_message(line).is_some_and(|m| m["role"] == "user");
+        if said {
+            std::ops::ControlFlow::Break(())
+        } else {
+            std::ops::ControlFlow::Continue(())
+        }
     });
     retained && read.is_ok() && !said
 }

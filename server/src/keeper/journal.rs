@@ -655,8 +655,12 @@ fn create_segment(dir: &Path, first_seq: u64) -> io::Result<File> {
 }
 
 /// Calls `visit` with every whole line of the journal in `dir` whose sequence number is `from`
-/// or later, oldest first (what is still retained of them). Blocking I/O.
-pub fn visit_from(dir: &Path, from: u64, mut visit: impl FnMut(&[u8])) -> io::Result<()> {
+/// or later, oldest first (what is still retained of them), until it says `Break`. Blocking I/O.
+pub fn visit_from(
+    dir: &Path,
+    from: u64,
+    mut visit: impl FnMut(&[u8]) -> std::ops::ControlFlow<()>,
+) -> io::Result<()> {
     let (index, _) = scan(dir)?;
     let mut line = Vec::new();
     for segment in index.segments {
@@ -674,8 +678,8 @@ pub fn visit_from(dir: &Path, from: u64, mut visit: impl FnMut(&[u8])) -> io::Re
                 break;
             }
             read += n as u64;
-            if seq >= from {
-                visit(&line[..n - 1]);
+            if seq >= from && visit(&line[..n - 1]).is_break() {
+                return Ok(());
             }
             seq += 1;
         }
@@ -842,10 +846,18 @@ mod tests {
         w.file.write_all(&b[..2]).expect("write");
         let mut seen = Vec::new();
         visit_from(tmp.path(), 17, |l| {
-            seen.push(String::from_utf8_lossy(l).into_owned())
+            seen.push(String::from_utf8_lossy(l).into_owned());
+            std::ops::ControlFlow::Continue(())
         })
         .expect("visit");
         assert_eq!(seen, lines[16..].to_vec());
+        let mut first = Vec::new();
+        visit_from(tmp.path(), 17, |l| {
+            first.push(l.to_vec());
+            std::ops::ControlFlow::Break(())
+        })
+        .expect("visit");
+        assert_eq!(first, vec![b"line 17".to_vec()], "a visit stops when told");
     }
 
     #[test]
