@@ -7,19 +7,13 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use common::{Sandbox, TestServer, Ws, instance};
 use moorline::config::{InstanceConfig, RuntimeKind};
 use serde_json::{Value, json};
 
-fn find(program: &str) -> Option<PathBuf> {
-    std::env::var("PATH")
-        .unwrap_or_default()
-        .split(':')
-        .map(|d| Path::new(d).join(program))
-        .find(|p| p.is_file())
-}
+use common::find_in_path as find;
 
 /// The agent's instance, in a container when possible.
 fn agent_instance(
@@ -153,6 +147,20 @@ async fn until(ws: &mut Ws, what: &str, pred: impl Fn(&Value) -> bool) -> Value 
             return v;
         }
     }
+}
+
+/// The conversation so far, as `get_messages` answers (asked as `id`).
+async fn messages(ws: &mut Ws, id: &str) -> Vec<Value> {
+    ws.send_json(&json!({"id": id, "type": "get_messages"}))
+        .await;
+    let answer = until(ws, "the messages", |v| {
+        v["type"] == "response" && v["id"] == id
+    })
+    .await;
+    answer["data"]["messages"]
+        .as_array()
+        .cloned()
+        .unwrap_or_else(|| panic!("no messages: {answer}"))
 }
 
 /// Collects the streamed text of one turn, up to its `agent_end`.
@@ -353,10 +361,8 @@ async fn drive(kind: &str, program: &str) {
     );
 
     // The history holds the assistant message that called the tool, then the tool's result.
-    a.send_json(&json!({"id": "m", "type": "get_messages"}))
-        .await;
-    let answer = until(&mut a, "the messages", |v| v["id"] == "m").await;
-    let messages = answer["data"]["messages"].as_array().expect("messages");
+    let messages = messages(&mut a, "m").await;
+    let answer = json!(messages);
     let call = messages
         .iter()
         .position(|m| {
@@ -857,15 +863,7 @@ async fn kill_agent(server: &TestServer, sandbox: Option<&Sandbox>, id: &str, ws
         }
         None => {
             let meta: Value = serde_json::from_slice(
-                &std::fs::read(
-                    server
-                        .state
-                        .path()
-                        .join("sessions")
-                        .join(id)
-                        .join("meta.json"),
-                )
-                .expect("meta.json"),
+                &std::fs::read(server.session_dir(id).join("meta.json")).expect("meta.json"),
             )
             .expect("meta");
             let pid = meta["pid"].as_i64().expect("pid") as i32;
@@ -915,21 +913,12 @@ async fn conversation_survives_a_restart(kind: &str, program: &str) {
     let (summary, mut ws) = restart(&server, &id, "").await;
     assert_eq!(summary["conversation"], "resumed", "{kind}: {summary}");
     // A client that opens the session now sees the conversation so far.
-    ws.send_json(&json!({"id": "m1", "type": "get_messages"}))
-        .await;
-    let reply = until(&mut ws, "get_messages", |v| {
-        v["type"] == "response" && v["id"] == "m1"
-    })
-    .await;
-    let messages = reply["data"]["messages"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default();
+    let so_far = messages(&mut ws, "m1").await;
     assert!(
-        messages
+        so_far
             .iter()
             .any(|m| m["role"] == "user" && m.to_string().contains("remember PINEAPPLE")),
-        "{kind}: the resumed conversation's messages: {reply}"
+        "{kind}: the resumed conversation's messages: {so_far:?}"
     );
     ws.send_json(&prompt("p2", "RECALL: PINEAPPLE")).await;
     let text = turn_text(&mut ws).await;
@@ -1007,7 +996,7 @@ async fn codex_empty_conversation_restarts_quietly() {
 /// Removes where the agent kept the session's conversation (in a container, the session's
 /// own home and data directory).
 fn lose_conversation(server: &TestServer, kind: &str, id: &str) {
-    let dir = server.state.path().join("sessions").join(id);
+    let dir = server.session_dir(id);
     let gone = match kind {
         "claude-code" => dir.join("home/.claude/projects"),
         "pi" => dir.join("data/state/pi-sessions"),
@@ -1071,27 +1060,6 @@ async fn codex_lost_conversation_is_told() {
     lost_conversation_is_told("codex", "codex").await;
 }
 
-/// Runs git in `dir` as the user agents run as in tests (the repository's owner).
-fn git_as_agent(dir: &Path, args: &[&str]) -> String {
-    let mut cmd = std::process::Command::new("git");
-    cmd.arg("-C")
-        .arg(dir)
-        .args(["-c", "user.name=T", "-c", "user.email=t@example.com"])
-        .args(args)
-        .env("HOME", "/nonexistent");
-    if nix::unistd::geteuid().is_root() {
-        use std::os::unix::process::CommandExt;
-        cmd.uid(common::TEST_UID).gid(common::TEST_UID);
-    }
-    let out = cmd.output().expect("git");
-    assert!(
-        out.status.success(),
-        "git {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 /// A session in a project: the agent (pi, in its container when runc works) works in its own
 /// worktree, and `git commit` there lands on the session's branch of the repository.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1105,8 +1073,8 @@ async fn an_agent_commits_in_its_worktree() {
         std::os::unix::fs::chown(&repo, Some(common::TEST_UID), Some(common::TEST_UID))
             .expect("chown");
     }
-    git_as_agent(&repo, &["init", "-q", "-b", "main"]);
-    git_as_agent(&repo, &["commit", "-q", "--allow-empty", "-m", "first"]);
+    common::git(&repo, &["init", "-q", "-b", "main"]);
+    common::git(&repo, &["commit", "-q", "--allow-empty", "-m", "first"]);
     let (status, body) = server
         .post(
             "/projects",
@@ -1134,7 +1102,7 @@ async fn an_agent_commits_in_its_worktree() {
         "the command ran in the worktree: {text}"
     );
     assert_eq!(
-        git_as_agent(
+        common::git(
             &repo,
             &["log", "-1", "--format=%s", &format!("moorline/{id}")]
         )

@@ -23,13 +23,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 // ---------------------------------------------------------------------------------------
 // Chromium through chromium-driver.
 
-fn find(program: &str) -> Option<PathBuf> {
-    std::env::var("PATH")
-        .unwrap_or_default()
-        .split(':')
-        .map(|d| Path::new(d).join(program))
-        .find(|p| p.is_file())
-}
+use common::find_in_path as find;
 
 /// A chromedriver on a port of its choosing, killed when dropped.
 struct Driver {

@@ -278,7 +278,7 @@ async fn the_oldest_ended_sessions_go_beyond_the_cap() {
     for gone in &ended[..2] {
         assert_eq!(server.get(&format!("/sessions/{gone}")).await.0, 404);
         eventually("the directory and journal are removed", || async {
-            !server.state.path().join("sessions").join(gone).exists()
+            !server.session_dir(gone).exists()
         })
         .await;
     }
@@ -296,7 +296,7 @@ async fn ended_sessions_age_out() {
         "the ended session is removed with its directory",
         || async {
             server.get(&format!("/sessions/{id}")).await.0 == 404
-                && !server.state.path().join("sessions").join(&id).exists()
+                && !server.session_dir(&id).exists()
         },
     )
     .await;
@@ -378,12 +378,7 @@ async fn a_killed_keeper_is_reported_as_lost() {
     let mut ws = server.ws(&id).await;
     ws.send(r#"{"id":"up"}"#).await;
     assert_eq!(ws.json().await["echo"]["id"], "up");
-    let pid_file = server
-        .state
-        .path()
-        .join("sessions")
-        .join(&id)
-        .join("run/keeper.pid");
+    let pid_file = server.session_dir(&id).join("run/keeper.pid");
     let pid: i32 = std::fs::read_to_string(&pid_file)
         .expect("keeper.pid")
         .trim()

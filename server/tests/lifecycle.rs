@@ -25,10 +25,7 @@ async fn delete_stops_the_whole_process_group() {
     // DELETE returns once the agent is reaped and its group signalled.
     assert!(process_gone(agent), "agent reaped");
     eventually("grandchild gone", || async { process_gone(grandchild) }).await;
-    assert!(
-        !server.state.path().join("sessions").join(&id).exists(),
-        "nothing left on disk"
-    );
+    assert!(!server.session_dir(&id).exists(), "nothing left on disk");
     server.stop().await;
 }
 

@@ -305,7 +305,7 @@ async fn an_isolated_agent_reaches_the_outside_and_its_forwarded_ports_only() {
     );
 
     // The network helper and its slirp4netns run while the session does, and leave with it.
-    let run_dir = server.state.path().join("sessions").join(&id).join("run");
+    let run_dir = server.session_dir(&id).join("run");
     let helper: u32 = std::fs::read_to_string(run_dir.join("net.pid"))
         .expect("net.pid")
         .trim()

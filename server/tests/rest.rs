@@ -535,15 +535,7 @@ async fn missing_working_directories_are_created_when_the_instance_says_so_and_s
     // The secret is in no summary and not in the session's stored metadata.
     let listed = server.get("/sessions").await.1;
     assert!(!listed.contains("s3cr3t"));
-    let meta = std::fs::read_to_string(
-        server
-            .state
-            .path()
-            .join("sessions")
-            .join(id)
-            .join("meta.json"),
-    )
-    .expect("meta");
+    let meta = std::fs::read_to_string(server.session_dir(id).join("meta.json")).expect("meta");
     assert!(!meta.contains("s3cr3t"), "{meta}");
     server.stop().await;
 }

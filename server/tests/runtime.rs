@@ -103,7 +103,7 @@ async fn a_container_isolates_the_agent() {
         sandbox.containers()
     );
     assert!(!sandbox.tmux_sessions().contains(&id));
-    assert!(!server.state.path().join("sessions").join(&id).exists());
+    assert!(!server.session_dir(&id).exists());
     server.stop().await;
 }
 

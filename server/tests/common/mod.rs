@@ -94,6 +94,11 @@ pub struct TestServer {
 }
 
 impl TestServer {
+    /// The directory the server keeps session `id` in.
+    pub fn session_dir(&self, id: &str) -> std::path::PathBuf {
+        self.state.path().join("sessions").join(id)
+    }
+
     pub async fn start() -> Self {
         Self::start_with(|_| {}).await
     }
@@ -607,6 +612,15 @@ impl Drop for Sandbox {
             .args(["-L", &self.tmux_socket, "kill-server"])
             .output();
     }
+}
+
+/// `program` as found in `PATH`, if it is there.
+pub fn find_in_path(program: &str) -> Option<std::path::PathBuf> {
+    std::env::var("PATH")
+        .unwrap_or_default()
+        .split(':')
+        .map(|d| std::path::Path::new(d).join(program))
+        .find(|p| p.is_file())
 }
 
 // Git repositories for project tests, owned by the user agents run as.
