@@ -162,6 +162,12 @@ async fn wait_n(b: &Client, css: &str, text: Option<&str>, n: Option<usize>) -> 
     }
 }
 
+/// Opens session `id`'s page from `base` and waits until its WebSocket is live.
+async fn open_session(b: &Client, base: &str, id: &str) {
+    b.goto(&format!("{base}#/s/{id}")).await.expect("open");
+    wait_for(b, ".link-state.live", None).await;
+}
+
 /// Waits for an element `css` (containing `text`, if given) and returns it.
 async fn wait_for(b: &Client, css: &str, text: Option<&str>) -> fantoccini::elements::Element {
     let found = wait_n(b, css, text, None).await;
@@ -636,10 +642,7 @@ async fn two_browsers_see_one_card_and_who_answered_it_and_the_list_says_waiting
         .expect("alice");
     let row = format!(".session-row[data-id='{id}']");
     wait_for(&alice, &row, Some("idle")).await;
-    bob.goto(&format!("{}#/s/{id}", rig.base("bob@example.com")))
-        .await
-        .expect("bob");
-    wait_for(&bob, ".link-state.live", None).await;
+    open_session(&bob, &rig.base("bob@example.com"), &id).await;
 
     say(&bob, "RUNBASH: touch shared.txt").await;
     wait_for(&bob, ".approval[data-state=pending]", Some("shared.txt")).await;
@@ -717,10 +720,7 @@ async fn a_reload_in_the_middle_of_a_turn_shows_the_whole_conversation_once() {
     };
     let id = rig.session("reload").await;
     let b = rig.driver.browser(1280, 900, false).await;
-    b.goto(&format!("{}#/s/{id}", rig.server.url("/")))
-        .await
-        .expect("open");
-    wait_for(&b, ".link-state.live", None).await;
+    open_session(&b, &rig.server.url("/"), &id).await;
     say(&b, "first question").await;
     wait_for(&b, ".msg.assistant", Some("MOCK reply to: first question")).await;
     // The turn stops at its approval: the agent is mid-turn.
@@ -779,8 +779,7 @@ async fn the_page_reconnects_after_a_server_restart_without_losing_or_repeating_
     let base = serve_as(&socket, "alice@example.com").await;
     let id = server.session("tmux").await;
     let b = driver.browser(1280, 900, false).await;
-    b.goto(&format!("{base}#/s/{id}")).await.expect("open");
-    wait_for(&b, ".link-state.live", None).await;
+    open_session(&b, &base, &id).await;
     click(&b, ".session-actions button", Some("Raw JSONL")).await;
     say(&b, r#"{"id":"before-restart"}"#).await;
     wait_for(&b, ".raw li", Some("before-restart")).await;
@@ -820,10 +819,7 @@ async fn a_crashed_session_says_how_it_ended_and_can_be_restarted_and_deleted() 
     let server = TestServer::start().await;
     let id = server.session("fixture").await;
     let b = driver.browser(390, 844, true).await;
-    b.goto(&format!("{}#/s/{id}", server.url("/")))
-        .await
-        .expect("open");
-    wait_for(&b, ".link-state.live", None).await;
+    open_session(&b, &server.url("/"), &id).await;
     // The fixture agent opens in the conversation view; its lines are not pi RPC: raw view.
     click(&b, ".session-actions button", Some("Raw JSONL")).await;
     say(&b, r#"{"_emit":"stderr","text":"disk on fire"}"#).await;
@@ -915,10 +911,7 @@ async fn an_attached_image_goes_to_the_agent_with_the_prompt() {
     };
     let id = rig.session("picture").await;
     let b = rig.driver.browser(390, 844, true).await;
-    b.goto(&format!("{}#/s/{id}", rig.server.url("/")))
-        .await
-        .expect("open");
-    wait_for(&b, ".link-state.live", None).await;
+    open_session(&b, &rig.server.url("/"), &id).await;
     let image = Path::new(env!("CARGO_MANIFEST_DIR")).join("web/icon-192.png");
     wait_for(&b, ".composer input[type=file]", None)
         .await
@@ -976,8 +969,7 @@ async fn screenshots() {
 
     for (label, w, h, phone) in [("phone", 390, 844, true), ("desktop", 1280, 800, false)] {
         let b = rig.driver.browser(w, h, phone).await;
-        b.goto(&format!("{base}#/s/{talk}")).await.expect("open");
-        wait_for(&b, ".link-state.live", None).await;
+        open_session(&b, &base, &talk).await;
         if label == "phone" {
             say(&b, "Summarise what `cargo test` checks in this repo").await;
             wait_for(&b, ".msg.assistant", Some("MOCK reply")).await;
@@ -986,11 +978,7 @@ async fn screenshots() {
             click(&b, ".approval[data-state=pending] button.allow", None).await;
             wait_for(&b, ".msg.assistant", Some("MOCK saw tool_result")).await;
             let other = rig.driver.browser(w, h, phone).await;
-            other
-                .goto(&format!("{base}#/s/{waiting}"))
-                .await
-                .expect("open");
-            wait_for(&other, ".link-state.live", None).await;
+            open_session(&other, &base, &waiting).await;
             say(&other, "RUNBASH: git tag v0.2.0").await;
             wait_for(&other, ".approval[data-state=pending]", None).await;
             other.close().await.expect("close");
