@@ -855,14 +855,7 @@ mod tests {
             ..Default::default()
         })
         .expect("adapter")
-        .launch(&LaunchContext {
-            instance_id: "i",
-            session_id: "s",
-            cwd: std::path::Path::new("/w"),
-            env: &env,
-            moorline_exe: std::path::Path::new("/m"),
-            data_dir: std::path::Path::new("/d"),
-        })
+        .launch(&crate::test_context(&env, std::path::Path::new("/d")))
         .expect("launch")
     }
 

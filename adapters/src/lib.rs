@@ -277,19 +277,29 @@ pub fn env_matches(key: &str, patterns: &[impl AsRef<str>]) -> bool {
     })
 }
 
+/// A launch context for the adapters' tests: fixed ids and paths, the session's data in
+/// `data_dir`.
+#[cfg(test)]
+pub(crate) fn test_context<'a>(
+    env: &'a BTreeMap<String, String>,
+    data_dir: &'a Path,
+) -> LaunchContext<'a> {
+    LaunchContext {
+        instance_id: "i",
+        session_id: "0123456789ab",
+        cwd: Path::new("/tmp"),
+        env,
+        moorline_exe: Path::new("/usr/bin/moorline"),
+        data_dir,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn ctx<'a>(env: &'a BTreeMap<String, String>) -> LaunchContext<'a> {
-        LaunchContext {
-            instance_id: "i",
-            session_id: "0123456789ab",
-            cwd: Path::new("/tmp"),
-            env,
-            moorline_exe: Path::new("/usr/bin/moorline"),
-            data_dir: Path::new("/state/sessions/0123456789ab/data"),
-        }
+    fn ctx(env: &BTreeMap<String, String>) -> LaunchContext<'_> {
+        test_context(env, Path::new("/state/sessions/0123456789ab/data"))
     }
 
     #[test]

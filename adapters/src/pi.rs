@@ -272,14 +272,7 @@ mod tests {
         });
         let env = BTreeMap::new();
         let spec = resumed
-            .launch(&LaunchContext {
-                instance_id: "i",
-                session_id: "s",
-                cwd: Path::new("/w"),
-                env: &env,
-                moorline_exe: Path::new("/m"),
-                data_dir: &data,
-            })
+            .launch(&crate::test_context(&env, &data))
             .expect("launch");
         assert!(
             spec.args
@@ -321,14 +314,7 @@ mod tests {
         });
         let env = BTreeMap::new();
         let spec = adapter
-            .launch(&LaunchContext {
-                instance_id: "i",
-                session_id: "s",
-                cwd: Path::new("/w"),
-                env: &env,
-                moorline_exe: Path::new("/m"),
-                data_dir: Path::new("/d"),
-            })
+            .launch(&crate::test_context(&env, Path::new("/d")))
             .expect("launch");
         assert_eq!(spec.program, PathBuf::from("pi"));
         assert_eq!(
