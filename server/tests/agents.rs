@@ -7,6 +7,19 @@
 
 mod common;
 
+/// One test per agent for a scenario `async fn scenario(kind, program)`: each named test runs
+/// it with its agent kind and program.
+macro_rules! per_agent {
+    ($scenario:ident: $($test:ident($kind:literal, $program:literal)),+ $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $test() {
+                $scenario($kind, $program).await;
+            }
+        )+
+    };
+}
+
 use std::path::Path;
 
 use common::{Sandbox, TestServer, Ws, instance};
@@ -381,19 +394,10 @@ async fn drive(kind: &str, program: &str) {
     server.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pi_streams_asks_and_obeys() {
-    drive("pi", "pi").await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn claude_code_streams_asks_and_obeys() {
-    drive("claude-code", "claude").await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn codex_streams_asks_and_obeys() {
-    drive("codex", "codex").await;
+per_agent! { drive:
+    pi_streams_asks_and_obeys("pi", "pi"),
+    claude_code_streams_asks_and_obeys("claude-code", "claude"),
+    codex_streams_asks_and_obeys("codex", "codex"),
 }
 
 /// Claude retrying an overloaded model API: clients hear of every retry, and of its end.
@@ -812,19 +816,10 @@ async fn auth_failure_is_reported(kind: &str, program: &str) {
     server.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn claude_code_auth_failure_is_reported() {
-    auth_failure_is_reported("claude-code", "claude").await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pi_auth_failure_is_reported() {
-    auth_failure_is_reported("pi", "pi").await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn codex_auth_failure_is_reported() {
-    auth_failure_is_reported("codex", "codex").await;
+per_agent! { auth_failure_is_reported:
+    claude_code_auth_failure_is_reported("claude-code", "claude"),
+    pi_auth_failure_is_reported("pi", "pi"),
+    codex_auth_failure_is_reported("codex", "codex"),
 }
 
 /// Kills the session's agent the hard way (its container, or its process group) and waits
@@ -945,19 +940,10 @@ async fn conversation_survives_a_restart(kind: &str, program: &str) {
     server.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pi_conversation_survives_a_restart() {
-    conversation_survives_a_restart("pi", "pi").await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn claude_code_conversation_survives_a_restart() {
-    conversation_survives_a_restart("claude-code", "claude").await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn codex_conversation_survives_a_restart() {
-    conversation_survives_a_restart("codex", "codex").await;
+per_agent! { conversation_survives_a_restart:
+    pi_conversation_survives_a_restart("pi", "pi"),
+    claude_code_conversation_survives_a_restart("claude-code", "claude"),
+    codex_conversation_survives_a_restart("codex", "codex"),
 }
 
 /// A conversation nobody said anything in has nothing to continue (Claude Code writes no
@@ -983,14 +969,9 @@ async fn empty_conversation_restarts_quietly(kind: &str, program: &str) {
     server.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn claude_code_empty_conversation_restarts_quietly() {
-    empty_conversation_restarts_quietly("claude-code", "claude").await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn codex_empty_conversation_restarts_quietly() {
-    empty_conversation_restarts_quietly("codex", "codex").await;
+per_agent! { empty_conversation_restarts_quietly:
+    claude_code_empty_conversation_restarts_quietly("claude-code", "claude"),
+    codex_empty_conversation_restarts_quietly("codex", "codex"),
 }
 
 /// Removes where the agent kept the session's conversation (in a container, the session's
@@ -1045,19 +1026,10 @@ async fn lost_conversation_is_told(kind: &str, program: &str) {
     server.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pi_lost_conversation_is_told() {
-    lost_conversation_is_told("pi", "pi").await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn claude_code_lost_conversation_is_told() {
-    lost_conversation_is_told("claude-code", "claude").await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn codex_lost_conversation_is_told() {
-    lost_conversation_is_told("codex", "codex").await;
+per_agent! { lost_conversation_is_told:
+    pi_lost_conversation_is_told("pi", "pi"),
+    claude_code_lost_conversation_is_told("claude-code", "claude"),
+    codex_lost_conversation_is_told("codex", "codex"),
 }
 
 /// A session in a project: the agent (pi, in its container when runc works) works in its own
