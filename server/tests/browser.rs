@@ -216,10 +216,27 @@ async fn click(b: &Client, css: &str, text: Option<&str>) {
     wait_for(b, css, text).await.click().await.expect("click");
 }
 
+/// Types `text` into the field `css`, once it is there.
+async fn type_into(b: &Client, css: &str, text: &str) {
+    let field = wait_for(b, css, None).await;
+    field
+        .send_keys(text)
+        .await
+        .unwrap_or_else(|e| panic!("{css}: {e}"));
+}
+
+/// Picks `value` in the select `css`, once it is there.
+async fn choose(b: &Client, css: &str, value: &str) {
+    let select = wait_for(b, css, None).await;
+    select
+        .select_by_value(value)
+        .await
+        .unwrap_or_else(|e| panic!("{css}: {e}"));
+}
+
 /// Types `text` into the composer and sends it.
 async fn say(b: &Client, text: &str) {
-    let area = wait_for(b, ".composer textarea", None).await;
-    area.send_keys(text).await.expect("type");
+    type_into(b, ".composer textarea", text).await;
     click(b, ".composer button.send", None).await;
 }
 
@@ -545,18 +562,10 @@ async fn a_session_made_in_the_browser_streams_replies_and_runs_only_approved_to
 
     // New session: pick the instance, a working directory inside its workspace root, a name.
     click(&b, "a.button.primary", Some("New session")).await;
-    let select = wait_for(&b, "select#instance", None).await;
-    select.select_by_value("pi").await.expect("instance");
+    choose(&b, "select#instance", "pi").await;
     wait_for(&b, "#instance-hint", Some("pi agent")).await;
-    let cwd = wait_for(&b, "input#cwd", None).await;
-    cwd.send_keys(&rig.work.display().to_string())
-        .await
-        .expect("cwd");
-    wait_for(&b, "input#name", None)
-        .await
-        .send_keys("browser demo")
-        .await
-        .expect("name");
+    type_into(&b, "input#cwd", &rig.work.display().to_string()).await;
+    type_into(&b, "input#name", "browser demo").await;
     click(&b, "form.new-session button[type=submit]", None).await;
     wait_for(&b, ".session-title h2", Some("browser demo")).await;
     wait_for(&b, ".link-state.live", None).await;
@@ -861,21 +870,9 @@ async fn a_session_in_a_project_gets_its_worktree_and_the_page_shows_its_diff() 
     b.goto(&format!("{}#/new", server.url("/")))
         .await
         .expect("open");
-    wait_for(&b, "select#instance", None)
-        .await
-        .select_by_value("fixture")
-        .await
-        .expect("instance");
-    wait_for(&b, "select#project", None)
-        .await
-        .select_by_value("app")
-        .await
-        .expect("project");
-    wait_for(&b, "input#branch", None)
-        .await
-        .send_keys("story-edit")
-        .await
-        .expect("branch");
+    choose(&b, "select#instance", "fixture").await;
+    choose(&b, "select#project", "app").await;
+    type_into(&b, "input#branch", "story-edit").await;
     click(&b, "form.new-session button[type=submit]", None).await;
     wait_for(&b, ".diff-view", Some("on story-edit")).await;
     let url = b.current_url().await.expect("url");
@@ -913,11 +910,12 @@ async fn an_attached_image_goes_to_the_agent_with_the_prompt() {
     let b = rig.driver.browser(390, 844, true).await;
     open_session(&b, &rig.server.url("/"), &id).await;
     let image = Path::new(env!("CARGO_MANIFEST_DIR")).join("web/icon-192.png");
-    wait_for(&b, ".composer input[type=file]", None)
-        .await
-        .send_keys(&image.display().to_string())
-        .await
-        .expect("attach");
+    type_into(
+        &b,
+        ".composer input[type=file]",
+        &image.display().to_string(),
+    )
+    .await;
     wait_for(&b, ".attachments .chip", Some("icon-192.png")).await;
     say(&b, "what is in this picture").await;
     // pi took the prompt with its image: its user message has both.
