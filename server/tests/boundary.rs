@@ -262,7 +262,10 @@ async fn no_agent_runs_as_root() {
     let theirs = root_path.join("theirs");
     std::fs::create_dir(&theirs).expect("theirs");
     std::os::unix::fs::chown(&theirs, Some(4242), Some(4343)).expect("chown");
-    let id_script = "printf '\"uid\":%s,\"groups\":\"%s\"' \"$(id -u)\" \"$(id -G)\"";
+    // Its ids (real, effective, saved, filesystem) and capabilities too: the process runtime
+    // starts agents from a server thread that took on their user, which must leave nothing of
+    // root behind.
+    let id_script = "printf '\"uid\":%s,\"groups\":\"%s\",\"ids\":\"%s\",\"caps\":\"%s\"' \"$(id -u)\" \"$(id -G)\" \"$(grep ^Uid: /proc/self/status | cut -f2- | tr '\\t' ' ')\" \"$(grep -E '^Cap(Prm|Eff|Amb):' /proc/self/status | cut -f2 | tr '\\n' ' ')\"";
     let probes = |c: &mut Config| {
         for rt in ["runc", "tmux", "process"] {
             c.instances.push(probe(rt, rt, &root_path, id_script));
@@ -324,7 +327,27 @@ async fn no_agent_runs_as_root() {
                 gid.to_string(),
                 "{rt}: only the group: {seen}"
             );
+            assert_eq!(
+                seen["ids"],
+                format!("{uid} {uid} {uid} {uid}"),
+                "{rt}: no way back to root: {seen}"
+            );
+            assert_eq!(
+                seen["caps"], "0000000000000000 0000000000000000 0000000000000000 ",
+                "{rt}: no capabilities: {seen}"
+            );
             assert_eq!(server.delete(&format!("/sessions/{id}")).await.0, 204);
+        }
+    }
+    // Every thread of the server (this test process) is root again.
+    for task in std::fs::read_dir("/proc/self/task").expect("tasks") {
+        let status =
+            std::fs::read_to_string(task.expect("task").path().join("status")).unwrap_or_default();
+        if let Some(uids) = status.lines().find(|l| l.starts_with("Uid:")) {
+            assert_eq!(
+                uids.split_whitespace().collect::<Vec<_>>(),
+                ["Uid:", "0", "0", "0", "0"]
+            );
         }
     }
     server.stop().await;

@@ -16,6 +16,7 @@
 //! - [`group`]: process-group control of an agent;
 //! - [`exit`]: how an agent ended;
 //! - [`workspace`]: opening an agent's working directory without trusting a path twice;
+//! - [`identity`]: a thread taking on an agent's user to start it without forking the server;
 //! - [`oom`]: whether a container's agent was killed for its memory limit;
 //! - [`socket`]: the keeper's socket, registered with the reactor only for what is awaited;
 //! - [`fsio`], [`id`]: atomic private writes, random ids.
@@ -26,6 +27,7 @@ pub mod framing;
 pub mod fsio;
 pub mod group;
 pub mod id;
+pub mod identity;
 pub mod journal;
 pub mod keep;
 pub mod layout;

@@ -22,7 +22,7 @@ use async_trait::async_trait;
 use bytes::BytesMut;
 use moorline_adapters::pipeline::{Pipeline, Resolution};
 use tokio::io::AsyncReadExt;
-use tokio::process::Command;
+use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
 
 use super::{
@@ -35,6 +35,7 @@ use crate::keeper::agentio::{
 };
 use crate::keeper::framing::DropReason;
 use crate::keeper::group::{GroupControl, kill_orphan};
+use crate::keeper::identity::ThreadIdentity;
 use crate::keeper::journal::{JournalIndex, JournalWriter};
 use crate::keeper::layout::SessionDir;
 
@@ -78,10 +79,6 @@ impl Runtime for ProcessRuntime {
             ))
         })?;
         let mut command = Command::new(&spec.program);
-        if let Some((uid, gid)) = spec.user {
-            // std drops the supplementary groups too.
-            command.uid(uid).gid(gid);
-        }
         command
             .args(&spec.args)
             .env_clear()
@@ -95,20 +92,22 @@ impl Runtime for ProcessRuntime {
             .process_group(0)
             // A safety net only: sessions stop agents explicitly with TERM, grace, KILL.
             .kill_on_drop(true);
-        let mut child = command.spawn().map_err(|e| match spec.user {
-            // The agent runs as another user, who must reach the program through every
-            // directory above it: say so, or "Permission denied" reads like a broken binary.
-            Some((uid, _)) if e.kind() == io::ErrorKind::PermissionDenied => {
-                spawn_error(io::Error::new(
-                    e.kind(),
-                    format!(
-                        "{e}; the agent runs as uid {uid}, which needs search permission on \
+        let mut child = spawn_as(command, spec.user)
+            .await
+            .map_err(|e| match spec.user {
+                // The agent runs as another user, who must reach the program through every
+                // directory above it: say so, or "Permission denied" reads like a broken binary.
+                Some((uid, _)) if e.kind() == io::ErrorKind::PermissionDenied => {
+                    spawn_error(io::Error::new(
+                        e.kind(),
+                        format!(
+                            "{e}; the agent runs as uid {uid}, which needs search permission on \
                          every directory above the program and read+execute on the program"
-                    ),
-                ))
-            }
-            _ => spawn_error(e),
-        })?;
+                        ),
+                    ))
+                }
+                _ => spawn_error(e),
+            })?;
         drop(workspace);
         let pid = child.id();
         let (Some(stdin), Some(stdout), stderr) =
@@ -160,6 +159,23 @@ impl Runtime for ProcessRuntime {
         }
         Adoption::Exited(ExitInfo::UNKNOWN)
     }
+}
+
+/// Starts `command` as `user` (uid, gid; no supplementary groups), or as the server.
+///
+/// Not with `Command::uid`, which forks the server: the thread that starts the agent takes on
+/// its user for the moment of `posix_spawn` ([`ThreadIdentity`]). That thread is one of the
+/// blocking pool's, so no async worker stops while the kernel starts the program (which
+/// waits until the child has called `exec`).
+async fn spawn_as(mut command: Command, user: Option<(u32, u32)>) -> io::Result<Child> {
+    tokio::task::spawn_blocking(move || {
+        let _as = user
+            .map(|(uid, gid)| ThreadIdentity::assume(uid, gid))
+            .transpose()?;
+        command.spawn()
+    })
+    .await
+    .map_err(io::Error::other)?
 }
 
 /// The run of an agent whose pipes the server holds: its stdio loop in the server, writing the
