@@ -28,7 +28,7 @@ use super::runc::{self, BundleSpec, Runc};
 use super::tmux::Tmux;
 use super::{
     Adoption, Agent, AgentControl, AgentRun, Delivery, ExitInfo, ExitReason, Found, Input, RunEnd,
-    RunIo, Runtime, RuntimeError, SpawnFailure, SpawnSpec,
+    RunIo, Runtime, RuntimeError, SpawnFailure, SpawnSpec, resolve,
 };
 use crate::config::{NetworkMode, RuntimeConfig};
 use crate::keeper::agentio::Writer;
@@ -696,17 +696,6 @@ fn container_id(session: &str, generation: u64) -> io::Result<String> {
         "{}{session}-{generation}-{suffix}",
         runc::ID_PREFIX
     ))
-}
-
-/// Finds `program` in `path` (a `PATH` value) unless it is already a path.
-pub fn resolve(program: &Path, path: Option<&str>) -> Option<PathBuf> {
-    if program.components().count() > 1 {
-        return program.is_file().then(|| program.to_owned());
-    }
-    path.unwrap_or("/usr/local/bin:/usr/bin:/bin")
-        .split(':')
-        .map(|dir| Path::new(dir).join(program))
-        .find(|p| p.is_file())
 }
 
 /// Signals a container through runc: its init (tini) passes SIGTERM on to the agent's group;

@@ -78,8 +78,19 @@ impl Runtime for ProcessRuntime {
                 format!("working directory {}: {e}", spec.workspace.path().display()),
             ))
         })?;
-        let mut command = Command::new(&spec.program);
+        // By its full path, found in the agent's PATH, as execvp would: then the standard
+        // library can start it with posix_spawn. A program not found is left to fail the same
+        // way as before (NotFound).
+        let path = spec
+            .env
+            .get("PATH")
+            .or_else(|| self.base_env.get("PATH"))
+            .map(String::as_str);
+        let program = super::resolve(&spec.program, path).unwrap_or_else(|| spec.program.clone());
+        let mut command = Command::new(&program);
         command
+            // The name it was given, as before (a multi-call program reads it).
+            .arg0(&spec.program)
             .args(&spec.args)
             .env_clear()
             .envs(&self.base_env)
