@@ -418,8 +418,15 @@ pub enum DiskRead {
     Gone,
 }
 
+/// Bytes of a segment read at a time by [`read_lines`]: a client's batch (1 MiB) in two reads.
+const READ_CHUNK: usize = 512 * 1024;
+
 /// Reads whole lines with sequence numbers `from..=upto`, at most `max_bytes` (but at least one
 /// line), starting from `checkpoint`.
+///
+/// The lines returned share the chunks they were read in (one copy, from the page cache): a
+/// client that fell behind the memory window is caught up from here, so this path is as busy
+/// as the live one whenever the agent outruns a client.
 ///
 /// Runs blocking file I/O: call it from a blocking thread.
 pub fn read_lines(
@@ -435,9 +442,11 @@ pub fn read_lines(
     let mut seq = checkpoint.seq;
     let mut segment = checkpoint.segment;
     let mut offset = checkpoint.offset;
-    let mut line = Vec::new();
+    let full = |out: &Vec<Bytes>, taken: usize, seq: u64| {
+        seq > upto || (!out.is_empty() && taken >= max_bytes)
+    };
     'segments: loop {
-        let file = match File::open(segment_path(dir, segment)) {
+        let mut file = match File::open(segment_path(dir, segment)) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 if out.is_empty() {
@@ -447,15 +456,17 @@ pub fn read_lines(
             }
             Err(e) => return Err(e),
         };
-        let mut reader = BufReader::with_capacity(256 * 1024, file);
-        reader.seek(SeekFrom::Start(offset))?;
+        file.seek(SeekFrom::Start(offset))?;
+        // What was read and not yet split: the start of a line.
+        let mut buf: Vec<u8> = Vec::new();
         loop {
-            if seq > upto || (!out.is_empty() && taken >= max_bytes) {
+            if full(&out, taken, seq) {
                 break 'segments;
             }
-            line.clear();
-            let n = reader.read_until(b'\n', &mut line)?;
-            if n == 0 || line.last() != Some(&b'\n') {
+            let scanned = buf.len();
+            buf.reserve(READ_CHUNK);
+            let n = (&mut file).take(READ_CHUNK as u64).read_to_end(&mut buf)?;
+            if n == 0 {
                 // End of this segment (or a line still being written): go to the next one.
                 let Some(next) = segments.iter().copied().find(|&s| s > segment) else {
                     break 'segments;
@@ -468,12 +479,26 @@ pub fn read_lines(
                 offset = 0;
                 continue 'segments;
             }
-            if seq >= from {
-                line.pop();
-                taken += line.len();
-                out.push(Bytes::copy_from_slice(&line));
+            let Some(first) = memchr::memchr(b'\n', &buf[scanned..]) else {
+                // A line longer than a chunk: read on.
+                continue;
+            };
+            let chunk = Bytes::from(std::mem::take(&mut buf));
+            let mut start = 0;
+            let mut newline = Some(scanned + first);
+            while let Some(end) = newline {
+                if seq >= from {
+                    taken += end - start;
+                    out.push(chunk.slice(start..end));
+                }
+                seq += 1;
+                start = end + 1;
+                if full(&out, taken, seq) {
+                    break 'segments;
+                }
+                newline = memchr::memchr(b'\n', &chunk[start..]).map(|i| start + i);
             }
-            seq += 1;
+            buf.extend_from_slice(&chunk[start..]);
         }
     }
     Ok(DiskRead::Lines(out))
@@ -1015,6 +1040,55 @@ mod tests {
         f.write_all(b"\":1}\n").expect("write");
         let (got, _) = tail.poll(1 << 20).expect("poll");
         assert_eq!(got, vec![Bytes::from("{\"half\":1}")]);
+    }
+
+    #[test]
+    fn lines_longer_than_a_read_and_across_reads_come_back_whole() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let (mut w, mut index) =
+            JournalWriter::open(tmp.path(), JournalLimits::with_max_bytes(1 << 30)).expect("open");
+        // Around and beyond READ_CHUNK, so lines end exactly at, just after and far after the
+        // end of a read, and one spans three reads.
+        let sizes = [
+            1,
+            READ_CHUNK - 1,
+            0,
+            3,
+            READ_CHUNK,
+            2 * READ_CHUNK + 17,
+            64 << 10,
+            5,
+        ];
+        let lines: Vec<String> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| char::from(b'a' + i as u8).to_string().repeat(n))
+            .collect();
+        for line in &lines {
+            let (b, n) = batch(std::slice::from_ref(line));
+            index.apply_all(&w.append(&b, n).expect("append"));
+        }
+        let count = lines.len() as u64;
+        for from in 1..=count {
+            let DiskRead::Lines(got) = read_all(tmp.path(), &index, from, count) else {
+                panic!("gone")
+            };
+            let want: Vec<Bytes> = lines[from as usize - 1..]
+                .iter()
+                .map(|l| Bytes::from(l.clone()))
+                .collect();
+            assert_eq!(got.len(), want.len(), "from {from}");
+            assert!(got == want, "from {from}: the lines differ");
+        }
+        // A byte limit still returns at least one line, and stops after crossing it.
+        let cp = index.checkpoint_for(2).expect("cp");
+        let DiskRead::Lines(got) =
+            read_lines(tmp.path(), &index.segment_starts(), cp, 2, count, 10).expect("read")
+        else {
+            panic!("gone")
+        };
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].len(), READ_CHUNK - 1);
     }
 
     #[test]
