@@ -272,6 +272,23 @@ impl ServeArgs {
     }
 }
 
+/// glibc gives threads that allocate at the same time arenas of their own (up to eight per
+/// core) and keeps what is freed in each, so after a burst of output the server stayed 10–15
+/// MiB above what it uses; with two arenas the same workloads ran as fast and that memory was
+/// reused (docs/BENCHMARKS.md). Set before the runtime starts any thread.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[allow(unsafe_code)]
+fn limit_allocator_arenas() {
+    // SAFETY: `mallopt` takes two integers, no pointers; it is called while the process has
+    // one thread. Its result (0 if refused) changes nothing for correctness.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn limit_allocator_arenas() {}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -447,6 +464,7 @@ fn check_config(args: &ServeArgs, no_env: bool) -> ExitCode {
 }
 
 fn serve(args: &ServeArgs) -> ExitCode {
+    limit_allocator_arenas();
     let config = match load_config(&args.sources()) {
         Ok(c) => c,
         Err(code) => return code,
