@@ -33,6 +33,7 @@ use tokio::time::Instant;
 use super::exit::ExitInfo;
 use super::framing::{DropReason, Frame, LineFramer, dropped_frame};
 use super::group::AgentControl;
+use super::linequeue::LineQueue;
 
 /// Boxed pipe ends, so runtimes can hand over whatever they use.
 pub type Reader = Box<dyn AsyncRead + Send + Unpin>;
@@ -287,7 +288,7 @@ impl AgentIo {
             control,
         } = pipes;
         let mut buf = BytesMut::with_capacity(READ_CHUNK);
-        let mut to_agent = BytesMut::new();
+        let mut to_agent = LineQueue::default();
         let mut stdout_open = true;
         let mut stdin_open = true;
         let mut input_open = true;
@@ -319,16 +320,17 @@ impl AgentIo {
                         stdout_open = false;
                     }
                 },
-                written = stdin.write(&to_agent), if stdin_open && !to_agent.is_empty() => match written {
+                written = async {
+                    let slices = to_agent.slices();
+                    stdin.write_vectored(&slices).await
+                }, if stdin_open && !to_agent.is_empty() => match written {
                     Ok(0) | Err(_) => {
                         // The agent closed its stdin or exited (EPIPE): drop what it cannot take.
                         tracing::debug!("agent stdin closed");
                         stdin_open = false;
                         to_agent.clear();
                     }
-                    Ok(n) => {
-                        let _ = to_agent.split_to(n);
-                    }
+                    Ok(n) => to_agent.consume(n),
                 },
                 line = input.recv(), if input_open && to_agent.len() < INPUT_BACKLOG
                     && self.held_bytes < HELD_INPUT_OUTPUT => match line {
@@ -404,11 +406,11 @@ impl AgentIo {
 
     /// Frames and translates a read of stdout (or, with `None`, what is left at the end),
     /// and commits the resulting lines.
-    fn output(&mut self, chunk: &[u8], to_agent: &mut BytesMut, sink: &mut dyn OutputSink) {
+    fn output(&mut self, chunk: &[u8], to_agent: &mut LineQueue, sink: &mut dyn OutputSink) {
         self.frame(Some(chunk), to_agent, sink);
     }
 
-    fn frame(&mut self, chunk: Option<&[u8]>, to_agent: &mut BytesMut, sink: &mut dyn OutputSink) {
+    fn frame(&mut self, chunk: Option<&[u8]>, to_agent: &mut LineQueue, sink: &mut dyn OutputSink) {
         let len = chunk.map_or(0, <[u8]>::len);
         let mut batch = self.take_arena(len + self.framer.buffered() + 1);
         let mut ends = std::mem::take(&mut self.batch_ends);
@@ -427,8 +429,7 @@ impl AgentIo {
                         push(&mut batch, &mut ends, &line);
                     }
                     for line in outs.to_agent.drain(..) {
-                        to_agent.extend_from_slice(&line);
-                        to_agent.put_u8(b'\n');
+                        to_agent.push_owned(line);
                     }
                 }
             }
@@ -493,14 +494,13 @@ impl AgentIo {
         &mut self,
         input: &Input,
         stdin_open: bool,
-        to_agent: &mut BytesMut,
+        to_agent: &mut LineQueue,
         sink: &mut dyn OutputSink,
     ) {
         for line in &input.lines {
             if self.pipeline.passes_through_client_line(line) {
                 if stdin_open {
-                    to_agent.extend_from_slice(line);
-                    to_agent.put_u8(b'\n');
+                    to_agent.push_line(line);
                 }
                 continue;
             }
@@ -515,13 +515,12 @@ impl AgentIo {
         &mut self,
         outs: Outputs,
         stdin_open: bool,
-        to_agent: &mut BytesMut,
+        to_agent: &mut LineQueue,
         sink: &mut dyn OutputSink,
     ) {
         if stdin_open {
             for line in outs.to_agent {
-                to_agent.extend_from_slice(&line);
-                to_agent.put_u8(b'\n');
+                to_agent.push_owned(line);
             }
         }
         if !outs.to_clients.is_empty() {

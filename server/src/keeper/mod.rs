@@ -19,6 +19,7 @@
 //! - [`identity`]: a thread taking on an agent's user to start it without forking the server;
 //! - [`oom`]: whether a container's agent was killed for its memory limit;
 //! - [`socket`]: the keeper's socket, registered with the reactor only for what is awaited;
+//! - [`linequeue`]: lines waiting for a vectored write, large ones not copied;
 //! - [`fsio`], [`id`]: atomic private writes, random ids.
 
 pub mod agentio;
@@ -31,6 +32,7 @@ pub mod identity;
 pub mod journal;
 pub mod keep;
 pub mod layout;
+pub mod linequeue;
 pub mod oom;
 pub mod pane;
 pub mod protocol;

@@ -138,14 +138,16 @@ impl SocketWriter {
 #[derive(Debug, Default)]
 pub struct RoomWait(Option<AsyncFd<UnixStream>>);
 
-impl tokio::io::AsyncWrite for SocketWriter {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
+impl SocketWriter {
+    /// Runs `write` until the socket takes something (or fails), registering for room while it
+    /// takes nothing.
+    fn poll_written(
+        &mut self,
         cx: &mut Context<'_>,
-        buf: &[u8],
+        write: impl Fn(&Self) -> io::Result<usize>,
     ) -> Poll<io::Result<usize>> {
         loop {
-            match self.try_write(buf) {
+            match write(self) {
                 Ok(n) => {
                     // Room again: stop listening for it.
                     self.waiting = None;
@@ -164,6 +166,29 @@ impl tokio::io::AsyncWrite for SocketWriter {
                 Err(e) => return Poll::Ready(Err(e)),
             }
         }
+    }
+}
+
+impl tokio::io::AsyncWrite for SocketWriter {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.get_mut().poll_written(cx, |w| w.try_write(buf))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.get_mut()
+            .poll_written(cx, |w| w.try_write_vectored(bufs))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
     }
 
     fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {

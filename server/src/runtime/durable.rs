@@ -34,6 +34,7 @@ use crate::config::{NetworkMode, RuntimeConfig};
 use crate::keeper::agentio::Writer;
 use crate::keeper::group::{GroupControl, stop_network_helper};
 use crate::keeper::layout::{RunDir, STDERR_TAIL_BYTES, SessionDir};
+use crate::keeper::linequeue::LineQueue;
 use crate::keeper::protocol::{self, Decoder, KeeperSpec, Message, user_marker};
 
 /// Longest Unix socket path the kernel accepts (`sockaddr_un.sun_path`, with its NUL).
@@ -639,20 +640,20 @@ async fn stdin_writer(
     cancel: CancellationToken,
     user_markers: bool,
 ) {
-    let mut buf = Vec::with_capacity(64 * 1024);
+    // Large lines go to the socket as they came (vectored writes); small ones are gathered.
+    let mut queue = LineQueue::default();
     // The sender the keeper last heard of on this connection.
     let mut last_user: Option<Arc<str>> = None;
-    let mut add = |buf: &mut Vec<u8>, input: Input| {
+    let mut add = |queue: &mut LineQueue, input: Input| {
         if user_markers
             && let Some(user) = input.user
             && last_user.as_ref() != Some(&user)
         {
-            buf.extend_from_slice(&user_marker(&user));
+            queue.push_raw(&user_marker(&user));
             last_user = Some(user);
         }
         for line in &input.lines {
-            buf.extend_from_slice(line);
-            buf.push(b'\n');
+            queue.push_line(line);
         }
     };
     loop {
@@ -664,21 +665,26 @@ async fn stdin_writer(
             // The server is stopping; a durable agent keeps running without us.
             () = cancel.cancelled() => return,
         };
-        buf.clear();
-        add(&mut buf, first);
-        while buf.len() < STDIN_BATCH {
+        add(&mut queue, first);
+        while queue.len() < STDIN_BATCH {
             match rx.try_recv() {
-                Ok(line) => add(&mut buf, line),
+                Ok(line) => add(&mut queue, line),
                 Err(_) => break,
             }
         }
-        let written = async {
-            stdin.write_all(&buf).await?;
-            stdin.flush().await
-        };
-        if let Err(e) = written.await {
-            tracing::debug!(session = %session, error = %e, "agent stdin closed");
-            return;
+        while !queue.is_empty() {
+            let written = stdin.write_vectored(&queue.slices()).await;
+            match written {
+                Ok(0) => {
+                    tracing::debug!(session = %session, "agent stdin closed");
+                    return;
+                }
+                Err(e) => {
+                    tracing::debug!(session = %session, error = %e, "agent stdin closed");
+                    return;
+                }
+                Ok(n) => queue.consume(n),
+            }
         }
     }
     let _ = stdin.shutdown().await;
