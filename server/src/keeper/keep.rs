@@ -41,6 +41,7 @@ use super::framing::{LineSplitter, Piece};
 use super::group::{AgentControl, GroupControl};
 use super::journal::{JournalLimits, JournalWriter};
 use super::layout::RunDir;
+use super::linequeue::{consume_parts, slices_of};
 use super::protocol::{self, KeeperSpec, USER_MARKER};
 use super::socket::{RoomWait, SocketReader, SocketWriter};
 
@@ -517,8 +518,8 @@ impl Outbox {
         if !inner.sending
             && let Some(socket) = inner.socket.clone()
         {
-            if let Ok(n) = socket.try_write_vectored(&slices(&inner.queue)) {
-                consume(&mut inner.queue, n);
+            if let Ok(n) = socket.try_write_vectored(&slices_of(&inner.queue)) {
+                consume_parts(&mut inner.queue, n);
             }
             if inner.queue.is_empty() {
                 inner.line_bytes = 0;
@@ -591,39 +592,11 @@ impl Outbox {
     }
 }
 
-/// Most buffers given to one vectored write.
-const MAX_SLICES: usize = 64;
-
-/// The first buffers of `queue`, for a vectored write.
-fn slices(queue: &VecDeque<Bytes>) -> Vec<io::IoSlice<'_>> {
-    queue
-        .iter()
-        .take(MAX_SLICES)
-        .map(|b| io::IoSlice::new(b))
-        .collect()
-}
-
-/// Drops the first `n` bytes of `queue` (written).
-fn consume(queue: &mut VecDeque<Bytes>, mut n: usize) {
-    while n > 0 {
-        let Some(front) = queue.front_mut() else {
-            return;
-        };
-        if front.len() <= n {
-            n -= front.len();
-            queue.pop_front();
-        } else {
-            bytes::Buf::advance(front, n);
-            return;
-        }
-    }
-}
-
 /// Writes all of `queue` to the socket, in order, waiting for room as needed.
 async fn write_queue(write: &SocketWriter, mut queue: VecDeque<Bytes>) -> io::Result<()> {
     let mut wait = RoomWait::default();
     while !queue.is_empty() {
-        let written = match write.try_write_vectored(&slices(&queue)) {
+        let written = match write.try_write_vectored(&slices_of(&queue)) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -633,7 +606,7 @@ async fn write_queue(write: &SocketWriter, mut queue: VecDeque<Bytes>) -> io::Re
             Err(e) if e.kind() == io::ErrorKind::Interrupted => 0,
             Err(e) => return Err(e),
         };
-        consume(&mut queue, written);
+        consume_parts(&mut queue, written);
     }
     Ok(())
 }
@@ -812,7 +785,7 @@ mod tests {
 
     use bytes::Bytes;
 
-    use super::{consume, slices};
+    use super::super::linequeue::{MAX_SLICES, consume_parts, slices_of};
 
     fn rest(queue: &VecDeque<Bytes>) -> Vec<u8> {
         queue.iter().flat_map(|b| b.iter().copied()).collect()
@@ -827,7 +800,7 @@ mod tests {
                     .into_iter()
                     .map(Bytes::from_static)
                     .collect();
-            consume(&mut queue, written);
+            consume_parts(&mut queue, written);
             assert_eq!(
                 rest(&queue),
                 all[written..],
@@ -843,8 +816,8 @@ mod tests {
     #[test]
     fn a_vectored_write_is_offered_the_queue_in_order() {
         let queue: VecDeque<Bytes> = (0..100u8).map(|i| Bytes::from(vec![i])).collect();
-        let offered = slices(&queue);
-        assert_eq!(offered.len(), super::MAX_SLICES);
+        let offered = slices_of(&queue);
+        assert_eq!(offered.len(), MAX_SLICES);
         assert!(offered.iter().enumerate().all(|(i, s)| s[..] == [i as u8]));
     }
 }

@@ -96,14 +96,7 @@ impl LineQueue {
     /// The first buffers to write, in order (at most [`MAX_SLICES`]), without allocating:
     /// this is asked for before every write.
     pub fn slices(&self) -> Slices<'_> {
-        let mut slices = Slices {
-            bufs: [IoSlice::new(&[]); MAX_SLICES],
-            len: 0,
-        };
-        for part in self.parts.iter().take(MAX_SLICES) {
-            slices.bufs[slices.len] = IoSlice::new(part);
-            slices.len += 1;
-        }
+        let mut slices = slices_of(&self.parts);
         if slices.len < MAX_SLICES && slices.len == self.parts.len() && !self.open.is_empty() {
             slices.bufs[slices.len] = IoSlice::new(&self.open);
             slices.len += 1;
@@ -112,23 +105,41 @@ impl LineQueue {
     }
 
     /// Drops the first `n` bytes (written).
-    pub fn consume(&mut self, mut n: usize) {
+    pub fn consume(&mut self, n: usize) {
         self.len -= n.min(self.len);
-        while n > 0 {
-            let Some(front) = self.parts.front_mut() else {
-                let n = n.min(self.open.len());
-                self.open.advance(n);
-                return;
-            };
-            if front.len() <= n {
-                n -= front.len();
-                self.parts.pop_front();
-            } else {
-                front.advance(n);
-                return;
-            }
+        let rest = consume_parts(&mut self.parts, n);
+        self.open.advance(rest.min(self.open.len()));
+    }
+}
+
+/// The first buffers of `parts`, in order (at most [`MAX_SLICES`]), for a vectored write.
+pub fn slices_of(parts: &VecDeque<Bytes>) -> Slices<'_> {
+    let mut slices = Slices {
+        bufs: [IoSlice::new(&[]); MAX_SLICES],
+        len: 0,
+    };
+    for part in parts.iter().take(MAX_SLICES) {
+        slices.bufs[slices.len] = IoSlice::new(part);
+        slices.len += 1;
+    }
+    slices
+}
+
+/// Drops the first `n` bytes of `parts` (written); returns how many of `n` lay beyond them.
+pub fn consume_parts(parts: &mut VecDeque<Bytes>, mut n: usize) -> usize {
+    while n > 0 {
+        let Some(front) = parts.front_mut() else {
+            return n;
+        };
+        if front.len() <= n {
+            n -= front.len();
+            parts.pop_front();
+        } else {
+            front.advance(n);
+            return 0;
         }
     }
+    0
 }
 
 #[cfg(test)]
