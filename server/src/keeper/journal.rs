@@ -12,7 +12,7 @@
 
 use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
@@ -686,28 +686,28 @@ pub fn visit_from(
     from: u64,
     mut visit: impl FnMut(&[u8]) -> std::ops::ControlFlow<()>,
 ) -> io::Result<()> {
-    let (index, _) = scan(dir)?;
-    let mut line = Vec::new();
-    for segment in index.segments {
-        let mut reader = BufReader::with_capacity(
-            256 * 1024,
-            File::open(segment_path(dir, segment.first_seq))?,
-        );
-        let mut seq = segment.first_seq;
-        let mut read = 0u64;
-        // Only what the index counts: a line still being written is left alone.
-        while read < segment.bytes {
-            line.clear();
-            let n = reader.read_until(b'\n', &mut line)?;
-            if n == 0 || line.last() != Some(&b'\n') {
-                break;
-            }
-            read += n as u64;
-            if seq >= from && visit(&line[..n - 1]).is_break() {
+    // Only the whole lines the index counts: a line still being written is left alone.
+    let (index, next_seq) = scan(dir)?;
+    let segments = index.segment_starts();
+    let mut seq = index.first_seq().map_or(from, |first| from.max(first));
+    while seq < next_seq {
+        let Some(checkpoint) = index.checkpoint_for(seq) else {
+            break;
+        };
+        let DiskRead::Lines(lines) =
+            read_lines(dir, &segments, checkpoint, seq, next_seq - 1, 1 << 20)?
+        else {
+            break;
+        };
+        if lines.is_empty() {
+            break;
+        }
+        for line in &lines {
+            if visit(line).is_break() {
                 return Ok(());
             }
-            seq += 1;
         }
+        seq += lines.len() as u64;
     }
     Ok(())
 }
