@@ -304,7 +304,8 @@ async fn session_route(
                 // git is asked about the worktree: off the async workers.
                 Some(_) => {
                     let session = session.clone();
-                    blocking(move || session.fresh_summary()).await?
+                    let projects = app.sessions.projects().clone();
+                    blocking(move || session.fresh_summary(&projects)).await?
                 }
                 None => session.summary(),
             };
@@ -496,7 +497,8 @@ async fn session_diff(
     let session = app.sessions.get(&id).ok_or(SessionError::NotFound)?;
     may_use(&identity, &session)?;
     let worktree = session.worktree().cloned().ok_or(ApiError::NotInProject)?;
-    let diff = blocking(move || crate::projects::diff(&worktree, uncommitted.is_set())).await??;
+    let projects = app.sessions.projects().clone();
+    let diff = blocking(move || projects.diff(&worktree, uncommitted.is_set())).await??;
     let limit = app.limits.max_file_bytes as u64;
     if diff.len() as u64 > limit {
         return Err(ApiError::TooLarge {

@@ -157,12 +157,9 @@ impl EventBus {
     /// A bus as [`EventBus::new`] that admits at most `max_streams` streams at once.
     pub fn with_stream_limit(capacity: usize, max_streams: usize) -> Self {
         let capacity = capacity.max(1);
-        let mut raw = [0u8; 4];
         // Any value that differs between runs will do; the time is the fallback.
-        if getrandom::fill(&mut raw).is_err() {
-            raw = (crate::session::now_ms() as u32).to_le_bytes();
-        }
-        let epoch = raw.iter().map(|b| format!("{b:02x}")).collect();
+        let epoch = crate::keeper::id::random_hex(4)
+            .unwrap_or_else(|_| format!("{:08x}", crate::session::now_ms() as u32));
         Self {
             inner: Arc::new(Inner {
                 epoch,

@@ -108,6 +108,45 @@ pub struct Config {
     pub moorline_exe: Option<PathBuf>,
     /// Notifications: when they are sent and through which channels.
     pub notify: NotifyConfig,
+    /// What the server's own helper programs (git) take from its environment; filled in when
+    /// loading, never from a file or flag.
+    #[serde(skip)]
+    pub helper_env: HelperEnv,
+}
+
+/// The part of the server's environment its own helper programs get (git, for projects):
+/// captured by config, the one reader of the environment, and passed down.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HelperEnv {
+    /// The server's `PATH`, where git and the programs git runs (`ssh`, its remote helpers)
+    /// are found.
+    pub path: Option<String>,
+    /// The server's temporary directory (`TMPDIR`, else `/tmp`).
+    pub temp_dir: PathBuf,
+}
+
+/// The server process's own (a configuration built in code, not loaded, still runs git).
+impl Default for HelperEnv {
+    fn default() -> Self {
+        let env = ["PATH", "TMPDIR"]
+            .into_iter()
+            .filter_map(|k| Some((k.to_owned(), std::env::var(k).ok()?)))
+            .collect();
+        Self::from_env(&env)
+    }
+}
+
+impl HelperEnv {
+    /// The helpers' environment out of the server's (`env`).
+    pub fn from_env(env: &std::collections::BTreeMap<String, String>) -> Self {
+        Self {
+            path: env.get("PATH").cloned(),
+            temp_dir: env
+                .get("TMPDIR")
+                .filter(|dir| dir.starts_with('/'))
+                .map_or_else(|| PathBuf::from("/tmp"), PathBuf::from),
+        }
+    }
 }
 
 impl Default for Config {
@@ -134,6 +173,7 @@ impl Default for Config {
             instances: Vec::new(),
             moorline_exe: None,
             notify: NotifyConfig::default(),
+            helper_env: HelperEnv::default(),
         }
     }
 }

@@ -178,6 +178,7 @@ impl Config {
             .iter()
             .filter_map(|k| Some((k.clone(), sources.env.get(k)?.clone())))
             .collect();
+        config.helper_env = super::HelperEnv::from_env(&sources.env);
         config.validate()?;
         Ok(config)
     }

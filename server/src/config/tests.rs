@@ -357,3 +357,21 @@ fn amarre_push_variables_and_notify_keys() {
         .to_string();
     assert!(e.contains("AMARRE_PUSH_GRACE_MS"), "{e}");
 }
+
+#[test]
+fn helper_programs_get_the_servers_path_and_temporary_directory_whatever_pass_env_says() {
+    let c = load(&[
+        ("PATH", "/opt/git/bin:/usr/bin"),
+        ("TMPDIR", "/var/tmp/moorline"),
+        ("MOORLINE_RUNTIME__PASS_ENV", "LANG"),
+    ])
+    .expect("load");
+    assert_eq!(c.helper_env.path.as_deref(), Some("/opt/git/bin:/usr/bin"));
+    assert_eq!(c.helper_env.temp_dir, PathBuf::from("/var/tmp/moorline"));
+    // Agents get only what pass_env names; git still finds its programs.
+    assert!(!c.runtime.passed_env.contains_key("PATH"));
+    // A relative TMPDIR (or none) means /tmp: never a directory relative to the server's cwd.
+    let c = load(&[("TMPDIR", "tmp")]).expect("load");
+    assert_eq!(c.helper_env.temp_dir, PathBuf::from("/tmp"));
+    assert_eq!(c.helper_env.path, None);
+}

@@ -3,6 +3,9 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Arc;
+
+use crate::config::HelperEnv;
 
 /// A git command that failed.
 #[derive(Debug, thiserror::Error)]
@@ -27,26 +30,29 @@ pub struct Git {
     /// Who git runs as (uid, gid): the owner of the repository, so what git creates is theirs
     /// and git trusts the repository (`safe.directory`). `None`: as the server.
     user: Option<(u32, u32)>,
+    /// The server's `PATH`, the one thing of its environment git gets.
+    env: Arc<HelperEnv>,
 }
 
 impl Git {
     /// Git in `dir`, run as `user`.
-    pub fn new(dir: impl Into<PathBuf>, user: Option<(u32, u32)>) -> Self {
+    pub fn new(dir: impl Into<PathBuf>, user: Option<(u32, u32)>, env: Arc<HelperEnv>) -> Self {
         Self {
             dir: dir.into(),
             user,
+            env,
         }
     }
 
     /// Git in `dir`, run as the owner of `dir` when the server is root.
-    pub fn as_owner(dir: &Path) -> Result<Self, GitError> {
+    pub fn as_owner(dir: &Path, env: Arc<HelperEnv>) -> Result<Self, GitError> {
         use std::os::unix::fs::MetadataExt;
         let meta = std::fs::metadata(dir).map_err(GitError::Spawn)?;
         let user = nix::unistd::geteuid()
             .is_root()
             .then_some((meta.uid(), meta.gid()))
             .filter(|&(uid, _)| uid != 0);
-        Ok(Self::new(dir, user))
+        Ok(Self::new(dir, user, env))
     }
 
     /// The directory git runs in.
@@ -69,7 +75,7 @@ impl Git {
             // Nothing from the server's environment or a global configuration decides what
             // these commands do, and git never asks a question.
             .env_clear()
-            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("PATH", self.env.path.as_deref().unwrap_or_default())
             .env("GIT_CONFIG_NOSYSTEM", "1")
             .env("GIT_CONFIG_GLOBAL", "/dev/null")
             .env("GIT_TERMINAL_PROMPT", "0")
@@ -208,6 +214,7 @@ pub fn clone_into(
     path: &Path,
     credentials: Option<&Path>,
     owner: Option<(u32, u32)>,
+    env: &Arc<HelperEnv>,
 ) -> Result<(), GitError> {
     let parent = path.parent().unwrap_or(Path::new("/"));
     let mut args: Vec<String> = vec![
@@ -221,7 +228,7 @@ pub fn clone_into(
         args.extend(["-c".into(), format!("protocol.{transport}.allow=always")]);
     }
     let copy = match credentials {
-        Some(file) => Some(private_copy(file, owner).map_err(GitError::Spawn)?),
+        Some(file) => Some(private_copy(file, owner, &env.temp_dir).map_err(GitError::Spawn)?),
         None => None,
     };
     if let Some(copy) = &copy {
@@ -238,7 +245,7 @@ pub fn clone_into(
         path.to_string_lossy().into_owned(),
     ]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let cloned = Git::new(parent, owner.filter(|&(uid, _)| uid != 0)).run(&args);
+    let cloned = Git::new(parent, owner.filter(|&(uid, _)| uid != 0), env.clone()).run(&args);
     if let Some(copy) = copy {
         let _ = std::fs::remove_file(copy);
     }
@@ -247,14 +254,16 @@ pub fn clone_into(
 
 /// A copy of the credentials file only `owner` can read, in the server's temporary directory
 /// (which containers do not see).
-fn private_copy(file: &Path, owner: Option<(u32, u32)>) -> std::io::Result<PathBuf> {
+fn private_copy(
+    file: &Path,
+    owner: Option<(u32, u32)>,
+    temp_dir: &Path,
+) -> std::io::Result<PathBuf> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let body = std::fs::read(file)?;
-    let mut raw = [0u8; 8];
-    getrandom::fill(&mut raw).map_err(|e| std::io::Error::other(e.to_string()))?;
-    let name: String = raw.iter().map(|b| format!("{b:02x}")).collect();
-    let copy = std::env::temp_dir().join(format!("moorline-git-credentials-{name}"));
+    let name = crate::keeper::id::random_hex(8)?;
+    let copy = temp_dir.join(format!("moorline-git-credentials-{name}"));
     let mut out = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -265,4 +274,39 @@ fn private_copy(file: &Path, owner: Option<(u32, u32)>) -> std::io::Result<PathB
     }
     out.write_all(&body)?;
     Ok(copy)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::{Git, GitError};
+    use crate::config::HelperEnv;
+
+    fn env(path: Option<String>) -> Arc<HelperEnv> {
+        Arc::new(HelperEnv {
+            path,
+            temp_dir: "/tmp".into(),
+        })
+    }
+
+    #[test]
+    fn git_is_found_through_the_path_config_captured_and_nowhere_else() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let empty = tempfile::tempdir().expect("tmp");
+        // The test process has git on its PATH; a configured PATH without it must not find it.
+        let lost = Git::new(
+            dir.path(),
+            None,
+            env(Some(empty.path().display().to_string())),
+        )
+        .run(&["--version"])
+        .expect_err("no git on that PATH");
+        assert!(matches!(lost, GitError::Spawn(_)), "{lost}");
+        let path = std::env::var("PATH").expect("PATH");
+        let found = Git::new(dir.path(), None, env(Some(path)))
+            .run(&["--version"])
+            .expect("git on the server's PATH");
+        assert!(found.starts_with("git version"), "{found}");
+    }
 }

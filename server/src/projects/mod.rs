@@ -9,7 +9,7 @@
 //! and answer bodies are the wire's ([`crate::wire`]).
 
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use indexmap::IndexMap;
 use serde::{Deserialize, Serialize};
@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 pub mod files;
 pub mod git;
 
+use crate::config::HelperEnv;
 use git::{Git, GitError};
 
 pub use crate::wire::{NewProject, Project};
@@ -90,13 +91,19 @@ pub struct Projects {
     file: PathBuf,
     /// The server's git credential store, for clones.
     credentials: Option<PathBuf>,
+    /// What git gets of the server's environment.
+    env: Arc<HelperEnv>,
     map: Mutex<IndexMap<String, Project>>,
 }
 
 impl Projects {
     /// The projects recorded in `file` (none if it does not exist); clones read
-    /// `credentials`.
-    pub fn open(file: PathBuf, credentials: Option<PathBuf>) -> Result<Self, ProjectError> {
+    /// `credentials`; git runs with `env`.
+    pub fn open(
+        file: PathBuf,
+        credentials: Option<PathBuf>,
+        env: HelperEnv,
+    ) -> Result<Self, ProjectError> {
         let map = match std::fs::read(&file) {
             Ok(body) => serde_json::from_slice::<Vec<Project>>(&body)
                 .map_err(|e| ProjectError::Io(std::io::Error::other(e)))?
@@ -109,6 +116,7 @@ impl Projects {
         Ok(Self {
             file,
             credentials,
+            env: Arc::new(env),
             map: Mutex::new(map),
         })
     }
@@ -174,7 +182,7 @@ impl Projects {
                 "must lie inside one of the instance's workspace_roots".into(),
             ));
         }
-        let git = Git::as_owner(&path)?;
+        let git = self.git(&path)?;
         let top = git
             .toplevel()
             .map_err(|e| invalid("path", format!("not a git repository: {e}")))?;
@@ -306,7 +314,7 @@ impl Projects {
                 .then_some((meta.uid(), meta.gid()))
         };
         let target = parent.join(path.file_name().unwrap_or_default());
-        git::clone_into(url, &target, self.credentials.as_deref(), owner).map_err(|e| {
+        git::clone_into(url, &target, self.credentials.as_deref(), owner, &self.env).map_err(|e| {
             // Nothing half-cloned stays behind.
             let _ = std::fs::remove_dir_all(&target);
             // git's own words only (the arguments name the credentials file).
@@ -335,11 +343,12 @@ impl Projects {
     /// existing branch not checked out elsewhere, or a new one from the default branch), else
     /// on a new branch `moorline/<name>`.
     pub fn create_worktree(
+        &self,
         project: &Project,
         name: &str,
         branch: Option<&str>,
     ) -> Result<Worktree, ProjectError> {
-        let git = Git::as_owner(&project.path)?;
+        let git = self.git(&project.path)?;
         let branch = branch.map_or_else(|| format!("moorline/{name}"), str::to_owned);
         if !git.valid_branch_name(&branch) {
             return Err(ProjectError::Invalid {
@@ -376,8 +385,8 @@ impl Projects {
 
     /// Whether the worktree holds uncommitted changes, and how far its branch is ahead of
     /// its base.
-    pub fn state(worktree: &Worktree) -> Result<TreeState, ProjectError> {
-        let git = Git::as_owner(&worktree.path)?;
+    pub fn state(&self, worktree: &Worktree) -> Result<TreeState, ProjectError> {
+        let git = self.git(&worktree.path)?;
         Ok(TreeState {
             dirty: !git.status()?.is_empty(),
             ahead: git.ahead_of(&worktree.base)?,
@@ -387,11 +396,15 @@ impl Projects {
     /// Removes a session's worktree unless it holds work (uncommitted changes, or commits its
     /// base does not have) and `force` is false. A removed worktree's branch goes with it when
     /// it holds nothing its base lacks.
-    pub fn remove_worktree(worktree: &Worktree, force: bool) -> Result<Removal, ProjectError> {
+    pub fn remove_worktree(
+        &self,
+        worktree: &Worktree,
+        force: bool,
+    ) -> Result<Removal, ProjectError> {
         if !worktree.path.exists() {
             return Ok(Removal::Removed);
         }
-        let state = Self::state(worktree)?;
+        let state = self.state(worktree)?;
         if !force && (state.dirty || state.ahead > 0) {
             return Ok(Removal::Kept(format!(
                 "the worktree {} holds {}: kept (delete with ?force=1 to remove it)",
@@ -413,7 +426,7 @@ impl Projects {
             .parent()
             .unwrap_or(&worktree.git_dir)
             .to_owned();
-        let git = Git::as_owner(&main)?;
+        let git = self.git(&main)?;
         git.worktree_remove(&worktree.path, force)?;
         if state.ahead == 0 && worktree.branch.starts_with("moorline/") {
             // Only branches moorline made, and only when nothing would be lost.
@@ -421,13 +434,18 @@ impl Projects {
         }
         Ok(Removal::Removed)
     }
-}
 
-/// The worktree's changes: against its base (everything its branch and working tree add),
-/// or (`uncommitted`) only what is not committed yet.
-pub fn diff(worktree: &Worktree, uncommitted: bool) -> Result<String, ProjectError> {
-    let git = Git::as_owner(&worktree.path)?;
-    Ok(git.diff((!uncommitted).then_some(worktree.base.as_str()))?)
+    /// The worktree's changes: against its base (everything its branch and working tree add),
+    /// or (`uncommitted`) only what is not committed yet.
+    pub fn diff(&self, worktree: &Worktree, uncommitted: bool) -> Result<String, ProjectError> {
+        let git = self.git(&worktree.path)?;
+        Ok(git.diff((!uncommitted).then_some(worktree.base.as_str()))?)
+    }
+
+    /// Git in `dir`, as the owner of `dir`.
+    fn git(&self, dir: &Path) -> Result<Git, GitError> {
+        Git::as_owner(dir, self.env.clone())
+    }
 }
 
 fn valid_id_char(c: char) -> bool {

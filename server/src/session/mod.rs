@@ -378,9 +378,9 @@ impl Session {
 
     /// [`Session::summary`] with its worktree's state asked of git now (the agent changes the
     /// tree as it works). It runs git: call it off the async workers.
-    pub fn fresh_summary(&self) -> SessionSummary {
+    pub fn fresh_summary(&self, projects: &crate::projects::Projects) -> SessionSummary {
         if let Some(worktree) = &self.worktree
-            && let Ok(state) = crate::projects::Projects::state(worktree)
+            && let Ok(state) = projects.state(worktree)
         {
             *self.tree.lock().unwrap_or_else(|p| p.into_inner()) = Some(state);
         }

@@ -73,6 +73,7 @@ impl SessionManager {
         let projects = Arc::new(Projects::open(
             config.state_dir.join(PROJECTS_FILE),
             config.git_credentials_file.clone(),
+            config.helper_env.clone(),
         )?);
         let manager = Arc::new(Self {
             projects,
@@ -146,7 +147,10 @@ impl SessionManager {
     /// ([`Session::fresh_summary`]): call it off the async workers.
     pub fn fresh_list(&self) -> Vec<SessionSummary> {
         let sessions: Vec<Arc<Session>> = self.read().values().cloned().collect();
-        sessions.iter().map(|s| s.fresh_summary()).collect()
+        sessions
+            .iter()
+            .map(|s| s.fresh_summary(&self.projects))
+            .collect()
     }
 
     /// Counts of sessions by status, for metrics.
@@ -225,9 +229,11 @@ impl SessionManager {
             Some(project) => {
                 let branch = req.branch.clone();
                 let name = id.clone();
+                let projects = self.projects.clone();
                 let made = tokio::task::spawn_blocking(move || {
-                    Projects::create_worktree(&project, &name, branch.as_deref())
-                        .map(|w| (Projects::state(&w).ok(), w))
+                    projects
+                        .create_worktree(&project, &name, branch.as_deref())
+                        .map(|w| (projects.state(&w).ok(), w))
                 })
                 .await
                 .map_err(|e| SessionError::Io(io::Error::other(e)))?;
@@ -269,7 +275,7 @@ impl SessionManager {
             Ok(s) => s,
             Err(e) => {
                 let _ = std::fs::remove_dir_all(dir.path());
-                discard_worktree(worktree).await;
+                discard_worktree(&self.projects, worktree).await;
                 return Err(e);
             }
         };
@@ -282,7 +288,7 @@ impl SessionManager {
             // A failed spawn leaves nothing behind: no session, no slot, no directory, no
             // worktree.
             let _ = std::fs::remove_dir_all(dir.path());
-            discard_worktree(worktree).await;
+            discard_worktree(&self.projects, worktree).await;
             return Err(e);
         }
         self.insert(session.clone());
@@ -390,11 +396,11 @@ impl SessionManager {
         }
         let removal = match session.worktree.clone() {
             Some(worktree) => {
-                let removed = tokio::task::spawn_blocking(move || {
-                    Projects::remove_worktree(&worktree, force)
-                })
-                .await
-                .map_err(|e| SessionError::Io(io::Error::other(e)))?;
+                let projects = self.projects.clone();
+                let removed =
+                    tokio::task::spawn_blocking(move || projects.remove_worktree(&worktree, force))
+                        .await
+                        .map_err(|e| SessionError::Io(io::Error::other(e)))?;
                 match removed {
                     Ok(removal) => removal,
                     Err(e) => {
@@ -530,10 +536,11 @@ impl SessionManager {
 }
 
 /// Removes the worktree of a session that never started (nothing in it is anybody's work).
-async fn discard_worktree(worktree: Option<crate::projects::Worktree>) {
+async fn discard_worktree(projects: &Arc<Projects>, worktree: Option<crate::projects::Worktree>) {
     if let Some(worktree) = worktree {
+        let projects = projects.clone();
         let _ =
-            tokio::task::spawn_blocking(move || Projects::remove_worktree(&worktree, true)).await;
+            tokio::task::spawn_blocking(move || projects.remove_worktree(&worktree, true)).await;
     }
 }
 
