@@ -23,11 +23,11 @@ use crate::projects::Removal;
 use crate::security::{self, AccessPolicy, Identity, Via};
 use crate::session::{CreateRequest, SessionError, SessionManager};
 use crate::wire::{
-    CreateSession, DeletedKeptWorktree, InstanceSummary, Listing, Me, NewProject, Project, Restart,
-    WorktreeFate,
+    CreateSession, DeletedKeptWorktree, InstanceSummary, Listing, Me, NewProject, NewPushToken,
+    Project, PushToken, Restart, WebPushKey, WebSubscribed, WebSubscription, WorktreeFate,
 };
 use crate::ws;
-use serde_json::{Value, json};
+use serde_json::Value;
 
 /// Shared state of every handler.
 #[derive(Debug, Clone)]
@@ -561,15 +561,16 @@ fn caller(identity: &Identity) -> crate::notifier::Caller<'_> {
     }
 }
 
-/// A push request's body as amarre reads it: JSON whatever the content type, anything else
-/// (or a body over `limits.max_request_bytes`) an empty object.
-fn lenient_object(body: &[u8], limit: usize) -> serde_json::Map<String, Value> {
+/// A push request's body as amarre reads it: JSON whatever the content type; anything else
+/// (or a body over `limits.max_request_bytes`) reads as an empty object.
+fn lenient_body<T: serde::de::DeserializeOwned + Default>(body: &[u8], limit: usize) -> T {
     if body.len() > limit {
-        return serde_json::Map::new();
+        return T::default();
     }
+    // Through a `Value`, so a key given twice counts once (the last), as amarre's parser has it.
     match serde_json::from_slice(body) {
-        Ok(Value::Object(obj)) => obj,
-        _ => serde_json::Map::new(),
+        Ok(value @ Value::Object(_)) => serde_json::from_value(value).unwrap_or_default(),
+        _ => T::default(),
     }
 }
 
@@ -589,16 +590,15 @@ async fn push_tokens(
             let tokens = notifier
                 .expo_tokens(caller(&identity))
                 .ok_or(ApiError::PushDisabled)?;
-            let list: Vec<Value> = tokens.iter().map(|t| t.public()).collect();
+            let list: Vec<PushToken> = tokens.iter().map(|t| t.public()).collect();
             Ok(Json(list).into_response())
         }
         Method::POST => {
-            let obj = lenient_object(&body, app.limits.max_request_bytes);
-            let text = |k: &str| obj.get(k).and_then(Value::as_str).map(str::to_owned);
+            let new: NewPushToken = lenient_body(&body, app.limits.max_request_bytes);
             let req = crate::notifier::TokenRequest {
-                token: text("token").unwrap_or_default(),
-                device_name: text("deviceName"),
-                platform: text("platform"),
+                token: new.token.unwrap_or_default(),
+                device_name: new.device_name,
+                platform: new.platform,
             };
             let (token, created) = notifier
                 .register_expo(caller(&identity), req)
@@ -635,12 +635,14 @@ async fn push_token(
 }
 
 /// `GET /push/web/key`: the VAPID public key browsers subscribe with.
-async fn web_push_key(State(app): State<AppState>) -> Result<Json<Value>, ApiError> {
+async fn web_push_key(State(app): State<AppState>) -> Result<Json<WebPushKey>, ApiError> {
     let key = app
         .notifier
         .web_public_key()
         .ok_or(ApiError::PushDisabled)?;
-    Ok(Json(json!({"publicKey": key})))
+    Ok(Json(WebPushKey {
+        public_key: key.to_owned(),
+    }))
 }
 
 /// `POST /push/web/subscriptions`: a browser's `PushSubscription` (its JSON form).
@@ -652,19 +654,16 @@ async fn web_subscribe(
     if app.notifier.web_public_key().is_none() {
         return Err(ApiError::PushDisabled);
     }
-    let obj = lenient_object(&body, app.limits.max_request_bytes);
-    let endpoint = obj
-        .get("endpoint")
-        .and_then(Value::as_str)
+    let subscription: WebSubscription = lenient_body(&body, app.limits.max_request_bytes);
+    let endpoint = subscription
+        .endpoint
         .ok_or_else(|| ApiError::InvalidSubscription("endpoint: missing".into()))?;
-    let keys: crate::notifier::store::WebKeys = obj
-        .get("keys")
-        .cloned()
-        .and_then(|k| serde_json::from_value(k).ok())
+    let keys = subscription
+        .keys
         .ok_or_else(|| ApiError::InvalidSubscription("keys: must hold p256dh and auth".into()))?;
     let created = app
         .notifier
-        .subscribe_web(caller(&identity), endpoint.to_owned(), keys)
+        .subscribe_web(caller(&identity), endpoint.clone(), keys.into())
         .ok_or(ApiError::PushDisabled)?
         .map_err(ApiError::InvalidSubscription)?;
     let status = if created {
@@ -672,11 +671,11 @@ async fn web_subscribe(
     } else {
         StatusCode::OK
     };
-    Ok((
-        status,
-        Json(json!({"endpoint": endpoint, "user": &*identity.user})),
-    )
-        .into_response())
+    let answer = WebSubscribed {
+        endpoint,
+        user: identity.user.to_string(),
+    };
+    Ok((status, Json(answer)).into_response())
 }
 
 /// `DELETE /push/web/subscriptions` with `{"endpoint": …}`: 204 whether or not it existed.
@@ -685,13 +684,12 @@ async fn web_unsubscribe(
     identity: Identity,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let obj = lenient_object(&body, app.limits.max_request_bytes);
-    let endpoint = obj
-        .get("endpoint")
-        .and_then(Value::as_str)
+    let subscription: WebSubscription = lenient_body(&body, app.limits.max_request_bytes);
+    let endpoint = subscription
+        .endpoint
         .ok_or_else(|| ApiError::InvalidSubscription("endpoint: missing".into()))?;
     app.notifier
-        .unsubscribe_web(caller(&identity), endpoint)
+        .unsubscribe_web(caller(&identity), &endpoint)
         .ok_or(ApiError::PushDisabled)?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }

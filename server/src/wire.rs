@@ -10,7 +10,8 @@ use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use serde::{Deserialize, Serialize};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Deserializer, Serialize};
 
 pub use moorline_adapters::pipeline::Decision;
 
@@ -468,6 +469,103 @@ impl ApprovalResolved {
     }
 }
 
+/// `POST /push/tokens`: an Expo push token to register, read as amarre reads it: the body is
+/// JSON whatever its content type, and a field that is missing or not a string is absent.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NewPushToken {
+    /// `ExponentPushToken[…]` or `ExpoPushToken[…]`.
+    #[serde(
+        default,
+        deserialize_with = "lenient",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub token: Option<String>,
+    /// The device's name.
+    #[serde(
+        default,
+        deserialize_with = "lenient",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub device_name: Option<String>,
+    /// `ios`, `android` or `web`.
+    #[serde(
+        default,
+        deserialize_with = "lenient",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub platform: Option<String>,
+}
+
+/// One registered Expo push token, as `GET /push/tokens` lists it (never whose it is).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PushToken {
+    /// The token.
+    pub token: String,
+    /// The device's name, at most 64 characters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_name: Option<String>,
+    /// `ios`, `android` or `web`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub platform: Option<String>,
+    /// When it was registered, ms since the epoch.
+    pub registered_at: u64,
+}
+
+/// `GET /push/web/key`: the VAPID public key browsers subscribe with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WebPushKey {
+    /// Base64url, uncompressed P-256 point: what `pushManager.subscribe` takes.
+    pub public_key: String,
+}
+
+/// `POST /push/web/subscriptions`: a browser's `PushSubscription` in its JSON form (other keys,
+/// such as `expirationTime`, are ignored); `DELETE` needs only the `endpoint`. Read leniently,
+/// like the Expo body: a field of the wrong shape is absent, and the answer says which.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WebSubscription {
+    /// The push service's URL for this browser.
+    #[serde(
+        default,
+        deserialize_with = "lenient",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub endpoint: Option<String>,
+    /// The browser's keys.
+    #[serde(
+        default,
+        deserialize_with = "lenient",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub keys: Option<WebPushKeys>,
+}
+
+/// The keys of a [`WebSubscription`], base64url as browsers give them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WebPushKeys {
+    /// The browser's P-256 public key (65 bytes, uncompressed).
+    pub p256dh: String,
+    /// The shared authentication secret (16 bytes).
+    pub auth: String,
+}
+
+/// The answer to a Web Push subscription: its endpoint, and whose it now is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WebSubscribed {
+    /// The subscription's endpoint.
+    pub endpoint: String,
+    /// Who it belongs to: a tailnet login, `token` or `local`.
+    pub user: String,
+}
+
+/// A field read as amarre reads the push bodies: of the expected shape, or absent.
+fn lenient<'de, D: Deserializer<'de>, T: DeserializeOwned>(d: D) -> Result<Option<T>, D::Error> {
+    let value = serde_json::Value::deserialize(d)?;
+    Ok(serde_json::from_value(value).ok())
+}
+
 /// Every error body of the REST API and the WebSocket upgrade: `{"error": "<code>", ...}`,
 /// the code first, then what a client needs to act on it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -783,5 +881,43 @@ mod tests {
         )
         .expect("parse");
         assert_eq!((r.decision, r.settled_by()), (Decision::Allow, "alice"));
+    }
+
+    #[test]
+    fn push_bodies_take_a_field_of_the_wrong_shape_as_absent_and_keep_the_rest() {
+        let new: NewPushToken = serde_json::from_str(
+            r#"{"token":"ExpoPushToken[x]","deviceName":5,"platform":"ios","extra":[1]}"#,
+        )
+        .expect("an object always reads");
+        assert_eq!(
+            new,
+            NewPushToken {
+                token: Some("ExpoPushToken[x]".into()),
+                device_name: None,
+                platform: Some("ios".into()),
+            }
+        );
+        let sub: WebSubscription = serde_json::from_str(
+            r#"{"endpoint":"https://push.example/1","expirationTime":null,"keys":{"p256dh":"k"}}"#,
+        )
+        .expect("an object always reads");
+        assert_eq!(sub.endpoint.as_deref(), Some("https://push.example/1"));
+        assert_eq!(sub.keys, None, "keys without auth are no keys");
+        // What the server answers reads back as the same value (one body, both sides).
+        let token = PushToken {
+            token: "ExpoPushToken[x]".into(),
+            device_name: None,
+            platform: Some("web".into()),
+            registered_at: 7,
+        };
+        let text = serde_json::to_string(&token).expect("json");
+        assert_eq!(
+            text,
+            r#"{"token":"ExpoPushToken[x]","platform":"web","registeredAt":7}"#
+        );
+        assert_eq!(
+            serde_json::from_str::<PushToken>(&text).expect("back"),
+            token
+        );
     }
 }

@@ -73,16 +73,13 @@ pub struct ExpoToken {
 
 impl ExpoToken {
     /// The entry as amarre lists it (without its owner).
-    pub fn public(&self) -> serde_json::Value {
-        let mut v = serde_json::json!({"token": self.token});
-        if let Some(name) = &self.device_name {
-            v["deviceName"] = name.clone().into();
+    pub fn public(&self) -> crate::wire::PushToken {
+        crate::wire::PushToken {
+            token: self.token.clone(),
+            device_name: self.device_name.clone(),
+            platform: self.platform.clone(),
+            registered_at: self.registered_at,
         }
-        if let Some(platform) = &self.platform {
-            v["platform"] = platform.clone().into();
-        }
-        v["registeredAt"] = self.registered_at.into();
-        v
     }
 }
 
@@ -122,6 +119,15 @@ pub struct WebKeys {
     pub p256dh: String,
     /// The shared authentication secret (16 bytes).
     pub auth: String,
+}
+
+impl From<crate::wire::WebPushKeys> for WebKeys {
+    fn from(keys: crate::wire::WebPushKeys) -> Self {
+        Self {
+            p256dh: keys.p256dh,
+            auth: keys.auth,
+        }
+    }
 }
 
 /// Keys of notifications already sent, oldest first, bounded: enough to outlast any request
