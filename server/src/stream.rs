@@ -10,11 +10,11 @@ use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::sync::Arc;
 
+use crate::wire::Snapshot;
 use axum::extract::{RawQuery, State};
 use axum::http::HeaderMap;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
 use tokio::sync::{OwnedSemaphorePermit, broadcast};
 
 use crate::api::AppState;
@@ -171,12 +171,12 @@ fn frame(app: &AppState, identity: &Identity, event: &Event) -> Option<SseEvent>
 fn snapshot(app: &AppState, identity: &Identity, seq: u64) -> SseEvent {
     let mut sessions = app.sessions.list();
     sessions.retain(|s| visible(app, identity, &s.instance_id));
-    let data = json!({"type": "snapshot", "seq": seq, "sessions": sessions});
+    let data = serde_json::to_string(&Snapshot { seq, sessions }).unwrap_or_default();
     // Browsers wait 3 s by default before reconnecting; a restarted server is back sooner.
     SseEvent::default()
         .id(token(app, seq))
         .retry(std::time::Duration::from_secs(1))
-        .data(data.to_string())
+        .data(data)
 }
 
 #[cfg(test)]

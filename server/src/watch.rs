@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use serde_json::Value;
+use crate::wire::{EventKind, EventsFrame};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 use crate::client::{Client, ClientError};
@@ -64,40 +64,43 @@ impl SseParser {
     }
 }
 
-/// One line for a person: time, session, what happened.
-pub fn describe(event: &Value) -> String {
-    let kind = event["type"].as_str().unwrap_or("?");
-    if kind == "snapshot" {
-        let sessions = event["sessions"].as_array().map_or(0, Vec::len);
-        return format!("snapshot: {sessions} sessions");
-    }
-    let id = event["sessionId"].as_str().unwrap_or("?");
-    let s = &event["session"];
-    let detail = match kind {
-        "session_created" | "session_status" => format!(
+/// One line for a person: session, what happened.
+pub fn describe(frame: &EventsFrame) -> String {
+    let event = match frame {
+        EventsFrame::Snapshot(snapshot) => {
+            return format!("snapshot: {} sessions", snapshot.sessions.len());
+        }
+        EventsFrame::Other { kind, session_id } => {
+            return format!("{}\t{kind}", session_id.as_deref().unwrap_or("?"));
+        }
+        EventsFrame::Event(event) => event,
+    };
+    let detail = match &event.kind {
+        EventKind::SessionCreated { session } | EventKind::SessionStatus { session } => format!(
             "{} {} {}",
-            s["agent"].as_str().unwrap_or(""),
-            s["status"].as_str().unwrap_or(""),
-            s["name"].as_str().unwrap_or("")
+            session.agent,
+            session.status.as_str(),
+            session.name.as_deref().unwrap_or("")
         ),
-        "session_activity" => s["activity"].as_str().unwrap_or("-").to_owned(),
-        "approval_pending" => crate::client::describe_request(&event["request"]),
-        "approval_resolved" => {
-            let r = &event["resolution"];
-            let mut d = format!(
-                "{} {} by {}",
-                r["id"].as_str().unwrap_or("?"),
-                r["decision"].as_str().unwrap_or("?"),
-                r["by"].as_str().unwrap_or("?")
-            );
-            if let Some(user) = r["user"].as_str() {
+        EventKind::SessionActivity { session } => session
+            .activity
+            .map_or_else(|| "-".to_owned(), |a| a.as_str().to_owned()),
+        EventKind::ApprovalPending { request, .. } => crate::client::describe_request(request),
+        EventKind::ApprovalResolved { resolution: r, .. } => {
+            let mut d = format!("{} {} by {}", r.id, r.decision, r.by);
+            if let Some(user) = &r.user {
                 d.push_str(&format!(" ({user})"));
             }
             d
         }
-        _ => String::new(),
+        EventKind::TurnEnded { .. } | EventKind::SessionDeleted {} => String::new(),
     };
-    format!("{id}\t{kind}\t{}", detail.trim_end())
+    format!(
+        "{}\t{}\t{}",
+        event.session_id,
+        event.kind.name(),
+        detail.trim_end()
+    )
 }
 
 /// Follows the server's events until the connection fails for good (an HTTP error, such as
@@ -137,9 +140,9 @@ pub async fn watch(
                 let line = if json {
                     frame.data
                 } else {
-                    match serde_json::from_str::<Value>(&frame.data) {
-                        Ok(v) => describe(&v),
-                        Err(_) => continue,
+                    match EventsFrame::parse(&frame.data) {
+                        Some(event) => describe(&event),
+                        None => continue,
                     }
                 };
                 let written = async {
@@ -184,13 +187,28 @@ mod tests {
 
     #[test]
     fn describes_events() {
-        let e = serde_json::json!({"type":"approval_resolved","sessionId":"abc",
-            "resolution":{"id":"R1","decision":"deny","by":"client","user":"alice"}});
+        let frame = |v: serde_json::Value| EventsFrame::parse(&v.to_string()).expect("a frame");
+        let summary = serde_json::json!({"id":"abc","instanceId":"echo","status":"running",
+            "agent":"echo","spawnedAt":1,"clients":0,"activity":"waiting"});
+        let e = frame(
+            serde_json::json!({"seq":3,"at":1,"sessionId":"abc","instanceId":"echo",
+            "type":"approval_resolved","session":summary,
+            "resolution":{"id":"R1","decision":"deny","by":"client","user":"alice"}}),
+        );
         assert_eq!(
             describe(&e),
             "abc\tapproval_resolved\tR1 deny by client (alice)"
         );
-        let e = serde_json::json!({"type":"session_activity","sessionId":"abc","session":{"activity":"waiting"}});
+        let e = frame(
+            serde_json::json!({"seq":4,"at":1,"sessionId":"abc","instanceId":"echo",
+            "type":"session_activity","session":summary}),
+        );
         assert_eq!(describe(&e), "abc\tsession_activity\twaiting");
+        let e = frame(serde_json::json!({"type":"snapshot","seq":4,"sessions":[summary]}));
+        assert_eq!(describe(&e), "snapshot: 1 sessions");
+        // A newer server's event is still shown, by its type.
+        let e = frame(serde_json::json!({"seq":5,"sessionId":"abc","type":"session_renamed"}));
+        assert_eq!(describe(&e), "abc\tsession_renamed");
+        assert_eq!(EventsFrame::parse("[1]"), None);
     }
 }

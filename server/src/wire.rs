@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize};
 
-pub use moorline_adapters::pipeline::Decision;
+pub use moorline_adapters::pipeline::{Decision, Resolution};
 
 /// A session's status, as clients see it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -60,6 +60,17 @@ pub enum Activity {
     Working,
     /// Neither.
     Idle,
+}
+
+impl Activity {
+    /// The lowercase name used on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Activity::Waiting => "waiting",
+            Activity::Working => "working",
+            Activity::Idle => "idle",
+        }
+    }
 }
 
 /// The summary clients get from the REST API (`GET /sessions`, `GET /sessions/{id}`, the
@@ -466,6 +477,143 @@ impl ApprovalResolved {
             ("client", Some(user)) => user,
             (by, _) => by,
         }
+    }
+}
+
+/// What happened to a session (an event of `GET /events`), tagged by its `type`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum EventKind {
+    /// A session was created (its agent has been started).
+    SessionCreated {
+        /// The session as it is now.
+        session: SessionSummary,
+    },
+    /// The session's status changed: its agent started (a restart) or ended.
+    SessionStatus {
+        /// The session as it is now.
+        session: SessionSummary,
+    },
+    /// What the running agent is doing changed (`working`, `idle`, `waiting`).
+    SessionActivity {
+        /// The session as it is now.
+        session: SessionSummary,
+    },
+    /// An approval request waits for an answer.
+    ApprovalPending {
+        /// The request, as the session's clients saw it.
+        request: serde_json::Value,
+        /// The session as it is now.
+        session: SessionSummary,
+        /// Client lines the session had received when the request appeared
+        /// (`Session::input_seq`): later input means a person is at work. The server's own
+        /// bookkeeping, never on the wire.
+        #[serde(skip)]
+        inputs: u64,
+    },
+    /// An approval request was settled: by whom and how.
+    ApprovalResolved {
+        /// The settlement (request id, decision, `by`, `user`, tool; never the tool's input).
+        resolution: Resolution,
+        /// The session as it is now.
+        session: SessionSummary,
+    },
+    /// The agent finished a turn (pi RPC `agent_end`, or its translation).
+    TurnEnded {
+        /// The session as it is now.
+        session: SessionSummary,
+    },
+    /// The session was deleted (by a client, or pruned).
+    SessionDeleted {},
+}
+
+impl EventKind {
+    /// The event's `type` on the wire.
+    pub fn name(&self) -> &'static str {
+        match self {
+            EventKind::SessionCreated { .. } => "session_created",
+            EventKind::SessionStatus { .. } => "session_status",
+            EventKind::SessionActivity { .. } => "session_activity",
+            EventKind::ApprovalPending { .. } => "approval_pending",
+            EventKind::ApprovalResolved { .. } => "approval_resolved",
+            EventKind::TurnEnded { .. } => "turn_ended",
+            EventKind::SessionDeleted {} => "session_deleted",
+        }
+    }
+
+    /// The session's summary, unless it was deleted.
+    pub fn session(&self) -> Option<&SessionSummary> {
+        match self {
+            EventKind::SessionCreated { session }
+            | EventKind::SessionStatus { session }
+            | EventKind::SessionActivity { session }
+            | EventKind::ApprovalPending { session, .. }
+            | EventKind::ApprovalResolved { session, .. }
+            | EventKind::TurnEnded { session } => Some(session),
+            EventKind::SessionDeleted {} => None,
+        }
+    }
+}
+
+/// One event of `GET /events` (and of the server's event bus, which the notifier follows).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Event {
+    /// Position in this run's stream, from 1.
+    pub seq: u64,
+    /// When it was published, ms since the epoch.
+    pub at: u64,
+    /// The session it is about.
+    pub session_id: String,
+    /// That session's instance (what access checks look at).
+    pub instance_id: String,
+    /// What happened.
+    #[serde(flatten)]
+    pub kind: EventKind,
+}
+
+/// The first frame of every `GET /events` stream, and the one after a gap: every session the
+/// caller may see, as of event `seq`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename = "snapshot")]
+pub struct Snapshot {
+    /// The last event the snapshot includes.
+    pub seq: u64,
+    /// The sessions.
+    pub sessions: Vec<SessionSummary>,
+}
+
+/// A frame of `GET /events` as a client reads it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum EventsFrame {
+    /// Every session, as of an event.
+    Snapshot(Snapshot),
+    /// Something happened to one session.
+    Event(Box<Event>),
+    /// An event this client does not know (from a newer server): its `type` and session.
+    Other {
+        /// The event's `type`.
+        kind: String,
+        /// The session it is about, if it names one.
+        session_id: Option<String>,
+    },
+}
+
+impl EventsFrame {
+    /// Reads an SSE frame's data; `None` if it is not a JSON object with a `type`.
+    pub fn parse(data: &str) -> Option<Self> {
+        let value: serde_json::Value = serde_json::from_str(data).ok()?;
+        let kind = value.get("type")?.as_str()?.to_owned();
+        let session_id = value
+            .get("sessionId")
+            .and_then(serde_json::Value::as_str)
+            .map(str::to_owned);
+        let frame = if kind == "snapshot" {
+            serde_json::from_value(value).map(Self::Snapshot)
+        } else {
+            serde_json::from_value(value).map(|e| Self::Event(Box::new(e)))
+        };
+        Some(frame.unwrap_or(Self::Other { kind, session_id }))
     }
 }
 

@@ -223,6 +223,29 @@ async fn moorline_watch_prints_events_as_they_happen() {
         (Some("session_created"), Some(id.as_str()))
     );
     child.kill().await.expect("kill");
+
+    // Without --json, a line a person reads: the session, what happened, what it is now.
+    let mut child = tokio::process::Command::new(common::moorline_exe())
+        .args(["watch", "--url", &server.url("")])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("moorline watch");
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let mut next = async || -> String {
+        tokio::time::timeout(WAIT, lines.next_line())
+            .await
+            .expect("a line in time")
+            .expect("read")
+            .expect("a line")
+    };
+    assert_eq!(next().await, "snapshot: 1 sessions");
+    let second = server.session("echo").await;
+    assert_eq!(
+        next().await,
+        format!("{second}\tsession_created\techo running")
+    );
+    child.kill().await.expect("kill");
     server.stop().await;
 }
 
