@@ -19,7 +19,7 @@ fn now_ms() -> u64 {
 }
 
 /// A session was created, restarted or deleted (`action`) by `user`.
-pub fn session(action: &str, user: &str, session: &str, instance: &str) {
+pub(crate) fn session(action: &str, user: &str, session: &str, instance: &str) {
     tracing::info!(
         target: "moorline::audit",
         action,
@@ -32,7 +32,7 @@ pub fn session(action: &str, user: &str, session: &str, instance: &str) {
 }
 
 /// A project was added or removed.
-pub fn project(action: &str, user: &str, project: &str) {
+pub(crate) fn project(action: &str, user: &str, project: &str) {
     tracing::info!(
         target: "moorline::audit",
         action,
@@ -44,7 +44,7 @@ pub fn project(action: &str, user: &str, project: &str) {
 }
 
 /// An approval request of `session` was settled.
-pub fn approval(session: &str, instance: &str, r: &Resolution) {
+pub(crate) fn approval(session: &str, instance: &str, r: &Resolution) {
     tracing::info!(
         target: "moorline::audit",
         action = "approval",

@@ -44,7 +44,7 @@ impl CredentialsError {
 /// Reads a credentials file. `$NAME` in unquoted and double-quoted values is expanded (from
 /// earlier lines, then the server's environment), as dotenv does; single quotes keep a value
 /// literally.
-pub fn read(path: &Path) -> Result<BTreeMap<String, String>, CredentialsError> {
+pub(crate) fn read(path: &Path) -> Result<BTreeMap<String, String>, CredentialsError> {
     let unreadable = |reason: String| CredentialsError::Unreadable {
         path: path.to_owned(),
         reason,

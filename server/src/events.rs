@@ -18,11 +18,11 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast};
 
-pub use crate::wire::{Event, EventKind};
+pub(crate) use crate::wire::{Event, EventKind};
 
 /// Where a resumed subscription starts.
 #[derive(Debug)]
-pub enum Since {
+pub(crate) enum Since {
     /// Every event after the one asked for, still retained, in order; live events follow on
     /// the receiver without a gap or a duplicate.
     Replay(Vec<Arc<Event>>),
@@ -33,7 +33,7 @@ pub enum Since {
 
 /// The bus. Cheap to clone; every clone publishes to the same subscribers.
 #[derive(Debug, Clone)]
-pub struct EventBus {
+pub(crate) struct EventBus {
     inner: Arc<Inner>,
 }
 
@@ -55,14 +55,10 @@ struct Ring {
 }
 
 impl EventBus {
-    /// A bus that retains the last `capacity` events for resuming subscribers, which is also
-    /// how far a live subscriber may fall behind before it is told it lagged.
-    pub fn new(capacity: usize) -> Self {
-        Self::with_stream_limit(capacity, Semaphore::MAX_PERMITS)
-    }
-
-    /// A bus as [`EventBus::new`] that admits at most `max_streams` streams at once.
-    pub fn with_stream_limit(capacity: usize, max_streams: usize) -> Self {
+    /// A bus that retains the last `capacity` events for resuming subscribers (which is also
+    /// how far a live subscriber may fall behind before it is told it lagged) and admits at
+    /// most `max_streams` streams at once.
+    pub(crate) fn new(capacity: usize, max_streams: usize) -> Self {
         let capacity = capacity.max(1);
         // Any value that differs between runs will do; the time is the fallback.
         let epoch = crate::keeper::id::random_hex(4)
@@ -83,12 +79,12 @@ impl EventBus {
 
     /// A place for one more stream of events, held until the stream ends; `None` when
     /// `limits.max_event_streams` are open.
-    pub fn admit_stream(&self) -> Option<OwnedSemaphorePermit> {
+    pub(crate) fn admit_stream(&self) -> Option<OwnedSemaphorePermit> {
         self.inner.streams.clone().try_acquire_owned().ok()
     }
 
     /// Names this run of the server: event numbers from another run mean nothing here.
-    pub fn epoch(&self) -> &str {
+    pub(crate) fn epoch(&self) -> &str {
         &self.inner.epoch
     }
 
@@ -97,7 +93,7 @@ impl EventBus {
     }
 
     /// Publishes an event about session `session_id` of `instance_id`. Never waits.
-    pub fn publish(&self, session_id: &str, instance_id: &str, kind: EventKind) {
+    pub(crate) fn publish(&self, session_id: &str, instance_id: &str, kind: EventKind) {
         let mut ring = self.ring();
         ring.last += 1;
         let event = Arc::new(Event {
@@ -122,20 +118,20 @@ impl EventBus {
     }
 
     /// Live events from now on.
-    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Event>> {
+    pub(crate) fn subscribe(&self) -> broadcast::Receiver<Arc<Event>> {
         self.inner.tx.subscribe()
     }
 
     /// The newest event's number, and live events after it: what a subscriber that starts
     /// from a snapshot taken now needs.
-    pub fn subscribe_now(&self) -> (u64, broadcast::Receiver<Arc<Event>>) {
+    pub(crate) fn subscribe_now(&self) -> (u64, broadcast::Receiver<Arc<Event>>) {
         let ring = self.ring();
         (ring.last, self.inner.tx.subscribe())
     }
 
     /// Resumes after event `after` of run `epoch`: the retained events after it, then live
     /// ones (see [`Since`]).
-    pub fn subscribe_since(
+    pub(crate) fn subscribe_since(
         &self,
         epoch: &str,
         after: u64,
@@ -158,7 +154,7 @@ impl EventBus {
     }
 
     /// The newest event's number (0: none yet).
-    pub fn last_seq(&self) -> u64 {
+    pub(crate) fn last_seq(&self) -> u64 {
         self.ring().last
     }
 }
@@ -173,7 +169,7 @@ mod tests {
 
     #[tokio::test]
     async fn subscribers_get_events_in_order() {
-        let bus = EventBus::new(8);
+        let bus = EventBus::new(8, 8);
         let mut rx = bus.subscribe();
         deleted(&bus, "a");
         deleted(&bus, "b");
@@ -189,7 +185,7 @@ mod tests {
 
     #[tokio::test]
     async fn resume_replays_what_is_retained_then_live_without_duplicates() {
-        let bus = EventBus::new(3);
+        let bus = EventBus::new(3, 8);
         for id in ["a", "b", "c", "d"] {
             deleted(&bus, id);
         }
@@ -212,7 +208,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_slow_subscriber_is_told_it_lagged_and_publishers_never_wait() {
-        let bus = EventBus::new(2);
+        let bus = EventBus::new(2, 8);
         let mut rx = bus.subscribe();
         for i in 0..5 {
             deleted(&bus, &i.to_string());

@@ -18,7 +18,7 @@ use crate::keeper::journal::{self, Checkpoint, DiskRead, IndexChange, JournalInd
 
 /// How much one read hands a client at most (it always gets at least one line).
 #[derive(Debug, Clone, Copy)]
-pub struct ReadLimit {
+pub(crate) struct ReadLimit {
     /// Maximum number of lines.
     pub lines: usize,
     /// Maximum total bytes.
@@ -36,7 +36,7 @@ impl Default for ReadLimit {
 
 /// The result of asking for lines from a cursor onwards.
 #[derive(Debug)]
-pub enum Read {
+pub(crate) enum Read {
     /// Lines with consecutive sequence numbers starting at the cursor.
     Lines(Vec<Bytes>),
     /// Nothing newer than the cursor yet.
@@ -52,7 +52,7 @@ pub enum Read {
 
 /// A read of lines from the journal, to be run off the async threads.
 #[derive(Debug)]
-pub struct DiskPlan {
+pub(crate) struct DiskPlan {
     dir: PathBuf,
     segments: Vec<u64>,
     checkpoint: Checkpoint,
@@ -63,7 +63,7 @@ pub struct DiskPlan {
 
 impl DiskPlan {
     /// Performs the read (blocking).
-    pub fn read(self) -> std::io::Result<DiskRead> {
+    pub(crate) fn read(self) -> std::io::Result<DiskRead> {
         journal::read_lines(
             &self.dir,
             &self.segments,
@@ -77,7 +77,7 @@ impl DiskPlan {
 
 /// Shared output state of one session.
 #[derive(Debug)]
-pub struct Hub {
+pub(crate) struct Hub {
     inner: Mutex<Inner>,
     last_seq: watch::Sender<u64>,
     journal_dir: PathBuf,
@@ -96,7 +96,7 @@ struct Inner {
 
 impl Hub {
     /// A hub over the journal in `journal_dir`, whose lines up to `last_seq` are on disk.
-    pub fn new(
+    pub(crate) fn new(
         journal_dir: PathBuf,
         index: JournalIndex,
         last_seq: u64,
@@ -124,12 +124,12 @@ impl Hub {
     }
 
     /// Newest published sequence number (0 before the first line).
-    pub fn last_seq(&self) -> u64 {
+    pub(crate) fn last_seq(&self) -> u64 {
         *self.last_seq.borrow()
     }
 
     /// Oldest sequence number a client can still receive.
-    pub fn first_retained(&self) -> u64 {
+    pub(crate) fn first_retained(&self) -> u64 {
         let inner = self.lock();
         inner
             .index
@@ -139,14 +139,14 @@ impl Hub {
     }
 
     /// A receiver that wakes whenever new lines are published.
-    pub fn subscribe(&self) -> watch::Receiver<u64> {
+    pub(crate) fn subscribe(&self) -> watch::Receiver<u64> {
         self.last_seq.subscribe()
     }
 
     /// Publishes lines that the journal writer has just made durable.
     ///
     /// `changes` are the index updates the writer reported for them.
-    pub fn publish(&self, lines: impl IntoIterator<Item = Bytes>, changes: &[IndexChange]) {
+    pub(crate) fn publish(&self, lines: impl IntoIterator<Item = Bytes>, changes: &[IndexChange]) {
         let last = {
             let mut inner = self.lock();
             inner.index.apply_all(changes);
@@ -168,18 +168,18 @@ impl Hub {
     }
 
     /// A copy of the journal index and the next sequence number, to start following the journal.
-    pub fn index_snapshot(&self) -> (JournalIndex, u64) {
+    pub(crate) fn index_snapshot(&self) -> (JournalIndex, u64) {
         let inner = self.lock();
         (inner.index.clone(), inner.last_seq + 1)
     }
 
     /// Replaces the journal index (a writer reopened the journal and rebuilt it).
-    pub fn replace_index(&self, index: JournalIndex) {
+    pub(crate) fn replace_index(&self, index: JournalIndex) {
         self.lock().index = index;
     }
 
     /// Drops the in-memory window (the session ended; replay is served from disk).
-    pub fn release_memory(&self) {
+    pub(crate) fn release_memory(&self) {
         let mut inner = self.lock();
         inner.window_first = inner.last_seq + 1;
         inner.window = VecDeque::new();
@@ -187,7 +187,7 @@ impl Hub {
     }
 
     /// Lines from sequence number `from` onwards, within `limit`.
-    pub fn read(&self, from: u64, limit: ReadLimit) -> Read {
+    pub(crate) fn read(&self, from: u64, limit: ReadLimit) -> Read {
         let inner = self.lock();
         if from > inner.last_seq {
             return Read::UpToDate;

@@ -11,20 +11,20 @@
 //! - [`wire`]: the typed REST bodies, shared by the server, the client and the load generator.
 //! - [`client`]: the `moorline sessions`, `instances`, `approve`/`deny` and `attach` commands;
 //!   [`watch`]: `moorline watch`.
-//! - [`events`]: the server-wide bus of session events (created, status, activity, approvals,
-//!   deleted), for the edge's `/events` and for anything else that follows sessions.
 //! - [`runtime`]: where agents run, behind the [`runtime::Runtime`] trait (and the network
 //!   helpers the binary starts).
 //! - [`keeper`]: the session keeper and the leaf modules it shares with the server: the agent's
 //!   stdio loop, JSONL framing, the journal, process-group control, the session directory's
 //!   layout. It imports nothing from the server above it.
 //!
-//! Public though only the crate uses them (the server's core):
-//! - [`session`]: the session registry and lifecycle; talks to agents only through runtimes.
-//! - [`fanout`], [`credentials`], [`audit`]: delivery to clients with replay, instances'
-//!   credentials files and the audit log.
-//! - [`notifier`]: notifications (amarre's Expo push, Web Push, a webhook) from session events.
-//! - [`projects`]: git repositories sessions work in, a worktree per session (through the real
+//! Private, the server's core:
+//! - `session`: the session registry and lifecycle; talks to agents only through runtimes.
+//! - `events`: the server-wide bus of session events (created, status, activity, approvals,
+//!   deleted), for the edge's `/events` and the notifier.
+//! - `fanout`, `credentials`, `audit`: delivery to clients with replay, instances' credentials
+//!   files and the audit log.
+//! - `notifier`: notifications (amarre's Expo push, Web Push, a webhook) from session events.
+//! - `projects`: git repositories sessions work in, a worktree per session (through the real
 //!   `git`), and the read-only diff and file views of a session's workspace.
 //!
 //! Private, the HTTP edge, which reaches agents only through sessions:
@@ -40,17 +40,17 @@
 //! [`run`] takes already-bound [`Listeners`] (loopback TCP, a Unix socket, or both) and a
 //! shutdown future, so tests and the binary start servers the same way.
 
-pub mod audit;
+mod audit;
 pub mod client;
 pub mod config;
-pub mod credentials;
-pub mod events;
-pub mod fanout;
+mod credentials;
+mod events;
+mod fanout;
 pub mod keeper;
-pub mod notifier;
-pub mod projects;
+mod notifier;
+mod projects;
 pub mod runtime;
-pub mod session;
+mod session;
 pub mod watch;
 pub mod wire;
 

@@ -15,7 +15,7 @@ type Labels2 = [(&'static str, &'static str); 2];
 
 /// Every metric moorline exports.
 #[derive(Debug)]
-pub struct Metrics {
+pub(crate) struct Metrics {
     registry: Registry,
     /// Sessions by status, refreshed at scrape time.
     pub sessions: Family<Labels, Gauge>,
@@ -147,7 +147,7 @@ impl Default for Metrics {
 
 impl Metrics {
     /// The metrics in Prometheus text format.
-    pub fn render(&self) -> String {
+    pub(crate) fn render(&self) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = encode(&mut out, &self.registry);

@@ -12,7 +12,7 @@ use crate::session::SessionSummary;
 /// moorline's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
-pub enum Trigger {
+pub(crate) enum Trigger {
     /// An approval request waits, unanswered past the grace period.
     AwaitingInput,
     /// A turn finished while no client watched.
@@ -25,7 +25,7 @@ pub enum Trigger {
 
 impl Trigger {
     /// The name on the wire.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Trigger::AwaitingInput => "awaiting_input",
             Trigger::TurnFinished => "turn_finished",
@@ -35,7 +35,7 @@ impl Trigger {
     }
 
     /// The title shown above the text.
-    pub fn title(self) -> &'static str {
+    pub(crate) fn title(self) -> &'static str {
         match self {
             Trigger::AwaitingInput => "moorline · awaiting input",
             Trigger::TurnFinished => "moorline · turn finished",
@@ -45,14 +45,14 @@ impl Trigger {
     }
 
     /// Whether the person should look now (push services' urgency, ntfy's priority).
-    pub fn urgent(self) -> bool {
+    pub(crate) fn urgent(self) -> bool {
         matches!(self, Trigger::AwaitingInput | Trigger::Crashed)
     }
 }
 
 /// One notification, ready for every channel.
 #[derive(Debug, Clone)]
-pub struct Notification {
+pub(crate) struct Notification {
     /// Sent at most once, ever (`<session>/request/<id>`, `<session>/exit/<spawnedAt>`…).
     pub key: String,
     /// Why.
@@ -84,7 +84,7 @@ pub struct Notification {
 impl Notification {
     /// Whether `user` may see this notification: the instance's `allowed_users` rule, as for
     /// the session itself (the bearer token may use every instance).
-    pub fn for_user(&self, user: &str) -> bool {
+    pub(crate) fn for_user(&self, user: &str) -> bool {
         self.allowed_users.is_empty()
             || user == "token"
             || self
@@ -94,7 +94,7 @@ impl Notification {
     }
 
     /// The web app's link to the session, relative to the app.
-    pub fn app_link(&self) -> String {
+    pub(crate) fn app_link(&self) -> String {
         format!("#/s/{}", self.session_id)
     }
 }
@@ -123,7 +123,7 @@ fn what(request: &Value) -> String {
 }
 
 /// The text of an approval request's notification.
-pub fn awaiting(summary: &SessionSummary, request: &Value, tool: Option<&str>) -> String {
+pub(crate) fn awaiting(summary: &SessionSummary, request: &Value, tool: Option<&str>) -> String {
     let mut what = what(request);
     if let Ok(Value::Object(obj)) = serde_json::from_str::<Value>(&what)
         && let Some(Value::String(command)) = obj.get("command")
@@ -145,12 +145,12 @@ pub fn awaiting(summary: &SessionSummary, request: &Value, tool: Option<&str>) -
 }
 
 /// The text of a finished turn's notification.
-pub fn turn_finished(summary: &SessionSummary) -> String {
+pub(crate) fn turn_finished(summary: &SessionSummary) -> String {
     format!("{}: the agent finished its turn", label(summary))
 }
 
 /// The text of an ended run's notification.
-pub fn ended(summary: &SessionSummary) -> String {
+pub(crate) fn ended(summary: &SessionSummary) -> String {
     let how = match (
         &summary.signal,
         summary.exit_code,
@@ -167,7 +167,11 @@ pub fn ended(summary: &SessionSummary) -> String {
 
 /// Masks secrets in `text`, folds whitespace and cuts it to `max` characters (an ellipsis
 /// marks a cut). `known` are values that must never appear (the session's environment).
-pub fn clean<'a>(text: &str, known: impl IntoIterator<Item = &'a str>, max: usize) -> String {
+pub(crate) fn clean<'a>(
+    text: &str,
+    known: impl IntoIterator<Item = &'a str>,
+    max: usize,
+) -> String {
     let mut text = text.to_owned();
     for value in known {
         // Short values (`1`, `true`) are not secrets and would mask half the text.

@@ -11,9 +11,9 @@
 //! notification goes to the users allowed on the session's instance; without identity, every
 //! registration is `local` and gets everything.
 
-pub mod message;
+pub(crate) mod message;
 mod rules;
-pub mod store;
+pub(crate) mod store;
 
 mod expo;
 mod webhook;
@@ -33,7 +33,7 @@ use crate::config::{Config, NotifyConfig};
 use crate::events::Event;
 use crate::metrics::Metrics;
 use crate::session::{SessionManager, SessionSummary, Status, now_ms};
-pub use message::{Notification, Trigger};
+pub(crate) use message::{Notification, Trigger};
 use rules::{Armed, Decision, Rules};
 use store::{ExpoToken, Paths, Sent, Vapid, WebKeys, WebSubscription};
 
@@ -42,7 +42,7 @@ const CONCURRENCY: usize = 8;
 
 /// A notifier error: its files could not be read or written.
 #[derive(Debug, thiserror::Error)]
-pub enum NotifyError {
+pub(crate) enum NotifyError {
     /// A file holds something else than expected.
     #[error("{}: {message}", path.display())]
     Store {
@@ -84,7 +84,7 @@ pub(crate) enum Failure {
 /// Who registers or lists: the caller's user, and whether it sees only its own registrations
 /// (a tailnet identity) or all of them (`local`, the bearer token).
 #[derive(Debug, Clone, Copy)]
-pub struct Caller<'a> {
+pub(crate) struct Caller<'a> {
     /// A tailnet login, `token`, `local` or `anonymous`.
     pub user: &'a str,
     /// Only the caller's own registrations are visible to it.
@@ -99,7 +99,7 @@ impl Caller<'_> {
 
 /// What `POST /push/tokens` was given, already shaped as amarre shapes it.
 #[derive(Debug, Clone, Default)]
-pub struct TokenRequest {
+pub(crate) struct TokenRequest {
     /// The Expo token.
     pub token: String,
     /// The device's name (cut to 64 characters).
@@ -116,7 +116,7 @@ struct WebPush {
 
 /// The notifier. Cheap to share; its tasks stop when the server does.
 #[derive(Debug)]
-pub struct Notifier {
+pub(crate) struct Notifier {
     config: NotifyConfig,
     paths: Paths,
     /// `None`: amarre's push API is off (or its store could not be read).
@@ -143,7 +143,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Notifier {
     /// Opens the notifier's stores and starts following `sessions`' events. A store that cannot
     /// be read turns its channel off (logged), as amarre does; the server still starts.
-    pub fn start(
+    pub(crate) fn start(
         config: &Config,
         sessions: Arc<SessionManager>,
         metrics: Arc<Metrics>,
@@ -244,12 +244,12 @@ impl Notifier {
     // ----- the REST surface -----
 
     /// Whether amarre's push API is on.
-    pub fn expo_enabled(&self) -> bool {
+    pub(crate) fn expo_enabled(&self) -> bool {
         self.expo.is_some()
     }
 
     /// The Expo tokens `caller` may see, in registration order. `None`: push is off.
-    pub fn expo_tokens(&self, caller: Caller<'_>) -> Option<Vec<ExpoToken>> {
+    pub(crate) fn expo_tokens(&self, caller: Caller<'_>) -> Option<Vec<ExpoToken>> {
         let tokens = lock(self.expo.as_ref()?);
         Some(
             tokens
@@ -262,7 +262,7 @@ impl Notifier {
 
     /// Registers an Expo token; the first registration wins (later ones get it back, with
     /// `false`). `None`: push is off. `Some(Err)`: not an Expo token.
-    pub fn register_expo(
+    pub(crate) fn register_expo(
         &self,
         caller: Caller<'_>,
         req: TokenRequest,
@@ -290,7 +290,7 @@ impl Notifier {
     }
 
     /// Forgets an Expo token (if `caller` may see it). `None`: push is off.
-    pub fn unregister_expo(&self, caller: Caller<'_>, token: &str) -> Option<()> {
+    pub(crate) fn unregister_expo(&self, caller: Caller<'_>, token: &str) -> Option<()> {
         let mut tokens = lock(self.expo.as_ref()?);
         let before = tokens.len();
         tokens.retain(|t| !(t.token == token && caller.sees(&t.user)));
@@ -307,13 +307,13 @@ impl Notifier {
     }
 
     /// The VAPID public key browsers subscribe with. `None`: Web Push is off.
-    pub fn web_public_key(&self) -> Option<&str> {
+    pub(crate) fn web_public_key(&self) -> Option<&str> {
         self.web.as_ref().map(|w| w.vapid.public.as_str())
     }
 
     /// Adds (or, for the same endpoint, replaces) a browser's subscription. `None`: Web Push is
     /// off; `Some(Err)`: the subscription is unusable, with why; `Some(Ok(true))`: new.
-    pub fn subscribe_web(
+    pub(crate) fn subscribe_web(
         &self,
         caller: Caller<'_>,
         endpoint: String,
@@ -338,7 +338,7 @@ impl Notifier {
     }
 
     /// Removes a browser's subscription (if `caller` may see it). `None`: Web Push is off.
-    pub fn unsubscribe_web(&self, caller: Caller<'_>, endpoint: &str) -> Option<()> {
+    pub(crate) fn unsubscribe_web(&self, caller: Caller<'_>, endpoint: &str) -> Option<()> {
         let web = self.web.as_ref()?;
         let mut subs = lock(&web.subscriptions);
         let before = subs.len();

@@ -54,7 +54,7 @@ fn create_private_dir(dir: &Path) -> std::io::Result<()> {
 /// moorline's and never listed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct ExpoToken {
+pub(crate) struct ExpoToken {
     /// `ExponentPushToken[…]` or `ExpoPushToken[…]`.
     pub token: String,
     /// The device's name, at most 64 characters.
@@ -73,7 +73,7 @@ pub struct ExpoToken {
 
 impl ExpoToken {
     /// The entry as amarre lists it (without its owner).
-    pub fn public(&self) -> crate::wire::PushToken {
+    pub(crate) fn public(&self) -> crate::wire::PushToken {
         crate::wire::PushToken {
             token: self.token.clone(),
             device_name: self.device_name.clone(),
@@ -92,7 +92,7 @@ fn is_local(user: &str) -> bool {
 }
 
 /// amarre's token check: `ExponentPushToken[…]` or `ExpoPushToken[…]`, at most 200 characters.
-pub fn is_expo_token(token: &str) -> bool {
+pub(crate) fn is_expo_token(token: &str) -> bool {
     token.len() <= 200
         && (token.starts_with("ExponentPushToken[") || token.starts_with("ExpoPushToken["))
         && token.ends_with(']')
@@ -101,7 +101,7 @@ pub fn is_expo_token(token: &str) -> bool {
 /// A browser's Web Push subscription (what `PushManager.subscribe()` returns), with its owner.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct WebSubscription {
+pub(crate) struct WebSubscription {
     /// The push service URL to POST to.
     pub endpoint: String,
     /// The browser's keys.
@@ -114,7 +114,7 @@ pub struct WebSubscription {
 
 /// The keys of a [`WebSubscription`], base64url as browsers give them.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct WebKeys {
+pub(crate) struct WebKeys {
     /// The browser's P-256 public key (65 bytes, uncompressed).
     pub p256dh: String,
     /// The shared authentication secret (16 bytes).

@@ -13,7 +13,7 @@ use crate::wire::{FileEntry, FileKind};
 
 /// Why a path could not be read.
 #[derive(Debug, thiserror::Error)]
-pub enum FileError {
+pub(crate) enum FileError {
     /// The path would leave the workspace (`..`, an absolute path, a symlink).
     #[error("{0}: outside the session's workspace (absolute paths, '..' and symlinks are refused)")]
     Escapes(String),
@@ -37,7 +37,7 @@ pub enum FileError {
 
 /// What a path holds.
 #[derive(Debug)]
-pub enum Found {
+pub(crate) enum Found {
     /// A directory's entries, sorted by name.
     Dir(Vec<FileEntry>),
     /// A file's contents.
@@ -46,7 +46,7 @@ pub enum Found {
 
 /// Reads `relative` (empty: the workspace itself) beneath `root`: a directory's listing or
 /// a file's contents of at most `max_bytes`.
-pub fn read(root: &Path, relative: &str, max_bytes: u64) -> Result<Found, FileError> {
+pub(crate) fn read(root: &Path, relative: &str, max_bytes: u64) -> Result<Found, FileError> {
     let rel = Path::new(relative.trim_start_matches("./"));
     if rel
         .components()

@@ -25,7 +25,7 @@ pub enum GitError {
 
 /// Runs git commands in one repository or worktree, as the owner of what it works on.
 #[derive(Debug, Clone)]
-pub struct Git {
+pub(crate) struct Git {
     dir: PathBuf,
     /// Who git runs as (uid, gid): the owner of the repository, so what git creates is theirs
     /// and git trusts the repository (`safe.directory`). `None`: as the server.
@@ -36,7 +36,11 @@ pub struct Git {
 
 impl Git {
     /// Git in `dir`, run as `user`.
-    pub fn new(dir: impl Into<PathBuf>, user: Option<(u32, u32)>, env: Arc<HelperEnv>) -> Self {
+    pub(crate) fn new(
+        dir: impl Into<PathBuf>,
+        user: Option<(u32, u32)>,
+        env: Arc<HelperEnv>,
+    ) -> Self {
         Self {
             dir: dir.into(),
             user,
@@ -45,7 +49,7 @@ impl Git {
     }
 
     /// Git in `dir`, run as the owner of `dir` when the server is root.
-    pub fn as_owner(dir: &Path, env: Arc<HelperEnv>) -> Result<Self, GitError> {
+    pub(crate) fn as_owner(dir: &Path, env: Arc<HelperEnv>) -> Result<Self, GitError> {
         use std::os::unix::fs::MetadataExt;
         let meta = std::fs::metadata(dir).map_err(GitError::Spawn)?;
         let user = nix::unistd::geteuid()
@@ -55,13 +59,8 @@ impl Git {
         Ok(Self::new(dir, user, env))
     }
 
-    /// The directory git runs in.
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
     /// Runs `git <args>` and returns its standard output.
-    pub fn run(&self, args: &[&str]) -> Result<String, GitError> {
+    pub(crate) fn run(&self, args: &[&str]) -> Result<String, GitError> {
         self.run_with(args, &[0])
     }
 
@@ -96,14 +95,14 @@ impl Git {
     }
 
     /// The top of the working tree `dir` is in.
-    pub fn toplevel(&self) -> Result<PathBuf, GitError> {
+    pub(crate) fn toplevel(&self) -> Result<PathBuf, GitError> {
         Ok(PathBuf::from(
             self.run(&["rev-parse", "--show-toplevel"])?.trim(),
         ))
     }
 
     /// The repository's common directory (`.git` of the main working tree), absolute.
-    pub fn common_dir(&self) -> Result<PathBuf, GitError> {
+    pub(crate) fn common_dir(&self) -> Result<PathBuf, GitError> {
         Ok(PathBuf::from(
             self.run(&["rev-parse", "--path-format=absolute", "--git-common-dir"])?
                 .trim(),
@@ -111,13 +110,13 @@ impl Git {
     }
 
     /// The branch checked out, if any.
-    pub fn current_branch(&self) -> Result<Option<String>, GitError> {
+    pub(crate) fn current_branch(&self) -> Result<Option<String>, GitError> {
         let name = self.run(&["branch", "--show-current"])?.trim().to_owned();
         Ok((!name.is_empty()).then_some(name))
     }
 
     /// Whether `branch` names a local branch.
-    pub fn has_branch(&self, branch: &str) -> bool {
+    pub(crate) fn has_branch(&self, branch: &str) -> bool {
         self.run(&[
             "show-ref",
             "--verify",
@@ -128,13 +127,13 @@ impl Git {
     }
 
     /// Whether `name` is a branch name git accepts.
-    pub fn valid_branch_name(&self, name: &str) -> bool {
+    pub(crate) fn valid_branch_name(&self, name: &str) -> bool {
         !name.starts_with('-') && self.run(&["check-ref-format", "--branch", name]).is_ok()
     }
 
     /// Adds a worktree at `path` on `branch`: a new branch from `base`, or (`base` `None`) an
     /// existing one, which git refuses when it is checked out elsewhere.
-    pub fn worktree_add(
+    pub(crate) fn worktree_add(
         &self,
         path: &Path,
         branch: &str,
@@ -149,7 +148,7 @@ impl Git {
     }
 
     /// Removes the worktree at `path` (`force`: even with changes), and prunes git's record.
-    pub fn worktree_remove(&self, path: &Path, force: bool) -> Result<(), GitError> {
+    pub(crate) fn worktree_remove(&self, path: &Path, force: bool) -> Result<(), GitError> {
         let path = path.to_string_lossy();
         let mut args = vec!["worktree", "remove"];
         if force {
@@ -161,7 +160,7 @@ impl Git {
     }
 
     /// Uncommitted changes (`git status --porcelain`), one per line; empty when clean.
-    pub fn status(&self) -> Result<Vec<String>, GitError> {
+    pub(crate) fn status(&self) -> Result<Vec<String>, GitError> {
         Ok(self
             .run(&["status", "--porcelain", "--untracked-files=all"])?
             .lines()
@@ -170,7 +169,7 @@ impl Git {
     }
 
     /// How many commits `HEAD` has that `base` does not.
-    pub fn ahead_of(&self, base: &str) -> Result<u64, GitError> {
+    pub(crate) fn ahead_of(&self, base: &str) -> Result<u64, GitError> {
         let range = format!("{base}..HEAD");
         Ok(self
             .run(&["rev-list", "--count", &range])?
@@ -182,7 +181,7 @@ impl Git {
     /// The diff of the working tree against `base` (committed and uncommitted changes), or
     /// (`base` `None`) of the uncommitted changes against `HEAD`. Untracked files are shown
     /// as added (`git add --intent-to-add` is not used: nothing is written to the index).
-    pub fn diff(&self, base: Option<&str>) -> Result<String, GitError> {
+    pub(crate) fn diff(&self, base: Option<&str>) -> Result<String, GitError> {
         let mut diff = match base {
             Some(base) => {
                 let merge_base = self.run(&["merge-base", base, "HEAD"])?;
@@ -209,7 +208,7 @@ impl Git {
 /// `credentials`, a git credential store file of the server's, copied for the clone's
 /// duration into a private file of the owner's that is removed right after. Only `https`,
 /// `http`, `ssh`, `git` and `file` transports are allowed.
-pub fn clone_into(
+pub(crate) fn clone_into(
     url: &str,
     path: &Path,
     credentials: Option<&Path>,

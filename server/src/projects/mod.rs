@@ -14,18 +14,18 @@ use std::sync::{Arc, Mutex};
 use indexmap::IndexMap;
 use serde::{Deserialize, Serialize};
 
-pub mod files;
-pub mod git;
+pub(crate) mod files;
+pub(crate) mod git;
 
 use crate::config::HelperEnv;
 use git::{Git, GitError};
 
-pub use crate::wire::{NewProject, Project};
+pub(crate) use crate::wire::{NewProject, Project};
 
 /// A session's worktree.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct Worktree {
+pub(crate) struct Worktree {
     /// The project it belongs to.
     pub project: String,
     /// Its branch.
@@ -41,7 +41,7 @@ pub struct Worktree {
 /// Whether a worktree holds work.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct TreeState {
+pub(crate) struct TreeState {
     /// Uncommitted changes (untracked files included).
     pub dirty: bool,
     /// Commits on its branch that its base does not have.
@@ -50,7 +50,7 @@ pub struct TreeState {
 
 /// What became of a worktree when its session was deleted.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Removal {
+pub(crate) enum Removal {
     /// Removed (its branch too, when it held nothing the base lacks).
     Removed,
     /// Kept, with why: it holds uncommitted or unmerged work.
@@ -87,7 +87,7 @@ pub enum ProjectError {
 
 /// The registered projects, kept in a file of the state directory.
 #[derive(Debug)]
-pub struct Projects {
+pub(crate) struct Projects {
     file: PathBuf,
     /// The server's git credential store, for clones.
     credentials: Option<PathBuf>,
@@ -99,7 +99,7 @@ pub struct Projects {
 impl Projects {
     /// The projects recorded in `file` (none if it does not exist); clones read
     /// `credentials`; git runs with `env`.
-    pub fn open(
+    pub(crate) fn open(
         file: PathBuf,
         credentials: Option<PathBuf>,
         env: HelperEnv,
@@ -133,12 +133,12 @@ impl Projects {
     }
 
     /// Every project, in the order they were added.
-    pub fn list(&self) -> Vec<Project> {
+    pub(crate) fn list(&self) -> Vec<Project> {
         self.lock().values().cloned().collect()
     }
 
     /// The project `id`.
-    pub fn get(&self, id: &str) -> Result<Project, ProjectError> {
+    pub(crate) fn get(&self, id: &str) -> Result<Project, ProjectError> {
         self.lock()
             .get(id)
             .cloned()
@@ -147,7 +147,7 @@ impl Projects {
 
     /// Registers an existing repository, which must lie (with its worktrees) inside one of
     /// `roots`.
-    pub fn add(&self, req: NewProject, roots: &[PathBuf]) -> Result<Project, ProjectError> {
+    pub(crate) fn add(&self, req: NewProject, roots: &[PathBuf]) -> Result<Project, ProjectError> {
         let invalid = |field, message: String| ProjectError::Invalid { field, message };
         if !req.path.is_absolute() {
             return Err(invalid("path", "must be an absolute path".into()));
@@ -327,7 +327,7 @@ impl Projects {
     }
 
     /// Forgets a project (its repository and worktrees stay on disk).
-    pub fn remove(&self, id: &str) -> Result<Project, ProjectError> {
+    pub(crate) fn remove(&self, id: &str) -> Result<Project, ProjectError> {
         let mut map = self.lock();
         let project = map
             .shift_remove(id)
@@ -342,7 +342,7 @@ impl Projects {
     /// Creates the worktree of session `name`: on `branch` if the client named one (an
     /// existing branch not checked out elsewhere, or a new one from the default branch), else
     /// on a new branch `moorline/<name>`.
-    pub fn create_worktree(
+    pub(crate) fn create_worktree(
         &self,
         project: &Project,
         name: &str,
@@ -385,7 +385,7 @@ impl Projects {
 
     /// Whether the worktree holds uncommitted changes, and how far its branch is ahead of
     /// its base.
-    pub fn state(&self, worktree: &Worktree) -> Result<TreeState, ProjectError> {
+    pub(crate) fn state(&self, worktree: &Worktree) -> Result<TreeState, ProjectError> {
         let git = self.git(&worktree.path)?;
         Ok(TreeState {
             dirty: !git.status()?.is_empty(),
@@ -396,7 +396,7 @@ impl Projects {
     /// Removes a session's worktree unless it holds work (uncommitted changes, or commits its
     /// base does not have) and `force` is false. A removed worktree's branch goes with it when
     /// it holds nothing its base lacks.
-    pub fn remove_worktree(
+    pub(crate) fn remove_worktree(
         &self,
         worktree: &Worktree,
         force: bool,
@@ -437,7 +437,11 @@ impl Projects {
 
     /// The worktree's changes: against its base (everything its branch and working tree add),
     /// or (`uncommitted`) only what is not committed yet.
-    pub fn diff(&self, worktree: &Worktree, uncommitted: bool) -> Result<String, ProjectError> {
+    pub(crate) fn diff(
+        &self,
+        worktree: &Worktree,
+        uncommitted: bool,
+    ) -> Result<String, ProjectError> {
         let git = self.git(&worktree.path)?;
         Ok(git.diff((!uncommitted).then_some(worktree.base.as_str()))?)
     }
@@ -453,7 +457,7 @@ fn valid_id_char(c: char) -> bool {
 }
 
 /// Whether `id` can name a project.
-pub fn valid_id(id: &str) -> bool {
+pub(crate) fn valid_id(id: &str) -> bool {
     (1..=64).contains(&id.len())
         && id.chars().all(valid_id_char)
         && id.starts_with(|c: char| c.is_ascii_alphanumeric())

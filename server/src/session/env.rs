@@ -14,7 +14,7 @@ use crate::config::Limits;
 
 /// Refused whatever `allowed_env` says. Entries ending in `*` are prefixes. Keep the table in
 /// docs/RUNTIME.md ("Client environment") in step.
-pub const PROTECTED: &[&str] = &[
+pub(crate) const PROTECTED: &[&str] = &[
     // The dynamic loader and libc: preloaded libraries, other modules, tunables.
     "LD_*",
     "DYLD_*",
@@ -133,7 +133,7 @@ pub const PROTECTED: &[&str] = &[
 ];
 
 /// The git variables a client may set (when `allowed_env` allows them): identity only.
-pub const GIT_ALLOWED: &[&str] = &[
+pub(crate) const GIT_ALLOWED: &[&str] = &[
     "GIT_AUTHOR_NAME",
     "GIT_AUTHOR_EMAIL",
     "GIT_AUTHOR_DATE",
@@ -144,7 +144,7 @@ pub const GIT_ALLOWED: &[&str] = &[
 
 /// Why a variable is refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Refusal {
+pub(crate) struct Refusal {
     /// The variable (as sent, shortened if it was very long).
     pub key: String,
     /// Why, in words.
@@ -152,14 +152,14 @@ pub struct Refusal {
 }
 
 /// Whether `key` is one of the variables no client may set.
-pub fn protected(key: &str, adapter_protected: &[&str]) -> bool {
+pub(crate) fn protected(key: &str, adapter_protected: &[&str]) -> bool {
     (moorline_adapters::env_matches(key, PROTECTED) && !GIT_ALLOWED.contains(&key))
         || moorline_adapters::env_matches(key, adapter_protected)
 }
 
 /// Checks a client's environment: size, names, values, the protected list, then the
 /// instance's `allowed_env`.
-pub fn check(
+pub(crate) fn check(
     env: &BTreeMap<String, String>,
     limits: &Limits,
     adapter_protected: &[&str],

@@ -27,7 +27,7 @@ use crate::runtime::{Agent, Runtime, SpawnSpec};
 
 /// A configured instance, ready to start agents.
 #[derive(Debug)]
-pub struct Instance {
+pub(crate) struct Instance {
     /// Its configuration.
     pub config: InstanceConfig,
     /// How to launch its agent.
@@ -41,14 +41,14 @@ pub struct Instance {
 impl Instance {
     /// Whether sessions of this instance can start now, and if not why (checked afresh: a
     /// missing binary or credentials file may have been fixed since startup).
-    pub fn usable(&self) -> Result<(), Unusable> {
+    pub(crate) fn usable(&self) -> Result<(), Unusable> {
         self.config.check_usable(&self.runtime_config)
     }
 }
 
 /// What a client asks for in `POST /sessions`.
 #[derive(Debug, Clone, Default)]
-pub struct CreateRequest {
+pub(crate) struct CreateRequest {
     /// Instance to run; default: the instance named `default`, else the first.
     pub instance_id: Option<String>,
     /// Display name.

@@ -24,21 +24,23 @@ use crate::keeper::layout::{STDERR_TAIL_BYTES, SessionDir};
 use crate::runtime::{AgentControl, ExitInfo, Input};
 
 mod delivery;
-pub mod env;
+pub(crate) mod env;
 mod error;
 mod launch;
 mod notify;
 mod recovery;
 mod registry;
-pub mod store;
+pub(crate) mod store;
 #[cfg(test)]
 mod tests;
 
-pub use crate::wire::{Activity, ConversationRequest, ConversationState, SessionSummary, Status};
-pub use error::SessionError;
-pub use launch::{CreateRequest, Instance};
-pub use notify::spawn_activity_sweeper;
-pub use registry::SessionManager;
+pub(crate) use crate::wire::{
+    Activity, ConversationRequest, ConversationState, SessionSummary, Status,
+};
+pub(crate) use error::SessionError;
+pub(crate) use launch::{CreateRequest, Instance};
+pub(crate) use notify::spawn_activity_sweeper;
+pub(crate) use registry::SessionManager;
 
 /// Client-only frames ([`Session::notify_clients`]) a slow client may have queued before it
 /// misses some: they are rare (one per notification).
@@ -47,7 +49,7 @@ const NOTICES: usize = 16;
 /// What clients of a session should know has happened. Sent on a `watch` channel: a client
 /// only needs the latest state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Lifecycle {
+pub(crate) enum Lifecycle {
     /// An agent is running; `generation` counts starts.
     Running {
         /// Which start this is.
@@ -135,7 +137,7 @@ struct State {
 
 /// One session.
 #[derive(Debug)]
-pub struct Session {
+pub(crate) struct Session {
     id: String,
     name: Option<String>,
     instance_id: String,
@@ -182,34 +184,34 @@ pub struct Session {
 
 impl Session {
     /// The session id.
-    pub fn id(&self) -> &str {
+    pub(crate) fn id(&self) -> &str {
         &self.id
     }
 
     /// The output hub, for clients.
-    pub fn hub(&self) -> &Arc<Hub> {
+    pub(crate) fn hub(&self) -> &Arc<Hub> {
         &self.hub
     }
 
     /// The agent's name as reported to clients.
-    pub fn agent_name(&self) -> &str {
+    pub(crate) fn agent_name(&self) -> &str {
         self.instance
             .as_ref()
             .map_or("unknown", |i| i.adapter.name())
     }
 
     /// The agent's working directory.
-    pub fn cwd(&self) -> &std::path::Path {
+    pub(crate) fn cwd(&self) -> &std::path::Path {
         &self.cwd
     }
 
     /// The session's own worktree, when it works in a project.
-    pub fn worktree(&self) -> Option<&crate::projects::Worktree> {
+    pub(crate) fn worktree(&self) -> Option<&crate::projects::Worktree> {
         self.worktree.as_ref()
     }
 
     /// The instance id.
-    pub fn instance_id(&self) -> &str {
+    pub(crate) fn instance_id(&self) -> &str {
         &self.instance_id
     }
 
@@ -218,7 +220,7 @@ impl Session {
     }
 
     /// Current status.
-    pub fn status(&self) -> Status {
+    pub(crate) fn status(&self) -> Status {
         self.lock().status
     }
 
@@ -230,81 +232,66 @@ impl Session {
     }
 
     /// Watches what happens to the session.
-    pub fn lifecycle(&self) -> watch::Receiver<Lifecycle> {
+    pub(crate) fn lifecycle(&self) -> watch::Receiver<Lifecycle> {
         self.lifecycle.subscribe()
     }
 
     /// The instance, if it is still configured.
-    pub fn instance(&self) -> Option<&Arc<Instance>> {
+    pub(crate) fn instance(&self) -> Option<&Arc<Instance>> {
         self.instance.as_ref()
     }
 
     /// The sender for the running agent's stdin, if it runs.
-    pub fn stdin(&self) -> Option<InputSender> {
+    pub(crate) fn stdin(&self) -> Option<InputSender> {
         self.lock().stdin.clone()
     }
 
     /// Counts client lines sent to the agent.
-    pub fn count_inputs(&self, lines: u64) {
+    pub(crate) fn count_inputs(&self, lines: u64) {
         self.inputs.fetch_add(lines, Ordering::Relaxed);
         self.input_seq.fetch_add(lines, Ordering::SeqCst);
     }
 
     /// How many lines clients have sent the session, ever: compared with the count when an
     /// approval request appeared, it tells whether a client was active since.
-    pub fn input_seq(&self) -> u64 {
+    pub(crate) fn input_seq(&self) -> u64 {
         self.input_seq.load(Ordering::SeqCst)
-    }
-
-    /// Connected WebSocket clients.
-    pub fn clients(&self) -> usize {
-        self.clients.load(Ordering::SeqCst)
-    }
-
-    /// The session's display name, if it has one.
-    pub fn name(&self) -> Option<&str> {
-        self.name.as_deref()
     }
 
     /// Values of the environment the session was created with, which a client-visible text
     /// about it must not contain.
-    pub fn env_values(&self) -> impl Iterator<Item = &str> {
+    pub(crate) fn env_values(&self) -> impl Iterator<Item = &str> {
         self.env.values().map(String::as_str)
     }
 
     /// Sends `frame` to the clients connected now (not journaled, not replayed). Returns how
     /// many will get it.
-    pub fn notify_clients(&self, frame: impl Into<Arc<str>>) -> usize {
+    pub(crate) fn notify_clients(&self, frame: impl Into<Arc<str>>) -> usize {
         self.notices.send(frame.into()).unwrap_or(0)
     }
 
     /// Frames sent with [`Self::notify_clients`] from now on.
-    pub fn notices(&self) -> tokio::sync::broadcast::Receiver<Arc<str>> {
+    pub(crate) fn notices(&self) -> tokio::sync::broadcast::Receiver<Arc<str>> {
         self.notices.subscribe()
     }
 
-    /// How the last run ended, if it has.
-    pub fn last_exit(&self) -> Option<ExitInfo> {
-        self.lock().exit
-    }
-
     /// Approval requests of the running agent that wait for an answer.
-    pub fn pending_approvals(&self) -> Vec<serde_json::Value> {
+    pub(crate) fn pending_approvals(&self) -> Vec<serde_json::Value> {
         crate::keeper::agentio::read_pending(&self.dir.pending())
     }
 
     /// The end of the agent's stderr (all runs), for a person finding out why it crashed.
-    pub fn stderr_tail(&self) -> String {
+    pub(crate) fn stderr_tail(&self) -> String {
         self.dir.stderr_tail(STDERR_TAIL_BYTES)
     }
 
     /// Why the last run failed to start, if it did.
-    pub fn last_error(&self) -> Option<String> {
+    pub(crate) fn last_error(&self) -> Option<String> {
         self.lock().error.clone()
     }
 
     /// Registers a client unless `limit` are already connected.
-    pub fn try_add_client(self: &Arc<Self>, limit: usize) -> Option<ClientGuard> {
+    pub(crate) fn try_add_client(self: &Arc<Self>, limit: usize) -> Option<ClientGuard> {
         self.clients
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
                 (n < limit).then_some(n + 1)
@@ -340,7 +327,7 @@ impl Session {
     }
 
     /// The REST summary.
-    pub fn summary(&self) -> SessionSummary {
+    pub(crate) fn summary(&self) -> SessionSummary {
         let mut summary = {
             let state = self.lock();
             self.summary_of(&state)
@@ -378,7 +365,7 @@ impl Session {
 
     /// [`Session::summary`] with its worktree's state asked of git now (the agent changes the
     /// tree as it works). It runs git: call it off the async workers.
-    pub fn fresh_summary(&self, projects: &crate::projects::Projects) -> SessionSummary {
+    pub(crate) fn fresh_summary(&self, projects: &crate::projects::Projects) -> SessionSummary {
         if let Some(worktree) = &self.worktree
             && let Ok(state) = projects.state(worktree)
         {
@@ -551,7 +538,7 @@ impl Session {
 /// stops reading its client's connection: a fast client is held back by TCP instead of
 /// filling the server's memory.
 #[derive(Debug, Clone)]
-pub struct InputSender {
+pub(crate) struct InputSender {
     tx: mpsc::Sender<Input>,
     budget: Arc<tokio::sync::Semaphore>,
     capacity: u32,
@@ -560,7 +547,7 @@ pub struct InputSender {
 /// The agent's stdin is gone (it exited); the input was dropped.
 #[derive(Debug, thiserror::Error)]
 #[error("the agent no longer takes input")]
-pub struct InputClosed;
+pub(crate) struct InputClosed;
 
 impl InputSender {
     pub(crate) fn new(tx: mpsc::Sender<Input>, bytes: usize) -> Self {
@@ -575,7 +562,7 @@ impl InputSender {
 
     /// Queues `input` once the budget has room for it (all of it, for one larger than the
     /// whole budget).
-    pub async fn send(&self, mut input: Input) -> Result<(), InputClosed> {
+    pub(crate) async fn send(&self, mut input: Input) -> Result<(), InputClosed> {
         let want = u32::try_from(input.bytes())
             .unwrap_or(u32::MAX)
             .clamp(1, self.capacity);
@@ -592,7 +579,7 @@ impl InputSender {
 
 /// Counts a connected client for as long as it lives.
 #[derive(Debug)]
-pub struct ClientGuard {
+pub(crate) struct ClientGuard {
     session: Arc<Session>,
 }
 

@@ -166,7 +166,7 @@ impl Session {
 /// Publishes the activity changes that no output marks: a running agent that stops writing
 /// becomes `idle` once `limits.activity_window_ms` has passed. Checks every running session a
 /// few times per window, with atomics only.
-pub fn spawn_activity_sweeper(
+pub(crate) fn spawn_activity_sweeper(
     manager: &Arc<SessionManager>,
     window: Duration,
     tracker: &TaskTracker,

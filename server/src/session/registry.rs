@@ -35,7 +35,7 @@ const PROJECTS_FILE: &str = "projects.json";
 
 /// All sessions of a server.
 #[derive(Debug)]
-pub struct SessionManager {
+pub(crate) struct SessionManager {
     pub(super) launcher: Launcher,
     sessions: RwLock<IndexMap<String, Arc<Session>>>,
     /// One permit per running agent.
@@ -56,7 +56,7 @@ impl SessionManager {
     ///
     /// `runtime_for` picks the runtime of each instance; session logic never looks behind the
     /// [`Runtime`] trait.
-    pub async fn new(
+    pub(crate) async fn new(
         config: &Config,
         moorline_exe: PathBuf,
         metrics: Arc<Metrics>,
@@ -83,7 +83,7 @@ impl SessionManager {
             sessions_dir,
             _lock: lock,
             cancel,
-            events: crate::events::EventBus::with_stream_limit(
+            events: crate::events::EventBus::new(
                 config.limits.event_backlog,
                 config.limits.max_event_streams,
             ),
@@ -95,12 +95,12 @@ impl SessionManager {
     }
 
     /// The projects.
-    pub fn projects(&self) -> &Arc<Projects> {
+    pub(crate) fn projects(&self) -> &Arc<Projects> {
         &self.projects
     }
 
     /// Forgets a project no session works in.
-    pub fn remove_project(&self, id: &str) -> Result<(), SessionError> {
+    pub(crate) fn remove_project(&self, id: &str) -> Result<(), SessionError> {
         let in_use = self
             .read()
             .values()
@@ -117,12 +117,12 @@ impl SessionManager {
     }
 
     /// Instances in configuration order.
-    pub fn instances(&self) -> impl Iterator<Item = &Arc<Instance>> {
+    pub(crate) fn instances(&self) -> impl Iterator<Item = &Arc<Instance>> {
         self.launcher.instances.values()
     }
 
     /// The server-wide event bus sessions publish their changes on.
-    pub fn events(&self) -> &crate::events::EventBus {
+    pub(crate) fn events(&self) -> &crate::events::EventBus {
         &self.events
     }
 
@@ -132,12 +132,12 @@ impl SessionManager {
     }
 
     /// The session with `id`.
-    pub fn get(&self, id: &str) -> Option<Arc<Session>> {
+    pub(crate) fn get(&self, id: &str) -> Option<Arc<Session>> {
         self.read().get(id).cloned()
     }
 
     /// Summaries of every session, oldest first.
-    pub fn list(&self) -> Vec<SessionSummary> {
+    pub(crate) fn list(&self) -> Vec<SessionSummary> {
         // Summaries read files: not under the registry's lock.
         let sessions: Vec<Arc<Session>> = self.read().values().cloned().collect();
         sessions.iter().map(|s| s.summary()).collect()
@@ -145,7 +145,7 @@ impl SessionManager {
 
     /// [`SessionManager::list`], asking git about the worktrees of sessions in projects
     /// ([`Session::fresh_summary`]): call it off the async workers.
-    pub fn fresh_list(&self) -> Vec<SessionSummary> {
+    pub(crate) fn fresh_list(&self) -> Vec<SessionSummary> {
         let sessions: Vec<Arc<Session>> = self.read().values().cloned().collect();
         sessions
             .iter()
@@ -154,7 +154,7 @@ impl SessionManager {
     }
 
     /// Counts of sessions by status, for metrics.
-    pub fn count_by_status(&self) -> BTreeMap<&'static str, usize> {
+    pub(crate) fn count_by_status(&self) -> BTreeMap<&'static str, usize> {
         let mut counts: BTreeMap<&'static str, usize> =
             Status::ALL.iter().map(|s| (s.as_str(), 0)).collect();
         for s in self.read().values() {
@@ -177,17 +177,17 @@ impl SessionManager {
     }
 
     /// The instance a create with `instance_id` would use (`None`: the default one).
-    pub fn instance_for(&self, instance_id: Option<&str>) -> Option<&Arc<Instance>> {
+    pub(crate) fn instance_for(&self, instance_id: Option<&str>) -> Option<&Arc<Instance>> {
         self.launcher.instance_for(instance_id)
     }
 
     /// The error for an instance that does not exist, naming those that do.
-    pub fn unknown_instance(&self, id: &str) -> SessionError {
+    pub(crate) fn unknown_instance(&self, id: &str) -> SessionError {
         self.launcher.unknown_instance(id)
     }
 
     /// Fails with [`SessionError::MaxSessions`] if no agent could be started now.
-    pub fn check_capacity(&self) -> Result<(), SessionError> {
+    pub(crate) fn check_capacity(&self) -> Result<(), SessionError> {
         if self.slots.available_permits() == 0 {
             return Err(SessionError::MaxSessions {
                 limit: self.launcher.limits.max_sessions,
@@ -197,7 +197,10 @@ impl SessionManager {
     }
 
     /// Creates a session and starts its agent.
-    pub async fn create(&self, mut req: CreateRequest) -> Result<SessionSummary, SessionError> {
+    pub(crate) async fn create(
+        &self,
+        mut req: CreateRequest,
+    ) -> Result<SessionSummary, SessionError> {
         // Like amarre, the limit is checked before anything else.
         let permit = self.take_slot()?;
         let project = match &req.project {
@@ -301,7 +304,7 @@ impl SessionManager {
     /// Removes ended sessions (their journals and directories with them), oldest first, beyond
     /// `limits.max_ended_sessions` or older than `limits.ended_session_ttl_ms`, so history
     /// cannot grow without bound.
-    pub async fn prune_ended(&self) {
+    pub(crate) async fn prune_ended(&self) {
         let now = now_ms();
         let limits = &self.launcher.limits;
         let ttl = limits.ended_session_ttl_ms;
@@ -346,7 +349,7 @@ impl SessionManager {
 
     /// Starts the agent of a session whose agent is not running, continuing its conversation
     /// unless `conversation` asks for a new one.
-    pub async fn restart(
+    pub(crate) async fn restart(
         &self,
         id: &str,
         conversation: ConversationRequest,
@@ -369,13 +372,13 @@ impl SessionManager {
 
     /// Deletes a session: stops its agent (TERM, grace, KILL), closes its clients with 1000,
     /// and removes everything it stored, but a worktree holding work.
-    pub async fn delete(&self, id: &str) -> Result<(), SessionError> {
+    pub(crate) async fn delete(&self, id: &str) -> Result<(), SessionError> {
         self.delete_with(id, false).await.map(drop)
     }
 
     /// [`SessionManager::delete`]; a worktree with uncommitted changes or commits its base
     /// lacks is kept (the answer says why) unless `force`.
-    pub async fn delete_with(&self, id: &str, force: bool) -> Result<Removal, SessionError> {
+    pub(crate) async fn delete_with(&self, id: &str, force: bool) -> Result<Removal, SessionError> {
         let session = self
             .write()
             .shift_remove(id)
@@ -423,7 +426,7 @@ impl SessionManager {
     /// not survive the server (TERM, grace, KILL; how each ended is recorded, so the sessions are
     /// listed with that status after a restart) and lets go of those that do, for the next
     /// server to adopt. Returns once every run has ended or let go.
-    pub async fn shutdown(&self) {
+    pub(crate) async fn shutdown(&self) {
         self.launcher.stop_runs.cancel();
         let sessions: Vec<Arc<Session>> = self.read().values().cloned().collect();
         // The stop itself is bounded by the grace and SIGKILL's ten seconds.

@@ -16,7 +16,7 @@ use crate::keeper::layout::SessionDir;
 /// A session's persistent record.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct Meta {
+pub(crate) struct Meta {
     /// Session id.
     pub id: String,
     /// Optional display name.
@@ -57,13 +57,13 @@ pub struct Meta {
 
 /// Writes `meta` atomically (temporary file, then rename), readable only by the owner because
 /// it holds the session's environment.
-pub fn save(dir: &SessionDir, meta: &Meta) -> io::Result<()> {
+pub(crate) fn save(dir: &SessionDir, meta: &Meta) -> io::Result<()> {
     let body = serde_json::to_vec_pretty(meta).map_err(io::Error::other)?;
     crate::keeper::fsio::write_private(&dir.meta(), &body)
 }
 
 /// Reads a session's metadata.
-pub fn load(dir: &SessionDir) -> io::Result<Meta> {
+pub(crate) fn load(dir: &SessionDir) -> io::Result<Meta> {
     let body = fs::read(dir.meta())?;
     serde_json::from_slice(&body).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
