@@ -44,7 +44,7 @@ pub type ExitFuture = Pin<Box<dyn Future<Output = ExitInfo> + Send>>;
 
 /// An agent's end of the loop: its pipes, its exit, and how to signal its group.
 #[allow(missing_debug_implementations)] // pipes and a future: nothing to show
-pub struct AgentPipes {
+pub(crate) struct AgentPipes {
     /// The agent's stdout.
     pub stdout: Reader,
     /// The agent's stdin.
@@ -71,7 +71,7 @@ const RETRY_MAX: Duration = Duration::from_secs(1);
 
 /// A batch a sink could not store, handed back to be held and retried.
 #[derive(Debug)]
-pub struct Refused {
+pub(crate) struct Refused {
     /// The batch, unchanged.
     pub batch: BytesMut,
     /// Why it was refused.
@@ -79,7 +79,7 @@ pub struct Refused {
 }
 
 /// Where framed output goes.
-pub trait OutputSink: Send {
+pub(crate) trait OutputSink: Send {
     /// Takes a batch of whole lines (each followed by `\n` in `batch`); `ends` are the
     /// `(start, end)` offsets of each line without its `\n`. A batch it cannot store is
     /// handed back, untouched: it will be offered again.
@@ -115,7 +115,7 @@ pub trait OutputSink: Send {
 /// write and one read rather than a wake-up per 64 KiB. True if the kernel agreed for all; a
 /// refusal (beyond `/proc/sys/fs/pipe-max-size` for an unprivileged process, or past the user's
 /// pipe budget) leaves a pipe as it was, which only costs speed. `0` changes nothing.
-pub fn widen_pipes(pipes: &[std::os::fd::BorrowedFd<'_>], bytes: usize) -> bool {
+pub(crate) fn widen_pipes(pipes: &[std::os::fd::BorrowedFd<'_>], bytes: usize) -> bool {
     use nix::fcntl::{FcntlArg, fcntl};
     let Ok(size) = i32::try_from(bytes) else {
         return false;
@@ -160,7 +160,7 @@ impl Input {
 
 /// Counts what an agent run produced.
 #[derive(Debug, Default, Clone, Copy)]
-pub struct Totals {
+pub(crate) struct Totals {
     /// Lines committed.
     pub lines: u64,
     /// Lines dropped by the framer (invalid UTF-8, too long).
@@ -168,7 +168,7 @@ pub struct Totals {
 }
 
 /// An agent's stdio loop.
-pub struct AgentIo {
+pub(crate) struct AgentIo {
     framer: LineFramer,
     pipeline: Pipeline,
     exit_drain: Duration,
@@ -194,7 +194,7 @@ impl std::fmt::Debug for AgentIo {
 
 impl AgentIo {
     /// A loop framing lines up to `max_line` bytes through `pipeline`.
-    pub fn new(max_line: usize, pipeline: Pipeline, exit_drain: Duration) -> Self {
+    pub(crate) fn new(max_line: usize, pipeline: Pipeline, exit_drain: Duration) -> Self {
         Self {
             framer: LineFramer::new(max_line),
             pipeline,
@@ -211,7 +211,7 @@ impl AgentIo {
     }
 
     /// How long output refused by the sink is still held after the agent has exited.
-    pub fn hold_after_exit(mut self, hold: Duration) -> Self {
+    pub(crate) fn hold_after_exit(mut self, hold: Duration) -> Self {
         self.hold_after_exit = hold;
         self
     }
@@ -275,7 +275,7 @@ impl AgentIo {
     /// Exit and end-of-output are awaited separately: a tool the agent started may keep stdout
     /// open after the agent exits. Such leftovers get `exit_drain` to finish, then the agent's
     /// process group is killed, then output is given up on after another `exit_drain`.
-    pub async fn run(
+    pub(crate) async fn run(
         mut self,
         pipes: AgentPipes,
         mut input: mpsc::Receiver<Input>,
@@ -554,7 +554,7 @@ async fn sleep_until(deadline: Option<Instant>) {
 
 /// Records that the run reported an authentication failure (the session's
 /// [`auth_failed`](super::layout::SessionDir::auth_failed) file).
-pub fn mark_auth_failed(path: &Path) {
+pub(crate) fn mark_auth_failed(path: &Path) {
     if let Err(e) = super::fsio::write_private(path, b"") {
         tracing::warn!(error = %e, "cannot record an authentication failure");
     }
@@ -563,7 +563,7 @@ pub fn mark_auth_failed(path: &Path) {
 /// What a session records of its agent's conversation (its
 /// [`conversation`](super::layout::SessionDir::conversation) file).
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct ConversationRecord {
+pub(crate) struct ConversationRecord {
     /// The conversation's id as its adapter names it, once known.
     #[serde(default)]
     pub id: Option<String>,
@@ -587,7 +587,7 @@ impl From<ConversationNews> for ConversationRecord {
 }
 
 /// Records the conversation of the current run (atomically).
-pub fn record_conversation(path: &Path, record: &ConversationRecord) {
+pub(crate) fn record_conversation(path: &Path, record: &ConversationRecord) {
     let body = serde_json::to_vec(record).unwrap_or_default();
     if let Err(e) = super::fsio::write_private(path, &body) {
         tracing::warn!(error = %e, "cannot record the agent's conversation");
@@ -595,7 +595,7 @@ pub fn record_conversation(path: &Path, record: &ConversationRecord) {
 }
 
 /// Records what the agent said of its conversation, keeping where in the journal it began.
-pub fn record_conversation_news(path: &Path, news: ConversationNews) {
+pub(crate) fn record_conversation_news(path: &Path, news: ConversationNews) {
     let first_seq = read_conversation(path).first_seq;
     record_conversation(
         path,
@@ -609,7 +609,7 @@ pub fn record_conversation_news(path: &Path, news: ConversationNews) {
 /// Gives a run that continues a conversation that conversation's messages, read back from the
 /// session's journal, for translators that answer `get_messages` themselves (Claude Code's and
 /// Codex's in the pi RPC dialect; pi answers from its own session file).
-pub fn restore_history(
+pub(crate) fn restore_history(
     pipeline: &mut Pipeline,
     journal_dir: &Path,
     continuation: &moorline_adapters::conversation::Continuation,
@@ -633,7 +633,7 @@ pub fn restore_history(
 /// began at line `from` (no user message since), and still holds every line from there. Such a
 /// conversation has nothing to continue: agents keep none of it (Claude Code writes its
 /// transcript with the first message).
-pub fn nothing_said_since(journal_dir: &Path, from: u64) -> bool {
+pub(crate) fn nothing_said_since(journal_dir: &Path, from: u64) -> bool {
     let retained = super::journal::scan_index(journal_dir)
         .is_ok_and(|(index, _)| index.first_seq().is_none_or(|first| first <= from));
     let mut said = false;
@@ -650,7 +650,7 @@ pub fn nothing_said_since(journal_dir: &Path, from: u64) -> bool {
 }
 
 /// Reads a session's conversation record (none: a new conversation, no id).
-pub fn read_conversation(path: &Path) -> ConversationRecord {
+pub(crate) fn read_conversation(path: &Path) -> ConversationRecord {
     std::fs::read(path)
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok())
@@ -658,7 +658,7 @@ pub fn read_conversation(path: &Path) -> ConversationRecord {
 }
 
 /// Writes the pending approval requests where the server can read them (atomically).
-pub fn write_pending(path: &Path, pending: &[serde_json::Value]) {
+pub(crate) fn write_pending(path: &Path, pending: &[serde_json::Value]) {
     let body = serde_json::to_vec(pending).unwrap_or_default();
     if let Err(e) = super::fsio::write_private(path, &body) {
         tracing::warn!(error = %e, "cannot record pending approvals");
@@ -666,7 +666,7 @@ pub fn write_pending(path: &Path, pending: &[serde_json::Value]) {
 }
 
 /// Reads the pending approval requests of a session.
-pub fn read_pending(path: &std::path::Path) -> Vec<serde_json::Value> {
+pub(crate) fn read_pending(path: &std::path::Path) -> Vec<serde_json::Value> {
     std::fs::read(path)
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok())

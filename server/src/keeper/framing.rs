@@ -13,7 +13,7 @@ use bytes::BytesMut;
 use memchr::memchr;
 
 /// How many bytes of a dropped line are kept to show the user what was lost.
-pub const PREVIEW_BYTES: usize = 120;
+pub(crate) const PREVIEW_BYTES: usize = 120;
 
 /// Why a line was not forwarded as-is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,7 +42,7 @@ impl fmt::Display for DropReason {
 
 /// One framed line of agent output.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Frame<'a> {
+pub(crate) enum Frame<'a> {
     /// A non-empty line: valid UTF-8, no `\n`, no trailing `\r`, at most the maximum length.
     Line(&'a str),
     /// A line that could not be forwarded.
@@ -58,7 +58,7 @@ pub enum Frame<'a> {
 
 /// A piece of a byte stream cut at `\n`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Piece<'a> {
+pub(crate) enum Piece<'a> {
     /// A complete line, without its `\n`, at most the splitter's limit long.
     Line(&'a [u8]),
     /// A line longer than the limit: only its length and first [`PREVIEW_BYTES`] were kept.
@@ -74,7 +74,7 @@ pub enum Piece<'a> {
 /// limit plus one read (a line that grows past the limit is discarded as it streams in).
 /// Agent output goes through it inside [`LineFramer`]; a keeper splits client input with it.
 #[derive(Debug)]
-pub struct LineSplitter {
+pub(crate) struct LineSplitter {
     limit: usize,
     /// Bytes of the current, still unterminated line.
     partial: BytesMut,
@@ -84,7 +84,7 @@ pub struct LineSplitter {
 
 impl LineSplitter {
     /// A splitter that reports lines longer than `limit` bytes as [`Piece::TooLong`].
-    pub fn new(limit: usize) -> Self {
+    pub(crate) fn new(limit: usize) -> Self {
         Self {
             limit,
             partial: BytesMut::new(),
@@ -93,12 +93,12 @@ impl LineSplitter {
     }
 
     /// Bytes currently buffered for an unterminated line.
-    pub fn buffered(&self) -> usize {
+    pub(crate) fn buffered(&self) -> usize {
         self.partial.len()
     }
 
     /// Splits `input` and calls `emit` for every line it completes.
-    pub fn feed(&mut self, mut input: &[u8], emit: &mut impl FnMut(Piece<'_>)) {
+    pub(crate) fn feed(&mut self, mut input: &[u8], emit: &mut impl FnMut(Piece<'_>)) {
         while !input.is_empty() {
             let Some(nl) = memchr(b'\n', input) else {
                 self.accumulate(input);
@@ -138,7 +138,7 @@ impl LineSplitter {
     }
 
     /// Flushes an unterminated last line (the stream ended without a final `\n`).
-    pub fn finish(&mut self, emit: &mut impl FnMut(Piece<'_>)) {
+    pub(crate) fn finish(&mut self, emit: &mut impl FnMut(Piece<'_>)) {
         if let Some((seen, preview)) = self.discarding.take() {
             emit(Piece::TooLong {
                 bytes: seen,
@@ -151,7 +151,7 @@ impl LineSplitter {
     }
 
     /// Forgets an unterminated line (its stream went away mid-line); returns its length.
-    pub fn discard(&mut self) -> u64 {
+    pub(crate) fn discard(&mut self) -> u64 {
         let n = match self.discarding.take() {
             Some((seen, _)) => seen,
             None => self.partial.len() as u64,
@@ -194,14 +194,14 @@ impl LineSplitter {
 /// Incremental splitter of agent output into [`Frame`]s: a [`LineSplitter`] whose lines are
 /// then checked (UTF-8, length without a trailing `\r`, not empty).
 #[derive(Debug)]
-pub struct LineFramer {
+pub(crate) struct LineFramer {
     max_line: usize,
     splitter: LineSplitter,
 }
 
 impl LineFramer {
     /// A framer that drops lines longer than `max_line` bytes.
-    pub fn new(max_line: usize) -> Self {
+    pub(crate) fn new(max_line: usize) -> Self {
         Self {
             max_line,
             // A line of exactly `max_line` bytes may still be followed by a `\r`.
@@ -210,19 +210,19 @@ impl LineFramer {
     }
 
     /// Bytes currently buffered for an unterminated line.
-    pub fn buffered(&self) -> usize {
+    pub(crate) fn buffered(&self) -> usize {
         self.splitter.buffered()
     }
 
     /// Splits `input` and calls `emit` for every line it completes.
-    pub fn feed(&mut self, input: &[u8], emit: &mut impl FnMut(Frame<'_>)) {
+    pub(crate) fn feed(&mut self, input: &[u8], emit: &mut impl FnMut(Frame<'_>)) {
         let max_line = self.max_line;
         self.splitter
             .feed(input, &mut |piece| frame(max_line, piece, emit));
     }
 
     /// Flushes an unterminated last line (the agent exited without a final `\n`).
-    pub fn finish(&mut self, emit: &mut impl FnMut(Frame<'_>)) {
+    pub(crate) fn finish(&mut self, emit: &mut impl FnMut(Frame<'_>)) {
         let max_line = self.max_line;
         self.splitter
             .finish(&mut |piece| frame(max_line, piece, emit));
@@ -269,7 +269,7 @@ fn fill_preview(preview: &mut Vec<u8>, more: &[u8]) {
 ///
 /// It is written into the session's output like any other line, so it has a sequence number
 /// and replays the same way.
-pub fn dropped_frame(reason: DropReason, bytes: u64, preview: &[u8]) -> String {
+pub(crate) fn dropped_frame(reason: DropReason, bytes: u64, preview: &[u8]) -> String {
     serde_json::json!({
         "type": "amarre.line_dropped",
         "reason": reason.as_str(),
@@ -283,7 +283,7 @@ pub fn dropped_frame(reason: DropReason, bytes: u64, preview: &[u8]) -> String {
 ///
 /// amarre's rule, kept for compatibility: strip one trailing `\n` and then one trailing `\r`
 /// (clients send `JSON.stringify(cmd) + "\n"`); the writer then appends exactly one `\n`.
-pub fn inbound_line(frame: &[u8]) -> &[u8] {
+pub(crate) fn inbound_line(frame: &[u8]) -> &[u8] {
     let frame = frame.strip_suffix(b"\n").unwrap_or(frame);
     frame.strip_suffix(b"\r").unwrap_or(frame)
 }

@@ -7,7 +7,7 @@ use std::path::Path;
 /// Writes `body` to `path` atomically (a temporary file beside it, then a rename), readable
 /// only by its owner: readers never see half a file, and the files hold environments, approval
 /// requests and exit statuses that are nobody else's business.
-pub fn write_private(path: &Path, body: &[u8]) -> io::Result<()> {
+pub(crate) fn write_private(path: &Path, body: &[u8]) -> io::Result<()> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let mut file = std::fs::OpenOptions::new()

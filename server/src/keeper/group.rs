@@ -90,19 +90,19 @@ impl AgentControl for GroupControl {
 /// [`KeeperSpec::detached_pid_file`](super::protocol::KeeperSpec::detached_pid_file)), so its
 /// pid cannot be reused before the keeper reaps it, after which it is not signalled again.
 #[derive(Debug, Default)]
-pub struct InitControl {
+pub(crate) struct InitControl {
     pid: std::sync::OnceLock<Pid>,
     gone: AtomicBool,
 }
 
 impl InitControl {
     /// The container's init is `pid`.
-    pub fn started(&self, pid: Pid) {
+    pub(crate) fn started(&self, pid: Pid) {
         let _ = self.pid.set(pid);
     }
 
     /// The init has been reaped.
-    pub fn reaped(&self) {
+    pub(crate) fn reaped(&self) {
         self.gone.store(true, Ordering::SeqCst);
     }
 
@@ -132,7 +132,7 @@ impl AgentControl for InitControl {
 
 /// Kills the process group of an agent a crashed server left behind, if `pid` is still the
 /// same process (same start time), never a recycled pid.
-pub fn kill_orphan(pid: u32, start: u64) -> bool {
+pub(crate) fn kill_orphan(pid: u32, start: u64) -> bool {
     if process_start_time(pid) != Some(start) {
         return false;
     }
@@ -143,7 +143,7 @@ pub fn kill_orphan(pid: u32, start: u64) -> bool {
 }
 
 /// Start time of process `pid` in clock ticks since boot, from `/proc/<pid>/stat`.
-pub fn process_start_time(pid: u32) -> Option<u64> {
+pub(crate) fn process_start_time(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) may contain spaces and parentheses: skip past its last ')'.
     let rest = &stat[stat.rfind(')')? + 2..];
@@ -153,7 +153,7 @@ pub fn process_start_time(pid: u32) -> Option<u64> {
 /// Kills the network helper of a container's run (`net.pid`), if it is still that helper and
 /// not a process that reused its pid. The helper normally leaves with its container; the keeper
 /// and the runtime make sure.
-pub fn stop_network_helper(run_dir: &super::layout::RunDir) {
+pub(crate) fn stop_network_helper(run_dir: &super::layout::RunDir) {
     let pid_file = run_dir.network_pid();
     let Some(pid) = super::layout::read_pid(&pid_file) else {
         return;

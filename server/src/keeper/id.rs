@@ -3,7 +3,7 @@
 use std::io;
 
 /// `bytes` random bytes as lowercase hex (twice as many characters).
-pub fn random_hex(bytes: usize) -> io::Result<String> {
+pub(crate) fn random_hex(bytes: usize) -> io::Result<String> {
     let mut raw = vec![0u8; bytes];
     getrandom::fill(&mut raw).map_err(|e| io::Error::other(e.to_string()))?;
     Ok(raw.iter().map(|b| format!("{b:02x}")).collect())

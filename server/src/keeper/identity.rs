@@ -26,7 +26,7 @@ use rustix::thread::{set_thread_groups, set_thread_res_gid, set_thread_res_uid};
 /// The calling thread running as another user until this is dropped.
 #[derive(Debug)]
 #[must_use = "the thread takes back its own identity when this is dropped"]
-pub struct ThreadIdentity {
+pub(crate) struct ThreadIdentity {
     uids: ResUid,
     gids: ResGid,
     groups: Vec<Gid>,
@@ -39,7 +39,7 @@ pub struct ThreadIdentity {
 impl ThreadIdentity {
     /// The calling thread takes on `uid` and `gid` with no supplementary groups, keeping only
     /// its saved user id so that it can return. Needs `CAP_SETUID` and `CAP_SETGID` (root).
-    pub fn assume(uid: u32, gid: u32) -> io::Result<Self> {
+    pub(crate) fn assume(uid: u32, gid: u32) -> io::Result<Self> {
         let mut own = Self {
             uids: getresuid()?,
             gids: getresgid()?,

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use bytes::Bytes;
 
 /// Distance in bytes between two index checkpoints.
-pub const CHECKPOINT_BYTES: u64 = 64 * 1024;
+pub(crate) const CHECKPOINT_BYTES: u64 = 64 * 1024;
 
 /// Disk space reserved ahead of the active segment's end, so a full disk fails the reservation
 /// instead of a write: a write cut short would show a reader (a server following a keeper's
@@ -160,7 +160,7 @@ impl JournalIndex {
 
 /// The single writer of a journal.
 #[derive(Debug)]
-pub struct JournalWriter {
+pub(crate) struct JournalWriter {
     dir: PathBuf,
     limits: JournalLimits,
     file: File,
@@ -182,7 +182,7 @@ impl JournalWriter {
     /// A trailing partial line (the previous writer died in the middle of a write) is cut off,
     /// so every line in the journal is whole. Returns the writer and the index describing what is
     /// already on disk.
-    pub fn open(dir: &Path, limits: JournalLimits) -> io::Result<(Self, JournalIndex)> {
+    pub(crate) fn open(dir: &Path, limits: JournalLimits) -> io::Result<(Self, JournalIndex)> {
         fs::create_dir_all(dir)?;
         let (mut index, next_seq) = scan(dir)?;
         let Some(last) = index.segments.back().copied() else {
@@ -247,7 +247,7 @@ impl JournalWriter {
     }
 
     /// Sequence number the next appended line will get.
-    pub fn next_seq(&self) -> u64 {
+    pub(crate) fn next_seq(&self) -> u64 {
         self.next_seq
     }
 
@@ -259,7 +259,7 @@ impl JournalWriter {
     /// On an error nothing of the batch is kept (a partly written batch is cut off) and it gets
     /// no sequence numbers: the journal stays whole and numbered without gaps, and the caller
     /// must not announce the batch.
-    pub fn append(&mut self, batch: &[u8], lines: u64) -> io::Result<Vec<IndexChange>> {
+    pub(crate) fn append(&mut self, batch: &[u8], lines: u64) -> io::Result<Vec<IndexChange>> {
         // Changes made before a failed append (a rotation) still reach readers.
         let mut changes = std::mem::take(&mut self.unreported);
         if lines == 0 {
@@ -303,7 +303,7 @@ impl JournalWriter {
     }
 
     /// Flushes written data to stable storage (used before reporting an exit).
-    pub fn sync(&self) -> io::Result<()> {
+    pub(crate) fn sync(&self) -> io::Result<()> {
         self.file.sync_data()
     }
 
@@ -411,7 +411,7 @@ impl Drop for JournalWriter {
 
 /// Why a read from disk returned fewer lines than asked for.
 #[derive(Debug, PartialEq, Eq)]
-pub enum DiskRead {
+pub(crate) enum DiskRead {
     /// Lines starting at the requested sequence number.
     Lines(Vec<Bytes>),
     /// The requested line is no longer on disk (its segment was deleted).
@@ -429,7 +429,7 @@ const READ_CHUNK: usize = 512 * 1024;
 /// as the live one whenever the agent outruns a client.
 ///
 /// Runs blocking file I/O: call it from a blocking thread.
-pub fn read_lines(
+pub(crate) fn read_lines(
     dir: &Path,
     segments: &[u64],
     checkpoint: Checkpoint,
@@ -681,7 +681,7 @@ fn create_segment(dir: &Path, first_seq: u64) -> io::Result<File> {
 
 /// Calls `visit` with every whole line of the journal in `dir` whose sequence number is `from`
 /// or later, oldest first (what is still retained of them), until it says `Break`. Blocking I/O.
-pub fn visit_from(
+pub(crate) fn visit_from(
     dir: &Path,
     from: u64,
     mut visit: impl FnMut(&[u8]) -> std::ops::ControlFlow<()>,
@@ -714,7 +714,7 @@ pub fn visit_from(
 
 /// Reads the index of the journal in `dir` without changing anything, for a reader while
 /// another process may be writing. Returns it and the next sequence number.
-pub fn scan_index(dir: &Path) -> io::Result<(JournalIndex, u64)> {
+pub(crate) fn scan_index(dir: &Path) -> io::Result<(JournalIndex, u64)> {
     fs::create_dir_all(dir)?;
     scan(dir)
 }

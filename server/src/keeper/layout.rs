@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 
 /// How much of an agent's stderr is quoted when it fails to start.
-pub const STDERR_TAIL_BYTES: u64 = 2048;
+pub(crate) const STDERR_TAIL_BYTES: u64 = 2048;
 
 /// A session's directory.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -182,6 +182,6 @@ impl RunDir {
 }
 
 /// Reads a pid file, if it holds a pid.
-pub fn read_pid(path: &Path) -> Option<i32> {
+pub(crate) fn read_pid(path: &Path) -> Option<i32> {
     std::fs::read_to_string(path).ok()?.trim().parse().ok()
 }

@@ -15,11 +15,11 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 const GATHER_BELOW: usize = 4096;
 
 /// Most buffers given to one vectored write.
-pub const MAX_SLICES: usize = 64;
+pub(crate) const MAX_SLICES: usize = 64;
 
 /// The buffers of one vectored write, kept on the stack.
 #[derive(Debug)]
-pub struct Slices<'a> {
+pub(crate) struct Slices<'a> {
     bufs: [IoSlice<'a>; MAX_SLICES],
     len: usize,
 }
@@ -34,7 +34,7 @@ impl<'a> std::ops::Deref for Slices<'a> {
 
 /// Bytes to write, in order: sealed parts, then the open buffer of small lines.
 #[derive(Debug, Default)]
-pub struct LineQueue {
+pub(crate) struct LineQueue {
     parts: VecDeque<Bytes>,
     open: BytesMut,
     len: usize,
@@ -42,7 +42,7 @@ pub struct LineQueue {
 
 impl LineQueue {
     /// Queues `line` and its newline.
-    pub fn push_line(&mut self, line: &Bytes) {
+    pub(crate) fn push_line(&mut self, line: &Bytes) {
         if line.len() < GATHER_BELOW {
             self.open.extend_from_slice(line);
         } else {
@@ -54,7 +54,7 @@ impl LineQueue {
     }
 
     /// Queues `line`, which the caller owns, and its newline.
-    pub fn push_owned(&mut self, line: Vec<u8>) {
+    pub(crate) fn push_owned(&mut self, line: Vec<u8>) {
         if line.len() < GATHER_BELOW {
             self.push_raw(&line);
             self.open.put_u8(b'\n');
@@ -65,7 +65,7 @@ impl LineQueue {
     }
 
     /// Queues `bytes` as they are (a marker line already ending in a newline, say).
-    pub fn push_raw(&mut self, bytes: &[u8]) {
+    pub(crate) fn push_raw(&mut self, bytes: &[u8]) {
         self.open.extend_from_slice(bytes);
         self.len += bytes.len();
     }
@@ -77,17 +77,17 @@ impl LineQueue {
     }
 
     /// Bytes queued.
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.len
     }
 
     /// Whether nothing is queued.
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.len == 0
     }
 
     /// Drops everything queued.
-    pub fn clear(&mut self) {
+    pub(crate) fn clear(&mut self) {
         self.parts.clear();
         self.open.clear();
         self.len = 0;
@@ -95,7 +95,7 @@ impl LineQueue {
 
     /// The first buffers to write, in order (at most [`MAX_SLICES`]), without allocating:
     /// this is asked for before every write.
-    pub fn slices(&self) -> Slices<'_> {
+    pub(crate) fn slices(&self) -> Slices<'_> {
         let mut slices = slices_of(&self.parts);
         if slices.len < MAX_SLICES && slices.len == self.parts.len() && !self.open.is_empty() {
             slices.bufs[slices.len] = IoSlice::new(&self.open);
@@ -105,7 +105,7 @@ impl LineQueue {
     }
 
     /// Drops the first `n` bytes (written).
-    pub fn consume(&mut self, n: usize) {
+    pub(crate) fn consume(&mut self, n: usize) {
         self.len -= n.min(self.len);
         let rest = consume_parts(&mut self.parts, n);
         self.open.advance(rest.min(self.open.len()));
@@ -113,7 +113,7 @@ impl LineQueue {
 }
 
 /// The first buffers of `parts`, in order (at most [`MAX_SLICES`]), for a vectored write.
-pub fn slices_of(parts: &VecDeque<Bytes>) -> Slices<'_> {
+pub(crate) fn slices_of(parts: &VecDeque<Bytes>) -> Slices<'_> {
     let mut slices = Slices {
         bufs: [IoSlice::new(&[]); MAX_SLICES],
         len: 0,
@@ -126,7 +126,7 @@ pub fn slices_of(parts: &VecDeque<Bytes>) -> Slices<'_> {
 }
 
 /// Drops the first `n` bytes of `parts` (written); returns how many of `n` lay beyond them.
-pub fn consume_parts(parts: &mut VecDeque<Bytes>, mut n: usize) -> usize {
+pub(crate) fn consume_parts(parts: &mut VecDeque<Bytes>, mut n: usize) -> usize {
     while n > 0 {
         let Some(front) = parts.front_mut() else {
             return n;

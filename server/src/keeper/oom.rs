@@ -20,7 +20,7 @@ const POLL: Duration = Duration::from_millis(50);
 /// Watches one container's cgroup from a thread of its own (the notifications are blocking
 /// reads); see the module docs.
 #[derive(Debug)]
-pub struct OomWatch {
+pub(crate) struct OomWatch {
     counter: PathBuf,
     fired: Arc<AtomicBool>,
 }
@@ -28,7 +28,7 @@ pub struct OomWatch {
 impl OomWatch {
     /// Starts watching the cgroup at `cgroup` (runc's `cgroupsPath`, such as `/moorline/ID`)
     /// once it appears.
-    pub fn start(cgroup: &str) -> Self {
+    pub(crate) fn start(cgroup: &str) -> Self {
         let root = Path::new("/sys/fs/cgroup");
         let rel = cgroup.trim_start_matches('/');
         // A unified (v2) tree has cgroup.controllers at its root; otherwise the memory
@@ -49,7 +49,7 @@ impl OomWatch {
     }
 
     /// Whether an OOM kill was seen in the container. Call once it has exited.
-    pub fn fired(&self) -> bool {
+    pub(crate) fn fired(&self) -> bool {
         self.fired.load(Ordering::SeqCst) || oom_kills(&self.counter).is_some_and(|n| n > 0)
     }
 }

@@ -6,7 +6,7 @@
 //! tag byte and its body:
 //!
 //! - [`LINES`]: lines the keeper has just appended to the journal, with their first sequence
-//!   number and the journal index changes the append made (see [`encode_lines`]): the server
+//!   number and the journal index changes the append made (see [`encode_lines_header`]): the server
 //!   publishes them without reading the journal back;
 //! - [`DOORBELL`]: the journal grew by lines not sent (nobody was connected, or the server fell
 //!   behind): the server reads them from the journal;
@@ -30,24 +30,24 @@ use super::layout::RunDir;
 /// First byte of a server-to-keeper line that names the client whose lines follow (the rest
 /// of the line, UTF-8). Client lines are UTF-8 (WebSocket text, or binary frames checked to
 /// be UTF-8), and 0xFF never occurs in UTF-8: no client line can be taken for a marker.
-pub const USER_MARKER: u8 = 0xFF;
+pub(crate) const USER_MARKER: u8 = 0xFF;
 /// Keeper-to-server byte: the journal has grown by lines the server must read from it.
-pub const DOORBELL: u8 = 1;
+pub(crate) const DOORBELL: u8 = 1;
 /// Keeper-to-server byte: the journal refused a write; output is held.
-pub const HELD: u8 = 2;
+pub(crate) const HELD: u8 = 2;
 /// Keeper-to-server byte: the journal takes output again.
-pub const FLOWING: u8 = 3;
+pub(crate) const FLOWING: u8 = 3;
 /// Keeper-to-server byte, then a little-endian `u64`: held output lines were given up.
-pub const LOST: u8 = 4;
+pub(crate) const LOST: u8 = 4;
 /// Keeper-to-server byte that starts a settled approval: a JSON [`Resolution`] up to `\n`.
-pub const RESOLUTION: u8 = 5;
-/// Keeper-to-server byte that starts a batch of journaled lines ([`encode_lines`]).
-pub const LINES: u8 = 6;
+pub(crate) const RESOLUTION: u8 = 5;
+/// Keeper-to-server byte that starts a batch of journaled lines ([`encode_lines_header`]).
+pub(crate) const LINES: u8 = 6;
 /// Keeper-to-server byte: the session's pending approvals file was rewritten.
-pub const PENDING: u8 = 7;
+pub(crate) const PENDING: u8 = 7;
 
 /// The marker line (with its newline) announcing that `user` sends the lines that follow.
-pub fn user_marker(user: &str) -> Vec<u8> {
+pub(crate) fn user_marker(user: &str) -> Vec<u8> {
     let mut line = Vec::with_capacity(user.len() + 2);
     line.push(USER_MARKER);
     // Identities never hold a newline; make sure one could not end the marker early.
@@ -58,7 +58,7 @@ pub fn user_marker(user: &str) -> Vec<u8> {
 
 /// What a keeper runs and where it writes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct KeeperSpec {
+pub(crate) struct KeeperSpec {
     /// The session's id, for messages.
     pub session_id: String,
     /// Program to start (the agent, or `runc`).
@@ -127,18 +127,18 @@ pub struct KeeperSpec {
 }
 
 /// Reads the spec of a run directory, if there is a valid one.
-pub fn read_spec(run_dir: &RunDir) -> Option<KeeperSpec> {
+pub(crate) fn read_spec(run_dir: &RunDir) -> Option<KeeperSpec> {
     serde_json::from_slice(&std::fs::read(run_dir.spec()).ok()?).ok()
 }
 
 /// Reads the spec of a run directory, saying what is wrong with it.
-pub fn load_spec(run_dir: &RunDir) -> io::Result<KeeperSpec> {
+pub(crate) fn load_spec(run_dir: &RunDir) -> io::Result<KeeperSpec> {
     serde_json::from_slice(&std::fs::read(run_dir.spec())?)
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
 /// Writes the spec (it holds the agent's environment: owner only).
-pub fn write_spec(run_dir: &RunDir, spec: &KeeperSpec) -> io::Result<()> {
+pub(crate) fn write_spec(run_dir: &RunDir, spec: &KeeperSpec) -> io::Result<()> {
     let body = serde_json::to_vec_pretty(spec).map_err(io::Error::other)?;
     super::fsio::write_private(&run_dir.spec(), &body)
 }
@@ -148,28 +148,21 @@ fn default_hold_after_exit_ms() -> u64 {
 }
 
 /// Reads the exit file, if the agent's end was recorded.
-pub fn read_exit(run_dir: &RunDir) -> Option<ExitInfo> {
+pub(crate) fn read_exit(run_dir: &RunDir) -> Option<ExitInfo> {
     serde_json::from_slice(&std::fs::read(run_dir.exit()).ok()?).ok()
 }
 
 /// Writes the exit file atomically.
-pub fn write_exit(run_dir: &RunDir, exit: ExitInfo) -> io::Result<()> {
+pub(crate) fn write_exit(run_dir: &RunDir, exit: ExitInfo) -> io::Result<()> {
     let body = serde_json::to_vec(&exit).map_err(io::Error::other)?;
     super::fsio::write_private(&run_dir.exit(), &body)
 }
 
-/// Appends a [`LINES`] message: tag, first sequence number (`u64`), number of index changes
-/// (`u32`), the changes (25 bytes each), payload length (`u32`), then the lines, each followed
-/// by `\n` (exactly as in the journal). All integers little-endian.
-pub fn encode_lines(out: &mut Vec<u8>, first_seq: u64, changes: &[IndexChange], lines: &[u8]) {
-    out.reserve(lines.len());
-    encode_lines_header(out, first_seq, changes, lines.len());
-    out.extend_from_slice(lines);
-}
-
-/// Appends the head of a [`LINES`] message ([`encode_lines`] without the lines), for a sender
-/// that writes the lines from where they already are.
-pub fn encode_lines_header(
+/// Appends the head of a [`LINES`] message: tag, first sequence number (`u64`), number of
+/// index changes (`u32`), the changes (25 bytes each), payload length (`u32`); the lines follow,
+/// each with its `\n` (exactly as in the journal), written by the sender from where they already
+/// are. All integers little-endian.
+pub(crate) fn encode_lines_header(
     out: &mut Vec<u8>,
     first_seq: u64,
     changes: &[IndexChange],
@@ -196,7 +189,7 @@ pub fn encode_lines_header(
 
 /// What a keeper tells the server.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Message {
+pub(crate) enum Message {
     /// Journaled lines, from `first_seq` on (each followed by `\n` in `lines`).
     Lines {
         /// Sequence number of the first line.
@@ -222,7 +215,7 @@ pub enum Message {
 
 /// Why the keeper's stream cannot be read any further.
 #[derive(Debug, thiserror::Error)]
-pub enum DecodeError {
+pub(crate) enum DecodeError {
     /// A message announced a size no keeper writes.
     #[error("keeper message too large ({0} bytes)")]
     TooLarge(usize),
@@ -239,13 +232,13 @@ const MAX_RECORD: usize = 64 * 1024;
 /// Splits the keeper's byte stream into [`Message`]s. Bytes other than the tags are read as
 /// [`Message::Grew`], as keepers of older servers meant them.
 #[derive(Debug, Default)]
-pub struct Decoder {
+pub(crate) struct Decoder {
     buf: BytesMut,
 }
 
 impl Decoder {
     /// The buffer to read into.
-    pub fn buffer(&mut self) -> &mut BytesMut {
+    pub(crate) fn buffer(&mut self) -> &mut BytesMut {
         if self.buf.capacity() - self.buf.len() < 64 * 1024 {
             self.buf.reserve(256 * 1024);
         }
@@ -253,7 +246,7 @@ impl Decoder {
     }
 
     /// The next whole message, if one has arrived.
-    pub fn decode(&mut self) -> Result<Option<Message>, DecodeError> {
+    pub(crate) fn decode(&mut self) -> Result<Option<Message>, DecodeError> {
         loop {
             let Some(&tag) = self.buf.first() else {
                 return Ok(None);
@@ -356,6 +349,12 @@ impl Decoder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A whole [`LINES`] message: its head, then the lines.
+    fn encode_lines(out: &mut Vec<u8>, first_seq: u64, changes: &[IndexChange], lines: &[u8]) {
+        encode_lines_header(out, first_seq, changes, lines.len());
+        out.extend_from_slice(lines);
+    }
 
     #[test]
     fn messages_survive_any_split_of_the_stream() {

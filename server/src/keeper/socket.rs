@@ -17,7 +17,7 @@ use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
 /// Splits a connected socket into its two directions.
-pub fn split(stream: UnixStream) -> io::Result<(SocketReader, SocketWriter)> {
+pub(crate) fn split(stream: UnixStream) -> io::Result<(SocketReader, SocketWriter)> {
     stream.set_nonblocking(true)?;
     let writer = SocketWriter {
         waiting: None,
@@ -43,25 +43,27 @@ fn registered(sock: UnixStream, interest: Interest) -> io::Result<AsyncFd<UnixSt
 /// `limits.agent_pipe_bytes`), so a 64 KiB line and its neighbours are in flight at once
 /// instead of a wake-up each. The kernel caps it at `net.core.wmem_max`; `0` or a refusal
 /// leaves the default, which only costs speed.
-pub fn widen_send_buffer(stream: &impl std::os::fd::AsFd, bytes: usize) -> bool {
+pub(crate) fn widen_send_buffer(stream: &impl std::os::fd::AsFd, bytes: usize) -> bool {
     use nix::sys::socket::{setsockopt, sockopt::SndBuf};
     bytes == 0 || setsockopt(stream, SndBuf, &bytes).is_ok()
 }
 
 /// Splits a connected tokio socket (taken off its reactor registration) into its directions.
-pub fn split_tokio(stream: tokio::net::UnixStream) -> io::Result<(SocketReader, SocketWriter)> {
+pub(crate) fn split_tokio(
+    stream: tokio::net::UnixStream,
+) -> io::Result<(SocketReader, SocketWriter)> {
     split(stream.into_std()?)
 }
 
 /// The reading direction of a socket.
 #[derive(Debug)]
-pub struct SocketReader {
+pub(crate) struct SocketReader {
     fd: AsyncFd<UnixStream>,
 }
 
 impl SocketReader {
     /// Reads what has arrived into `buf` (0: the peer closed its end).
-    pub async fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
+    pub(crate) async fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
         loop {
             let mut guard = self.fd.readable().await?;
             match guard.try_io(|s| s.get_ref().read(buf)) {
@@ -84,7 +86,7 @@ impl SocketReader {
 /// The writing direction of a socket: writes go straight to the kernel, and the socket is
 /// registered for writability only while a write waits for room.
 #[derive(Debug)]
-pub struct SocketWriter {
+pub(crate) struct SocketWriter {
     /// The registration of a write waiting for room (declared first: dropped before `sock`).
     waiting: Option<AsyncFd<UnixStream>>,
     sock: UnixStream,
@@ -92,12 +94,12 @@ pub struct SocketWriter {
 
 impl SocketWriter {
     /// Writes what the socket takes now (`WouldBlock` when it takes nothing).
-    pub fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
+    pub(crate) fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
         (&self.sock).write(buf)
     }
 
     /// Writes what the socket takes now of several buffers, in order, in one call.
-    pub fn try_write_vectored(&self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+    pub(crate) fn try_write_vectored(&self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
         (&self.sock).write_vectored(bufs)
     }
 
@@ -109,7 +111,7 @@ impl SocketWriter {
 
     /// Waits for room after a write found none. `wait` keeps the registration for the
     /// caller's next wait; dropping it stops listening.
-    pub async fn room(&self, wait: &mut RoomWait) -> io::Result<()> {
+    pub(crate) async fn room(&self, wait: &mut RoomWait) -> io::Result<()> {
         let fd = match &wait.0 {
             Some(fd) => fd,
             None => wait.0.insert(self.register()?),
@@ -118,8 +120,10 @@ impl SocketWriter {
         Ok(())
     }
 
-    /// Writes all of `buf`, waiting for room as needed.
-    pub async fn write_all(&self, mut buf: &[u8]) -> io::Result<()> {
+    /// Writes all of `buf`, waiting for room as needed (the tests' writer; the server and the
+    /// keeper write vectored).
+    #[cfg(test)]
+    pub(crate) async fn write_all(&self, mut buf: &[u8]) -> io::Result<()> {
         let mut wait = RoomWait::default();
         while !buf.is_empty() {
             match self.try_write(buf) {
@@ -136,7 +140,7 @@ impl SocketWriter {
 
 /// A writer's registration for writability, kept while its owner waits for room.
 #[derive(Debug, Default)]
-pub struct RoomWait(Option<AsyncFd<UnixStream>>);
+pub(crate) struct RoomWait(Option<AsyncFd<UnixStream>>);
 
 impl SocketWriter {
     /// Runs `write` until the socket takes something (or fails), registering for room while it

@@ -50,7 +50,7 @@ const STDIN_BATCH: usize = 256 * 1024;
 
 /// Container settings that come from the machine rather than the instance.
 #[derive(Debug, Clone)]
-pub struct ContainerHost {
+pub(crate) struct ContainerHost {
     /// runc with moorline's state directory.
     pub runc: Runc,
     /// Absolute path of the init program.
@@ -65,7 +65,7 @@ pub struct ContainerHost {
 
 /// `tmux` (no container) or `runc` (container).
 #[derive(Debug)]
-pub struct DurableRuntime {
+pub(crate) struct DurableRuntime {
     tmux: Tmux,
     container: Option<ContainerHost>,
     moorline_exe: PathBuf,
@@ -89,7 +89,7 @@ struct Launch {
 
 impl DurableRuntime {
     /// A runtime that runs keepers (and, with `container`, containers).
-    pub fn new(
+    pub(crate) fn new(
         tmux: Tmux,
         container: Option<ContainerHost>,
         moorline_exe: PathBuf,

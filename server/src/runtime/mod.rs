@@ -6,8 +6,8 @@
 //! session's [`Delivery`] until it ends. Each runtime owns the whole lifecycle of its agents:
 //! starting them, delivering their output, adopting them after a server restart
 //! ([`Runtime::adopt`]), reconciling what it finds at startup, and cleaning up. Whether the
-//! agent is a plain child ([`process`]), or runs under a keeper that outlives the server,
-//! possibly in a container ([`durable`]), is the runtime's business.
+//! agent is a plain child (`process`), or runs under a keeper that outlives the server,
+//! possibly in a container (`durable`), is the runtime's business.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -22,12 +22,12 @@ use moorline_adapters::pipeline::Resolution;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-pub mod durable;
+pub(crate) mod durable;
 pub mod network;
-pub mod process;
+pub(crate) mod process;
 pub mod runc;
-pub mod seccomp;
-pub mod tmux;
+pub(crate) mod seccomp;
+pub(crate) mod tmux;
 
 pub use crate::keeper::workspace;
 pub use crate::keeper::{AgentControl, ExitInfo, ExitReason, Input};

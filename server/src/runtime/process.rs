@@ -44,7 +44,7 @@ const STDERR_FILE_CAP: u64 = 8 << 20;
 
 /// Runs agents as child processes.
 #[derive(Debug, Default)]
-pub struct ProcessRuntime {
+pub(crate) struct ProcessRuntime {
     /// What agents get of the server's environment (`runtime.pass_env`), as in containers.
     base_env: BTreeMap<String, String>,
 }
@@ -52,7 +52,7 @@ pub struct ProcessRuntime {
 impl ProcessRuntime {
     /// A runtime whose agents start from `base_env`, never the server's whole environment
     /// (which may hold the server's own secrets).
-    pub fn new(base_env: BTreeMap<String, String>) -> Self {
+    pub(crate) fn new(base_env: BTreeMap<String, String>) -> Self {
         Self { base_env }
     }
 }

@@ -22,7 +22,7 @@ use oci_spec::runtime::{
 };
 
 /// Refused outright, with `EPERM`.
-pub const DENIED: &[&str] = &[
+pub(crate) const DENIED: &[&str] = &[
     // Namespaces: a new user namespace gives back every capability inside it, and with it the
     // kernel code of mount, netfilter, ... (`unshare`/`clone` are refused only with
     // CLONE_NEWUSER, below).
@@ -99,7 +99,7 @@ pub const DENIED: &[&str] = &[
 ];
 
 /// Refused with `ENOSYS`, so callers fall back to an older call.
-pub const UNAVAILABLE: &[&str] = &[
+pub(crate) const UNAVAILABLE: &[&str] = &[
     // Its flags are in memory, where seccomp cannot see them (CLONE_NEWUSER): glibc falls back
     // to `clone`, whose flags are checked.
     "clone3",
@@ -163,7 +163,7 @@ fn architectures() -> Vec<Arch> {
 }
 
 /// The profile, as the OCI spec carries it.
-pub fn profile() -> Result<LinuxSeccomp, OciSpecError> {
+pub(crate) fn profile() -> Result<LinuxSeccomp, OciSpecError> {
     // The flags are clone's first argument on x86 and arm (s390 swaps the first two).
     let flags_arg = if cfg!(target_arch = "s390x") { 1 } else { 0 };
     let mut syscalls = vec![

@@ -12,14 +12,14 @@ use tokio::process::Command;
 
 /// moorline's tmux server.
 #[derive(Debug, Clone)]
-pub struct Tmux {
+pub(crate) struct Tmux {
     program: PathBuf,
     socket: String,
 }
 
 impl Tmux {
     /// A handle on the tmux server named `socket`.
-    pub fn new(program: PathBuf, socket: String) -> Self {
+    pub(crate) fn new(program: PathBuf, socket: String) -> Self {
         Self { program, socket }
     }
 
@@ -47,7 +47,7 @@ impl Tmux {
     }
 
     /// Whether tmux can be run at all.
-    pub async fn usable(&self) -> bool {
+    pub(crate) async fn usable(&self) -> bool {
         Command::new(&self.program)
             .arg("-V")
             .stdin(Stdio::null())
@@ -58,7 +58,7 @@ impl Tmux {
 
     /// Starts moorline's tmux server and keeps it running while it has no sessions, so a new
     /// session never pays for starting a server (about 10 ms).
-    pub async fn keep_server(&self) {
+    pub(crate) async fn keep_server(&self) {
         if let Err(e) = self
             .run(&["start-server", ";", "set-option", "-g", "exit-empty", "off"])
             .await
@@ -70,7 +70,12 @@ impl Tmux {
     /// Starts a detached session named `name` running `argv` (no shell involved), marked as
     /// belonging to `owner` (the server's sessions directory), so that a server only ever
     /// cleans up its own sessions when several share the tmux server.
-    pub async fn new_session(&self, name: &str, owner: &str, argv: &[String]) -> io::Result<()> {
+    pub(crate) async fn new_session(
+        &self,
+        name: &str,
+        owner: &str,
+        argv: &[String],
+    ) -> io::Result<()> {
         let mut args = vec![
             "new-session",
             "-d",
@@ -89,13 +94,13 @@ impl Tmux {
     }
 
     /// Ends the session named `name`, if it exists.
-    pub async fn kill_session(&self, name: &str) {
+    pub(crate) async fn kill_session(&self, name: &str) {
         // `=name` matches exactly, never a prefix of another session's name.
         let _ = self.run(&["kill-session", "-t", &format!("={name}")]).await;
     }
 
     /// The sessions on moorline's tmux server that belong to `owner`.
-    pub async fn list_sessions(&self, owner: &str) -> Vec<String> {
+    pub(crate) async fn list_sessions(&self, owner: &str) -> Vec<String> {
         let format = format!("#{{session_name}}\t#{{{OWNER_OPTION}}}");
         match self.run(&["list-sessions", "-F", &format]).await {
             Ok(out) => out
