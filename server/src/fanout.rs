@@ -14,7 +14,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use bytes::Bytes;
 use tokio::sync::watch;
 
-use crate::keeper::journal::{self, Checkpoint, DiskRead, IndexChange, JournalIndex};
+/// What a [`DiskPlan`] reads: the lines, or word that the journal no longer has them.
+pub(crate) use crate::keeper::journal::DiskRead;
+use crate::keeper::journal::{self, Checkpoint, IndexChange, JournalIndex};
 
 /// How much one read hands a client at most (it always gets at least one line).
 #[derive(Debug, Clone, Copy)]

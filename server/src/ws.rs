@@ -31,13 +31,12 @@ use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
 use crate::api::AppState;
 use crate::error::ApiError;
-use crate::fanout::{Read, ReadLimit};
-use crate::keeper::agentio::Input;
+use crate::fanout::{DiskRead, Read, ReadLimit};
 use crate::keeper::framing::inbound_line;
-use crate::keeper::journal::DiskRead;
-use crate::runtime::ExitInfo;
 use crate::security::Identity;
-use crate::session::{ClientGuard, InputSender, Lifecycle, Session, SessionError, Status};
+use crate::session::{
+    ClientGuard, ExitInfo, Input, InputSender, Lifecycle, Session, SessionError, Status,
+};
 
 /// Protocol version announced in `amarre.hello`.
 pub(crate) const PROTOCOL_VERSION: &str = "2.3.0";

@@ -21,7 +21,10 @@ use tokio::sync::{OwnedSemaphorePermit, mpsc, watch};
 
 use crate::fanout::Hub;
 use crate::keeper::layout::{STDERR_TAIL_BYTES, SessionDir};
-use crate::runtime::{AgentControl, ExitInfo, Input};
+use crate::runtime::AgentControl;
+/// What a client sends an agent, and how an agent's run ended: the edge speaks of these
+/// through sessions, never through the runtime that carries them.
+pub(crate) use crate::runtime::{ExitInfo, Input};
 
 mod delivery;
 pub(crate) mod env;
