@@ -11,12 +11,7 @@
 
 use moorline_adapters::pipeline::Resolution;
 
-/// Milliseconds since the Unix epoch.
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
+use crate::clock::now_ms;
 
 /// A session was created, restarted or deleted (`action`) by `user`.
 pub(crate) fn session(action: &str, user: &str, session: &str, instance: &str) {

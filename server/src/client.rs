@@ -24,6 +24,10 @@ use crate::wire::{
 };
 use moorline_adapters::pipeline::{answer_request, request_tool};
 
+/// For programs that use this client (the load generator, the tests): ring as the process's
+/// TLS provider, which the HTTP client needs even for `http://`.
+pub use crate::tls::install_provider as install_tls_provider;
+
 /// No request body (`call` with nothing to send).
 const NO_BODY: Option<&()> = None;
 
@@ -110,27 +114,6 @@ pub struct Client {
     tls: Arc<rustls::ClientConfig>,
 }
 
-/// Makes ring the process's default TLS crypto provider (once; later calls do nothing), for
-/// HTTP clients built without an explicit TLS configuration (reqwest refuses to build one
-/// otherwise, even for `http://` use).
-pub fn install_tls_provider() {
-    // An error only means a provider is already installed, which is just as good.
-    let _ = rustls::crypto::ring::default_provider().install_default();
-}
-
-/// TLS for `https://` URLs, such as a server on another machine behind `tailscale serve`:
-/// certificates are checked against the system's trusted roots (`SSL_CERT_FILE` and
-/// `SSL_CERT_DIR` are honoured).
-pub(crate) fn tls_config() -> Result<rustls::ClientConfig, ClientError> {
-    use rustls_platform_verifier::BuilderVerifierExt;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .and_then(|b| b.with_platform_verifier())
-        .map(|b| b.with_no_client_auth())
-        .map_err(|e| ClientError::Other(format!("cannot set up TLS: {e}")))
-}
-
 impl Client {
     /// A client for the server at `base` (`http://127.0.0.1:8341`, or
     /// `unix:/run/moorline/moorline.sock` for its Unix socket), with the bearer token read from
@@ -141,7 +124,9 @@ impl Client {
                 read_token_file(path).map_err(|e| ClientError::Other(format!("token file: {e}")))
             })
             .transpose()?;
-        let tls = tls_config()?;
+        // For `https://` URLs, such as a server on another machine behind `tailscale serve`.
+        let tls = crate::tls::client_config()
+            .map_err(|e| ClientError::Other(format!("cannot set up TLS: {e}")))?;
         let unix = base.strip_prefix("unix:").map(|path| {
             // `unix:///run/x.sock` and `unix:/run/x.sock` name the same socket.
             let path = path.strip_prefix("//").unwrap_or(path);

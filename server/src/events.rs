@@ -62,7 +62,7 @@ impl EventBus {
         let capacity = capacity.max(1);
         // Any value that differs between runs will do; the time is the fallback.
         let epoch = crate::keeper::id::random_hex(4)
-            .unwrap_or_else(|_| format!("{:08x}", crate::session::now_ms() as u32));
+            .unwrap_or_else(|_| format!("{:08x}", crate::clock::now_ms() as u32));
         Self {
             inner: Arc::new(Inner {
                 epoch,
@@ -98,7 +98,7 @@ impl EventBus {
         ring.last += 1;
         let event = Arc::new(Event {
             seq: ring.last,
-            at: crate::session::now_ms(),
+            at: crate::clock::now_ms(),
             session_id: session_id.to_owned(),
             instance_id: instance_id.to_owned(),
             kind,

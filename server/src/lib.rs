@@ -24,6 +24,8 @@
 //! - `fanout`, `credentials`, `audit`: delivery to clients with replay, instances' credentials
 //!   files and the audit log.
 //! - `notifier`: notifications (amarre's Expo push, Web Push, a webhook) from session events.
+//! - `clock`, `tls`: the wall clock of every timestamp; TLS for moorline's own outgoing HTTPS
+//!   (the client and the notifier).
 //! - `projects`: git repositories sessions work in, a worktree per session (through the real
 //!   `git`), and the read-only diff and file views of a session's workspace.
 //!
@@ -42,6 +44,7 @@
 
 mod audit;
 pub mod client;
+mod clock;
 pub mod config;
 mod credentials;
 mod events;
@@ -59,6 +62,7 @@ mod error;
 mod metrics;
 mod security;
 mod stream;
+mod tls;
 mod web;
 mod ws;
 

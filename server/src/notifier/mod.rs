@@ -29,10 +29,11 @@ use tokio::sync::{Semaphore, broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::clock::now_ms;
 use crate::config::{Config, NotifyConfig};
 use crate::events::Event;
 use crate::metrics::Metrics;
-use crate::session::{SessionManager, SessionSummary, Status, now_ms};
+use crate::session::{SessionManager, SessionSummary, Status};
 pub(crate) use message::{Notification, Trigger};
 use rules::{Armed, Decision, Rules};
 use store::{ExpoToken, Paths, Sent, Vapid, WebKeys, WebSubscription};
@@ -738,7 +739,7 @@ impl Notifier {
 
 /// The client deliveries use: rustls with the system's roots, no redirects followed.
 fn http_client() -> Result<reqwest::Client, String> {
-    let tls = crate::client::tls_config().map_err(|e| e.to_string())?;
+    let tls = crate::tls::client_config().map_err(|e| e.to_string())?;
     reqwest::Client::builder()
         .tls_backend_preconfigured(tls)
         .redirect(reqwest::redirect::Policy::none())

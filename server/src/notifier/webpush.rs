@@ -109,7 +109,7 @@ pub(crate) async fn send(
 ) -> Result<(), Failure> {
     let endpoint = check_endpoint(&sub.endpoint).map_err(Failure::Fail)?;
     let (public, auth) = check_keys(&sub.keys).map_err(Failure::Gone)?;
-    let now_s = crate::session::now_ms() / 1000;
+    let now_s = crate::clock::now_ms() / 1000;
     let authorization = vapid_header(vapid, &endpoint, subject, now_s)
         .ok_or_else(|| Failure::Fail("endpoint has no origin".into()))?;
     let body = payload(n).to_string();

@@ -15,7 +15,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::delivery::Run;
-use super::{ConversationRequest, Lifecycle, Session, SessionError, Status, now_ms};
+use super::{ConversationRequest, Lifecycle, Session, SessionError, Status};
+use crate::clock::now_ms;
 use crate::config::{Config, InstanceConfig, Limits, RuntimeConfig, Unusable};
 use crate::keeper::agentio::{
     ConversationRecord, nothing_said_since, read_conversation, record_conversation,

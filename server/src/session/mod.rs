@@ -15,7 +15,9 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
+
+use crate::clock::now_ms;
 
 use tokio::sync::{OwnedSemaphorePermit, mpsc, watch};
 
@@ -590,13 +592,6 @@ impl Drop for ClientGuard {
     fn drop(&mut self) {
         self.session.clients.fetch_sub(1, Ordering::SeqCst);
     }
-}
-
-/// Milliseconds since the Unix epoch.
-pub(crate) fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Runs `tick` every `period` until `cancel` fires or the manager is dropped: the server's

@@ -9,7 +9,8 @@ use moorline_adapters::pipeline::{Decision, Resolution, answer_request};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::{Activity, Session, SessionManager, Status, now_ms};
+use super::{Activity, Session, SessionManager, Status};
+use crate::clock::now_ms;
 use crate::events::EventKind;
 
 /// [`Activity`] as one byte, for the last value published (0: none, the agent does not run).

@@ -18,8 +18,9 @@ use super::launch::{CreateRequest, Instance, Launcher};
 use super::store::Meta;
 use super::{
     ConversationRequest, Lifecycle, Session, SessionError, SessionSummary, State, Status,
-    StopReason, now_ms,
+    StopReason,
 };
+use crate::clock::now_ms;
 use crate::config::{Config, InstanceConfig};
 use crate::fanout::Hub;
 use crate::keeper::journal;
