@@ -24,8 +24,9 @@
 //! - `fanout`, `credentials`, `audit`: delivery to clients with replay, instances' credentials
 //!   files and the audit log.
 //! - `notifier`: notifications (amarre's Expo push, Web Push, a webhook) from session events.
-//! - `clock`, `tls`: the wall clock of every timestamp; TLS for moorline's own outgoing HTTPS
-//!   (the client and the notifier).
+//! - `clock`, `tls`, `metrics`: the wall clock of every timestamp; TLS for moorline's own
+//!   outgoing HTTPS (the client and the notifier); the Prometheus registry sessions count in
+//!   and `/metrics` serves.
 //! - `projects`: git repositories sessions work in, a worktree per session (through the real
 //!   `git`), and the read-only diff and file views of a session's workspace.
 //!
@@ -37,7 +38,6 @@
 //! - `error`: the one error type of the edge and its one mapping to amarre's statuses and
 //!   bodies, for REST and the WebSocket upgrade alike.
 //! - `security`: Host/Origin checks, the bearer token, and who a request comes from.
-//! - `metrics`: Prometheus metrics.
 //!
 //! [`run`] takes already-bound [`Listeners`] (loopback TCP, a Unix socket, or both) and a
 //! shutdown future, so tests and the binary start servers the same way.
