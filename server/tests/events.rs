@@ -197,55 +197,58 @@ async fn a_client_that_reconnects_gets_exactly_what_it_missed_or_a_snapshot() {
     server.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn moorline_watch_prints_events_as_they_happen() {
-    let server = TestServer::start().await;
-    let mut child = tokio::process::Command::new(common::moorline_exe())
-        .args(["watch", "--json", "--url", &server.url("")])
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("moorline watch");
-    let mut lines = tokio::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
-    let mut next = async || -> Value {
-        let line = tokio::time::timeout(WAIT, lines.next_line())
-            .await
-            .expect("a line in time")
-            .expect("read")
-            .expect("a line");
-        serde_json::from_str(&line).expect("JSON line")
-    };
-    assert_eq!(next().await["type"], "snapshot");
-    let id = server.session("echo").await;
-    let created = next().await;
-    assert_eq!(
-        (created["type"].as_str(), created["sessionId"].as_str()),
-        (Some("session_created"), Some(id.as_str()))
-    );
-    child.kill().await.expect("kill");
+/// `moorline watch` with `args` against `server`, and a reader of its next line.
+struct Watch {
+    child: tokio::process::Child,
+    lines: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+}
 
-    // Without --json, a line a person reads: the session, what happened, what it is now.
-    let mut child = tokio::process::Command::new(common::moorline_exe())
-        .args(["watch", "--url", &server.url("")])
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("moorline watch");
-    let mut lines = tokio::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
-    let mut next = async || -> String {
-        tokio::time::timeout(WAIT, lines.next_line())
+impl Watch {
+    fn start(server: &TestServer, args: &[&str]) -> Self {
+        let mut child = tokio::process::Command::new(common::moorline_exe())
+            .arg("watch")
+            .args(args)
+            .args(["--url", &server.url("")])
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("moorline watch");
+        let lines = tokio::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+        Self { child, lines }
+    }
+
+    async fn next(&mut self) -> String {
+        tokio::time::timeout(WAIT, self.lines.next_line())
             .await
             .expect("a line in time")
             .expect("read")
             .expect("a line")
-    };
-    assert_eq!(next().await, "snapshot: 1 sessions");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn moorline_watch_prints_events_as_they_happen() {
+    let server = TestServer::start().await;
+    let mut watch = Watch::start(&server, &["--json"]);
+    let snapshot: Value = serde_json::from_str(&watch.next().await).expect("JSON line");
+    assert_eq!(snapshot["type"], "snapshot");
+    let id = server.session("echo").await;
+    let created: Value = serde_json::from_str(&watch.next().await).expect("JSON line");
+    assert_eq!(
+        (created["type"].as_str(), created["sessionId"].as_str()),
+        (Some("session_created"), Some(id.as_str()))
+    );
+    watch.child.kill().await.expect("kill");
+
+    // Without --json, a line a person reads: the session, what happened, what it is now.
+    let mut watch = Watch::start(&server, &[]);
+    assert_eq!(watch.next().await, "snapshot: 1 sessions");
     let second = server.session("echo").await;
     assert_eq!(
-        next().await,
+        watch.next().await,
         format!("{second}\tsession_created\techo running")
     );
-    child.kill().await.expect("kill");
+    watch.child.kill().await.expect("kill");
     server.stop().await;
 }
 
