@@ -31,7 +31,7 @@ use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
 use crate::api::AppState;
 use crate::error::ApiError;
-use crate::fanout::{DiskRead, Read, ReadLimit};
+use crate::fanout::{DiskRead, Hub, Read, ReadLimit};
 use crate::keeper::framing::inbound_line;
 use crate::security::Identity;
 use crate::session::{
@@ -494,46 +494,8 @@ impl Client {
             _ => None,
         };
         loop {
-            // Deliver everything available from the cursor on.
-            loop {
-                let lines = match hub.read(cursor, limit) {
-                    Read::UpToDate => break,
-                    Read::Lines(lines) => lines,
-                    Read::Disk(plan) => {
-                        match tokio::task::spawn_blocking(move || plan.read()).await {
-                            Ok(Ok(DiskRead::Lines(lines))) if !lines.is_empty() => lines,
-                            Ok(Ok(_)) => return self.lagged(cursor, hub.first_retained()),
-                            Ok(Err(e)) => {
-                                tracing::error!(session = %self.session.id(), error = %e, "cannot read journal");
-                                return End::Close(
-                                    close_code::ERROR,
-                                    "cannot read session output".into(),
-                                );
-                            }
-                            Err(_) => {
-                                return End::Close(close_code::ERROR, "internal error".into());
-                            }
-                        }
-                    }
-                    Read::Gone { first_retained } => return self.lagged(cursor, first_retained),
-                };
-                let n = lines.len() as u64;
-                let mut frames = Vec::with_capacity(lines.len());
-                for line in lines {
-                    match Utf8Bytes::try_from(line) {
-                        Ok(text) => frames.push(Message::Text(text)),
-                        // Journal lines are validated when written; a corrupt file is not
-                        // forwarded as a half-line.
-                        Err(_) => frames.push(Message::Text(Utf8Bytes::from_static(
-                            r#"{"type":"amarre.line_dropped","reason":"invalid_utf8","bytes":0,"preview":""}"#,
-                        ))),
-                    }
-                }
-                if let Err(end) = self.send_batch(sink, frames).await {
-                    return end;
-                }
-                self.app.metrics.deliveries.inc_by(n);
-                cursor += n;
+            if let Err(end) = self.deliver(sink, &hub, &mut cursor, limit).await {
+                return end;
             }
             if let Some((exit, last_seq)) = exited
                 && cursor > last_seq
@@ -580,6 +542,53 @@ impl Client {
                     }
                 }
             }
+        }
+    }
+
+    /// Sends everything available from `cursor` on, from memory or the journal, and moves the
+    /// cursor past it.
+    async fn deliver(
+        &self,
+        sink: &mut SplitSink<Socket, Message>,
+        hub: &Hub,
+        cursor: &mut u64,
+        limit: ReadLimit,
+    ) -> Result<(), End> {
+        loop {
+            let lines = match hub.read(*cursor, limit) {
+                Read::UpToDate => return Ok(()),
+                Read::Lines(lines) => lines,
+                Read::Disk(plan) => match tokio::task::spawn_blocking(move || plan.read()).await {
+                    Ok(Ok(DiskRead::Lines(lines))) if !lines.is_empty() => lines,
+                    Ok(Ok(_)) => return Err(self.lagged(*cursor, hub.first_retained())),
+                    Ok(Err(e)) => {
+                        tracing::error!(session = %self.session.id(), error = %e, "cannot read journal");
+                        return Err(End::Close(
+                            close_code::ERROR,
+                            "cannot read session output".into(),
+                        ));
+                    }
+                    Err(_) => {
+                        return Err(End::Close(close_code::ERROR, "internal error".into()));
+                    }
+                },
+                Read::Gone { first_retained } => return Err(self.lagged(*cursor, first_retained)),
+            };
+            let n = lines.len() as u64;
+            let mut frames = Vec::with_capacity(lines.len());
+            for line in lines {
+                match Utf8Bytes::try_from(line) {
+                    Ok(text) => frames.push(Message::Text(text)),
+                    // Journal lines are validated when written; a corrupt file is not
+                    // forwarded as a half-line.
+                    Err(_) => frames.push(Message::Text(Utf8Bytes::from_static(
+                        r#"{"type":"amarre.line_dropped","reason":"invalid_utf8","bytes":0,"preview":""}"#,
+                    ))),
+                }
+            }
+            self.send_batch(sink, frames).await?;
+            self.app.metrics.deliveries.inc_by(n);
+            *cursor += n;
         }
     }
 
