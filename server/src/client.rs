@@ -20,7 +20,7 @@ use tokio_tungstenite::tungstenite::{self, Message};
 use crate::config::{Secret, read_token_file};
 use crate::wire::{
     Activity, ApprovalResolved, ConversationRequest, CreateSession, Decision, DeletedKeptWorktree,
-    InstanceSummary, NewProject, Project, Restart, SessionSummary,
+    InstanceSummary, NewProject, Project, Restart, SessionEvent, SessionSummary,
 };
 use moorline_adapters::pipeline::{answer_request, request_tool};
 
@@ -788,15 +788,17 @@ impl Renderer {
                 "! an output line was dropped ({})",
                 v["reason"].as_str().unwrap_or("?")
             ),
-            "amarre.session_event" => format!(
-                "[agent {}{}]",
-                v["event"].as_str().unwrap_or("ended"),
-                v["exitCode"]
-                    .as_i64()
-                    .map(|c| format!(", exit code {c}"))
-                    .or_else(|| v["signal"].as_str().map(|s| format!(", {s}")))
-                    .unwrap_or_default()
-            ),
+            "amarre.session_event" => match SessionEvent::deserialize(v) {
+                Ok(e) => format!(
+                    "[agent {}{}]",
+                    e.event,
+                    e.exit_code
+                        .map(|c| format!(", exit code {c}"))
+                        .or_else(|| e.signal.map(|s| format!(", {s}")))
+                        .unwrap_or_default()
+                ),
+                Err(_) => "[agent ended]".to_owned(),
+            },
             _ => return String::new(),
         };
         let mut out = self.end_text();
@@ -1017,5 +1019,30 @@ fn format_age(ms: u64) -> String {
         60..3600 => format!("{}m", s / 60),
         3600..86400 => format!("{}h", s / 3600),
         _ => format!("{}d", s / 86400),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_end_of_a_run_is_one_line_with_its_code_or_signal() {
+        let end = |e: &SessionEvent| {
+            let v = serde_json::to_value(e).expect("json");
+            Renderer::default().frame(&v)
+        };
+        let mut e = SessionEvent {
+            event: "exited".into(),
+            exit_code: Some(0),
+            signal: None,
+            reason: None,
+            error: None,
+        };
+        assert_eq!(end(&e), "[agent exited, exit code 0]\n");
+        e.event = "crashed".into();
+        e.exit_code = None;
+        e.signal = Some("SIGKILL".into());
+        assert_eq!(end(&e), "[agent crashed, SIGKILL]\n");
     }
 }

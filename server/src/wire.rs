@@ -617,6 +617,69 @@ impl EventsFrame {
     }
 }
 
+/// The `amarre.hello` frame: the first frame on a session's WebSocket when the client asks for
+/// it (`?hello=1`), before any replay. Keys in amarre's order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename = "amarre.hello", rename_all = "camelCase")]
+pub struct Hello {
+    /// The protocol version (semver).
+    pub version: String,
+    /// `moorline/<version>`.
+    pub server: String,
+    /// The session.
+    pub session_id: String,
+    /// Its instance.
+    pub instance_id: String,
+    /// The agent, by name.
+    pub agent: HelloAgent,
+    /// The session's status now.
+    pub status: Status,
+    /// The newest sequence number.
+    pub seq: u64,
+    /// The oldest sequence number still retained.
+    pub first_seq: u64,
+    /// Where the replay that follows starts.
+    pub replay_from: u64,
+    /// Lines asked for that are no longer retained.
+    pub missed: u64,
+    /// What this server does beyond protocol v2's core.
+    pub capabilities: Vec<String>,
+    /// Approval requests waiting for an answer, as the agent sent them.
+    pub pending_approvals: Vec<serde_json::Value>,
+    /// Who the server takes the client for.
+    pub user: String,
+}
+
+/// The agent named in [`Hello`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HelloAgent {
+    /// Its adapter's name (`pi`, `claude`, `codex`, `command`, …).
+    pub name: String,
+}
+
+/// The `amarre.session_event` frame: the agent's run ended; the last frame before the server
+/// closes the socket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(
+    tag = "type",
+    rename = "amarre.session_event",
+    rename_all = "camelCase"
+)]
+pub struct SessionEvent {
+    /// `exited` (exit code 0) or `crashed`.
+    pub event: String,
+    /// The exit code, when it exited.
+    pub exit_code: Option<i32>,
+    /// The signal that ended it, when one did (`SIGKILL`, …).
+    pub signal: Option<String>,
+    /// What else is known about the end: `out_of_memory`, `keeper_lost`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Why the agent could not start, for a start failure.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
 /// `POST /push/tokens`: an Expo push token to register, read as amarre reads it: the body is
 /// JSON whatever its content type, and a field that is missing or not a string is absent.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -907,6 +970,42 @@ pub enum ErrorBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_servers_own_frames_keep_amarres_key_order() {
+        let hello = Hello {
+            version: "2.3.0".into(),
+            server: "moorline/0".into(),
+            session_id: "s".into(),
+            instance_id: "i".into(),
+            agent: HelloAgent { name: "pi".into() },
+            status: Status::Running,
+            seq: 3,
+            first_seq: 1,
+            replay_from: 2,
+            missed: 0,
+            capabilities: vec!["hello".into()],
+            pending_approvals: Vec::new(),
+            user: "local".into(),
+        };
+        let text = serde_json::to_string(&hello).expect("json");
+        assert_eq!(
+            text,
+            r#"{"type":"amarre.hello","version":"2.3.0","server":"moorline/0","sessionId":"s","instanceId":"i","agent":{"name":"pi"},"status":"running","seq":3,"firstSeq":1,"replayFrom":2,"missed":0,"capabilities":["hello"],"pendingApprovals":[],"user":"local"}"#
+        );
+        assert_eq!(serde_json::from_str::<Hello>(&text).expect("back"), hello);
+        let ended = SessionEvent {
+            event: "crashed".into(),
+            exit_code: None,
+            signal: Some("SIGKILL".into()),
+            reason: Some("out_of_memory".into()),
+            error: None,
+        };
+        assert_eq!(
+            serde_json::to_string(&ended).expect("json"),
+            r#"{"type":"amarre.session_event","event":"crashed","exitCode":null,"signal":"SIGKILL","reason":"out_of_memory"}"#
+        );
+    }
 
     #[test]
     fn create_bodies() {

@@ -21,7 +21,6 @@ use bytes::Bytes;
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use hyper_util::rt::TokioIo;
-use serde_json::json;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::Instant;
 use tokio_tungstenite::WebSocketStream;
@@ -37,6 +36,7 @@ use crate::security::Identity;
 use crate::session::{
     ClientGuard, ExitInfo, Input, InputSender, Lifecycle, Session, SessionError, Status,
 };
+use crate::wire::{Hello, HelloAgent, SessionEvent};
 
 /// Protocol version announced in `amarre.hello`.
 pub(crate) const PROTOCOL_VERSION: &str = "2.3.0";
@@ -594,23 +594,24 @@ impl Client {
 
     fn hello_frame(&self, newest: u64, first: u64, replay_from: u64, missed: u64) -> String {
         let summary = self.session.summary();
-        json!({
-            "type": "amarre.hello",
-            "version": PROTOCOL_VERSION,
-            "server": concat!("moorline/", env!("CARGO_PKG_VERSION")),
-            "sessionId": summary.id,
-            "instanceId": summary.instance_id,
-            "agent": {"name": summary.agent},
-            "status": summary.status,
-            "seq": newest,
-            "firstSeq": first,
-            "replayFrom": replay_from,
-            "missed": missed,
-            "capabilities": CAPABILITIES,
-            "pendingApprovals": summary.pending_approvals,
-            "user": &*self.identity.user,
-        })
-        .to_string()
+        let hello = Hello {
+            version: PROTOCOL_VERSION.to_owned(),
+            server: concat!("moorline/", env!("CARGO_PKG_VERSION")).to_owned(),
+            session_id: summary.id,
+            instance_id: summary.instance_id,
+            agent: HelloAgent {
+                name: summary.agent,
+            },
+            status: summary.status,
+            seq: newest,
+            first_seq: first,
+            replay_from,
+            missed,
+            capabilities: CAPABILITIES.iter().map(|c| (*c).to_owned()).collect(),
+            pending_approvals: summary.pending_approvals,
+            user: self.identity.user.to_string(),
+        };
+        serde_json::to_string(&hello).unwrap_or_default()
     }
 
     async fn exit_event(&self, sink: &mut SplitSink<Socket, Message>, exit: ExitInfo) -> End {
@@ -619,21 +620,16 @@ impl Client {
         } else {
             "crashed"
         };
-        let mut frame = json!({
-            "type": "amarre.session_event",
-            "event": event,
-            "exitCode": exit.code,
-            "signal": exit.signal_name(),
-        });
-        // What else is known about the end: `out_of_memory`, `keeper_lost`.
-        if let Some(reason) = exit.reason {
-            frame["reason"] = reason.as_str().into();
-        }
-        // A start failure says why, after amarre's keys.
-        if let Some(error) = self.session.last_error() {
-            frame["error"] = error.into();
-        }
-        let frame = frame.to_string();
+        let frame = SessionEvent {
+            event: event.to_owned(),
+            exit_code: exit.code,
+            signal: exit.signal_name(),
+            // What else is known about the end: `out_of_memory`, `keeper_lost`.
+            reason: exit.reason.map(|r| r.as_str().to_owned()),
+            // A start failure says why, after amarre's keys.
+            error: self.session.last_error(),
+        };
+        let frame = serde_json::to_string(&frame).unwrap_or_default();
         if let Err(end) = self
             .send_batch(sink, vec![Message::Text(frame.into())])
             .await
