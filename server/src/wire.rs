@@ -1,6 +1,7 @@
-//! The REST wire: every request and response body of the control plane, as typed serde
-//! structs shared by the server (`api`), the `moorline` client ([`crate::client`]) and the load
-//! generator, so a body is written down once.
+//! The wire: every request and response body of the control plane, the frames of
+//! `GET /events`, and the WebSocket frames the server writes itself, as typed serde structs
+//! shared by the server (`api`, `ws`, `stream`), the `moorline` client ([`crate::client`],
+//! [`crate::watch`]) and the load generator, so a body is written down once.
 //!
 //! Field order and omissions are part of amarre compatibility (see docs/PROTOCOL.md): keys are
 //! emitted in declaration order and optional moorline additions are left out when empty. This
