@@ -8,7 +8,8 @@
 //! # Layout
 //! Public because the binary, the examples or the tests use them:
 //! - [`config`]: layered configuration; the only module that reads the environment.
-//! - [`wire`]: the typed REST bodies, shared by the server, the client and the load generator.
+//! - [`wire`]: the typed REST bodies, event frames and server WebSocket frames, shared by the
+//!   server, the client and the load generator.
 //! - [`client`]: the `moorline sessions`, `instances`, `approve`/`deny` and `attach` commands;
 //!   [`watch`]: `moorline watch`.
 //! - [`runtime`]: where agents run, behind the [`runtime::Runtime`] trait (and the network
