@@ -208,7 +208,7 @@ impl InstanceConfig {
                 .env
                 .get("PATH")
                 .or_else(|| runtime.passed_env.get("PATH"))
-                .map_or("/usr/local/bin:/usr/bin:/bin", String::as_str);
+                .map(String::as_str);
             check_program(&program, search).map_err(|r| unusable(key, r))?;
         }
         if let Some(file) = &self.credentials_file {
@@ -318,30 +318,48 @@ impl fmt::Display for Unusable {
 
 /// Whether `program` (a path, or a name looked up in `search`, a `PATH` value) is an
 /// executable file.
-fn check_program(program: &Path, search: &str) -> Result<(), String> {
-    use std::os::unix::fs::PermissionsExt;
-    let executable = |p: &Path| {
-        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-    };
+fn check_program(program: &Path, search: Option<&str>) -> Result<(), String> {
     if program.components().count() > 1 {
         return match std::fs::metadata(program) {
             Err(e) => Err(format!("{}: {e}", program.display())),
             Ok(m) if !m.is_file() => Err(format!("{} is not a file", program.display())),
-            Ok(_) if !executable(program) => {
+            Ok(_) if !is_executable(program) => {
                 Err(format!("{} is not executable", program.display()))
             }
             Ok(_) => Ok(()),
         };
     }
-    if search
-        .split(':')
-        .filter(|d| !d.is_empty())
-        .any(|dir| executable(&Path::new(dir).join(program)))
-    {
+    if find_program(program, search).is_some() {
         return Ok(());
     }
     Err(format!(
-        "{} is not an executable found in PATH ({search}); install it or set agent_path",
-        program.display()
+        "{} is not an executable found in PATH ({}); install it or set agent_path",
+        program.display(),
+        search.unwrap_or(DEFAULT_PATH)
     ))
+}
+
+/// Where programs are looked for when no `PATH` is given.
+const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+
+/// Finds `program` as `execvp` would: a path (a name with a `/`) stands for itself, a bare name
+/// is looked for in `path` (a `PATH` value; none: `/usr/local/bin:/usr/bin:/bin`), passing over
+/// what is not an executable file. The one lookup behind checking an instance's agent and
+/// starting it, runc and their helpers: every runtime starts a program by its full path (the
+/// process runtime so that the standard library can use `posix_spawn`, which it does not when
+/// it would have to search `PATH` itself).
+pub fn find_program(program: &Path, path: Option<&str>) -> Option<PathBuf> {
+    if program.components().count() > 1 {
+        return is_executable(program).then(|| program.to_owned());
+    }
+    path.unwrap_or(DEFAULT_PATH)
+        .split(':')
+        .filter(|dir| !dir.is_empty())
+        .map(|dir| Path::new(dir).join(program))
+        .find(|p| is_executable(p))
+}
+
+fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }

@@ -24,7 +24,9 @@ mod tailnet;
 #[cfg(test)]
 mod tests;
 
-pub use instance::{InstanceConfig, InstanceRuntime, NetworkMode, RuntimeKind, Unusable};
+pub use instance::{
+    InstanceConfig, InstanceRuntime, NetworkMode, RuntimeKind, Unusable, find_program,
+};
 pub use limits::Limits;
 pub use notify::{NotifyConfig, WebhookFormat};
 pub use runtime::RuntimeConfig;

@@ -375,3 +375,33 @@ fn helper_programs_get_the_servers_path_and_temporary_directory_whatever_pass_en
     assert_eq!(c.helper_env.temp_dir, PathBuf::from("/tmp"));
     assert_eq!(c.helper_env.path, None);
 }
+
+#[test]
+fn programs_are_found_as_execvp_finds_them() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (first, second) = (tmp.path().join("a"), tmp.path().join("b"));
+    for dir in [&first, &second] {
+        std::fs::create_dir(dir).expect("dir");
+    }
+    // Not executable in the first directory of PATH: passed over, as execvp does.
+    std::fs::write(first.join("agent"), "#!/bin/sh\n").expect("write");
+    std::fs::write(second.join("agent"), "#!/bin/sh\n").expect("write");
+    std::fs::set_permissions(second.join("agent"), std::fs::Permissions::from_mode(0o755))
+        .expect("chmod");
+    let path = format!("::{}:{}", first.display(), second.display());
+    assert_eq!(
+        find_program(std::path::Path::new("agent"), Some(&path)),
+        Some(second.join("agent"))
+    );
+    // A path stands for itself, and only if it can be run.
+    assert_eq!(find_program(&first.join("agent"), Some(&path)), None);
+    assert_eq!(
+        find_program(&second.join("agent"), None),
+        Some(second.join("agent"))
+    );
+    assert_eq!(
+        find_program(std::path::Path::new("no-such-agent"), Some(&path)),
+        None
+    );
+}

@@ -28,9 +28,9 @@ use super::runc::{self, BundleSpec, Runc};
 use super::tmux::Tmux;
 use super::{
     Adoption, Agent, AgentControl, AgentRun, Delivery, ExitInfo, ExitReason, Found, Input, RunEnd,
-    RunIo, Runtime, RuntimeError, SpawnFailure, SpawnSpec, resolve,
+    RunIo, Runtime, RuntimeError, SpawnFailure, SpawnSpec,
 };
-use crate::config::{NetworkMode, RuntimeConfig};
+use crate::config::{NetworkMode, RuntimeConfig, find_program};
 use crate::keeper::agentio::Writer;
 use crate::keeper::group::{GroupControl, stop_network_helper};
 use crate::keeper::layout::{RunDir, STDERR_TAIL_BYTES, SessionDir};
@@ -151,7 +151,7 @@ impl DurableRuntime {
         run_dir: &RunDir,
     ) -> Result<Launch, SpawnFailure> {
         let env = self.config.passed_env.clone();
-        let program = resolve(&spec.program, env.get("PATH").map(String::as_str))
+        let program = find_program(&spec.program, env.get("PATH").map(String::as_str))
             .ok_or_else(|| SpawnFailure::NotFound(spec.program.clone()))?;
         let home = spec.session_dir.home();
         std::fs::create_dir_all(&home)?;

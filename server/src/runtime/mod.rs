@@ -32,7 +32,7 @@ pub(crate) mod tmux;
 pub use crate::keeper::workspace;
 pub use crate::keeper::{AgentControl, ExitInfo, ExitReason, Input};
 
-use crate::config::{Config, InstanceConfig, InstanceRuntime, RuntimeKind};
+use crate::config::{Config, InstanceConfig, InstanceRuntime, RuntimeKind, find_program};
 use crate::keeper::framing::DropReason;
 use crate::keeper::journal::{IndexChange, JournalIndex, JournalLimits, JournalTail};
 use crate::keeper::layout::SessionDir;
@@ -171,8 +171,9 @@ pub enum HostError {
 async fn container_host(config: &Config) -> Result<durable::ContainerHost, HostError> {
     let rc = &config.runtime;
     let path = rc.passed_env.get("PATH").map(String::as_str);
-    let runc_bin = resolve(&rc.runc, path).ok_or_else(|| HostError::Missing(rc.runc.clone()))?;
-    let tini = resolve(&rc.tini, path).ok_or_else(|| HostError::Missing(rc.tini.clone()))?;
+    let runc_bin =
+        find_program(&rc.runc, path).ok_or_else(|| HostError::Missing(rc.runc.clone()))?;
+    let tini = find_program(&rc.tini, path).ok_or_else(|| HostError::Missing(rc.tini.clone()))?;
     let root = rc
         .runc_root
         .clone()
@@ -185,7 +186,7 @@ async fn container_host(config: &Config) -> Result<durable::ContainerHost, HostE
     runc.version().await.map_err(HostError::Runc)?;
     let uid = nix::unistd::getuid();
     let rootless = (!uid.is_root()).then(|| (uid.as_raw(), nix::unistd::getgid().as_raw()));
-    let slirp4netns = resolve(&rc.slirp4netns, path);
+    let slirp4netns = find_program(&rc.slirp4netns, path);
     let isolated = config.instances.iter().any(|i| {
         matches!(i.runtime, RuntimeKind::Runc | RuntimeKind::Auto)
             && i.network == crate::config::NetworkMode::Isolated
@@ -577,17 +578,4 @@ pub trait Runtime: Send + Sync + fmt::Debug {
     /// this server (whose session directories are in `sessions_dir`): other servers on the
     /// same machine may share the runtime's state.
     async fn reconcile(&self, _sessions_dir: &Path, _live: &[String]) {}
-}
-
-/// Finds `program` in `path` (a `PATH` value) unless it is already a path: every runtime starts
-/// an agent by its full path (the process runtime so that the standard library can use
-/// `posix_spawn`, which it does not when it would have to search `PATH` itself).
-pub fn resolve(program: &Path, path: Option<&str>) -> Option<PathBuf> {
-    if program.components().count() > 1 {
-        return program.is_file().then(|| program.to_owned());
-    }
-    path.unwrap_or("/usr/local/bin:/usr/bin:/bin")
-        .split(':')
-        .map(|dir| Path::new(dir).join(program))
-        .find(|p| p.is_file())
 }

@@ -29,6 +29,7 @@ use super::{
     Adoption, Agent, AgentRun, Delivery, ExitInfo, Found, RunEnd, RunIo, Runtime, RuntimeError,
     SpawnSpec,
 };
+use crate::config::find_program;
 use crate::keeper::agentio::{
     AgentIo, AgentPipes, OutputSink, Reader, Refused, mark_auth_failed, restore_history,
     widen_pipes, write_pending,
@@ -86,7 +87,7 @@ impl Runtime for ProcessRuntime {
             .get("PATH")
             .or_else(|| self.base_env.get("PATH"))
             .map(String::as_str);
-        let program = super::resolve(&spec.program, path).unwrap_or_else(|| spec.program.clone());
+        let program = find_program(&spec.program, path).unwrap_or_else(|| spec.program.clone());
         let mut command = Command::new(&program);
         command
             // The name it was given, as before (a multi-call program reads it).
